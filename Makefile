@@ -1,0 +1,36 @@
+# Two entry points: `make speedrun` (the whole pipeline on the tiny model) and `make test`.
+# Both create .venv if missing. torch comes through a constraints file pinned to the CPU
+# build by default; on a GPU machine pick another torch, e.g.
+#   make test TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url <your CUDA wheel index>"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PIP_EXTRA ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-all speedrun bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -q $(PIP_EXTRA) -c $(VENV)/constraints.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+speedrun: $(STAMP)
+	$(VENV)/bin/nanoseek speedrun
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

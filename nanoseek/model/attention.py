@@ -1,0 +1,158 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1) and the MHA/GQA/MQA baselines.
+
+MLA compresses keys and values into one latent per token:
+    [c_KV | k_pe] = W_DKV h,  c_KV = RMSNorm(c_KV),  k_pe = RoPE(k_pe)  (one key for all heads)
+    [k_nope | v]  = W_UKV c_KV  (per head)
+and queries through a low-rank bottleneck when q_lora_rank is set:
+    q = W_UQ RMSNorm(W_DQ h),  split per head into q_nope and q_pe = RoPE(q_pe).
+score = (q_nope·k_nope + q_pe·k_pe) · softmax_scale.
+
+Three ways to compute the same thing:
+  * "sdpa"   training and prefill: decompress k, v and call scaled_dot_product_attention;
+  * "absorb" decode: fold W_UK into the query and W_UV into the output, so attention runs
+             directly over the cached c_KV and k_pe (kv_lora_rank + qk_rope_head_dim numbers
+             per token) and nothing per-head is ever materialised for the past;
+  * "naive"  a reference written out with an explicit softmax, for the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.cache import Cache
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rotary_emb, softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, impl: str = "sdpa"):
+        super().__init__()
+        self.layer_id, self.impl = layer_id, impl
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = cfg.qk_head_dim, cfg.v_head_dim
+        dim, H = cfg.hidden_size, self.n_heads
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(dim, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(dim, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, dim, bias=False)
+        self.softmax_scale = softmax_scale(cfg)
+
+    # ------------------------------------------------------------- projections
+    def project(self, x: torch.Tensor, freqs_cis: torch.Tensor):
+        """x [B,S,D] -> q_nope [B,S,H,nope], q_pe [B,S,H,rope], c_kv [B,S,r], k_pe [B,S,rope]."""
+        B, S, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_head_dim).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)
+        return q_nope, q_pe, c_kv, k_pe
+
+    def decompress(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Latents [B,T,r], [B,T,rope] -> per-head k [B,T,H,qk_head_dim], v [B,T,H,v_head_dim]."""
+        B, T, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        return k, v
+
+    # ---------------------------------------------------------------- the paths
+    def attend_sdpa(self, q_nope, q_pe, c_kv, k_pe, mask):
+        k, v = self.decompress(c_kv, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask.unsqueeze(1),
+            is_causal=mask is None, scale=self.softmax_scale)
+        return out.transpose(1, 2)  # [B,S,H,v]
+
+    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        k, v = self.decompress(c_kv, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        scores = torch.einsum("bshd,bthd->bsht", q, k).float() * self.softmax_scale
+        probs = self._softmax(scores, mask, q.dtype)
+        return torch.einsum("bsht,bthd->bshd", probs, v)
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        wkv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)
+        w_uk, w_uv = wkv_b[:, :self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK absorbed into q
+        scores = (torch.einsum("bshc,btc->bsht", q_latent, c_kv)
+                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe)).float() * self.softmax_scale
+        probs = self._softmax(scores, mask, c_kv.dtype)
+        o_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
+        return torch.einsum("bshc,hdc->bshd", o_latent, w_uv)  # W_UV absorbed into the output
+
+    @staticmethod
+    def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype) -> torch.Tensor:
+        """scores [B,S,H,T] in fp32; mask [B,S,T] or None (causal, S == T)."""
+        if mask is None:
+            S, T = scores.shape[1], scores.shape[-1]
+            mask = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)[None]
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        return scores.softmax(dim=-1).to(dtype)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: Cache | None = None):
+        B, S, _ = x.shape
+        q_nope, q_pe, c_kv, k_pe = self.project(x, freqs_cis)
+        mask = None
+        if cache is not None:
+            (c_kv, k_pe), mask = cache.update(self.layer_id, c_kv, k_pe)
+        impl = "absorb" if cache is not None and cache.absorb else self.impl
+        attend = {"sdpa": self.attend_sdpa, "naive": self.attend_naive, "absorb": self.attend_absorbed}[impl]
+        out = attend(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(out.reshape(B, S, -1))
+
+
+class GQA(nn.Module):
+    """Baseline attention with per-head keys and values: MHA (kv_heads = heads), GQA, MQA
+    (kv_heads = 1). Same head sizes as MLA (RoPE on the last qk_rope_head_dim dims), so a
+    benchmark compares cache layouts, not head shapes. The cache holds k and v per kv head."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, impl: str = "sdpa"):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.kv_heads
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.qk_head_dim, self.v_head_dim = cfg.qk_head_dim, cfg.v_head_dim
+        dim = cfg.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_heads * self.qk_head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.qk_head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.v_head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, dim, bias=False)
+        self.softmax_scale = softmax_scale(cfg)
+
+    def _rope(self, x, freqs_cis):
+        nope, pe = x.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return torch.cat([nope, apply_rotary_emb(pe, freqs_cis)], dim=-1)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: Cache | None = None):
+        B, S, _ = x.shape
+        q = self._rope(self.q_proj(x).view(B, S, self.n_heads, self.qk_head_dim), freqs_cis)
+        k = self._rope(self.k_proj(x).view(B, S, self.n_kv_heads, self.qk_head_dim), freqs_cis)
+        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.v_head_dim)
+        mask = None
+        if cache is not None:
+            (k, v), mask = cache.update(self.layer_id, k, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask.unsqueeze(1), is_causal=mask is None,
+            scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+def build_attention(cfg: ModelConfig, layer_id: int) -> nn.Module:
+    return MLA(cfg, layer_id) if cfg.attention_type == "mla" else GQA(cfg, layer_id)

@@ -1,0 +1,61 @@
+"""The KV-cache protocol the attention layers talk to, and a contiguous implementation.
+
+An attention layer hands the cache what it computed for the new tokens and gets back
+everything the queries may attend to, plus a boolean mask. MLA hands over the latents
+(c_KV, k_pe); the MHA/GQA/MQA baselines hand over (k, v). The engine implements the same
+protocol over paged blocks (`nanoseek.engine`); `ContiguousCache` is the simple one used
+by `CausalLM.generate`, the tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Cache(Protocol):
+    absorb: bool  # True: MLA attends in latent space (decode); False: decompress (prefill)
+
+    def update(self, layer_id: int, *new: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """Store new [B, S, ...] entries; return all [B, T, ...] entries and a [B, S, T]
+        boolean mask (True = may attend), or None for plain causal attention with S == T."""
+        ...
+
+
+class ContiguousCache:
+    """Per-layer tensors [B, max_len, ...] for a batch that advances in lock-step.
+
+    `absorb` defaults to True: once a prompt is prefilled, MLA decode works directly on
+    c_KV and k_pe, which is the point of the latent cache.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, absorb: bool = True):
+        self.batch_size, self.max_len, self.absorb = batch_size, max_len, absorb
+        self.layers: dict[int, list[torch.Tensor]] = {}
+        self.lengths: dict[int, int] = {}  # tokens stored per layer
+
+    @property
+    def length(self) -> int:
+        """Tokens stored by the first layer: the position the next token takes."""
+        return self.lengths[min(self.lengths)] if self.lengths else 0
+
+    def update(self, layer_id, *new):
+        B, S = new[0].shape[:2]
+        start = self.lengths.get(layer_id, 0)
+        if start + S > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {start}+{S} requested")
+        if layer_id not in self.layers:
+            self.layers[layer_id] = [t.new_zeros(B, self.max_len, *t.shape[2:]) for t in new]
+        stored = self.layers[layer_id]
+        for buf, t in zip(stored, new):
+            buf[:, start:start + S] = t
+        T = self.lengths[layer_id] = start + S
+        q_pos = torch.arange(start, T, device=new[0].device)
+        mask = q_pos[:, None] >= torch.arange(T, device=new[0].device)[None, :]
+        return tuple(buf[:, :T] for buf in stored), mask.expand(B, S, T)
+
+    def nbytes(self) -> int:
+        """Bytes held for the tokens stored so far (what a token costs, times tokens)."""
+        return sum(buf[:, :self.lengths[layer]].numel() * buf.element_size()
+                   for layer, bufs in self.layers.items() for buf in bufs)

@@ -1,0 +1,140 @@
+"""DeepSeekMoE: always-on shared experts plus fine-grained routed experts.
+
+Routing, V3 (`noaux_tc`): s = sigmoid(W_g h); experts are *chosen* with s + b, where b is
+`e_score_correction_bias`, a buffer moved by the aux-loss-free update rather than by
+gradients. Groups are scored by the sum of their top-2 (s + b), only `topk_group` groups
+stay eligible, and the top `num_experts_per_tok` experts among them are taken. The gating
+weights are the chosen s (not s + b), normalised when `norm_topk_prob`, times
+`routed_scaling_factor`.
+
+Routing, V2: softmax scores; `greedy` top-k, or `group_limited_greedy` (group score = the
+group's max). No bias.
+
+Dispatch sorts token-slots by expert, runs every expert once on its contiguous slice
+(skipping experts that got no tokens) and scatter-adds the weighted outputs back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.mlp import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor):
+        """x [N, D] -> weights [N, k] (fp32), indices [N, k], scores [N, E], logits [N, E].
+        The router runs in fp32 whatever the activation dtype, as DeepSeek does."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach()
+        if self.e_score_correction_bias is not None:
+            choice = choice + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            choice = self._limit_groups(choice)
+        indices = choice.topk(self.top_k, dim=-1)[1]
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and (self.scoring_func == "sigmoid" or self.top_k > 1):
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores, logits
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Mask (-inf) every expert outside the topk_group best groups."""
+        grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+        if self.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(self.topk_group, dim=-1)[1]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+
+
+def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_experts: int) -> torch.Tensor:
+    """Sequence-wise balance loss of V3 (Eq. 17-20), without α:
+        Σ_i f_i P_i,  f_i = N_r/(K_r·T)·#{t routed to i},  P_i = mean_t s_{i,t}/Σ_j s_{j,t},
+    averaged over sequences. `batch` = 1 gives the batch-wise (V2) form."""
+    k = indices.shape[-1]
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, -1, n_experts)
+    T = probs.shape[1]
+    counts = torch.zeros(batch, n_experts, device=scores.device)
+    counts.scatter_add_(1, indices.view(batch, -1), torch.ones_like(indices.view(batch, -1), dtype=counts.dtype))
+    f = counts * (n_experts / (k * T))
+    return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(self.n_experts))
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        # Tokens routed to each expert since the last bias update (the step's load).
+        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices, scores, logits = self.gate(flat)
+        y = self.dispatch(flat, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts)
+        self.aux_loss = self._aux_loss(scores, indices, logits, shape[0]) if self.training else None
+        return y.view(shape)
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sort token-slots by expert, run each expert once on its slice, scatter-add back."""
+        flat_idx = indices.flatten()
+        order = flat_idx.argsort(stable=True)
+        token_of_slot = order // self.top_k
+        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        xs = x[token_of_slot]
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self.experts[e](xs[start:start + n]))
+                start += n
+        out = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, out)
+
+    def _aux_loss(self, scores, indices, logits, batch) -> torch.Tensor | None:
+        cfg, loss = self.cfg, None
+        if cfg.aux_loss_alpha > 0:
+            loss = cfg.aux_loss_alpha * balance_loss(scores, indices, batch if cfg.seq_aux else 1,
+                                                     self.n_experts)
+        if cfg.router_z_loss_coef > 0:  # ST-MoE's z-loss keeps router logits small
+            z = cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+            loss = z if loss is None else loss + z
+        return loss
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> None:
+        """Aux-loss-free balancing (V3 §2.1.2): b_i += γ·sign(mean load − load_i), then
+        start counting the next step. Called after each optimiser step."""
+        load = self.tokens_per_expert
+        bias = self.gate.e_score_correction_bias
+        if bias is not None and gamma > 0 and load.sum() > 0:
+            bias += gamma * torch.sign(load.mean() - load)
+        load.zero_()

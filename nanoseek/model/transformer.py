@@ -1,0 +1,177 @@
+"""The causal LM: embeddings, blocks, final norm, output head, and the MTP modules.
+
+Module names mirror the Hugging Face DeepseekV3 layout (`model.embed_tokens`,
+`model.layers.N.*`, `model.norm`, `lm_head`) so a state dict maps 1:1 onto a checkpoint;
+only the MTP modules are renamed (`mtp.k` <-> `model.layers.{num_hidden_layers + k}`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.block import Block
+from nanoseek.model.cache import Cache, ContiguousCache
+from nanoseek.model.moe import Gate, MoE
+from nanoseek.model.mtp import MTPLayer
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # what to backpropagate: lm + λ·mtp + balance
+    lm_loss: torch.Tensor
+    mtp_loss: torch.Tensor | None
+    aux_loss: torch.Tensor | None  # sequence-wise balance loss (+ z-loss), α included
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DeepseekModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        L = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(cfg, cfg.qk_rope_head_dim)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    # ------------------------------------------------------------------ forward
+    def positions_for(self, input_ids: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        start = getattr(cache, "length", 0) if cache is not None else 0
+        B, S = input_ids.shape
+        return torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               cache: Cache | None = None) -> torch.Tensor:
+        """input_ids [B,S] -> final normed hidden states [B,S,D] (h^0 of the MTP modules)."""
+        if positions is None:
+            positions = self.positions_for(input_ids, cache)
+        freqs_cis = self.rotary(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, freqs_cis, cache)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: Cache | None = None) -> torch.Tensor:
+        """Logits [B,S,V]."""
+        return self.lm_head(self.hidden(input_ids, positions, cache))
+
+    def mtp_forward(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
+                    positions: torch.Tensor, cache: Cache | None = None):
+        """MTP module k (0-based): h_prev [B,S,D] at positions, tokens one further on.
+        Returns (h^k [B,S,D], logits [B,S,V])."""
+        layer = self.mtp[k]
+        h = layer(h_prev, self.model.embed_tokens(next_ids), self.rotary(positions), cache)
+        return h, self.lm_head(layer.shared_head.norm(h))
+
+    # --------------------------------------------------------------------- loss
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """labels[b, i] is the token after input_ids[b, i] (IGNORE_INDEX to skip).
+        MTP depth k predicts labels[:, i + k] from h^{k-1}_i and input_ids[:, i + k]."""
+        B, S = input_ids.shape
+        positions = self.positions_for(input_ids, None)
+        h = self.hidden(input_ids, positions)
+        lm_loss = self._ce(self.lm_head(h), labels)
+        mtp_losses = []
+        for k in range(1, len(self.mtp) + 1):
+            if S - k <= 0:
+                break
+            h, logits = self.mtp_forward(k - 1, h[:, :S - k], input_ids[:, k:], positions[:, :S - k])
+            mtp_losses.append(self._ce(logits, labels[:, k:]))
+        loss = lm_loss
+        mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None
+        if mtp_loss is not None:
+            loss = loss + self.config.mtp_loss_weight * mtp_loss
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        aux_loss = torch.stack(aux).sum() if aux else None
+        if aux_loss is not None:
+            loss = loss + aux_loss
+        return LossOutput(loss, lm_loss, mtp_loss, aux_loss)
+
+    @staticmethod
+    def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+    # ---------------------------------------------------------------------- MoE
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def expert_load(self) -> list[torch.Tensor]:
+        """Tokens per expert since the last bias update, one tensor per MoE layer."""
+        return [m.tokens_per_expert.clone() for m in self.moe_layers()]
+
+    def update_router_biases(self, gamma: float | None = None) -> None:
+        """The aux-loss-free bias update for every MoE layer (call after optimizer.step)."""
+        gamma = self.config.bias_update_speed if gamma is None else gamma
+        for m in self.moe_layers():
+            m.update_bias(gamma)
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prompts of one length [B,S] -> [B, S + new]; greedy when temperature == 0.
+        Prefill decompresses; every later token attends over the latent cache (absorbed).
+        Rows that produced eos keep emitting eos."""
+        B, S = input_ids.shape
+        cache = ContiguousCache(B, S + max_new_tokens)
+        cache.absorb = False
+        logits = self(input_ids, cache=cache)[:, -1]
+        cache.absorb = True
+        out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if eos_token_id is not None and bool(done.all()):
+                break
+            logits = self(nxt[:, None], cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+    # -------------------------------------------------------------- checkpoints
+    def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
+        from nanoseek.checkpoint import save_pretrained
+        save_pretrained(self, path, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "CausalLM":
+        from nanoseek.checkpoint import from_pretrained
+        return from_pretrained(path, dtype=dtype, device=device)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B,V] -> token ids [B]."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1)[0][:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
