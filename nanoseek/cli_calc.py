@@ -1,0 +1,294 @@
+"""Calculator and FP8 commands: `nanoseek calc params|kv|flops`, `nanoseek plan capacity`,
+`nanoseek convert`. Each prints a rich table, or JSON alone on stdout with --json."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+calc_app = typer.Typer(help="Calculators that read only a config: parameters, KV cache, FLOPs.",
+                       no_args_is_help=True)
+plan_app = typer.Typer(help="Deployment planning: GPUs and nodes for a traffic shape.",
+                       no_args_is_help=True)
+
+PRESET_HELP = "preset name: tiny, deepseek-v2-lite, deepseek-v2, deepseek-v3"
+CONFIG_HELP = "a config.json, or a checkpoint directory holding one"
+
+
+# ----------------------------------------------------------------- formatting
+def _config(preset: str | None, config: str | None):
+    from nanoseek.config import ConfigError, load_config
+    try:
+        return load_config(preset, config)
+    except (ConfigError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _bytes(n: float) -> str:
+    """Decimal units (1 GB = 1e9 bytes), as GPU datasheets count."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f}{unit}"
+    return f"{n:,.0f}"
+
+
+def _flops(n: float) -> str:
+    if abs(n) >= 1e21:
+        return f"{n:.3e} FLOPs"
+    for unit, size in (("EFLOPs", 1e18), ("PFLOPs", 1e15), ("TFLOPs", 1e12),
+                       ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
+        if abs(n) >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} FLOPs"
+
+
+def _emit(as_json: bool, data: dict, *tables) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    from rich.console import Console
+    console = Console()
+    for t in tables:
+        console.print(t)
+
+
+def _table(title: str, *columns: str, caption: str | None = None):
+    from rich.table import Table
+    t = Table(title=title, caption=caption, caption_justify="left")
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    return t
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code=2)
+
+
+# --------------------------------------------------------------------- params
+@calc_app.command("params")
+def params_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+               config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+               as_json: bool = typer.Option(False, "--json", help="print JSON only")):
+    """Total and activated parameters by component, computed from the config (no model is
+    built). Activated excludes the embedding table (a lookup) and the routed experts a
+    token is not sent to; the MTP module is reported apart, as DeepSeek-V3 does."""
+    from nanoseek.calc.params import COMPONENTS, count_params
+    cfg = _config(preset, config)
+    pc = count_params(cfg)
+    name = preset or config
+    t = _table(f"parameters: {name}", "component", "total", "activated", "total (exact)",
+               caption="activated = what one token computes with: no embedding lookup, "
+                       f"{cfg.num_experts_per_tok or 0} of {cfg.n_routed_experts or 0} routed experts")
+    for c in COMPONENTS:
+        t.add_row(c, _count(pc.total[c]), _count(pc.activated[c]), f"{pc.total[c]:,}")
+    t.add_section()
+    t.add_row("main model", _count(pc.main_total), _count(pc.main_activated), f"{pc.main_total:,}")
+    if cfg.num_nextn_predict_layers:
+        t.add_row(f"MTP ({cfg.num_nextn_predict_layers} module)", _count(pc.mtp), _count(pc.mtp_activated),
+                  f"{pc.mtp:,}")
+        t.add_row("MTP + its embedding/head copies", _count(pc.mtp_with_copies), "",
+                  f"{pc.mtp_with_copies:,}")
+        t.add_row("main + MTP (as in the checkpoint)", _count(pc.main_total + pc.mtp_with_copies), "",
+                  f"{pc.main_total + pc.mtp_with_copies:,}")
+    _emit(as_json, {"name": name, **pc.to_dict()}, t)
+
+
+# ------------------------------------------------------------------------- kv
+@calc_app.command("kv")
+def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+           config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+           batch: int = typer.Option(1, help="sequences in the batch"),
+           seq_len: int = typer.Option(4096, help="tokens per sequence"),
+           dtype: list[str] = typer.Option(["fp32", "bf16", "fp8"], help="cache dtypes (repeatable): fp32, bf16, fp16, fp8"),
+           gqa: list[int] = typer.Option([8], help="GQA key/value head counts to show (repeatable)"),
+           mtp: bool = typer.Option(False, help="count the MTP modules' layers too"),
+           as_json: bool = typer.Option(False, "--json", help="print JSON only")):
+    """KV-cache bytes per token and for batch x seq_len, for MHA, GQA, MQA and MLA built from
+    the same config (same head sizes), with ratios. FP8 adds one FP32 scale per 128 values."""
+    from nanoseek.calc.kv import kv_report
+    from nanoseek.config import ConfigError
+    cfg = _config(preset, config)
+    try:
+        rep = kv_report(cfg, batch, seq_len, dtype, gqa, mtp)
+    except ConfigError as e:
+        _fail(e)
+    t = _table(f"KV cache: {preset or config}, {rep['layers']} layers, batch {batch} x {seq_len} tokens",
+               "attention", "dtype", "values/token/layer", "bytes/token/layer", "bytes/token",
+               "batch x seq", "x MLA", "x MHA",
+               caption="MHA/GQA/MQA use the config's head sizes (K: qk_head_dim, V: v_head_dim); "
+                       "fp8 = 1 byte + one fp32 scale per 128 values; 1 GB = 1e9 bytes")
+    last = None
+    for r in rep["rows"]:
+        if last is not None and r["dtype"] != last:
+            t.add_section()
+        last = r["dtype"]
+        t.add_row(r["attention"], r["dtype"], f"{r['values_per_token_layer']:,}",
+                  f"{r['bytes_per_token_layer']:,}", _bytes(r["bytes_per_token"]), _bytes(r["total_bytes"]),
+                  f"{r['vs_mla']:.2f}", f"{r['vs_mha']:.4f}")
+    _emit(as_json, {"name": preset or config, **rep}, t)
+
+
+# ---------------------------------------------------------------------- flops
+@calc_app.command("flops")
+def flops_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+              config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+              seq_len: int = typer.Option(4096, help="training sequence length (causal: average context seq_len/2)"),
+              tokens: float = typer.Option(14.8e12, help="training tokens (V3: 14.8T)"),
+              ctx: Optional[int] = typer.Option(None, help="context of one decode step (default: seq_len)"),
+              mtp: bool = typer.Option(False, help="include the MTP modules (as V3's training does)"),
+              as_json: bool = typer.Option(False, "--json", help="print JSON only")):
+    """Forward and backward FLOPs per token (2 x activated matmul params + attention at the
+    given length; the embedding lookup counts 0), and training compute = 3 x forward x tokens."""
+    from nanoseek.calc.flops import flops_report, to_dict
+    from nanoseek.config import ConfigError
+    cfg = _config(preset, config)
+    try:
+        r = flops_report(cfg, seq_len, tokens, ctx, mtp)
+    except ConfigError as e:
+        _fail(e)
+    t = _table(f"FLOPs: {preset or config}" + (" (with MTP)" if mtp else ""), "quantity", "value",
+               caption="multiply-add = 2 FLOPs; backward = 2 x forward; attention = scores + values, "
+                       "decompressed (past K/V computed once and kept) unless marked absorbed "
+                       "(MLA scoring against the cached latent)")
+    t.add_row("activated matmul params / token", _count(r.matmul_params))
+    t.add_row("forward matmuls / token", _flops(r.forward_matmul))
+    t.add_row(f"forward attention / token (causal, seq {seq_len})", _flops(r.forward_attention_train))
+    t.add_row("forward / token (training)", _flops(r.forward_train))
+    t.add_row("backward / token (training)", _flops(r.backward_train))
+    t.add_row("training / token (fwd + bwd)", _flops(r.train_per_token))
+    t.add_section()
+    t.add_row(f"training compute, {_count(tokens)} tokens", _flops(r.train_total))
+    t.add_row("  6N estimate (no attention)", _flops(r.six_n_total))
+    t.add_section()
+    t.add_row(f"decode forward / token at ctx {r.decode_ctx}", _flops(r.decode_forward))
+    if r.decode_forward_absorbed is not None:
+        t.add_row(f"decode forward / token at ctx {r.decode_ctx}, MLA absorbed", _flops(r.decode_forward_absorbed))
+    _emit(as_json, {"name": preset or config, **to_dict(r)}, t)
+
+
+# ------------------------------------------------------------------- capacity
+@plan_app.command("capacity")
+def capacity_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+                 config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+                 qps: float = typer.Option(..., help="requests per second"),
+                 prompt_tokens: int = typer.Option(..., help="prompt tokens per request"),
+                 output_tokens: int = typer.Option(..., help="generated tokens per request"),
+                 gpu: str = typer.Option("H100", help="H100, H800, H200, A100, custom, or a --gpu-file entry"),
+                 gpu_file: Optional[str] = typer.Option(None, help='JSON {"NAME": {"mem_gb", "bw_tbs", "bf16_tflops", "fp8_tflops"?, "gpus_per_node"?}}'),
+                 gpu_mem_gb: Optional[float] = typer.Option(None, help="custom GPU: memory in GB"),
+                 gpu_bw_tbs: Optional[float] = typer.Option(None, help="custom GPU: HBM bandwidth in TB/s"),
+                 gpu_tflops: Optional[float] = typer.Option(None, help="custom GPU: dense BF16 TFLOP/s"),
+                 gpu_fp8_tflops: Optional[float] = typer.Option(None, help="custom GPU: dense FP8 TFLOP/s"),
+                 gpus_per_node: int = typer.Option(8, help="custom GPU: GPUs per node"),
+                 weight_dtype: str = typer.Option("bf16", help="bf16, fp16, fp32 or fp8 (V3's release layout)"),
+                 kv_dtype: str = typer.Option("bf16", help="bf16, fp16, fp32 or fp8"),
+                 ttft_ms: float = typer.Option(2000.0, help="time-to-first-token target"),
+                 tpot_ms: float = typer.Option(50.0, help="time-per-output-token target"),
+                 mfu: float = typer.Option(0.4, help="fraction of peak FLOP/s reached"),
+                 bw_util: float = typer.Option(0.7, help="fraction of HBM bandwidth reached by decode"),
+                 mem_util: float = typer.Option(0.9, help="fraction of HBM for weights + KV cache"),
+                 mtp: bool = typer.Option(False, help="also load the MTP module (speculative decoding)"),
+                 as_json: bool = typer.Option(False, "--json", help="print JSON only")):
+    """GPUs and nodes to serve QPS requests/s of prompt+output tokens within TTFT/TPOT targets:
+    concurrency = QPS x latency; memory for weights + KV; decode bound by bytes read per step
+    over HBM bandwidth; prefill/decode bound by FLOPs; every assumption printed."""
+    from dataclasses import asdict
+
+    from nanoseek.calc.capacity import Assumptions, plan_capacity
+    from nanoseek.calc.gpus import custom_gpu, get_gpu, load_gpu_file
+    from nanoseek.config import ConfigError
+    cfg = _config(preset, config)
+    try:
+        if gpu_file:
+            load_gpu_file(gpu_file)
+        spec = (custom_gpu(gpu_mem_gb, gpu_bw_tbs, gpu_tflops, gpu_fp8_tflops, gpus_per_node)
+                if gpu.lower() == "custom" else get_gpu(gpu))
+        a = Assumptions(qps=qps, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                        weight_dtype=weight_dtype, kv_dtype=kv_dtype, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
+                        mfu=mfu, bw_util=bw_util, mem_util=mem_util, include_mtp=mtp)
+        p = plan_capacity(cfg, spec, a)
+    except ConfigError as e:
+        _fail(e)
+    g = p.gpu
+    at = _table("assumptions", "assumption", "value")
+    at.add_row("model", str(preset or config))
+    at.add_row("GPU", f"{g['name']}: {g['mem_gb']} GB, {g['bw_tbs']} TB/s, {g['bf16_tflops']} BF16 TFLOP/s, "
+               f"{g['fp8_tflops'] or 'no'} FP8 TFLOP/s, {g['gpus_per_node']}/node")
+    at.add_row("traffic", f"{qps:g} req/s x ({prompt_tokens} prompt + {output_tokens} output tokens)")
+    at.add_row("latency targets", f"TTFT {ttft_ms:g} ms, TPOT {tpot_ms:g} ms")
+    at.add_row("weights / KV dtype", f"{weight_dtype} / {kv_dtype}" + (" (+MTP module)" if mtp else ""))
+    at.add_row("efficiency", f"MFU {mfu:g}, HBM bandwidth {bw_util:g}, usable memory {mem_util:g}")
+    at.add_row("latency per request", f"TTFT + output x TPOT = {p.latency_s:.2f} s")
+    at.add_row("concurrency", f"QPS x latency = {p.concurrency:,.1f} requests in flight")
+    at.add_row("KV held", "every in-flight request at full length (prompt + output)")
+    at.add_row("decode reads", "touched weights (uniform routing) + KV at context prompt + output/2")
+    t = _table("capacity plan", "quantity", "value")
+    t.add_row("weights", _bytes(p.weights_bytes))
+    t.add_row("KV cache per token", _bytes(p.kv_bytes_per_token))
+    t.add_row("KV cache at that concurrency", _bytes(p.kv_bytes))
+    t.add_row("bytes read per decode step", f"{_bytes(p.decode_bytes_per_step)} (weights "
+              f"{_bytes(p.decode_weight_bytes_per_step)}, KV {_bytes(p.decode_kv_bytes_per_step)})")
+    t.add_row("prefill FLOPs per prompt token", _flops(p.prefill_flops_per_token))
+    t.add_row("decode FLOPs per output token", _flops(p.decode_flops_per_token))
+    t.add_row("FLOP/s needed", _flops(p.flops_per_s) + "/s")
+    t.add_section()
+    for label, n in (("GPUs for memory", p.gpus_for_memory), ("GPUs for decode bandwidth", p.gpus_for_decode_bandwidth),
+                     ("GPUs for compute (throughput)", p.gpus_for_compute), ("GPUs for TTFT (one prefill)", p.gpus_for_ttft)):
+        t.add_row(label, f"{n:,.2f}")
+    t.add_section()
+    t.add_row("GPUs", f"[bold]{p.gpus}[/bold] (bound by {p.binding})")
+    t.add_row("nodes", f"[bold]{p.nodes}[/bold]")
+    t.add_row("per GPU", f"weights {_bytes(p.per_gpu_weights_bytes)} + KV {_bytes(p.per_gpu_kv_bytes)} = "
+              f"{p.per_gpu_mem_fraction:.0%} of HBM")
+    t.add_row("decode step at that size", f"{p.decode_step_s * 1e3:,.1f} ms")
+    t.add_row("one prompt's prefill at that size", f"{p.prefill_s * 1e3:,.1f} ms")
+    t.add_row("output tokens/s", f"{p.output_tokens_per_s:,.0f}")
+    _emit(as_json, {"name": preset or config, **asdict(p)}, at, t)
+
+
+# -------------------------------------------------------------------- convert
+def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory"),
+                dst: str = typer.Argument(..., help="destination directory (new or empty)"),
+                fp8: bool = typer.Option(False, "--fp8", help="quantise to FP8 (E4M3, 128x128 blocks, weight_scale_inv)"),
+                dequant: bool = typer.Option(False, "--dequant", help="dequantise an FP8 checkpoint"),
+                dtype: str = typer.Option("bf16", help="dtype of the tensors not in FP8: bf16, fp16, fp32"),
+                overwrite: bool = typer.Option(False, help="write into a non-empty DST"),
+                as_json: bool = typer.Option(False, "--json", help="print JSON only")):
+    """Convert between BF16 and FP8 checkpoints in DeepSeek-V3's layout. FP8 covers the Linear
+    weights of attention and FFNs/experts; embeddings, head, norms and router stay high precision.
+    The result loads with nanoseek.from_pretrained (which dequantises on load)."""
+    from dataclasses import asdict
+
+    from nanoseek.checkpoint import CheckpointError
+    from nanoseek.quant.convert import convert
+    if fp8 == dequant:
+        raise typer.BadParameter("give exactly one of --fp8 or --dequant")
+    try:
+        r = convert(src, dst, "fp8" if fp8 else "dequant", dtype, progress=not as_json, overwrite=overwrite)
+    except CheckpointError as e:
+        _fail(e)
+    t = _table(f"convert {src} -> {dst} ({'FP8' if fp8 else 'dequantise to ' + dtype})", "quantity", "value")
+    t.add_row("tensors", f"{r.tensors:,}")
+    t.add_row("FP8 weights" + (" written" if fp8 else " dequantised"), f"{r.quantised:,}")
+    t.add_row("bytes in -> out", f"{_bytes(r.bytes_in)} -> {_bytes(r.bytes_out)}")
+    if fp8:
+        t.add_row("weight rel. error, mean", f"{r.rel_error_mean:.4%}")
+        t.add_row("weight rel. error, worst", f"{r.rel_error_max:.4%} ({r.worst_tensor})")
+        t.add_row("max abs error", f"{r.max_abs_error:.3g}")
+    _emit(as_json, asdict(r), t)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(calc_app, name="calc")
+    app.add_typer(plan_app, name="plan")
+    app.command("convert")(convert_cmd)

@@ -1,0 +1,180 @@
+"""BF16 <-> FP8 checkpoints in DeepSeek-V3's layout (`nanoseek convert SRC DST --fp8|--dequant`).
+
+DeepSeek-V3 ships its weights in FP8 (E4M3): every Linear weight of attention and of the
+FFNs/experts is stored as `<name>.weight` in FP8 beside `<name>.weight_scale_inv`, one FP32
+per 128x128 block, with `quantization_config` in config.json. The embeddings, the output
+head, the norms, the router (`mlp.gate.weight`, `e_score_correction_bias`) and the MTP
+module's `eh_proj` stay in higher precision, as in the release. `nanoseek.from_pretrained`
+dequantises such a checkpoint on load; transformers, vLLM and SGLang read the same layout.
+
+Conversion streams one shard at a time (the output keeps the input's sharding) and writes
+every file atomically, config.json last, so an interrupted run never leaves a directory
+that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nanoseek.checkpoint import (INDEX_FILE, CheckpointError, atomic_write, atomic_write_text,
+                                 checkpoint_files, read_config, read_tensors)
+from nanoseek.quant.fp8 import FP8, dequantize_weight, quant_error, quantize_weight
+
+QUANTISED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight$")
+ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
+QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                       "weight_block_size": [128, 128]}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def is_quantised(name: str, t: torch.Tensor) -> bool:
+    """The tensors DeepSeek-V3's release stores in FP8: 2-D Linear weights of attention and FFNs."""
+    return t.ndim == 2 and QUANTISED.match(name) is not None
+
+
+@dataclass
+class ConvertReport:
+    direction: str  # "fp8" or "dequant"
+    tensors: int = 0
+    quantised: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    rel_error_mean: float = 0.0  # over quantised tensors (FP8 round trip vs the source)
+    rel_error_max: float = 0.0
+    max_abs_error: float = 0.0
+    worst_tensor: str | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
+            progress: bool = True, overwrite: bool = False) -> ConvertReport:
+    """to="fp8": quantise a checkpoint; to="dequant": FP8 -> `dtype` (bf16 | fp16 | fp32).
+    Tensors left in high precision are written in `dtype`, the router in its own dtype."""
+    src, dst = Path(src), Path(dst)
+    if to not in ("fp8", "dequant"):
+        raise ValueError(f"to must be 'fp8' or 'dequant', got {to!r}")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    read_config(src)  # a readable, valid config.json, or a clear error
+    weight_map = checkpoint_files(src)
+    has_fp8 = any(n.endswith("_scale_inv") for n in weight_map)
+    if to == "fp8" and has_fp8:
+        raise CheckpointError(f"{src}: already an FP8 checkpoint (it has *_scale_inv tensors); "
+                              "use --dequant to go back to BF16")
+    if to == "dequant" and not has_fp8:
+        raise CheckpointError(f"{src}: no FP8 weights (no *_scale_inv tensors) to dequantise")
+    _check_dst(src, dst, overwrite)
+    dst.mkdir(parents=True, exist_ok=True)
+
+    report = ConvertReport(direction=to)
+    errors: list[float] = []
+    out_map: dict[str, str] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(name)
+    with _progress(progress, sum(not n.endswith("_scale_inv") for n in weight_map)) as advance:
+        for fname, names in sorted(by_file.items()):
+            out: dict[str, torch.Tensor] = {}
+            wanted = {n: fname for n in names}  # + the scales of its FP8 weights, wherever they are
+            wanted.update({n + "_scale_inv": weight_map[n + "_scale_inv"] for n in names
+                           if n + "_scale_inv" in weight_map})
+            for name, t, _ in read_tensors(src, wanted):
+                report.tensors += 1
+                report.bytes_in += _source_bytes(name, t, weight_map)
+                if to == "fp8" and is_quantised(name, t):
+                    q, s = quantize_weight(t)
+                    err = quant_error(t, dequantize_weight(q, s))
+                    errors.append(err["rel_error"])
+                    if err["rel_error"] >= report.rel_error_max:
+                        report.rel_error_max, report.worst_tensor = err["rel_error"], name
+                    report.max_abs_error = max(report.max_abs_error, err["max_abs_error"])
+                    out[name], out[name + "_scale_inv"] = q, s
+                    report.quantised += 1
+                else:
+                    if to == "dequant" and name + "_scale_inv" in weight_map:
+                        report.quantised += 1
+                    keep = ROUTER.search(name) is not None or not t.is_floating_point()
+                    out[name] = t if keep else t.to(DTYPES[dtype])
+                advance()
+            out = {n: v.contiguous() for n, v in out.items()}
+            report.bytes_out += sum(v.numel() * v.element_size() for v in out.values())
+            atomic_write(dst / fname, lambda tmp, o=out: save_file(o, tmp, metadata={"format": "pt"}))
+            out_map.update({n: fname for n in out})
+            report.files.append(fname)
+    if errors:
+        report.rel_error_mean = sum(errors) / len(errors)
+    _write_index(src, dst, out_map, report.bytes_out)
+    _copy_side_files(src, dst)
+    _write_config(src, dst, to, dtype)
+    return report
+
+
+def _source_bytes(name: str, t: torch.Tensor, weight_map: dict[str, str]) -> int:
+    """Bytes the tensor took in the source (FP8 + its scales when it came dequantised)."""
+    if name + "_scale_inv" in weight_map:
+        M, N = t.shape
+        return M * N + 4 * (-(-M // 128)) * (-(-N // 128))
+    return t.numel() * t.element_size()
+
+
+def _check_dst(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the destination must differ from the source")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(f"{dst}: exists and is not empty (pass --overwrite to replace its files)")
+
+
+def _write_index(src: Path, dst: Path, out_map: dict[str, str], total: int) -> None:
+    index = dst / INDEX_FILE
+    if (src / INDEX_FILE).exists():
+        atomic_write_text(index, json.dumps({"metadata": {"total_size": total},
+                                             "weight_map": dict(sorted(out_map.items()))}, indent=2))
+    elif index.exists():
+        index.unlink()
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer and generation files travel with the weights."""
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX_FILE):
+            atomic_write(dst / p.name, lambda tmp, p=p: shutil.copyfile(p, tmp))
+
+
+def _write_config(src: Path, dst: Path, to: str, dtype: str) -> None:
+    raw = json.loads((src / "config.json").read_text())
+    if to == "fp8":
+        raw["quantization_config"] = dict(QUANTIZATION_CONFIG)
+        raw["torch_dtype"] = "bfloat16" if dtype == "bf16" else str(DTYPES[dtype]).removeprefix("torch.")
+    else:
+        raw.pop("quantization_config", None)
+        raw["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
+    atomic_write_text(dst / "config.json", json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+class _progress:
+    """A rich progress bar over tensors (silent when disabled, e.g. under --json)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import Progress
+        self.bar = Progress(console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("converting tensors", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
+        return False
