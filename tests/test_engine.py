@@ -143,7 +143,8 @@ def test_request_that_can_never_fit_gets_a_clear_error(model):
 
 
 def test_abort_frees_every_block(model, load):
-    llm = LLM(model, kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=32, speculative=True)
+    llm = LLM(model, kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=32, max_num_seqs=8,
+              speculative=True)
     engine, bm = llm.engine, llm.engine.block_manager
     seqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)) for p in load]
     for _ in range(4):
@@ -177,11 +178,12 @@ class OracleDraftEngine(LLMEngine):
 
 
 def test_speculative_equals_plain_greedy(model, load, refs):
-    spec = LLM(model, kv_cache_memory=2**22, block_size=4, max_num_batched_tokens=24, speculative=True)
+    spec = LLM(model, kv_cache_memory=2**22, block_size=4, max_num_batched_tokens=24, max_num_seqs=8,
+              speculative=True)
     assert token_ids(spec.generate(load, GREEDY)) == refs            # real (untrained) MTP drafts
     assert spec.engine.spec_stats.drafted > 0
     engine = OracleDraftEngine(model, None, kv_cache_memory=2**22, block_size=4, max_num_batched_tokens=24,
-                               speculative=True)
+                               max_num_seqs=8, speculative=True)
     engine.truth = {tuple(p): p + r for p, r in zip(load, refs)}
     seqs = [engine.add_request(p, GREEDY) for p in load]
     while engine.has_unfinished():
@@ -225,21 +227,23 @@ def test_block_manager_lru_keeps_hashes_until_needed():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = Sequence("a", [1, 2, 3, 4, 5], SamplingParams())
     bm.allocate(a)
+    a_table = list(a.block_table)
     a.num_computed = 5
     bm.register_full_blocks(a)
     bm.free_seq(a)
-    assert bm.num_free == 4 and len(bm.cached) == 2
+    assert bm.num_free == 4 and len(bm.cached) == 2  # freed, but both full blocks still hit
     b = Sequence("b", [1, 2, 3, 4, 9], SamplingParams())
     assert bm.can_allocate(b)
     bm.allocate(b)
-    assert b.num_computed == 4 and b.block_table[:2] == a.block_table[:2] if a.block_table else True
-    assert bm.blocks[b.block_table[0]].ref_count == 1 and len(bm.cached) == 2
-    c = Sequence("c", [7, 7, 7, 7], SamplingParams())  # needs the last free block, then evicts nothing cached
+    assert b.num_computed == 4 and b.block_table == a_table  # a's unhashed tail was handed out first
+    assert bm.blocks[b.block_table[0]].ref_count == 1 and bm.num_free == 1
+    c = Sequence("c", [7, 7], SamplingParams())  # takes the last free block
     bm.allocate(c)
-    assert len(bm.cached) == 2
+    assert c.block_table == [3] and len(bm.cached) == 2
     bm.free_seq(b)
     bm.free_seq(c)
-    d = Sequence("d", [8] * 8, SamplingParams())       # all 4 blocks: the cached ones get evicted
+    d = Sequence("d", [8] * 8, SamplingParams())  # needs all 4 blocks: the cached ones get evicted
+    assert bm.can_allocate(d)
     bm.allocate(d)
     assert len(bm.cached) == 0 and bm.num_free == 0
     bm.check()
