@@ -1,0 +1,127 @@
+"""The engine for servers: per-request streaming through async generators, and abort.
+
+One background task owns the engine. It applies queued requests and aborts *between*
+steps (so the scheduler is never touched while a step runs), runs each step in a worker
+thread (the event loop stays free for I/O), and pushes every touched request's
+cumulative `RequestOutput` to that request's queue. A consumer that stops iterating
+(a client that hung up) aborts its request, which frees its blocks.
+
+    engine = AsyncLLM("runs/speedrun")
+    async for out in engine.generate("Hello", SamplingParams(max_tokens=20)):
+        print(out.outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from nanoseek.engine.engine import EngineConfig, LLMEngine
+from nanoseek.engine.llm import RequestOutput, load_model, request_output
+from nanoseek.engine.sampling import SamplingParams
+
+
+class AsyncLLM:
+    def __init__(self, model, tokenizer=None, dtype=None, device=None, **engine_kw):
+        model, dir_tok = load_model(model, dtype, device)
+        self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw))
+        self._ops: list[Callable[[], None]] = []
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "AsyncLLM":
+        self = cls.__new__(cls)
+        self.engine, self._ops, self._queues, self._wake, self._task = engine, [], {}, None, None
+        return self
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # ------------------------------------------------------------------- public
+    async def generate(self, prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative output after every step that touched it; the
+        last one has finished=True. Raises ValueError for a request the engine rejects."""
+        self._start()
+        added: asyncio.Future = asyncio.get_running_loop().create_future()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def add():
+            try:
+                seq = self.engine.add_request(prompt, params, request_id)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                added.set_exception(e)
+                return
+            self._queues[seq.request_id] = queue
+            added.set_result(seq)
+
+        self._submit(add)
+        seq = await added
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self._queues.pop(seq.request_id, None)
+            if not seq.finished:
+                self.abort(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks (before the next step)."""
+        def op():
+            seq = self.engine.requests.get(request_id)
+            self.engine.abort(request_id)
+            queue = self._queues.get(request_id)
+            if seq is not None and queue is not None:
+                queue.put_nowait(request_output(seq))
+        self._submit(op)
+
+    async def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    # ------------------------------------------------------------------ the loop
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def _submit(self, op: Callable[[], None]) -> None:
+        self._ops.append(op)
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            ops, self._ops = self._ops, []
+            for op in ops:
+                op()
+            if not self.engine.has_unfinished():
+                if not self._ops:
+                    self._wake.clear()
+                    await self._wake.wait()
+                continue
+            try:
+                touched = await asyncio.to_thread(self.engine.step)
+            except Exception as e:  # noqa: BLE001 - every waiting consumer must hear of it
+                for queue in self._queues.values():
+                    queue.put_nowait(e)
+                for rid in list(self.engine.requests):
+                    self.engine.abort(rid)
+                continue
+            for seq in touched:
+                queue = self._queues.get(seq.request_id)
+                if queue is not None:
+                    queue.put_nowait(request_output(seq))

@@ -1,0 +1,145 @@
+"""Which cache block holds which tokens: allocation, reference counts, prefix caching.
+
+A block holds `block_size` consecutive tokens of one sequence. Once a block is full and
+its latents are computed, it gets a *chained* hash: hash(previous block's hash, its token
+ids), so equal hashes mean equal prefixes, not merely equal blocks. A new request whose
+leading blocks hash to cached ones shares them (ref count + 1) instead of recomputing
+them; a hit is confirmed against the stored token ids, so a hash collision costs a
+recompute, never a wrong answer.
+
+A block whose ref count drops to 0 goes back to the free list *with its hash*: it can
+still be hit until the space is needed. The free list is LRU: reuse takes the block freed
+longest ago, and blocks that hold nothing reusable are handed out first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from nanoseek.engine.sequence import Sequence
+
+
+def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((prev, token_ids))
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.hits = self.queries = 0      # prefix-cache blocks hit / looked up
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (including cached blocks nobody uses)."""
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -------------------------------------------------------------- allocation
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]  # evicted: its contents are about to be overwritten
+        block.hash, block.token_ids, block.ref_count = None, (), 1
+        return block_id
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids of the longest run of leading full blocks already in the cache. At
+        least one token is left to compute: the model must run to give the next logits."""
+        if not self.enable_prefix_caching:
+            return []
+        ids, hits, prev = seq.token_ids, [], None
+        for b in range((len(ids) - 1) // self.block_size):
+            chunk = tuple(ids[b * self.block_size:(b + 1) * self.block_size])
+            prev = chain_hash(prev, chunk)
+            block_id = self.cached.get(prev)
+            if block_id is None or self.blocks[block_id].token_ids != chunk:
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cached_prefix(seq)
+        reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        needed = self.blocks_for(len(seq)) - len(hits)
+        return needed <= len(self.free) - reclaimed
+
+    def allocate(self, seq: Sequence) -> None:
+        """Blocks for every token the sequence has now, sharing the cached prefix."""
+        assert not seq.block_table, f"request {seq.request_id} already holds blocks"
+        hits = self._cached_prefix(seq)
+        self.queries += (len(seq) - 1) // self.block_size if self.enable_prefix_caching else 0
+        self.hits += len(hits)
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+        seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]
+        seq.num_computed = seq.num_cached_prompt_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+
+    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) - len(seq.block_table) <= len(self.free)
+
+    def grow(self, seq: Sequence, num_tokens: int) -> None:
+        """Make room for `num_tokens` tokens in total (a decode step, a draft token)."""
+        while len(seq.block_table) < self.blocks_for(num_tokens):
+            seq.block_table.append(self._take_free())
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Drop the sequence's references. Tail blocks go first so that, under LRU, the
+        prefix (the part other requests can share) survives longest."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+                if block.hash is None:  # nothing to reuse: hand it out first
+                    self.free.move_to_end(block_id, last=False)
+        seq.block_table = []
+        seq.num_hashed_blocks = 0
+
+    # --------------------------------------------------------------- hashing
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Hash every block that is now full and computed, so later requests can hit it."""
+        if not self.enable_prefix_caching:
+            return
+        ids, bs = seq.token_ids, self.block_size
+        prev = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
+        while (seq.num_hashed_blocks + 1) * bs <= seq.num_computed:
+            b = seq.num_hashed_blocks
+            block = self.blocks[seq.block_table[b]]
+            chunk = tuple(ids[b * bs:(b + 1) * bs])
+            prev = chain_hash(prev, chunk)
+            if block.hash is None:
+                block.hash, block.token_ids = prev, chunk
+                self.cached.setdefault(prev, block.block_id)
+            seq.num_hashed_blocks += 1
+
+    def check(self) -> None:
+        """Invariants (for tests): free blocks have no users, used blocks have some."""
+        for block in self.blocks:
+            assert (block.block_id in self.free) == (block.ref_count == 0), block

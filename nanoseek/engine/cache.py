@@ -1,0 +1,140 @@
+"""The paged latent KV cache and the view that lets the model use it.
+
+MLA needs only c_KV and the shared rope key k_pe per token, so each layer owns one tensor
+[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim] — 576 numbers per token per
+layer for DeepSeek-V3 — and nothing per head. MTP modules get layers of their own
+(layer id num_hidden_layers + k). A sequence's tokens live in the blocks its block table
+names; block b, offset o holds token b * block_size + o.
+
+`BatchView` implements the model's cache protocol (`nanoseek.model.cache.Cache`) for one
+forward over a batch of sequences of different lengths: it writes the new latents into
+their slots and gathers every sequence's latents into a padded [B, T_max, ...] tensor,
+with a [B, S, T_max] mask that encodes causality and padding at once.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from nanoseek.config import ModelConfig
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on the device: CUDA's free memory, else MemAvailable from /proc/meminfo."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot tell available memory: no psutil and no /proc/meminfo")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_memory(spec: str | float | int) -> float:
+    """'0.3' -> 0.3 (a fraction), '512MiB' -> 536870912, '2e9' -> 2e9 (bytes)."""
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]*)\s*", spec)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_cache_memory={spec!r}: expected bytes (e.g. 512MiB, 2e9) or a fraction in (0, 1]")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def budget_bytes(kv_cache_memory: str | float | int, device: torch.device) -> int:
+    """A fraction in (0, 1] of the available memory, or a number of bytes (> 1)."""
+    value = parse_memory(kv_cache_memory)
+    if value <= 0:
+        raise ValueError(f"kv_cache_memory={kv_cache_memory!r} must be positive")
+    return int(value * available_memory(device)) if value <= 1 else int(value)
+
+
+class PagedLatentCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, num_layers: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        if cfg.attention_type != "mla":
+            raise ValueError(f"the paged latent cache needs MLA; this model has attention_type={cfg.attention_type!r}")
+        self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
+        # zeros, not empty: padded gathers read slots nobody wrote, and 0 * NaN would leak.
+        self.kv = [torch.zeros(num_blocks, block_size, self.latent_dim, dtype=dtype, device=device)
+                   for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, num_layers: int, dtype: torch.dtype) -> int:
+        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * num_layers * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def from_budget(cls, cfg: ModelConfig, budget: int, block_size: int, num_layers: int,
+                    dtype: torch.dtype, device, max_blocks: int | None = None) -> "PagedLatentCache":
+        per_block = cls.bytes_per_token(cfg, num_layers, dtype) * block_size
+        num_blocks = budget // per_block
+        if max_blocks is not None:
+            num_blocks = min(num_blocks, max_blocks)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory of {budget} bytes holds no block: one block of "
+                             f"{block_size} tokens x {num_layers} layers needs {per_block} bytes")
+        return cls(cfg, int(num_blocks), block_size, num_layers, dtype, device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+class BatchView:
+    """The cache protocol over block tables for one forward of B sequences.
+
+    starts[b]: tokens of sequence b already in the cache (its first new position);
+    q_lens[b]: new tokens this forward (1..S); rows s >= q_lens[b] are padding. A padding
+    row's mask still allows sequence b's real keys, so no row is fully masked (no NaN);
+    the runner ignores its output.
+    """
+
+    def __init__(self, cache: PagedLatentCache, block_tables: list[list[int]], starts: list[int],
+                 q_lens: list[int], absorb: bool):
+        self.cache, self.absorb = cache, absorb
+        dev = cache.kv[0].device
+        bs = cache.block_size
+        B, S = len(starts), max(q_lens)
+        starts_t = torch.tensor(starts, device=dev)
+        q_lens_t = torch.tensor(q_lens, device=dev)
+        ends = starts_t + q_lens_t                                  # context length after this forward
+        T = int(ends.max())
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=dev, dtype=torch.long)
+        s = torch.arange(S, device=dev)
+        t = torch.arange(T, device=dev)
+        self.positions = starts_t[:, None] + s[None, :]             # [B, S]
+        valid_q = s[None, :] < q_lens_t[:, None]                     # [B, S]
+        valid_k = t[None, :] < ends[:, None]                         # [B, T]
+        # Slots: the flat index block * block_size + offset of every position.
+        def slots(pos):  # pos [B, X] -> [B, X]; positions past the table are clamped (padding)
+            blk = torch.gather(tables, 1, (pos // bs).clamp(max=width - 1))
+            return blk * bs + pos % bs
+        self.write_slots = slots(self.positions)[valid_q]           # [N_new]
+        self.valid_q = valid_q
+        self.read_slots = torch.where(valid_k, slots(t[None, :].expand(B, T)), 0)  # [B, T]
+        self.mask = (t[None, None, :] <= self.positions[:, :, None]) & valid_k[:, None, :]  # [B, S, T]
+        self.length = None  # positions are explicit; nothing should infer them from the cache
+
+    def update(self, layer_id: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        kv = self.cache.kv[layer_id].view(-1, self.cache.latent_dim)
+        new = torch.cat([c_kv, k_pe], dim=-1)[self.valid_q]          # [N_new, r + rope]
+        kv[self.write_slots] = new.to(kv.dtype)
+        latents = kv[self.read_slots]                                # [B, T, r + rope]
+        latents = latents.to(c_kv.dtype)
+        c_all, pe_all = latents.split([self.cache.kv_lora_rank, self.cache.rope_dim], dim=-1)
+        return (c_all, pe_all), self.mask

@@ -1,0 +1,144 @@
+"""The offline API, with the names vLLM users know:
+
+    from nanoseek.engine import LLM, SamplingParams
+    llm = LLM("runs/speedrun")
+    for out in llm.generate(["The meaning of"], SamplingParams(temperature=0, max_tokens=32)):
+        print(out.outputs[0].text)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanoseek.engine.engine import EngineConfig, LLMEngine
+from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sequence import Sequence
+from nanoseek.model import CausalLM
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None  # per token: {token id: raw log-prob}
+    finish_reason: str | None = None          # "stop" | "length" | "abort" | None (running)
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0               # prompt tokens served by the prefix cache
+    metrics: dict = field(default_factory=dict)
+
+
+def request_output(seq: Sequence) -> RequestOutput:
+    p = seq.params
+    comp = CompletionOutput(0, seq.text, list(seq.output_token_ids),
+                            seq.cumulative_logprob if p.logprobs is not None else None,
+                            [dict(d) for d in seq.logprobs] if p.logprobs is not None else None,
+                            seq.finish_reason, seq.stop_reason)
+    return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [comp], seq.finished,
+                         seq.num_cached_prompt_tokens, {"num_preemptions": seq.num_preemptions})
+
+
+class Tokenizer:
+    """The least an engine needs from a tokenizer: encode text, decode ids."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "Tokenizer | None":
+        file = Path(path) / "tokenizer.json"
+        if not file.exists():
+            return None
+        from tokenizers import Tokenizer as HFTokenizer
+        return cls(HFTokenizer.from_file(str(file)))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def load_model(path_or_model, dtype: torch.dtype | None, device) -> tuple[CausalLM, object]:
+    """A CausalLM (and the checkpoint directory's tokenizer, if any)."""
+    if isinstance(path_or_model, CausalLM):
+        model = path_or_model
+        if dtype is not None or device is not None:
+            model = model.to(dtype=dtype, device=device)
+        return model, None
+    path = Path(path_or_model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    return CausalLM.from_pretrained(path, dtype=dtype, device=device), Tokenizer.from_dir(path)
+
+
+class LLM:
+    """Offline batched generation over the engine. `model` is a checkpoint directory or a
+    CausalLM; `tokenizer` overrides the directory's (anything with encode/decode).
+    Engine options (kv_cache_memory, block_size, max_num_seqs, max_num_batched_tokens,
+    enable_prefix_caching, speculative, max_model_len) are `EngineConfig` fields."""
+
+    def __init__(self, model, tokenizer=None, dtype: torch.dtype | None = None, device=None, **engine_kw):
+        model, dir_tok = load_model(model, dtype, device)
+        self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, a token-id list, a list of token-id lists,
+        or dicts {"prompt": ...} / {"prompt_token_ids": [...]}. Outputs in prompt order."""
+        prompts = _as_prompt_list(prompts)
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(seqs), desc="generate", unit="req")
+        try:
+            while self.engine.has_unfinished():
+                done = sum(s.finished for s in self.engine.step())
+                if bar is not None:
+                    bar.update(done)
+        except BaseException:
+            for s in seqs:
+                self.engine.abort(s.request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [request_output(s) for s in seqs]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    out = []
+    for p in prompts:
+        if isinstance(p, dict):
+            p = p.get("prompt_token_ids", p.get("prompt"))
+        if not isinstance(p, (str, list, tuple)):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
+        out.append(p if isinstance(p, str) else list(p))
+    return out

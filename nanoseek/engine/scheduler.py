@@ -1,0 +1,130 @@
+"""Continuous batching: which sequences run in the next step, and with how many tokens.
+
+Every step (1) gives each running sequence in decode one token (two with an MTP draft),
+oldest first, so long prompts never stall running decodes; (2) spends what is left of the
+token budget on prefill chunks: first the prompts already being prefilled, then new
+requests admitted from the waiting queue in arrival order (chunked prefill). A request is
+admitted only when blocks for all its current tokens can be had (prefix-cache hits
+included); it then never needs a block until it decodes.
+
+When a decode needs a block and none is free, the youngest running request is preempted:
+its blocks are freed (they keep their hashes, so its recompute often hits its own prefix)
+and it goes back to the head of the waiting queue, keeping the tokens it generated. The
+oldest running request is never preempted for a younger one, and `add` rejects requests
+that could not fit alone, so every request completes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanoseek.engine.block_manager import BlockManager
+from nanoseek.engine.sequence import Sequence, Status
+
+
+@dataclass
+class Batch:
+    decodes: list[Sequence] = field(default_factory=list)                 # 1 token (+ draft)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)   # (sequence, chunk length)
+
+    def __bool__(self) -> bool:
+        return bool(self.decodes or self.prefills)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int):
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be at least "
+                             f"max_num_seqs={max_num_seqs}: every running request decodes each step")
+        self.bm = block_manager
+        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in arrival order: oldest first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        need = len(seq.prompt_token_ids) + seq.params.max_tokens
+        if not seq.prompt_token_ids:
+            raise ValueError(f"request {seq.request_id}: the prompt is empty")
+        if need > self.max_model_len:
+            raise ValueError(
+                f"request {seq.request_id}: prompt ({len(seq.prompt_token_ids)} tokens) + max_tokens "
+                f"({seq.params.max_tokens}) = {need} exceeds the longest sequence this engine serves "
+                f"({self.max_model_len} tokens = min(max_position_embeddings, KV-cache capacity "
+                f"{self.bm.num_blocks} blocks x {self.bm.block_size})); shorten the prompt, lower "
+                f"max_tokens or raise kv_cache_memory")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.bm.register_full_blocks(seq)  # what it computed stays reusable
+            self.bm.free_seq(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status, seq.num_computed, seq.draft = Status.WAITING, 0, None
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        keys = [s.arrival for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.arrival), seq)
+
+    # ---------------------------------------------------------------- schedule
+    def schedule(self, speculate: bool = False) -> Batch:
+        batch, budget = Batch(), self.budget
+        for seq in list(self.running):
+            if seq.status is Status.RUNNING and seq.in_decode:
+                want = 2 if speculate and seq.draft is not None and self._draft_fits(seq) else 1
+                if want == 2 and (budget < 2 + len(self.running) or not self.bm.can_grow(seq, seq.num_computed + 2)):
+                    want = 1
+                if not self._make_room(seq, seq.num_computed + want):
+                    continue  # seq itself was the youngest and got preempted
+                self.bm.grow(seq, seq.num_computed + want)
+                if want == 1:
+                    seq.draft = None
+                batch.decodes.append(seq)
+                budget -= want
+        for seq in self.running:
+            if not seq.in_decode and budget > 0:
+                chunk = min(seq.num_pending, budget)
+                batch.prefills.append((seq, chunk))
+                budget -= chunk
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.bm.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq)
+            seq.status = Status.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            chunk = min(seq.num_pending, budget)
+            batch.prefills.append((seq, chunk))
+            budget -= chunk
+        return batch
+
+    def _draft_fits(self, seq: Sequence) -> bool:
+        """A draft is worth verifying only if the request may still emit two tokens."""
+        return (len(seq.output_token_ids) + 2 <= seq.params.max_tokens
+                and seq.num_computed + 2 <= self.max_model_len)
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Preempt the youngest running requests until seq can hold num_tokens.
+        False if seq itself had to go."""
+        while not self.bm.can_grow(seq, num_tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True

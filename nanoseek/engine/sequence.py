@@ -1,0 +1,64 @@
+"""One request as the engine sees it: its tokens, how many of them are in the cache,
+its block table and its sampling state."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.engine.sampling import SamplingParams
+
+_arrivals = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    generator: torch.Generator | None = None
+    arrival: int = field(default_factory=lambda: next(_arrivals))  # younger = larger
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0          # tokens whose latents are in the cache
+    num_hashed_blocks: int = 0     # leading full blocks registered in the prefix cache
+    num_cached_prompt_tokens: int = 0  # prefix-cache hit on (the last) admission
+    num_preemptions: int = 0
+    draft: int | None = None       # MTP's guess for the token after the pending one
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    text: str = ""
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run through the model before the next one can be sampled."""
+        return len(self) - self.num_computed
+
+    @property
+    def in_decode(self) -> bool:
+        """Only the last sampled token is pending: the next step decodes one token."""
+        return self.num_pending == 1 and self.num_computed >= len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
