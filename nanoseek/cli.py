@@ -15,6 +15,8 @@ def main() -> None:
 def _register() -> None:
     from nanoseek import cli_model
     cli_model.register(app)
+    from nanoseek import cli_train
+    cli_train.register(app)
     from nanoseek import cli_engine
     cli_engine.register(app)
     from nanoseek import cli_calc

@@ -1,0 +1,131 @@
+"""Training commands: `nanoseek tokenizer train`, `pretrain`, `speedrun`, `report`, `peak`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+tokenizer_app = typer.Typer(help="Train byte-level BPE tokenizers with DeepSeek's special tokens.",
+                            no_args_is_help=True)
+
+
+def _fail(e: Exception) -> None:
+    from rich.console import Console
+    Console(stderr=True).print(f"[red]error:[/red] {e}")
+    raise typer.Exit(1)
+
+
+def _user_errors():
+    from nanoseek.config import ConfigError
+    from nanoseek.data.corpus import CorpusError
+    from nanoseek.tokenizer import TokenizerError
+    from nanoseek.train.pretrain import RunError
+    return (ConfigError, CorpusError, TokenizerError, RunError, FileNotFoundError, FileExistsError,
+            ValueError)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+        out: Path = typer.Option(..., "--out", help="directory to write tokenizer.json + tokenizer_config.json into"),
+        data: Optional[list[Path]] = typer.Option(None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
+        vocab_size: int = typer.Option(4096, help="vocabulary size, special tokens included"),
+        text_field: str = typer.Option("text", help="column holding the text in .jsonl/.parquet files")):
+    """Train a byte-level BPE (digits split one by one) with DeepSeek's special tokens and
+    chat template; transformers.AutoTokenizer loads the result."""
+    try:
+        from nanoseek.data import load_corpus
+        from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+        docs = load_corpus(data, text_field)
+        tok = train_tokenizer(docs, vocab_size)
+        save_tokenizer(tok, out)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"tokenizer with {len(tok)} tokens trained on {len(docs)} documents -> {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(tokenizer_app, name="tokenizer")
+
+    @app.command()
+    def pretrain(
+            out: Path = typer.Option(..., "--out", help="run directory (becomes an HF checkpoint), e.g. runs/NAME"),
+            preset: str = typer.Option("tiny", help="model preset (ignored with --config)"),
+            config: Optional[Path] = typer.Option(None, "--config", help="model config.json (HF DeepseekV3 fields)"),
+            data: Optional[list[Path]] = typer.Option(None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
+            tokenizer: Optional[Path] = typer.Option(None, help="directory with a trained tokenizer (default: train one on the data)"),
+            max_steps: int = typer.Option(1000, help="optimizer steps"),
+            resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+            batch_size: int = typer.Option(8, help="sequences per micro-batch"),
+            seq_len: int = typer.Option(256, help="tokens per sequence"),
+            grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
+            lr: float = typer.Option(3e-3, help="peak learning rate"),
+            warmup_steps: int = typer.Option(30, help="linear warm-up steps"),
+            schedule: str = typer.Option("cosine", help="cosine | wsd | constant"),
+            weight_decay: float = typer.Option(0.1, help="AdamW decoupled weight decay (matrices only)"),
+            grad_clip: float = typer.Option(1.0, help="gradient-norm clipping (0 = off)"),
+            precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a gradient scaler)"),
+            router_z_loss: Optional[float] = typer.Option(None, help="router z-loss coefficient (overrides the config)"),
+            eval_every: int = typer.Option(100, help="steps between validations"),
+            eval_tokens: int = typer.Option(0, help="validation tokens per evaluation (0 = all)"),
+            save_every: int = typer.Option(100, help="steps between checkpoints"),
+            sample_every: int = typer.Option(0, help="steps between samples (0 = at the end only)"),
+            time_limit: float = typer.Option(0, help="stop after this many seconds of training (0 = none)"),
+            seed: int = typer.Option(1337),
+            val_fraction: float = typer.Option(0.1, help="share of documents held out for validation"),
+            no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
+        """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
+        cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
+        checkpoints. The run directory loads with transformers' AutoModelForCausalLM."""
+        try:
+            from nanoseek.config import load_config
+            from nanoseek.train.loop import TrainConfig
+            from nanoseek.train.pretrain import pretrain as run_pretrain
+            cfg = load_config(None if config else preset, config)
+            if router_z_loss is not None:
+                cfg = cfg.replace(router_z_loss_coef=router_z_loss)
+            tcfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
+                               grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                               schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
+                               precision=precision, eval_every=eval_every, eval_tokens=eval_tokens,
+                               save_every=save_every, sample_every=sample_every,
+                               time_limit=time_limit, seed=seed)
+            run = run_pretrain(out, cfg, tcfg, data_paths=data, tokenizer_dir=tokenizer,
+                               resume=resume, val_fraction=val_fraction, progress=not no_progress)
+        except _user_errors() as e:
+            _fail(e)
+        s = run["summary"]
+        typer.echo(f"done: {s['steps']} steps, {s['tokens_seen']:,} tokens, {s['tok_s']:,.0f} tok/s -> {out}")
+
+    @app.command()
+    def speedrun(
+            name: str = typer.Option("speedrun", help="run name: writes runs/NAME/report.md"),
+            root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
+            minutes: float = typer.Option(7.0, help="training time budget in minutes"),
+            max_steps: int = typer.Option(600, help="training steps if time allows"),
+            no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
+        """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
+        pretraining, evaluation, report (about 8-10 minutes on a 2-core CPU)."""
+        try:
+            from nanoseek.speedrun import speedrun as run_speedrun
+            run_speedrun(name, root, minutes, max_steps, progress=not no_progress)
+        except _user_errors() as e:
+            _fail(e)
+
+    @app.command()
+    def report(run_dir: Path = typer.Argument(..., help="run directory (with run.json and metrics.jsonl)")):
+        """(Re)write a run's report.md and plots from its metrics, even mid-run."""
+        from nanoseek.report import write_report
+        if not (run_dir / "run.json").exists():
+            _fail(FileNotFoundError(f"{run_dir}: no run.json (not a run directory)"))
+        typer.echo(str(write_report(run_dir)))
+
+    @app.command()
+    def peak(remeasure: bool = typer.Option(False, help="measure again (keeps the higher figure)")):
+        """This machine's measured matmul peak (the denominator of MFU)."""
+        from nanoseek.train.mfu import measure_peak_flops
+        from nanoseek.train.pretrain import default_device, setup_threads
+        setup_threads()
+        f = measure_peak_flops(default_device(), remeasure=remeasure)
+        typer.echo(f"{f / 1e9:.1f} GFLOP/s")

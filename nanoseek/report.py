@@ -1,0 +1,172 @@
+"""The report card of a run: `report.md` and its PNG plots, from run.json + metrics.jsonl.
+
+It reads only what the run wrote, so it can be re-made at any time (even mid-run):
+`nanoseek report runs/NAME`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nanoseek.checkpoint import atomic_write, atomic_write_text
+from nanoseek.train.loop import read_metrics
+
+
+def _fmt(x, digits=4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _plot(path: Path, draw) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    draw(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path.name
+
+
+def plot_loss(run_dir: Path, train: list[dict], evals: list[dict], run: dict) -> str:
+    def draw(ax):
+        xs = [r["tokens"] for r in train]
+        lm = [r.get("lm_loss", r["loss"]) for r in train]
+        ax.plot(xs, lm, lw=0.6, alpha=0.35, color="C0")
+        k = max(1, len(lm) // 50)  # moving average for a readable curve
+        sm = [sum(lm[max(0, i - k + 1):i + 1]) / len(lm[max(0, i - k + 1):i + 1]) for i in range(len(lm))]
+        ax.plot(xs, sm, color="C0", label="train (next-token CE)")
+        mtp = [(r["tokens"], r["mtp_loss"]) for r in train if r.get("mtp_loss") is not None]
+        if mtp:
+            ax.plot(*zip(*mtp), lw=0.6, alpha=0.5, color="C2", label="train MTP CE (depth 1)")
+        ev = [(r["tokens"], r["val_loss"]) for r in evals if "val_loss" in r]
+        if ev:
+            ax.plot(*zip(*ev), "o-", color="C1", label="validation")
+        if run.get("unigram_loss") is not None:
+            ax.axhline(run["unigram_loss"], ls="--", color="gray", label="unigram baseline")
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("loss (nats / token)")
+        ax.legend()
+    return _plot(run_dir / "loss.png", draw)
+
+
+def plot_expert_load(run_dir: Path, train: list[dict], names: list[str]) -> str | None:
+    rows = [r for r in train if r.get("max_violation")]
+    if not rows:
+        return None
+
+    def draw(ax):
+        n_layers = len(rows[0]["max_violation"])
+        for j in range(n_layers):
+            ys = [r["max_violation"][j] for r in rows]
+            k = max(1, len(ys) // 50)
+            sm = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+            ax.plot([r["step"] for r in rows], sm, label=names[j] if j < len(names) else f"MoE layer {j}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("max load / mean load - 1")
+        ax.set_title("Expert-load balance (aux-loss-free bias update)")
+        ax.legend(fontsize=8)
+    return _plot(run_dir / "expert_load.png", draw)
+
+
+def plot_lr(run_dir: Path, train: list[dict]) -> str:
+    def draw(ax):
+        ax.plot([r["step"] for r in train], [r["lr"] for r in train])
+        ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+    return _plot(run_dir / "lr.png", draw)
+
+
+def write_report(run_dir: str | Path, title: str | None = None, extra: dict | None = None) -> Path:
+    """Write run_dir/report.md (+ PNGs); returns its path."""
+    run_dir = Path(run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    metrics = read_metrics(run_dir)
+    train = [r for r in metrics if r.get("kind") == "train"]
+    evals = [r for r in metrics if r.get("kind") == "eval" and "val_loss" in r]
+    samples = [r for r in metrics if r.get("kind") == "sample"]
+    if not train:
+        raise ValueError(f"{run_dir}: metrics.jsonl has no training steps yet")
+    summary = run.get("summary") or {}
+    params, mc, tc = run["params"], run["model_config"], run["train_config"]
+    tokens = train[-1]["tokens"]
+    elapsed = train[-1]["elapsed"]
+    tok_s = tokens / elapsed if elapsed else 0.0
+    mfu = run["flops_per_token"] * tok_s / run["peak_flops"] if run.get("peak_flops") else None
+    final = evals[-1] if evals else {}
+    best = min(evals, key=lambda r: r["val_loss"]) if evals else {}
+
+    figs = [plot_loss(run_dir, train, evals, run), plot_expert_load(run_dir, train, run.get("moe_layers", [])), plot_lr(run_dir, train)]
+    last_viol = train[-1].get("max_violation") or []
+    tail = train[-max(1, len(train) // 10):]
+    mean_viol = [sum(r["max_violation"][j] for r in tail) / len(tail) for j in range(len(last_viol))]
+    L = []
+    L.append(f"# {title or 'nanoseek run'}: {run_dir.name}\n")
+    L.append("## Headline\n")
+    L.append("| metric | value |\n|---|---|")
+    rows = [
+        ("final validation loss (nats/token)", _fmt(final.get("val_loss"))),
+        ("final validation bits per byte", _fmt(final.get("val_bpb"))),
+        ("best validation loss (step)", f"{_fmt(best.get('val_loss'))} ({best.get('step', 'n/a')})"),
+        ("unigram baseline loss (nats/token)", _fmt(run.get("unigram_loss"))),
+        ("unigram baseline bits per byte", _fmt(run.get("unigram_bpb"))),
+        ("parameters, total", f"{params['total']:,} (MTP module: {params['mtp']:,})"),
+        ("parameters, activated per token", f"{params['activated']:,}"),
+        ("tokens seen", f"{tokens:,}"),
+        ("optimizer steps", f"{train[-1]['step']:,}" + (" (stopped by the time limit)"
+                                                        if summary.get("stopped_early") else "")),
+        ("training time (s)", _fmt(elapsed, 1)),
+        ("throughput (tokens/s)", _fmt(tok_s, 0)),
+        ("model FLOPs per token", f"{run['flops_per_token'] / 1e6:.1f} M"),
+        ("measured matmul peak", f"{run['peak_flops'] / 1e9:.1f} GFLOP/s ({run['device']}, "
+                                 f"{run['threads']} threads)"),
+        ("MFU", f"{100 * mfu:.1f} %" if mfu is not None else "n/a"),
+        ("precision", run.get("precision")),
+        ("expert-load max violation, mean of the last 10 % of steps",
+         ", ".join(f"{n}: {v:.3f}" for n, v in zip(run.get("moe_layers") or range(len(mean_viol)),
+                                                   mean_viol)) or "n/a"),
+    ]
+    for k, v in (extra or {}).items():
+        rows.append((k, str(v)))
+    L += [f"| {k} | {v} |" for k, v in rows]
+    L.append("")
+    L.append("## Curves\n")
+    L.append(f"![loss]({figs[0]})\n")
+    if figs[1]:
+        L.append(f"![expert load]({figs[1]})\n")
+    L.append(f"![learning rate]({figs[2]})\n")
+    L.append("## Validation\n")
+    L.append("| step | tokens | loss | bits/byte |\n|---|---|---|---|")
+    L += [f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r.get('val_bpb', float('nan')):.4f} |"
+          for r in evals]
+    L.append("")
+    if samples:
+        L.append(f"## Samples (step {samples[-1]['step']}, temperature 0.8, top-k 40)\n")
+        for s in samples[-1]["samples"]:
+            L.append("```text\n" + s.replace("```", "'''") + "\n```")
+        L.append("")
+    L.append("## Data\n")
+    d = run["data"]
+    L.append(f"Sources: {', '.join(run['data_paths'])}. {d['train_tokens']:,} training tokens "
+             f"({d['train_docs']} documents), {d['val_tokens']:,} validation tokens "
+             f"({d['val_docs']} documents, {d['val_bytes']:,} bytes); vocabulary {d['vocab_size']:,}.\n")
+    L.append("## Configuration\n")
+    L.append("Training:\n\n```json\n" + json.dumps(tc, indent=1) + "\n```\n")
+    L.append("Model (config.json):\n\n```json\n" + json.dumps(
+        {k: v for k, v in mc.items() if k not in ("architectures",)}, indent=1, sort_keys=True) + "\n```\n")
+    L.append("Method notes: loss curves are the next-token cross-entropy (the MTP and balance "
+             "terms are logged beside it in metrics.jsonl). Bits per byte = validation nats on "
+             "text tokens / (ln 2 x their UTF-8 bytes). The unigram baseline is the training "
+             "split's token frequencies (add-one smoothed) scored on the same validation windows. "
+             "MFU = model FLOPs per token (6 x activated matmul parameters + causal attention) "
+             "x tokens/s / the matmul peak measured on this machine.\n")
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(L))
+    return path

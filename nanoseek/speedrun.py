@@ -1,0 +1,76 @@
+"""The speedrun: the whole pipeline on the embedded corpus with the `tiny` preset, on a
+CPU, in minutes: tokenizer -> pretraining -> evaluation of the saved checkpoint -> report.
+
+Training runs for `max_steps` or `minutes`, whichever ends first (the learning-rate
+schedule follows whichever is further along, so a slow or shared machine still gets a
+fully decayed run). Later stages (SFT, GRPO) append themselves to STAGES.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from nanoseek.config import preset
+from nanoseek.train.loop import TrainConfig
+
+# The speedrun's training recipe, sized on a 2-core CPU (see README "Training").
+SPEEDRUN_TRAIN = dict(batch_size=8, seq_len=256, grad_accum=1, lr=3e-3, warmup_steps=30,
+                      schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
+                      eval_every=50, eval_tokens=0, save_every=100, sample_every=0, seed=1337)
+
+
+def _is_run_dir(path: Path) -> bool:
+    return any((path / f).exists() for f in ("run.json", "train_state.pt", "metrics.jsonl"))
+
+
+def evaluate_checkpoint(run_dir: Path, seq_len: int) -> dict:
+    """Reload the saved checkpoint from disk and score the whole validation split: proves
+    the directory holds the model that was trained."""
+    import torch
+
+    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.data.tokenized import TokenArrays
+    from nanoseek.tokenizer import load_tokenizer, token_byte_lengths
+    from nanoseek.train.pretrain import make_evaluate
+
+    model = from_pretrained(run_dir)
+    tok = load_tokenizer(run_dir)
+    data = TokenArrays.open(run_dir / "data")
+    lengths = token_byte_lengths(tok) + [0] * (model.config.vocab_size - len(tok))
+    with torch.no_grad():
+        return make_evaluate(data, lengths, seq_len, None, torch.device("cpu"))(model)
+
+
+def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float = 7.0,
+             max_steps: int = 600, progress: bool = True, log=print, **train_overrides) -> Path:
+    """Run every stage; returns the path of report.md."""
+    from nanoseek.report import write_report
+    from nanoseek.train.pretrain import pretrain
+
+    t_start = time.perf_counter()
+    out = Path(root) / name
+    if out.exists():
+        if not _is_run_dir(out):
+            raise FileExistsError(f"{out} exists and is not a nanoseek run; choose another --name")
+        log(f"removing the previous speedrun in {out}")
+        shutil.rmtree(out)
+    cfg = preset("tiny")
+    tcfg = TrainConfig(**{**SPEEDRUN_TRAIN, "max_steps": max_steps, "time_limit": minutes * 60,
+                          **train_overrides})
+    log(f"[1/3] tokenizer + pretraining: tiny preset, up to {max_steps} steps or {minutes:g} min")
+    run = pretrain(out, cfg, tcfg, progress=progress, log=log)
+    log("[2/3] evaluation: reloading the checkpoint from disk")
+    ev = evaluate_checkpoint(out, tcfg.seq_len)
+    log(f"      validation loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte "
+        f"(unigram baseline {run['unigram_loss']:.4f} / {run['unigram_bpb']:.4f})")
+    log("[3/3] report")
+    total = time.perf_counter() - t_start
+    path = write_report(out, title="nanoseek speedrun", extra={
+        "reloaded checkpoint: validation loss / bits per byte (all validation tokens)":
+            f"{ev['val_loss']:.4f} / {ev['val_bpb']:.4f}",
+        "speedrun wall time, all stages (s)": f"{total:.0f}",
+    })
+    log(f"report: {path}  ({total / 60:.1f} min in all)")
+    return path

@@ -1,0 +1,172 @@
+"""A byte-level BPE tokenizer with DeepSeek's special tokens and chat template.
+
+Trained with Hugging Face `tokenizers` and saved as `tokenizer.json` +
+`tokenizer_config.json`, so `transformers.AutoTokenizer.from_pretrained(run_dir)` loads it
+beside the model. Digits are split one by one before BPE (`Digits(individual_digits=True)`),
+as DeepSeek does, so that numbers are spelled the same way everywhere and arithmetic stays
+learnable at tiny scale. Ids 0/1/2 are bos/eos/pad, matching the `tiny` preset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+THINK, END_THINK = "<think>", "</think>"
+TOOL_TOKENS = [
+    "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>",
+]
+# Order fixes the ids: bos=0, eos=1, pad=2 as in the tiny preset.
+SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, *TOOL_TOKENS]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+# DeepSeek-V3's chat format, reduced to what a small model needs: an optional system
+# prompt first, <｜User｜>/<｜Assistant｜> turns, an eos after each assistant turn, tool
+# calls and tool outputs with DeepSeek's markers. The assistant's text sits inside
+# {% generation %} so `return_assistant_tokens_mask=True` marks the tokens SFT trains on.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for m in messages if m['role'] == 'system' %}{{ m['content'] }}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+    "{%- elif m['role'] == 'assistant' %}" + ASSISTANT + "{% generation %}"
+    "{{ m['content'] or '' }}"
+    "{%- if m.get('tool_calls') %}" + TOOL_TOKENS[0] +
+    "{%- for tc in m['tool_calls'] %}" + TOOL_TOKENS[2] + "{{ tc['type'] | default('function') }}"
+    + TOOL_TOKENS[4] + "{{ tc['function']['name'] }}\n```json\n"
+    "{{ tc['function']['arguments'] if tc['function']['arguments'] is string "
+    "else tc['function']['arguments'] | tojson }}\n```" + TOOL_TOKENS[3] + "{%- endfor %}"
+    + TOOL_TOKENS[1] + "{%- endif %}" + EOS + "{% endgeneration %}"
+    "{%- elif m['role'] == 'tool' %}" + TOOL_TOKENS[5] + TOOL_TOKENS[7] + "{{ m['content'] }}"
+    + TOOL_TOKENS[8] + TOOL_TOKENS[6] +
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}" + ASSISTANT + "{%- endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    """Tokenizer training input or files are unusable."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
+    """Train a byte-level BPE on `texts`; returns a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    n_special = len(SPECIAL_TOKENS)
+    if vocab_size < 256 + n_special:
+        raise TokenizerError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at "
+                             f"least 256 bytes + {n_special} special tokens")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    seen = [0]
+
+    def counted():
+        for t in texts:
+            if t:
+                seen[0] += 1
+                yield t
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if seen[0] == 0:
+        raise TokenizerError("no text to train the tokenizer on (the corpus is empty)")
+    # Like DeepSeek's tokenizer: encode() with special tokens prepends bos.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)])
+    return wrap(tok)
+
+
+def wrap(tok):
+    """A `tokenizers.Tokenizer` -> PreTrainedTokenizerFast with the special tokens named."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=SPECIAL_TOKENS[3:], clean_up_tokenization_spaces=False,
+        model_max_length=1 << 30)
+    fast.chat_template = CHAT_TEMPLATE
+    for name, tid in (("bos", 0), ("eos", 1), ("pad", 2)):
+        got = getattr(fast, f"{name}_token_id")
+        assert got == tid, f"{name} token has id {got}, expected {tid}"
+    return fast
+
+
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> None:
+    """Write the tokenizer files into `out_dir`, each one atomically (a checkpoint
+    directory must never hold half a tokenizer.json)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer.") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(f, out_dir / f.name)
+    dir_fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a tokenizer saved by `save_tokenizer` (a run or tokenizer directory)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise TokenizerError(f"{path}: no tokenizer.json (train one with `nanoseek tokenizer train`)")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the tokenizer files of `src` into `dst` (e.g. into a new checkpoint)."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            tmp = dst / f".{name}.tmp"
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, dst / name)
+
+
+def token_byte_lengths(tokenizer) -> list[int]:
+    """UTF-8 bytes each token id stands for (0 for special tokens): the denominator of
+    bits per byte, which makes losses comparable across tokenizers."""
+    byte_of = _bytes_to_unicode_inverse()
+    special = set(tokenizer.all_special_ids)
+    lengths = [0] * len(tokenizer)
+    for piece, tid in tokenizer.get_vocab().items():
+        if tid not in special and tid < len(lengths):
+            lengths[tid] = len(piece) if all(ch in byte_of for ch in piece) else len(piece.encode())
+    return lengths
+
+
+def _bytes_to_unicode_inverse() -> dict[str, int]:
+    """GPT-2's byte <-> printable-character map, inverted (the ByteLevel alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}

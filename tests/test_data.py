@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nanoseek.data import CorpusError, TokenArrays, build_token_arrays, default_corpus, load_corpus
+from nanoseek.data.tokenized import split_documents
+from nanoseek.tokenizer import train_tokenizer
+from tests.train_utils import small_corpus
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(small_corpus(30), vocab_size=384)
+
+
+def test_default_corpus_is_pydoc_english():
+    docs = default_corpus()
+    assert len(docs) > 100 and sum(map(len, docs)) > 400_000
+    assert any("for" in d and "statement" in d for d in docs)
+    assert default_corpus() == docs  # fixed order
+
+
+def test_user_files_txt_jsonl_parquet(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "row one"}) + "\n" + json.dumps({"text": "row two"}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["parquet row"]}), tmp_path / "c.parquet")
+    docs = load_corpus([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.parquet"])
+    assert docs == ["first paragraph\nstill first", "second paragraph", "row one", "row two", "parquet row"]
+    assert load_corpus([tmp_path]) == docs  # a directory expands to its files, sorted
+
+
+def test_bad_files_are_named(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="empty.txt: file is empty"):
+        load_corpus([empty])
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n  \n")
+    with pytest.raises(CorpusError, match="blank.txt"):
+        load_corpus([blank])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(CorpusError, match="bad.jsonl: cannot be read"):
+        load_corpus([bad])
+    nocol = tmp_path / "nocol.jsonl"
+    nocol.write_text('{"body": "x"}\n')
+    with pytest.raises(CorpusError, match="nocol.jsonl: no 'text' column"):
+        load_corpus([nocol])
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(CorpusError, match="corrupt.parquet"):
+        load_corpus([corrupt])
+    with pytest.raises(CorpusError, match="missing.txt: no such file"):
+        load_corpus([tmp_path / "missing.txt"])
+    with pytest.raises(CorpusError, match="unsupported"):
+        (tmp_path / "x.csv").write_text("a")
+        load_corpus([tmp_path / "x.csv"])
+
+
+def test_split_is_deterministic_and_disjoint():
+    docs = [f"doc {i}" for i in range(200)]
+    a = split_documents(docs, 0.1, seed=3)
+    assert a == split_documents(docs, 0.1, seed=3)
+    assert a != split_documents(docs, 0.1, seed=4)
+    train, val = a
+    assert not set(train) & set(val) and len(train) + len(val) == 200
+    assert 5 <= len(val) <= 40
+    assert all(split_documents(["x", "y"], 0.01, seed=s)[1] for s in range(5))  # never empty
+
+
+def test_token_arrays_memmapped_cached_and_batched(tmp_path, tok):
+    docs = small_corpus(60)
+    data = build_token_arrays(docs, tok, tmp_path, val_fraction=0.1, seed=0)
+    assert isinstance(data.train, np.memmap) and data.train.dtype == np.uint16
+    assert data.train[0] == tok.bos_token_id and data.val[-1] == tok.eos_token_id
+    assert data.meta["train_tokens"] + data.meta["val_tokens"] == sum(
+        len(tok(d, add_special_tokens=False)["input_ids"]) + 2 for d in docs)
+    mtime = (tmp_path / "train.bin").stat().st_mtime_ns
+    again = build_token_arrays(docs, tok, tmp_path, val_fraction=0.1, seed=0)
+    assert (tmp_path / "train.bin").stat().st_mtime_ns == mtime  # tokenised once
+    assert again.meta == data.meta
+    x, y = data.batch(step=5, micro=1, batch_size=4, seq_len=32, seed=7)
+    x2, y2 = data.batch(step=5, micro=1, batch_size=4, seq_len=32, seed=7)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.shape == (4, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert not torch.equal(x, data.batch(step=6, micro=1, batch_size=4, seq_len=32, seed=7)[0])
+    windows = list(data.val_windows(seq_len=32))
+    n = sum(y.numel() for _, y in windows)
+    assert n == (len(data.val) - 1) // 32 * 32
+
+
+def test_truncated_array_is_an_error(tmp_path, tok):
+    build_token_arrays(small_corpus(20), tok, tmp_path)
+    with open(tmp_path / "train.bin", "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(CorpusError, match="train.bin: expected"):
+        TokenArrays.open(tmp_path)
+
+
+def test_unigram_baseline_is_near_entropy(tmp_path, tok):
+    from nanoseek.tokenizer import token_byte_lengths
+    data = build_token_arrays(small_corpus(60), tok, tmp_path)
+    base = data.unigram_baseline(32, token_byte_lengths(tok))
+    assert 3.0 < base["unigram_loss"] < np.log(len(tok))
+    assert 0.5 < base["unigram_bpb"] < 8
