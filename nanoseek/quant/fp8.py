@@ -26,7 +26,9 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
 def quantize_weight(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """w [M,N] -> (fp8 weight [M,N], scale_inv [Mb,Nb] fp32) with per-block absmax scaling."""
     blocks, M, N = _blocks(w.float(), block)
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [Mb, Nb]
+    Mb, Nb = blocks.shape[0], blocks.shape[2]
+    # reduce over a contiguous last dim: much faster than amax(dim=(1, 3)) on the strided view
+    amax = blocks.permute(0, 2, 1, 3).reshape(Mb, Nb, -1).abs().amax(dim=-1).clamp(min=1e-12)
     scale_inv = amax / FP8_MAX
     q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(blocks.shape[0] * block, -1)[:M, :N].contiguous(), scale_inv
@@ -40,8 +42,9 @@ def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dty
     if tuple(scale_inv.shape) != (Mb, Nb):
         raise ValueError(f"scale_inv has shape {tuple(scale_inv.shape)}; a [{M}, {N}] weight in "
                          f"{block}x{block} blocks needs [{Mb}, {Nb}]")
-    scale = scale_inv.float().repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]
-    return (q.float() * scale).to(dtype)
+    blocks, _, _ = _blocks(q.float(), block)  # [Mb, block, Nb, block]
+    w = (blocks * scale_inv.float()[:, None, :, None]).view(Mb * block, Nb * block)
+    return w[:M, :N].to(dtype)
 
 
 # --------------------------------------------------------------- activations
