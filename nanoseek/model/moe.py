@@ -110,12 +110,9 @@ class MoE(nn.Module):
         order = flat_idx.argsort(stable=True)
         token_of_slot = order // self.top_k
         counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
-        xs = x[token_of_slot]
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.experts[e](xs[start:start + n]))
-                start += n
+        # split (not slicing) so the backward concatenates instead of zero-filling per expert
+        chunks = x[token_of_slot].split(counts)
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e]]
         out = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_slot, out)
 
