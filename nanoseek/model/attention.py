@@ -73,11 +73,16 @@ class MLA(nn.Module):
     def attend_sdpa(self, q_nope, q_pe, c_kv, k_pe, mask):
         k, v = self.decompress(c_kv, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        # Fused (flash) kernels want one head size for q, k and v: pad v with zeros up to
+        # qk_head_dim and drop the padding afterwards, as vLLM does for MLA prefill.
+        pad = self.qk_head_dim - self.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask.unsqueeze(1),
             is_causal=mask is None, scale=self.softmax_scale)
-        return out.transpose(1, 2)  # [B,S,H,v]
+        return out.transpose(1, 2)[..., :self.v_head_dim]  # [B,S,H,v]
 
     def attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         k, v = self.decompress(c_kv, k_pe)
