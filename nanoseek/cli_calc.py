@@ -61,11 +61,12 @@ def _emit(as_json: bool, data: dict, *tables) -> None:
         console.print(t)
 
 
-def _table(title: str, *columns: str, caption: str | None = None):
+def _table(title: str, *columns: str, caption: str | None = None, justify: str = "right"):
+    """First column left, the others `justify` (numbers right, prose left)."""
     from rich.table import Table
     t = Table(title=title, caption=caption, caption_justify="left")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(c, justify="left" if i == 0 else justify)
     return t
 
 
@@ -123,10 +124,11 @@ def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     except ConfigError as e:
         _fail(e)
     t = _table(f"KV cache: {preset or config}, {rep['layers']} layers, batch {batch} x {seq_len} tokens",
-               "attention", "dtype", "values/token/layer", "bytes/token/layer", "bytes/token",
+               "attention", "dtype", "values/layer", "bytes/layer", "per token",
                "batch x seq", "x MLA", "x MHA",
-               caption="MHA/GQA/MQA use the config's head sizes (K: qk_head_dim, V: v_head_dim); "
-                       "fp8 = 1 byte + one fp32 scale per 128 values; 1 GB = 1e9 bytes")
+               caption="per token: values and bytes per layer, bytes over all layers; MHA/GQA/MQA "
+                       "use the config's head sizes (K: qk_head_dim, V: v_head_dim); fp8 = 1 byte "
+                       "+ one fp32 scale per 128 values; 1 GB = 1e9 bytes")
     last = None
     for r in rep["rows"]:
         if last is not None and r["dtype"] != last:
@@ -220,7 +222,7 @@ def capacity_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     except ConfigError as e:
         _fail(e)
     g = p.gpu
-    at = _table("assumptions", "assumption", "value")
+    at = _table("assumptions", "assumption", "value", justify="left")
     at.add_row("model", str(preset or config))
     at.add_row("GPU", f"{g['name']}: {g['mem_gb']} GB, {g['bw_tbs']} TB/s, {g['bf16_tflops']} BF16 TFLOP/s, "
                f"{g['fp8_tflops'] or 'no'} FP8 TFLOP/s, {g['gpus_per_node']}/node")

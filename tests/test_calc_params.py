@@ -108,3 +108,16 @@ def test_cli_bad_input():
     assert r.exit_code != 0 and "unknown preset" in r.output
     r = CliRunner().invoke(app, ["calc", "params"])
     assert r.exit_code != 0 and "exactly one" in r.output
+
+
+@pytest.mark.parametrize("name, cls", [("deepseek-v3", "DeepseekV3"), ("deepseek-v2", "DeepseekV2"),
+                                       ("deepseek-v2-lite", "DeepseekV2")])
+def test_totals_match_transformers(name, cls):
+    """The full-size models built by transformers on the meta device (no memory) have exactly
+    the counted parameters (transformers builds no MTP module)."""
+    transformers = pytest.importorskip("transformers")
+    d = {k: v for k, v in preset(name).to_dict().items() if k not in ("architectures", "model_type")}
+    conf = getattr(transformers, cls + "Config")(**d)
+    with torch.device("meta"):
+        hf = getattr(transformers, cls + "ForCausalLM")(conf)
+    assert sum(p.numel() for p in hf.parameters()) == count_params(preset(name)).main_total
