@@ -132,9 +132,9 @@ class BatchView:
 
     def update(self, layer_id: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
         kv = self.cache.kv[layer_id].view(-1, self.cache.latent_dim)
-        new = torch.cat([c_kv, k_pe], dim=-1)[self.valid_q]          # [N_new, r + rope]
-        kv[self.write_slots] = new.to(kv.dtype)
-        latents = kv[self.read_slots]                                # [B, T, r + rope]
-        latents = latents.to(c_kv.dtype)
+        new = torch.cat([c_kv, k_pe], dim=-1)[self.valid_q]           # [N_new, r + rope]
+        kv.index_copy_(0, self.write_slots, new.to(kv.dtype))
+        B, T = self.read_slots.shape
+        latents = kv.index_select(0, self.read_slots.flatten()).view(B, T, -1).to(c_kv.dtype)
         c_all, pe_all = latents.split([self.cache.kv_lora_rank, self.cache.rope_dim], dim=-1)
         return (c_all, pe_all), self.mask

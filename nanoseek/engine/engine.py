@@ -129,7 +129,7 @@ class LLMEngine:
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
         starts = [s.num_computed for s in seqs]
-        inputs = [[s.token_ids[-1]] + ([s.draft] if s.draft is not None else []) for s in seqs]
+        inputs = [[s.last_token] + ([s.draft] if s.draft is not None else []) for s in seqs]
         h = self.runner.forward(inputs, starts, [s.block_table for s in seqs], absorb=True)
         first = self._sample(seqs, self.runner.logits(h[:, 0]))
         verify = []

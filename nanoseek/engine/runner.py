@@ -51,6 +51,8 @@ class ModelRunner:
         for b, rows in enumerate(h_prev):
             h[b, :len(rows)] = rows
         view = BatchView(self.cache, block_tables, starts, q_lens, absorb)
-        _, logits = self.model.mtp_forward(0, h, self._pad(next_ids), view.positions, view)
-        last = torch.tensor([n - 1 for n in q_lens], device=h.device)
-        return logits[torch.arange(len(q_lens), device=h.device), last].float()
+        layer, model = self.model.mtp[0], self.model
+        # mtp_forward, but the shared head runs only on the rows whose draft we keep
+        h = layer(h, model.model.embed_tokens(self._pad(next_ids)), model.rotary(view.positions), view)
+        last = h[torch.arange(len(q_lens), device=h.device), torch.tensor([n - 1 for n in q_lens], device=h.device)]
+        return model.lm_head(layer.shared_head.norm(last)).float()

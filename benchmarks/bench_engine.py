@@ -1,0 +1,243 @@
+"""The inference engine against transformers' `generate`, on one workload, in one run.
+
+Workload: 64 requests with mixed prompt and output lengths (prompts are slices of the
+embedded corpus, output lengths are fixed per request with ignore_eos so both sides emit
+exactly the same tokens), all arriving together, greedy.
+
+  * nanoseek: `LLM.generate` on the whole load (continuous batching, paged latent cache,
+    chunked prefill, absorbed decode), with and without MTP speculative decoding;
+  * transformers: `AutoModelForCausalLM.from_pretrained` on the same checkpoint,
+    `generate` with left padding, greedy, timed with two batching strategies (all 64
+    requests in one batch; batches of 16 sorted by output length, each generating its
+    longest) and each experts implementation it offers — the fastest is the baseline.
+    Output tokens/s counts only the tokens each request asked for.
+
+KV bytes per token: nanoseek's from its cache tensors (bytes of one slot across layers),
+transformers' from its `DynamicCache` tensors after generate (bytes / (batch x length));
+both against the theoretical latent size (kv_lora_rank + qk_rope_head_dim) x layers x
+dtype and the decompressed per-head K/V an MHA cache would hold.
+
+MTP acceptance needs a trained checkpoint: without --checkpoint the script trains a small
+byte-level model (with one MTP layer) on `pydoc_data.topics` for --train-seconds.
+
+    python benchmarks/bench_engine.py [--checkpoint DIR] [--train-seconds 90] [--requests 64] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoseek.config import preset  # noqa: E402
+from nanoseek.engine import LLM, SamplingParams  # noqa: E402
+from nanoseek.engine.cache import PagedLatentCache  # noqa: E402
+from nanoseek.model import CausalLM  # noqa: E402
+
+
+def corpus_bytes() -> torch.Tensor:
+    from pydoc_data.topics import topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def train_small_model(data: torch.Tensor, seconds: float, seed: int = 0) -> CausalLM:
+    """A byte-level MLA+MoE+MTP model, trained with model.loss + AdamW for `seconds`."""
+    torch.manual_seed(seed)
+    cfg = preset("tiny", vocab_size=256, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+                 num_hidden_layers=3, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64,
+                 qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_group=2,
+                 topk_group=1, num_nextn_predict_layers=1, max_position_embeddings=512,
+                 bos_token_id=None, eos_token_id=None, pad_token_id=None, mtp_loss_weight=0.3)
+    model = CausalLM(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
+    seq, batch, step, t0 = 128, 32, 0, time.perf_counter()
+    from tqdm import tqdm
+    bar = tqdm(total=int(seconds), desc="training the draft-capable model", unit="s")
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        for g in opt.param_groups:  # short warm-up, then linear decay over the time budget
+            g["lr"] = 3e-3 * min(1.0, (step + 1) / 30) * max(0.1, 1 - elapsed / seconds)
+        starts = torch.randint(0, len(data) - seq - 1, (batch,))
+        x = torch.stack([data[s:s + seq + 1] for s in starts.tolist()])
+        out = model.loss(x[:, :-1], x[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.update_router_biases()
+        step += 1
+        bar.n = min(int(elapsed), int(seconds))
+        bar.set_postfix(step=step, lm=f"{out.lm_loss.item():.3f}", mtp=f"{out.mtp_loss.item():.3f}")
+    bar.close()
+    return model.eval()
+
+
+def workload(data: torch.Tensor, n: int, seed: int, prompt_range, output_range):
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n):
+        plen, olen = rng.randint(*prompt_range), rng.randint(*output_range)
+        s = rng.randrange(0, len(data) - plen)
+        reqs.append((data[s:s + plen].tolist(), olen))
+    return reqs
+
+
+def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
+    llm = LLM(model, speculative=speculative, **engine_kw)
+    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
+    llm.generate([p for p, _ in reqs[:4]], params[:4])  # warm-up
+    llm.engine.spec_stats.drafted = llm.engine.spec_stats.accepted = 0
+    t0 = time.perf_counter()
+    outs = llm.generate([p for p, _ in reqs], params)
+    dt = time.perf_counter() - t0
+    tokens = [o.outputs[0].token_ids for o in outs]
+    cache = llm.engine.cache
+    return dict(seconds=dt, tokens=tokens, kv_bytes_per_token=cache.nbytes / cache.capacity_tokens,
+                main_layers_bytes_per_token=sum(t[0, 0].numel() * t.element_size()
+                                                for t in cache.kv[:model.config.num_hidden_layers]),
+                spec=llm.engine.spec_stats.as_dict(), forwards=llm.engine.runner.forwards,
+                preemptions=llm.engine.scheduler.num_preemptions)
+
+
+def hf_generate_batches(hf, reqs, batches):
+    """Left-padded greedy generate per batch; returns (seconds, tokens per request, cache stats)."""
+    out_tokens, kv = [None] * len(reqs), []
+    t0 = time.perf_counter()
+    for idx in batches:
+        L = max(len(reqs[i][0]) for i in idx)
+        new = max(reqs[i][1] for i in idx)
+        ids = torch.zeros(len(idx), L, dtype=torch.long)
+        mask = torch.zeros(len(idx), L, dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = reqs[i][0]
+            ids[r, L - len(p):] = torch.tensor(p)
+            mask[r, L - len(p):] = 1
+        with torch.no_grad():
+            res = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+        cache = res.past_key_values
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        kv.append((held, len(idx) * cache.get_seq_length(), sum(len(reqs[i][0]) + reqs[i][1] for i in idx)))
+        for r, i in enumerate(idx):
+            out_tokens[i] = res.sequences[r, L:L + reqs[i][1]].tolist()
+    dt = time.perf_counter() - t0
+    held, slots, useful = map(sum, zip(*kv))
+    return dt, out_tokens, dict(bytes_per_slot=held / slots, bytes_per_useful_token=held / useful)
+
+
+def run_transformers(ckpt: str, reqs, batch: int):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    by_len = sorted(range(len(reqs)), key=lambda i: reqs[i][1])
+    strategies = {"one_batch": [list(range(len(reqs)))],
+                  f"sorted_batches_of_{batch}": [by_len[i:i + batch] for i in range(0, len(reqs), batch)]}
+    results = {}
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        try:
+            hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation=impl).eval()
+        except Exception as e:  # an implementation this build does not offer
+            print(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
+            continue
+        hf_generate_batches(hf, reqs[:4], [[0, 1, 2, 3]])  # warm-up
+        for name, batches in strategies.items():
+            dt, toks, kv = hf_generate_batches(hf, reqs, batches)
+            results[(impl, name)] = (dt, toks, kv)
+            print(f"transformers [{impl}, {name}]: {sum(o for _, o in reqs) / dt:,.1f} tok/s")
+        del hf
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a checkpoint dir with MTP layers (default: train one here)")
+    p.add_argument("--train-seconds", type=float, default=120)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
+    p.add_argument("--single-stream", type=int, default=8,
+                   help="requests served one at a time for the latency-bound MTP comparison")
+    p.add_argument("--hf-batch", type=int, default=16, help="batch size of transformers' sorted strategy")
+    p.add_argument("--kv-cache-memory", default="256MiB")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0 = torch's default); tiny models run fastest on one")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data = corpus_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint:
+            model, ckpt = CausalLM.from_pretrained(args.checkpoint).eval(), args.checkpoint
+        else:
+            model, ckpt = train_small_model(data, args.train_seconds, args.seed), tmp
+            model.save_pretrained(ckpt)
+        cfg = model.config
+        if not (cfg.vocab_size >= 256 or args.checkpoint):
+            raise SystemExit("the byte workload needs vocab_size >= 256")
+        data = data.clamp(max=cfg.vocab_size - 1)
+        reqs = workload(data, args.requests, args.seed, args.prompt_len, args.output_len)
+        n_out = sum(o for _, o in reqs)
+        engine_kw = dict(kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.requests,
+                         max_num_batched_tokens=max(512, 2 * args.requests))
+
+        plain = run_nanoseek(model, reqs, speculative=False, **engine_kw)
+        print(f"nanoseek: {n_out / plain['seconds']:,.1f} tok/s ({plain['forwards']} forwards)")
+        has_mtp = len(model.mtp) > 0
+        spec = run_nanoseek(model, reqs, speculative=True, **engine_kw) if has_mtp else None
+        if spec:
+            # one request at a time: decode is latency-bound, where speculation pays
+            few = reqs[:args.single_stream]
+            kw1 = dict(engine_kw, max_num_seqs=1)
+            one_plain, one_spec = (run_nanoseek(model, few, speculative=s, **kw1) for s in (False, True))
+            print(f"nanoseek + MTP: {n_out / spec['seconds']:,.1f} tok/s, acceptance "
+                  f"{spec['spec']['acceptance_rate']:.1%} ({spec['forwards']} forwards); one stream: "
+                  f"{one_plain['seconds'] / one_spec['seconds']:.2f}x faster with MTP")
+        hf = run_transformers(ckpt, reqs, args.hf_batch)
+
+    best = min(hf, key=lambda k: hf[k][0])
+    hf_dt, hf_tokens, hf_kv = hf[best]
+    dtype_bytes = next(model.parameters()).element_size()
+    L = cfg.num_hidden_layers
+    r = {}
+    r["ratio"] = hf_dt / plain["seconds"]
+    r["nanoseek_tok_s"] = n_out / plain["seconds"]
+    r["transformers_tok_s"] = n_out / hf_dt
+    r["transformers_best"] = f"{best[0]}/{best[1]}"
+    if spec:
+        r["mtp_acceptance"] = spec["spec"]["acceptance_rate"]
+        r["mtp_speedup"] = plain["seconds"] / spec["seconds"]
+        r["nanoseek_mtp_tok_s"] = n_out / spec["seconds"]
+        r["mtp_greedy_identical"] = spec["tokens"] == plain["tokens"] and one_spec["tokens"] == one_plain["tokens"]
+        r["mtp_speedup_one_stream"] = one_plain["seconds"] / one_spec["seconds"]
+        r["mtp_acceptance_one_stream"] = one_spec["spec"]["acceptance_rate"]
+    r["outputs_equal_transformers"] = sum(a == b for a, b in zip(plain["tokens"], hf_tokens)) / len(reqs)
+    r["nanoseek_kv_bytes_per_token"] = plain["main_layers_bytes_per_token"]
+    r["transformers_kv_bytes_per_token"] = hf_kv["bytes_per_slot"]
+    r["transformers_kv_bytes_per_useful_token"] = hf_kv["bytes_per_useful_token"]
+    r["latent_theory_bytes_per_token"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * dtype_bytes
+    r["mha_decompressed_bytes_per_token"] = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * L * dtype_bytes
+    r["requests"] = len(reqs)
+    r["output_tokens"] = n_out
+    r["nanoseek_preemptions"] = plain["preemptions"]
+    r["torch_threads"] = torch.get_num_threads()
+    for (impl, name), (dt, _, _) in hf.items():
+        r[f"transformers_tok_s[{impl},{name}]"] = n_out / dt
+    assert PagedLatentCache.bytes_per_token(cfg, L, next(model.parameters()).dtype) == r["nanoseek_kv_bytes_per_token"]
+    if args.json:
+        print(json.dumps(r, indent=2))
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                   if not k.startswith("transformers_tok_s[")))
+
+
+if __name__ == "__main__":
+    main()
