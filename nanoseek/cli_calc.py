@@ -266,9 +266,11 @@ def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory
                 dtype: str = typer.Option("bf16", help="dtype of the tensors not in FP8: bf16, fp16, fp32"),
                 overwrite: bool = typer.Option(False, help="write into a non-empty DST"),
                 as_json: bool = typer.Option(False, "--json", help="print JSON only")):
-    """Convert between BF16 and FP8 checkpoints in DeepSeek-V3's layout. FP8 covers the Linear
-    weights of attention and FFNs/experts; embeddings, head, norms and router stay high precision.
-    The result loads with nanoseek.from_pretrained (which dequantises on load)."""
+    """Convert a checkpoint between BF16 and FP8 (DeepSeek-V3's weight_scale_inv layout).
+
+    FP8 covers the Linear weights of attention and of the FFNs/experts; embeddings, head,
+    norms and router stay in high precision. The result loads with nanoseek.from_pretrained
+    (which dequantises on load)."""
     from dataclasses import asdict
 
     from nanoseek.checkpoint import CheckpointError

@@ -147,7 +147,8 @@ class FP8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_q, x_s = quantize_activation(x.reshape(-1, shape[-1]))
-        use_mm = self.backend == "scaled_mm" or (self.backend == "auto" and has_fp8_gemm(x.device))
+        use_mm = self.backend == "scaled_mm" or (self.backend == "auto" and has_fp8_gemm(x.device)
+                                                 and self.out_features % 16 == 0)  # cuBLAS FP8 needs N % 16 == 0
         gemm = fp8_gemm_scaled_mm if use_mm else fp8_gemm_emulated
         y = gemm(x_q, x_s, self.weight, self.weight_scale_inv)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
