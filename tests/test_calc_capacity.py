@@ -106,3 +106,11 @@ def test_cli(tmp_path):
     f.write_text(json.dumps({"X": {"mem_gb": 1}}))
     r = CliRunner().invoke(app, args + ["--gpu", "X", "--gpu-file", str(f)])
     assert r.exit_code != 0 and "missing field" in r.output
+
+
+def test_mtp_weights():
+    cfg = preset("deepseek-v3")
+    pc = count_params(cfg)
+    assert weight_bytes(cfg, "bf16", include_mtp=True) - weight_bytes(cfg, "bf16") == 2 * pc.mtp
+    extra_fp8 = weight_bytes(cfg, "fp8", include_mtp=True) - weight_bytes(cfg, "fp8")
+    assert pc.mtp < extra_fp8 < 1.2 * pc.mtp  # mostly FP8 experts; eh_proj and norms in BF16

@@ -74,3 +74,9 @@ def test_cli():
     assert {x["attention"] for x in d["rows"]} == {"mha", "gqa-8", "gqa-16", "mqa", "mla"}
     r = CliRunner().invoke(app, ["calc", "kv", "--preset", "deepseek-v3"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "70.27 KB" in r.stdout
+
+
+def test_v2_paper_elements():
+    """DeepSeek-V2 Table 1: MLA caches (d_c + d_h^R) * l elements per token = (512 + 64) * 60."""
+    cfg = preset("deepseek-v2")
+    assert kv_bytes_per_token(cfg, "mla", "fp32") // 4 == (512 + 64) * 60

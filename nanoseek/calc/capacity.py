@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from nanoseek.calc.flops import decode_flops_per_token, prefill_flops_per_token
 from nanoseek.calc.gpus import GPU
 from nanoseek.calc.kv import DTYPE_BYTES, check_dtype, kv_bytes_per_token
-from nanoseek.calc.params import ffn_params, count_params
+from nanoseek.calc.params import block_params, count_params, ffn_params
 from nanoseek.config import ConfigError, ModelConfig
 
 QUANTISED = ("attention", "dense_ffn", "shared_experts", "routed_experts")  # FP8 in V3's release
@@ -72,10 +72,13 @@ def param_bytes(parts: dict[str, float], dtype: str) -> float:
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str, include_mtp: bool = False) -> float:
-    pc = count_params(cfg)
-    total = param_bytes(pc.total, dtype)
-    if include_mtp and cfg.num_nextn_predict_layers:  # its own weights; embedding/head shared
-        total += param_bytes({"routed_experts": pc.mtp}, dtype)
+    total = param_bytes(count_params(cfg).total, dtype)
+    if include_mtp:  # each module's own weights; it shares the embedding and head
+        D = cfg.hidden_size
+        for k in range(cfg.num_nextn_predict_layers):
+            block, _ = block_params(cfg, cfg.num_hidden_layers + k)
+            extra = {"eh_proj": 2 * D * D, "mtp_norms": 3 * D}  # BF16 in V3's release
+            total += param_bytes({**block, **extra}, dtype)
     return total
 
 
