@@ -111,7 +111,7 @@ def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
            batch: int = typer.Option(1, help="sequences in the batch"),
            seq_len: int = typer.Option(4096, help="tokens per sequence"),
            dtype: list[str] = typer.Option(["fp32", "bf16", "fp8"], help="cache dtypes (repeatable): fp32, bf16, fp16, fp8"),
-           gqa: list[int] = typer.Option([8], help="GQA key/value head counts to show (repeatable)"),
+           gqa: Optional[list[int]] = typer.Option(None, help="GQA key/value head counts to show (repeatable; default 8, or the largest divisor of the head count below it)"),
            mtp: bool = typer.Option(False, help="count the MTP modules' layers too"),
            as_json: bool = typer.Option(False, "--json", help="print JSON only")):
     """KV-cache bytes per token and for batch x seq_len, for MHA, GQA, MQA and MLA built from

@@ -80,3 +80,13 @@ def test_v2_paper_elements():
     """DeepSeek-V2 Table 1: MLA caches (d_c + d_h^R) * l elements per token = (512 + 64) * 60."""
     cfg = preset("deepseek-v2")
     assert kv_bytes_per_token(cfg, "mla", "fp32") // 4 == (512 + 64) * 60
+
+
+def test_default_gqa_groups():
+    from nanoseek.calc.kv import default_gqa_groups
+    assert default_gqa_groups(preset("deepseek-v3")) == (8,)
+    assert default_gqa_groups(preset("tiny")) == (2,)  # 4 heads
+    assert default_gqa_groups(preset("tiny", num_attention_heads=2)) == ()
+    r = CliRunner().invoke(app, ["calc", "kv", "--preset", "tiny", "--json"])
+    assert r.exit_code == 0, r.output
+    assert {x["attention"] for x in json.loads(r.stdout)["rows"]} == {"mha", "gqa-2", "mqa", "mla"}

@@ -83,10 +83,19 @@ def kv_bytes_per_token(cfg: ModelConfig, kind: str | None = None, dtype: str = "
     return row_bytes(n, dtype) * cache_layers(cfg, include_mtp)
 
 
+def default_gqa_groups(cfg: ModelConfig) -> tuple[int, ...]:
+    """8 key/value heads (Llama-3's and Qwen-2.5's choice) when that divides the head count,
+    else the largest smaller divisor above 1; none for a model with fewer than 3 heads."""
+    H = cfg.num_attention_heads
+    return next(((g,) for g in range(min(8, H - 1), 1, -1) if H % g == 0), ())
+
+
 def kv_table(cfg: ModelConfig, batch: int = 1, seq_len: int = 4096,
-             dtypes: tuple[str, ...] = ("fp32", "bf16", "fp8"), gqa_groups: tuple[int, ...] = (8,),
+             dtypes: tuple[str, ...] = ("fp32", "bf16", "fp8"), gqa_groups: tuple[int, ...] | None = None,
              include_mtp: bool = False) -> list[KVRow]:
     """Every variant x dtype for `batch` sequences of `seq_len` tokens, with ratios."""
+    if gqa_groups is None:
+        gqa_groups = default_gqa_groups(cfg)
     if batch < 1 or seq_len < 1:
         raise ConfigError(f"batch and seq_len must be positive, got {batch} and {seq_len}")
     variants = [("mha", None)] + [("gqa", g) for g in gqa_groups] + [("mqa", None), ("mla", None)]
@@ -111,7 +120,7 @@ def _heads(cfg: ModelConfig, kind: str, g: int | None) -> int | None:
 
 
 def kv_report(cfg: ModelConfig, batch: int, seq_len: int, dtypes, gqa_groups, include_mtp=False) -> dict:
-    rows = kv_table(cfg, batch, seq_len, tuple(dtypes), tuple(gqa_groups), include_mtp)
+    rows = kv_table(cfg, batch, seq_len, tuple(dtypes), tuple(gqa_groups) if gqa_groups else None, include_mtp)
     return {"batch": batch, "seq_len": seq_len, "layers": cache_layers(cfg, include_mtp),
             "fp8_scale": f"one fp32 scale per {FP8_TILE} values",
             "rows": [asdict(r) for r in rows]}
