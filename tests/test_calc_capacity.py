@@ -10,7 +10,6 @@ from nanoseek.calc.capacity import (Assumptions, expected_experts_touched, plan_
                                     weight_bytes, weight_bytes_read_per_step)
 from nanoseek.calc.flops import decode_flops_per_token, prefill_flops_per_token
 from nanoseek.calc.gpus import GPU, GPUS, get_gpu
-from nanoseek.calc.kv import kv_bytes_per_token
 from nanoseek.calc.params import count_params
 from nanoseek.cli import app
 from nanoseek.config import ConfigError, preset

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from nanoseek.checkpoint import (INDEX_FILE, CheckpointError, atomic_write, atomic_write_text,
                                  checkpoint_files, read_config, read_tensors)
-from nanoseek.quant.fp8 import FP8, dequantize_weight, quant_error, quantize_weight
+from nanoseek.quant.fp8 import dequantize_weight, quant_error, quantize_weight
 
 QUANTISED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight$")
 ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
