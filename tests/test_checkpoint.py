@@ -137,8 +137,9 @@ def test_no_config_or_no_weights(tmp_path):
         nanoseek.from_pretrained(tmp_path)
 
 
-def test_save_leaves_no_temporary_files(ckpt):
+def test_save_leaves_no_temporary_files_and_readable_permissions(ckpt):
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
+    assert (ckpt / "model.safetensors").stat().st_mode & 0o044  # group/other may read
 
 
 def test_bf16_save_keeps_router_in_fp32(tmp_path, model):
