@@ -199,3 +199,15 @@ def test_cli_generate_streams_tokens(model, tmp_path, char_tokenizer):
     assert "[0]" in res.output and "[1]" in res.output and "Hello" in res.output
     bad = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt-ids", "1,x"])
     assert bad.exit_code != 0 and "expected integers" in bad.output
+
+
+def test_n_completions_per_prompt(model):
+    load = prompts(2, seed=9, lo=40, hi=41)
+    llm = LLM(model, kv_cache_memory=2**22)
+    outs = llm.generate(load, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6))
+    assert [len(o.outputs) for o in outs] == [3, 3] and [c.index for c in outs[0].outputs] == [0, 1, 2]
+    samples = [c.token_ids for c in outs[0].outputs]
+    assert len({tuple(s) for s in samples}) == 3  # different seeds, different samples
+    again = llm.generate(load[:1], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6))
+    assert [c.token_ids for c in again[0].outputs] == samples
+    assert again[0].num_cached_tokens == 32  # the prompt's two full blocks come from the prefix cache

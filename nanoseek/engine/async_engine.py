@@ -45,6 +45,8 @@ class AsyncLLM:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output after every step that touched it; the
         last one has finished=True. Raises ValueError for a request the engine rejects."""
+        if params is not None and params.n != 1:
+            raise ValueError("AsyncLLM.generate streams one completion; submit n requests for n samples")
         self._start()
         added: asyncio.Future = asyncio.get_running_loop().create_future()
         queue: asyncio.Queue = asyncio.Queue()

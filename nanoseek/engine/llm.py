@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -111,7 +111,8 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        groups = [[self.engine.add_request(p, _nth(sp, k)) for k in range(sp.n)] for p, sp in zip(prompts, params)]
+        seqs = [s for g in groups for s in g]
         bar = None
         if use_tqdm:
             from tqdm import tqdm
@@ -128,7 +129,22 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [request_output(s) for s in seqs]
+        outs = []
+        for group in groups:
+            out = request_output(group[0])
+            for k, seq in enumerate(group[1:], 1):
+                comp = request_output(seq).outputs[0]
+                comp.index = k
+                out.outputs.append(comp)
+            outs.append(out)
+        return outs
+
+
+def _nth(params: SamplingParams, k: int) -> SamplingParams:
+    """The k-th of n samples: its own seed, so the n completions differ but stay reproducible."""
+    if params.n == 1:
+        return params
+    return replace(params, n=1, seed=None if params.seed is None else params.seed + k)
 
 
 def _as_prompt_list(prompts) -> list:

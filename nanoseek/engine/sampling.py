@@ -15,6 +15,7 @@ import torch
 
 @dataclass
 class SamplingParams:
+    n: int = 1                    # completions per prompt (LLM.generate; sample k uses seed + k)
     temperature: float = 1.0      # 0 = greedy
     top_k: int = 0                # 0 or -1 = off
     top_p: float = 1.0            # nucleus: keep the smallest set with mass >= top_p
@@ -35,6 +36,7 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         checks = [
+            (self.n >= 1, "n", "must be >= 1"),
             (self.temperature >= 0, "temperature", "must be >= 0"),
             (self.top_k >= 0, "top_k", "must be >= 0 (or -1 for off)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
