@@ -44,6 +44,16 @@ def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40, vocab: int = 256) 
     return [torch.randint(3, vocab, (L,), generator=g).tolist() for L in lens]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is fastest, and immune to a crowded machine's
+    thread contention (which can make 2-thread runs 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
 
 

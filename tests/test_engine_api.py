@@ -14,6 +14,16 @@ from nanoseek.engine.sampling import filtered_logits, sample_token
 from tests.test_engine import prompts, reference_greedy, tiny_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is fastest, and immune to a crowded machine's
+    thread contention (which can make 2-thread runs 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(mtp=1, seed=1)
@@ -211,3 +221,23 @@ def test_n_completions_per_prompt(model):
     again = llm.generate(load[:1], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6))
     assert [c.token_ids for c in again[0].outputs] == samples
     assert again[0].num_cached_tokens == 32  # the prompt's two full blocks come from the prefix cache
+
+
+def test_streamed_text_only_grows_even_with_stop_strings(model, char_tokenizer):
+    prompt = "Latent attention"
+    llm = LLM(model, tokenizer=char_tokenizer, kv_cache_memory=2**22)
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].outputs[0].text
+    stop = full[6:9]  # a 3-character stop string, arriving one character per step
+    assert len(stop) == 3, f"greedy text too short: {full!r}"
+
+    async def stream():
+        engine = AsyncLLM.from_engine(llm.engine)
+        texts = [o.outputs[0].text async for o in engine.generate(
+            prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop]))]
+        await engine.shutdown()
+        return texts
+
+    texts = asyncio.run(stream())
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert texts[-1] == full[:full.find(stop)]
+    assert all(len(t) <= full.find(stop) for t in texts)  # no part of the stop string was ever shown

@@ -44,9 +44,26 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
 
 
+def stable_text(seq: Sequence) -> str:
+    """The text a stream may show now: while the request runs, hold back a trailing half
+    UTF-8 character and any tail that could still grow into a stop string (the stop string
+    is cut from the final text), so successive outputs only ever extend each other."""
+    text = seq.text
+    if seq.finished:
+        return text
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for stop in seq.params.stop:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    return text[:len(text) - hold]
+
+
 def request_output(seq: Sequence) -> RequestOutput:
     p = seq.params
-    comp = CompletionOutput(0, seq.text, list(seq.output_token_ids),
+    comp = CompletionOutput(0, stable_text(seq), list(seq.output_token_ids),
                             seq.cumulative_logprob if p.logprobs is not None else None,
                             [dict(d) for d in seq.logprobs] if p.logprobs is not None else None,
                             seq.finish_reason, seq.stop_reason)
