@@ -71,9 +71,11 @@ def register(app: typer.Typer) -> None:
             eval_tokens: int = typer.Option(0, help="validation tokens per evaluation (0 = all)"),
             save_every: int = typer.Option(100, help="steps between checkpoints"),
             sample_every: int = typer.Option(0, help="steps between samples (0 = at the end only)"),
+            sample_tokens: int = typer.Option(48, help="tokens per sample (0 = no samples)"),
             time_limit: float = typer.Option(0, help="stop after this many seconds of training (0 = none)"),
             seed: int = typer.Option(1337),
             val_fraction: float = typer.Option(0.1, help="share of documents held out for validation"),
+            threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores; 0 = adapt between all cores and one while training)"),
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
         """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
         cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
@@ -92,7 +94,8 @@ def register(app: typer.Typer) -> None:
                                save_every=save_every, sample_every=sample_every,
                                time_limit=time_limit, seed=seed)
             run = run_pretrain(out, cfg, tcfg, data_paths=data, tokenizer_dir=tokenizer,
-                               resume=resume, val_fraction=val_fraction, progress=not no_progress)
+                               resume=resume, val_fraction=val_fraction, progress=not no_progress,
+                               threads=threads, sample_tokens=sample_tokens)
         except _user_errors() as e:
             _fail(e)
         s = run["summary"]
@@ -104,12 +107,13 @@ def register(app: typer.Typer) -> None:
             root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
             minutes: float = typer.Option(7.0, help="training time budget in minutes"),
             max_steps: int = typer.Option(600, help="training steps if time allows"),
+            threads: int = typer.Option(0, help="torch threads (0 = adapt between all cores and one while training: on a crowded machine one thread can be faster)"),
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
         """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
         pretraining, evaluation, report (about 8-10 minutes on a 2-core CPU)."""
         try:
             from nanoseek.speedrun import speedrun as run_speedrun
-            run_speedrun(name, root, minutes, max_steps, progress=not no_progress)
+            run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads)
         except _user_errors() as e:
             _fail(e)
 

@@ -84,6 +84,14 @@ def plot_lr(run_dir: Path, train: list[dict]) -> str:
     return _plot(run_dir / "lr.png", draw)
 
 
+def _thread_mix(train: list[dict]) -> str:
+    counts: dict = {}
+    for r in train:
+        if "threads" in r:
+            counts[r["threads"]] = counts.get(r["threads"], 0) + 1
+    return ", ".join(f"{n} thread(s): {c} steps" for n, c in sorted(counts.items())) or "fixed"
+
+
 def write_report(run_dir: str | Path, title: str | None = None, extra: dict | None = None) -> Path:
     """Write run_dir/report.md (+ PNGs); returns its path."""
     run_dir = Path(run_dir)
@@ -126,7 +134,9 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
         ("throughput (tokens/s)", _fmt(tok_s, 0)),
         ("model FLOPs per token", f"{run['flops_per_token'] / 1e6:.1f} M"),
         ("measured matmul peak", f"{run['peak_flops'] / 1e9:.1f} GFLOP/s ({run['device']}, "
+                                 f"{run.get('cores', run['threads'])} cores; training used "
                                  f"{run['threads']} threads)"),
+        ("threads used per step (adaptive runs)", _thread_mix(train)),
         ("MFU", f"{100 * mfu:.1f} %" if mfu is not None else "n/a"),
         ("precision", run.get("precision")),
         ("expert-load max violation, mean of the last 10 % of steps",

@@ -44,7 +44,8 @@ def evaluate_checkpoint(run_dir: Path, seq_len: int) -> dict:
 
 
 def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float = 7.0,
-             max_steps: int = 600, progress: bool = True, log=print, **train_overrides) -> Path:
+             max_steps: int = 600, progress: bool = True, log=print, threads: int | None = 0,
+             **train_overrides) -> Path:
     """Run every stage; returns the path of report.md."""
     from nanoseek.report import write_report
     from nanoseek.train.pretrain import pretrain
@@ -60,7 +61,7 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float =
     tcfg = TrainConfig(**{**SPEEDRUN_TRAIN, "max_steps": max_steps, "time_limit": minutes * 60,
                           **train_overrides})
     log(f"[1/3] tokenizer + pretraining: tiny preset, up to {max_steps} steps or {minutes:g} min")
-    run = pretrain(out, cfg, tcfg, progress=progress, log=log)
+    run = pretrain(out, cfg, tcfg, progress=progress, log=log, threads=threads)
     log("[2/3] evaluation: reloading the checkpoint from disk")
     ev = evaluate_checkpoint(out, tcfg.seq_len)
     log(f"      validation loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte "

@@ -115,7 +115,7 @@ class Trainer:
                  on_checkpoint: Callable[[nn.Module, int], None] | None = None,
                  tokens_in: Callable[[Any], int] | None = None,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
-                 progress: bool = True):
+                 progress: bool = True, adapt_threads: bool = False):
         cfg.validate()
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
         self.next_batch, self.loss_fn = next_batch, loss_fn
@@ -123,6 +123,10 @@ class Trainer:
         self.tokens_in = tokens_in or (lambda b: int(b[0].numel()))
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.progress = progress
+        self.tuner = None
+        if adapt_threads and next(model.parameters()).device.type == "cpu":
+            from nanoseek.train.threads import ThreadTuner
+            self.tuner = ThreadTuner(torch.get_num_threads())
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(cfg.precision, self.device)
         fused = self.device.type == "cuda"
@@ -269,9 +273,13 @@ class Trainer:
                        dynamic_ncols=True)
         tok_s = 0.0
         while self.step < stop:
+            threads = self.tuner.before_step(self.step) if self.tuner else None
             t0 = time.perf_counter()
             m = self.train_step()
             dt = time.perf_counter() - t0
+            if self.tuner:
+                self.tuner.after_step(dt)
+                m["threads"] = threads
             self.elapsed += dt
             tok_s = m["step_tokens"] / dt
             step = self.step

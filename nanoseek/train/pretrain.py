@@ -112,8 +112,11 @@ def prepare_data(out_dir: Path, cfg: ModelConfig, data_paths, tokenizer_dir, val
 
 def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_paths=None,
              tokenizer_dir=None, resume: bool = False, val_fraction: float = 0.1,
-             progress: bool = True, log=print) -> dict:
-    """Run (or resume) a pretraining run in `out_dir`; returns run.json's content."""
+             progress: bool = True, log=print, threads: int | None = None,
+             sample_tokens: int = 48) -> dict:
+    """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
+    threads: None = every core; 0 = adapt between every core and one while training (see
+    train/threads.py: on a crowded machine one thread can be several times faster)."""
     from nanoseek.model import CausalLM
     from nanoseek.train.checkpointing import STATE_FILE
     from nanoseek.train.mfu import count_params, flops_per_token, measure_peak_flops
@@ -130,7 +133,9 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
                                    time_limit=tcfg.time_limit)
     tcfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = setup_threads()
+    max_threads = setup_threads()
+    if threads:
+        torch.set_num_threads(threads)
     device = default_device()
     tok, data = prepare_data(out_dir, cfg, data_paths, tokenizer_dir, val_fraction, tcfg.seed, log)
     byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))
@@ -139,8 +144,14 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
     model = CausalLM(cfg).to(device)
     params = count_params(model)
     fpt = flops_per_token(model, tcfg.seq_len)
+    chosen = torch.get_num_threads()
+    torch.set_num_threads(max_threads)  # MFU is against the whole machine's peak
     peak = measure_peak_flops(device)
+    torch.set_num_threads(chosen)
     baseline = data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)
+
+    adapt = threads == 0
+    threads = "adaptive" if adapt else torch.get_num_threads()
 
     def on_checkpoint(m, step):
         m.save_pretrained(out_dir)
@@ -151,20 +162,21 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
             step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)),
         loss_fn=pretrain_loss,
         evaluate=make_evaluate(data, byte_lengths, tcfg.seq_len, tcfg.eval_tokens, device),
-        sample=make_sampler(tok, device), on_checkpoint=on_checkpoint,
-        flops_per_token=fpt, peak_flops=peak, progress=progress)
+        sample=make_sampler(tok, device, max_new_tokens=sample_tokens) if sample_tokens else None, on_checkpoint=on_checkpoint,
+        flops_per_token=fpt, peak_flops=peak, progress=progress, adapt_threads=adapt)
     resumed = trainer.resume() if resume else False
     if resume:
         log(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh")
     run = {"model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tcfg),
            "params": params, "flops_per_token": fpt, "peak_flops": peak, "device": str(device),
-           "threads": threads, "moe_layers": moe_layer_names(model), "precision": trainer.precision, "data": data.meta,
+           "threads": threads, "cores": max_threads, "moe_layers": moe_layer_names(model),
+           "precision": trainer.precision, "data": data.meta,
            "data_paths": [str(p) for p in data_paths or []] or ["<pydoc_data.topics>"],
            **baseline}
     write_run(out_dir, run)
     log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M activated; "
         f"{fpt / 1e6:.1f} MFLOPs/token; measured peak {peak / 1e9:.1f} GFLOP/s; "
-        f"{trainer.precision} on {device} with {threads} threads")
+        f"{trainer.precision} on {device}, threads: {threads} (of {max_threads} cores)")
     summary = trainer.fit()
     run.update(summary=summary, mfu=fpt * summary["tok_s"] / peak if peak else None)
     write_run(out_dir, run)

@@ -1,0 +1,92 @@
+"""Pretraining end to end on a micro model: the run directory is a transformers
+checkpoint with its tokenizer, the CLI names bad input, the report is written."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.train.loop import TrainConfig, read_metrics
+from nanoseek.train.pretrain import pretrain
+from tests.train_utils import micro_config, one_thread, write_corpus
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("pipeline")
+    corpus = write_corpus(tmp / "corpus.txt", n_docs=30)
+    out = tmp / "run"
+    pretrain(out, micro_config(), TrainConfig(max_steps=6, batch_size=4, seq_len=32, lr=1e-2,
+                                              warmup_steps=2, eval_every=3, save_every=3),
+             data_paths=[corpus], progress=False, log=lambda *_: None, sample_tokens=6, threads=1)
+    return out
+
+
+def test_run_dir_is_a_transformers_checkpoint(run_dir):
+    import transformers
+    from nanoseek.model import CausalLM
+    tok = transformers.AutoTokenizer.from_pretrained(str(run_dir))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir)).eval()
+    ours = CausalLM.from_pretrained(run_dir).eval()
+    ids = torch.tensor([tok("The for statement")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+    assert tok.eos_token_id == ours.config.eos_token_id == 1
+
+
+def test_metrics_and_run_summary(run_dir):
+    rec = read_metrics(run_dir)
+    kinds = [r["kind"] for r in rec]
+    assert kinds.count("train") == 6 and kinds.count("eval") == 2 and kinds.count("sample") == 1
+    ev = [r for r in rec if r["kind"] == "eval"][-1]
+    assert ev["val_loss"] > 0 and 0 < ev["val_bpb"] < 10
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["params"]["activated"] < run["params"]["total"]
+    assert run["summary"]["steps"] == 6 and run["unigram_loss"] > 0
+    train = [r for r in rec if r["kind"] == "train"]
+    assert all("mfu" in r and r["mfu"] > 0 for r in train)
+    assert len(train[0]["max_violation"]) == len(run["moe_layers"]) == 2
+
+
+def test_report_is_written(run_dir):
+    from nanoseek.report import write_report
+    path = write_report(run_dir)
+    text = path.read_text()
+    for needle in ("unigram baseline", "parameters, activated", "MFU", "tokens seen",
+                   "expert-load max violation", "loss.png", "## Samples", "bits per byte"):
+        assert needle in text, needle
+    for png in ("loss.png", "expert_load.png", "lr.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_activated_params_count_only_chosen_experts():
+    from nanoseek.model import CausalLM
+    from nanoseek.train.mfu import count_params, flops_per_token
+    cfg = micro_config()
+    m = CausalLM(cfg)
+    p = count_params(m)
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert p["total"] - p["activated"] == 2 * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    assert flops_per_token(m, 64) > 6 * (p["activated"] - p["embedding"])
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+    from nanoseek.cli import app
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+def test_cli_tokenizer_train_and_bad_data(tmp_path):
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=10)
+    r = _cli("tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", tmp_path / "tok")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    r = _cli("pretrain", "--out", tmp_path / "run", "--data", bad, "--max-steps", 1)
+    assert r.exit_code == 1 and "bad.jsonl" in r.output
+    r = _cli("pretrain", "--out", tmp_path / "run", "--schedule", "linear", "--max-steps", 1)
+    assert r.exit_code == 1 and "schedule" in r.output
