@@ -266,3 +266,36 @@ def test_memory_budget_parsing():
         parse_memory("lots")
     with pytest.raises(ValueError, match="holds no block"):
         LLM(tiny_model(mtp=0), kv_cache_memory=100)
+
+
+def test_reset_prefix_cache_after_a_weight_change(model):
+    shared = prompts(1, seed=12, lo=33, hi=34)[0]
+    llm = LLM(model, kv_cache_memory=2**22, block_size=8, speculative=False)
+    params = SamplingParams(temperature=0, max_tokens=4)
+    llm.generate([shared], params)
+    assert llm.generate([shared], params)[0].num_cached_tokens == 32
+    llm.engine.reset_prefix_cache()
+    out = llm.generate([shared], params)[0]
+    assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == reference_greedy(model, shared, 4, eos=1)
+    stats = llm.engine.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["prefix_cache_hits"] == 4 and stats["running"] == 0
+
+
+def test_long_prompt_is_chunked_and_never_stalls_decoding(model):
+    llm = LLM(model, kv_cache_memory=2**22, block_size=4, max_num_batched_tokens=16, max_num_seqs=4,
+              speculative=False)
+    engine = llm.engine
+    short = engine.add_request(prompts(1, seed=13, lo=5, hi=6)[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    engine.step()  # short prompt prefilled: decoding from now on
+    long_prompt = prompts(1, seed=14, lo=100, hi=101)[0]
+    long = engine.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=3))
+    chunks = []
+    while not long.output_token_ids:
+        before, computed = len(short.output_token_ids), long.num_computed
+        engine.step()
+        assert len(short.output_token_ids) == before + 1  # the decode ran in every step
+        chunks.append(long.num_computed - computed)
+    assert len(chunks) >= 7 and max(chunks) <= 15  # 100 tokens in chunks of the 15 spare tokens
+    while engine.has_unfinished():
+        engine.step()
+    assert long.output_token_ids == reference_greedy(model, long_prompt, 3, eos=1)

@@ -129,6 +129,8 @@ class BlockManager:
             return
         ids, bs = seq.token_ids, self.block_size
         prev = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash if seq.num_hashed_blocks else None
+        if seq.num_hashed_blocks and prev is None:
+            return  # the chain was reset under this sequence: never hash its later blocks
         while (seq.num_hashed_blocks + 1) * bs <= seq.num_computed:
             b = seq.num_hashed_blocks
             block = self.blocks[seq.block_table[b]]
@@ -138,6 +140,12 @@ class BlockManager:
                 block.hash, block.token_ids = prev, chunk
                 self.cached.setdefault(prev, block.block_id)
             seq.num_hashed_blocks += 1
+
+    def reset_prefix_cache(self) -> None:
+        """Drop all hashes (the cached latents are stale, e.g. the weights changed)."""
+        self.cached.clear()
+        for block in self.blocks:
+            block.hash, block.token_ids = None, ()
 
     def check(self) -> None:
         """Invariants (for tests): free blocks have no users, used blocks have some."""

@@ -95,6 +95,21 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block's hash. Call after changing the model's weights (e.g.
+        between GRPO updates): cached latents were computed by the old weights."""
+        self.block_manager.reset_prefix_cache()
+
+    def stats(self) -> dict:
+        """Gauges and counters for /metrics and logs."""
+        bm, sch = self.block_manager, self.scheduler
+        return {"running": len(sch.running), "waiting": len(sch.waiting),
+                "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_used,
+                "kv_cache_usage": bm.num_used / bm.num_blocks, "kv_cache_bytes": self.cache.nbytes,
+                "prefix_cache_queries": bm.queries, "prefix_cache_hits": bm.hits,
+                "preemptions": sch.num_preemptions, "forwards": self.runner.forwards,
+                "spec_drafted": self.spec_stats.drafted, "spec_accepted": self.spec_stats.accepted}
+
     # ---------------------------------------------------------------------- step
     def step(self) -> list[Sequence]:
         """Run one scheduler step; return the sequences that produced tokens or finished."""

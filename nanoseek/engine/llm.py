@@ -86,7 +86,7 @@ class Tokenizer:
         return cls(HFTokenizer.from_file(str(file)))
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tok.encode(text).ids  # special tokens (e.g. BOS) as the tokenizer's post-processor says
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
