@@ -33,6 +33,8 @@ def register(app: typer.Typer) -> None:
         kv_cache_memory: str = typer.Option("0.05", help="KV-cache budget: bytes (e.g. 512MiB, 2e9) or a fraction of free memory"),
         block_size: int = typer.Option(16, help="tokens per cache block"),
         device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+        threads: int = typer.Option(None, help="CPU threads for torch (default: torch's choice; 1 is often "
+                                               "fastest for tiny models or on a busy machine)"),
     ):
         """Generate from a checkpoint with the paged-latent-cache engine, streaming the text
         as it is produced. Several --prompt options run as one continuously batched load."""
@@ -41,7 +43,11 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
+        import torch
+
         from nanoseek.engine import LLM, SamplingParams
+        if threads:
+            torch.set_num_threads(threads)
 
         prompts = list(prompt or []) + [_ids(p) for p in (prompt_ids or [])]
         if not prompts:
