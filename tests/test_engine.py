@@ -123,12 +123,14 @@ def test_prefix_cache_hit_reuses_blocks_and_changes_nothing(model):
     bm.check()
 
 
-def test_cache_far_too_small_still_completes_everything(model, load, refs):
+@pytest.mark.parametrize("speculative", [False, True])
+def test_cache_far_too_small_still_completes_everything(model, load, refs, speculative):
     # room for ~1.3 sequences: constant preemption and recompute
     cfg = model.config
-    per_token = PagedLatentCache.bytes_per_token(cfg, cfg.num_hidden_layers, torch.float32)
+    layers = cfg.num_hidden_layers + (1 if speculative else 0)
+    per_token = PagedLatentCache.bytes_per_token(cfg, layers, torch.float32)
     longest = max(len(p) for p in load) + GREEDY.max_tokens
-    llm = LLM(model, kv_cache_memory=per_token * (longest + 16), block_size=4, speculative=False)
+    llm = LLM(model, kv_cache_memory=per_token * (longest + 16), block_size=4, speculative=speculative)
     engine = llm.engine
     assert engine.cache.capacity_tokens < 2 * longest
     outs = llm.generate(load, GREEDY)
@@ -192,16 +194,25 @@ def test_speculative_equals_plain_greedy(model, load, refs):
               speculative=True)
     assert token_ids(spec.generate(load, GREEDY)) == refs            # real (untrained) MTP drafts
     assert spec.engine.spec_stats.drafted > 0
-    engine = OracleDraftEngine(model, None, kv_cache_memory=2**22, block_size=4, max_num_batched_tokens=24,
-                               max_num_seqs=8, speculative=True)
-    engine.truth = {tuple(p): p + r for p, r in zip(load, refs)}
-    seqs = [engine.add_request(p, GREEDY) for p in load]
-    while engine.has_unfinished():
-        engine.step()
-    assert [s.output_token_ids for s in seqs] == refs
-    stats = engine.spec_stats
-    assert 0 < stats.accepted < stats.drafted  # both paths ran
-    assert engine.runner.forwards < sum(len(r) for r in refs) + len(load)  # fewer forwards than tokens
+    cfg = model.config
+    tiny_cache = PagedLatentCache.bytes_per_token(cfg, cfg.num_hidden_layers + 1, torch.float32) * 64
+    steps = {}
+    for memory, speculative in ((2**22, False), (2**22, True), (tiny_cache, True)):  # roomy, then preempting
+        engine = OracleDraftEngine(model, None, kv_cache_memory=memory, block_size=4, max_num_batched_tokens=24,
+                                   max_num_seqs=8, speculative=speculative)
+        engine.truth = {tuple(p): p + r for p, r in zip(load, refs)}
+        seqs = [engine.add_request(p, GREEDY) for p in load]
+        steps[memory, speculative] = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps[memory, speculative] += 1
+        assert [s.output_token_ids for s in seqs] == refs
+        if not speculative:
+            continue
+        stats = engine.spec_stats
+        assert 0 < stats.accepted < stats.drafted  # both paths ran
+        assert (engine.scheduler.num_preemptions > 0) == (memory == tiny_cache)
+    assert steps[2**22, True] < steps[2**22, False]  # accepted drafts save steps
 
 
 def test_speculative_keeps_seeded_sampling(model, load):
