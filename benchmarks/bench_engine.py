@@ -93,10 +93,10 @@ def workload(data: torch.Tensor, n: int, seed: int, prompt_range, output_range):
 def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
     llm = LLM(model, speculative=speculative, **engine_kw)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
-    llm.generate([p for p, _ in reqs[:4]], params[:4])  # warm-up
+    llm.generate([p for p, _ in reqs[:4]], params[:4], use_tqdm=False)  # warm-up
     llm.engine.spec_stats.drafted = llm.engine.spec_stats.accepted = 0
     t0 = time.perf_counter()
-    outs = llm.generate([p for p, _ in reqs], params)
+    outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
     dt = time.perf_counter() - t0
     tokens = [o.outputs[0].token_ids for o in outs]
     cache = llm.engine.cache

@@ -120,7 +120,7 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a list of strings, a token-id list, a list of token-id lists,
         or dicts {"prompt": ...} / {"prompt_token_ids": [...]}. Outputs in prompt order."""
         prompts = _as_prompt_list(prompts)
