@@ -43,10 +43,17 @@ from nanoseek.engine.cache import PagedLatentCache  # noqa: E402
 from nanoseek.model import CausalLM  # noqa: E402
 
 
-def corpus_bytes() -> torch.Tensor:
+def corpus_text() -> str:
     from pydoc_data.topics import topics
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def corpus_tokens(checkpoint: str | None) -> torch.Tensor:
+    """The corpus as bytes, or through the checkpoint's own tokenizer when it has one."""
+    from nanoseek.engine.llm import Tokenizer
+    tok = Tokenizer.from_dir(Path(checkpoint)) if checkpoint else None
+    ids = tok.encode(corpus_text()) if tok else list(corpus_text().encode("utf-8"))
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def train_small_model(data: torch.Tensor, seconds: float, seed: int = 0) -> CausalLM:
@@ -159,6 +166,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a checkpoint dir with MTP layers (default: train one here)")
     p.add_argument("--train-seconds", type=float, default=120)
+    p.add_argument("--save-checkpoint", help="keep the trained model here (reuse it with --checkpoint)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
@@ -174,17 +182,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    data = corpus_bytes()
+    data = corpus_tokens(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
             model, ckpt = CausalLM.from_pretrained(args.checkpoint).eval(), args.checkpoint
         else:
-            model, ckpt = train_small_model(data, args.train_seconds, args.seed), tmp
+            model, ckpt = train_small_model(data, args.train_seconds, args.seed), args.save_checkpoint or tmp
             model.save_pretrained(ckpt)
         cfg = model.config
-        if not (cfg.vocab_size >= 256 or args.checkpoint):
-            raise SystemExit("the byte workload needs vocab_size >= 256")
-        data = data.clamp(max=cfg.vocab_size - 1)
+        if int(data.max()) >= cfg.vocab_size:
+            raise SystemExit(f"{ckpt}: token ids reach {int(data.max())} but vocab_size is {cfg.vocab_size} "
+                             "(a checkpoint without tokenizer.json needs vocab_size >= 256 for the byte workload)")
         reqs = workload(data, args.requests, args.seed, args.prompt_len, args.output_len)
         n_out = sum(o for _, o in reqs)
         engine_kw = dict(kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.requests,

@@ -19,7 +19,7 @@ from nanoseek.engine.cache import PagedLatentCache, budget_bytes
 from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.sampling import Sample, SamplingParams, make_generator, sample_batch
 from nanoseek.engine.scheduler import Scheduler
-from nanoseek.engine.sequence import Sequence, Status
+from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.spec import SpecStats
 from nanoseek.model import CausalLM
 
