@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
         ignore_eos: bool = typer.Option(False, help="keep going past the end-of-sequence token"),
         speculative: bool = typer.Option(None, "--speculative/--no-speculative",
                                          help="MTP speculative decoding (default: on when the checkpoint has MTP layers)"),
-        kv_cache_memory: str = typer.Option("0.05", help="KV-cache budget: bytes (e.g. 512MiB, 2e9) or a fraction of free memory"),
+        kv_cache_memory: str = typer.Option(None, help="KV-cache budget: bytes (e.g. 512MiB, 2e9) or a fraction of "
+                                                       "free memory [default: 0.9 on a GPU, 0.05 on CPU]"),
         block_size: int = typer.Option(16, help="tokens per cache block"),
         device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
         threads: int = typer.Option(None, help="CPU threads for torch (default: torch's choice; 1 is often "

@@ -277,6 +277,8 @@ def test_memory_budget_parsing():
         parse_memory("lots")
     with pytest.raises(ValueError, match="holds no block"):
         LLM(tiny_model(mtp=0), kv_cache_memory=100)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(tiny_model(mtp=0), max_num_seqs=0)
 
 
 def test_reset_prefix_cache_after_a_weight_change(model):

@@ -26,13 +26,20 @@ from nanoseek.model import CausalLM
 
 @dataclass
 class EngineConfig:
-    kv_cache_memory: str | float = 0.05  # bytes (> 1, or '512MiB') or a fraction of available memory
+    kv_cache_memory: str | float | None = None  # bytes (> 1, or '512MiB') or a fraction of free memory;
+    #                                             None: 0.9 of free GPU memory, 0.05 of free CPU memory
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512    # token budget of one step (decodes + prefill chunks)
     enable_prefix_caching: bool = True
     speculative: bool | None = None      # None: on when the model has MTP layers
     max_model_len: int | None = None     # default: max_position_embeddings
+
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
 
 
 class LLMEngine:
@@ -51,7 +58,8 @@ class LLMEngine:
         # No point holding more blocks than max_num_seqs full-length sequences can use.
         enough = config.max_num_seqs * -(-max_len // config.block_size) + 1
         self.cache = PagedLatentCache.from_budget(
-            cfg, budget_bytes(config.kv_cache_memory, self.device), config.block_size, num_layers,
+            cfg, budget_bytes(config.kv_cache_memory or (0.9 if self.device.type == "cuda" else 0.05), self.device),
+            config.block_size, num_layers,
             dtype, self.device, max_blocks=enough)
         self.block_manager = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -114,6 +122,9 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Run one scheduler step; return the sequences that produced tokens or finished."""
         batch = self.scheduler.schedule(self.speculative)
+        if not batch and self.scheduler.has_work():  # cannot happen by construction; never spin
+            raise RuntimeError(f"the scheduler cannot make progress: {len(self.scheduler.waiting)} waiting, "
+                               f"{self.block_manager.num_free}/{self.block_manager.num_blocks} blocks free")
         touched: list[Sequence] = []
         if batch.decodes:
             touched += self._decode(batch.decodes)
