@@ -35,7 +35,6 @@ class EngineConfig:
     speculative: bool | None = None      # None: on when the model has MTP layers
     max_model_len: int | None = None     # default: max_position_embeddings
 
-
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
@@ -57,10 +56,9 @@ class LLMEngine:
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         # No point holding more blocks than max_num_seqs full-length sequences can use.
         enough = config.max_num_seqs * -(-max_len // config.block_size) + 1
-        self.cache = PagedLatentCache.from_budget(
-            cfg, budget_bytes(config.kv_cache_memory or (0.9 if self.device.type == "cuda" else 0.05), self.device),
-            config.block_size, num_layers,
-            dtype, self.device, max_blocks=enough)
+        budget = budget_bytes(config.kv_cache_memory or (0.9 if self.device.type == "cuda" else 0.05), self.device)
+        self.cache = PagedLatentCache.from_budget(cfg, budget, config.block_size, num_layers, dtype, self.device,
+                                                  max_blocks=enough)
         self.block_manager = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    min(max_len, self.cache.capacity_tokens))
