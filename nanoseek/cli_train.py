@@ -1,4 +1,4 @@
-"""Training commands: `nanoseek tokenizer train`, `pretrain`, `speedrun`, `report`, `peak`."""
+"""Training commands: `nanoseek tokenizer train`, `pretrain`, `speedrun`, `eval`, `report`, `peak`."""
 
 from __future__ import annotations
 
@@ -124,6 +124,19 @@ def register(app: typer.Typer) -> None:
         if not (run_dir / "run.json").exists():
             _fail(FileNotFoundError(f"{run_dir}: no run.json (not a run directory)"))
         typer.echo(str(write_report(run_dir)))
+
+    @app.command("eval")
+    def eval_(run_dir: Path = typer.Argument(..., help="run directory (checkpoint + tokenizer + data/)"),
+              seq_len: int = typer.Option(256, help="window length")):
+        """Validation loss and bits per byte of a saved checkpoint on its run's held-out split."""
+        try:
+            from nanoseek.speedrun import evaluate_checkpoint
+            if not (run_dir / "data" / "meta.json").exists():
+                raise FileNotFoundError(f"{run_dir}: no data/meta.json (not a nanoseek pretraining run)")
+            ev = evaluate_checkpoint(run_dir, seq_len)
+        except _user_errors() as e:
+            _fail(e)
+        typer.echo(f"val_loss={ev['val_loss']:.4f} val_bpb={ev['val_bpb']:.4f} tokens={ev['val_tokens']}")
 
     @app.command()
     def peak(remeasure: bool = typer.Option(False, help="measure again (keeps the higher figure)")):

@@ -90,3 +90,11 @@ def test_cli_tokenizer_train_and_bad_data(tmp_path):
     assert r.exit_code == 1 and "bad.jsonl" in r.output
     r = _cli("pretrain", "--out", tmp_path / "run", "--schedule", "linear", "--max-steps", 1)
     assert r.exit_code == 1 and "schedule" in r.output
+
+
+def test_cli_eval_scores_the_saved_checkpoint(run_dir):
+    r = _cli("eval", run_dir, "--seq-len", 32)
+    assert r.exit_code == 0, r.output
+    got = float(r.output.split("val_loss=")[1].split()[0])
+    last = [x for x in read_metrics(run_dir) if x["kind"] == "eval"][-1]
+    assert got == pytest.approx(last["val_loss"], abs=1e-3)  # the checkpoint is the trained model

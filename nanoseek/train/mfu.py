@@ -80,7 +80,7 @@ def measure_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype | 
 
 
 def _measure(device, dtype, n, repeats, key) -> float:
-    n = n or (8192 if device.type == "cuda" else 1024)
+    n = n or (8192 if device.type == "cuda" else 1536)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
