@@ -204,6 +204,9 @@ def test_cli_generate_streams_tokens(model, tmp_path, char_tokenizer):
     assert res.exit_code == 0, res.output
     assert " ".join(map(str, ref)) in res.output
     char_tokenizer.tok.save(str(tmp_path / "tokenizer.json"))
+    res = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "Hello", "--max-tokens", "5", "--ignore-eos"])
+    ids = reference_greedy(model, [ord(c) for c in "Hello"], 5)
+    assert res.exit_code == 0 and res.output.startswith("Hello" + char_tokenizer.decode(ids)), res.output
     res = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "Hello", "-p", "MLA", "--max-tokens", "4"])
     assert res.exit_code == 0, res.output
     assert "[0]" in res.output and "[1]" in res.output and "Hello" in res.output
