@@ -45,7 +45,7 @@ def make_step(model, ids, is_hf: bool):
         opt.zero_grad(set_to_none=True)
         if not is_hf:
             model.update_router_biases()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
@@ -62,18 +62,22 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=6, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
     import transformers
 
     threads = setup_threads()
+    peak = measure_peak_flops("cpu")  # the whole machine's peak, whatever --threads says
+    if args.threads:
+        threads = args.threads
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = preset(args.preset, num_nextn_predict_layers=0, aux_loss_alpha=0.0)
     ours = CausalLM(cfg).train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     tokens = args.batch * args.seq
     fpt = flops_per_token(ours, args.seq)
-    peak = measure_peak_flops("cpu")
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
         candidates = {}

@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
             config: Optional[Path] = typer.Option(None, "--config", help="model config.json (HF DeepseekV3 fields)"),
             data: Optional[list[Path]] = typer.Option(None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
             tokenizer: Optional[Path] = typer.Option(None, help="directory with a trained tokenizer (default: train one on the data)"),
-            max_steps: int = typer.Option(1000, help="optimizer steps"),
+            max_steps: Optional[int] = typer.Option(None, help="optimizer steps [default: 1000; with --resume: the run's own]"),
             resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
             batch_size: int = typer.Option(8, help="sequences per micro-batch"),
             seq_len: int = typer.Option(256, help="tokens per sequence"),
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(None if config else preset, config)
             if router_z_loss is not None:
                 cfg = cfg.replace(router_z_loss_coef=router_z_loss)
-            tcfg = TrainConfig(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
+            tcfg = TrainConfig(max_steps=max_steps or 1000, batch_size=batch_size, seq_len=seq_len,
                                grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                                schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
                                precision=precision, eval_every=eval_every, eval_tokens=eval_tokens,
@@ -95,7 +95,8 @@ def register(app: typer.Typer) -> None:
                                time_limit=time_limit, seed=seed)
             run = run_pretrain(out, cfg, tcfg, data_paths=data, tokenizer_dir=tokenizer,
                                resume=resume, val_fraction=val_fraction, progress=not no_progress,
-                               threads=threads, sample_tokens=sample_tokens)
+                               threads=threads, sample_tokens=sample_tokens,
+                               resume_overrides={"max_steps": max_steps} if max_steps else {})
         except _user_errors() as e:
             _fail(e)
         s = run["summary"]
@@ -106,7 +107,7 @@ def register(app: typer.Typer) -> None:
             name: str = typer.Option("speedrun", help="run name: writes runs/NAME/report.md"),
             root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
             minutes: float = typer.Option(7.0, help="training time budget in minutes"),
-            max_steps: int = typer.Option(600, help="training steps if time allows"),
+            max_steps: int = typer.Option(300, help="training steps if time allows"),
             threads: int = typer.Option(0, help="torch threads (0 = adapt between all cores and one while training: on a crowded machine one thread can be faster)"),
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
         """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,

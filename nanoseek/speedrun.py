@@ -50,7 +50,7 @@ def evaluate_checkpoint(run_dir: Path, seq_len: int) -> dict:
 
 
 def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float = 7.0,
-             max_steps: int = 600, progress: bool = True, log=print, threads: int | None = 0,
+             max_steps: int = 300, progress: bool = True, log=print, threads: int | None = 0,
              **train_overrides) -> Path:
     """Run every stage; returns the path of report.md."""
     from nanoseek.report import write_report

@@ -82,12 +82,15 @@ def test_refuses_to_overwrite_a_run(reference, corpus):
                  progress=False, log=lambda *_: None, sample_tokens=4, threads=1)
 
 
-def _cli(out, corpus, cfg_file, *extra):
-    return [sys.executable, "-c", "from nanoseek.cli import app; app()", "pretrain",
-            "--out", str(out), "--config", str(cfg_file), "--data", str(corpus), "--max-steps", "12",
-            "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "2",
-            "--eval-every", "4", "--eval-tokens", "256", "--save-every", "1", "--seed", "5", "--sample-tokens", "4", "--threads", "1",
-            "--no-progress", *extra]
+def _cli(out, corpus, cfg_file, resume=False):
+    head = [sys.executable, "-c", "from nanoseek.cli import app; app()", "pretrain",
+            "--out", str(out), "--no-progress", "--threads", "1"]
+    if resume:  # everything else comes from the run directory
+        return head + ["--resume"]
+    return head + ["--config", str(cfg_file), "--data", str(corpus), "--max-steps", "12",
+                   "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "2",
+                   "--eval-every", "4", "--eval-tokens", "256", "--save-every", "1", "--seed", "5",
+                   "--sample-tokens", "4"]
 
 
 def test_kill_9_at_random_moments_then_resume(tmp_path, corpus, reference):
@@ -101,7 +104,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, corpus, reference):
     rng = random.Random(int(os.environ.get("NANOSEEK_KILL_SEED", time.time_ns() % 1000)))
     kills = 0
     for attempt in range(6):
-        cmd = _cli(out, corpus, cfg_file, *(["--resume"] if attempt else []))
+        cmd = _cli(out, corpus, cfg_file, resume=attempt > 0)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         # wait until it is training (a metrics line exists beyond the last checkpoint), then kill
         deadline = time.time() + 120

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from nanoseek.config import ModelConfig
 from nanoseek.train.loop import TrainConfig, Trainer
 
+DEFAULT_SOURCE = "<pydoc_data.topics>"
 SAMPLE_PROMPTS = ("The for statement", "A function definition", "Exceptions are")
 
 
@@ -113,10 +114,12 @@ def prepare_data(out_dir: Path, cfg: ModelConfig, data_paths, tokenizer_dir, val
 def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_paths=None,
              tokenizer_dir=None, resume: bool = False, val_fraction: float = 0.1,
              progress: bool = True, log=print, threads: int | None = None,
-             sample_tokens: int = 48) -> dict:
+             sample_tokens: int = 48, resume_overrides: dict | None = None) -> dict:
     """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
     threads: None = every core; 0 = adapt between every core and one while training (see
-    train/threads.py: on a crowded machine one thread can be several times faster)."""
+    train/threads.py: on a crowded machine one thread can be several times faster).
+    On resume the model and training configs are the saved ones; `resume_overrides` (default:
+    max_steps and time_limit of `tcfg`) may extend or shorten the run."""
     from nanoseek.model import CausalLM
     from nanoseek.train.checkpointing import STATE_FILE
     from nanoseek.train.mfu import count_params, flops_per_token, measure_peak_flops
@@ -129,8 +132,11 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
     if resume and (out_dir / "run.json").exists():
         saved = json.loads((out_dir / "run.json").read_text())
         cfg = ModelConfig.from_dict(saved["model_config"], source=str(out_dir / "run.json"))
-        tcfg = dataclasses.replace(TrainConfig(**saved["train_config"]), max_steps=tcfg.max_steps,
-                                   time_limit=tcfg.time_limit)
+        if resume_overrides is None:
+            resume_overrides = {"max_steps": tcfg.max_steps, "time_limit": tcfg.time_limit}
+        tcfg = dataclasses.replace(TrainConfig(**saved["train_config"]), **resume_overrides)
+        if not data_paths:  # the run's own corpus, not the default one
+            data_paths = [p for p in saved.get("data_paths", []) if p != DEFAULT_SOURCE] or None
     tcfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
     max_threads = setup_threads()
@@ -171,7 +177,7 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
            "params": params, "flops_per_token": fpt, "peak_flops": peak, "device": str(device),
            "threads": threads, "cores": max_threads, "moe_layers": moe_layer_names(model),
            "precision": trainer.precision, "data": data.meta,
-           "data_paths": [str(p) for p in data_paths or []] or ["<pydoc_data.topics>"],
+           "data_paths": [str(p) for p in data_paths or []] or [DEFAULT_SOURCE],
            **baseline}
     write_run(out_dir, run)
     log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M activated; "
