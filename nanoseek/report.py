@@ -127,7 +127,8 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
         ("unigram baseline bits per byte", _fmt(run.get("unigram_bpb"))),
         ("parameters, total", f"{params['total']:,} (MTP module: {params['mtp']:,})"),
         ("parameters, activated per token", f"{params['activated']:,}"),
-        ("tokens seen", f"{tokens:,}"),
+        ("tokens seen", f"{tokens:,} ({tokens / max(1, run['data']['train_tokens']):.1f} passes over "
+                        "the training split)"),
         ("optimizer steps", f"{train[-1]['step']:,}" + (" (stopped by the time limit)"
                                                         if summary.get("stopped_early") else "")),
         ("training time (s)", _fmt(elapsed, 1)),
