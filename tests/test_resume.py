@@ -131,3 +131,15 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, corpus, reference):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-5), step
     assert not list(out.glob(".*.tmp"))
     assert json.loads((out / "run.json").read_text())["summary"]["steps"] == 12
+
+
+def test_interrupted_writes_leave_the_last_good_state(tmp_path):
+    from nanoseek.train.checkpointing import load_state, save_state
+    save_state(tmp_path, {"step": 3})
+    (tmp_path / ".train_state.pt.k9x.tmp").write_bytes(b"\x80half a pickle")  # killed mid-write
+    (tmp_path / ".model.safetensors.abc.tmp").write_bytes(b"partial")
+    (tmp_path / ".tokenizer.q1").mkdir()
+    assert load_state(tmp_path)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_state.pt"]
+    (tmp_path / "fresh").mkdir()
+    assert load_state(tmp_path / "fresh") is None

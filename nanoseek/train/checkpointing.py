@@ -44,11 +44,22 @@ def save_state(out_dir: Path, state: dict) -> Path:
     return path
 
 
+def clean_leftovers(out_dir: Path) -> None:
+    """Delete the temporary files of writes that a kill interrupted (atomic_write names
+    them `.NAME.XXXX.tmp`; the tokenizer is staged in `.tokenizer.XXXX/`)."""
+    import shutil
+
+    for leftover in out_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+    for staged in out_dir.glob(".tokenizer.*"):
+        if staged.is_dir():
+            shutil.rmtree(staged, ignore_errors=True)
+
+
 def load_state(out_dir: Path) -> dict | None:
     """The last complete state of a run, or None when it never saved one."""
     out_dir = Path(out_dir)
-    for leftover in out_dir.glob(f".{STATE_FILE}.*.tmp"):
-        leftover.unlink(missing_ok=True)  # a write that kill -9 interrupted
+    clean_leftovers(out_dir)
     path = out_dir / STATE_FILE
     if not path.exists():
         return None
