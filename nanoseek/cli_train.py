@@ -54,8 +54,9 @@ def register(app: typer.Typer) -> None:
             preset: str = typer.Option("tiny", help="model preset (ignored with --config)"),
             config: Optional[Path] = typer.Option(None, "--config", help="model config.json (HF DeepseekV3 fields)"),
             data: Optional[list[Path]] = typer.Option(None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
+            text_field: str = typer.Option("text", help="column holding the text in .jsonl/.parquet files"),
             tokenizer: Optional[Path] = typer.Option(None, help="directory with a trained tokenizer (default: train one on the data)"),
-            max_steps: Optional[int] = typer.Option(None, help="optimizer steps [default: 1000; with --resume: the run's own]"),
+            max_steps: Optional[int] = typer.Option(None, help="optimizer steps (default 1000; with --resume, the run's own)"),
             resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
             batch_size: int = typer.Option(8, help="sequences per micro-batch"),
             seq_len: int = typer.Option(256, help="tokens per sequence"),
@@ -96,7 +97,8 @@ def register(app: typer.Typer) -> None:
             run = run_pretrain(out, cfg, tcfg, data_paths=data, tokenizer_dir=tokenizer,
                                resume=resume, val_fraction=val_fraction, progress=not no_progress,
                                threads=threads, sample_tokens=sample_tokens,
-                               resume_overrides={"max_steps": max_steps} if max_steps else {})
+                               resume_overrides={"max_steps": max_steps} if max_steps else {},
+                               text_field=text_field)
         except _user_errors() as e:
             _fail(e)
         s = run["summary"]

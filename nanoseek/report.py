@@ -144,7 +144,8 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
          ", ".join(f"{n}: {v:.3f}" for n, v in zip(run.get("moe_layers") or range(len(mean_viol)),
                                                    mean_viol)) or "n/a"),
     ]
-    for k, v in (extra or {}).items():
+    extra = {**run.get("report_extra", {}), **(extra or {})}
+    for k, v in extra.items():
         rows.append((k, str(v)))
     L += [f"| {k} | {v} |" for k, v in rows]
     L.append("")

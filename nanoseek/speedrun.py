@@ -54,7 +54,7 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float =
              **train_overrides) -> Path:
     """Run every stage; returns the path of report.md."""
     from nanoseek.report import write_report
-    from nanoseek.train.pretrain import pretrain
+    from nanoseek.train.pretrain import pretrain, write_run
 
     t_start = time.perf_counter()
     out = Path(root) / name
@@ -74,10 +74,12 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float =
         f"(unigram baseline {run['unigram_loss']:.4f} / {run['unigram_bpb']:.4f})")
     log("[3/3] report")
     total = time.perf_counter() - t_start
-    path = write_report(out, title="nanoseek speedrun", extra={
+    run["report_extra"] = {
         "reloaded checkpoint: validation loss / bits per byte (all validation tokens)":
             f"{ev['val_loss']:.4f} / {ev['val_bpb']:.4f}",
         "speedrun wall time, all stages (s)": f"{total:.0f}",
-    })
+    }
+    write_run(out, run)  # so that `nanoseek report` re-makes the same card later
+    path = write_report(out, title="nanoseek speedrun")
     log(f"report: {path}  ({total / 60:.1f} min in all)")
     return path

@@ -82,7 +82,7 @@ def make_sampler(tokenizer, device, prompts=SAMPLE_PROMPTS, max_new_tokens: int 
 
 
 def prepare_data(out_dir: Path, cfg: ModelConfig, data_paths, tokenizer_dir, val_fraction: float,
-                 seed: int, log=print):
+                 seed: int, log=print, text_field: str = "text"):
     """Tokenizer (reused from the run, given, or trained on the training split) and the
     memory-mapped token arrays."""
     from nanoseek.data import build_token_arrays, load_corpus
@@ -90,7 +90,7 @@ def prepare_data(out_dir: Path, cfg: ModelConfig, data_paths, tokenizer_dir, val
     from nanoseek.tokenizer import (copy_tokenizer, load_tokenizer, save_tokenizer,
                                     train_tokenizer)
 
-    docs = load_corpus(data_paths)
+    docs = load_corpus(data_paths, text_field)
     if (out_dir / "tokenizer.json").exists():
         tok = load_tokenizer(out_dir)
     elif tokenizer_dir:
@@ -114,7 +114,8 @@ def prepare_data(out_dir: Path, cfg: ModelConfig, data_paths, tokenizer_dir, val
 def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_paths=None,
              tokenizer_dir=None, resume: bool = False, val_fraction: float = 0.1,
              progress: bool = True, log=print, threads: int | None = None,
-             sample_tokens: int = 48, resume_overrides: dict | None = None) -> dict:
+             sample_tokens: int = 48, resume_overrides: dict | None = None,
+             text_field: str = "text") -> dict:
     """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
     threads: None = every core; 0 = adapt between every core and one while training (see
     train/threads.py: on a crowded machine one thread can be several times faster).
@@ -137,13 +138,15 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
         tcfg = dataclasses.replace(TrainConfig(**saved["train_config"]), **resume_overrides)
         if not data_paths:  # the run's own corpus, not the default one
             data_paths = [p for p in saved.get("data_paths", []) if p != DEFAULT_SOURCE] or None
+            text_field = saved.get("text_field", text_field)
     tcfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
     max_threads = setup_threads()
     if threads:
         torch.set_num_threads(threads)
     device = default_device()
-    tok, data = prepare_data(out_dir, cfg, data_paths, tokenizer_dir, val_fraction, tcfg.seed, log)
+    tok, data = prepare_data(out_dir, cfg, data_paths, tokenizer_dir, val_fraction, tcfg.seed, log,
+                             text_field)
     byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))
 
     torch.manual_seed(tcfg.seed)
@@ -177,7 +180,7 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
            "params": params, "flops_per_token": fpt, "peak_flops": peak, "device": str(device),
            "threads": threads, "cores": max_threads, "moe_layers": moe_layer_names(model),
            "precision": trainer.precision, "data": data.meta,
-           "data_paths": [str(p) for p in data_paths or []] or [DEFAULT_SOURCE],
+           "data_paths": [str(p) for p in data_paths or []] or [DEFAULT_SOURCE], "text_field": text_field,
            **baseline}
     write_run(out_dir, run)
     log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M activated; "
