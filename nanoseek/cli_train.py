@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
             save_every: int = typer.Option(100, help="steps between checkpoints"),
             sample_every: int = typer.Option(0, help="steps between samples (0 = at the end only)"),
             sample_tokens: int = typer.Option(48, help="tokens per sample (0 = no samples)"),
-            time_limit: float = typer.Option(0, help="stop after this many seconds of training (0 = none)"),
+            time_limit: Optional[float] = typer.Option(None, help="stop after this many seconds of training (0 = none; with --resume, the run's own unless given)"),
             seed: int = typer.Option(1337),
             val_fraction: float = typer.Option(0.1, help="share of documents held out for validation"),
             threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores; 0 = adapt between all cores and one while training)"),
@@ -93,11 +93,12 @@ def register(app: typer.Typer) -> None:
                                schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
                                precision=precision, eval_every=eval_every, eval_tokens=eval_tokens,
                                save_every=save_every, sample_every=sample_every,
-                               time_limit=time_limit, seed=seed)
+                               time_limit=time_limit or 0.0, seed=seed)
             run = run_pretrain(out, cfg, tcfg, data_paths=data, tokenizer_dir=tokenizer,
                                resume=resume, val_fraction=val_fraction, progress=not no_progress,
                                threads=threads, sample_tokens=sample_tokens,
-                               resume_overrides={"max_steps": max_steps} if max_steps else {},
+                               resume_overrides={k: v for k, v in (("max_steps", max_steps),
+                                                                   ("time_limit", time_limit)) if v is not None},
                                text_field=text_field)
         except _user_errors() as e:
             _fail(e)
