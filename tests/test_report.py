@@ -1,0 +1,30 @@
+"""The speedrun end to end, shrunk to a few steps: every stage runs, the report holds the
+numbers the issue asks for, and the run directory is a checkpoint."""
+
+import json
+
+import pytest
+
+from tests.train_utils import one_thread
+
+_threads = pytest.fixture(autouse=True)(one_thread)
+
+
+def test_speedrun_smoke(tmp_path):
+    from nanoseek.speedrun import speedrun
+    path = speedrun("smoke", tmp_path, minutes=5, max_steps=3, progress=False, log=lambda *_: None,
+                    threads=1, eval_tokens=1024, warmup_steps=1)
+    text = path.read_text()
+    run = json.loads((tmp_path / "smoke" / "run.json").read_text())
+    assert run["summary"]["steps"] == 3 and run["model_config"]["bias_update_speed"] == 0.01
+    for needle in ("unigram baseline loss", "parameters, total", "10,158,528", "MFU",
+                   "reloaded checkpoint", "expert-load max violation", "layer 3", "MTP 0"):
+        assert needle in text, needle
+    assert (tmp_path / "smoke" / "model.safetensors").exists()
+    assert (tmp_path / "smoke" / "tokenizer.json").exists()
+    # a second speedrun replaces the first; a foreign directory is never deleted
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a nanoseek run"):
+        speedrun("mine", tmp_path, max_steps=1, progress=False, log=lambda *_: None)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
