@@ -153,3 +153,10 @@ def test_thread_tuner_switches_to_the_faster_count():
         assert slow.current == 2  # the trial lost: stay
     finally:
         torch.set_num_threads(before)
+
+
+def test_router_z_loss_is_optional_and_logged(tmp_path):
+    def aux(coef):
+        tr = _trainer(tmp_path / str(coef), cfg=micro_config(router_z_loss_coef=coef), max_steps=1)
+        return tr.train_step()["aux_loss"]
+    assert aux(0.01) > aux(0.0) > 0
