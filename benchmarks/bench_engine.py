@@ -101,13 +101,18 @@ def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
     llm = LLM(model, speculative=speculative, **engine_kw)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
     llm.generate([p for p, _ in reqs[:4]], params[:4], use_tqdm=False)  # warm-up
-    llm.engine.spec_stats.drafted = llm.engine.spec_stats.accepted = 0
+    # the timed run must not hit the warm-up's prefixes, nor count its forwards/preemptions
+    engine = llm.engine
+    engine.reset_prefix_cache()
+    engine.spec_stats.drafted = engine.spec_stats.accepted = 0
+    engine.runner.forwards = engine.scheduler.num_preemptions = 0
+    engine.block_manager.hits = engine.block_manager.queries = 0
     t0 = time.perf_counter()
     outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
     dt = time.perf_counter() - t0
     tokens = [o.outputs[0].token_ids for o in outs]
     cache = llm.engine.cache
-    return dict(seconds=dt, tokens=tokens, kv_bytes_per_token=cache.nbytes / cache.capacity_tokens,
+    return dict(seconds=dt, tokens=tokens,
                 main_layers_bytes_per_token=sum(t[0, 0].numel() * t.element_size()
                                                 for t in cache.kv[:model.config.num_hidden_layers]),
                 spec=llm.engine.spec_stats.as_dict(), forwards=llm.engine.runner.forwards,

@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from nanoseek.engine import LLM, SamplingParams
+        from nanoseek.engine.llm import stable_text
         if threads:
             torch.set_num_threads(threads)
 
@@ -70,10 +71,8 @@ def register(app: typer.Typer) -> None:
             if engine.tokenizer is None:
                 ids = seq.output_token_ids[done:]
                 return "".join(f" {t}" for t in ids), done + len(ids)
-            text = seq.text
-            if text.endswith("\ufffd") and not seq.finished:
-                return "", done  # half a UTF-8 character: wait for the rest
-            return text[done:], len(text)
+            text = stable_text(seq)  # holds back half characters and a tail that may become a stop string
+            return text[done:], max(done, len(text))
 
         t0, printed, reported = time.perf_counter(), 0, set()
         if len(seqs) == 1:

@@ -9,6 +9,7 @@ from nanoseek.engine import LLM, SamplingParams
 from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.cache import BatchView, PagedLatentCache, budget_bytes, parse_memory
 from nanoseek.engine.engine import LLMEngine
+from nanoseek.engine.sequence import Sequence
 from nanoseek.config import preset
 from nanoseek.model import CausalLM
 
@@ -44,14 +45,7 @@ def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40, vocab: int = 256) 
     return [torch.randint(3, vocab, (L,), generator=g).tolist() for L in lens]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is fastest, and immune to a crowded machine's
-    thread contention (which can make 2-thread runs 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10)
@@ -142,9 +136,10 @@ def test_cache_far_too_small_still_completes_everything(model, load, refs, specu
 def test_request_that_can_never_fit_gets_a_clear_error(model):
     llm = LLM(model, kv_cache_memory=2**16, block_size=4, speculative=False)
     cap = llm.engine.cache.capacity_tokens
-    with pytest.raises(ValueError, match="exceeds the longest sequence"):
+    with pytest.raises(ValueError, match=rf"KV-cache capacity \({cap} tokens.*by 1 tokens"):
         llm.generate([[5] * cap], SamplingParams(max_tokens=1))
-    with pytest.raises(ValueError, match="max_position_embeddings|exceeds"):
+    assert not llm.engine.has_unfinished()
+    with pytest.raises(ValueError, match=r"max_model_len \(512 tokens: max_position_embeddings.*by 98 tokens"):
         LLM(model, kv_cache_memory=2**26, speculative=False).generate([[5] * 10], SamplingParams(max_tokens=600))
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], SamplingParams(max_tokens=1))
@@ -152,6 +147,33 @@ def test_request_that_can_never_fit_gets_a_clear_error(model):
         llm.generate([[5, 999]], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate("text without a tokenizer")
+
+
+def test_rejected_prompt_leaves_no_earlier_prompt_queued(model, load, refs):
+    llm = LLM(model, kv_cache_memory=2**22, block_size=4, speculative=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([load[0], load[1], [5, 999]], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished() and not llm.engine.requests
+    assert llm.engine.block_manager.num_used == 0
+    # the next call runs its own prompts only
+    assert token_ids(llm.generate([load[2]], GREEDY, use_tqdm=False)) == refs[2:3]
+    assert not llm.engine.requests
+
+
+def test_cached_prompt_tokens_count_prompt_tokens_only():
+    # a preempted request re-admitted with generated tokens: its hit may cover more than the prompt
+    bm = BlockManager(num_blocks=16, block_size=4)
+    first = Sequence("a", list(range(10, 30)), SamplingParams())
+    bm.allocate(first)
+    first.num_computed = len(first)
+    bm.register_full_blocks(first)
+    bm.free_seq(first)
+    again = Sequence("b", list(range(10, 15)), SamplingParams())
+    again.output_token_ids = list(range(15, 30))
+    bm.allocate(again)
+    assert again.num_computed == 16                   # 4 whole blocks come from the cache
+    assert again.num_cached_prompt_tokens == 5        # of which the prompt is 5 tokens
+    bm.check()
 
 
 def test_abort_frees_every_block(model, load):

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 
 import pytest
 import torch
 
 from nanoseek.engine import LLM, AsyncLLM, SamplingParams
+from nanoseek.engine.engine import LLMEngine
 from nanoseek.engine.llm import Tokenizer
 from nanoseek.engine.sampling import filtered_logits, sample_token
+from nanoseek.engine.sequence import Sequence
 from tests.test_engine import prompts, reference_greedy, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is fastest, and immune to a crowded machine's
-    thread contention (which can make 2-thread runs 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +113,40 @@ def test_text_prompts_and_stop_strings(model, char_tokenizer):
     assert free.prompt_token_ids == [ord(c) for c in prompt]
     assert free.outputs[0].text == char_tokenizer.decode(ids)
     full = char_tokenizer.decode(ids)
-    stop = full[4:6]
-    if not stop or full.find(stop) != 4:  # the model's text must make the stop string land at 4
-        pytest.skip("greedy text too short/odd for this stop string")
+    assert len(full) >= 6, f"greedy text too short: {full!r}"
+    # a 2-character stop string taken from the text, at the first place it occurs
+    at = next((i for i in range(2, len(full) - 1) if full.find(full[i:i + 2]) == i), None)
+    assert at is not None, f"no usable stop string in {full!r}"
+    stop = full[at:at + 2]
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
-    assert out.outputs[0].text == full[:4] and out.outputs[0].finish_reason == "stop"
-    assert out.outputs[0].stop_reason == stop
+    assert out.outputs[0].text == full[:at] and out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].stop_reason == stop and len(out.outputs[0].token_ids) < len(ids)
     kept = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=stop,
                                                include_stop_str_in_output=True))[0]
-    assert kept.outputs[0].text == full[:6]
+    assert kept.outputs[0].text == full[:at + 2]
+
+
+def test_stop_strings_cut_at_the_earliest_hit():
+    # both complete with the same token; the list order must not decide where the text ends
+    seq = Sequence("s", [5], SamplingParams(stop=["world", "lo w"]))
+    seq.text = "hello world"
+    assert LLMEngine._hit_stop_string(seq)
+    assert seq.text == "hel" and seq.stop_reason == "lo w"
+
+
+def test_eos_ends_a_request_unless_ignored(model):
+    prompt = prompts(1, seed=5)[0]
+    ref = reference_greedy(model, prompt, 10)
+    eos = ref[3]
+    first = ref.index(eos)
+    with_eos = copy.deepcopy(model)
+    with_eos.config.eos_token_id = eos
+    llm = LLM(with_eos, kv_cache_memory=2**22, speculative=True)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10))[0].outputs[0]
+    assert out.token_ids == ref[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == eos
+    past = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    assert past.token_ids == ref and past.finish_reason == "length"
 
 
 def test_bad_params_are_named():
@@ -179,6 +200,55 @@ def test_async_streams_match_offline_and_abort_frees_blocks(model):
     assert used == 0
 
 
+def test_async_client_cancelled_before_its_request_is_added(model):
+    load = prompts(2, seed=10)
+    params = SamplingParams(temperature=0, max_tokens=6)
+    expected = reference_greedy(model, load[1], 6, eos=1)
+
+    async def scenario():
+        engine = AsyncLLM(model, kv_cache_memory=2**22, block_size=4)
+
+        async def collect(p):
+            return [out async for out in engine.generate(p, params)]
+
+        gone = asyncio.create_task(collect(load[0]))
+        other = asyncio.create_task(collect(load[1]))
+        await asyncio.sleep(0)        # both wait for their add, which the loop has not run yet
+        assert engine._ops, "the adds should still be queued"
+        gone.cancel()
+        outs = await asyncio.wait_for(other, timeout=30)  # hangs if the loop died
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+        state = (dict(engine._queues), dict(engine.engine.requests), engine.engine.has_unfinished(),
+                 engine.engine.block_manager.num_used, engine._task.done())
+        await engine.shutdown()
+        return outs, state
+
+    outs, (queues, requests, unfinished, used, loop_done) = asyncio.run(scenario())
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == expected
+    assert not queues and not requests and not unfinished and used == 0  # the cancelled one was never added
+    assert not loop_done
+
+
+def test_async_loop_survives_a_failing_op(model):
+    async def scenario():
+        engine = AsyncLLM(model, kv_cache_memory=2**22)
+        engine._start()
+        fut = asyncio.get_running_loop().create_future()
+        engine._submit(lambda: 1 / 0, fut)
+        with pytest.raises(ZeroDivisionError):
+            await fut
+        outs = [o async for o in engine.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=3))]
+        alive = not engine._task.done()
+        await engine.shutdown()
+        return outs, alive
+
+    outs, alive = asyncio.run(scenario())
+    assert outs[-1].finished and alive
+
+
 def test_async_rejects_bad_requests(model):
     async def scenario():
         engine = AsyncLLM(model, kv_cache_memory=2**22)
@@ -207,11 +277,33 @@ def test_cli_generate_streams_tokens(model, tmp_path, char_tokenizer):
     res = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "Hello", "--max-tokens", "5", "--ignore-eos"])
     ids = reference_greedy(model, [ord(c) for c in "Hello"], 5)
     assert res.exit_code == 0 and res.output.startswith("Hello" + char_tokenizer.decode(ids)), res.output
-    res = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "Hello", "-p", "MLA", "--max-tokens", "4"])
+    batch = ["Hello", "The cache holds latents"]
+    res = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", batch[0], "-p", batch[1], "--max-tokens", "4",
+                                   "--ignore-eos"])
     assert res.exit_code == 0, res.output
-    assert "[0]" in res.output and "[1]" in res.output and "Hello" in res.output
+    assert "[0]" in res.output and "[1]" in res.output
+    for p in batch:  # each request's generated text, not just the echoed prompt
+        gen = char_tokenizer.decode(reference_greedy(model, [ord(c) for c in p], 4))
+        assert gen and (p + gen + "\n") in res.output, (p, gen, res.output)
     bad = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt-ids", "1,x"])
     assert bad.exit_code != 0 and "expected integers" in bad.output
+
+
+def test_cli_stream_never_prints_a_stop_string(model, tmp_path, char_tokenizer):
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+    model.save_pretrained(tmp_path)
+    char_tokenizer.tok.save(str(tmp_path / "tokenizer.json"))
+    prompt = "The cache holds latents"
+    full = char_tokenizer.decode(reference_greedy(model, [ord(c) for c in prompt], 16))
+    at = next((i for i in range(2, len(full) - 2) if full.find(full[i:i + 3]) == i), None)
+    assert at is not None, f"no usable stop string in {full!r}"
+    stop = full[at:at + 3]  # 3 characters, arriving over steps: the stream must hold back their start
+    res = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", prompt, "--max-tokens", "16",
+                                   "--ignore-eos", "--stop", stop])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == prompt + full[:at] + "\n", (stop, res.stdout)  # stdout: the streamed text only
 
 
 def test_n_completions_per_prompt(model):

@@ -25,7 +25,7 @@ class AsyncLLM:
     def __init__(self, model, tokenizer=None, dtype=None, device=None, **engine_kw):
         model, dir_tok = load_model(model, dtype, device)
         self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw))
-        self._ops: list[Callable[[], None]] = []
+        self._ops: list[tuple[Callable[[], None], asyncio.Future | None]] = []
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -52,6 +52,8 @@ class AsyncLLM:
         queue: asyncio.Queue = asyncio.Queue()
 
         def add():
+            if added.cancelled():  # the caller went away before its request got in: add nothing
+                return
             try:
                 seq = self.engine.add_request(prompt, params, request_id)
             except Exception as e:  # noqa: BLE001 - handed to the caller
@@ -60,7 +62,7 @@ class AsyncLLM:
             self._queues[seq.request_id] = queue
             added.set_result(seq)
 
-        self._submit(add)
+        self._submit(add, added)
         seq = await added
         try:
             while True:
@@ -100,16 +102,22 @@ class AsyncLLM:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    def _submit(self, op: Callable[[], None]) -> None:
-        self._ops.append(op)
+    def _submit(self, op: Callable[[], None], future: asyncio.Future | None = None) -> None:
+        """Queue op for the loop; if op raises, the exception goes to `future` (when given
+        and still pending) and the loop carries on serving every other request."""
+        self._ops.append((op, future))
         if self._wake is not None:
             self._wake.set()
 
     async def _loop(self) -> None:
         while True:
             ops, self._ops = self._ops, []
-            for op in ops:
-                op()
+            for op, future in ops:
+                try:
+                    op()
+                except Exception as e:  # noqa: BLE001 - one bad op must not stop the loop
+                    if future is not None and not future.done():
+                        future.set_exception(e)
             if not self.engine.has_unfinished():
                 if not self._ops:
                     self._wake.clear()

@@ -98,7 +98,9 @@ class BlockManager:
                 del self.free[block_id]
             block.ref_count += 1
         seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]
-        seq.num_computed = seq.num_cached_prompt_tokens = len(hits) * self.block_size
+        seq.num_computed = len(hits) * self.block_size
+        # after a preemption the hit can cover generated tokens too: count prompt tokens only
+        seq.num_cached_prompt_tokens = min(seq.num_computed, len(seq.prompt_token_ids))
         seq.num_hashed_blocks = len(hits)
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:

@@ -209,7 +209,7 @@ class LLMEngine:
                 seq.text = self.tokenizer.decode(seq.output_token_ids[:-1])
         elif p.stop and self._hit_stop_string(seq):
             seq.finish_reason = "stop"
-        elif len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.scheduler.max_model_len:
+        elif len(seq.output_token_ids) >= p.max_tokens:  # add() made prompt + max_tokens <= max_model_len
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
@@ -218,10 +218,10 @@ class LLMEngine:
     def _hit_stop_string(seq: Sequence) -> bool:
         """Look for a stop string in the newest text (it may straddle tokens); cut the
         text there (keeping the stop string only if asked)."""
-        for stop in seq.params.stop:
-            i = seq.text.find(stop)
-            if i >= 0:
-                seq.stop_reason = stop
-                seq.text = seq.text[:i + (len(stop) if seq.params.include_stop_str_in_output else 0)]
-                return True
-        return False
+        hits = [(i, stop) for stop in seq.params.stop if (i := seq.text.find(stop)) >= 0]
+        if not hits:
+            return False
+        i, stop = min(hits, key=lambda h: h[0])  # the earliest in the text, whatever the list order
+        seq.stop_reason = stop
+        seq.text = seq.text[:i + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+        return True

@@ -128,13 +128,19 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        groups = [[self.engine.add_request(p, _nth(sp, k)) for k in range(sp.n)] for p, sp in zip(prompts, params)]
-        seqs = [s for g in groups for s in g]
+        groups: list[list[Sequence]] = []
+        seqs: list[Sequence] = []
         bar = None
-        if use_tqdm:
-            from tqdm import tqdm
-            bar = tqdm(total=len(seqs), desc="generate", unit="req")
-        try:
+        try:  # a rejected prompt (or an interrupt) aborts every request this call added
+            for p, sp in zip(prompts, params):
+                groups.append([])
+                for k in range(sp.n):
+                    seq = self.engine.add_request(p, _nth(sp, k))
+                    groups[-1].append(seq)
+                    seqs.append(seq)
+            if use_tqdm:
+                from tqdm import tqdm
+                bar = tqdm(total=len(seqs), desc="generate", unit="req")
             while self.engine.has_unfinished():
                 done = sum(s.finished for s in self.engine.step())
                 if bar is not None:

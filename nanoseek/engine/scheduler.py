@@ -51,12 +51,18 @@ class Scheduler:
         if not seq.prompt_token_ids:
             raise ValueError(f"request {seq.request_id}: the prompt is empty")
         if need > self.max_model_len:
+            capacity = self.bm.num_blocks * self.bm.block_size
+            if self.max_model_len < capacity:
+                limit = f"max_model_len ({self.max_model_len} tokens: max_position_embeddings or the configured cap)"
+                fix = "shorten the prompt or lower max_tokens"
+            else:
+                limit = (f"the KV-cache capacity ({self.max_model_len} tokens = {self.bm.num_blocks} blocks x "
+                         f"{self.bm.block_size})")
+                fix = "shorten the prompt, lower max_tokens or raise kv_cache_memory"
             raise ValueError(
                 f"request {seq.request_id}: prompt ({len(seq.prompt_token_ids)} tokens) + max_tokens "
-                f"({seq.params.max_tokens}) = {need} exceeds the longest sequence this engine serves "
-                f"({self.max_model_len} tokens = min(max_position_embeddings, KV-cache capacity "
-                f"{self.bm.num_blocks} blocks x {self.bm.block_size})); shorten the prompt, lower "
-                f"max_tokens or raise kv_cache_memory")
+                f"({seq.params.max_tokens}) = {need} exceeds the longest sequence this engine serves, "
+                f"{limit}, by {need - self.max_model_len} tokens; {fix}")
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -116,8 +122,8 @@ class Scheduler:
 
     def _draft_fits(self, seq: Sequence) -> bool:
         """A draft is worth verifying only if the request may still emit two tokens."""
-        return (len(seq.output_token_ids) + 2 <= seq.params.max_tokens
-                and seq.num_computed + 2 <= self.max_model_len)
+        # then len(seq) + 1 <= prompt + max_tokens <= max_model_len (add() checked): no length check needed
+        return len(seq.output_token_ids) + 2 <= seq.params.max_tokens
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the youngest running requests until seq can hold num_tokens.
