@@ -8,8 +8,8 @@ experts implementation it offers and the fastest is the baseline. The two models
 alternate round by round and the median step time of each is used, so that load from
 other processes on a shared machine hits both alike.
 
-MFU = model FLOPs per token (6 x activated matmul parameters + causal attention, see
-nanoseek/train/mfu.py) x tokens/s / this machine's measured matmul peak.
+MFU = model FLOPs per token (6 x activated matmul parameters + causal attention, from
+nanoseek.calc via nanoseek/train/mfu.py) x tokens/s / this machine's measured matmul peak.
 
     python benchmarks/bench_train.py [--preset tiny] [--batch 8] [--seq 256] [--steps 6] [--json]
 """
@@ -94,7 +94,7 @@ def main() -> None:
         best_impl = min(candidates, key=lambda k: candidates[k][0])
         hf, hf_step = candidates[best_impl][1], candidates[best_impl][2]
         candidates.clear()
-    # same starting weights for the timed comparison: copy nanoseek's into transformers
+    # both start from the same weights (transformers loaded nanoseek's checkpoint above); warm up
     our_step = make_step(ours, ids, False)
     for _ in range(args.warmup):
         our_step()

@@ -131,12 +131,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_(run_dir: Path = typer.Argument(..., help="run directory (checkpoint + tokenizer + data/)"),
-              seq_len: int = typer.Option(256, help="window length")):
+              seq_len: Optional[int] = typer.Option(None, help="window length (default: the run's own seq_len)")):
         """Validation loss and bits per byte of a saved checkpoint on its run's held-out split."""
         try:
             from nanoseek.speedrun import evaluate_checkpoint
             if not (run_dir / "data" / "meta.json").exists():
                 raise FileNotFoundError(f"{run_dir}: no data/meta.json (not a nanoseek pretraining run)")
+            if seq_len is None:
+                import json
+                run_json = run_dir / "run.json"
+                seq_len = (json.loads(run_json.read_text())["train_config"]["seq_len"]
+                           if run_json.exists() else 256)
             ev = evaluate_checkpoint(run_dir, seq_len)
         except _user_errors() as e:
             _fail(e)

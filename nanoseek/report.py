@@ -125,8 +125,11 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
         ("best validation loss (step)", f"{_fmt(best.get('val_loss'))} ({best.get('step', 'n/a')})"),
         ("unigram baseline loss (nats/token)", _fmt(run.get("unigram_loss"))),
         ("unigram baseline bits per byte", _fmt(run.get("unigram_bpb"))),
-        ("parameters, total", f"{params['total']:,} (MTP module: {params['mtp']:,})"),
-        ("parameters, activated per token", f"{params['activated']:,}"),
+        ("parameters, total", f"{params['total']:,} main model + {params['mtp']:,} MTP module"
+         if "total_with_mtp" in params else f"{params['total']:,} (MTP module: {params['mtp']:,})"),
+        ("parameters, activated per token",
+         f"{params['activated']:,} main model (embedding table excluded) + "
+         f"{params['mtp_activated']:,} MTP module" if "mtp_activated" in params else f"{params['activated']:,}"),
         ("tokens seen", f"{tokens:,} ({tokens / max(1, run['data']['train_tokens']):.1f} passes over "
                         "the training split)"),
         ("optimizer steps", f"{train[-1]['step']:,}" + (" (stopped by the time limit)"
@@ -168,7 +171,10 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
     d = run["data"]
     L.append(f"Sources: {', '.join(run['data_paths'])}. {d['train_tokens']:,} training tokens "
              f"({d['train_docs']} documents), {d['val_tokens']:,} validation tokens "
-             f"({d['val_docs']} documents, {d['val_bytes']:,} bytes); vocabulary {d['vocab_size']:,}.\n")
+             + (f"({d['val_docs']} documents, {d['val_bytes']:,} bytes)" if d["val_docs"] else
+                f"(the tail of the single document's tokens"
+                + (f", {d['val_bytes']:,} bytes)" if d.get("tail_split") else ")"))
+             + f"; vocabulary {d['vocab_size']:,}.\n")
     L.append("## Configuration\n")
     L.append("Training:\n\n```json\n" + json.dumps(tc, indent=1) + "\n```\n")
     L.append("Model (config.json):\n\n```json\n" + json.dumps(
@@ -177,7 +183,8 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
              "terms are logged beside it in metrics.jsonl). Bits per byte = validation nats on "
              "text tokens / (ln 2 x their UTF-8 bytes). The unigram baseline is the training "
              "split's token frequencies (add-one smoothed) scored on the same validation windows. "
-             "MFU = model FLOPs per token (6 x activated matmul parameters + causal attention) "
+             "MFU = model FLOPs per token (nanoseek.calc: 6 x activated matmul parameters, the MTP "
+             "module included, + causal attention) "
              "x tokens/s / the matmul peak measured on this machine.\n")
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(L))

@@ -107,3 +107,27 @@ def test_unigram_baseline_is_near_entropy(tmp_path, tok):
     base = data.unigram_baseline(32, token_byte_lengths(tok))
     assert 3.0 < base["unigram_loss"] < np.log(len(tok))
     assert 0.5 < base["unigram_bpb"] < 8
+
+
+@pytest.mark.parametrize("seed", [31, 32, 43])
+def test_single_document_trains_and_holds_out_its_tail(tmp_path, tok, seed):
+    """One document never lands wholly in validation (these seeds drew it there): it goes to
+    training and the tail of its tokens is the validation split, with its bytes counted."""
+    doc = "\n\n".join(small_corpus(20))
+    assert split_documents([doc], 0.1, seed) == ([doc], [])
+    data = build_token_arrays([doc], tok, tmp_path, val_fraction=0.1, seed=seed)
+    assert data.meta["train_docs"] == 1 and data.meta["val_docs"] == 0
+    assert len(data.train) > 0 and len(data.val) > 0
+    from nanoseek.tokenizer import token_byte_lengths
+    lengths = token_byte_lengths(tok)
+    assert data.meta["val_bytes"] == sum(lengths[int(t)] for t in data.val) > 0
+
+
+def test_a_split_of_exactly_one_window_batches(tmp_path, tok):
+    data = build_token_arrays(small_corpus(20), tok, tmp_path)
+    one = TokenArrays(np.asarray(data.train[:33]), data.val, data.meta)  # seq_len + 1 tokens
+    x, y = one.batch(step=0, micro=0, batch_size=2, seq_len=32, seed=0)
+    assert x.shape == (2, 32) and torch.equal(x[0], torch.from_numpy(one.train[:32].astype(np.int64)))
+    short = TokenArrays(np.asarray(data.train[:32]), data.val, data.meta)
+    with pytest.raises(CorpusError, match="fewer than"):
+        short.batch(step=0, micro=0, batch_size=2, seq_len=32, seed=0)

@@ -25,6 +25,11 @@ def _losses(run_dir):
     return {r["step"]: (r["loss"], r["lm_loss"]) for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
+def _train_steps(run_dir):
+    """Every training record's step, in file order: duplicates stay visible."""
+    return [r["step"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
 def _evals(run_dir):
     return {r["step"]: r["val_loss"] for r in read_metrics(run_dir) if r["kind"] == "eval"}
 
@@ -64,7 +69,7 @@ def test_resumed_curve_equals_uninterrupted(tmp_path, corpus, reference):
     pretrain(out, micro_config(), TrainConfig(max_steps=12, **TRAIN), data_paths=[corpus],
              resume=True, progress=False, log=lambda *_: None, sample_tokens=4, threads=1)
     ref, got = _losses(reference), _losses(out)
-    assert sorted(got) == list(range(1, 13))
+    assert _train_steps(out) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), step
     assert _evals(out) == pytest.approx(_evals(reference), rel=1e-6)
@@ -73,6 +78,30 @@ def test_resumed_curve_equals_uninterrupted(tmp_path, corpus, reference):
     b = CausalLM.from_pretrained(reference)
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_resume_keeps_the_runs_val_fraction(tmp_path, corpus):
+    out = tmp_path / "run"
+    small = dict(TRAIN, eval_every=0, save_every=0)
+    pretrain(out, micro_config(), TrainConfig(max_steps=2, **small), data_paths=[corpus],
+             val_fraction=0.1, progress=False, log=lambda *_: None, sample_tokens=0, threads=1)
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    run = pretrain(out, micro_config(), TrainConfig(max_steps=3, **small), resume=True,
+                   val_fraction=0.5, progress=False, log=lambda *_: None, sample_tokens=0, threads=1)
+    assert run["data"]["val_fraction"] == 0.1
+    assert json.loads((out / "data" / "meta.json").read_text()) == meta  # not re-split
+    assert _train_steps(out) == [1, 2, 3]
+
+
+def test_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path, corpus):
+    out = tmp_path / "run"
+    small = dict(TRAIN, eval_every=0, save_every=0)
+    pretrain(out, micro_config(), TrainConfig(max_steps=2, **small), data_paths=[corpus],
+             progress=False, log=lambda *_: None, sample_tokens=0, threads=1)
+    (out / "train_state.pt").unlink()  # as if killed after step 2, before any checkpoint
+    pretrain(out, micro_config(), TrainConfig(max_steps=4, **small), data_paths=[corpus],
+             resume=True, progress=False, log=lambda *_: None, sample_tokens=0, threads=1)
+    assert _train_steps(out) == [1, 2, 3, 4]
 
 
 def test_refuses_to_overwrite_a_run(reference, corpus):
@@ -126,7 +155,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, corpus, reference):
         break
     assert kills >= 1
     got, ref = _losses(out), _losses(reference)
-    assert sorted(got) == list(range(1, 13))  # no step lost, none duplicated
+    assert _train_steps(out) == list(range(1, 13))  # no step lost, none duplicated
     for step in range(1, 13):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-5), step
     assert not list(out.glob(".*.tmp"))

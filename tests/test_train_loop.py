@@ -103,6 +103,15 @@ def test_no_weight_decay_on_norms_and_embeddings():
     assert id(model.lm_head.weight) not in ids and decay["weight_decay"] == 0.1
 
 
+def test_router_is_not_decayed():
+    model = CausalLM(micro_config())
+    decay, no_decay = param_groups(model, 0.1)
+    ids = {id(p) for p in no_decay["params"]}
+    gates = [m.gate.weight for m in model.moe_layers()]
+    assert gates and all(id(g) in ids for g in gates)
+    assert all(id(p) not in ids for n, p in model.named_parameters() if n.endswith("gate_proj.weight"))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_options_train(tmp_path, precision):
     tr = _trainer(tmp_path, max_steps=4, precision=precision)
@@ -119,6 +128,28 @@ def test_time_limit_stops_and_decays(tmp_path):
     assert s["stopped_early"] and s["steps"] < 10_000
     rec = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert rec[-1]["lr"] < 0.2 * 1e-2  # the schedule followed the clock to its end
+
+
+def test_time_limit_spent_before_a_resume_trains_no_extra_step(tmp_path):
+    tr = _trainer(tmp_path, max_steps=20, time_limit=1.0, save_every=1)
+    tr.fit(until=4)
+    assert tr.step == 4
+    again = _trainer(tmp_path, max_steps=20, time_limit=1.0, save_every=1)
+    assert again.resume() and again.step == 4
+    again.elapsed = 1.5  # the budget ran out before this process started
+    s = again.fit()
+    assert s["steps"] == 4 and s["stopped_early"]
+    assert [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_fresh_fit_drops_metrics_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    tr = _trainer(tmp_path, max_steps=2)
+    tr.fit()  # as if killed after logging 2 steps, before any train_state.pt
+    (tmp_path / "train_state.pt").unlink(missing_ok=True)
+    again = _trainer(tmp_path, max_steps=4)
+    assert not again.resume()
+    again.fit()
+    assert [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
 def test_max_violation():

@@ -69,8 +69,25 @@ def test_activated_params_count_only_chosen_experts():
     m = CausalLM(cfg)
     p = count_params(m)
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    assert p["total"] - p["activated"] == 2 * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
-    assert flops_per_token(m, 64) > 6 * (p["activated"] - p["embedding"])
+    unchosen = (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    # one MoE layer in the main model (the embedding table is not activated), one in MTP
+    assert p["total"] - p["activated"] == unchosen + p["embedding"]
+    assert p["mtp"] - p["mtp_activated"] == unchosen
+    assert p["total_with_mtp"] == sum(q.numel() for q in m.parameters())
+    from nanoseek.calc.flops import flops_report
+    assert flops_per_token(m, 64) == flops_report(cfg, seq_len=64, include_mtp=True).train_per_token
+
+
+def test_tiny_preset_counts_follow_calc():
+    """The speedrun's model: the figures README's "Training" section quotes."""
+    from nanoseek.config import load_config
+    from nanoseek.model import CausalLM
+    from nanoseek.train.mfu import count_params, flops_per_token
+    m = CausalLM(load_config("tiny", None))
+    p = count_params(m)
+    assert (p["total"], p["activated"], p["mtp"], p["mtp_activated"]) == (8_223_744, 3_046_400, 1_934_784, 558_528)
+    assert p["total_with_mtp"] == 10_158_528
+    assert flops_per_token(m, 256) == 29_122_560
 
 
 def _cli(*args):
@@ -92,9 +109,39 @@ def test_cli_tokenizer_train_and_bad_data(tmp_path):
     assert r.exit_code == 1 and "schedule" in r.output
 
 
+def test_cli_eval_defaults_to_the_runs_seq_len(run_dir):
+    r = _cli("eval", run_dir)  # the run trained (and evaluated) at seq_len 32
+    assert r.exit_code == 0, r.output
+    got = float(r.output.split("val_loss=")[1].split()[0])
+    last = [x for x in read_metrics(run_dir) if x["kind"] == "eval"][-1]
+    assert got == pytest.approx(last["val_loss"], abs=1e-3)
+
+
 def test_cli_eval_scores_the_saved_checkpoint(run_dir):
     r = _cli("eval", run_dir, "--seq-len", 32)
     assert r.exit_code == 0, r.output
     got = float(r.output.split("val_loss=")[1].split()[0])
     last = [x for x in read_metrics(run_dir) if x["kind"] == "eval"][-1]
     assert got == pytest.approx(last["val_loss"], abs=1e-3)  # the checkpoint is the trained model
+
+
+def test_pretrain_reuses_the_cached_peak(tmp_path, monkeypatch):
+    """The peak is measured once and cached; a run does not measure it again."""
+    from nanoseek.train import mfu
+    monkeypatch.setattr(mfu, "CACHE", tmp_path / "peak_flops.json")
+    torch.set_num_threads(1)
+    from nanoseek.train.pretrain import default_device, setup_threads
+    n = torch.get_num_threads()
+    setup_threads()
+    key = mfu._key(default_device(), torch.bfloat16 if default_device().type == "cuda" else torch.float32)
+    torch.set_num_threads(n)
+    mfu.CACHE.write_text(json.dumps({key: 1.25e9}))
+
+    def no_measure(*a, **k):
+        raise AssertionError("measured the peak again")
+    monkeypatch.setattr(mfu, "_measure", no_measure)
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
+    run = pretrain(tmp_path / "run", micro_config(), TrainConfig(max_steps=1, batch_size=2, seq_len=32,
+                                                                 eval_every=0, save_every=0),
+                   data_paths=[corpus], progress=False, log=lambda *_: None, sample_tokens=0, threads=1)
+    assert run["peak_flops"] == 1.25e9

@@ -28,9 +28,12 @@ from nanoseek.data.corpus import CorpusError
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Each document goes to validation with probability val_fraction (seeded); both sides
-    get at least one document when there are two or more."""
+    get at least one document when there are two or more; a single document stays in
+    training (the caller holds out the tail of its tokens)."""
     rng = random.Random(seed)
     is_val = [rng.random() < val_fraction for _ in docs]
+    if len(docs) == 1:
+        is_val = [False]
     if len(docs) >= 2 and val_fraction > 0:
         if not any(is_val):
             is_val[rng.randrange(len(docs))] = True
@@ -39,6 +42,14 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     train = [d for d, v in zip(docs, is_val) if not v]
     val = [d for d, v in zip(docs, is_val) if v]
     return train, val
+
+
+def token_bytes(ids: np.ndarray, tokenizer) -> int:
+    """UTF-8 bytes of the text tokens among `ids` (special tokens have none)."""
+    from nanoseek.tokenizer import token_byte_lengths
+
+    lengths = np.asarray(token_byte_lengths(tokenizer), dtype=np.int64)
+    return int(lengths[np.asarray(ids, dtype=np.int64)].sum()) if len(ids) else 0
 
 
 def fingerprint(docs: list[str], tokenizer, val_fraction: float, seed: int) -> str:
@@ -88,8 +99,8 @@ class TokenArrays:
     def batch(self, step: int, micro: int, batch_size: int, seq_len: int, seed: int):
         """Random windows of the training tokens -> (input_ids, labels) [B, seq_len] each;
         the same (seed, step, micro) always gives the same batch."""
-        n = len(self.train) - seq_len - 1
-        if n <= 0:
+        n = len(self.train) - seq_len - 1  # the last valid window start
+        if n < 0:
             raise CorpusError(f"training split has {len(self.train)} tokens, fewer than "
                               f"seq_len + 1 = {seq_len + 1}; use a shorter --seq-len or more data")
         g = torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % (1 << 62))
@@ -150,14 +161,16 @@ def build_token_arrays(docs: list[str], tokenizer, directory: str | Path, val_fr
             pass  # stale or broken: rebuild below
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     train, val = encode_documents(train_docs, tokenizer), encode_documents(val_docs, tokenizer)
+    val_bytes = sum(len(d.encode()) for d in val_docs)
     if not val_docs:  # a single document: hold out the tail of its tokens
         cut = int(len(train) * (1 - val_fraction))
         train, val = train[:cut], train[cut:]
+        val_bytes = token_bytes(val, tokenizer)
     for name, arr in (("train", train), ("val", val)):
         atomic_write(directory / f"{name}.bin", lambda tmp, a=arr: a.tofile(tmp))
     meta = {"fingerprint": fp, "dtype": train.dtype.name, "train_tokens": int(len(train)),
             "val_tokens": int(len(val)), "train_docs": len(train_docs), "val_docs": len(val_docs),
             "val_fraction": val_fraction, "seed": seed, "vocab_size": len(tokenizer),
-            "val_bytes": sum(len(d.encode()) for d in val_docs)}
+            "val_bytes": val_bytes, "tail_split": not val_docs}
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return TokenArrays.open(directory)

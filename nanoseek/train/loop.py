@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,13 +85,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the matrices of linear layers; not norms, biases, embeddings or the router."""
+    """Decay the matrices of linear layers; not norms, biases, embeddings or the router
+    (`*.gate.weight`, the MoE's expert-affinity matrix)."""
     decay, no_decay = [], []
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+        router = name == "gate.weight" or name.endswith(".gate.weight")
+        (decay if p.ndim >= 2 and id(p) not in embeddings and not router else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -187,7 +188,8 @@ class Trainer:
 
     @torch.no_grad()
     def run_eval(self) -> dict:
-        """Evaluation and samples leave the MoE load counters and the RNG as they found them."""
+        """Evaluation leaves the MoE load counters as it found them (it draws no random
+        numbers; `run_sample` is the one that restores the CPU RNG)."""
         model = self.model
         saved = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
         model.eval()
@@ -271,7 +273,14 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                        dynamic_ncols=True)
+        # records past the state being continued (a run killed before its first checkpoint,
+        # or after its last) would otherwise be followed by their re-run: duplicate steps
+        truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         tok_s = 0.0
+        if cfg.time_limit > 0 and self.elapsed >= cfg.time_limit and self.step < stop:
+            # a resumed run whose time is already spent trains no extra step
+            self.stopped_early = self.step < cfg.max_steps
+            stop = self.step
         while self.step < stop:
             threads = self.tuner.before_step(self.step) if self.tuner else None
             t0 = time.perf_counter()

@@ -4,11 +4,13 @@ A datasheet peak means little for a shared 2-core VM, so the peak is measured: t
 rate of large square fp32 (or bf16 on GPUs) matmuls, cached in
 ~/.cache/nanoseek/peak_flops.json per device, thread count and dtype.
 
-Model FLOPs per trained token = 6 x (matmul parameters a token activates) + attention:
-the input embedding is a lookup (no FLOPs); the output head runs once for the main model
-and once more per MTP module; routed experts count only the num_experts_per_tok a
-token is sent to. Causal attention costs 6 x H x (qk_head_dim + v_head_dim) x S/2 per
-layer per token (scores and weighted values, forward + backward, half the keys on average).
+Parameter counts and model FLOPs come from `nanoseek.calc` (one source of truth, the
+DeepSeek conventions documented there): total / activated are the main model's, activated
+without the embedding table (a lookup, no matmul); the MTP module is reported apart.
+FLOPs per trained token = `flops_report(cfg, seq_len, include_mtp=True).train_per_token`:
+6 x activated matmul weights (router, attention, shared + chosen routed experts, the output
+head once for the main model and once more per MTP module; norms and the embedding count 0)
++ causal attention, since training runs the MTP module too.
 """
 
 from __future__ import annotations
@@ -26,27 +28,23 @@ CACHE = Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek
 
 
 def count_params(model) -> dict:
-    """Total parameters and those one token activates (routed experts not chosen removed)."""
+    """Main-model total / activated parameters (DeepSeek convention: activated excludes the
+    embedding table and the routed experts a token is not sent to) and the MTP module apart."""
+    from nanoseek.calc.params import count_params as calc_count
+
     cfg: ModelConfig = model.config
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for moe in model.moe_layers():
-        per_expert = sum(p.numel() for p in moe.experts[0].parameters())
-        inactive += (moe.n_experts - moe.top_k) * per_expert
-    embed = model.model.embed_tokens.weight.numel()
-    mtp = sum(p.numel() for p in model.mtp.parameters())
-    return {"total": total, "activated": total - inactive, "embedding": embed, "mtp": mtp,
-            "lm_head": model.lm_head.weight.numel(), "n_mtp": len(model.mtp),
-            "layers": cfg.num_hidden_layers + len(model.mtp)}
+    pc = calc_count(cfg)
+    return {"total": pc.main_total, "activated": pc.main_activated, "mtp": pc.mtp,
+            "mtp_activated": pc.mtp_activated, "total_with_mtp": pc.main_total + pc.mtp,
+            "embedding": pc.total["embeddings"], "lm_head": pc.total["head"],
+            "n_mtp": cfg.num_nextn_predict_layers}
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward)."""
-    cfg: ModelConfig = model.config
-    p = count_params(model)
-    matmul = p["activated"] - p["embedding"] + p["n_mtp"] * p["lm_head"]
-    attn = 6 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len / 2) * p["layers"]
-    return 6 * matmul + attn
+    """Training FLOPs per token (forward + backward, the MTP module included)."""
+    from nanoseek.calc.flops import flops_report
+
+    return flops_report(model.config, seq_len=seq_len, include_mtp=True).train_per_token
 
 
 def _key(device: torch.device, dtype: torch.dtype) -> str:

@@ -136,6 +136,8 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
         if resume_overrides is None:
             resume_overrides = {"max_steps": tcfg.max_steps, "time_limit": tcfg.time_limit}
         tcfg = dataclasses.replace(TrainConfig(**saved["train_config"]), **resume_overrides)
+        # the run's own split: another --val-fraction would silently re-split the data
+        val_fraction = saved.get("data", {}).get("val_fraction", val_fraction)
         if not data_paths:  # the run's own corpus, not the default one
             data_paths = [p for p in saved.get("data_paths", []) if p != DEFAULT_SOURCE] or None
             text_field = saved.get("text_field", text_field)
@@ -155,7 +157,7 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
     fpt = flops_per_token(model, tcfg.seq_len)
     chosen = torch.get_num_threads()
     torch.set_num_threads(max_threads)  # MFU is against the whole machine's peak
-    peak = measure_peak_flops(device, remeasure=True)  # keeps the best figure ever measured
+    peak = measure_peak_flops(device)  # measured once and cached (`nanoseek peak --remeasure`)
     torch.set_num_threads(chosen)
     baseline = data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)
 
@@ -183,7 +185,8 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
            "data_paths": [str(p) for p in data_paths or []] or [DEFAULT_SOURCE], "text_field": text_field,
            **baseline}
     write_run(out_dir, run)
-    log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M activated; "
+    log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M activated "
+        f"(+ MTP {params['mtp'] / 1e6:.2f}M, {params['mtp_activated'] / 1e6:.2f}M activated); "
         f"{fpt / 1e6:.1f} MFLOPs/token; measured peak {peak / 1e9:.1f} GFLOP/s; "
         f"{trainer.precision} on {device}, threads: {threads} (of {max_threads} cores)")
     summary = trainer.fit()
