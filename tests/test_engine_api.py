@@ -232,6 +232,28 @@ def test_async_client_cancelled_before_its_request_is_added(model):
     assert not loop_done
 
 
+def test_async_client_cancelled_just_after_its_request_is_added(model):
+    async def scenario():
+        engine = AsyncLLM(model, kv_cache_memory=2**22, block_size=4)
+
+        async def consume():
+            return [o async for o in engine.generate([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))]
+
+        gone = asyncio.create_task(consume())
+        await asyncio.sleep(0)
+        engine._submit(gone.cancel)  # runs right after the add: the future holds a result, the task is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        state = (dict(engine._queues), dict(engine.engine.requests), engine.engine.block_manager.num_used)
+        await engine.shutdown()
+        return state
+
+    queues, requests, used = asyncio.run(scenario())
+    assert not queues and not requests and used == 0
+
+
 def test_async_loop_survives_a_failing_op(model):
     async def scenario():
         engine = AsyncLLM(model, kv_cache_memory=2**22)

@@ -63,7 +63,13 @@ class AsyncLLM:
             added.set_result(seq)
 
         self._submit(add, added)
-        seq = await added
+        try:
+            seq = await added
+        except asyncio.CancelledError:  # cancelled just after the add ran: take the request back out
+            if added.done() and not added.cancelled() and added.exception() is None:
+                self._queues.pop(added.result().request_id, None)
+                self.abort(added.result().request_id)
+            raise
         try:
             while True:
                 item = await queue.get()
