@@ -176,6 +176,28 @@ def test_cached_prompt_tokens_count_prompt_tokens_only():
     bm.check()
 
 
+def test_finished_request_leaves_complete_mtp_latents_in_its_cached_blocks(model):
+    """A request's blocks are registered when it finishes: the MTP layer's latents for the
+    positions of its last step must be written by then, as they would be had it run on."""
+    prompt = prompts(1, seed=12, lo=9, hi=10)[0]  # 9 tokens; + 4 generated = 13, 12 computed: 3 blocks
+
+    def mtp_latents(max_tokens, computed):
+        engine = LLMEngine(model, None, kv_cache_memory=2**22, block_size=4, speculative=True)
+        seq = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        table = []
+        while seq.num_computed < computed and not seq.finished:
+            table = list(seq.block_table) or table
+            engine.step()
+        mtp = engine.cache.kv[model.config.num_hidden_layers]
+        return torch.cat([mtp[b] for b in table[:3]])[:computed], seq
+
+    ended, seq = mtp_latents(4, 12)
+    assert seq.finished and len(seq) == 13
+    ran_on, _ = mtp_latents(10, 12)
+    assert ended.abs().sum(-1).ne(0).all(), "MTP latents missing for the finishing step's positions"
+    torch.testing.assert_close(ended, ran_on, atol=1e-4, rtol=1e-4)
+
+
 def test_abort_frees_every_block(model, load):
     llm = LLM(model, kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=32, max_num_seqs=8,
               speculative=True)

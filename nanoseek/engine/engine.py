@@ -128,8 +128,9 @@ class LLMEngine:
             touched += self._decode(batch.decodes)
         if batch.prefills:
             touched += self._prefill(batch.prefills)
-        for seq in touched:
+        for seq in touched:  # only now: MTP has written their last positions' latents too
             if seq.finished:
+                self.scheduler.finish(seq)  # registers its full blocks, frees its blocks
                 self.requests.pop(seq.request_id, None)
         return touched
 
@@ -177,17 +178,23 @@ class LLMEngine:
 
     def _after_forward(self, rows: list[tuple[int, Sequence, int]], h: torch.Tensor, absorb: bool) -> None:
         """Register newly full blocks; with speculation, run MTP over the positions each
-        sequence just computed (their next tokens are known now) and keep its draft."""
-        live = [(b, s, st) for b, s, st in rows if not s.finished]
-        if self.speculative and live:
-            h_prev = [h[b, :s.num_computed - st] for b, s, st in live]
-            next_ids = [s.token_ids[st + 1:s.num_computed + 1] for _, s, st in live]
-            logits = self.runner.mtp(h_prev, next_ids, [st for _, _, st in live],
-                                     [s.block_table for _, s, _ in live], absorb)
+        sequence just computed (their next tokens are known now) and keep its draft. MTP
+        runs for sequences that just finished too (their blocks are registered in step(),
+        after this), so cached blocks carry MTP latents for every position that has a next
+        token (a request that stops on an accepted draft's token has none for that slot)."""
+        if self.speculative and rows:
+            # rows with a known next token: all computed ones, less the last if it is the final token
+            n = [min(s.num_computed, len(s) - 1) - st for _, s, st in rows]
+            h_prev = [h[b, :k] for (b, _, _), k in zip(rows, n)]
+            next_ids = [s.token_ids[st + 1:st + k + 1] for (_, s, st), k in zip(rows, n)]
+            logits = self.runner.mtp(h_prev, next_ids, [st for _, _, st in rows],
+                                     [s.block_table for _, s, _ in rows], absorb)
             drafts = logits.argmax(-1).tolist()
-            for (_, seq, _), d in zip(live, drafts):
-                seq.draft = d if seq.in_decode else None
-        for _, seq, _ in live:
+            for (_, seq, _), d in zip(rows, drafts):
+                seq.draft = d if seq.in_decode and not seq.finished else None
+        for _, seq, _ in rows:
+            if seq.finished:
+                continue
             self.block_manager.register_full_blocks(seq)
 
     # ------------------------------------------------------------------ sampling
@@ -211,8 +218,6 @@ class LLMEngine:
             seq.finish_reason = "stop"
         elif len(seq.output_token_ids) >= p.max_tokens:  # add() made prompt + max_tokens <= max_model_len
             seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            self.scheduler.finish(seq)
 
     @staticmethod
     def _hit_stop_string(seq: Sequence) -> bool:
