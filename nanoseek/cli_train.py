@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
             threads: int = typer.Option(0, help="torch threads (0 = adapt between all cores and one while training: on a crowded machine one thread can be faster)"),
             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
         """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
-        pretraining, evaluation, report (about 8-10 minutes on a 2-core CPU)."""
+        pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most)."""
         try:
             from nanoseek.speedrun import speedrun as run_speedrun
             run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads)

@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-from tests.train_utils import one_thread
 
-_threads = pytest.fixture(autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_speedrun_smoke(tmp_path):

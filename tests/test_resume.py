@@ -13,9 +13,9 @@ import torch
 
 from nanoseek.train.loop import TrainConfig, read_metrics
 from nanoseek.train.pretrain import pretrain
-from tests.train_utils import micro_config, one_thread, write_corpus
+from tests.train_utils import micro_config, write_corpus
 
-_threads = pytest.fixture(autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN = dict(batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=4, eval_tokens=256,
              save_every=3, seed=5)

@@ -6,9 +6,9 @@ import torch
 from nanoseek.model import CausalLM
 from nanoseek.train.loop import TrainConfig, Trainer, max_violation, param_groups, read_metrics
 from nanoseek.train.schedule import lr_at
-from tests.train_utils import micro_config, one_thread
+from tests.train_utils import micro_config
 
-_threads = pytest.fixture(autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_schedules():

@@ -8,9 +8,9 @@ import torch
 
 from nanoseek.train.loop import TrainConfig, read_metrics
 from nanoseek.train.pretrain import pretrain
-from tests.train_utils import micro_config, one_thread, write_corpus
+from tests.train_utils import micro_config, write_corpus
 
-_threads = pytest.fixture(autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,3 @@ def write_corpus(path: Path, n_docs: int = 60) -> Path:
     return path
 
 
-def one_thread():
-    """Micro models are op-overhead bound: one thread avoids OpenMP hand-offs that cost
-    far more than the work on a shared 2-core machine. Use as a fixture body."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
