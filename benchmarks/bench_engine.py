@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import transformers_variants  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.engine import LLM, SamplingParams  # noqa: E402
 from nanoseek.engine.cache import PagedLatentCache  # noqa: E402
@@ -152,12 +153,7 @@ def run_transformers(ckpt: str, reqs, batch: int):
     strategies = {"one_batch": [list(range(len(reqs)))],
                   f"sorted_batches_of_{batch}": [by_len[i:i + batch] for i in range(0, len(reqs), batch)]}
     results = {}
-    for impl in ("eager", "grouped_mm", "batched_mm"):
-        try:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, experts_implementation=impl).eval()
-        except Exception as e:  # an implementation this build does not offer
-            print(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
-            continue
+    for impl, hf in transformers_variants(ckpt, train=False):
         hf_generate_batches(hf, reqs[:4], [[0, 1, 2, 3]])  # warm-up
         for name, batches in strategies.items():
             dt, toks, kv = hf_generate_batches(hf, reqs, batches)

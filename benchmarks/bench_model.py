@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from common import transformers_variants
 from nanoseek.config import preset
 from nanoseek.model import CausalLM, ContiguousCache
 
@@ -55,7 +56,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
-    import transformers
 
     torch.manual_seed(0)
     cfg = preset(args.preset, num_nextn_predict_layers=0, aux_loss_alpha=0.0)  # same loss as HF's
@@ -66,12 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
         hf_times = {}
-        for impl in ("eager", "grouped_mm", "batched_mm"):
-            try:
-                hf = transformers.AutoModelForCausalLM.from_pretrained(d, experts_implementation=impl).train()
-            except Exception as e:  # an implementation this build does not offer
-                print(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
-                continue
+        for impl, hf in transformers_variants(d, train=True):
             hf_times[impl] = time_steps(hf_step(hf, ids), args.warmup, args.steps)
             print(f"transformers [{impl}]: {tokens / hf_times[impl]:,.0f} tok/s")
             del hf

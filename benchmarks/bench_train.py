@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from common import transformers_variants
 from nanoseek.config import preset
 from nanoseek.model import CausalLM
 from nanoseek.train.loop import param_groups
@@ -65,7 +66,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
-    import transformers
 
     threads = setup_threads()
     peak = measure_peak_flops("cpu")  # the whole machine's peak, whatever --threads says
@@ -81,12 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
         candidates = {}
-        for impl in ("eager", "grouped_mm", "batched_mm"):
-            try:
-                hf = transformers.AutoModelForCausalLM.from_pretrained(d, experts_implementation=impl).train()
-            except Exception as e:  # an implementation this build does not offer
-                print(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
-                continue
+        for impl, hf in transformers_variants(d, train=True):
             step = make_step(hf, ids, True)
             step()
             candidates[impl] = (min(timed(step) for _ in range(2)), hf, step)
