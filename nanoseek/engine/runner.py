@@ -51,8 +51,7 @@ class ModelRunner:
         for b, rows in enumerate(h_prev):
             h[b, :len(rows)] = rows
         view = BatchView(self.cache, block_tables, starts, q_lens, absorb)
-        layer, model = self.model.mtp[0], self.model
-        # mtp_forward, but the shared head runs only on the rows whose draft we keep
-        h = layer(h, model.model.embed_tokens(self._pad(next_ids)), model.rotary(view.positions), view)
+        h = self.model.mtp_hidden(0, h, self._pad(next_ids), view.positions, view)
+        # the shared head runs only on the rows whose draft we keep
         last = h[torch.arange(len(q_lens), device=h.device), torch.tensor([n - 1 for n in q_lens], device=h.device)]
-        return model.lm_head(layer.shared_head.norm(last)).float()
+        return self.model.mtp_logits(0, last).float()

@@ -78,13 +78,20 @@ class CausalLM(nn.Module):
         """Logits [B,S,V]."""
         return self.lm_head(self.hidden(input_ids, positions, cache))
 
+    def mtp_hidden(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
+                   positions: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """MTP module k (0-based): h_prev [B,S,D] at positions, tokens one further on -> h^k."""
+        return self.mtp[k](h_prev, self.model.embed_tokens(next_ids), self.rotary(positions), cache)
+
+    def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """The shared head after MTP module k's own norm (apply it only to rows you need)."""
+        return self.lm_head(self.mtp[k].shared_head.norm(h))
+
     def mtp_forward(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
                     positions: torch.Tensor, cache: Cache | None = None):
-        """MTP module k (0-based): h_prev [B,S,D] at positions, tokens one further on.
-        Returns (h^k [B,S,D], logits [B,S,V])."""
-        layer = self.mtp[k]
-        h = layer(h_prev, self.model.embed_tokens(next_ids), self.rotary(positions), cache)
-        return h, self.lm_head(layer.shared_head.norm(h))
+        """Returns (h^k [B,S,D], logits [B,S,V])."""
+        h = self.mtp_hidden(k, h_prev, next_ids, positions, cache)
+        return h, self.mtp_logits(k, h)
 
     # --------------------------------------------------------------------- loss
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
