@@ -7,13 +7,12 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def info(path: str = typer.Argument(None, help="checkpoint directory"),
              preset: str = typer.Option(None, help="preset name (tiny, deepseek-v2-lite, deepseek-v2, deepseek-v3)")):
-        """Show a model's configuration and parameter count (builds presets on the meta device)."""
-        import torch
+        """Show a model's configuration and parameter counts (from the config: nothing is built)."""
         from rich.console import Console
         from rich.table import Table
 
+        from nanoseek.calc.params import count_params
         from nanoseek.config import preset as get_preset
-        from nanoseek.model import CausalLM
         if (path is None) == (preset is None):
             raise typer.BadParameter("give a checkpoint directory or --preset, not both")
         if path:
@@ -22,12 +21,12 @@ def register(app: typer.Typer) -> None:
             cfg = read_config(Path(path))
         else:
             cfg = get_preset(preset)
-        with torch.device("meta"):
-            model = CausalLM(cfg)
-        n = sum(p.numel() for p in model.parameters())
+        counts = count_params(cfg)
         t = Table(title=path or preset)
         t.add_column("field"); t.add_column("value")
         for k, v in cfg.to_dict().items():
             t.add_row(k, str(v))
-        t.add_row("parameters", f"{n:,}")
+        t.add_row("parameters (main model)", f"{counts.main_total:,}")
+        t.add_row("activated per token (main model)", f"{counts.main_activated:,}")
+        t.add_row("MTP modules", f"{counts.mtp:,}")
         Console().print(t)

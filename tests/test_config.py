@@ -86,3 +86,20 @@ def test_load_config_needs_exactly_one_source(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("tiny-ish")
     assert set(PRESETS) >= {"tiny", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"}
+
+
+def test_info_command_counts_what_the_model_builds():
+    import torch
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+    from nanoseek.model import CausalLM
+    res = CliRunner().invoke(app, ["info", "--preset", "tiny"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    with torch.device("meta"):
+        model = CausalLM(preset("tiny"))
+    main = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    mtp = sum(p.numel() for n, p in model.named_parameters() if n.startswith("mtp."))
+    assert f"{main:,}" in res.output and f"{mtp:,}" in res.output
+    bad = CliRunner().invoke(app, ["info"])
+    assert bad.exit_code != 0 and "--preset" in bad.output
