@@ -28,31 +28,6 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, *TOOL_TOKENS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
 
-# DeepSeek-V3's chat format, reduced to what a small model needs: an optional system
-# prompt first, <｜User｜>/<｜Assistant｜> turns, an eos after each assistant turn, tool
-# calls and tool outputs with DeepSeek's markers. The assistant's text sits inside
-# {% generation %} so `return_assistant_tokens_mask=True` marks the tokens SFT trains on.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for m in messages if m['role'] == 'system' %}{{ m['content'] }}{%- endfor %}"
-    "{%- for m in messages %}"
-    "{%- if m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
-    "{%- elif m['role'] == 'assistant' %}" + ASSISTANT + "{% generation %}"
-    "{{ m['content'] or '' }}"
-    "{%- if m.get('tool_calls') %}" + TOOL_TOKENS[0] +
-    "{%- for tc in m['tool_calls'] %}" + TOOL_TOKENS[2] + "{{ tc['type'] | default('function') }}"
-    + TOOL_TOKENS[4] + "{{ tc['function']['name'] }}\n```json\n"
-    "{{ tc['function']['arguments'] if tc['function']['arguments'] is string "
-    "else tc['function']['arguments'] | tojson }}\n```" + TOOL_TOKENS[3] + "{%- endfor %}"
-    + TOOL_TOKENS[1] + "{%- endif %}" + EOS + "{% endgeneration %}"
-    "{%- elif m['role'] == 'tool' %}" + TOOL_TOKENS[5] + TOOL_TOKENS[7] + "{{ m['content'] }}"
-    + TOOL_TOKENS[8] + TOOL_TOKENS[6] +
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}" + ASSISTANT + "{%- endif %}"
-)
-
-
 class TokenizerError(ValueError):
     """Tokenizer training input or files are unusable."""
 
@@ -94,6 +69,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
 def wrap(tok):
     """A `tokenizers.Tokenizer` -> PreTrainedTokenizerFast with the special tokens named."""
     from transformers import PreTrainedTokenizerFast
+
+    from nanoseek.chat_template import CHAT_TEMPLATE  # DeepSeek-V3's format (chat_template.py)
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
