@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 
-from nanoseek.tokenizer import ASSISTANT, BOS, EOS, TOOL_TOKENS, USER
+from nanoseek.special_tokens import ASSISTANT, BOS, EOS, TOOL_TOKENS, USER
 
 (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
  TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END) = TOOL_TOKENS

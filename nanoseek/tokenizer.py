@@ -15,16 +15,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-THINK, END_THINK = "<think>", "</think>"
-TOOL_TOKENS = [
-    "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
-    "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
-    "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>",
-]
-# Order fixes the ids: bos=0, eos=1, pad=2 as in the tiny preset.
-SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK, *TOOL_TOKENS]
+from nanoseek.chat_template import CHAT_TEMPLATE  # DeepSeek-V3's format
+from nanoseek.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, PAD, SPECIAL_TOKENS,  # noqa: F401
+                                     THINK, TOOL_TOKENS, USER)
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
 
@@ -69,8 +63,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
 def wrap(tok):
     """A `tokenizers.Tokenizer` -> PreTrainedTokenizerFast with the special tokens named."""
     from transformers import PreTrainedTokenizerFast
-
-    from nanoseek.chat_template import CHAT_TEMPLATE  # DeepSeek-V3's format (chat_template.py)
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
