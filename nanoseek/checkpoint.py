@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.model.moe import MoE
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import CausalLM
 from nanoseek.quant.fp8 import FP8, dequantize_weight
@@ -97,6 +98,20 @@ def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None) -> dict[str
         prefix = f"model.layers.{cfg.num_hidden_layers + k}."
         out[prefix + "embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
         out[prefix + "shared_head.head.weight"] = out["lm_head.weight"].clone()
+    out.update(_empty_shared_experts(model, dtype or model.lm_head.weight.dtype))
+    return out
+
+
+def _empty_shared_experts(model: CausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """With n_shared_experts 0, transformers (whose config takes no null) still builds a
+    shared-expert MLP of width 0 and reports its weights MISSING unless the checkpoint has
+    them: write them as it does, empty. Loading skips them again."""
+    D, out = model.config.hidden_size, {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoE) and m.shared_experts is None:
+            for proj, shape in (("gate_proj", (0, D)), ("up_proj", (0, D)), ("down_proj", (D, 0))):
+                key = to_hf_name(f"{name}.shared_experts.{proj}.weight", model.config)
+                out[key] = torch.empty(shape, dtype=dtype)
     return out
 
 
@@ -239,6 +254,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         if key is None:
             continue
         if key not in expected:
+            if t.numel() == 0:  # transformers' empty shared experts when n_shared_experts is 0
+                continue
             raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of a model with "
                                   f"this config.json)")
         if tuple(t.shape) != tuple(expected[key].shape):

@@ -58,7 +58,7 @@ class ModelConfig:
     v_head_dim: int = 128
     # --- DeepSeekMoE
     n_routed_experts: int | None = 256  # None: every layer dense
-    n_shared_experts: int | None = 1
+    n_shared_experts: int | None = 1  # null (as some configs say) is read as 0: none
     num_experts_per_tok: int | None = 8
     n_group: int | None = 8
     topk_group: int | None = 4
@@ -90,6 +90,8 @@ class ModelConfig:
     num_key_value_heads: int | None = None  # for gqa
 
     def __post_init__(self) -> None:
+        if self.n_shared_experts is None:  # transformers' configs take an int; 0 means none
+            self.n_shared_experts = 0
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -233,15 +235,26 @@ class ModelConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, source=str(path))
 
+    @property
+    def architecture(self) -> tuple[str, str]:
+        """(architectures[0], model_type) of the saved config.json: what transformers, vLLM
+        and SGLang pick the model class by. V2's softmax routing (greedy or group-limited) has
+        no DeepseekV3 form, whose router is sigmoid noaux_tc only, so it is saved as V2."""
+        if self.attention_type != "mla":  # baselines are nanoseek-only: no MHA-DeepSeek exists
+            return "NanoseekForCausalLM", "nanoseek"
+        if self.topk_method == "noaux_tc":
+            return "DeepseekV3ForCausalLM", "deepseek_v3"
+        return "DeepseekV2ForCausalLM", "deepseek_v2"
+
     def to_dict(self) -> dict[str, Any]:
-        """The HF DeepseekV3 layout plus nanoseek's training fields."""
+        """The HF DeepseekV3 (or, for V2 routing, DeepseekV2) layout plus nanoseek's training
+        fields. The routing fields keep their names in both: transformers' DeepseekV2Config
+        reads topk_method, n_group, topk_group, routed_scaling_factor and norm_topk_prob."""
         d = dataclasses.asdict(self)
         if self.attention_type == "mla":
             d.pop("num_key_value_heads")
             d["num_key_value_heads"] = self.num_attention_heads
-            arch, model_type = "DeepseekV3ForCausalLM", "deepseek_v3"
-        else:  # baselines are nanoseek-only: transformers has no MHA-DeepSeek
-            arch, model_type = "NanoseekForCausalLM", "nanoseek"
+        arch, model_type = self.architecture
         d.update(architectures=[arch], model_type=model_type, hidden_act="silu",
                  attention_bias=False, tie_word_embeddings=False, rope_interleave=True,
                  torch_dtype="float32")

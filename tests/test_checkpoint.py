@@ -10,7 +10,7 @@ import nanoseek
 from nanoseek.checkpoint import CheckpointError, save_pretrained
 from nanoseek.model import CausalLM
 from nanoseek.quant.fp8 import quantize_weight
-from tests.conftest import randomize, tiny_config
+from tests.conftest import randomize, tiny_config, v2_config
 
 
 @pytest.fixture
@@ -92,6 +92,39 @@ def test_unexpected_tensor_is_named(ckpt):
     _rewrite(ckpt, add)
     with pytest.raises(CheckpointError, match="rotary_bonus"):
         nanoseek.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("numel", [0, 2])
+def test_empty_tensor_of_an_absent_module_is_skipped_but_not_a_full_one(tmp_path, numel):
+    """transformers writes [0, D] shared-expert weights for n_shared_experts 0: nothing to load.
+    A tensor with numbers in it that the model has no place for is still an error."""
+    model = randomize(CausalLM(tiny_config(n_shared_experts=0))).eval()
+    model.save_pretrained(tmp_path)
+    name = "model.layers.1.mlp.shared_experts.up_proj.weight"
+    assert load_file(tmp_path / "model.safetensors")[name].shape == (0, 32)  # written as transformers does
+
+    def resize(t):
+        t[name] = torch.zeros(numel, 32)
+    _rewrite(tmp_path, resize)
+    if numel:
+        with pytest.raises(CheckpointError, match=r"unexpected tensor .*shared_experts\.up_proj"):
+            nanoseek.from_pretrained(tmp_path)
+    else:
+        torch.testing.assert_close(logits(nanoseek.from_pretrained(tmp_path)), logits(model), atol=0, rtol=0)
+
+
+def test_v2_checkpoint_is_written_as_v2(tmp_path):
+    """Softmax routing has no DeepseekV3 form: config.json says DeepseekV2 and keeps the V2
+    routing fields, and no e_score_correction_bias is written."""
+    model = randomize(CausalLM(v2_config())).eval()
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV2ForCausalLM"] and cfg["model_type"] == "deepseek_v2"
+    assert (cfg["topk_method"], cfg["scoring_func"], cfg["n_group"], cfg["topk_group"]) == (
+        "group_limited_greedy", "softmax", 4, 2)
+    assert cfg["norm_topk_prob"] is False and cfg["q_lora_rank"] is None
+    assert not any("e_score_correction_bias" in n for n in load_file(tmp_path / "model.safetensors"))
+    torch.testing.assert_close(logits(nanoseek.from_pretrained(tmp_path)), logits(model), atol=0, rtol=0)
 
 
 def test_unknown_architecture_is_named(ckpt):

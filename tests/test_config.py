@@ -43,6 +43,25 @@ def test_round_trip_and_transformers_reads_our_json(tmp_path):
     assert hf.n_group == cfg.n_group and hf.num_nextn_predict_layers == 1
 
 
+@pytest.mark.parametrize("name", ["deepseek-v2", "deepseek-v2-lite"])
+def test_v2_presets_are_written_as_v2_and_read_back_by_transformers(tmp_path, name):
+    cfg = preset(name)
+    cfg.to_json(tmp_path / "config.json")
+    assert ModelConfig.from_json(tmp_path) == cfg
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "DeepseekV2Config" and hf.architectures == ["DeepseekV2ForCausalLM"]
+    for field in ("topk_method", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
+                  "q_lora_rank", "n_shared_experts"):
+        assert getattr(hf, field) == getattr(cfg, field), field
+
+
+def test_null_shared_experts_means_none_and_is_written_as_0():
+    """transformers' configs take only an int here (null fails its validation)."""
+    cfg = preset("tiny", n_shared_experts=None)
+    assert cfg.n_shared_experts == 0 and cfg.to_dict()["n_shared_experts"] == 0
+    assert ModelConfig.from_dict({**preset("tiny").to_dict(), "n_shared_experts": None}) == cfg
+
+
 def test_transformers5_rope_parameters_are_understood(tmp_path):
     hf = transformers.DeepseekV3Config(rope_scaling={"type": "yarn", "factor": 4.0,
                                                      "original_max_position_embeddings": 64},

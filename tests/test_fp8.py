@@ -160,6 +160,16 @@ def test_which_tensors():
     assert not is_quantised("model.layers.3.mlp.gate.weight", w)
     assert not is_quantised("model.layers.61.eh_proj.weight", w)
     assert not is_quantised("model.layers.3.self_attn.kv_a_layernorm.weight", torch.zeros(4))
+    assert not is_quantised("model.layers.3.mlp.shared_experts.up_proj.weight", torch.zeros(0, 4))
+
+
+def test_convert_model_without_shared_experts(tmp_path):
+    """Its checkpoint holds empty [0, D] shared-expert weights, as transformers writes them."""
+    model = CausalLM(preset("tiny", n_shared_experts=0, num_hidden_layers=2)).eval()
+    save_pretrained(model, tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "fp8", "fp8", "fp32", progress=False)
+    ids = torch.randint(0, 4096, (1, 8))
+    assert torch.isfinite(_logits(tmp_path / "fp8", ids)).all()
 
 
 def test_cli_convert(tiny_ckpt, tmp_path):

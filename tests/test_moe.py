@@ -59,6 +59,26 @@ def test_v3_routing_respects_groups_and_uses_unbiased_weights():
     assert (idx2 == 3).any(dim=1).all()
 
 
+@pytest.mark.parametrize("norm,k,expect", [
+    (True, 2, "normalised"),   # DeepSeek-V2: normalised to sum 1, not scaled
+    (False, 2, "scaled"),      # the released V2 / V2-Lite configs: softmax scores x scale
+    (True, 1, "scaled"),       # normalising one weight is skipped (top_k > 1 rule)
+])
+def test_v2_gating_weights_follow_deepseek_v2(norm, k, expect):
+    """DeepSeek-V2's MoEGate: `if top_k > 1 and norm_topk_prob: normalise, else: x scale`:
+    one or the other, never both (V3's noaux_tc does both)."""
+    cfg = v2_config(topk_method="greedy", norm_topk_prob=norm, num_experts_per_tok=k,
+                    routed_scaling_factor=16.0)
+    gate = randomize(CausalLM(cfg)).model.layers[1].mlp.gate
+    x = torch.randn(20, cfg.hidden_size)
+    weights, indices, _, _ = gate(x)
+    p = torch.softmax(x @ gate.weight.T, dim=-1)  # by hand
+    top, top_idx = p.topk(k, dim=-1)
+    ref = top / top.sum(-1, keepdim=True) if expect == "normalised" else top * 16.0
+    assert torch.equal(indices.sort(-1)[0], top_idx.sort(-1)[0])
+    torch.testing.assert_close(weights.sort(-1)[0], ref.sort(-1)[0])
+
+
 def test_balance_loss_matches_hand_computation():
     scores = torch.tensor([[0.9, 0.1, 0.5, 0.5], [0.2, 0.8, 0.6, 0.4]])  # one sequence, T=2
     indices = torch.tensor([[0, 2], [1, 2]])

@@ -8,7 +8,8 @@ weights are the chosen s (not s + b), normalised when `norm_topk_prob`, times
 `routed_scaling_factor`.
 
 Routing, V2: softmax scores; `greedy` top-k, or `group_limited_greedy` (group score = the
-group's max). No bias.
+group's max). No bias. The gating weights are the chosen scores either normalised (when
+`norm_topk_prob`) or times `routed_scaling_factor`, never both, as in DeepSeek-V2's code.
 
 Dispatch sorts token-slots by expert, runs every expert once on its contiguous slice
 (skipping experts that got no tokens) and scatter-adds the weighted outputs back.
@@ -48,10 +49,17 @@ class Gate(nn.Module):
         if self.topk_method != "greedy" and self.n_group > 1:
             choice = self._limit_groups(choice)
         indices = choice.topk(self.top_k, dim=-1)[1]
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob and (self.scoring_func == "sigmoid" or self.top_k > 1):
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, indices, scores, logits
+        return self._gating_weights(scores.gather(1, indices)), indices, scores, logits
+
+    def _gating_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """V3 (noaux_tc) normalises the chosen sigmoid scores when `norm_topk_prob` and always
+        multiplies by `routed_scaling_factor`. V2 does one or the other: with `norm_topk_prob`
+        (and k > 1) the chosen softmax scores are normalised to sum to 1 and *not* scaled,
+        otherwise they are scaled (DeepSeek-V2's modeling_deepseek.py, MoEGate.forward)."""
+        if not (self.norm_topk_prob and (self.scoring_func == "sigmoid" or self.top_k > 1)):
+            return weights * self.route_scale
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale if self.scoring_func == "sigmoid" else weights
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Mask (-inf) every expert outside the topk_group best groups."""

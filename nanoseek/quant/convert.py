@@ -35,8 +35,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def is_quantised(name: str, t: torch.Tensor) -> bool:
-    """The tensors DeepSeek-V3's release stores in FP8: 2-D Linear weights of attention and FFNs."""
-    return t.ndim == 2 and QUANTISED.match(name) is not None
+    """The tensors DeepSeek-V3's release stores in FP8: 2-D Linear weights of attention and FFNs
+    (not the empty shared-expert weights of a model with n_shared_experts 0: nothing to scale)."""
+    return t.ndim == 2 and t.numel() > 0 and QUANTISED.match(name) is not None
 
 
 @dataclass
