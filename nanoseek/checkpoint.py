@@ -261,6 +261,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         if tuple(t.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected "
                                   f"{tuple(expected[key].shape)} from config.json")
+        _check_finite(t, name, file)
         want = torch.float32 if _keep_fp32(key) else (dtype or expected[key].dtype)
         loaded[key] = t.to(device=device or "cpu", dtype=want)
     missing = sorted(set(expected) - set(loaded))
@@ -270,6 +271,14 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     model.load_state_dict(loaded, assign=True, strict=True)
     _materialise_buffers(model, device)
     return model.eval()
+
+
+def _check_finite(t: torch.Tensor, name: str, file: Path) -> None:
+    """NaN/Inf weights make every logit NaN (greedy then returns token 0 forever): refuse them."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{file}: tensor {name!r} has {bad} non-finite value(s) (NaN/Inf) "
+                              f"of {t.numel()}")
 
 
 def _drop_absent_mtp(cfg: ModelConfig, weight_map: dict[str, str], path: Path) -> ModelConfig:

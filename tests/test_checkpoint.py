@@ -86,6 +86,15 @@ def test_wrong_shape_names_file_and_tensor(ckpt):
         nanoseek.from_pretrained(ckpt)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight_is_named(ckpt, bad):
+    def poison(t):
+        t["model.layers.1.self_attn.kv_b_proj.weight"][3, 5] = bad
+    _rewrite(ckpt, poison)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*kv_b_proj\.weight.*1 non-finite"):
+        nanoseek.from_pretrained(ckpt)
+
+
 def test_unexpected_tensor_is_named(ckpt):
     def add(t):
         t["model.layers.0.self_attn.rotary_bonus"] = torch.zeros(2)
