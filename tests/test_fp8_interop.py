@@ -99,9 +99,10 @@ def test_transformers_block_dequantisation_reads_only_these_shapes():
                       ((200, 64), False), ((64, 300), False)]:
         q, s = quantize_weight(torch.randn(shape))
         assert torch.equal(theirs(q, s, torch.float32), _by_hand(q, s)) == ok, shape
-    q, s = quantize_weight(torch.randn(260, 64))  # 260 rows, 3 scale rows: not divisible
-    with pytest.raises(ValueError):
-        theirs(q, s, torch.float32)
+    for shape in [(260, 64), (576, 256)]:  # 3 or 5 scale rows do not divide; 576: V3's kv_a_proj
+        q, s = quantize_weight(torch.randn(shape))
+        with pytest.raises(ValueError):
+            theirs(q, s, torch.float32)
 
 
 def test_fp8_checkpoint_gives_transformers_the_same_logits(tmp_path):
