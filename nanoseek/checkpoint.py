@@ -4,7 +4,9 @@ A checkpoint is a directory with `config.json` and one or several `*.safetensors
 (sharded ones listed in `model.safetensors.index.json`). Names are the DeepseekV3 layout;
 MTP module k is stored as `model.layers.{num_hidden_layers + k}`, with copies of the
 shared `embed_tokens` and `shared_head.head` beside it as in DeepSeek's release (vLLM and
-SGLang read them there). FP8 weights with `weight_scale_inv` are dequantised on load.
+SGLang read them there). FP8 weights (float8_e4m3fn, or float8_e5m2 with the same
+128x128 block scales) with `weight_scale_inv` are dequantised on load; any other dtype
+beside a scale is refused.
 
 Every failure names the file and the tensor, and every file is written atomically.
 """
@@ -26,7 +28,7 @@ from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.moe import MoE
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import CausalLM
-from nanoseek.quant.fp8 import FP8, dequantize_weight
+from nanoseek.quant.fp8 import FP8_DTYPES, dequantize_weight
 
 ARCHITECTURES = {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "NanoseekForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
@@ -215,18 +217,33 @@ def read_tensors(path: Path, weight_map: dict[str, str]):
             if name.endswith("_scale_inv"):
                 continue
             t = _get(f, path / fname, name)
-            if t.dtype == FP8:
-                scale_name = name + "_scale_inv"
-                if scale_name not in weight_map:
-                    raise CheckpointError(f"{path / fname}: tensor {name!r} is FP8 but "
-                                          f"{scale_name!r} is missing")
-                scale_file = path / weight_map[scale_name]
-                scale = _get(f if scale_file == path / fname else _open(scale_file), scale_file, scale_name)
-                try:
-                    t = dequantize_weight(t, scale)
-                except ValueError as e:
-                    raise CheckpointError(f"{scale_file}: tensor {scale_name!r}: {e}") from None
+            if t.dtype in FP8_DTYPES or name + "_scale_inv" in weight_map:
+                t = _dequantize(path, fname, f, name, t, weight_map)
             yield name, t, path / fname
+
+
+def _dequantize(path: Path, fname: str, f, name: str, t: torch.Tensor,
+                weight_map: dict[str, str]) -> torch.Tensor:
+    """A block-quantised weight and its `_scale_inv` -> the weight in fp32. Codes of any
+    dtype but the FP8 ones are refused: read as numbers they would be silently wrong
+    (transformers, for one, reads int8 beside a scale as packed FP4)."""
+    scale_name = name + "_scale_inv"
+    if t.dtype not in FP8_DTYPES:
+        raise CheckpointError(f"{path / fname}: tensor {name!r} has dtype {t.dtype} beside "
+                              f"{scale_name!r}; nanoseek dequantises block-scaled "
+                              f"{' and '.join(str(d) for d in FP8_DTYPES)} only")
+    if scale_name not in weight_map:
+        raise CheckpointError(f"{path / fname}: tensor {name!r} is FP8 ({t.dtype}) but "
+                              f"{scale_name!r} is missing")
+    scale_file = path / weight_map[scale_name]
+    scale = _get(f if scale_file == path / fname else _open(scale_file), scale_file, scale_name)
+    if not scale.is_floating_point():  # e.g. uint8 E8M0 exponents: not nanoseek's format
+        raise CheckpointError(f"{scale_file}: tensor {scale_name!r} has dtype {scale.dtype}; "
+                              "expected floating-point block scales")
+    try:
+        return dequantize_weight(t, scale)
+    except ValueError as e:
+        raise CheckpointError(f"{scale_file}: tensor {scale_name!r}: {e}") from None
 
 
 def _get(f, file: Path, name: str) -> torch.Tensor:

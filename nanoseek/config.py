@@ -37,6 +37,16 @@ REQUIRED_VALUES = {
 }
 
 
+# The rope_scaling keys nanoseek implements (transformers' YaRN keys, rope_theta aside: that
+# one is moved to the top-level field on load). Any other key is refused, never dropped.
+YARN_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
+             "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 class ConfigError(ValueError):
     """A config field is unknown, missing or contradicts another one."""
 
@@ -174,9 +184,22 @@ class ModelConfig:
         kind = rs.get("type", rs.get("rope_type"))
         need(kind in ("yarn", "default", None), "rope_scaling",
              f"only YaRN scaling is supported, got type {kind!r}")
+        allowed = YARN_KEYS if kind == "yarn" else {"type", "rope_type"}
+        unknown = sorted(set(rs) - allowed)
+        need(not unknown, "rope_scaling",
+             f"key(s) {unknown} are not implemented by nanoseek for type {kind!r} "
+             f"(it implements {sorted(allowed)}); refusing rather than ignoring them")
         if kind == "yarn":
             need("factor" in rs and "original_max_position_embeddings" in rs, "rope_scaling",
                  "YaRN needs 'factor' and 'original_max_position_embeddings'")
+            for key in ("factor", "original_max_position_embeddings"):
+                need(_is_number(rs[key]) and rs[key] > 0, "rope_scaling",
+                     f"YaRN's '{key}' must be a positive number, got {rs[key]!r}")
+            af = rs.get("attention_factor")
+            need(af is None or (_is_number(af) and af > 0), "rope_scaling",
+                 f"'attention_factor' must be null or a positive number, got {af!r}")
+            need(isinstance(rs.get("truncate", True), bool), "rope_scaling",
+                 f"'truncate' must be true or false, got {rs.get('truncate')!r}")
 
     @property
     def yarn(self) -> dict | None:
@@ -200,15 +223,15 @@ class ModelConfig:
             d["scoring_func"] = "sigmoid" if d["topk_method"] == "noaux_tc" else "softmax"
             if v2:
                 d.setdefault("norm_topk_prob", False)
-        if "rope_parameters" in d:  # transformers 5 folds rope_theta into rope_parameters
-            rp = dict(d.pop("rope_parameters") or {})
-            d.setdefault("rope_theta", rp.pop("rope_theta", cls.rope_theta))
-            if rp.get("rope_type", rp.get("type", "default")) != "default":
-                d.setdefault("rope_scaling", rp)
+        if "rope_parameters" in d:  # transformers 5's name; rope_scaling wins there too
+            rp = d.pop("rope_parameters")
+            d["rope_scaling"] = d.get("rope_scaling") or rp
         if d.get("rope_scaling") is not None:
             rs = dict(d["rope_scaling"])
+            if "rope_theta" in rs:  # transformers: the rope dict's rope_theta wins
+                d["rope_theta"] = rs.pop("rope_theta")
             rs["type"] = rs.pop("rope_type", rs.get("type"))
-            d["rope_scaling"] = rs if rs["type"] not in (None, "default") else None
+            d["rope_scaling"] = rs if rs["type"] not in (None, "default") or len(rs) > 1 else None
         if d.get("num_key_value_heads") is not None and d.get("attention_type", "mla") == "mla":
             d.pop("num_key_value_heads")  # MLA checkpoints copy the head count here; unused
         unknown = sorted(k for k in d if k not in known and k not in IGNORED_KEYS)

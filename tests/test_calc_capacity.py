@@ -113,3 +113,18 @@ def test_mtp_weights():
     assert weight_bytes(cfg, "bf16", include_mtp=True) - weight_bytes(cfg, "bf16") == 2 * pc.mtp
     extra_fp8 = weight_bytes(cfg, "fp8", include_mtp=True) - weight_bytes(cfg, "fp8")
     assert pc.mtp < extra_fp8 < 1.2 * pc.mtp  # mostly FP8 experts; eh_proj and norms in BF16
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+def test_mtp_kv_is_counted_like_calc_kv_and_the_engine(kv_dtype):
+    """--mtp keeps the MTP layers' latent cache too (the engine allocates num_hidden_layers +
+    num_nextn_predict_layers cache layers when it drafts with MTP)."""
+    from nanoseek.calc.kv import kv_bytes_per_token, kv_report
+    cfg = preset("deepseek-v3")
+    a = dict(qps=1, prompt_tokens=100, output_tokens=10, kv_dtype=kv_dtype)
+    with_mtp = plan_capacity(cfg, GPUS["H800"], Assumptions(**a, include_mtp=True))
+    without = plan_capacity(cfg, GPUS["H800"], Assumptions(**a))
+    assert with_mtp.kv_bytes_per_token == kv_bytes_per_token(cfg, dtype=kv_dtype, include_mtp=True)
+    row = next(r for r in kv_report(cfg, 1, 1, [kv_dtype], None, True)["rows"] if r["attention"] == "mla")
+    assert with_mtp.kv_bytes_per_token == row["bytes_per_token"]
+    assert with_mtp.kv_bytes_per_token * 61 == without.kv_bytes_per_token * 62

@@ -6,6 +6,7 @@ The model (every assumption is a field of `Assumptions` and is printed):
         concurrency = QPS x latency;
   * memory: the weights, plus every in-flight request's KV cache at its full length
     (prompt + output: the worst case a scheduler must admit), within `mem_util` of HBM;
+    with `include_mtp` the MTP layers' weights and KV too (as `calc kv --mtp` and the engine);
   * decode is memory-bound: each step reads the weights the batch touches plus the KV of
     every sequence (at the average context prompt + output/2) and must finish within TPOT
     at `bw_util` of the HBM bandwidth. A batch of C tokens touches, per MoE layer, on
@@ -47,7 +48,7 @@ class Assumptions:
     mfu: float = 0.4  # fraction of peak FLOP/s reached by prefill/decode matmuls
     bw_util: float = 0.7  # fraction of HBM bandwidth reached by decode
     mem_util: float = 0.9  # fraction of HBM usable for weights + KV (rest: activations, runtime)
-    include_mtp: bool = False  # load the MTP module too (for speculative decoding)
+    include_mtp: bool = False  # the MTP module's weights and its layers' KV (speculative decoding)
 
     def validate(self) -> None:
         for name in ("qps", "ttft_ms", "tpot_ms"):
@@ -135,7 +136,7 @@ def plan_capacity(cfg: ModelConfig, gpu: GPU, a: Assumptions) -> CapacityPlan:
     latency = a.ttft_ms / 1e3 + O * a.tpot_ms / 1e3
     C = a.qps * latency
     w = weight_bytes(cfg, a.weight_dtype, a.include_mtp)
-    kv_tok = kv_bytes_per_token(cfg, dtype=a.kv_dtype)
+    kv_tok = kv_bytes_per_token(cfg, dtype=a.kv_dtype, include_mtp=a.include_mtp)
     kv = C * (P + O) * kv_tok
     mem = gpu.mem_gb * 1e9
     n_mem = (w + kv) / (mem * a.mem_util)

@@ -4,7 +4,9 @@ DeepSeek's released weights rotate pairs (x0, x1), (x2, x3), ... (the `rope_inte
 layout), so we treat each pair as a complex number and multiply by e^{i·pos·θ_j}, as the
 reference `inference/model.py` does. YaRN follows transformers' semantics (the oracle):
 when the config says YaRN, the blended frequencies are used at every length and cos/sin
-are scaled by the attention factor mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+are scaled by the attention factor: `attention_factor` when the config gives it, else
+mscale(factor, mscale) / mscale(factor, mscale_all_dim). The softmax scale's mscale² comes
+from `mscale_all_dim` alone, whatever `attention_factor` says (as in transformers).
 """
 
 from __future__ import annotations
@@ -30,6 +32,32 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
+def yarn_correction_range(yarn: dict, dim: int, base: float) -> tuple[float, float]:
+    """The dims between which YaRN's ramp blends extrapolation into interpolation: where a
+    dim turns beta_fast and beta_slow times over the original context. `truncate` (default
+    true) rounds the range outwards to whole dims, as the YaRN paper's code does."""
+    original_len = yarn["original_max_position_embeddings"]
+    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def yarn_attention_factor(yarn: dict) -> float:
+    """The factor on cos/sin: the config's `attention_factor` overrides the mscale ratio."""
+    if yarn.get("attention_factor") is not None:
+        return float(yarn["attention_factor"])
+    factor, mscale, mscale_all = yarn["factor"], yarn.get("mscale"), yarn.get("mscale_all_dim")
+    if mscale and mscale_all:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+    return yarn_mscale(factor)
+
+
 def inv_frequencies(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
     """θ_j for j < dim/2 and the factor that scales cos/sin (1 without YaRN)."""
     base = cfg.rope_theta
@@ -37,26 +65,13 @@ def inv_frequencies(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
     yarn = cfg.yarn
     if not yarn:
         return freqs, 1.0
-    factor = yarn["factor"]
-    original_len = yarn["original_max_position_embeddings"]
-    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = yarn_correction_range(yarn, dim, base)
     if low == high:
         high += 0.001
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     # Low-frequency dims (ramp → 1) are interpolated by `factor`; high ones kept.
-    freqs = freqs / factor * ramp + freqs * (1 - ramp)
-    mscale, mscale_all = yarn.get("mscale"), yarn.get("mscale_all_dim")
-    if mscale and mscale_all:
-        attn_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
-    else:
-        attn_factor = yarn_mscale(factor)
-    return freqs, attn_factor
+    freqs = freqs / yarn["factor"] * ramp + freqs * (1 - ramp)
+    return freqs, yarn_attention_factor(yarn)
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -32,6 +32,11 @@ ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": [128, 128]}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Tokenizer (fast and slow formats), chat template and generation files: what transformers'
+# save_pretrained writes beside a model, and what `nanoseek tokenizer train` writes.
+SIDE_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+              "chat_template.jinja", "chat_template.json", "generation_config.json"}
 
 
 def is_quantised(name: str, t: torch.Tensor) -> bool:
@@ -141,11 +146,25 @@ def _write_index(src: Path, dst: Path, out_map: dict[str, str], total: int) -> N
         index.unlink()
 
 
+def checkpoint_side_files(src: Path) -> list[Path]:
+    """The files beside the weights that are part of a checkpoint: tokenizer, chat template
+    and generation files, and the remote-code modules config.json's auto_map names. A run
+    directory's other files (train_state.pt, the report, its plots) are not."""
+    auto_map = json.loads((src / "config.json").read_text()).get("auto_map") or {}
+    modules = {v.split(".")[0] + ".py" for v in auto_map.values() if isinstance(v, str)}
+    files = [p for p in sorted(src.iterdir()) if p.is_file() and p.name in SIDE_FILES | modules]
+    templates = src / "additional_chat_templates"  # transformers' named chat templates
+    if templates.is_dir():
+        files += sorted(p for p in templates.iterdir() if p.is_file() and p.suffix == ".jinja")
+    return files
+
+
 def _copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer and generation files travel with the weights."""
-    for p in src.iterdir():
-        if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", INDEX_FILE):
-            atomic_write(dst / p.name, lambda tmp, p=p: shutil.copyfile(p, tmp))
+    """Tokenizer and generation files travel with the weights; nothing else does."""
+    for p in checkpoint_side_files(src):
+        target = dst / p.relative_to(src)
+        target.parent.mkdir(exist_ok=True)
+        atomic_write(target, lambda tmp, p=p: shutil.copyfile(p, tmp))
 
 
 def _write_config(src: Path, dst: Path, to: str, dtype: str) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 FP8 = torch.float8_e4m3fn
+# What a checkpoint may store beside a `weight_scale_inv` and nanoseek dequantises (same block
+# semantics for both: weight = code * scale_inv); nanoseek itself writes E4M3, as DeepSeek does.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = torch.finfo(FP8).max  # 448
 BLOCK = 128
 
