@@ -1,9 +1,10 @@
-"""ModelConfig: one dataclass for DeepSeek-V2, V2-Lite, V3 and nanoseek's own models.
+"""ModelConfig: one dataclass for DeepSeek-V2, V2-Lite, V3 and nanoseek's own models, and its checks.
 
 Field names are the Hugging Face `DeepseekV3Config` names, so the `config.json` of a
 published DeepSeek checkpoint, one written by transformers 5 (`rope_parameters`) and one
-written by nanoseek all read the same way. Fields that only nanoseek uses (training
-weights, the attention baseline) are written beside them; transformers ignores them.
+written by nanoseek all read the same way (hf_json.py translates). Fields that only nanoseek
+uses (training weights, the attention baseline) are written beside them; transformers
+ignores them.
 """
 
 from __future__ import annotations
@@ -11,31 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from nanoseek.config import hf_json
+from nanoseek.config.errors import ConfigError
 
 ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
-
-# Keys that appear in published or transformers-written config.json files and carry no
-# information nanoseek needs (or are derived). They are accepted and dropped.
-IGNORED_KEYS = {
-    "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
-    "use_cache", "pretraining_tp", "attention_dropout", "output_router_logits", "head_dim",
-    "qk_head_dim", "ep_size", "moe_layer_freq", "rope_interleave", "quantization_config",
-    "_name_or_path", "num_mtp_layers", "router_aux_loss_coef", "mlp_bias", "tie_word_embeddings",
-    "attention_bias", "hidden_act", "initializer_range", "chunk_size_feed_forward",
-    "return_dict", "output_hidden_states", "output_attentions", "id2label", "label2id",
-    "problem_type", "tokenizer_class", "is_encoder_decoder", "add_cross_attention",
-}
-# Ignored keys whose value must be this one for the architecture to be what nanoseek builds.
-REQUIRED_VALUES = {
-    "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-    "tie_word_embeddings": False, "moe_layer_freq": 1, "rope_interleave": True,
-}
-
 
 # The rope_scaling keys nanoseek implements (transformers' YaRN keys, rope_theta aside: that
 # one is moved to the top-level field on load). Any other key is refused, never dropped.
@@ -45,10 +31,6 @@ YARN_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-class ConfigError(ValueError):
-    """A config field is unknown, missing or contradicts another one."""
 
 
 @dataclass
@@ -211,38 +193,11 @@ class ModelConfig:
     # ------------------------------------------------------------------- json io
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key, want in REQUIRED_VALUES.items():
-            if key in d and d[key] != want and d[key] is not None:
-                raise ConfigError(f"{source}: config field '{key}' is {d[key]!r}; nanoseek "
-                                  f"builds DeepSeek models with {key}={want!r}")
-        if "scoring_func" not in d:  # transformers' V2 config omits it; V2 is softmax
-            v2 = d.get("model_type") == "deepseek_v2"
-            d.setdefault("topk_method", "greedy" if v2 else "noaux_tc")
-            d["scoring_func"] = "sigmoid" if d["topk_method"] == "noaux_tc" else "softmax"
-            if v2:
-                d.setdefault("norm_topk_prob", False)
-        if "rope_parameters" in d:  # transformers 5's name; rope_scaling wins there too
-            rp = d.pop("rope_parameters")
-            d["rope_scaling"] = d.get("rope_scaling") or rp
-        if d.get("rope_scaling") is not None:
-            rs = dict(d["rope_scaling"])
-            if "rope_theta" in rs:  # transformers: the rope dict's rope_theta wins
-                d["rope_theta"] = rs.pop("rope_theta")
-            rs["type"] = rs.pop("rope_type", rs.get("type"))
-            d["rope_scaling"] = rs if rs["type"] not in (None, "default") or len(rs) > 1 else None
-        if d.get("num_key_value_heads") is not None and d.get("attention_type", "mla") == "mla":
-            d.pop("num_key_value_heads")  # MLA checkpoints copy the head count here; unused
-        unknown = sorted(k for k in d if k not in known and k not in IGNORED_KEYS)
-        if unknown:
-            raise ConfigError(f"{source}: unknown config field(s) {unknown}; "
-                              "expected DeepseekV2/V3 field names")
+        """A config.json dict in any of the dialects hf_json reads."""
+        kwargs = hf_json.from_hf(d, {f.name for f in dataclasses.fields(cls)}, source)
         try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except TypeError as e:
+            return cls(**kwargs)
+        except (ConfigError, TypeError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
@@ -260,94 +215,15 @@ class ModelConfig:
 
     @property
     def architecture(self) -> tuple[str, str]:
-        """(architectures[0], model_type) of the saved config.json: what transformers, vLLM
-        and SGLang pick the model class by. V2's softmax routing (greedy or group-limited) has
-        no DeepseekV3 form, whose router is sigmoid noaux_tc only, so it is saved as V2."""
-        if self.attention_type != "mla":  # baselines are nanoseek-only: no MHA-DeepSeek exists
-            return "NanoseekForCausalLM", "nanoseek"
-        if self.topk_method == "noaux_tc":
-            return "DeepseekV3ForCausalLM", "deepseek_v3"
-        return "DeepseekV2ForCausalLM", "deepseek_v2"
+        """(architectures[0], model_type) this config is saved under (see hf_json)."""
+        return hf_json.architecture(self.attention_type, self.topk_method)
 
     def to_dict(self) -> dict[str, Any]:
-        """The HF DeepseekV3 (or, for V2 routing, DeepseekV2) layout plus nanoseek's training
-        fields. The routing fields keep their names in both: transformers' DeepseekV2Config
-        reads topk_method, n_group, topk_group, routed_scaling_factor and norm_topk_prob."""
-        d = dataclasses.asdict(self)
-        if self.attention_type == "mla":
-            d.pop("num_key_value_heads")
-            d["num_key_value_heads"] = self.num_attention_heads
-        arch, model_type = self.architecture
-        d.update(architectures=[arch], model_type=model_type, hidden_act="silu",
-                 attention_bias=False, tie_word_embeddings=False, rope_interleave=True,
-                 torch_dtype="float32")
-        return d
+        """The HF layout (hf_json.to_hf) plus nanoseek's training fields."""
+        return hf_json.to_hf(dataclasses.asdict(self))
 
     def to_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-
-# ---------------------------------------------------------------------- presets
-_YARN_40 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-            "beta_fast": 32, "beta_slow": 1}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-trainable, every V3 feature on: q-LoRA, 4 groups keep 2, a shared expert,
-    # a first dense layer, one MTP layer.
-    "tiny": dict(
-        vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, q_lora_rank=128, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-        first_k_dense_replace=1, routed_scaling_factor=2.5, scoring_func="sigmoid",
-        topk_method="noaux_tc", norm_topk_prob=True, num_nextn_predict_layers=1,
-        max_position_embeddings=1024, rope_theta=10000.0, bos_token_id=0, eos_token_id=1,
-        pad_token_id=2),
-    "deepseek-v2-lite": dict(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512,
-        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
-        n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
-        first_k_dense_replace=1, routed_scaling_factor=1.0, scoring_func="softmax",
-        topk_method="greedy", norm_topk_prob=False, num_nextn_predict_layers=0,
-        max_position_embeddings=163840, rope_theta=10000.0,
-        rope_scaling={**_YARN_40, "mscale": 0.707, "mscale_all_dim": 0.707},
-        bos_token_id=100000, eos_token_id=100001, aux_loss_alpha=0.001),
-    "deepseek-v2": dict(
-        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=160,
-        n_shared_experts=2, num_experts_per_tok=6, n_group=8, topk_group=3,
-        first_k_dense_replace=1, routed_scaling_factor=16.0, scoring_func="softmax",
-        topk_method="group_limited_greedy", norm_topk_prob=False, num_nextn_predict_layers=0,
-        max_position_embeddings=163840, rope_theta=10000.0,
-        rope_scaling={**_YARN_40, "mscale": 0.707, "mscale_all_dim": 0.707},
-        bos_token_id=100000, eos_token_id=100001, aux_loss_alpha=0.003),
-    "deepseek-v3": dict(
-        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
-        num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
-        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
-        n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
-        first_k_dense_replace=3, routed_scaling_factor=2.5, scoring_func="sigmoid",
-        topk_method="noaux_tc", norm_topk_prob=True, num_nextn_predict_layers=1,
-        max_position_embeddings=163840, rope_theta=10000.0,
-        rope_scaling={**_YARN_40, "mscale": 1.0, "mscale_all_dim": 1.0},
-        bos_token_id=0, eos_token_id=1, aux_loss_alpha=0.0001),
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """A named configuration, optionally with some fields changed."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
-
-
-def load_config(preset_name: str | None = None, config_path: str | None = None) -> ModelConfig:
-    """The CLI's rule: exactly one of --preset or --config."""
-    if (preset_name is None) == (config_path is None):
-        raise ConfigError("give exactly one of --preset NAME or --config FILE")
-    return preset(preset_name) if preset_name else ModelConfig.from_json(config_path)
