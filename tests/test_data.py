@@ -131,3 +131,26 @@ def test_a_split_of_exactly_one_window_batches(tmp_path, tok):
     short = TokenArrays(np.asarray(data.train[:32]), data.val, data.meta)
     with pytest.raises(CorpusError, match="fewer than"):
         short.batch(step=0, micro=0, batch_size=2, seq_len=32, seed=0)
+
+
+def test_jsonl_row_without_text_is_refused_with_its_line(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join([json.dumps({"text": "one"}), "", json.dumps({"body": "two"}),
+                            json.dumps({"text": "three"})]) + "\n")
+    with pytest.raises(CorpusError, match=r"rows.jsonl: line 3 has no text in field 'text'"):
+        load_corpus([f])
+
+
+def test_blank_rows_are_counted_not_dropped_silently(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in ["one", " ", "", "two"]) + "\n")
+    with pytest.warns(UserWarning, match="skipped 2 of 4 rows"):
+        assert load_corpus([f]) == ["one", "two"]
+
+
+@pytest.mark.parametrize("name,data", [("latin.txt", "caf\xe9\n\nau lait"),
+                                       ("latin.jsonl", '{"text": "caf\xe9"}\n')])
+def test_non_utf8_file_error_names_the_encoding(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data.encode("latin-1"))
+    with pytest.raises(CorpusError, match=f"{name}: is not UTF-8 text"):
+        load_corpus([tmp_path / name])

@@ -10,9 +10,13 @@ unreadable, corrupt or empty is an error that names it.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+_NOT_UTF8 = "{path}: is not UTF-8 text; re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
 
 
 class CorpusError(ValueError):
@@ -69,14 +73,56 @@ def load_file(path: Path, text_field: str = "text") -> list[str]:
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
+        if _not_utf8(e):
+            raise CorpusError(_NOT_UTF8.format(path=path)) from None
         raise CorpusError(f"{path}: cannot be read as {kind} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if text_field not in ds.column_names:
         raise CorpusError(f"{path}: no '{text_field}' column (columns: {ds.column_names})")
-    docs = [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    try:
+        values = list(ds[text_field])  # pyarrow decodes the strings only here
+    except UnicodeDecodeError:
+        raise CorpusError(_NOT_UTF8.format(path=path)) from None
+    return _documents(path, kind, values, text_field)
+
+
+def _documents(path: Path, kind: str, values: list, text_field: str) -> list[str]:
+    """The rows' texts. A row without a string in `text_field` is an error naming its line
+    (it would silently shrink the corpus); blank texts are skipped, and the count is said."""
+    for i, t in enumerate(values):
+        if not isinstance(t, str):
+            where = f"line {_line_of_row(path, i)}" if kind == "json" else f"row {i + 1}"
+            raise CorpusError(f"{path}: {where} has no text in field '{text_field}' (got "
+                              f"{type(t).__name__}); fix or remove such rows")
+    docs = [t.strip() for t in values if t.strip()]
     if not docs:
         raise CorpusError(f"{path}: holds no text")
+    if len(docs) < len(values) and kind != "text":  # in text files: runs of blank lines
+        warnings.warn(f"{path}: skipped {len(values) - len(docs)} of {len(values)} rows whose "
+                      f"'{text_field}' is blank", stacklevel=3)
     return docs
+
+
+def _line_of_row(path: Path, row: int) -> int:
+    """1-based line of the row-th record of a JSON-lines file (blank lines hold no record)."""
+    if path.suffix.lower() != ".jsonl":
+        return row + 1
+    with open(path, encoding="utf-8", errors="replace") as f:
+        seen = -1
+        for n, line in enumerate(f, 1):
+            seen += bool(line.strip())
+            if seen == row:
+                return n
+    return row + 1
+
+
+def _not_utf8(e: BaseException) -> bool:
+    """datasets raises a UnicodeDecodeError or wraps one (sometimes only in its message)."""
+    while e is not None:
+        if isinstance(e, UnicodeDecodeError) or "codec can't decode" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def load_corpus(paths: list[str | os.PathLike] | None = None, text_field: str = "text") -> list[str]:

@@ -1,0 +1,120 @@
+"""The package's import graph: one-way arrows (DESIGN.md §1), every module importable alone.
+
+The graph is read from the source (top-level *and* function-level imports), so a lazy
+import that hides a cycle from the interpreter still counts as an arrow back.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "nanoseek"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _resolve(name: str) -> str | None:
+    """The longest known module that `name` (a module or a name inside one) refers to."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _imports(module: str) -> set[str]:
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}".rstrip(".")
+            names = [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {m for n in names if n.startswith("nanoseek") and (m := _resolve(n)) and m != module}
+    return out
+
+
+GRAPH = {m: _imports(m) for m in MODULES}
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle():
+    assert _cycles() == []
+
+
+def test_model_knows_nothing_of_files():
+    """The model package never imports the checkpoint code, even lazily."""
+    bad = {m: sorted(d) for m, d in GRAPH.items() if m.startswith("nanoseek.model")
+           and any(x.startswith("nanoseek.checkpoint") for x in d)}
+    assert bad == {}
+
+
+def test_graph_sees_lazy_imports():
+    """The reader above would catch a function-level import (guards the test itself)."""
+    src = "def f():\n    from nanoseek.checkpoint import save_pretrained\n"
+    names = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
+    assert names == {"nanoseek.checkpoint"}
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    """All modules import in one new interpreter, and the model alone pulls in no file code."""
+    mods = sorted(m for m in MODULES if not m.endswith("__main__"))
+    code = ("import importlib, sys\n"
+            "import nanoseek.model\n"
+            "assert not any(m.startswith('nanoseek.checkpoint') for m in sys.modules), 'model imported checkpoint'\n"
+            f"for m in {mods!r}: importlib.import_module(m)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.endswith("__main__")))
+def test_each_module_imports_alone(module):
+    """Each module imports with nothing imported before it (catches order-dependent imports)."""
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                       cwd=PKG.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
