@@ -83,23 +83,29 @@ def register(app: typer.Typer) -> None:
         checkpoints. The run directory loads with transformers' AutoModelForCausalLM."""
         try:
             from nanoseek.config import load_config
-            from nanoseek.train.loop import TrainConfig
+            from nanoseek.train.config import TrainConfig
+            from nanoseek.train.pretrain import DataConfig, PretrainConfig
             from nanoseek.train.pretrain import pretrain as run_pretrain
             cfg = load_config(None if config else preset, config)
             if router_z_loss is not None:
                 cfg = cfg.replace(router_z_loss_coef=router_z_loss)
-            tcfg = TrainConfig(max_steps=max_steps or 1000, batch_size=batch_size, seq_len=seq_len,
-                               grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                               schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
-                               precision=precision, eval_every=eval_every, eval_tokens=eval_tokens,
-                               save_every=save_every, sample_every=sample_every,
-                               time_limit=time_limit or 0.0, seed=seed)
-            run = run_pretrain(out, cfg, tcfg, data_paths=data, tokenizer_dir=tokenizer,
-                               resume=resume, val_fraction=val_fraction, progress=not no_progress,
-                               threads=threads, sample_tokens=sample_tokens,
-                               resume_overrides={k: v for k, v in (("max_steps", max_steps),
-                                                                   ("time_limit", time_limit)) if v is not None},
-                               text_field=text_field)
+            settings = PretrainConfig(
+                model=cfg,
+                train=TrainConfig(max_steps=max_steps or 1000, batch_size=batch_size, seq_len=seq_len,
+                                  grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                                  schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
+                                  precision=precision, eval_every=eval_every, eval_tokens=eval_tokens,
+                                  save_every=save_every, sample_every=sample_every,
+                                  time_limit=time_limit or 0.0, seed=seed),
+                data=DataConfig(paths=data or [], text_field=text_field, val_fraction=val_fraction,
+                                tokenizer=tokenizer),
+                sample_tokens=sample_tokens)
+            # on --resume the run's saved settings rule; only the flags given here change them
+            given = {"train.max_steps": max_steps, "train.time_limit": time_limit,
+                     "data.paths": settings.data.paths or None,
+                     "data.text_field": text_field if data else None}
+            run = run_pretrain(out, settings, resume=resume, progress=not no_progress, threads=threads,
+                               overrides={k: v for k, v in given.items() if v is not None})
         except _user_errors() as e:
             _fail(e)
         s = run["summary"]
@@ -134,15 +140,8 @@ def register(app: typer.Typer) -> None:
               seq_len: Optional[int] = typer.Option(None, help="window length (default: the run's own seq_len)")):
         """Validation loss and bits per byte of a saved checkpoint on its run's held-out split."""
         try:
-            from nanoseek.speedrun import evaluate_checkpoint
-            if not (run_dir / "data" / "meta.json").exists():
-                raise FileNotFoundError(f"{run_dir}: no data/meta.json (not a nanoseek pretraining run)")
-            if seq_len is None:
-                import json
-                run_json = run_dir / "run.json"
-                seq_len = (json.loads(run_json.read_text())["train_config"]["seq_len"]
-                           if run_json.exists() else 256)
-            ev = evaluate_checkpoint(run_dir, seq_len)
+            from nanoseek.train.eval import evaluate_run
+            ev = evaluate_run(run_dir, seq_len)
         except _user_errors() as e:
             _fail(e)
         typer.echo(f"val_loss={ev['val_loss']:.4f} val_bpb={ev['val_bpb']:.4f} tokens={ev['val_tokens']}")

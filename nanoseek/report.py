@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from nanoseek.checkpoint import atomic_write, atomic_write_text
-from nanoseek.train.loop import read_metrics
+from nanoseek.train.metrics import read_metrics
 
 
 def _fmt(x, digits=4) -> str:
@@ -92,6 +92,16 @@ def _thread_mix(train: list[dict]) -> str:
     return ", ".join(f"{n} thread(s): {c} steps" for n, c in sorted(counts.items())) or "fixed"
 
 
+METHOD_NOTES = (
+    "Method notes: loss curves are the next-token cross-entropy (the MTP and balance "
+    "terms are logged beside it in metrics.jsonl). Bits per byte = validation nats on "
+    "text tokens / (ln 2 x their UTF-8 bytes). The unigram baseline is the training "
+    "split's token frequencies (add-one smoothed) scored on the same validation windows. "
+    "MFU = model FLOPs per token (nanoseek.calc: 6 x activated matmul parameters, the MTP "
+    "module included, + causal attention) "
+    "x tokens/s / the matmul peak measured on this machine.\n")
+
+
 def write_report(run_dir: str | Path, title: str | None = None, extra: dict | None = None) -> Path:
     """Write run_dir/report.md (+ PNGs); returns its path."""
     run_dir = Path(run_dir)
@@ -102,24 +112,32 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
     samples = [r for r in metrics if r.get("kind") == "sample"]
     if not train:
         raise ValueError(f"{run_dir}: metrics.jsonl has no training steps yet")
-    summary = run.get("summary") or {}
-    params, mc, tc = run["params"], run["model_config"], run["train_config"]
-    tokens = train[-1]["tokens"]
-    elapsed = train[-1]["elapsed"]
+    loss_png = plot_loss(run_dir, train, evals, run)
+    load_png = plot_expert_load(run_dir, train, run.get("moe_layers", []))
+    lr_png = plot_lr(run_dir, train)
+    rows = headline_rows(run, train, evals) + list({**run.get("report_extra", {}), **(extra or {})}.items())
+    L = [f"# {title or 'nanoseek run'}: {run_dir.name}\n", "## Headline\n", "| metric | value |\n|---|---|"]
+    L += [f"| {k} | {v} |" for k, v in rows]
+    L += ["", "## Curves\n", f"![loss]({loss_png})\n"]
+    if load_png:
+        L.append(f"![expert load]({load_png})\n")
+    L.append(f"![learning rate]({lr_png})\n")
+    L += validation_section(evals) + samples_section(samples) + data_section(run)
+    L += configuration_section(run) + [METHOD_NOTES]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(L))
+    return path
+
+
+def headline_rows(run: dict, train: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
+    """The headline table: validation against the unigram baseline, size, throughput, balance."""
+    params, summary = run["params"], run.get("summary") or {}
+    tokens, elapsed = train[-1]["tokens"], train[-1]["elapsed"]
     tok_s = tokens / elapsed if elapsed else 0.0
     mfu = run["flops_per_token"] * tok_s / run["peak_flops"] if run.get("peak_flops") else None
     final = evals[-1] if evals else {}
     best = min(evals, key=lambda r: r["val_loss"]) if evals else {}
-
-    figs = [plot_loss(run_dir, train, evals, run), plot_expert_load(run_dir, train, run.get("moe_layers", [])), plot_lr(run_dir, train)]
-    last_viol = train[-1].get("max_violation") or []
-    tail = train[-max(1, len(train) // 10):]
-    mean_viol = [sum(r["max_violation"][j] for r in tail) / len(tail) for j in range(len(last_viol))]
-    L = []
-    L.append(f"# {title or 'nanoseek run'}: {run_dir.name}\n")
-    L.append("## Headline\n")
-    L.append("| metric | value |\n|---|---|")
-    rows = [
+    return [
         ("final validation loss (nats/token)", _fmt(final.get("val_loss"))),
         ("final validation bits per byte", _fmt(final.get("val_bpb"))),
         ("best validation loss (step)", f"{_fmt(best.get('val_loss'))} ({best.get('step', 'n/a')})"),
@@ -143,49 +161,52 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
         ("threads used per step (adaptive runs)", _thread_mix(train)),
         ("MFU", f"{100 * mfu:.1f} %" if mfu is not None else "n/a"),
         ("precision", run.get("precision")),
-        ("expert-load max violation, mean of the last 10 % of steps",
-         ", ".join(f"{n}: {v:.3f}" for n, v in zip(run.get("moe_layers") or range(len(mean_viol)),
-                                                   mean_viol)) or "n/a"),
+        ("expert-load max violation, mean of the last 10 % of steps", _balance(run, train)),
     ]
-    extra = {**run.get("report_extra", {}), **(extra or {})}
-    for k, v in extra.items():
-        rows.append((k, str(v)))
-    L += [f"| {k} | {v} |" for k, v in rows]
-    L.append("")
-    L.append("## Curves\n")
-    L.append(f"![loss]({figs[0]})\n")
-    if figs[1]:
-        L.append(f"![expert load]({figs[1]})\n")
-    L.append(f"![learning rate]({figs[2]})\n")
-    L.append("## Validation\n")
-    L.append("| step | tokens | loss | bits/byte |\n|---|---|---|---|")
+
+
+def _balance(run: dict, train: list[dict]) -> str:
+    last_viol = train[-1].get("max_violation") or []
+    tail = train[-max(1, len(train) // 10):]
+    mean_viol = [sum(r["max_violation"][j] for r in tail) / len(tail) for j in range(len(last_viol))]
+    return ", ".join(f"{n}: {v:.3f}" for n, v in zip(run.get("moe_layers") or range(len(mean_viol)),
+                                                     mean_viol)) or "n/a"
+
+
+def validation_section(evals: list[dict]) -> list[str]:
+    L = ["## Validation\n", "| step | tokens | loss | bits/byte |\n|---|---|---|---|"]
     L += [f"| {r['step']} | {r['tokens']:,} | {r['val_loss']:.4f} | {r.get('val_bpb', float('nan')):.4f} |"
           for r in evals]
-    L.append("")
-    if samples:
-        L.append(f"## Samples (step {samples[-1]['step']}, temperature 0.8, top-k 40)\n")
-        for s in samples[-1]["samples"]:
-            L.append("```text\n" + s.replace("```", "'''") + "\n```")
-        L.append("")
-    L.append("## Data\n")
+    return L + [""]
+
+
+def samples_section(samples: list[dict]) -> list[str]:
+    if not samples:
+        return []
+    L = [f"## Samples (step {samples[-1]['step']}, temperature 0.8, top-k 40)\n"]
+    L += ["```text\n" + s.replace("```", "'''") + "\n```" for s in samples[-1]["samples"]]
+    return L + [""]
+
+
+def data_section(run: dict) -> list[str]:
+    from nanoseek.train.pretrain import DEFAULT_SOURCE, settings_of
+
     d = run["data"]
-    L.append(f"Sources: {', '.join(run['data_paths'])}. {d['train_tokens']:,} training tokens "
-             f"({d['train_docs']} documents), {d['val_tokens']:,} validation tokens "
-             + (f"({d['val_docs']} documents, {d['val_bytes']:,} bytes)" if d["val_docs"] else
-                f"(the tail of the single document's tokens"
-                + (f", {d['val_bytes']:,} bytes)" if d.get("tail_split") else ")"))
-             + f"; vocabulary {d['vocab_size']:,}.\n")
-    L.append("## Configuration\n")
-    L.append("Training:\n\n```json\n" + json.dumps(tc, indent=1) + "\n```\n")
-    L.append("Model (config.json):\n\n```json\n" + json.dumps(
-        {k: v for k, v in mc.items() if k not in ("architectures",)}, indent=1, sort_keys=True) + "\n```\n")
-    L.append("Method notes: loss curves are the next-token cross-entropy (the MTP and balance "
-             "terms are logged beside it in metrics.jsonl). Bits per byte = validation nats on "
-             "text tokens / (ln 2 x their UTF-8 bytes). The unigram baseline is the training "
-             "split's token frequencies (add-one smoothed) scored on the same validation windows. "
-             "MFU = model FLOPs per token (nanoseek.calc: 6 x activated matmul parameters, the MTP "
-             "module included, + causal attention) "
-             "x tokens/s / the matmul peak measured on this machine.\n")
-    path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(L))
-    return path
+    sources = settings_of(run)["data"].get("paths") or [DEFAULT_SOURCE]
+    return ["## Data\n",
+            f"Sources: {', '.join(sources)}. {d['train_tokens']:,} training tokens "
+            f"({d['train_docs']} documents), {d['val_tokens']:,} validation tokens "
+            + (f"({d['val_docs']} documents, {d['val_bytes']:,} bytes)" if d["val_docs"] else
+               f"(the tail of the single document's tokens"
+               + (f", {d['val_bytes']:,} bytes)" if d.get("tail_split") else ")"))
+            + f"; vocabulary {d['vocab_size']:,}.\n"]
+
+
+def configuration_section(run: dict) -> list[str]:
+    from nanoseek.train.pretrain import settings_of
+
+    settings = settings_of(run)
+    mc = {k: v for k, v in settings["model"].items() if k not in ("architectures",)}
+    return ["## Configuration\n",
+            "Training:\n\n```json\n" + json.dumps(settings["train"], indent=1) + "\n```\n",
+            "Model (config.json):\n\n```json\n" + json.dumps(mc, indent=1, sort_keys=True) + "\n```\n"]

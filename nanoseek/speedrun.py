@@ -31,30 +31,13 @@ def _is_run_dir(path: Path) -> bool:
     return any((path / f).exists() for f in ("run.json", "train_state.pt", "metrics.jsonl"))
 
 
-def evaluate_checkpoint(run_dir: Path, seq_len: int) -> dict:
-    """Reload the saved checkpoint from disk and score the whole validation split: proves
-    the directory holds the model that was trained."""
-    import torch
-
-    from nanoseek.checkpoint import from_pretrained
-    from nanoseek.data.tokenized import TokenArrays
-    from nanoseek.tokenizer import load_tokenizer, token_byte_lengths
-    from nanoseek.train.pretrain import make_evaluate
-
-    model = from_pretrained(run_dir)
-    tok = load_tokenizer(run_dir)
-    data = TokenArrays.open(run_dir / "data")
-    lengths = token_byte_lengths(tok) + [0] * (model.config.vocab_size - len(tok))
-    with torch.no_grad():
-        return make_evaluate(data, lengths, seq_len, None, torch.device("cpu"))(model)
-
-
 def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float = 7.0,
              max_steps: int = 300, progress: bool = True, log=print, threads: int | None = 0,
              **train_overrides) -> Path:
     """Run every stage; returns the path of report.md."""
     from nanoseek.report import write_report
-    from nanoseek.train.pretrain import pretrain, write_run
+    from nanoseek.train.eval import evaluate_checkpoint
+    from nanoseek.train.pretrain import PretrainConfig, pretrain, write_run
 
     t_start = time.perf_counter()
     out = Path(root) / name
@@ -67,7 +50,8 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float =
     tcfg = TrainConfig(**{**SPEEDRUN_TRAIN, "max_steps": max_steps, "time_limit": minutes * 60,
                           **train_overrides})
     log(f"[1/3] tokenizer + pretraining: tiny preset, up to {max_steps} steps or {minutes:g} min")
-    run = pretrain(out, cfg, tcfg, progress=progress, log=log, threads=threads)
+    run = pretrain(out, PretrainConfig(model=cfg, train=tcfg), progress=progress, log=log,
+                   threads=threads)
     log("[2/3] evaluation: reloading the checkpoint from disk")
     ev = evaluate_checkpoint(out, tcfg.seq_len)
     log(f"      validation loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte "

@@ -15,7 +15,7 @@ def test_speedrun_smoke(tmp_path):
                     threads=1, eval_tokens=1024, warmup_steps=1)
     text = path.read_text()
     run = json.loads((tmp_path / "smoke" / "run.json").read_text())
-    assert run["summary"]["steps"] == 3 and run["model_config"]["bias_update_speed"] == 0.01
+    assert run["summary"]["steps"] == 3 and run["settings"]["model"]["bias_update_speed"] == 0.01
     for needle in ("unigram baseline loss", "parameters, total", "8,223,744 main model + 1,934,784 MTP module",
                    "3,046,400 main model", "MFU",
                    "reloaded checkpoint", "expert-load max violation", "layer 3", "MTP 0"):

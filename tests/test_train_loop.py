@@ -35,8 +35,8 @@ def _batches(vocab, B=4, S=24, seed=0):
     return next_batch
 
 
-def _loss(model, batch):
-    out = model.loss(*batch)
+def _loss(model, batch, targets):
+    out = model.loss(*batch, num_targets=targets.count, num_batches=targets.micro_batches)
     return out.loss, {"lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
 
 
@@ -46,7 +46,7 @@ def _trainer(tmp_path, cfg=None, **kw):
     tc = TrainConfig(**{"max_steps": 30, "lr": 1e-2, "warmup_steps": 3, "eval_every": 0,
                         "save_every": 0, **kw})
     return Trainer(model, tc, tmp_path, _batches(model.config.vocab_size, B=tc.batch_size),
-                   _loss, progress=False)
+                   _loss, count_targets=lambda b: model.loss_targets(b[1]), progress=False)
 
 
 def test_loss_falls_and_metrics_are_logged(tmp_path):
@@ -77,7 +77,8 @@ def test_grad_accumulation_matches_the_big_batch(tmp_path):
         def next_batch(step, micro):
             x, y = full(step, 0)
             return x[micro * B:(micro + 1) * B], y[micro * B:(micro + 1) * B]
-        tr = Trainer(model, tc, tmp_path / f"a{accum}", next_batch, _loss, progress=False)
+        tr = Trainer(model, tc, tmp_path / f"a{accum}", next_batch, _loss,
+                     count_targets=lambda b: model.loss_targets(b[1]), progress=False)
         seen = {}
         orig = tr.optimizer.step
 
@@ -191,3 +192,106 @@ def test_router_z_loss_is_optional_and_logged(tmp_path):
         tr = _trainer(tmp_path / str(coef), cfg=micro_config(router_z_loss_coef=coef), max_steps=1)
         return tr.train_step()["aux_loss"]
     assert aux(0.01) > aux(0.0) > 0
+
+
+def _step_grads(micro_batches, batch, loss_fn=_loss, cfg=None):
+    """Gradients of one optimizer step over `batch` (x, y) split into `micro_batches`."""
+    torch.manual_seed(0)
+    model = CausalLM(cfg or micro_config())
+    B = batch[0].shape[0] // micro_batches
+    tc = TrainConfig(max_steps=1, batch_size=B, grad_accum=micro_batches, warmup_steps=0,
+                     grad_clip=0.0, eval_every=0, save_every=0)
+    tr = Trainer(model, tc, "unused", lambda step, m: tuple(t[m * B:(m + 1) * B] for t in batch),
+                 loss_fn, count_targets=lambda b: model.loss_targets(b[1]), progress=False)
+    seen = {}
+    orig = tr.optimizer.step
+
+    def spy(*a, **k):
+        seen.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return orig(*a, **k)
+    tr.optimizer.step = spy
+    metrics = tr.train_step()
+    return seen, metrics
+
+
+def _masked_batch(vocab, B=8, S=24):
+    """Labels masked (IGNORE_INDEX) unevenly: rows 0-1 keep 2 targets each, rows 2-3 keep
+    half, rows 4-7 keep all; as 4 micro-batches of 2 they hold 4, 24, 48, 48 targets."""
+    from nanoseek.model.transformer import IGNORE_INDEX
+    x, y = _batches(vocab, B=B, S=S)(0, 0)
+    y = y.clone()
+    y[0:2, 2:] = IGNORE_INDEX
+    y[2:4, ::2] = IGNORE_INDEX
+    return x, y
+
+
+def test_accumulated_masked_loss_weighs_every_target_token_the_same():
+    """One batch of 8 == 4 micro-batches of 2 whose masks leave them 4, 24, 48 and 48
+    targets: the loss is the step's per-token sum over its global target count (MTP and the
+    z-loss included), not the mean of the micro-batches' means."""
+    cfg = micro_config(router_z_loss_coef=0.01)
+    batch = _masked_batch(cfg.vocab_size)
+    big, m_big = _step_grads(1, batch, cfg=cfg)
+    acc, m_acc = _step_grads(4, batch, cfg=cfg)
+    assert big.keys() == acc.keys() and len(big) > 20
+    delta = max(float((big[n] - acc[n]).abs().max()) for n in big)
+    print(f"max |Δgrad| 1x8 vs 4x2 with uneven masks: {delta:.3e}")
+    for n in big:
+        torch.testing.assert_close(acc[n], big[n], rtol=1e-4, atol=1e-6, msg=n)
+    for k in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
+        assert float(m_acc[k]) == pytest.approx(float(m_big[k]), rel=1e-5), k
+
+    def mean_of_means(model, b, targets):  # the rule this replaces: each micro-batch's mean
+        out = model.loss(*b)
+        return out.loss / targets.micro_batches, {}
+    old, _ = _step_grads(4, batch, mean_of_means, cfg=cfg)
+    assert max(float((big[n] - old[n]).abs().max()) for n in big) > 100 * max(delta, 1e-8)
+
+
+def test_step_metrics_stay_on_the_device_and_log_lines_average_their_interval(tmp_path):
+    every = _trainer(tmp_path / "every", max_steps=7)
+    m = every.train_step()
+    assert torch.is_tensor(m["loss"]) and torch.is_tensor(m["grad_norm"])  # no sync per step
+    every = _trainer(tmp_path / "every", max_steps=7)
+    every.fit()
+    third = _trainer(tmp_path / "third", max_steps=7, log_every=3)
+    third.fit()
+    one = [r for r in read_metrics(tmp_path / "every") if r["kind"] == "train"]
+    three = [r for r in read_metrics(tmp_path / "third") if r["kind"] == "train"]
+    assert [r["step"] for r in three] == [3, 6, 7]  # the last, partial interval too
+    for rec, steps in zip(three, ([1, 2, 3], [4, 5, 6], [7])):
+        for k in ("loss", "lm_loss", "grad_norm"):
+            want = sum(one[s - 1][k] for s in steps) / len(steps)
+            assert rec[k] == pytest.approx(want, rel=1e-5), (rec["step"], k)
+        assert rec["lr"] == one[steps[-1] - 1]["lr"] and rec["tokens"] == one[steps[-1] - 1]["tokens"]
+
+
+def test_evaluation_counts_no_expert_load(tmp_path):
+    """Eval-mode forwards (validation, samples, a frozen reference) leave the MoE load
+    counters alone, so a run that evaluates every step moves its router biases exactly as
+    one that never evaluates."""
+    model = CausalLM(micro_config())
+    x = torch.randint(3, model.config.vocab_size, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        model.loss(x, x)  # the main model's MoE layer and the MTP module's
+    assert all(float(m.tokens_per_expert.sum()) == 0 for m in model.moe_layers())
+    model.train()
+    model.loss(x, x)
+    assert all(float(m.tokens_per_expert.sum()) > 0 for m in model.moe_layers())
+
+    def evaluate(model):
+        assert not model.training
+        model(x)
+        return {"val_loss": 0.0}
+    plain = _trainer(tmp_path / "plain", max_steps=4)
+    plain.fit()
+    evald = _trainer(tmp_path / "eval", max_steps=4, eval_every=1)
+    evald.evaluate = evaluate
+    evald.train_step()
+    loads = [m.tokens_per_expert.clone() for m in evald.model.moe_layers()]
+    evald.run_eval()
+    assert all(torch.equal(a, m.tokens_per_expert) for a, m in zip(loads, evald.model.moe_layers()))
+    evald.fit()
+    for a, b in zip(plain.model.moe_layers(), evald.model.moe_layers()):
+        assert torch.equal(a.gate.e_score_correction_bias, b.gate.e_score_correction_bias)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanoseek.train.loop import TrainConfig, read_metrics
-from nanoseek.train.pretrain import pretrain
+from nanoseek.train.pretrain import DataConfig, PretrainConfig, pretrain
 from tests.train_utils import micro_config, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,9 +19,10 @@ def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     corpus = write_corpus(tmp / "corpus.txt", n_docs=30)
     out = tmp / "run"
-    pretrain(out, micro_config(), TrainConfig(max_steps=6, batch_size=4, seq_len=32, lr=1e-2,
-                                              warmup_steps=2, eval_every=3, save_every=3),
-             data_paths=[corpus], progress=False, log=lambda *_: None, sample_tokens=6, threads=1)
+    pretrain(out, PretrainConfig(micro_config(), TrainConfig(max_steps=6, batch_size=4, seq_len=32, lr=1e-2,
+                                                             warmup_steps=2, eval_every=3, save_every=3),
+                                 DataConfig(paths=[corpus]), sample_tokens=6),
+             progress=False, log=lambda *_: None, threads=1)
     return out
 
 
@@ -141,7 +142,8 @@ def test_pretrain_reuses_the_cached_peak(tmp_path, monkeypatch):
         raise AssertionError("measured the peak again")
     monkeypatch.setattr(mfu, "_measure", no_measure)
     corpus = write_corpus(tmp_path / "c.txt", n_docs=20)
-    run = pretrain(tmp_path / "run", micro_config(), TrainConfig(max_steps=1, batch_size=2, seq_len=32,
-                                                                 eval_every=0, save_every=0),
-                   data_paths=[corpus], progress=False, log=lambda *_: None, sample_tokens=0, threads=1)
+    run = pretrain(tmp_path / "run", PretrainConfig(micro_config(), TrainConfig(max_steps=1, batch_size=2, seq_len=32,
+                                                                                eval_every=0, save_every=0),
+                                                    DataConfig(paths=[corpus]), sample_tokens=0),
+                   progress=False, log=lambda *_: None, threads=1)
     assert run["peak_flops"] == 1.25e9

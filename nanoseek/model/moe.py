@@ -96,7 +96,9 @@ class MoE(nn.Module):
                                      for _ in range(self.n_experts))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        # Tokens routed to each expert since the last bias update (the step's load).
+        # Tokens routed to each expert since the last bias update (the step's load). Counted
+        # in training mode only, like BatchNorm's running statistics: evaluation, sampling and
+        # a frozen reference model (eval mode) leave the bias update as training made it.
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
@@ -107,8 +109,9 @@ class MoE(nn.Module):
         y = self.dispatch(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts)
         self.aux_loss = self._aux_loss(scores, indices, logits, shape[0]) if self.training else None
         return y.view(shape)
 

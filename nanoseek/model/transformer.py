@@ -94,32 +94,52 @@ class CausalLM(nn.Module):
         return h, self.mtp_logits(k, h)
 
     # --------------------------------------------------------------------- loss
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+    def loss_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The targets each head learns from in `labels`: [main head, MTP depth 1, ...], the
+        positions that are not IGNORE_INDEX (depth k predicts labels[:, k:])."""
+        valid = labels != IGNORE_INDEX
+        return torch.stack([valid[:, k:].sum() for k in range(len(self.mtp) + 1)])
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+             num_targets: torch.Tensor | None = None, num_batches: int = 1) -> LossOutput:
         """labels[b, i] is the token after input_ids[b, i] (IGNORE_INDEX to skip).
-        MTP depth k predicts labels[:, i + k] from h^{k-1}_i and input_ids[:, i + k]."""
+        MTP depth k predicts labels[:, i + k] from h^{k-1}_i and input_ids[:, i + k].
+
+        The loss of this batch as its share of an optimizer step, so that the shares of a
+        step's micro-batches add up to the loss of one big batch (default: a step of one):
+          * each cross-entropy (main head; MTP depth k) is the sum over its targets divided by
+            `num_targets` [1 + depths], the step's targets per head (`loss_targets` summed over
+            the micro-batches): every target token weighs the same, however the masks spread
+            them over micro-batches (torchtitan's rule);
+          * the balance and z-losses are means over a batch's sequences and tokens (the router
+            sees masked tokens too), so each micro-batch's takes 1 / `num_batches`: the step's
+            is their mean over the micro-batches."""
+        if num_targets is None:
+            num_targets = self.loss_targets(labels)
         B, S = input_ids.shape
         positions = self.positions_for(input_ids, None)
         h = self.hidden(input_ids, positions)
-        lm_loss = self._ce(self.lm_head(h), labels)
+        lm_loss = self._ce_sum(self.lm_head(h), labels) / num_targets[0].clamp(min=1)
         mtp_losses = []
         for k in range(1, len(self.mtp) + 1):
             if S - k <= 0:
                 break
             h, logits = self.mtp_forward(k - 1, h[:, :S - k], input_ids[:, k:], positions[:, :S - k])
-            mtp_losses.append(self._ce(logits, labels[:, k:]))
+            mtp_losses.append(self._ce_sum(logits, labels[:, k:]) / num_targets[k].clamp(min=1))
         loss = lm_loss
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None
         if mtp_loss is not None:
             loss = loss + self.config.mtp_loss_weight * mtp_loss
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        aux_loss = torch.stack(aux).sum() if aux else None
+        aux_loss = torch.stack(aux).sum() / num_batches if aux else None
         if aux_loss is not None:
             loss = loss + aux_loss
         return LossOutput(loss, lm_loss, mtp_loss, aux_loss)
 
     @staticmethod
-    def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
 
     # ---------------------------------------------------------------------- MoE
     def moe_layers(self) -> list[MoE]:

@@ -1,5 +1,7 @@
 """Pretraining: corpus -> tokenizer -> token arrays -> the training loop -> a checkpoint.
 
+A run is described by one `PretrainConfig` (the model, the loop's `TrainConfig`, the
+data); run.json saves it whole under "settings" and `--resume` rebuilds it from there.
 The run directory is at every save a checkpoint that transformers loads
 (`config.json`, `model.safetensors`, the tokenizer files) plus the resumable state
 (`train_state.pt`), the token arrays (`data/`), `metrics.jsonl` and `run.json`.
@@ -9,16 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from nanoseek.config import ModelConfig
-from nanoseek.train.loop import TrainConfig, Trainer
+from nanoseek.train.config import TrainConfig, settings_from_dict, settings_to_dict
+from nanoseek.train.eval import make_evaluate
+from nanoseek.train.loop import Trainer
 
 DEFAULT_SOURCE = "<pydoc_data.topics>"
 SAMPLE_PROMPTS = ("The for statement", "A function definition", "Exceptions are")
@@ -26,6 +29,32 @@ SAMPLE_PROMPTS = ("The for statement", "A function definition", "Exceptions are"
 
 class RunError(RuntimeError):
     """The run directory or the inputs do not allow this run."""
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # files or directories; [] = the embedded corpus
+    text_field: str = "text"  # column holding the text in .jsonl/.parquet files
+    val_fraction: float = 0.1  # share of documents held out for validation
+    tokenizer: str | None = None  # a trained tokenizer's directory (None: train one on the data)
+
+    def __post_init__(self):
+        self.paths = [str(p) for p in self.paths or []]
+        self.tokenizer = str(self.tokenizer) if self.tokenizer else None
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run is; the machine-side knobs (threads, progress bar) are
+    arguments of `pretrain` instead, since a resumed run may run on another machine."""
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample_tokens: int = 48  # tokens per sample (0 = no samples)
+
+
+# What a resumed run may change: the length of the run (extend or shorten it).
+RESUME_OVERRIDES = ("train.max_steps", "train.time_limit")
 
 
 def setup_threads() -> int:
@@ -39,33 +68,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pretrain_loss(model, batch):
+def pretrain_loss(model, batch, targets):
     """The pretraining objective: next-token CE + λ·MTP + balance (+ z-loss), all inside
-    model.loss; the parts are logged separately."""
+    model.loss, as this micro-batch's share of the step (see CausalLM.loss for the rule
+    each term follows); the parts are logged separately."""
     x, y = batch
-    out = model.loss(x, y)
+    out = model.loss(x, y, num_targets=targets.count, num_batches=targets.micro_batches)
     return out.loss, {"lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
-
-
-def make_evaluate(data, byte_lengths: list[int], seq_len: int, max_tokens: int | None, device):
-    """Validation loss (nats per token, every target) and bits per byte: the nats of the
-    text tokens over ln 2 x their UTF-8 bytes (special tokens have no bytes)."""
-    blen = torch.tensor(byte_lengths, dtype=torch.float64)
-
-    def evaluate(model) -> dict:
-        nats = tokens = text_nats = nbytes = 0.0
-        for x, y in data.val_windows(seq_len, max_tokens or None):
-            logits = model(x.to(device))
-            nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
-                                  reduction="none").double().cpu()
-            b = blen[y.flatten()]
-            nats += float(nll.sum())
-            tokens += nll.numel()
-            text_nats += float(nll[b > 0].sum())
-            nbytes += float(b.sum())
-        return {"val_loss": nats / tokens, "val_bpb": text_nats / (math.log(2) * nbytes),
-                "val_tokens": int(tokens)}
-    return evaluate
 
 
 def make_sampler(tokenizer, device, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48, seed: int = 0):
@@ -81,8 +90,7 @@ def make_sampler(tokenizer, device, prompts=SAMPLE_PROMPTS, max_new_tokens: int 
     return sample
 
 
-def prepare_data(out_dir: Path, cfg: ModelConfig, data_paths, tokenizer_dir, val_fraction: float,
-                 seed: int, log=print, text_field: str = "text"):
+def prepare_data(out_dir: Path, cfg: ModelConfig, data: DataConfig, seed: int, log=print):
     """Tokenizer (reused from the run, given, or trained on the training split) and the
     memory-mapped token arrays."""
     from nanoseek.data import build_token_arrays, load_corpus
@@ -90,109 +98,148 @@ def prepare_data(out_dir: Path, cfg: ModelConfig, data_paths, tokenizer_dir, val
     from nanoseek.tokenizer import (copy_tokenizer, load_tokenizer, save_tokenizer,
                                     train_tokenizer)
 
-    docs = load_corpus(data_paths, text_field)
+    docs = load_corpus(data.paths or None, data.text_field)
     if (out_dir / "tokenizer.json").exists():
         tok = load_tokenizer(out_dir)
-    elif tokenizer_dir:
-        tok = load_tokenizer(tokenizer_dir)
-        copy_tokenizer(tokenizer_dir, out_dir)
+    elif data.tokenizer:
+        tok = load_tokenizer(data.tokenizer)
+        copy_tokenizer(data.tokenizer, out_dir)
     else:
         t = time.perf_counter()
-        train_docs, _ = split_documents(docs, val_fraction, seed)
+        train_docs, _ = split_documents(docs, data.val_fraction, seed)
         tok = train_tokenizer(train_docs, vocab_size=cfg.vocab_size)
         save_tokenizer(tok, out_dir)
         log(f"tokenizer: byte-level BPE, {len(tok)} tokens, trained in {time.perf_counter() - t:.1f}s")
     if len(tok) > cfg.vocab_size:
         raise RunError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is "
                        f"{cfg.vocab_size}: raise vocab_size or use a smaller tokenizer")
-    data = build_token_arrays(docs, tok, out_dir / "data", val_fraction=val_fraction, seed=seed)
-    log(f"data: {data.meta['train_tokens']:,} train / {data.meta['val_tokens']:,} val tokens "
-        f"({data.meta['train_docs']} / {data.meta['val_docs']} documents)")
-    return tok, data
+    arrays = build_token_arrays(docs, tok, out_dir / "data", val_fraction=data.val_fraction, seed=seed)
+    log(f"data: {arrays.meta['train_tokens']:,} train / {arrays.meta['val_tokens']:,} val tokens "
+        f"({arrays.meta['train_docs']} / {arrays.meta['val_docs']} documents)")
+    return tok, arrays
 
 
-def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_paths=None,
-             tokenizer_dir=None, resume: bool = False, val_fraction: float = 0.1,
-             progress: bool = True, log=print, threads: int | None = None,
-             sample_tokens: int = 48, resume_overrides: dict | None = None,
-             text_field: str = "text") -> dict:
-    """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
-    threads: None = every core; 0 = adapt between every core and one while training (see
-    train/threads.py: on a crowded machine one thread can be several times faster).
-    On resume the model and training configs are the saved ones; `resume_overrides` (default:
-    max_steps and time_limit of `tcfg`) may extend or shorten the run."""
-    from nanoseek.model import CausalLM
+def settings_of(run: dict) -> dict:
+    """run.json's settings (a PretrainConfig as a dict), also from runs written before the
+    settings were saved whole (then: model_config, train_config, data_paths, text_field)."""
+    if "settings" in run:
+        return run["settings"]
+    data = {"paths": [p for p in run.get("data_paths", []) if p != DEFAULT_SOURCE],
+            "text_field": run.get("text_field", "text")}
+    if "val_fraction" in run.get("data", {}):
+        data["val_fraction"] = run["data"]["val_fraction"]
+    return {"model": run["model_config"], "train": run["train_config"], "data": data}
+
+
+def read_settings(run_dir: str | Path) -> PretrainConfig | None:
+    """The PretrainConfig a run was started with (None: the run wrote no run.json yet)."""
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        return None
+    return settings_from_dict(PretrainConfig, settings_of(json.loads(path.read_text())), str(path))
+
+
+def with_overrides(config: PretrainConfig, overrides: dict) -> PretrainConfig:
+    """`config` with dotted fields replaced: {"train.max_steps": 2000, "data.paths": [...]}."""
+    for key, value in overrides.items():
+        *parents, name = key.split(".")
+        if not parents:
+            config = dataclasses.replace(config, **{name: value})
+            continue
+        section = getattr(config, parents[0])
+        config = dataclasses.replace(config, **{parents[0]: dataclasses.replace(section, **{name: value})})
+    return config
+
+
+def settings_for_run(out_dir: Path, config: PretrainConfig, resume: bool,
+                     overrides: dict | None) -> PretrainConfig:
+    """A new run's settings are `config`; a resumed run's are its saved ones, with
+    `overrides` (default: max_steps and time_limit of `config`) applied."""
     from nanoseek.train.checkpointing import STATE_FILE
-    from nanoseek.train.mfu import count_params, flops_per_token, measure_peak_flops
-    from nanoseek.tokenizer import token_byte_lengths
 
-    out_dir = Path(out_dir)
     if (out_dir / STATE_FILE).exists() and not resume:
         raise RunError(f"{out_dir} already holds a run; pass --resume to continue it or "
                        "choose another --out")
-    if resume and (out_dir / "run.json").exists():
-        saved = json.loads((out_dir / "run.json").read_text())
-        cfg = ModelConfig.from_dict(saved["model_config"], source=str(out_dir / "run.json"))
-        if resume_overrides is None:
-            resume_overrides = {"max_steps": tcfg.max_steps, "time_limit": tcfg.time_limit}
-        tcfg = dataclasses.replace(TrainConfig(**saved["train_config"]), **resume_overrides)
-        # the run's own split: another --val-fraction would silently re-split the data
-        val_fraction = saved.get("data", {}).get("val_fraction", val_fraction)
-        if not data_paths:  # the run's own corpus, not the default one
-            data_paths = [p for p in saved.get("data_paths", []) if p != DEFAULT_SOURCE] or None
-            text_field = saved.get("text_field", text_field)
-    tcfg.validate()
+    saved = read_settings(out_dir) if resume else None
+    if saved is None:
+        return config
+    if overrides is None:
+        overrides = {"train.max_steps": config.train.max_steps,
+                     "train.time_limit": config.train.time_limit}
+    return with_overrides(saved, overrides)
+
+
+def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
+             overrides: dict | None = None, progress: bool = True, log=print,
+             threads: int | None = None) -> dict:
+    """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
+    On resume the settings are the run's saved ones (see `settings_for_run`).
+    threads: None = every core; 0 = adapt between every core and one while training (see
+    train/threads.py: on a crowded machine one thread can be several times faster)."""
+    out_dir = Path(out_dir)
+    config = settings_for_run(out_dir, config, resume, overrides)
+    config.train.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
     max_threads = setup_threads()
     if threads:
         torch.set_num_threads(threads)
     device = default_device()
-    tok, data = prepare_data(out_dir, cfg, data_paths, tokenizer_dir, val_fraction, tcfg.seed, log,
-                             text_field)
-    byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))
+    tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log)
+    trainer, run = build_trainer(out_dir, config, tok, data, device, progress, adapt=threads == 0)
+    run.update(cores=max_threads, settings=settings_to_dict(config))
+    if resume:
+        resumed = trainer.resume()
+        log(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh")
+    write_run(out_dir, run)
+    log(describe(run))
+    summary = trainer.fit()
+    run.update(summary=summary, mfu=run["flops_per_token"] * summary["tok_s"] / run["peak_flops"]
+               if run["peak_flops"] else None)
+    write_run(out_dir, run)
+    return run
 
+
+def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, progress: bool,
+                  adapt: bool) -> tuple[Trainer, dict]:
+    """The model (seeded), its measured facts for run.json, and the loop wired to the data."""
+    from nanoseek.model import CausalLM
+    from nanoseek.tokenizer import token_byte_lengths
+    from nanoseek.train.mfu import count_params, flops_per_token, measure_peak_flops
+
+    cfg, tcfg = config.model, config.train
+    byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))
     torch.manual_seed(tcfg.seed)
     model = CausalLM(cfg).to(device)
-    params = count_params(model)
-    fpt = flops_per_token(model, tcfg.seq_len)
     chosen = torch.get_num_threads()
-    torch.set_num_threads(max_threads)  # MFU is against the whole machine's peak
+    setup_threads()  # MFU is against the whole machine's peak
     peak = measure_peak_flops(device)  # measured once and cached (`nanoseek peak --remeasure`)
     torch.set_num_threads(chosen)
-    baseline = data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)
-
-    adapt = threads == 0
-    threads = "adaptive" if adapt else torch.get_num_threads()
-
-    def on_checkpoint(m, step):
-        m.save_pretrained(out_dir)
-
     trainer = Trainer(
         model, tcfg, out_dir,
         next_batch=lambda step, micro: tuple(t.to(device) for t in data.batch(
             step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)),
-        loss_fn=pretrain_loss,
+        loss_fn=pretrain_loss, count_targets=lambda batch: model.loss_targets(batch[1]),
         evaluate=make_evaluate(data, byte_lengths, tcfg.seq_len, tcfg.eval_tokens, device),
-        sample=make_sampler(tok, device, max_new_tokens=sample_tokens) if sample_tokens else None, on_checkpoint=on_checkpoint,
-        flops_per_token=fpt, peak_flops=peak, progress=progress, adapt_threads=adapt)
-    resumed = trainer.resume() if resume else False
-    if resume:
-        log(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh")
-    run = {"model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tcfg),
-           "params": params, "flops_per_token": fpt, "peak_flops": peak, "device": str(device),
-           "threads": threads, "cores": max_threads, "moe_layers": moe_layer_names(model),
-           "precision": trainer.precision, "data": data.meta,
-           "data_paths": [str(p) for p in data_paths or []] or [DEFAULT_SOURCE], "text_field": text_field,
-           **baseline}
-    write_run(out_dir, run)
-    log(f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M activated "
-        f"(+ MTP {params['mtp'] / 1e6:.2f}M, {params['mtp_activated'] / 1e6:.2f}M activated); "
-        f"{fpt / 1e6:.1f} MFLOPs/token; measured peak {peak / 1e9:.1f} GFLOP/s; "
-        f"{trainer.precision} on {device}, threads: {threads} (of {max_threads} cores)")
-    summary = trainer.fit()
-    run.update(summary=summary, mfu=fpt * summary["tok_s"] / peak if peak else None)
-    write_run(out_dir, run)
-    return run
+        sample=(make_sampler(tok, device, max_new_tokens=config.sample_tokens)
+                if config.sample_tokens else None),
+        on_checkpoint=lambda m, step: m.save_pretrained(out_dir),
+        flops_per_token=flops_per_token(model, tcfg.seq_len), peak_flops=peak,
+        progress=progress, adapt_threads=adapt)
+    run = {"params": count_params(model), "flops_per_token": trainer.flops_per_token,
+           "peak_flops": peak, "device": str(device),
+           "threads": "adaptive" if adapt else torch.get_num_threads(),
+           "moe_layers": moe_layer_names(model), "precision": trainer.precision, "data": data.meta,
+           **data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)}
+    return trainer, run
+
+
+def describe(run: dict) -> str:
+    params, fpt, peak = run["params"], run["flops_per_token"], run["peak_flops"]
+    return (f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
+            f"activated (+ MTP {params['mtp'] / 1e6:.2f}M, {params['mtp_activated'] / 1e6:.2f}M "
+            f"activated); {fpt / 1e6:.1f} MFLOPs/token; measured peak {peak / 1e9:.1f} GFLOP/s; "
+            f"{run['precision']} on {run['device']}, threads: {run['threads']} "
+            f"(of {run['cores']} cores)")
 
 
 def moe_layer_names(model) -> list[str]:
