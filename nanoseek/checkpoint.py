@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanoseek.atomic import atomic_write, atomic_write_text
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.moe import MoE
 from nanoseek.model.rope import RotaryEmbedding
@@ -55,35 +55,6 @@ def from_hf_name(name: str, cfg: ModelConfig) -> str | None:
             return None
         return f"mtp.{int(m[1]) - cfg.num_hidden_layers}.{m[2]}"
     return name
-
-
-# ----------------------------------------------------------------------- atomic
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then fsync and rename over `path`: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ------------------------------------------------------------------------- save

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nanoseek.checkpoint import atomic_write, atomic_write_text
+from nanoseek.atomic import atomic_write, atomic_write_text
 from nanoseek.train.metrics import read_metrics
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.checkpoint import atomic_write, atomic_write_text
+from nanoseek.atomic import atomic_write, atomic_write_text
 from nanoseek.data.corpus import CorpusError
 
 

@@ -254,6 +254,6 @@ def moe_layer_names(model) -> list[str]:
 
 
 def write_run(out_dir: Path, run: dict) -> None:
-    from nanoseek.checkpoint import atomic_write_text
+    from nanoseek.atomic import atomic_write_text
 
     atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2, default=str) + "\n")
