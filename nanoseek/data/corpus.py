@@ -9,6 +9,7 @@ unreadable, corrupt or empty is an error that names it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -67,8 +68,13 @@ def load_file(path: Path, text_field: str = "text") -> list[str]:
         raise CorpusError(f"{path}: file is empty")
     kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+        with quiet_datasets():
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
+        bad = _unicode_error(e)
+        if bad is not None:
+            raise CorpusError(f"{path}: not valid UTF-8 (byte 0x{bad.object[bad.start]:02x} at offset "
+                              f"{bad.start}: {bad.reason}); re-encode the file as UTF-8") from None
         raise CorpusError(f"{path}: cannot be read as {kind} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if text_field not in ds.column_names:
@@ -77,6 +83,35 @@ def load_file(path: Path, text_field: str = "text") -> list[str]:
     if not docs:
         raise CorpusError(f"{path}: holds no text")
     return docs
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Reading a local file is instant: no "Generating train split" bars or info logs
+    from `datasets` (its settings are restored afterwards)."""
+    import datasets
+
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _unicode_error(e: BaseException | None) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError behind a `datasets` error, if that is what it wraps."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UnicodeDecodeError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def load_corpus(paths: list[str | os.PathLike] | None = None, text_field: str = "text") -> list[str]:
