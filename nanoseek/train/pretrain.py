@@ -142,6 +142,9 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
             data_paths = [p for p in saved.get("data_paths", []) if p != DEFAULT_SOURCE] or None
             text_field = saved.get("text_field", text_field)
     tcfg.validate()
+    if tcfg.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"training option 'seq_len': {tcfg.seq_len} exceeds the model's context "
+                         f"(max_position_embeddings={cfg.max_position_embeddings})")
     out_dir.mkdir(parents=True, exist_ok=True)
     max_threads = setup_threads()
     if threads:
