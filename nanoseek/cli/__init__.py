@@ -1,26 +1,26 @@
-"""`nanoseek <command>`: one entry point. Each area registers its commands from its own
-module, whose top-level imports stay light so that `--help` is instant."""
+"""`nanoseek <command>`: one entry point (`[project.scripts] nanoseek = "nanoseek.cli:app"`).
+
+One module per area — model.py, train.py, engine.py, calc.py — each with its commands as
+module-level functions and a `register(app)` that adds them; their top-level imports stay
+light (torch is imported inside the commands), so `nanoseek --help` is instant. Errors:
+common.py (one line `error: ...` and exit code 2 for a user error; `--debug` for the traceback).
+"""
 
 import typer
 
-app = typer.Typer(help="nanoseek: the DeepSeek-V3 stack — model, training, engine, calculators.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+from nanoseek.cli import calc, engine, model, train
+from nanoseek.cli.common import CliGroup, set_debug
+
+app = typer.Typer(cls=CliGroup, help="nanoseek: the DeepSeek-V3 stack — model, training, engine, calculators.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 
 @app.callback()
-def main() -> None:
+def main(debug: bool = typer.Option(False, "--debug", envvar="NANOSEEK_DEBUG",
+                                    help="show the traceback of an error (also NANOSEEK_DEBUG=1)")) -> None:
     """nanoseek: the DeepSeek-V3 stack — model, training, engine, calculators."""
+    set_debug(debug)
 
 
-def _register() -> None:
-    from nanoseek import cli_model
-    cli_model.register(app)
-    from nanoseek import cli_train
-    cli_train.register(app)
-    from nanoseek import cli_engine
-    cli_engine.register(app)
-    from nanoseek import cli_calc
-    cli_calc.register(app)
-
-
-_register()
+for area in (model, train, engine, calc):
+    area.register(app)
