@@ -104,9 +104,9 @@ def test_cli_tokenizer_train_and_bad_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     r = _cli("pretrain", "--out", tmp_path / "run", "--data", bad, "--max-steps", 1)
-    assert r.exit_code == 1 and "bad.jsonl" in r.output
+    assert r.exit_code == 2 and "bad.jsonl" in r.output
     r = _cli("pretrain", "--out", tmp_path / "run", "--schedule", "linear", "--max-steps", 1)
-    assert r.exit_code == 1 and "schedule" in r.output
+    assert r.exit_code == 2 and "schedule" in r.output
 
 
 def test_cli_eval_defaults_to_the_runs_seq_len(run_dir):

@@ -94,7 +94,7 @@ def quiet_datasets():
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse error becomes our CorpusError
     try:
         yield
     finally:
