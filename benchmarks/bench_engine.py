@@ -26,7 +26,6 @@ byte-level model (with one MTP layer) on `pydoc_data.topics` for --train-seconds
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import transformers_variants  # noqa: E402
+from common import emit, json_only_stdout, log, transformers_variants  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.engine import LLM, SamplingParams  # noqa: E402
 from nanoseek.engine.cache import PagedLatentCache  # noqa: E402
@@ -158,7 +157,7 @@ def run_transformers(ckpt: str, reqs, batch: int):
         for name, batches in strategies.items():
             dt, toks, kv = hf_generate_batches(hf, reqs, batches)
             results[(impl, name)] = (dt, toks, kv)
-            print(f"transformers [{impl}, {name}]: {sum(o for _, o in reqs) / dt:,.1f} tok/s")
+            log(f"transformers [{impl}, {name}]: {sum(o for _, o in reqs) / dt:,.1f} tok/s")
         del hf
     return results
 
@@ -180,6 +179,7 @@ def main() -> None:
                    help="torch threads (0 = torch's default); tiny models run fastest on one")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
+    out = json_only_stdout(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -200,7 +200,7 @@ def main() -> None:
                          max_num_batched_tokens=max(512, 2 * args.requests))
 
         plain = run_nanoseek(model, reqs, speculative=False, **engine_kw)
-        print(f"nanoseek: {n_out / plain['seconds']:,.1f} tok/s ({plain['forwards']} forwards)")
+        log(f"nanoseek: {n_out / plain['seconds']:,.1f} tok/s ({plain['forwards']} forwards)")
         has_mtp = len(model.mtp) > 0
         spec = run_nanoseek(model, reqs, speculative=True, **engine_kw) if has_mtp else None
         if spec:
@@ -208,9 +208,9 @@ def main() -> None:
             few = reqs[:args.single_stream]
             kw1 = dict(engine_kw, max_num_seqs=1)
             one_plain, one_spec = (run_nanoseek(model, few, speculative=s, **kw1) for s in (False, True))
-            print(f"nanoseek + MTP: {n_out / spec['seconds']:,.1f} tok/s, acceptance "
-                  f"{spec['spec']['acceptance_rate']:.1%} ({spec['forwards']} forwards); one stream: "
-                  f"{one_plain['seconds'] / one_spec['seconds']:.2f}x faster with MTP")
+            log(f"nanoseek + MTP: {n_out / spec['seconds']:,.1f} tok/s, acceptance "
+                f"{spec['spec']['acceptance_rate']:.1%} ({spec['forwards']} forwards); one stream: "
+                f"{one_plain['seconds'] / one_spec['seconds']:.2f}x faster with MTP")
         hf = run_transformers(ckpt, reqs, args.hf_batch)
 
     best = min(hf, key=lambda k: hf[k][0])
@@ -242,10 +242,7 @@ def main() -> None:
     for (impl, name), (dt, _, _) in hf.items():
         r[f"transformers_tok_s[{impl},{name}]"] = n_out / dt
     assert PagedLatentCache.bytes_per_token(cfg, L, next(model.parameters()).dtype) == r["nanoseek_kv_bytes_per_token"]
-    if args.json:
-        print(json.dumps(r, indent=2))
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                   if not k.startswith("transformers_tok_s[")))
+    emit(r, args.json, out, skip_prefix="transformers_tok_s[")
 
 
 if __name__ == "__main__":

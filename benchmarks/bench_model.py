@@ -11,13 +11,12 @@ one is the baseline, so the ratio is against its best, not its default.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 
 import torch
 
-from common import transformers_variants
+from common import emit, json_only_stdout, log, transformers_variants
 from nanoseek.config import preset
 from nanoseek.model import CausalLM, ContiguousCache
 
@@ -56,6 +55,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
+    out = json_only_stdout(args.json)
 
     torch.manual_seed(0)
     cfg = preset(args.preset, num_nextn_predict_layers=0, aux_loss_alpha=0.0)  # same loss as HF's
@@ -68,7 +68,7 @@ def main() -> None:
         hf_times = {}
         for impl, hf in transformers_variants(d, train=True):
             hf_times[impl] = time_steps(hf_step(hf, ids), args.warmup, args.steps)
-            print(f"transformers [{impl}]: {tokens / hf_times[impl]:,.0f} tok/s")
+            log(f"transformers [{impl}]: {tokens / hf_times[impl]:,.0f} tok/s")
             del hf
     t_ours = time_steps(nanoseek_step(ours, ids), args.warmup, args.steps)
     best_impl = min(hf_times, key=hf_times.get)
@@ -91,9 +91,7 @@ def main() -> None:
     results["decompressed_kv_bytes_per_token"] = decompressed
     results["cache_reduction"] = decompressed / latent
     results["torch_threads"] = torch.get_num_threads()
-    if args.json:
-        print(json.dumps(results, indent=2))
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+    emit(results, args.json, out)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ nanoseek.calc via nanoseek/train/mfu.py) x tokens/s / this machine's measured ma
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 
 import torch
 
-from common import transformers_variants
+from common import emit, json_only_stdout, log, transformers_variants
 from nanoseek.config import preset
 from nanoseek.model import CausalLM
 from nanoseek.train.loop import param_groups
@@ -66,6 +65,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
+    out = json_only_stdout(args.json)
 
     threads = setup_threads()
     peak = measure_peak_flops("cpu")  # the whole machine's peak, whatever --threads says
@@ -85,7 +85,7 @@ def main() -> None:
             step = make_step(hf, ids, True)
             step()
             candidates[impl] = (min(timed(step) for _ in range(2)), hf, step)
-            print(f"transformers [{impl}]: {tokens / candidates[impl][0]:,.0f} tok/s (screening)")
+            log(f"transformers [{impl}]: {tokens / candidates[impl][0]:,.0f} tok/s (screening)")
         best_impl = min(candidates, key=lambda k: candidates[k][0])
         hf, hf_step = candidates[best_impl][1], candidates[best_impl][2]
         candidates.clear()
@@ -110,9 +110,7 @@ def main() -> None:
         "peak_gflops": peak / 1e9,
         "batch": args.batch, "seq": args.seq, "threads": threads,
     }
-    if args.json:
-        print(json.dumps(results, indent=2))
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+    emit(results, args.json, out)
 
 
 if __name__ == "__main__":

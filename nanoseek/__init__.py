@@ -1,12 +1,20 @@
 """nanoseek: the DeepSeek-V3 stack, small enough to read in an afternoon."""
 
 from nanoseek.config import ModelConfig, preset
-from nanoseek.model import CausalLM
 
 __version__ = "0.1.0"
 
 
-def from_pretrained(path, dtype=None, device=None) -> CausalLM:
+def __getattr__(name: str):
+    """`nanoseek.CausalLM` on first use: importing the package (as `nanoseek --help` and the
+    calculators do) must not import torch."""
+    if name == "CausalLM":
+        from nanoseek.model import CausalLM
+        return CausalLM
+    raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
+
+
+def from_pretrained(path, dtype=None, device=None):
     """Load an HF-format DeepSeek checkpoint directory (nanoseek-, transformers- or DeepSeek-written)."""
     from nanoseek.checkpoint import from_pretrained as _load
     return _load(path, dtype=dtype, device=device)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from nanoseek.config import PRESETS, ConfigError, ModelConfig, load_config, preset
+from nanoseek.cli.common import load_config
+from nanoseek.config import PRESETS, ConfigError, ModelConfig, preset
 
 DATA = Path(__file__).parent / "data"
 

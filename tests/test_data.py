@@ -152,5 +152,5 @@ def test_blank_rows_are_counted_not_dropped_silently(tmp_path):
                                        ("latin.jsonl", '{"text": "caf\xe9"}\n')])
 def test_non_utf8_file_error_names_the_encoding(tmp_path, name, data):
     (tmp_path / name).write_bytes(data.encode("latin-1"))
-    with pytest.raises(CorpusError, match=f"{name}: is not UTF-8 text"):
+    with pytest.raises(CorpusError, match=f"{name}: not valid UTF-8 \\(byte 0xe9"):
         load_corpus([tmp_path / name])

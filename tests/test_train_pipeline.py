@@ -81,7 +81,7 @@ def test_activated_params_count_only_chosen_experts():
 
 def test_tiny_preset_counts_follow_calc():
     """The speedrun's model: the figures README's "Training" section quotes."""
-    from nanoseek.config import load_config
+    from nanoseek.cli.common import load_config
     from nanoseek.model import CausalLM
     from nanoseek.train.mfu import count_params, flops_per_token
     m = CausalLM(load_config("tiny", None))
@@ -105,9 +105,9 @@ def test_cli_tokenizer_train_and_bad_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     r = _cli("pretrain", "--out", tmp_path / "run", "--data", bad, "--max-steps", 1)
-    assert r.exit_code == 1 and "bad.jsonl" in r.output
+    assert r.exit_code == 2 and "bad.jsonl" in r.output
     r = _cli("pretrain", "--out", tmp_path / "run", "--schedule", "linear", "--max-steps", 1)
-    assert r.exit_code == 1 and "schedule" in r.output
+    assert r.exit_code == 2 and "schedule" in r.output
 
 
 def test_cli_eval_defaults_to_the_runs_seq_len(run_dir):

@@ -52,8 +52,8 @@ class Assumptions:
 
     def validate(self) -> None:
         for name in ("qps", "ttft_ms", "tpot_ms"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            if not (0 < getattr(self, name) < math.inf):  # NaN fails both comparisons
+                raise ConfigError(f"{name} must be a positive finite number, got {getattr(self, name)}")
         if self.prompt_tokens < 1 or self.output_tokens < 1:
             raise ConfigError(f"prompt_tokens and output_tokens must be >= 1, got "
                               f"{self.prompt_tokens} and {self.output_tokens}")
@@ -132,6 +132,9 @@ class CapacityPlan:
 
 def plan_capacity(cfg: ModelConfig, gpu: GPU, a: Assumptions) -> CapacityPlan:
     a.validate()
+    if a.prompt_tokens + a.output_tokens > cfg.max_position_embeddings:
+        raise ConfigError(f"prompt_tokens + output_tokens = {a.prompt_tokens + a.output_tokens} exceeds "
+                          f"the model's context (max_position_embeddings={cfg.max_position_embeddings})")
     P, O = a.prompt_tokens, a.output_tokens
     latency = a.ttft_ms / 1e3 + O * a.tpot_ms / 1e3
     C = a.qps * latency

@@ -19,6 +19,7 @@ Conventions (the usual ones of Kaplan et al. and the PaLM MFU appendix):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from nanoseek.calc.params import matmul_params
@@ -59,8 +60,10 @@ class FlopsReport:
 
 def flops_report(cfg: ModelConfig, seq_len: int = 4096, tokens: float = 1e12,
                  decode_ctx: int | None = None, include_mtp: bool = False) -> FlopsReport:
-    if seq_len < 1 or tokens <= 0:
+    if seq_len < 1 or not 0 < tokens < math.inf:
         raise ConfigError(f"seq_len and tokens must be positive, got {seq_len} and {tokens}")
+    if decode_ctx is not None and decode_ctx < 1:
+        raise ConfigError(f"decode context (--ctx) must be >= 1 token, got {decode_ctx}")
     decode_ctx = seq_len if decode_ctx is None else decode_ctx
     n = matmul_params(cfg, activated=True, include_mtp=include_mtp)
     fwd_mm = 2.0 * n

@@ -3,6 +3,6 @@ dialects it reads and writes (hf_json.py), and the named presets (presets.py).""
 
 from nanoseek.config.errors import ConfigError
 from nanoseek.config.model_config import ModelConfig
-from nanoseek.config.presets import PRESETS, load_config, preset
+from nanoseek.config.presets import PRESETS, preset
 
-__all__ = ["ConfigError", "ModelConfig", "PRESETS", "load_config", "preset"]
+__all__ = ["ConfigError", "ModelConfig", "PRESETS", "preset"]

@@ -60,10 +60,3 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
-
-
-def load_config(preset_name: str | None = None, config_path: str | None = None) -> ModelConfig:
-    """The CLI's rule: exactly one of --preset or --config."""
-    if (preset_name is None) == (config_path is None):
-        raise ConfigError("give exactly one of --preset NAME or --config FILE")
-    return preset(preset_name) if preset_name else ModelConfig.from_json(config_path)

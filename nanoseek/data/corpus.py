@@ -9,14 +9,12 @@ unreadable, corrupt or empty is an error that names it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
 
 SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-_NOT_UTF8 = "{path}: is not UTF-8 text; re-encode it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
 
 
 class CorpusError(ValueError):
@@ -71,18 +69,20 @@ def load_file(path: Path, text_field: str = "text") -> list[str]:
         raise CorpusError(f"{path}: file is empty")
     kwargs = {"sample_by": "paragraph"} if kind == "text" else {}
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+        with quiet_datasets():
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
-        if _not_utf8(e):
-            raise CorpusError(_NOT_UTF8.format(path=path)) from None
+        bad = _unicode_error(e)
+        if bad is not None:
+            raise CorpusError(_not_utf8(path, bad)) from None
         raise CorpusError(f"{path}: cannot be read as {kind} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if text_field not in ds.column_names:
         raise CorpusError(f"{path}: no '{text_field}' column (columns: {ds.column_names})")
     try:
         values = list(ds[text_field])  # pyarrow decodes the strings only here
-    except UnicodeDecodeError:
-        raise CorpusError(_NOT_UTF8.format(path=path)) from None
+    except UnicodeDecodeError as e:
+        raise CorpusError(_not_utf8(path, e)) from None
     return _documents(path, kind, values, text_field)
 
 
@@ -116,13 +116,38 @@ def _line_of_row(path: Path, row: int) -> int:
     return row + 1
 
 
-def _not_utf8(e: BaseException) -> bool:
-    """datasets raises a UnicodeDecodeError or wraps one (sometimes only in its message)."""
-    while e is not None:
-        if isinstance(e, UnicodeDecodeError) or "codec can't decode" in str(e):
-            return True
+@contextlib.contextmanager
+def quiet_datasets():
+    """Reading a local file is instant: no "Generating train split" bars or info logs
+    from `datasets` (its settings are restored afterwards)."""
+    import datasets
+
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a parse error becomes our CorpusError
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _not_utf8(path: Path, bad: UnicodeDecodeError) -> str:
+    return (f"{path}: not valid UTF-8 (byte 0x{bad.object[bad.start]:02x} at offset {bad.start}: "
+            f"{bad.reason}); re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+
+
+def _unicode_error(e: BaseException | None) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError behind a `datasets` error, if that is what it wraps."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UnicodeDecodeError):
+            return e
+        seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def load_corpus(paths: list[str | os.PathLike] | None = None, text_field: str = "text") -> list[str]:

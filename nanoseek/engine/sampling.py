@@ -37,7 +37,7 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             (self.n >= 1, "n", "must be >= 1"),
-            (self.temperature >= 0, "temperature", "must be >= 0"),
+            (0 <= self.temperature < float("inf"), "temperature", "must be finite and >= 0"),
             (self.top_k >= 0, "top_k", "must be >= 0 (or -1 for off)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),

@@ -43,6 +43,9 @@ def evaluate_checkpoint(run_dir: str | Path, seq_len: int) -> dict:
 
     run_dir = Path(run_dir)
     model = from_pretrained(run_dir).eval()
+    if not 1 <= seq_len <= model.config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len}: must be in [1, {model.config.max_position_embeddings}] "
+                         f"(the model's max_position_embeddings)")
     tok = load_tokenizer(run_dir)
     data = TokenArrays.open(run_dir / "data")
     lengths = token_byte_lengths(tok) + [0] * (model.config.vocab_size - len(tok))

@@ -179,6 +179,9 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
     out_dir = Path(out_dir)
     config = settings_for_run(out_dir, config, resume, overrides)
     config.train.validate()
+    if config.train.seq_len > config.model.max_position_embeddings:
+        raise ValueError(f"training option 'seq_len': {config.train.seq_len} exceeds the model's "
+                         f"context (max_position_embeddings={config.model.max_position_embeddings})")
     out_dir.mkdir(parents=True, exist_ok=True)
     max_threads = setup_threads()
     if threads:

@@ -8,10 +8,7 @@ from typing import Optional
 
 import typer
 
-calc_app = typer.Typer(help="Calculators that read only a config: parameters, KV cache, FLOPs.",
-                       no_args_is_help=True)
-plan_app = typer.Typer(help="Deployment planning: GPUs and nodes for a traffic shape.",
-                       no_args_is_help=True)
+from nanoseek.cli.common import print_tables
 
 PRESET_HELP = "preset name: tiny, deepseek-v2-lite, deepseek-v2, deepseek-v3"
 CONFIG_HELP = "a config.json, or a checkpoint directory holding one"
@@ -19,11 +16,8 @@ CONFIG_HELP = "a config.json, or a checkpoint directory holding one"
 
 # ----------------------------------------------------------------- formatting
 def _config(preset: str | None, config: str | None):
-    from nanoseek.config import ConfigError, load_config
-    try:
-        return load_config(preset, config)
-    except (ConfigError, FileNotFoundError) as e:
-        raise typer.BadParameter(str(e)) from None
+    from nanoseek.cli.common import load_config
+    return load_config(preset, config)
 
 
 def _bytes(n: float) -> str:
@@ -55,10 +49,7 @@ def _emit(as_json: bool, data: dict, *tables) -> None:
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    from rich.console import Console
-    console = Console()
-    for t in tables:
-        console.print(t)
+    print_tables(*tables)
 
 
 def _table(title: str, *columns: str, caption: str | None = None, justify: str = "right"):
@@ -70,13 +61,7 @@ def _table(title: str, *columns: str, caption: str | None = None, justify: str =
     return t
 
 
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(code=2)
-
-
 # --------------------------------------------------------------------- params
-@calc_app.command("params")
 def params_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
                config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
                as_json: bool = typer.Option(False, "--json", help="print JSON only")):
@@ -105,11 +90,10 @@ def params_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
 
 
 # ------------------------------------------------------------------------- kv
-@calc_app.command("kv")
 def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
            config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
-           batch: int = typer.Option(1, help="sequences in the batch"),
-           seq_len: int = typer.Option(4096, help="tokens per sequence"),
+           batch: int = typer.Option(1, min=1, help="sequences in the batch"),
+           seq_len: int = typer.Option(4096, min=1, help="tokens per sequence"),
            dtype: list[str] = typer.Option(["fp32", "bf16", "fp8"], help="cache dtypes (repeatable): fp32, bf16, fp16, fp8"),
            gqa: Optional[list[int]] = typer.Option(None, help="GQA key/value head counts to show (repeatable; default 8, or the largest divisor of the head count below it)"),
            mtp: bool = typer.Option(False, help="count the MTP modules' layers too"),
@@ -117,12 +101,8 @@ def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     """KV-cache bytes per token and for batch x seq_len, for MHA, GQA, MQA and MLA built from
     the same config (same head sizes), with ratios. FP8 adds one FP32 scale per 128 values."""
     from nanoseek.calc.kv import kv_report
-    from nanoseek.config import ConfigError
     cfg = _config(preset, config)
-    try:
-        rep = kv_report(cfg, batch, seq_len, dtype, gqa, mtp)
-    except ConfigError as e:
-        _fail(e)
+    rep = kv_report(cfg, batch, seq_len, dtype, gqa, mtp)
     t = _table(f"KV cache: {preset or config}, {rep['layers']} layers, batch {batch} x {seq_len} tokens",
                "attention", "dtype", "values/layer", "bytes/layer", "per token",
                "batch x seq", "x MLA", "x MHA",
@@ -141,23 +121,18 @@ def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
 
 
 # ---------------------------------------------------------------------- flops
-@calc_app.command("flops")
 def flops_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
               config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
-              seq_len: int = typer.Option(4096, help="training sequence length (causal: average context seq_len/2)"),
+              seq_len: int = typer.Option(4096, min=1, help="training sequence length (causal: average context seq_len/2)"),
               tokens: float = typer.Option(14.8e12, help="training tokens (V3: 14.8T)"),
-              ctx: Optional[int] = typer.Option(None, help="context of one decode step (default: seq_len)"),
+              ctx: Optional[int] = typer.Option(None, min=1, help="context of one decode step (default: seq_len)"),
               mtp: bool = typer.Option(False, help="include the MTP modules (as V3's training does)"),
               as_json: bool = typer.Option(False, "--json", help="print JSON only")):
     """Forward and backward FLOPs per token (2 x activated matmul params + attention at the
     given length; the embedding lookup counts 0), and training compute = 3 x forward x tokens."""
     from nanoseek.calc.flops import flops_report, to_dict
-    from nanoseek.config import ConfigError
     cfg = _config(preset, config)
-    try:
-        r = flops_report(cfg, seq_len, tokens, ctx, mtp)
-    except ConfigError as e:
-        _fail(e)
+    r = flops_report(cfg, seq_len, tokens, ctx, mtp)
     t = _table(f"FLOPs: {preset or config}" + (" (with MTP)" if mtp else ""), "quantity", "value",
                caption="multiply-add = 2 FLOPs; backward = 2 x forward; attention = scores + values, "
                        "decompressed (past K/V computed once and kept) unless marked absorbed "
@@ -179,12 +154,11 @@ def flops_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
 
 
 # ------------------------------------------------------------------- capacity
-@plan_app.command("capacity")
 def capacity_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
                  config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
                  qps: float = typer.Option(..., help="requests per second"),
-                 prompt_tokens: int = typer.Option(..., help="prompt tokens per request"),
-                 output_tokens: int = typer.Option(..., help="generated tokens per request"),
+                 prompt_tokens: int = typer.Option(..., min=1, help="prompt tokens per request"),
+                 output_tokens: int = typer.Option(..., min=1, help="generated tokens per request"),
                  gpu: str = typer.Option("H100", help="H100, H800, H200, A100, custom, or a --gpu-file entry"),
                  gpu_file: Optional[str] = typer.Option(None, help='JSON {"NAME": {"mem_gb", "bw_tbs", "bf16_tflops", "fp8_tflops"?, "gpus_per_node"?}}'),
                  gpu_mem_gb: Optional[float] = typer.Option(None, help="custom GPU: memory in GB"),
@@ -207,33 +181,45 @@ def capacity_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     from dataclasses import asdict
 
     from nanoseek.calc.capacity import Assumptions, plan_capacity
-    from nanoseek.calc.gpus import custom_gpu, get_gpu, load_gpu_file
-    from nanoseek.config import ConfigError
     cfg = _config(preset, config)
-    try:
-        if gpu_file:
-            load_gpu_file(gpu_file)
-        spec = (custom_gpu(gpu_mem_gb, gpu_bw_tbs, gpu_tflops, gpu_fp8_tflops, gpus_per_node)
-                if gpu.lower() == "custom" else get_gpu(gpu))
-        a = Assumptions(qps=qps, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                        weight_dtype=weight_dtype, kv_dtype=kv_dtype, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
-                        mfu=mfu, bw_util=bw_util, mem_util=mem_util, include_mtp=mtp)
-        p = plan_capacity(cfg, spec, a)
-    except ConfigError as e:
-        _fail(e)
+    spec = _gpu_spec(gpu, gpu_file, gpu_mem_gb, gpu_bw_tbs, gpu_tflops, gpu_fp8_tflops, gpus_per_node)
+    a = Assumptions(qps=qps, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                    weight_dtype=weight_dtype, kv_dtype=kv_dtype, ttft_ms=ttft_ms, tpot_ms=tpot_ms,
+                    mfu=mfu, bw_util=bw_util, mem_util=mem_util, include_mtp=mtp)
+    p = plan_capacity(cfg, spec, a)
+    _emit(as_json, {"name": preset or config, **asdict(p)}, _assumptions_table(preset or config, a, p), _plan_table(p))
+
+
+def _gpu_spec(gpu, gpu_file, mem_gb, bw_tbs, tflops, fp8_tflops, gpus_per_node):
+    """The GPU to plan for: a built-in one, one from --gpu-file, or a custom one from flags."""
+    from nanoseek.calc.gpus import custom_gpu, get_gpu, load_gpu_file
+    if gpu_file:
+        load_gpu_file(gpu_file)
+    if gpu.lower() == "custom":
+        return custom_gpu(mem_gb, bw_tbs, tflops, fp8_tflops, gpus_per_node)
+    return get_gpu(gpu)
+
+
+def _assumptions_table(name, a, p):
+    """Every assumption the plan rests on, so a reader can disagree with one."""
     g = p.gpu
     at = _table("assumptions", "assumption", "value", justify="left")
-    at.add_row("model", str(preset or config))
+    at.add_row("model", str(name))
     at.add_row("GPU", f"{g['name']}: {g['mem_gb']} GB, {g['bw_tbs']} TB/s, {g['bf16_tflops']} BF16 TFLOP/s, "
                f"{g['fp8_tflops'] or 'no'} FP8 TFLOP/s, {g['gpus_per_node']}/node")
-    at.add_row("traffic", f"{qps:g} req/s x ({prompt_tokens} prompt + {output_tokens} output tokens)")
-    at.add_row("latency targets", f"TTFT {ttft_ms:g} ms, TPOT {tpot_ms:g} ms")
-    at.add_row("weights / KV dtype", f"{weight_dtype} / {kv_dtype}" + (" (+MTP module)" if mtp else ""))
-    at.add_row("efficiency", f"MFU {mfu:g}, HBM bandwidth {bw_util:g}, usable memory {mem_util:g}")
+    at.add_row("traffic", f"{a.qps:g} req/s x ({a.prompt_tokens} prompt + {a.output_tokens} output tokens)")
+    at.add_row("latency targets", f"TTFT {a.ttft_ms:g} ms, TPOT {a.tpot_ms:g} ms")
+    at.add_row("weights / KV dtype", f"{a.weight_dtype} / {a.kv_dtype}" + (" (+MTP module)" if a.include_mtp else ""))
+    at.add_row("efficiency", f"MFU {a.mfu:g}, HBM bandwidth {a.bw_util:g}, usable memory {a.mem_util:g}")
     at.add_row("latency per request", f"TTFT + output x TPOT = {p.latency_s:.2f} s")
     at.add_row("concurrency", f"QPS x latency = {p.concurrency:,.1f} requests in flight")
     at.add_row("KV held", "every in-flight request at full length (prompt + output)")
     at.add_row("decode reads", "touched weights (uniform routing) + KV at context prompt + output/2")
+    return at
+
+
+def _plan_table(p):
+    """Memory, bandwidth and compute needs, the GPUs each asks for, and the verdict."""
     t = _table("capacity plan", "quantity", "value")
     t.add_row("weights", _bytes(p.weights_bytes))
     t.add_row("KV cache per token", _bytes(p.kv_bytes_per_token))
@@ -255,7 +241,7 @@ def capacity_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     t.add_row("decode step at that size", f"{p.decode_step_s * 1e3:,.1f} ms")
     t.add_row("one prompt's prefill at that size", f"{p.prefill_s * 1e3:,.1f} ms")
     t.add_row("output tokens/s", f"{p.output_tokens_per_s:,.0f}")
-    _emit(as_json, {"name": preset or config, **asdict(p)}, at, t)
+    return t
 
 
 # -------------------------------------------------------------------- convert
@@ -273,14 +259,14 @@ def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory
     (which dequantises on load)."""
     from dataclasses import asdict
 
-    from nanoseek.checkpoint import CheckpointError
     from nanoseek.quant.convert import convert
     if fp8 == dequant:
         raise typer.BadParameter("give exactly one of --fp8 or --dequant")
-    try:
-        r = convert(src, dst, "fp8" if fp8 else "dequant", dtype, progress=not as_json, overwrite=overwrite)
-    except CheckpointError as e:
-        _fail(e)
+    r = convert(src, dst, "fp8" if fp8 else "dequant", dtype, progress=not as_json, overwrite=overwrite)
+    _emit(as_json, asdict(r), _convert_table(src, dst, fp8, dtype, r))
+
+
+def _convert_table(src, dst, fp8: bool, dtype: str, r):
     t = _table(f"convert {src} -> {dst} ({'FP8' if fp8 else 'dequantise to ' + dtype})", "quantity", "value")
     t.add_row("tensors", f"{r.tensors:,}")
     t.add_row("FP8 weights" + (" written" if fp8 else " dequantised"), f"{r.quantised:,}")
@@ -289,10 +275,17 @@ def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory
         t.add_row("weight rel. error, mean", f"{r.rel_error_mean:.4%}")
         t.add_row("weight rel. error, worst", f"{r.rel_error_max:.4%} ({r.worst_tensor})")
         t.add_row("max abs error", f"{r.max_abs_error:.3g}")
-    _emit(as_json, asdict(r), t)
+    return t
 
 
 def register(app: typer.Typer) -> None:
-    app.add_typer(calc_app, name="calc")
-    app.add_typer(plan_app, name="plan")
+    calc = typer.Typer(help="Calculators that read only a config: parameters, KV cache, FLOPs.",
+                       no_args_is_help=True)
+    calc.command("params")(params_cmd)
+    calc.command("kv")(kv_cmd)
+    calc.command("flops")(flops_cmd)
+    app.add_typer(calc, name="calc")
+    plan = typer.Typer(help="Deployment planning: GPUs and nodes for a traffic shape.", no_args_is_help=True)
+    plan.command("capacity")(capacity_cmd)
+    app.add_typer(plan, name="plan")
     app.command("convert")(convert_cmd)

@@ -1,0 +1,169 @@
+"""What every command shares: one way to fail, and output that never truncates a number.
+
+A user error (a bad flag, a malformed config, a corrupt checkpoint, an input that a library
+function rejects with ValueError...) prints one line `error: ...` on stderr and exits with
+code 2; a bug still shows its traceback. `--debug` or NANOSEEK_DEBUG=1 shows the traceback
+of user errors too. This module imports neither torch nor rich: `nanoseek --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+import typer
+from typer.core import TyperGroup, TyperOption
+
+try:  # typer 0.2x vendors click: its usage errors are typer._click's classes, not click's
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_errors
+
+USER_ERROR_EXIT = 2
+# error classes by module: a module not imported yet cannot have raised its error, so the
+# check never imports torch for a calculator's error
+USER_ERRORS = {
+    "nanoseek.config": ("ConfigError",),
+    "nanoseek.checkpoint": ("CheckpointError",),
+    "nanoseek.data.corpus": ("CorpusError",),
+    "nanoseek.tokenizer": ("TokenizerError",),
+    "nanoseek.train.pretrain": ("RunError",),
+}
+_debug = False
+
+
+def set_debug(on: bool) -> None:
+    global _debug
+    _debug = on
+
+
+def debugging() -> bool:
+    return _debug or os.environ.get("NANOSEEK_DEBUG", "") not in ("", "0")
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Errors in what the user gave (files, flags, values), as opposed to bugs."""
+    if isinstance(e, (ValueError, OSError)):  # incl. UnicodeError, FileNotFoundError, JSONDecodeError
+        return True
+    for module, names in USER_ERRORS.items():
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(e, tuple(getattr(mod, n) for n in names)):
+            return True
+    return False
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def fail(message: str | BaseException) -> NoReturn:
+    """Report a user error: one line on stderr, exit code 2."""
+    typer.echo(f"error: {one_line(message)}", err=True)
+    raise typer.Exit(USER_ERROR_EXIT)
+
+
+def _usage_message(e: click_errors.UsageError) -> str:
+    where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+    return one_line(e.format_message()) + where
+
+
+class CliGroup(TyperGroup):
+    """The root command group: catches every error of every command in one place."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        set_debug(False)
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # bare `nanoseek calc`: the help
+            typer.echo(e.ctx.get_help())
+            code = 0
+        except click_errors.UsageError as e:  # a bad flag or value: click's check or typer.BadParameter
+            if debugging():
+                raise
+            typer.echo(f"error: {_usage_message(e)}", err=True)
+            code = USER_ERROR_EXIT
+        except click_errors.ClickException as e:
+            typer.echo(f"error: {one_line(e.format_message())}", err=True)
+            code = e.exit_code
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            code = 1
+        except Exception as e:
+            if debugging() or not is_user_error(e):
+                raise
+            typer.echo(f"error: {one_line(e) or type(e).__name__}", err=True)
+            code = USER_ERROR_EXIT
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _flags_show_no_type() -> None:
+    """typer prints `<bool>` beside every flag (--json, --help...), as if it took a value;
+    a flag takes none, so its type column stays empty."""
+    typed = TyperOption.display_type_rich
+    if getattr(typed, "_nanoseek", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else typed(self, ctx)
+    display_type_rich._nanoseek = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
+
+# ------------------------------------------------------------- input checks
+def check_utf8(text: str, what: str) -> str:
+    """Arguments that were not valid UTF-8 arrive as lone surrogates (Python's
+    surrogateescape); a tokenizer would fail on them with a TypeError deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        bad = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        raise ValueError(f"{what}: not valid UTF-8 ({bad} at character {e.start})") from None
+    return text
+
+
+def check_device(device: str) -> str:
+    """A torch device that exists on this machine (imports torch: call it in a command)."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    return device
+
+
+# ------------------------------------------------------------------- output
+def print_tables(*tables, stderr: bool = False) -> None:
+    """Rich tables, never truncated: piped output (or a narrow terminal) gets the width each
+    table needs rather than rich's 80-column default, which cut numbers to `9,994,2…`."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    for t in tables:
+        need = console.measure(t).maximum
+        if need > console.width:
+            console = Console(stderr=stderr, width=need)
+        console.print(t)
+
+
+def load_config(preset_name: str | None = None, config_path: str | None = None):
+    """The model commands' rule: exactly one of --preset NAME or --config FILE."""
+    from nanoseek.config import ConfigError, ModelConfig, preset
+
+    if (preset_name is None) == (config_path is None):
+        raise ConfigError("give exactly one of --preset NAME or --config FILE")
+    return preset(preset_name) if preset_name else ModelConfig.from_json(config_path)

@@ -1,0 +1,287 @@
+"""The CLI's contract: a user error is one line on stderr and exit code 2 (never a
+traceback), --help imports no torch, output is never truncated, and `generate` serves
+batches, files, JSON, n, logprobs and the chat template."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nanoseek.cli import app
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def nanoseek(*args, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh interpreter (argv bytes as a shell passes them)."""
+    return subprocess.run([sys.executable, "-m", "nanoseek", *args], input=stdin, capture_output=True,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=120)
+
+
+def assert_user_error(res, *words):
+    """Exit 2, exactly one line on stderr starting `error:` and naming the problem."""
+    err = res.stderr if isinstance(res.stderr, str) else res.stderr.decode()
+    assert res.exit_code == 2 if hasattr(res, "exit_code") else res.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def invoke(*args, **kw):
+    return CliRunner().invoke(app, [str(a) for a in args], **kw)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny checkpoint (vocab 300) with a trained byte-level BPE tokenizer."""
+    from nanoseek.data import load_corpus
+    from nanoseek.model import CausalLM
+    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    d = tmp_path_factory.mktemp("ckpt")
+    CausalLM(tiny_config(vocab_size=300)).save_pretrained(d)
+    save_tokenizer(train_tokenizer(load_corpus()[:40], 300), d)
+    return d
+
+
+@pytest.fixture
+def broken(ckpt, tmp_path):
+    """A copy of the checkpoint to damage."""
+    import shutil
+    d = tmp_path / "broken"
+    shutil.copytree(ckpt, d)
+    return d
+
+
+# --------------------------------------------------------------- --help
+def test_help_imports_no_torch():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom nanoseek.cli import app\n"
+            "r = CliRunner().invoke(app, ['--help'])\nassert r.exit_code == 0 and 'generate' in r.output\n"
+            "r = CliRunner().invoke(app, ['generate', '--help'])\nassert r.exit_code == 0\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_flags_show_no_bool_type():
+    for args in (["--help"], ["generate", "--help"], ["pretrain", "--help"], ["calc", "kv", "--help"]):
+        r = invoke(*args, env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and "--help" in r.output
+        assert "<bool>" not in r.output, args
+
+
+def test_python_m_nanoseek():
+    r = nanoseek("calc", "params", "--preset", "tiny", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["total"] > 0
+
+
+# --------------------------------------------------------- user errors
+def test_generate_and_info_bad_checkpoints(broken):
+    (broken / "config.json").write_text('{"vocab_size": 3,')
+    for cmd in (["generate", broken, "--prompt-ids", "1"], ["info", broken]):
+        assert_user_error(invoke(*cmd), "config.json", "not valid JSON")
+    cfg = tiny_config(vocab_size=300).to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    for cmd in (["generate", broken, "--prompt-ids", "1"], ["info", broken]):
+        assert_user_error(invoke(*cmd), "unknown architecture", "LlamaForCausalLM")
+    assert_user_error(invoke("info", broken / "nope"), "nope")
+
+
+def test_generate_truncated_and_corrupt_safetensors(ckpt, broken):
+    f = next(broken.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:1000])
+    assert_user_error(invoke("generate", broken, "--prompt-ids", "1"), f.name, "truncated or corrupt")
+    f.write_bytes(b"garbage!" + (ckpt / f.name).read_bytes()[8:])
+    assert_user_error(invoke("generate", broken, "--prompt-ids", "1"), f.name, "truncated or corrupt")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--device", "cuda"], ["--device"]),
+    (["--device", "bogus"], ["--device", "bogus"]),
+    (["--threads", "-1"], ["--threads"]),
+    (["--temperature", "inf"], ["temperature"]),
+    (["--stop-token-ids", "x"], ["--stop-token-ids"]),
+    (["--max-tokens", "0"], ["--max-tokens"]),
+    (["--bogus"], ["--bogus"]),
+    (["--prompts-file", "/nonexistent/prompts.txt"], ["prompts.txt"]),
+])
+def test_generate_bad_flags(ckpt, args, words):
+    if args[:2] == ["--device", "cuda"]:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    assert_user_error(invoke("generate", ckpt, "--prompt-ids", "1", *args), *words)
+
+
+def test_generate_rejects_invalid_utf8(ckpt, tmp_path):
+    assert_user_error(invoke("generate", ckpt, "-p", "a\ud800b"), "--prompt", "UTF-8", "U+D800")
+    r = nanoseek("generate", str(ckpt), "-p", b"ab\xffc")  # as a shell passes invalid bytes
+    assert_user_error(r, "--prompt", "UTF-8", "0xff")
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"fine\n\xfe\xff\n")
+    assert_user_error(invoke("generate", ckpt, "--prompts-file", bad), "p.txt", "UTF-8")
+
+
+def test_pretrain_non_utf8_data_names_the_encoding(tmp_path):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes("caf\xe9 au lait\n\nmore text here\n".encode("latin-1"))
+    r = invoke("tokenizer", "train", "--out", tmp_path / "tok", "--data", data, "--vocab-size", "300")
+    assert_user_error(r, "latin1.txt", "UTF-8", "0xe9")
+
+
+def test_debug_shows_the_traceback():
+    r = invoke("calc", "params", "--preset", "nope")
+    assert_user_error(r, "nope")
+    for args, env in ((["--debug", "calc", "params", "--preset", "nope"], None),
+                      (["calc", "params", "--preset", "nope"], {"NANOSEEK_DEBUG": "1"})):
+        r = invoke(*args, env=env)
+        assert r.exit_code != 2 and type(r.exception).__name__ == "ConfigError"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["calc", "flops", "--preset", "tiny", "--ctx", "-1"], ["--ctx"]),
+    (["plan", "capacity", "--preset", "tiny", "--qps", "nan", "--prompt-tokens", "10", "--output-tokens", "10"],
+     ["qps", "nan"]),
+    (["plan", "capacity", "--preset", "tiny", "--qps", "inf", "--prompt-tokens", "10", "--output-tokens", "10"],
+     ["qps", "inf"]),
+    (["plan", "capacity", "--preset", "tiny", "--qps", "1", "--prompt-tokens", "5000", "--output-tokens", "10"],
+     ["max_position_embeddings"]),
+    (["plan", "capacity", "--preset", "tiny", "--qps", "1", "--prompt-tokens", "10", "--output-tokens", "10",
+      "--ttft-ms", "inf"], ["ttft_ms"]),
+    (["calc", "params", "--config", "/nonexistent/config.json"], ["/nonexistent"]),
+    (["pretrain", "--out", "x", "--seq-len", "0"], ["--seq-len"]),
+    (["pretrain", "--out", "x", "--threads", "-1"], ["--threads"]),
+    (["eval", "x", "--seq-len", "0"], ["--seq-len"]),
+    (["report", "/nonexistent-run"], ["run.json"]),
+])
+def test_calc_and_train_bad_input(args, words):
+    assert_user_error(invoke(*args), *words)
+
+
+def test_library_limits():
+    """The checks live in the library functions, where a Python user meets them too."""
+    from nanoseek.calc.capacity import Assumptions, plan_capacity
+    from nanoseek.calc.flops import flops_report
+    from nanoseek.calc.gpus import get_gpu
+    from nanoseek.config import ConfigError, preset
+    from nanoseek.engine import SamplingParams
+    cfg = preset("tiny")
+    with pytest.raises(ConfigError, match="ctx"):
+        flops_report(cfg, 128, 1e9, decode_ctx=-1)
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        plan_capacity(cfg, get_gpu("H100"), Assumptions(qps=1, prompt_tokens=cfg.max_position_embeddings,
+                                                        output_tokens=1))
+    with pytest.raises(ConfigError, match="qps"):
+        plan_capacity(cfg, get_gpu("H100"), Assumptions(qps=float("nan"), prompt_tokens=10, output_tokens=1))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=float("inf"))
+
+
+def test_seq_len_beyond_context_is_rejected(tmp_path):
+    from nanoseek.config import preset
+    from nanoseek.train.config import TrainConfig
+    from nanoseek.train.pretrain import PretrainConfig, pretrain
+    cfg = preset("tiny")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        pretrain(tmp_path / "run", PretrainConfig(cfg, TrainConfig(seq_len=cfg.max_position_embeddings + 1)))
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------- output
+def test_piped_calc_tables_are_not_truncated():
+    from nanoseek.calc.params import count_params
+    from nanoseek.config import preset
+    r = invoke("calc", "params", "--preset", "deepseek-v3")  # CliRunner: not a tty, 80 columns
+    assert r.exit_code == 0
+    assert "…" not in r.output
+    assert f"{count_params(preset('deepseek-v3')).main_total:,}" in r.output
+    r = nanoseek("plan", "capacity", "--preset", "deepseek-v3", "--qps", "10", "--prompt-tokens", "2000",
+                 "--output-tokens", "500", env={"COLUMNS": "80"})
+    assert r.returncode == 0 and "…" not in r.stdout.decode()
+
+
+# ------------------------------------------------------------- generate
+def test_generate_json_n_logprobs_in_input_order(ckpt):
+    from nanoseek.engine import LLM, SamplingParams
+    prompts = ["The cache", "holds latents", "x"]
+    args = ["generate", ckpt, "--json", "--max-tokens", "4", "--ignore-eos", "-n", "2", "--temperature", "1",
+            "--seed", "3", "--logprobs", "2"]
+    r = invoke(*args, *[a for p in prompts for a in ("-p", p)])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x["index"], x["sample"]) for x in recs] == [(i, k) for i in range(3) for k in range(2)]
+    ref = LLM(str(ckpt)).generate(prompts, SamplingParams(n=2, temperature=1, seed=3, max_tokens=4,
+                                                          ignore_eos=True, logprobs=2), use_tqdm=False)
+    for x in recs:
+        c = ref[x["index"]].outputs[x["sample"]]
+        assert x["prompt"] == prompts[x["index"]] and x["token_ids"] == c.token_ids and x["text"] == c.text
+        assert x["finish_reason"] == "length"
+        assert len(x["logprobs"]) == 4 and all(2 <= len(pos) <= 3 for pos in x["logprobs"])
+        assert any(d["token_id"] == c.token_ids[0] for d in x["logprobs"][0])
+
+
+def test_generate_prompts_file_stdin_and_text_output(ckpt, tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('first prompt\n\n{"prompt": "second"}\n{"prompt_token_ids": [5, 6, 7]}\n')
+    r = invoke("generate", ckpt, "--prompts-file", f, "--max-tokens", "3", "--ignore-eos", "--json")
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.exit_code == 0 and [x["prompt"] for x in recs[:2]] == ["first prompt", "second"]
+    assert recs[2]["prompt_token_ids"][-3:] == [5, 6, 7] and len(recs) == 3
+    r = invoke("generate", ckpt, "--prompts-file", "-", "--max-tokens", "3", "--ignore-eos",
+               input="alpha\nbeta\n")
+    assert r.exit_code == 0, r.output
+    out = r.stdout
+    assert out.index("alpha") < out.index("beta")
+    assert "[0] finish=length" in r.stderr and "[1] finish=length" in r.stderr
+
+
+def test_generate_chat_template(ckpt):
+    from nanoseek.tokenizer import load_tokenizer
+    tok = load_tokenizer(ckpt)
+    want = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
+                                   tokenize=False)
+    r = invoke("generate", ckpt, "-p", "Hi there", "--chat", "--json", "--max-tokens", "2")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["prompt_token_ids"] == tok(want, add_special_tokens=False)["input_ids"]
+    assert rec["prompt_token_ids"][0] == tok.bos_token_id
+    assert tok.convert_tokens_to_ids("<｜Assistant｜>") == rec["prompt_token_ids"][-1]
+    assert_user_error(invoke("generate", ckpt, "--prompt-ids", "1,2", "--chat"), "--chat")
+
+
+@pytest.mark.slow
+def test_bench_model_json_is_json_alone():
+    r = subprocess.run([sys.executable, "benchmarks/bench_model.py", "--batch", "1", "--seq", "16", "--steps", "1",
+                        "--warmup", "0", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["nanoseek_tok_s"] > 0
+    assert "transformers [" in r.stderr
+
+
+def test_finished_resume_does_not_reprint_the_old_run(tmp_path):
+    from nanoseek.cli.train import _done_line, _finished_steps
+    assert _finished_steps(tmp_path) is None  # no run.json: a killed or new run
+    summary = {"steps": 5, "tokens_seen": 640, "tok_s": 1000.0}
+    (tmp_path / "run.json").write_text(json.dumps({"summary": summary}))
+    assert _finished_steps(tmp_path) == 5
+    assert _done_line(tmp_path, summary, 5).startswith("nothing to do: the run")
+    assert _done_line(tmp_path, {**summary, "steps": 8}, 5).startswith("done: 8 steps")
+
+
+def test_local_data_files_print_no_datasets_progress(tmp_path, capfd):
+    from nanoseek.data.corpus import load_file
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"text": "one document"}\n{"text": "another"}\n')
+    assert load_file(f) == ["one document", "another"]
+    out, err = capfd.readouterr()
+    assert "Generating" not in out + err and "examples" not in out + err
