@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from nanoseek.engine import LLM, SamplingParams
-        from nanoseek.engine.llm import stable_text
+        from nanoseek.engine.outputs import stable_text
         if threads:
             torch.set_num_threads(threads)
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from nanoseek.engine import LLM, AsyncLLM, SamplingParams
-from nanoseek.engine.engine import LLMEngine
-from nanoseek.engine.llm import Tokenizer
+from nanoseek.engine.outputs import IncrementalDetokenizer
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.engine.sampling import filtered_logits, sample_token
-from nanoseek.engine.sequence import Sequence
 from tests.test_engine import prompts, reference_greedy, tiny_model
 
 
@@ -128,10 +127,16 @@ def test_text_prompts_and_stop_strings(model, char_tokenizer):
 
 def test_stop_strings_cut_at_the_earliest_hit():
     # both complete with the same token; the list order must not decide where the text ends
-    seq = Sequence("s", [5], SamplingParams(stop=["world", "lo w"]))
-    seq.text = "hello world"
-    assert LLMEngine._hit_stop_string(seq)
-    assert seq.text == "hel" and seq.stop_reason == "lo w"
+    class Words:  # token i decodes to WORDS[i]
+        WORDS = ["hello", " world"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.WORDS[i] for i in ids)
+
+    detok = IncrementalDetokenizer(Words(), SamplingParams(stop=["world", "lo w"]))
+    assert detok.add(0) is None and detok.text == "hello"
+    assert detok.add(1) == "lo w"
+    assert detok.text == "hel" and detok.output_text(finished=True) == "hel"
 
 
 def test_eos_ends_a_request_unless_ignored(model):
