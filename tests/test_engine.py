@@ -367,3 +367,63 @@ def test_long_prompt_is_chunked_and_never_stalls_decoding(model):
     while engine.has_unfinished():
         engine.step()
     assert long.output_token_ids == reference_greedy(model, long_prompt, 3, eos=1)
+
+
+# ------------------------------------------------- one owner for a sequence's state
+def test_only_the_scheduler_writes_sequence_state():
+    """Source check: in the engine, only scheduler.py assigns a sequence's
+    num_computed, draft, finish_reason or status, or appends its tokens, and only it calls
+    register_full_blocks (the block manager writes blocks, the runner nothing)."""
+    import ast
+    from pathlib import Path
+
+    import nanoseek
+    owned = {"num_computed", "draft", "finish_reason", "status", "stop_reason", "error"}
+    writers: dict[str, set[str]] = {}
+    for path in (Path(nanoseek.__file__).parent / "engine").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = [t for tgt in node.targets for t in (tgt.elts if isinstance(tgt, ast.Tuple) else [tgt])]
+            elif isinstance(node, ast.AugAssign):
+                targets = [node.target]
+            names = {t.attr for t in targets if isinstance(t, ast.Attribute) and t.attr in owned}
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                f = node.func
+                if f.attr == "register_full_blocks" or (
+                        f.attr == "append" and isinstance(f.value, ast.Attribute) and f.value.attr == "output_token_ids"):
+                    names.add(f.attr)
+            for name in names:
+                writers.setdefault(name, set()).add(path.name)
+    assert writers and all(files == {"scheduler.py"} for files in writers.values()), writers
+
+
+def test_non_finite_logits_fail_one_request_and_the_batch_goes_on(model, load, refs):
+    """A NaN embedding row poisons every request whose prompt holds that token: its logits
+    are NaN. It must end with finish_reason "error", the others as plain greedy."""
+    import copy
+    broken = copy.deepcopy(model)
+    bad = 2  # prompts() draws ids from 3 up: only the poisoned prompt holds it
+    with torch.no_grad():
+        broken.model.embed_tokens.weight[bad] = float("nan")
+    for speculative in (False, True):
+        for params in (GREEDY, SamplingParams(temperature=0.9, top_p=0.9, seed=1, max_tokens=10, logprobs=2)):
+            llm = LLM(broken, kv_cache_memory=2**22, block_size=4, speculative=speculative)
+            healthy = [p for p in load[:3]]
+            outs = llm.generate([healthy[0], healthy[1][:5] + [bad] + healthy[1][5:], healthy[2]],
+                                [GREEDY, params, GREEDY], use_tqdm=False)
+            failed = outs[1].outputs[0]
+            assert failed.finish_reason == "error" and "non-finite logits" in failed.error
+            assert failed.token_ids == [] and outs[1].finished
+            assert token_ids([outs[0], outs[2]]) == [refs[0], refs[2]]
+            assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_used == 0
+
+
+def test_max_tokens_none_runs_up_to_the_context(model):
+    llm = LLM(model, kv_cache_memory=2**22, block_size=8, speculative=True, max_model_len=40)
+    prompt = prompts(1, seed=15, lo=30, hi=31)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 10  # 40 - 30
+    assert out.token_ids == reference_greedy(model, prompt, 10)
+    with pytest.raises(ValueError, match=r"prompt \(40 tokens\) \+ at least 1 new token \(max_tokens=None\)"):
+        llm.generate([[5] * 40], SamplingParams(max_tokens=None))

@@ -163,6 +163,25 @@ def test_bad_params_are_named():
         SamplingParams(temperature=-1)
 
 
+def test_non_finite_sampling_values_are_rejected_naming_the_field():
+    for name, value in (("temperature", float("inf")), ("temperature", float("nan")), ("top_p", float("nan")),
+                        ("min_p", float("inf")), ("min_p", float("-inf"))):
+        with pytest.raises(ValueError, match=rf"^SamplingParams\.{name}=.* must be a finite number$"):
+            SamplingParams(**{name: value})
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=2.5)
+    assert SamplingParams(max_tokens=None).max_tokens is None
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash(model):
+    # logits / 1e-30 overflow to inf (softmax NaN, multinomial raised): below 1e-5 is greedy
+    prompt = prompts(1, seed=16)[0]
+    out = LLM(model, kv_cache_memory=2**22).generate([prompt], SamplingParams(temperature=1e-30, max_tokens=6))
+    assert out[0].outputs[0].token_ids == reference_greedy(model, prompt, 6, eos=1)
+    ids = model.generate(torch.tensor([prompt]), 6, temperature=1e-30)[0, len(prompt):].tolist()
+    assert ids == reference_greedy(model, prompt, 6)
+
+
 # ------------------------------------------------------------------------ async
 def test_async_streams_match_offline_and_abort_frees_blocks(model):
     load = prompts(4, seed=6)

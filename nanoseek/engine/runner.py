@@ -43,14 +43,12 @@ class ModelRunner:
         h = self.forward([s.tokens(st, st + n) for s, st, n in zip(seqs, starts, chunks)], starts,
                          [s.block_table for s in seqs], absorb=False)
         last = [b for b, (s, st, n) in enumerate(zip(seqs, starts, chunks)) if st + n == len(s)]
-        outs = [SeqOutput() for _ in items]  # a prompt whose last chunk ran samples its first token
+        samples: list[list[Sample]] = [[] for _ in items]  # a prompt whose last chunk ran samples a token
         if last:
-            samples = self.sample([seqs[b] for b in last], self.logits(h[last, [chunks[b] - 1 for b in last]]))
-            for b, smp in zip(last, samples):
-                outs[b] = _output([smp])
-        if self.spec is not None:
-            self.spec.draft(seqs, starts, outs, h, chunks, absorb=False)
-        return outs
+            for b, smp in zip(last, self.sample([seqs[b] for b in last],
+                                                self.logits(h[last, [chunks[b] - 1 for b in last]]))):
+                samples[b] = [smp]
+        return self._outputs(seqs, starts, samples, chunks, h, absorb=False)
 
     def _decode(self, seqs: list[Sequence]) -> list[SeqOutput]:
         starts = [s.num_computed for s in seqs]
@@ -59,17 +57,22 @@ class ModelRunner:
         samples = [[smp] for smp in self.sample(seqs, self.logits(h[:, 0]))]
         if self.spec is not None:
             self.spec.verify(seqs, h, samples)  # an accepted draft adds a second sample
-        outs = [_output(s) for s in samples]
-        if self.spec is not None:  # an accepted draft's latents are real: 2 positions computed
-            self.spec.draft(seqs, starts, outs, h, [len(o.samples) for o in outs], absorb=True)
-        return outs
+        # an accepted draft's latents are real: two positions computed
+        return self._outputs(seqs, starts, samples, [len(s) for s in samples], h, absorb=True)
+
+    def _outputs(self, seqs, starts, samples, num_computed, h, absorb) -> list[SeqOutput]:
+        """With speculation, the next drafts; then one SeqOutput per sequence. A failed
+        sample (non-finite logits) fails its sequence: no token, no draft."""
+        drafts = (self.spec.draft(seqs, starts, samples, h, num_computed, absorb) if self.spec is not None
+                  else [None] * len(seqs))
+        return [SeqOutput(error=smp[0].error) if smp and smp[0].error is not None else SeqOutput(smp, d)
+                for smp, d in zip(samples, drafts)]
 
     @staticmethod
     def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[Sample]:
         return sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
 
     # ------------------------------------------------------------ model calls
-
     def _pad(self, rows: list[list[int]]) -> torch.Tensor:
         S = max(len(r) for r in rows)
         return torch.tensor([r + [0] * (S - len(r)) for r in rows], dtype=torch.long, device=self.device)
@@ -105,9 +108,3 @@ class ModelRunner:
         last = h[torch.arange(len(q_lens), device=h.device), torch.tensor([n - 1 for n in q_lens], device=h.device)]
         return self.model.mtp_logits(0, last).float()
 
-
-def _output(samples: list[Sample]) -> SeqOutput:
-    """A sample that failed (non-finite logits) fails the sequence: no token from it."""
-    if samples[0].error is not None:
-        return SeqOutput(error=samples[0].error)
-    return SeqOutput(samples)

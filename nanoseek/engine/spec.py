@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.engine.sampling import Sample, sample_batch
-from nanoseek.engine.sequence import Sequence, SeqOutput
+from nanoseek.engine.sequence import Sequence
 
 
 @dataclass
@@ -84,24 +84,25 @@ class MTPSpeculator:
             if smp.error is None:  # a non-finite second row: keep the first token only (a reject)
                 samples[b].append(smp)
 
-    def draft(self, seqs: list[Sequence], starts: list[int], outs: list[SeqOutput], h: torch.Tensor,
-              num_computed: list[int], absorb: bool) -> None:
+    def draft(self, seqs: list[Sequence], starts: list[int], samples: list[list[Sample]], h: torch.Tensor,
+              num_computed: list[int], absorb: bool) -> list[int | None]:
         """Run MTP over the positions each sequence just computed whose next token is now
-        known (it fills the MTP layer's cache there) and keep the last one's guess as the
-        sequence's draft. num_computed[b]: positions from starts[b] this forward made real."""
+        known (it fills the MTP layer's cache there); the last one's guess is the sequence's
+        draft. num_computed[b]: positions from starts[b] this forward made real."""
         rows, h_prev, next_ids = [], [], []
-        for b, (seq, st, out) in enumerate(zip(seqs, starts, outs)):
-            if out.error is not None:
+        for b, (seq, st, smp) in enumerate(zip(seqs, starts, samples)):
+            if smp and smp[0].error is not None:  # a failed request drafts nothing
                 continue
-            new = [s.token for s in out.samples]
+            new = [s.token for s in smp]
             n = min(num_computed[b], len(seq) + len(new) - 1 - st)  # rows with a known next token
             known = seq.tokens(st + 1, min(st + 1 + n, len(seq)))
             rows.append(b)
             h_prev.append(h[b, :n])
             next_ids.append(known + new[:n - len(known)])
-        if not rows:
-            return
-        logits = self.runner.mtp(h_prev, next_ids, [starts[b] for b in rows],
-                                 [seqs[b].block_table for b in rows], absorb)
-        for b, d in zip(rows, logits.argmax(-1).tolist()):
-            outs[b].draft = d
+        drafts: list[int | None] = [None] * len(seqs)
+        if rows:
+            logits = self.runner.mtp(h_prev, next_ids, [starts[b] for b in rows],
+                                     [seqs[b].block_table for b in rows], absorb)
+            for b, d in zip(rows, logits.argmax(-1).tolist()):
+                drafts[b] = d
+        return drafts
