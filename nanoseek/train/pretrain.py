@@ -123,7 +123,8 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
     max_steps and time_limit of `tcfg`) may extend or shorten the run."""
     from nanoseek.model import CausalLM
     from nanoseek.train.checkpointing import STATE_FILE
-    from nanoseek.train.mfu import count_params, flops_per_token, measure_peak_flops
+    from nanoseek.calc.params import count_params
+    from nanoseek.train.mfu import flops_per_token, measure_peak_flops
     from nanoseek.tokenizer import token_byte_lengths
 
     out_dir = Path(out_dir)
@@ -153,7 +154,7 @@ def pretrain(out_dir: str | Path, cfg: ModelConfig, tcfg: TrainConfig, data_path
 
     torch.manual_seed(tcfg.seed)
     model = CausalLM(cfg).to(device)
-    params = count_params(model)
+    params = count_params(cfg).summary()
     fpt = flops_per_token(model, tcfg.seq_len)
     chosen = torch.get_num_threads()
     torch.set_num_threads(max_threads)  # MFU is against the whole machine's peak
