@@ -139,3 +139,37 @@ def _bytes_to_unicode_inverse() -> dict[str, int]:
             cs.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Tokenizer:
+    """The package's one tokenizer wrapper: what the engine (and the server and agent on top
+    of it) need from a `tokenizer.json` — encode text, decode ids with special tokens
+    skipped or kept. It holds a `tokenizers.Tokenizer` (the Rust object, fast enough to be
+    called once per generated token); `Tokenizer.of` also takes a transformers tokenizer
+    (e.g. `train_tokenizer`'s or `load_tokenizer`'s) and uses its backend."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    @classmethod
+    def of(cls, tokenizer) -> "Tokenizer | None":
+        """Wrap whatever a caller handed over: None, a Tokenizer, a transformers tokenizer
+        (its `backend_tokenizer`) or a `tokenizers.Tokenizer`."""
+        if tokenizer is None or isinstance(tokenizer, cls):
+            return tokenizer
+        return cls(getattr(tokenizer, "backend_tokenizer", tokenizer))
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "Tokenizer | None":
+        """The directory's tokenizer.json, or None when it has none (token-id checkpoints)."""
+        file = Path(path) / "tokenizer.json"
+        if not file.exists():
+            return None
+        from tokenizers import Tokenizer as HFTokenizer
+        return cls(HFTokenizer.from_file(str(file)))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids  # special tokens (e.g. BOS) as the tokenizer's post-processor says
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)

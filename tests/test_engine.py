@@ -9,6 +9,7 @@ from nanoseek.engine import LLM, SamplingParams
 from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.cache import BatchView, PagedLatentCache, budget_bytes, parse_memory
 from nanoseek.engine.engine import LLMEngine
+from nanoseek.engine.scheduler import Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.config import preset
 from nanoseek.model import CausalLM
@@ -168,9 +169,11 @@ def test_cached_prompt_tokens_count_prompt_tokens_only():
     first.num_computed = len(first)
     bm.register_full_blocks(first)
     bm.free_seq(first)
-    again = Sequence("b", list(range(10, 15)), SamplingParams())
+    again = Sequence("b", list(range(10, 15)), SamplingParams(max_tokens=20))
     again.output_token_ids = list(range(15, 30))
-    bm.allocate(again)
+    scheduler = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    scheduler.add(again)
+    scheduler.schedule()                              # admission: the scheduler records the hit
     assert again.num_computed == 16                   # 4 whole blocks come from the cache
     assert again.num_cached_prompt_tokens == 5        # of which the prompt is 5 tokens
     bm.check()
@@ -217,20 +220,29 @@ def test_abort_frees_every_block(model, load):
 
 class OracleDraftEngine(LLMEngine):
     """Replaces MTP's draft with the true next-next token on alternate tries (and a wrong
-    one otherwise), so both the accept and the roll-back paths run against the reference."""
+    one otherwise), so both the accept and the roll-back paths run against the reference.
+    It rewrites the drafts the scheduler's postprocess just kept (a test may; the engine's
+    own code writes sequences only in the scheduler)."""
 
     truth: dict[tuple, list[int]]
 
-    def _after_forward(self, rows, h, absorb):
-        super()._after_forward(rows, h, absorb)
-        self.tries = getattr(self, "tries", 0)
-        for _, seq, _ in rows:
-            if seq.draft is None or seq.finished:
-                continue
-            full = self.truth[tuple(seq.prompt_token_ids)]
-            self.tries += 1
-            right = full[len(seq)] if len(seq) < len(full) else 0
-            seq.draft = right if self.tries % 3 else (right + 1) % 256
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.tries = 0
+        postprocess = self.scheduler.postprocess
+
+        def with_oracle_drafts(decodes, prefills, outs):
+            touched = postprocess(decodes, prefills, outs)
+            for seq in decodes + [s for s, _ in prefills]:
+                if seq.draft is None or seq.finished:
+                    continue
+                full = self.truth[tuple(seq.prompt_token_ids)]
+                self.tries += 1
+                right = full[len(seq)] if len(seq) < len(full) else 0
+                seq.draft = right if self.tries % 3 else (right + 1) % 256
+            return touched
+
+        self.scheduler.postprocess = with_oracle_drafts
 
 
 def test_speculative_equals_plain_greedy(model, load, refs):
@@ -299,8 +311,7 @@ def test_block_manager_lru_keeps_hashes_until_needed():
     assert bm.num_free == 4 and len(bm.cached) == 2  # freed, but both full blocks still hit
     b = Sequence("b", [1, 2, 3, 4, 9], SamplingParams())
     assert bm.can_allocate(b)
-    bm.allocate(b)
-    assert b.num_computed == 4 and b.block_table == a_table  # a's unhashed tail was handed out first
+    assert bm.allocate(b) == 4 and b.block_table == a_table  # a's unhashed tail was handed out first
     assert bm.blocks[b.block_table[0]].ref_count == 1 and bm.num_free == 1
     c = Sequence("c", [7, 7], SamplingParams())  # takes the last free block
     bm.allocate(c)
@@ -356,3 +367,63 @@ def test_long_prompt_is_chunked_and_never_stalls_decoding(model):
     while engine.has_unfinished():
         engine.step()
     assert long.output_token_ids == reference_greedy(model, long_prompt, 3, eos=1)
+
+
+# ------------------------------------------------- one owner for a sequence's state
+def test_only_the_scheduler_writes_sequence_state():
+    """Source check: in the engine, only scheduler.py assigns a sequence's
+    num_computed, draft, finish_reason or status, or appends its tokens, and only it calls
+    register_full_blocks (the block manager writes blocks, the runner nothing)."""
+    import ast
+    from pathlib import Path
+
+    import nanoseek
+    owned = {"num_computed", "draft", "finish_reason", "status", "stop_reason", "error"}
+    writers: dict[str, set[str]] = {}
+    for path in (Path(nanoseek.__file__).parent / "engine").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = [t for tgt in node.targets for t in (tgt.elts if isinstance(tgt, ast.Tuple) else [tgt])]
+            elif isinstance(node, ast.AugAssign):
+                targets = [node.target]
+            names = {t.attr for t in targets if isinstance(t, ast.Attribute) and t.attr in owned}
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                f = node.func
+                if f.attr == "register_full_blocks" or (
+                        f.attr == "append" and isinstance(f.value, ast.Attribute) and f.value.attr == "output_token_ids"):
+                    names.add(f.attr)
+            for name in names:
+                writers.setdefault(name, set()).add(path.name)
+    assert writers and all(files == {"scheduler.py"} for files in writers.values()), writers
+
+
+def test_non_finite_logits_fail_one_request_and_the_batch_goes_on(model, load, refs):
+    """A NaN embedding row poisons every request whose prompt holds that token: its logits
+    are NaN. It must end with finish_reason "error", the others as plain greedy."""
+    import copy
+    broken = copy.deepcopy(model)
+    bad = 2  # prompts() draws ids from 3 up: only the poisoned prompt holds it
+    with torch.no_grad():
+        broken.model.embed_tokens.weight[bad] = float("nan")
+    for speculative in (False, True):
+        for params in (GREEDY, SamplingParams(temperature=0.9, top_p=0.9, seed=1, max_tokens=10, logprobs=2)):
+            llm = LLM(broken, kv_cache_memory=2**22, block_size=4, speculative=speculative)
+            healthy = [p for p in load[:3]]
+            outs = llm.generate([healthy[0], healthy[1][:5] + [bad] + healthy[1][5:], healthy[2]],
+                                [GREEDY, params, GREEDY], use_tqdm=False)
+            failed = outs[1].outputs[0]
+            assert failed.finish_reason == "error" and "non-finite logits" in failed.error
+            assert failed.token_ids == [] and outs[1].finished
+            assert token_ids([outs[0], outs[2]]) == [refs[0], refs[2]]
+            assert not llm.engine.has_unfinished() and llm.engine.block_manager.num_used == 0
+
+
+def test_max_tokens_none_runs_up_to_the_context(model):
+    llm = LLM(model, kv_cache_memory=2**22, block_size=8, speculative=True, max_model_len=40)
+    prompt = prompts(1, seed=15, lo=30, hi=31)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 10  # 40 - 30
+    assert out.token_ids == reference_greedy(model, prompt, 10)
+    with pytest.raises(ValueError, match=r"prompt \(40 tokens\) \+ at least 1 new token \(max_tokens=None\)"):
+        llm.generate([[5] * 40], SamplingParams(max_tokens=None))

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from nanoseek.engine import LLM, AsyncLLM, SamplingParams
-from nanoseek.engine.engine import LLMEngine
-from nanoseek.engine.llm import Tokenizer
+from nanoseek.engine.outputs import IncrementalDetokenizer
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.engine.sampling import filtered_logits, sample_token
-from nanoseek.engine.sequence import Sequence
 from tests.test_engine import prompts, reference_greedy, tiny_model
 
 
@@ -128,10 +127,16 @@ def test_text_prompts_and_stop_strings(model, char_tokenizer):
 
 def test_stop_strings_cut_at_the_earliest_hit():
     # both complete with the same token; the list order must not decide where the text ends
-    seq = Sequence("s", [5], SamplingParams(stop=["world", "lo w"]))
-    seq.text = "hello world"
-    assert LLMEngine._hit_stop_string(seq)
-    assert seq.text == "hel" and seq.stop_reason == "lo w"
+    class Words:  # token i decodes to WORDS[i]
+        WORDS = ["hello", " world"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.WORDS[i] for i in ids)
+
+    detok = IncrementalDetokenizer(Words(), SamplingParams(stop=["world", "lo w"]))
+    assert detok.add(0) is None and detok.text == "hello"
+    assert detok.add(1) == "lo w"
+    assert detok.text == "hel" and detok.output_text(finished=True) == "hel"
 
 
 def test_eos_ends_a_request_unless_ignored(model):
@@ -156,6 +161,25 @@ def test_bad_params_are_named():
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_non_finite_sampling_values_are_rejected_naming_the_field():
+    for name, value in (("temperature", float("inf")), ("temperature", float("nan")), ("top_p", float("nan")),
+                        ("min_p", float("inf")), ("min_p", float("-inf"))):
+        with pytest.raises(ValueError, match=rf"^SamplingParams\.{name}=.* must be a finite number$"):
+            SamplingParams(**{name: value})
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=2.5)
+    assert SamplingParams(max_tokens=None).max_tokens is None
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash(model):
+    # logits / 1e-30 overflow to inf (softmax NaN, multinomial raised): below 1e-5 is greedy
+    prompt = prompts(1, seed=16)[0]
+    out = LLM(model, kv_cache_memory=2**22).generate([prompt], SamplingParams(temperature=1e-30, max_tokens=6))
+    assert out[0].outputs[0].token_ids == reference_greedy(model, prompt, 6, eos=1)
+    ids = model.generate(torch.tensor([prompt]), 6, temperature=1e-30)[0, len(prompt):].tolist()
+    assert ids == reference_greedy(model, prompt, 6)
 
 
 # ------------------------------------------------------------------------ async

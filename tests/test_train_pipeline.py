@@ -65,10 +65,11 @@ def test_report_is_written(run_dir):
 
 def test_activated_params_count_only_chosen_experts():
     from nanoseek.model import CausalLM
-    from nanoseek.train.mfu import count_params, flops_per_token
+    from nanoseek.calc.params import count_params
+    from nanoseek.train.mfu import flops_per_token
     cfg = micro_config()
     m = CausalLM(cfg)
-    p = count_params(m)
+    p = count_params(m.config).summary()
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     unchosen = (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
     # one MoE layer in the main model (the embedding table is not activated), one in MTP
@@ -83,9 +84,10 @@ def test_tiny_preset_counts_follow_calc():
     """The speedrun's model: the figures README's "Training" section quotes."""
     from nanoseek.cli.common import load_config
     from nanoseek.model import CausalLM
-    from nanoseek.train.mfu import count_params, flops_per_token
+    from nanoseek.calc.params import count_params
+    from nanoseek.train.mfu import flops_per_token
     m = CausalLM(load_config("tiny", None))
-    p = count_params(m)
+    p = count_params(m.config).summary()
     assert (p["total"], p["activated"], p["mtp"], p["mtp_activated"]) == (8_223_744, 3_046_400, 1_934_784, 558_528)
     assert p["total_with_mtp"] == 10_158_528
     assert flops_per_token(m, 256) == 29_122_560

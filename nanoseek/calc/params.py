@@ -45,6 +45,12 @@ class ParamCount:
     def main_activated(self) -> int:
         return sum(self.activated.values())
 
+    def summary(self) -> dict:
+        """The headline figures, flat (a training run's run.json "params", its log line)."""
+        return {"total": self.main_total, "activated": self.main_activated, "mtp": self.mtp,
+                "mtp_activated": self.mtp_activated, "total_with_mtp": self.main_total + self.mtp,
+                "embedding": self.total["embeddings"], "lm_head": self.total["head"]}
+
     def to_dict(self) -> dict:
         return {"total": self.main_total, "activated": self.main_activated,
                 "by_component": {c: {"total": self.total[c], "activated": self.activated[c]}

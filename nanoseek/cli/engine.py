@@ -149,7 +149,7 @@ def _stream_one(engine, prompt, params) -> None:
     """One prompt: print it, then its continuation as it grows, then a stats line on stderr."""
     import time
 
-    from nanoseek.engine.llm import stable_text
+    from nanoseek.engine.outputs import stable_text
     seq = engine.add_request(prompt, params)
     tokenizer = engine.tokenizer
     t0, done = time.perf_counter(), 0

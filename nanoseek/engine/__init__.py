@@ -3,7 +3,8 @@ chunked prefill, MTP speculative decoding; `LLM` offline and `AsyncLLM` for serv
 
 from nanoseek.engine.async_engine import AsyncLLM
 from nanoseek.engine.engine import EngineConfig, LLMEngine
-from nanoseek.engine.llm import LLM, CompletionOutput, RequestOutput
+from nanoseek.engine.llm import LLM
+from nanoseek.engine.outputs import CompletionOutput, RequestOutput
 from nanoseek.engine.sampling import SamplingParams
 
 __all__ = ["LLM", "AsyncLLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]

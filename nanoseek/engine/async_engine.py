@@ -17,7 +17,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from nanoseek.engine.engine import EngineConfig, LLMEngine
-from nanoseek.engine.llm import RequestOutput, load_model, request_output
+from nanoseek.engine.llm import load_model
+from nanoseek.engine.outputs import RequestOutput, request_output
 from nanoseek.engine.sampling import SamplingParams
 
 

@@ -86,8 +86,9 @@ class BlockManager:
         needed = self.blocks_for(len(seq)) - len(hits)
         return needed <= len(self.free) - reclaimed
 
-    def allocate(self, seq: Sequence) -> None:
-        """Blocks for every token the sequence has now, sharing the cached prefix."""
+    def allocate(self, seq: Sequence) -> int:
+        """Blocks for every token the sequence has now, sharing the cached prefix. Returns
+        how many leading tokens the cache already holds (the scheduler records them)."""
         assert not seq.block_table, f"request {seq.request_id} already holds blocks"
         hits = self._cached_prefix(seq)
         self.queries += (len(seq) - 1) // self.block_size if self.enable_prefix_caching else 0
@@ -98,10 +99,8 @@ class BlockManager:
                 del self.free[block_id]
             block.ref_count += 1
         seq.block_table = hits + [self._take_free() for _ in range(self.blocks_for(len(seq)) - len(hits))]
-        seq.num_computed = len(hits) * self.block_size
-        # after a preemption the hit can cover generated tokens too: count prompt tokens only
-        seq.num_cached_prompt_tokens = min(seq.num_computed, len(seq.prompt_token_ids))
         seq.num_hashed_blocks = len(hits)
+        return len(hits) * self.block_size
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_for(num_tokens) - len(seq.block_table) <= len(self.free)

@@ -1,10 +1,12 @@
 """The engine core: requests in, one scheduler step at a time, tokens out.
 
-`LLMEngine.step()` asks the scheduler for a batch, runs the decodes (absorbed attention,
-one forward) and the prefill chunks (decompressed attention, one forward), samples,
-checks stop conditions, and — when the model has MTP layers and speculation is on —
-drafts the next token with MTP for every sequence that moved. `LLM` (offline) and
-`AsyncLLM` (server) are thin loops around it.
+`LLMEngine.step()` is nano-vllm's schedule -> run -> postprocess: the scheduler picks the
+batch (decodes first, then prefill chunks); the runner does all the model work — the
+forwards, sampling, and with speculation the MTP draft verification and the next drafts
+(engine/spec.py) — and returns one `SeqOutput` per sequence; the scheduler's postprocess
+applies them (tokens, stop checks, blocks). State flows one way. `LLM` (offline) and
+`AsyncLLM` (server) are thin loops around it; engine/outputs.py turns sequences into
+`RequestOutput`s, with text decoded incrementally.
 """
 
 from __future__ import annotations
@@ -12,16 +14,16 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-import torch
-
 from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.cache import PagedLatentCache, budget_bytes
+from nanoseek.engine.outputs import IncrementalDetokenizer
 from nanoseek.engine.runner import ModelRunner
-from nanoseek.engine.sampling import Sample, SamplingParams, make_generator, sample_batch
+from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.spec import SpecStats
 from nanoseek.model import CausalLM
+from nanoseek.tokenizer import Tokenizer
 
 
 @dataclass
@@ -44,7 +46,7 @@ class EngineConfig:
 class LLMEngine:
     def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None, **kw):
         self.config = config = config or EngineConfig(**kw)
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model, self.tokenizer = model.eval(), Tokenizer.of(tokenizer)
         cfg = model.config
         self.device = next(model.parameters()).device
         has_mtp = len(model.mtp) > 0
@@ -60,12 +62,11 @@ class LLMEngine:
         self.cache = PagedLatentCache.from_budget(cfg, budget, config.block_size, num_layers, dtype, self.device,
                                                   max_blocks=enough)
         self.block_manager = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        eos = set(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else
+                  [] if cfg.eos_token_id is None else [cfg.eos_token_id])
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   min(max_len, self.cache.capacity_tokens))
-        self.runner = ModelRunner(model, self.cache)
-        self.eos = set(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else
-                       [] if cfg.eos_token_id is None else [cfg.eos_token_id])
-        self.spec_stats = SpecStats()
+                                   min(max_len, self.cache.capacity_tokens), eos)
+        self.runner = ModelRunner(model, self.cache, self.speculative)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -87,7 +88,9 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, ids, params, prompt=prompt_text, generator=make_generator(params, self.device))
+        detok = IncrementalDetokenizer(self.tokenizer, params) if self.tokenizer is not None else None
+        seq = Sequence(request_id, ids, params, prompt=prompt_text, generator=make_generator(params, self.device),
+                       detokenizer=detok)
         self.scheduler.add(seq)
         self.requests[request_id] = seq
         return seq
@@ -95,8 +98,12 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.finished:
-            seq.finish_reason = "abort"
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, "abort")
+
+    @property
+    def spec_stats(self) -> SpecStats:
+        """MTP drafts verified / accepted so far (zeros without speculation)."""
+        return self.runner.spec.stats if self.runner.spec is not None else SpecStats()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -123,110 +130,9 @@ class LLMEngine:
         if not batch and self.scheduler.has_work():  # cannot happen by construction; never spin
             raise RuntimeError(f"the scheduler cannot make progress: {len(self.scheduler.waiting)} waiting, "
                                f"{self.block_manager.num_free}/{self.block_manager.num_blocks} blocks free")
-        touched: list[Sequence] = []
-        if batch.decodes:
-            touched += self._decode(batch.decodes)
-        if batch.prefills:
-            touched += self._prefill(batch.prefills)
-        for seq in touched:  # only now: MTP has written their last positions' latents too
+        outs = self.runner.run(batch.decodes, batch.prefills)
+        touched = self.scheduler.postprocess(batch.decodes, batch.prefills, outs)
+        for seq in touched:
             if seq.finished:
-                self.scheduler.finish(seq)  # registers its full blocks, frees its blocks
                 self.requests.pop(seq.request_id, None)
         return touched
-
-    def _prefill(self, items: list[tuple[Sequence, int]]) -> list[Sequence]:
-        seqs = [s for s, _ in items]
-        starts = [s.num_computed for s in seqs]
-        inputs = [s.token_ids[st:st + n] for (s, n), st in zip(items, starts)]
-        h = self.runner.forward(inputs, starts, [s.block_table for s in seqs], absorb=False)
-        done = []  # (batch row, sequence) of prompts whose last chunk just ran
-        for b, (seq, n) in enumerate(items):
-            seq.num_computed += n
-            if seq.num_computed == len(seq):
-                done.append((b, seq))
-        if done:
-            rows = torch.stack([h[b, items[b][1] - 1] for b, _ in done])
-            samples = self._sample([s for _, s in done], self.runner.logits(rows))
-            for (_, seq), smp in zip(done, samples):
-                self._append(seq, smp)
-        self._after_forward([(b, s, st) for b, (s, st) in enumerate(zip(seqs, starts))], h, absorb=False)
-        return [s for _, s in done]
-
-    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
-        starts = [s.num_computed for s in seqs]
-        inputs = [[s.last_token] + ([s.draft] if s.draft is not None else []) for s in seqs]
-        h = self.runner.forward(inputs, starts, [s.block_table for s in seqs], absorb=True)
-        first = self._sample(seqs, self.runner.logits(h[:, 0]))
-        verify = []
-        for b, (seq, smp) in enumerate(zip(seqs, first)):
-            seq.num_computed += 1
-            self._append(seq, smp)
-            if seq.draft is not None:
-                self.spec_stats.drafted += 1
-                if smp.token == seq.draft:
-                    self.spec_stats.accepted += 1
-                    seq.num_computed += 1  # the draft's latents become real
-                    if not seq.finished:
-                        verify.append((b, seq))
-            seq.draft = None
-        if verify:
-            second = self._sample([s for _, s in verify], self.runner.logits(torch.stack([h[b, 1] for b, _ in verify])))
-            for (_, seq), smp in zip(verify, second):
-                self._append(seq, smp)
-        self._after_forward([(b, s, st) for b, (s, st) in enumerate(zip(seqs, starts))], h, absorb=True)
-        return seqs
-
-    def _after_forward(self, rows: list[tuple[int, Sequence, int]], h: torch.Tensor, absorb: bool) -> None:
-        """Register newly full blocks; with speculation, run MTP over the positions each
-        sequence just computed (their next tokens are known now) and keep its draft. MTP
-        runs for sequences that just finished too (their blocks are registered in step(),
-        after this), so cached blocks carry MTP latents for every position that has a next
-        token (a request that stops on an accepted draft's token has none for that slot)."""
-        if self.speculative and rows:
-            # rows with a known next token: all computed ones, less the last if it is the final token
-            n = [min(s.num_computed, len(s) - 1) - st for _, s, st in rows]
-            h_prev = [h[b, :k] for (b, _, _), k in zip(rows, n)]
-            next_ids = [s.token_ids[st + 1:st + k + 1] for (_, s, st), k in zip(rows, n)]
-            logits = self.runner.mtp(h_prev, next_ids, [st for _, _, st in rows],
-                                     [s.block_table for _, s, _ in rows], absorb)
-            drafts = logits.argmax(-1).tolist()
-            for (_, seq, _), d in zip(rows, drafts):
-                seq.draft = d if seq.in_decode and not seq.finished else None
-        for _, seq, _ in rows:
-            if seq.finished:
-                continue
-            self.block_manager.register_full_blocks(seq)
-
-    # ------------------------------------------------------------------ sampling
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[Sample]:
-        return sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
-
-    def _append(self, seq: Sequence, smp: Sample) -> None:
-        """Add one sampled token and decide whether the request is done."""
-        p = seq.params
-        seq.output_token_ids.append(smp.token)
-        if smp.logprob is not None:
-            seq.logprobs.append(smp.top_logprobs)
-            seq.cumulative_logprob += smp.logprob
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_token_ids)
-        if (not p.ignore_eos and smp.token in self.eos) or smp.token in p.stop_token_ids:
-            seq.finish_reason, seq.stop_reason = "stop", smp.token
-            if self.tokenizer is not None and smp.token in self.eos:
-                seq.text = self.tokenizer.decode(seq.output_token_ids[:-1])
-        elif p.stop and self._hit_stop_string(seq):
-            seq.finish_reason = "stop"
-        elif len(seq.output_token_ids) >= p.max_tokens:  # add() made prompt + max_tokens <= max_model_len
-            seq.finish_reason = "length"
-
-    @staticmethod
-    def _hit_stop_string(seq: Sequence) -> bool:
-        """Look for a stop string in the newest text (it may straddle tokens); cut the
-        text there (keeping the stop string only if asked)."""
-        hits = [(i, stop) for stop in seq.params.stop if (i := seq.text.find(stop)) >= 0]
-        if not hits:
-            return False
-        i, stop = min(hits, key=lambda h: h[0])  # the earliest in the text, whatever the list order
-        seq.stop_reason = stop
-        seq.text = seq.text[:i + (len(stop) if seq.params.include_stop_str_in_output else 0)]
-        return True

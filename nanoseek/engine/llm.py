@@ -8,88 +8,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from nanoseek.engine.engine import EngineConfig, LLMEngine
+from nanoseek.engine.outputs import RequestOutput, request_output
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.sequence import Sequence
 from nanoseek.model import CausalLM
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict[int, float]] | None  # per token: {token id: raw log-prob}
-    finish_reason: str | None = None          # "stop" | "length" | "abort" | None (running)
-    stop_reason: int | str | None = None
-
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0               # prompt tokens served by the prefix cache
-    metrics: dict = field(default_factory=dict)
-
-
-def stable_text(seq: Sequence) -> str:
-    """The text a stream may show now: while the request runs, hold back a trailing half
-    UTF-8 character and any tail that could still grow into a stop string (the stop string
-    is cut from the final text), so successive outputs only ever extend each other."""
-    text = seq.text
-    if seq.finished:
-        return text
-    text = text.rstrip("\ufffd")
-    hold = 0
-    for stop in seq.params.stop:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    return text[:len(text) - hold]
-
-
-def request_output(seq: Sequence) -> RequestOutput:
-    p = seq.params
-    comp = CompletionOutput(0, stable_text(seq), list(seq.output_token_ids),
-                            seq.cumulative_logprob if p.logprobs is not None else None,
-                            [dict(d) for d in seq.logprobs] if p.logprobs is not None else None,
-                            seq.finish_reason, seq.stop_reason)
-    return RequestOutput(seq.request_id, seq.prompt, list(seq.prompt_token_ids), [comp], seq.finished,
-                         seq.num_cached_prompt_tokens, {"num_preemptions": seq.num_preemptions})
-
-
-class Tokenizer:
-    """The least an engine needs from a tokenizer: encode text, decode ids."""
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    @classmethod
-    def from_dir(cls, path: Path) -> "Tokenizer | None":
-        file = Path(path) / "tokenizer.json"
-        if not file.exists():
-            return None
-        from tokenizers import Tokenizer as HFTokenizer
-        return cls(HFTokenizer.from_file(str(file)))
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids  # special tokens (e.g. BOS) as the tokenizer's post-processor says
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+from nanoseek.tokenizer import Tokenizer
 
 
 def load_model(path_or_model, dtype: torch.dtype | None, device) -> tuple[CausalLM, object]:
@@ -107,7 +36,8 @@ def load_model(path_or_model, dtype: torch.dtype | None, device) -> tuple[Causal
 
 class LLM:
     """Offline batched generation over the engine. `model` is a checkpoint directory or a
-    CausalLM; `tokenizer` overrides the directory's (anything with encode/decode).
+    CausalLM; `tokenizer` overrides the directory's (a `nanoseek.tokenizer.Tokenizer`, a
+    transformers tokenizer or a `tokenizers.Tokenizer`).
     Engine options (kv_cache_memory, block_size, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, speculative, max_model_len) are `EngineConfig` fields."""
 

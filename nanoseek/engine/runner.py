@@ -5,6 +5,11 @@ optional draft); they are right-padded into [B, S] with explicit positions, and 
 paged cache's `BatchView` supplies every sequence's cached latents. Prefill runs with
 absorb=False (decompress c_KV into per-head k, v over prefix + new tokens, then SDPA);
 decode with absorb=True (attention directly over the gathered latents).
+
+`run(batch)` is one step's model work: the forwards, sampling, and with speculation the
+draft verification and the next drafts (`spec.MTPSpeculator`). It only reads sequences;
+what it found goes back as one `SeqOutput` per sequence, which the scheduler's
+`postprocess` applies. Hidden states stay here: nothing travels back up for MTP.
 """
 
 from __future__ import annotations
@@ -12,15 +17,62 @@ from __future__ import annotations
 import torch
 
 from nanoseek.engine.cache import BatchView, PagedLatentCache
+from nanoseek.engine.sampling import Sample, sample_batch
+from nanoseek.engine.sequence import Sequence, SeqOutput
+from nanoseek.engine.spec import MTPSpeculator
 from nanoseek.model import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedLatentCache):
+    def __init__(self, model: CausalLM, cache: PagedLatentCache, speculative: bool = False):
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
         self.forwards = 0
+        self.spec = MTPSpeculator(self) if speculative else None
 
+    # ------------------------------------------------------------------ one step
+    def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> list[SeqOutput]:
+        """One step: the decodes (absorbed, one forward), then the prefill chunks
+        (decompressed, one forward). Outputs in that order: decodes, then prefills."""
+        outs = self._decode(decodes) if decodes else []
+        return outs + (self._prefill(prefills) if prefills else [])
+
+    def _prefill(self, items: list[tuple[Sequence, int]]) -> list[SeqOutput]:
+        seqs, chunks = [s for s, _ in items], [n for _, n in items]
+        starts = [s.num_computed for s in seqs]
+        h = self.forward([s.tokens(st, st + n) for s, st, n in zip(seqs, starts, chunks)], starts,
+                         [s.block_table for s in seqs], absorb=False)
+        last = [b for b, (s, st, n) in enumerate(zip(seqs, starts, chunks)) if st + n == len(s)]
+        samples: list[list[Sample]] = [[] for _ in items]  # a prompt whose last chunk ran samples a token
+        if last:
+            for b, smp in zip(last, self.sample([seqs[b] for b in last],
+                                                self.logits(h[last, [chunks[b] - 1 for b in last]]))):
+                samples[b] = [smp]
+        return self._outputs(seqs, starts, samples, chunks, h, absorb=False)
+
+    def _decode(self, seqs: list[Sequence]) -> list[SeqOutput]:
+        starts = [s.num_computed for s in seqs]
+        inputs = [[s.last_token] + ([s.draft] if s.draft is not None else []) for s in seqs]
+        h = self.forward(inputs, starts, [s.block_table for s in seqs], absorb=True)
+        samples = [[smp] for smp in self.sample(seqs, self.logits(h[:, 0]))]
+        if self.spec is not None:
+            self.spec.verify(seqs, h, samples)  # an accepted draft adds a second sample
+        # an accepted draft's latents are real: two positions computed
+        return self._outputs(seqs, starts, samples, [len(s) for s in samples], h, absorb=True)
+
+    def _outputs(self, seqs, starts, samples, num_computed, h, absorb) -> list[SeqOutput]:
+        """With speculation, the next drafts; then one SeqOutput per sequence. A failed
+        sample (non-finite logits) fails its sequence: no token, no draft."""
+        drafts = (self.spec.draft(seqs, starts, samples, h, num_computed, absorb) if self.spec is not None
+                  else [None] * len(seqs))
+        return [SeqOutput(error=smp[0].error) if smp and smp[0].error is not None else SeqOutput(smp, d)
+                for smp, d in zip(samples, drafts)]
+
+    @staticmethod
+    def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[Sample]:
+        return sample_batch(logits, [s.params for s in seqs], [s.generator for s in seqs])
+
+    # ------------------------------------------------------------ model calls
     def _pad(self, rows: list[list[int]]) -> torch.Tensor:
         S = max(len(r) for r in rows)
         return torch.tensor([r + [0] * (S - len(r)) for r in rows], dtype=torch.long, device=self.device)
@@ -55,3 +107,4 @@ class ModelRunner:
         # the shared head runs only on the rows whose draft we keep
         last = h[torch.arange(len(q_lens), device=h.device), torch.tensor([n - 1 for n in q_lens], device=h.device)]
         return self.model.mtp_logits(0, last).float()
+

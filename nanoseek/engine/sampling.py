@@ -1,16 +1,21 @@
 """Sampling parameters and the per-request sampler.
 
 The knobs carry vLLM's names so a vLLM user can bring their `SamplingParams` over as is.
-Order of the filters (as in vLLM): temperature, then top-k, top-p and min-p on the
-scaled distribution. Log-probabilities are those of the *raw* model distribution
+The filters and the draw are `nanoseek.sampling`'s (the one sampler, shared with
+`CausalLM.generate`). Log-probabilities are those of the *raw* model distribution
 (log_softmax of the logits, before any filter), which is what vLLM returns by default.
+A row of non-finite logits (NaN/inf: broken weights, an overflow) is not sampled: its
+request fails with an error naming them, and the rest of the batch carries on.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from nanoseek.sampling import filter_logits, is_greedy, sample_logits
 
 
 @dataclass
@@ -21,12 +26,13 @@ class SamplingParams:
     top_p: float = 1.0            # nucleus: keep the smallest set with mass >= top_p
     min_p: float = 0.0            # drop tokens with prob < min_p * max prob
     seed: int | None = None       # a torch.Generator per request: same seed, same text
-    max_tokens: int = 16
+    max_tokens: int | None = 16   # None: up to the context (max_model_len - prompt), as in vLLM
     stop: list[str] | str | None = None        # stop strings (need a tokenizer)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None   # None: none; 0: the sampled token's; n: plus the top n
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # False: the text keeps special tokens (e.g. DeepSeek's tool-call markers)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -35,13 +41,18 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"SamplingParams.{name}={value!r} must be a finite number")
         checks = [
             (self.n >= 1, "n", "must be >= 1"),
             (0 <= self.temperature < float("inf"), "temperature", "must be finite and >= 0"),
             (self.top_k >= 0, "top_k", "must be >= 0 (or -1 for off)"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
-            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             "max_tokens", "must be an integer >= 1, or None (up to the context)"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
         ]
@@ -51,7 +62,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return is_greedy(self.temperature)
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator:
@@ -66,20 +77,7 @@ def make_generator(params: SamplingParams, device) -> torch.Generator:
 
 def filtered_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """logits [V] (fp32) -> temperature-scaled logits with -inf outside top-k/top-p/min-p."""
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = logits.topk(p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
-        drop = mass_before >= p.top_p           # the best token is always kept
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    if p.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    return logits
+    return filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
 
 
 @dataclass
@@ -87,16 +85,13 @@ class Sample:
     token: int
     logprob: float | None = None                 # raw log-prob of the sampled token
     top_logprobs: dict[int, float] | None = None  # top-n raw log-probs (+ the sampled one)
+    error: str | None = None                     # set (and token -1) when the logits were not finite
 
 
 def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> Sample:
     """logits [V] -> one Sample under the request's params."""
     logits = logits.float()
-    if p.greedy:
-        token = int(logits.argmax())
-    else:
-        probs = filtered_logits(logits, p).softmax(-1)
-        token = int(torch.multinomial(probs, 1, generator=generator))
+    token = int(sample_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p, generator))
     if p.logprobs is None:
         return Sample(token)
     logp = logits.log_softmax(-1)
@@ -110,8 +105,17 @@ def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Gener
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[Sample]:
-    """logits [N, V] -> N samples. Greedy rows without logprobs take one batched argmax."""
+    """logits [N, V] -> N samples. Greedy rows without logprobs take one batched argmax;
+    a row with a NaN or inf logit gets an error Sample instead of a token."""
+    finite = torch.isfinite(logits).all(-1).tolist()
     fast = [p.greedy and p.logprobs is None for p in params]
     argmax = logits.argmax(-1).tolist() if any(fast) else None
-    return [Sample(argmax[i]) if fast[i] else sample_token(logits[i], params[i], generators[i])
+    return [Sample(-1, error=non_finite_error(logits[i])) if not finite[i]
+            else Sample(argmax[i]) if fast[i] else sample_token(logits[i], params[i], generators[i])
             for i in range(len(params))]
+
+
+def non_finite_error(row: torch.Tensor) -> str:
+    nan, inf = int(row.isnan().sum()), int(row.isinf().sum())
+    return (f"non-finite logits: {nan} NaN and {inf} inf of {row.numel()} "
+            "(the model's weights or activations overflowed); the request was stopped")

@@ -12,6 +12,12 @@ its blocks are freed (they keep their hashes, so its recompute often hits its ow
 and it goes back to the head of the waiting queue, keeping the tokens it generated. The
 oldest running request is never preempted for a younger one, and `add` rejects requests
 that could not fit alone, so every request completes.
+
+After the runner's forward, `postprocess` is the one place a step's results land: it
+advances num_computed, appends the sampled tokens (feeding each request's detokeniser),
+decides whether a request is done (eos, stop token, stop string, max_tokens, error),
+keeps MTP's draft, and registers newly full blocks in the prefix cache or frees a finished
+request's blocks. Nothing else in the engine writes a sequence's state.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nanoseek.engine.block_manager import BlockManager
-from nanoseek.engine.sequence import Sequence, Status
+from nanoseek.engine.sampling import Sample
+from nanoseek.engine.sequence import Sequence, SeqOutput, Status
 
 
 @dataclass
@@ -35,21 +42,24 @@ class Batch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, eos_token_ids: set[int] | None = None):
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be at least "
                              f"max_num_seqs={max_num_seqs}: every running request decodes each step")
         self.bm = block_manager
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.eos = set(eos_token_ids or ())
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order: oldest first
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        need = len(seq.prompt_token_ids) + seq.params.max_tokens
         if not seq.prompt_token_ids:
             raise ValueError(f"request {seq.request_id}: the prompt is empty")
+        P, asked = len(seq.prompt_token_ids), seq.params.max_tokens
+        seq.max_tokens = self.max_model_len - P if asked is None else asked  # None: up to the context
+        need = P + max(seq.max_tokens, 1)
         if need > self.max_model_len:
             capacity = self.bm.num_blocks * self.bm.block_size
             if self.max_model_len < capacity:
@@ -59,24 +69,27 @@ class Scheduler:
                 limit = (f"the KV-cache capacity ({self.max_model_len} tokens = {self.bm.num_blocks} blocks x "
                          f"{self.bm.block_size})")
                 fix = "shorten the prompt, lower max_tokens or raise kv_cache_memory"
+            what = f"max_tokens ({asked})" if asked is not None else "at least 1 new token (max_tokens=None)"
             raise ValueError(
-                f"request {seq.request_id}: prompt ({len(seq.prompt_token_ids)} tokens) + max_tokens "
-                f"({seq.params.max_tokens}) = {need} exceeds the longest sequence this engine serves, "
-                f"{limit}, by {need - self.max_model_len} tokens; {fix}")
+                f"request {seq.request_id}: prompt ({P} tokens) + {what} = {need} exceeds the longest "
+                f"sequence this engine serves, {limit}, by {need - self.max_model_len} tokens; {fix}")
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and free its blocks."""
+    def finish(self, seq: Sequence, reason: str | None = None, error: str | None = None) -> None:
+        """Drop a finished (or now aborted / failed) sequence and free its blocks."""
+        if reason is not None:
+            seq.finish_reason, seq.error = reason, error
         if seq in self.running:
             self.running.remove(seq)
-            self.bm.register_full_blocks(seq)  # what it computed stays reusable
+            if seq.error is None:  # what it computed stays reusable (a failed request's may be NaN)
+                self.bm.register_full_blocks(seq)
             self.bm.free_seq(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        seq.status = Status.FINISHED
+        seq.status, seq.draft = Status.FINISHED, None
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -112,7 +125,9 @@ class Scheduler:
             if not self.bm.can_allocate(seq):
                 break
             self.waiting.popleft()
-            self.bm.allocate(seq)
+            seq.num_computed = self.bm.allocate(seq)  # the prefix-cache hit
+            # after a preemption the hit can cover generated tokens too: count prompt tokens only
+            seq.num_cached_prompt_tokens = min(seq.num_computed, len(seq.prompt_token_ids))
             seq.status = Status.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             chunk = min(seq.num_pending, budget)
@@ -123,7 +138,7 @@ class Scheduler:
     def _draft_fits(self, seq: Sequence) -> bool:
         """A draft is worth verifying only if the request may still emit two tokens."""
         # then len(seq) + 1 <= prompt + max_tokens <= max_model_len (add() checked): no length check needed
-        return len(seq.output_token_ids) + 2 <= seq.params.max_tokens
+        return len(seq.output_token_ids) + 2 <= seq.max_tokens
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the youngest running requests until seq can hold num_tokens.
@@ -134,3 +149,45 @@ class Scheduler:
             if victim is seq:
                 return False
         return True
+
+    # ------------------------------------------------------------- postprocess
+    def postprocess(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
+                    outs: list[SeqOutput]) -> list[Sequence]:
+        """Apply one step's results (outs: the decodes', then the prefills', as the runner
+        ran them). Returns the sequences that produced a token or finished."""
+        touched = []
+        computed = [len(o.samples) for o in outs[:len(decodes)]] + [n for _, n in prefills]
+        for seq, n, out in zip(decodes + [s for s, _ in prefills], computed, outs):
+            if out.error is not None:
+                self.finish(seq, "error", out.error)
+                touched.append(seq)
+                continue
+            seq.num_computed += n  # a decode: the pending token, and the draft if it was accepted
+            for smp in out.samples:
+                self._append(seq, smp)
+                if seq.finished:  # e.g. eos on the first of two tokens: the second is dropped
+                    break
+            seq.draft = out.draft if seq.in_decode and not seq.finished else None
+            if seq.finished:
+                self.finish(seq)  # registers its full blocks, frees its blocks
+            else:
+                self.bm.register_full_blocks(seq)
+            if out.samples:
+                touched.append(seq)
+        return touched
+
+    def _append(self, seq: Sequence, smp: Sample) -> None:
+        """Add one sampled token and decide whether the request is done."""
+        p, detok = seq.params, seq.detokenizer
+        seq.output_token_ids.append(smp.token)
+        if smp.logprob is not None:
+            seq.logprobs.append(smp.top_logprobs)
+            seq.cumulative_logprob += smp.logprob
+        if (not p.ignore_eos and smp.token in self.eos) or smp.token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", smp.token
+            if detok is not None and smp.token not in self.eos:  # eos has no text
+                detok.add(smp.token, check_stop=False)
+        elif detok is not None and (stop := detok.add(smp.token)) is not None:
+            seq.finish_reason, seq.stop_reason = "stop", stop
+        elif len(seq.output_token_ids) >= seq.max_tokens:  # add() made prompt + max_tokens <= max_model_len
+            seq.finish_reason = "length"

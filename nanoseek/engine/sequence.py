@@ -1,5 +1,11 @@
 """One request as the engine sees it: its tokens, how many of them are in the cache,
-its block table and its sampling state."""
+its block table and its sampling state; and `SeqOutput`, what one forward produced for it.
+
+Who writes what: the scheduler (its `postprocess`, `add`, `finish`, `preempt`) owns every
+field of a sequence's state — tokens, num_computed, draft, status, finish — and the block
+manager its blocks (block_table, num_hashed_blocks). The runner only reads sequences and
+returns one `SeqOutput` per sequence (nano-vllm's schedule -> run -> postprocess).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sampling import Sample, SamplingParams
 
 _arrivals = itertools.count()
 
@@ -27,6 +33,7 @@ class Sequence:
     params: SamplingParams
     prompt: str | None = None
     generator: torch.Generator | None = None
+    detokenizer: object | None = None  # outputs.IncrementalDetokenizer when there is a tokenizer
     arrival: int = field(default_factory=lambda: next(_arrivals))  # younger = larger
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
@@ -36,15 +43,25 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # prefix-cache hit on (the last) admission
     num_preemptions: int = 0
     draft: int | None = None       # MTP's guess for the token after the pending one
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    max_tokens: int = 0            # params.max_tokens, or (None) what the context leaves: set by add()
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
-    text: str = ""
+    error: str | None = None       # why a request failed (finish_reason "error")
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] without building the whole list (called every step)."""
+        P = len(self.prompt_token_ids)
+        if end <= P:
+            return self.prompt_token_ids[start:end]
+        if start >= P:
+            return self.output_token_ids[start - P:end - P]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - P]
 
     @property
     def last_token(self) -> int:
@@ -66,3 +83,12 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class SeqOutput:
+    """What one forward produced for one sequence (the runner's answer, the scheduler's input)."""
+    samples: list[Sample] = field(default_factory=list)  # none (a prompt chunk that is not the
+    #                                  last), one, or two (the MTP draft was accepted)
+    draft: int | None = None          # MTP's guess for the token after the last sample
+    error: str | None = None          # e.g. non-finite logits: the request fails

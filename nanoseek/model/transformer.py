@@ -20,6 +20,7 @@ from nanoseek.model.moe import Gate, MoE
 from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
+from nanoseek.sampling import sample_logits
 
 IGNORE_INDEX = -100
 
@@ -160,7 +161,8 @@ class CausalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prompts of one length [B,S] -> [B, S + new]; greedy when temperature == 0.
+        """Prompts of one length [B,S] -> [B, S + new]; greedy when temperature == 0 (the
+        engine's sampler, `nanoseek.sampling`).
         Prefill decompresses; every later token attends over the latent cache (absorbed).
         Rows that produced eos keep emitting eos."""
         B, S = input_ids.shape
@@ -170,7 +172,7 @@ class CausalLM(nn.Module):
         cache.absorb = True
         out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, generator)
+            nxt = sample_logits(logits, temperature, top_k or 0, generator=generator)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
@@ -190,15 +192,3 @@ class CausalLM(nn.Module):
         from nanoseek.checkpoint import from_pretrained
         return from_pretrained(path, dtype=dtype, device=device)
 
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B,V] -> token ids [B]."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1)[0][:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

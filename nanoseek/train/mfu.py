@@ -5,8 +5,9 @@ rate of large square fp32 (or bf16 on GPUs) matmuls, cached in
 ~/.cache/nanoseek/peak_flops.json per device, thread count and dtype.
 
 Parameter counts and model FLOPs come from `nanoseek.calc` (one source of truth, the
-DeepSeek conventions documented there): total / activated are the main model's, activated
-without the embedding table (a lookup, no matmul); the MTP module is reported apart.
+DeepSeek conventions documented there: `count_params(cfg).summary()` gives total /
+activated of the main model, activated without the embedding table, a lookup with no
+matmul, and the MTP module apart).
 FLOPs per trained token = `flops_report(cfg, seq_len, include_mtp=True).train_per_token`:
 6 x activated matmul weights (router, attention, shared + chosen routed experts, the output
 head once for the main model and once more per MTP module; norms and the embedding count 0)
@@ -22,22 +23,8 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.config import ModelConfig
 
 CACHE = Path(os.environ.get("NANOSEEK_CACHE", Path.home() / ".cache" / "nanoseek")) / "peak_flops.json"
-
-
-def count_params(model) -> dict:
-    """Main-model total / activated parameters (DeepSeek convention: activated excludes the
-    embedding table and the routed experts a token is not sent to) and the MTP module apart."""
-    from nanoseek.calc.params import count_params as calc_count
-
-    cfg: ModelConfig = model.config
-    pc = calc_count(cfg)
-    return {"total": pc.main_total, "activated": pc.main_activated, "mtp": pc.mtp,
-            "mtp_activated": pc.mtp_activated, "total_with_mtp": pc.main_total + pc.mtp,
-            "embedding": pc.total["embeddings"], "lm_head": pc.total["head"],
-            "n_mtp": cfg.num_nextn_predict_layers}
 
 
 def flops_per_token(model, seq_len: int) -> float:

@@ -207,7 +207,8 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     """The model (seeded), its measured facts for run.json, and the loop wired to the data."""
     from nanoseek.model import CausalLM
     from nanoseek.tokenizer import token_byte_lengths
-    from nanoseek.train.mfu import count_params, flops_per_token, measure_peak_flops
+    from nanoseek.calc.params import count_params
+    from nanoseek.train.mfu import flops_per_token, measure_peak_flops
 
     cfg, tcfg = config.model, config.train
     byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))
@@ -228,7 +229,7 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
         on_checkpoint=lambda m, step: m.save_pretrained(out_dir),
         flops_per_token=flops_per_token(model, tcfg.seq_len), peak_flops=peak,
         progress=progress, adapt_threads=adapt)
-    run = {"params": count_params(model), "flops_per_token": trainer.flops_per_token,
+    run = {"params": count_params(cfg).summary(), "flops_per_token": trainer.flops_per_token,
            "peak_flops": peak, "device": str(device),
            "threads": "adaptive" if adapt else torch.get_num_threads(),
            "moe_layers": moe_layer_names(model), "precision": trainer.precision, "data": data.meta,
