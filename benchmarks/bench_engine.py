@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import emit, json_only_stdout, log, transformers_variants  # noqa: E402
+import nanoseek  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.engine import LLM, SamplingParams  # noqa: E402
 from nanoseek.engine.cache import PagedLatentCache  # noqa: E402
@@ -186,10 +187,10 @@ def main() -> None:
     data = corpus_tokens(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
-            model, ckpt = CausalLM.from_pretrained(args.checkpoint).eval(), args.checkpoint
+            model, ckpt = nanoseek.from_pretrained(args.checkpoint).eval(), args.checkpoint
         else:
             model, ckpt = train_small_model(data, args.train_seconds, args.seed), args.save_checkpoint or tmp
-            model.save_pretrained(ckpt)
+            nanoseek.save_pretrained(model, ckpt)
         cfg = model.config
         if int(data.max()) >= cfg.vocab_size:
             raise SystemExit(f"{ckpt}: token ids reach {int(data.max())} but vocab_size is {cfg.vocab_size} "

@@ -17,6 +17,7 @@ import time
 import torch
 
 from common import emit, json_only_stdout, log, transformers_variants
+import nanoseek
 from nanoseek.config import preset
 from nanoseek.model import CausalLM, ContiguousCache
 
@@ -64,7 +65,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     results: dict[str, float | str] = {}
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        nanoseek.save_pretrained(ours, d)
         hf_times = {}
         for impl, hf in transformers_variants(d, train=True):
             hf_times[impl] = time_steps(hf_step(hf, ids), args.warmup, args.steps)

@@ -24,6 +24,7 @@ import time
 import torch
 
 from common import emit, json_only_stdout, log, transformers_variants
+import nanoseek
 from nanoseek.config import preset
 from nanoseek.model import CausalLM
 from nanoseek.train.loop import param_groups
@@ -79,7 +80,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     fpt = flops_per_token(ours, args.seq)
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        nanoseek.save_pretrained(ours, d)
         candidates = {}
         for impl, hf in transformers_variants(d, train=True):
             step = make_step(hf, ids, True)

@@ -20,4 +20,12 @@ def from_pretrained(path, dtype=None, device=None):
     return _load(path, dtype=dtype, device=device)
 
 
-__all__ = ["CausalLM", "ModelConfig", "from_pretrained", "preset", "__version__"]
+def save_pretrained(model, path, dtype=None) -> None:
+    """Write `model` as an HF-format checkpoint directory (config.json + safetensors) that
+    transformers, vLLM and SGLang load. Saving lives with the checkpoint code, not in the
+    model: the model knows nothing of files."""
+    from nanoseek.checkpoint import save_pretrained as _save
+    _save(model, path, dtype=dtype)
+
+
+__all__ = ["CausalLM", "ModelConfig", "from_pretrained", "preset", "save_pretrained", "__version__"]

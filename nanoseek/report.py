@@ -189,7 +189,7 @@ def samples_section(samples: list[dict]) -> list[str]:
 
 
 def data_section(run: dict) -> list[str]:
-    from nanoseek.train.pretrain import DEFAULT_SOURCE, settings_of
+    from nanoseek.train.run_settings import DEFAULT_SOURCE, settings_of
 
     d = run["data"]
     sources = settings_of(run)["data"].get("paths") or [DEFAULT_SOURCE]
@@ -197,13 +197,13 @@ def data_section(run: dict) -> list[str]:
             f"Sources: {', '.join(sources)}. {d['train_tokens']:,} training tokens "
             f"({d['train_docs']} documents), {d['val_tokens']:,} validation tokens "
             + (f"({d['val_docs']} documents, {d['val_bytes']:,} bytes)" if d["val_docs"] else
-               f"(the tail of the single document's tokens"
+               "(the tail of the single document's tokens"
                + (f", {d['val_bytes']:,} bytes)" if d.get("tail_split") else ")"))
             + f"; vocabulary {d['vocab_size']:,}.\n"]
 
 
 def configuration_section(run: dict) -> list[str]:
-    from nanoseek.train.pretrain import settings_of
+    from nanoseek.train.run_settings import settings_of
 
     settings = settings_of(run)
     mc = {k: v for k, v in settings["model"].items() if k not in ("architectures",)}

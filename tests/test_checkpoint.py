@@ -20,7 +20,7 @@ def model():
 
 @pytest.fixture
 def ckpt(tmp_path, model):
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     return tmp_path
 
 
@@ -108,7 +108,7 @@ def test_empty_tensor_of_an_absent_module_is_skipped_but_not_a_full_one(tmp_path
     """transformers writes [0, D] shared-expert weights for n_shared_experts 0: nothing to load.
     A tensor with numbers in it that the model has no place for is still an error."""
     model = randomize(CausalLM(tiny_config(n_shared_experts=0))).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     name = "model.layers.1.mlp.shared_experts.up_proj.weight"
     assert load_file(tmp_path / "model.safetensors")[name].shape == (0, 32)  # written as transformers does
 
@@ -126,7 +126,7 @@ def test_v2_checkpoint_is_written_as_v2(tmp_path):
     """Softmax routing has no DeepseekV3 form: config.json says DeepseekV2 and keeps the V2
     routing fields, and no e_score_correction_bias is written."""
     model = randomize(CausalLM(v2_config())).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["DeepseekV2ForCausalLM"] and cfg["model_type"] == "deepseek_v2"
     assert (cfg["topk_method"], cfg["scoring_func"], cfg["n_group"], cfg["topk_group"]) == (
@@ -185,7 +185,7 @@ def test_save_leaves_no_temporary_files_and_readable_permissions(ckpt):
 
 
 def test_bf16_save_keeps_router_in_fp32(tmp_path, model):
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     t = load_file(tmp_path / "model.safetensors")
     assert t["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.bfloat16
     assert t["model.layers.1.mlp.gate.weight"].dtype == torch.float32

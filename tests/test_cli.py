@@ -43,10 +43,11 @@ def invoke(*args, **kw):
 def ckpt(tmp_path_factory):
     """A tiny checkpoint (vocab 300) with a trained byte-level BPE tokenizer."""
     from nanoseek.data import load_corpus
+    from nanoseek.checkpoint import save_pretrained
     from nanoseek.model import CausalLM
     from nanoseek.tokenizer import save_tokenizer, train_tokenizer
     d = tmp_path_factory.mktemp("ckpt")
-    CausalLM(tiny_config(vocab_size=300)).save_pretrained(d)
+    save_pretrained(CausalLM(tiny_config(vocab_size=300)), d)
     save_tokenizer(train_tokenizer(load_corpus()[:40], 300), d)
     return d
 

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+import nanoseek
 from nanoseek.engine import LLM, AsyncLLM, SamplingParams
 from nanoseek.engine.outputs import IncrementalDetokenizer
 from nanoseek.tokenizer import Tokenizer
@@ -312,7 +313,7 @@ def test_cli_generate_streams_tokens(model, tmp_path, char_tokenizer):
     from typer.testing import CliRunner
 
     from nanoseek.cli import app
-    model.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(model, tmp_path)
     prompt = prompts(1, seed=8)[0]
     ref = reference_greedy(model, prompt, 6)
     res = CliRunner().invoke(app, ["generate", str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)),
@@ -339,7 +340,7 @@ def test_cli_stream_never_prints_a_stop_string(model, tmp_path, char_tokenizer):
     from typer.testing import CliRunner
 
     from nanoseek.cli import app
-    model.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(model, tmp_path)
     char_tokenizer.tok.save(str(tmp_path / "tokenizer.json"))
     prompt = "The cache holds latents"
     full = char_tokenizer.decode(reference_greedy(model, [ord(c) for c in prompt], 16))

@@ -62,7 +62,7 @@ def test_nanoseek_saves_what_it_read_for_transformers(tmp_path, name, cfg, cls):
     as V3, with sigmoid routing and a 'missing' correction bias), same logits."""
     hf = hf_model_from(cfg, cls)
     hf.save_pretrained(tmp_path / "hf")
-    nanoseek.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "ours")
+    nanoseek.save_pretrained(nanoseek.from_pretrained(tmp_path / "hf"), tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["architectures"] == [cls] and config["model_type"] == hf.config.model_type
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
@@ -80,7 +80,7 @@ def test_null_shared_experts_reads_as_none_and_saves_for_transformers(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**raw, "n_shared_experts": None}))
     ours = nanoseek.from_pretrained(tmp_path / "hf")
     assert ours.model.layers[1].mlp.shared_experts is None
-    ours.save_pretrained(tmp_path / "ours")
+    nanoseek.save_pretrained(ours, tmp_path / "ours")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert again.config.n_shared_experts == 0
     assert max_diff(hf, again, cfg.vocab_size) <= TOL
@@ -101,7 +101,7 @@ def test_routing_actually_differs_between_experts():
 ], ids=["v3-mtp", "v2-mtp", "v3-no-groups-no-shared-mtp"])
 def test_nanoseek_checkpoint_loads_in_transformers(tmp_path, cfg, cls):
     ours = randomize(CausalLM(cfg)).eval()
-    ours.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(ours, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == cls
     assert max_diff(hf, ours, cfg.vocab_size) <= TOL

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import nanoseek
 from nanoseek.train.loop import TrainConfig, read_metrics
 from nanoseek.train.pretrain import DataConfig, PretrainConfig, pretrain
 from tests.train_utils import micro_config, write_corpus
@@ -78,8 +79,8 @@ def test_resumed_curve_equals_uninterrupted(tmp_path, corpus, reference):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), step
     assert _evals(out) == pytest.approx(_evals(reference), rel=1e-6)
     # the run directory is a transformers checkpoint with the tokenizer beside it
-    a = CausalLM.from_pretrained(out)
-    b = CausalLM.from_pretrained(reference)
+    a = nanoseek.from_pretrained(out)
+    b = nanoseek.from_pretrained(reference)
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
@@ -181,7 +182,7 @@ def test_run_settings_round_trip_through_run_json_on_resume(tmp_path, corpus):
     from what the resuming call passed, except the run length it may extend."""
     from nanoseek.train.config import settings_from_dict, settings_to_dict
     from nanoseek.train.loop import Trainer
-    from nanoseek.train.pretrain import read_settings
+    from nanoseek.train.run_settings import read_settings
     from nanoseek.train.schedule import SCHEDULES
 
     first = PretrainConfig(micro_config(router_z_loss_coef=0.001),
@@ -216,7 +217,7 @@ def test_run_settings_round_trip_through_run_json_on_resume(tmp_path, corpus):
 def test_runs_saved_before_settings_existed_still_resume(tmp_path, corpus):
     """A run.json of the earlier layout (model_config, train_config, data_paths) is read."""
     from nanoseek.train.config import settings_to_dict
-    from nanoseek.train.pretrain import DEFAULT_SOURCE, read_settings
+    from nanoseek.train.run_settings import DEFAULT_SOURCE, read_settings
 
     cfg = _settings(5, corpus, val_fraction=0.2)
     d = settings_to_dict(cfg)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import nanoseek
 from nanoseek.train.loop import TrainConfig, read_metrics
 from nanoseek.train.pretrain import DataConfig, PretrainConfig, pretrain
 from tests.train_utils import micro_config, write_corpus
@@ -31,7 +32,7 @@ def test_run_dir_is_a_transformers_checkpoint(run_dir):
     from nanoseek.model import CausalLM
     tok = transformers.AutoTokenizer.from_pretrained(str(run_dir))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir)).eval()
-    ours = CausalLM.from_pretrained(run_dir).eval()
+    ours = nanoseek.from_pretrained(run_dir).eval()
     ids = torch.tensor([tok("The for statement")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)

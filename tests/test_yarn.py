@@ -36,7 +36,7 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_nanoseek_checkpoint_gives_transformers_the_same_logits(tmp_path, name):
     ours = randomize(CausalLM(_cfg(VARIANTS[name]))).eval()
-    ours.save_pretrained(tmp_path)
+    nanoseek.save_pretrained(ours, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 97, (2, 48))
     with torch.no_grad():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.checkpoint import from_pretrained
 from nanoseek.engine.engine import EngineConfig, LLMEngine
 from nanoseek.engine.outputs import RequestOutput, request_output
 from nanoseek.engine.sampling import SamplingParams
@@ -31,7 +32,7 @@ def load_model(path_or_model, dtype: torch.dtype | None, device) -> tuple[Causal
     path = Path(path_or_model)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    return CausalLM.from_pretrained(path, dtype=dtype, device=device), Tokenizer.from_dir(path)
+    return from_pretrained(path, dtype=dtype, device=device), Tokenizer.from_dir(path)
 
 
 class LLM:

@@ -182,13 +182,3 @@ class CausalLM(nn.Module):
             logits = self(nxt[:, None], cache=cache)[:, -1]
         return torch.cat(out, dim=1)
 
-    # -------------------------------------------------------------- checkpoints
-    def save_pretrained(self, path, dtype: torch.dtype | None = None) -> None:
-        from nanoseek.checkpoint import save_pretrained
-        save_pretrained(self, path, dtype=dtype)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "CausalLM":
-        from nanoseek.checkpoint import from_pretrained
-        return from_pretrained(path, dtype=dtype, device=device)
-

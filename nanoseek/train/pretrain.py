@@ -9,52 +9,26 @@ The run directory is at every save a checkpoint that transformers loads
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from nanoseek.checkpoint import save_pretrained
 from nanoseek.config import ModelConfig
-from nanoseek.train.config import TrainConfig, settings_from_dict, settings_to_dict
+from nanoseek.train.config import settings_to_dict
 from nanoseek.train.eval import make_evaluate
 from nanoseek.train.loop import Trainer
+from nanoseek.train.run_settings import (DataConfig, PretrainConfig,  # noqa: F401 (DataConfig: API)
+                                         read_settings, with_overrides)
 
-DEFAULT_SOURCE = "<pydoc_data.topics>"
 SAMPLE_PROMPTS = ("The for statement", "A function definition", "Exceptions are")
 
 
 class RunError(RuntimeError):
     """The run directory or the inputs do not allow this run."""
-
-
-@dataclass
-class DataConfig:
-    paths: list[str] = field(default_factory=list)  # files or directories; [] = the embedded corpus
-    text_field: str = "text"  # column holding the text in .jsonl/.parquet files
-    val_fraction: float = 0.1  # share of documents held out for validation
-    tokenizer: str | None = None  # a trained tokenizer's directory (None: train one on the data)
-
-    def __post_init__(self):
-        self.paths = [str(p) for p in self.paths or []]
-        self.tokenizer = str(self.tokenizer) if self.tokenizer else None
-
-
-@dataclass
-class PretrainConfig:
-    """Everything a pretraining run is; the machine-side knobs (threads, progress bar) are
-    arguments of `pretrain` instead, since a resumed run may run on another machine."""
-    model: ModelConfig
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sample_tokens: int = 48  # tokens per sample (0 = no samples)
-
-
-# What a resumed run may change: the length of the run (extend or shorten it).
-RESUME_OVERRIDES = ("train.max_steps", "train.time_limit")
 
 
 def setup_threads() -> int:
@@ -117,38 +91,6 @@ def prepare_data(out_dir: Path, cfg: ModelConfig, data: DataConfig, seed: int, l
     log(f"data: {arrays.meta['train_tokens']:,} train / {arrays.meta['val_tokens']:,} val tokens "
         f"({arrays.meta['train_docs']} / {arrays.meta['val_docs']} documents)")
     return tok, arrays
-
-
-def settings_of(run: dict) -> dict:
-    """run.json's settings (a PretrainConfig as a dict), also from runs written before the
-    settings were saved whole (then: model_config, train_config, data_paths, text_field)."""
-    if "settings" in run:
-        return run["settings"]
-    data = {"paths": [p for p in run.get("data_paths", []) if p != DEFAULT_SOURCE],
-            "text_field": run.get("text_field", "text")}
-    if "val_fraction" in run.get("data", {}):
-        data["val_fraction"] = run["data"]["val_fraction"]
-    return {"model": run["model_config"], "train": run["train_config"], "data": data}
-
-
-def read_settings(run_dir: str | Path) -> PretrainConfig | None:
-    """The PretrainConfig a run was started with (None: the run wrote no run.json yet)."""
-    path = Path(run_dir) / "run.json"
-    if not path.exists():
-        return None
-    return settings_from_dict(PretrainConfig, settings_of(json.loads(path.read_text())), str(path))
-
-
-def with_overrides(config: PretrainConfig, overrides: dict) -> PretrainConfig:
-    """`config` with dotted fields replaced: {"train.max_steps": 2000, "data.paths": [...]}."""
-    for key, value in overrides.items():
-        *parents, name = key.split(".")
-        if not parents:
-            config = dataclasses.replace(config, **{name: value})
-            continue
-        section = getattr(config, parents[0])
-        config = dataclasses.replace(config, **{parents[0]: dataclasses.replace(section, **{name: value})})
-    return config
 
 
 def settings_for_run(out_dir: Path, config: PretrainConfig, resume: bool,
@@ -226,7 +168,7 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
         evaluate=make_evaluate(data, byte_lengths, tcfg.seq_len, tcfg.eval_tokens, device),
         sample=(make_sampler(tok, device, max_new_tokens=config.sample_tokens)
                 if config.sample_tokens else None),
-        on_checkpoint=lambda m, step: m.save_pretrained(out_dir),
+        on_checkpoint=lambda m, step: save_pretrained(m, out_dir),
         flops_per_token=flops_per_token(model, tcfg.seq_len), peak_flops=peak,
         progress=progress, adapt_threads=adapt)
     run = {"params": count_params(cfg).summary(), "flops_per_token": trainer.flops_per_token,
