@@ -65,6 +65,30 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
     """to="fp8": quantise a checkpoint; to="dequant": FP8 -> `dtype` (bf16 | fp16 | fp32).
     Tensors left in high precision are written in `dtype`, the router in its own dtype."""
     src, dst = Path(src), Path(dst)
+    weight_map = _check_source(src, to, dtype)
+    _check_dst(src, dst, overwrite)
+    dst.mkdir(parents=True, exist_ok=True)
+    report, errors, out_map = ConvertReport(direction=to), [], {}
+    by_file: dict[str, list[str]] = {}
+    for name, fname in weight_map.items():
+        by_file.setdefault(fname, []).append(name)
+    with _progress(progress, sum(not n.endswith("_scale_inv") for n in weight_map)) as advance:
+        for fname, names in sorted(by_file.items()):
+            out = _convert_file(src, names, weight_map, to, dtype, report, errors, advance)
+            report.bytes_out += sum(v.numel() * v.element_size() for v in out.values())
+            atomic_write(dst / fname, lambda tmp, o=out: save_file(o, tmp, metadata={"format": "pt"}))
+            out_map.update({n: fname for n in out})
+            report.files.append(fname)
+    if errors:
+        report.rel_error_mean = sum(errors) / len(errors)
+    _write_index(src, dst, out_map, report.bytes_out)
+    _copy_side_files(src, dst)
+    _write_config(src, dst, to, dtype)
+    return report
+
+
+def _check_source(src: Path, to: str, dtype: str) -> dict[str, str]:
+    """The source's weight map, after refusing a conversion that makes no sense for it."""
     if to not in ("fp8", "dequant"):
         raise ValueError(f"to must be 'fp8' or 'dequant', got {to!r}")
     if dtype not in DTYPES:
@@ -77,50 +101,36 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
                               "use --dequant to go back to BF16")
     if to == "dequant" and not has_fp8:
         raise CheckpointError(f"{src}: no FP8 weights (no *_scale_inv tensors) to dequantise")
-    _check_dst(src, dst, overwrite)
-    dst.mkdir(parents=True, exist_ok=True)
+    return weight_map
 
-    report = ConvertReport(direction=to)
-    errors: list[float] = []
-    out_map: dict[str, str] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, fname in weight_map.items():
-        by_file.setdefault(fname, []).append(name)
-    with _progress(progress, sum(not n.endswith("_scale_inv") for n in weight_map)) as advance:
-        for fname, names in sorted(by_file.items()):
-            out: dict[str, torch.Tensor] = {}
-            wanted = {n: fname for n in names}  # + the scales of its FP8 weights, wherever they are
-            wanted.update({n + "_scale_inv": weight_map[n + "_scale_inv"] for n in names
-                           if n + "_scale_inv" in weight_map})
-            for name, t, _ in read_tensors(src, wanted):
-                report.tensors += 1
-                report.bytes_in += _source_bytes(name, t, weight_map)
-                if to == "fp8" and is_quantised(name, t):
-                    q, s = quantize_weight(t)
-                    err = quant_error(t, dequantize_weight(q, s))
-                    errors.append(err["rel_error"])
-                    if err["rel_error"] >= report.rel_error_max:
-                        report.rel_error_max, report.worst_tensor = err["rel_error"], name
-                    report.max_abs_error = max(report.max_abs_error, err["max_abs_error"])
-                    out[name], out[name + "_scale_inv"] = q, s
-                    report.quantised += 1
-                else:
-                    if to == "dequant" and name + "_scale_inv" in weight_map:
-                        report.quantised += 1
-                    keep = ROUTER.search(name) is not None or not t.is_floating_point()
-                    out[name] = t if keep else t.to(DTYPES[dtype])
-                advance()
-            out = {n: v.contiguous() for n, v in out.items()}
-            report.bytes_out += sum(v.numel() * v.element_size() for v in out.values())
-            atomic_write(dst / fname, lambda tmp, o=out: save_file(o, tmp, metadata={"format": "pt"}))
-            out_map.update({n: fname for n in out})
-            report.files.append(fname)
-    if errors:
-        report.rel_error_mean = sum(errors) / len(errors)
-    _write_index(src, dst, out_map, report.bytes_out)
-    _copy_side_files(src, dst)
-    _write_config(src, dst, to, dtype)
-    return report
+
+def _convert_file(src: Path, names: list[str], weight_map: dict[str, str], to: str, dtype: str,
+                  report: ConvertReport, errors: list[float], advance) -> dict[str, torch.Tensor]:
+    """One source shard's tensors, converted (FP8 weights with their scales, wherever the
+    scales are stored), contiguous and ready to write; the report is updated as it goes."""
+    out: dict[str, torch.Tensor] = {}
+    wanted = {n: weight_map[n] for n in names}
+    wanted.update({n + "_scale_inv": weight_map[n + "_scale_inv"] for n in names
+                   if n + "_scale_inv" in weight_map})
+    for name, t, _ in read_tensors(src, wanted):
+        report.tensors += 1
+        report.bytes_in += _source_bytes(name, t, weight_map)
+        if to == "fp8" and is_quantised(name, t):
+            q, s = quantize_weight(t)
+            err = quant_error(t, dequantize_weight(q, s))
+            errors.append(err["rel_error"])
+            if err["rel_error"] >= report.rel_error_max:
+                report.rel_error_max, report.worst_tensor = err["rel_error"], name
+            report.max_abs_error = max(report.max_abs_error, err["max_abs_error"])
+            out[name], out[name + "_scale_inv"] = q, s
+            report.quantised += 1
+        else:
+            if to == "dequant" and name + "_scale_inv" in weight_map:
+                report.quantised += 1
+            keep = ROUTER.search(name) is not None or not t.is_floating_point()
+            out[name] = t if keep else t.to(DTYPES[dtype])
+        advance()
+    return {n: v.contiguous() for n, v in out.items()}
 
 
 def _source_bytes(name: str, t: torch.Tensor, weight_map: dict[str, str]) -> int:
