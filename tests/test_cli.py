@@ -208,6 +208,9 @@ def test_piped_calc_tables_are_not_truncated():
     r = nanoseek("plan", "capacity", "--preset", "deepseek-v3", "--qps", "10", "--prompt-tokens", "2000",
                  "--output-tokens", "500", env={"COLUMNS": "80"})
     assert r.returncode == 0 and "…" not in r.stdout.decode()
+    # nor wrapped: each row on one line, its numbers beside its name
+    r = invoke("calc", "kv", "--preset", "deepseek-v3")
+    assert any("gqa-8" in line and "624.64 KB" in line for line in r.output.splitlines()), r.output
 
 
 # ------------------------------------------------------------- generate

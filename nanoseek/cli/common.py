@@ -153,8 +153,8 @@ def print_tables(*tables, stderr: bool = False) -> None:
     from rich.console import Console
 
     console = Console(stderr=stderr)
-    for t in tables:
-        need = console.measure(t).maximum
+    for t in tables:  # measured unconstrained: measure() on an 80-column console says <= 80
+        need = console.measure(t, options=console.options.update_width(1 << 14)).maximum
         if need > console.width:
             console = Console(stderr=stderr, width=need)
         console.print(t)
