@@ -1,0 +1,1 @@
+"""nanoseek's OpenAI-compatible server."""
