@@ -85,3 +85,11 @@ def text_model(body: dict):
 def repeating_model(body: dict) -> dict:
     """Never answers: the same call again and again."""
     return {"content": "", "tool_calls": [call("calculator", {"expression": "2+2"})]}
+
+
+if __name__ == "__main__":  # `python -m tests.agent_mock [native|text]`: serve until Ctrl-C
+    import sys
+    model = {"native": native_model, "text": text_model}[sys.argv[1] if len(sys.argv) > 1 else "native"]
+    with mock_endpoint(model) as (url, _):
+        print(f"mock endpoint at {url}", flush=True)
+        threading.Event().wait()
