@@ -4,7 +4,6 @@ guards, the token budget, image parts and the CLI."""
 
 import json
 
-import pytest
 
 from nanoseek.agent import Agent, ContextBudget, Guards
 from nanoseek.chat_template import render_chat
