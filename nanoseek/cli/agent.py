@@ -1,0 +1,93 @@
+"""`nanoseek agent`: a task for a model on any OpenAI-compatible endpoint, with tools.
+
+The trajectory (thought, call, observation, answer) is printed as it happens and, with
+--trajectory, saved as JSONL; the answer is the last line. Exit code 0 with an answer, 1
+when a guard or the endpoint stopped the run first.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import List, Optional
+
+import typer
+
+TOOLS = ("calculator", "python")
+
+
+def agent_cmd(
+    task: str = typer.Argument(..., help="what to do"),
+    base_url: str = typer.Option("http://127.0.0.1:8000/v1", envvar="OPENAI_BASE_URL",
+                                 help="the endpoint's /v1 URL (nanoseek serve, vLLM, any OpenAI-compatible API)"),
+    model: str = typer.Option(..., help="the model name the endpoint serves"),
+    mode: str = typer.Option("auto", help="auto (native tools, text protocol if rejected), native, text"),
+    tools: str = typer.Option(",".join(TOOLS), help=f"built-in tools, comma-separated: {', '.join(TOOLS)}"),
+    workspace: Optional[str] = typer.Option(None, help="a directory for read_file/write_file/list_files"),
+    docs: Optional[str] = typer.Option(None, help="a directory of documents for the search tool"),
+    mcp: List[str] = typer.Option([], help="an MCP server command (stdio), e.g. 'python server.py'; repeatable"),
+    memory: Optional[str] = typer.Option(None, help="a directory for the persistent vector memory"),
+    trajectory: Optional[str] = typer.Option(None, help="save the trajectory as JSONL here"),
+    image: List[str] = typer.Option([], help="an image URL (or data: URL) sent with the task; repeatable"),
+    max_steps: int = typer.Option(10, min=1, help="model calls at most"),
+    max_repeats: int = typer.Option(1, min=1, help="identical calls run before the next is refused"),
+    tool_timeout: float = typer.Option(60.0, help="seconds per tool call"),
+    timeout: float = typer.Option(600.0, help="seconds for the whole run"),
+    budget: Optional[int] = typer.Option(None, help="token budget for the conversation (old observations shortened)"),
+    temperature: float = typer.Option(0.0),
+    max_tokens: Optional[int] = typer.Option(None, help="tokens per model reply"),
+):
+    """Run an agent: the model calls tools until it answers (DESIGN.md §6)."""
+    from contextlib import ExitStack
+
+    from nanoseek.agent import Agent, ContextBudget, Guards
+    from nanoseek.cli.common import check_utf8, fail
+    with ExitStack() as stack:
+        chosen = _tools(tools, workspace, docs, mcp, tool_timeout, stack)
+        content = check_utf8(task, "task")
+        if image:
+            content = [{"type": "text", "text": content}] + [
+                {"type": "image_url", "image_url": {"url": u}} for u in image]
+        mem = None
+        if memory:
+            from nanoseek.agent.memory import VectorMemory
+            mem = VectorMemory(memory)
+        agent = Agent(base_url, model, chosen, mode=mode, echo=typer.echo,
+                      guards=Guards(max_steps=max_steps, max_repeats=max_repeats,
+                                    total_timeout_s=timeout, tool_timeout_s=tool_timeout),
+                      budget=ContextBudget(budget) if budget else None, memory=mem,
+                      trajectory_path=trajectory, temperature=temperature, max_tokens=max_tokens)
+        traj = agent.run(content)
+    if traj.answer is None:
+        typer.echo(f"no answer: {traj.stop_reason}", err=True)
+        raise typer.Exit(1)
+    if traj.answer == "":
+        fail("the model gave an empty answer")
+
+
+def _tools(names: str, workspace, docs, mcp_commands, timeout, stack) -> list:
+    from nanoseek.agent.tools.calculator import calculator_tool
+    from nanoseek.agent.tools.python import python_tool
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - set(TOOLS))
+    if unknown:
+        raise ValueError(f"--tools: unknown {unknown}; choose from {list(TOOLS)} "
+                         "(files come with --workspace, search with --docs, MCP with --mcp)")
+    out = [{"calculator": calculator_tool, "python": python_tool}[n]() for n in wanted]
+    if workspace:
+        from nanoseek.agent.tools.files import file_tools
+        out += file_tools(workspace)
+    if docs:
+        from nanoseek.agent.tools.search import search_tool
+        out.append(search_tool(docs))
+    for command in mcp_commands:
+        from nanoseek.agent.tools.mcp import MCPServerTools
+        argv = shlex.split(command)
+        if not argv:
+            raise ValueError("--mcp: empty command")
+        server = stack.enter_context(MCPServerTools(argv[0], argv[1:], timeout_s=timeout))
+        out += server.tools
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    app.command("agent")(agent_cmd)
