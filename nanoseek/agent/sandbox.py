@@ -37,6 +37,8 @@ NOBODY = 65534
 # directory as /tmp/work, drop to nobody, run main.py
 _BOOTSTRAP = """
 import os, subprocess, sys
+uid, python = int(sys.argv[1]), sys.argv[2]
+status = open(sys.argv[3], "w")  # opened before /tmp is hidden below
 subprocess.run(["mount", "--make-rprivate", "/"], check=True)
 for d in ("/tmp", "/var/tmp", "/dev/shm"):
     if os.path.isdir(d):
@@ -44,9 +46,16 @@ for d in ("/tmp", "/var/tmp", "/dev/shm"):
 os.mkdir("/tmp/work")  # the code's directory, seen again under the new /tmp
 subprocess.run(["mount", "--bind", "/proc/self/cwd", "/tmp/work"], check=True)
 os.chdir("/tmp/work")
-uid, python = int(sys.argv[1]), sys.argv[2]
-os.setgroups([]); os.setgid(uid); os.setuid(uid)
-os.execv(python, [python, "-I", "main.py"])
+
+
+def drop():
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)
+
+
+# the code runs as a child of this namespace's init and its status is written here: unshare
+# re-raising a child's fatal signal itself is unreliable (it can fail in sigprocmask)
+status.write(str(subprocess.run([python, "-I", "main.py"], preexec_fn=drop).returncode))
+status.close()
 """
 
 
@@ -138,7 +147,8 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
             os.chown(work, NOBODY, NOBODY)
             os.chown(work / "main.py", NOBODY, NOBODY)
             argv = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child",
-                    "--mount-proc", sys.executable, "-I", "-c", _BOOTSTRAP, str(NOBODY), sandbox_python()]
+                    "--mount-proc", sys.executable, "-I", "-c", _BOOTSTRAP, str(NOBODY), sandbox_python(),
+                    str(logs / "status")]
         else:
             argv = [sys.executable, "-I", "main.py"]
         result = _run(argv, work, logs, limits)
@@ -163,9 +173,13 @@ def _run(argv: list[str], work: Path, logs: Path, limits: SandboxLimits) -> Sand
             _kill_group(proc.pid)   # unshare dies -> --kill-child kills the namespace's init
             proc.wait()
         _kill_group(proc.pid)        # anything left behind in the fallback mode
+        code = proc.returncode
+        status = logs / "status"  # the isolated mode's own record of the code's exit status
+        if status.exists() and status.read_text().strip():
+            code = int(status.read_text())
         return SandboxResult(_read(logs / "stdout", limits.max_output_chars),
                              _read(logs / "stderr", limits.max_output_chars),
-                             None if timed_out else proc.returncode, timed_out)
+                             None if timed_out else code, timed_out)
 
 
 def _set_limits(limits: SandboxLimits) -> None:
