@@ -14,10 +14,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")
 
 
-def from_pretrained(path, dtype=None, device=None):
-    """Load an HF-format DeepSeek checkpoint directory (nanoseek-, transformers- or DeepSeek-written)."""
+def from_pretrained(path, dtype=None, device=None, quantization=None):
+    """Load an HF-format DeepSeek checkpoint directory (nanoseek-, transformers- or DeepSeek-written);
+    quantization="fp8" keeps attention and FFN/expert weights in FP8 (FP8Linear)."""
     from nanoseek.checkpoint import from_pretrained as _load
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, quantization=quantization)
 
 
 def save_pretrained(model, path, dtype=None) -> None:

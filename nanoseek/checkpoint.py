@@ -5,8 +5,8 @@ A checkpoint is a directory with `config.json` and one or several `*.safetensors
 MTP module k is stored as `model.layers.{num_hidden_layers + k}`, with copies of the
 shared `embed_tokens` and `shared_head.head` beside it as in DeepSeek's release (vLLM and
 SGLang read them there). FP8 weights (float8_e4m3fn, or float8_e5m2 with the same
-128x128 block scales) with `weight_scale_inv` are dequantised on load; any other dtype
-beside a scale is refused.
+128x128 block scales) with `weight_scale_inv` are dequantised on load, or kept as FP8 in
+FP8Linear modules with quantization="fp8"; any other dtype beside a scale is refused.
 
 Every failure names the file and the tensor, and every file is written atomically.
 """
@@ -28,7 +28,8 @@ from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.moe import MoE
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.transformer import CausalLM
-from nanoseek.quant.fp8 import FP8_DTYPES, dequantize_weight
+from nanoseek.quant.fp8 import FP8, FP8_DTYPES, dequantize_weight, quantize_weight
+from nanoseek.quant.model import check_quantization, quantize_model_fp8
 
 ARCHITECTURES = {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "NanoseekForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
@@ -64,7 +65,7 @@ def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None) -> dict[str
     out = {}
     for name, t in model.state_dict().items():
         t = t.detach()
-        if dtype is not None and t.is_floating_point() and not _keep_fp32(name):
+        if dtype is not None and t.is_floating_point() and not _keep_fp32(name) and not _is_fp8_part(name, t):
             t = t.to(dtype)
         out[to_hf_name(name, cfg)] = t.contiguous().clone()
     for k in range(len(model.mtp)):
@@ -86,6 +87,11 @@ def _empty_shared_experts(model: CausalLM, dtype: torch.dtype) -> dict[str, torc
                 key = to_hf_name(f"{name}.shared_experts.{proj}.weight", model.config)
                 out[key] = torch.empty(shape, dtype=dtype)
     return out
+
+
+def _is_fp8_part(name: str, t: torch.Tensor) -> bool:
+    """An FP8Linear's codes or block scales: saved as they are, whatever `dtype` says."""
+    return t.dtype in FP8_DTYPES or name.endswith("_scale_inv")
 
 
 def _keep_fp32(name: str) -> bool:
@@ -177,8 +183,10 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
 
 
-def read_tensors(path: Path, weight_map: dict[str, str]):
-    """Yield (checkpoint name, tensor, file) with FP8 weights dequantised."""
+def read_tensors(path: Path, weight_map: dict[str, str], keep_fp8=None):
+    """Yield (checkpoint name, tensor, file) with FP8 weights dequantised to fp32, except the
+    E4M3 weights `keep_fp8(name)` selects: those come as stored, each followed by its
+    `<name>_scale_inv` (a model with FP8Linear modules takes both as they are)."""
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         by_file.setdefault(fname, []).append(name)
@@ -189,15 +197,23 @@ def read_tensors(path: Path, weight_map: dict[str, str]):
                 continue
             t = _get(f, path / fname, name)
             if t.dtype in FP8_DTYPES or name + "_scale_inv" in weight_map:
-                t = _dequantize(path, fname, f, name, t, weight_map)
+                scale, scale_file = _scale_of(path, fname, f, name, t, weight_map)
+                if t.dtype == FP8 and keep_fp8 is not None and keep_fp8(name):
+                    yield name, t, path / fname
+                    yield name + "_scale_inv", scale, scale_file
+                    continue
+                try:
+                    t = dequantize_weight(t, scale)
+                except ValueError as e:
+                    raise CheckpointError(f"{scale_file}: tensor {name + '_scale_inv'!r}: {e}") from None
             yield name, t, path / fname
 
 
-def _dequantize(path: Path, fname: str, f, name: str, t: torch.Tensor,
-                weight_map: dict[str, str]) -> torch.Tensor:
-    """A block-quantised weight and its `_scale_inv` -> the weight in fp32. Codes of any
-    dtype but the FP8 ones are refused: read as numbers they would be silently wrong
-    (transformers, for one, reads int8 beside a scale as packed FP4)."""
+def _scale_of(path: Path, fname: str, f, name: str, t: torch.Tensor,
+              weight_map: dict[str, str]) -> tuple[torch.Tensor, Path]:
+    """A block-quantised weight's `_scale_inv` and its file. Codes of any dtype but the FP8
+    ones are refused: read as numbers they would be silently wrong (transformers, for one,
+    reads int8 beside a scale as packed FP4)."""
     scale_name = name + "_scale_inv"
     if t.dtype not in FP8_DTYPES:
         raise CheckpointError(f"{path / fname}: tensor {name!r} has dtype {t.dtype} beside "
@@ -211,10 +227,7 @@ def _dequantize(path: Path, fname: str, f, name: str, t: torch.Tensor,
     if not scale.is_floating_point():  # e.g. uint8 E8M0 exponents: not nanoseek's format
         raise CheckpointError(f"{scale_file}: tensor {scale_name!r} has dtype {scale.dtype}; "
                               "expected floating-point block scales")
-    try:
-        return dequantize_weight(t, scale)
-    except ValueError as e:
-        raise CheckpointError(f"{scale_file}: tensor {scale_name!r}: {e}") from None
+    return scale.float(), scale_file
 
 
 def _get(f, file: Path, name: str) -> torch.Tensor:
@@ -225,19 +238,30 @@ def _get(f, file: Path, name: str) -> torch.Tensor:
 
 
 def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> CausalLM:
-    """Load a checkpoint directory (nanoseek-, transformers- or DeepSeek-written)."""
+                    device: str | torch.device | None = None, quantization: str | None = None) -> CausalLM:
+    """Load a checkpoint directory (nanoseek-, transformers- or DeepSeek-written).
+    quantization="fp8": the projection Linears become FP8Linear modules (nanoseek/quant/
+    model.py); an FP8 checkpoint's codes and scales are kept as stored, high-precision
+    weights are quantised as they are read. Without it FP8 weights are dequantised."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
+    check_quantization(quantization)
     cfg = read_config(path)
     weight_map = checkpoint_files(path)
     cfg = _drop_absent_mtp(cfg, weight_map, path)
     with torch.device("meta"):
         model = CausalLM(cfg)
+    if quantization == "fp8":
+        quantize_model_fp8(model)  # on meta: the structure only
     expected = {n: p for n, p in model.state_dict().items()}
+
+    def wants_fp8(name: str) -> bool:
+        ref = expected.get(from_hf_name(name, cfg) or "")
+        return ref is not None and ref.dtype == FP8
+
     loaded: dict[str, torch.Tensor] = {}
-    for name, t, file in read_tensors(path, weight_map):
+    for name, t, file in read_tensors(path, weight_map, keep_fp8=wants_fp8):
         key = from_hf_name(name, cfg)
         if key is None:
             continue
@@ -250,8 +274,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
             raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected "
                                   f"{tuple(expected[key].shape)} from config.json")
         _check_finite(t, name, file)
-        want = torch.float32 if _keep_fp32(key) else (dtype or expected[key].dtype)
-        loaded[key] = t.to(device=device or "cpu", dtype=want)
+        loaded.update(_placed(key, t, expected[key].dtype, dtype, device or "cpu"))
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise CheckpointError(f"{path}: tensor {to_hf_name(missing[0], cfg)!r} is missing"
@@ -261,8 +284,24 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     return model.eval()
 
 
+def _placed(key: str, t: torch.Tensor, model_dtype: torch.dtype, dtype: torch.dtype | None,
+            device) -> dict[str, torch.Tensor]:
+    """The tensor(s) a checkpoint tensor becomes in the model: FP8 codes and block scales
+    as stored (a high-precision weight an FP8Linear wants is quantised here), the router
+    in fp32, everything else in `dtype` (default: the model's)."""
+    if model_dtype == FP8 and t.dtype != FP8:
+        q, s = quantize_weight(t)
+        return {key: q.to(device), key + "_scale_inv": s.to(device)}
+    if model_dtype == FP8 or key.endswith("_scale_inv"):
+        return {key: t.to(device=device, dtype=model_dtype)}
+    want = torch.float32 if _keep_fp32(key) else (dtype or model_dtype)
+    return {key: t.to(device=device, dtype=want)}
+
+
 def _check_finite(t: torch.Tensor, name: str, file: Path) -> None:
     """NaN/Inf weights make every logit NaN (greedy then returns token 0 forever): refuse them."""
+    if t.dtype in FP8_DTYPES:  # isfinite has no FP8 kernel; the codes are exact in fp16
+        t = t.to(torch.float16)
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise CheckpointError(f"{file}: tensor {name!r} has {bad} non-finite value(s) (NaN/Inf) "

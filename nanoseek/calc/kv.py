@@ -26,6 +26,16 @@ FP8_TILE = 128  # values per FP32 scale
 SCALE_BYTES = 4
 
 
+def dtype_name(dtype) -> str:
+    """A torch dtype as this module names it (torch.bfloat16 -> "bf16"): the engine's cache
+    and `calc kv --dtype` must agree on bytes per token, and a test checks they do."""
+    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16",
+             "torch.float8_e4m3fn": "fp8"}
+    if str(dtype) not in names:
+        raise ConfigError(f"no KV-cache size for dtype {dtype}; known: {sorted(names)}")
+    return names[str(dtype)]
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPE_BYTES)}")

@@ -53,6 +53,11 @@ def generate(
                                                    "free memory [default: 0.9 on a GPU, 0.05 on CPU]"),
     block_size: int = typer.Option(16, min=1, help="tokens per cache block"),
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
+    dtype: str = typer.Option("float32", help="weights, activations and latent cache: float32, bfloat16, "
+                                              "float16, or auto (the checkpoint's torch_dtype); the router "
+                                              "stays fp32"),
+    quantization: Optional[str] = typer.Option(None, help="fp8: attention and FFN/expert weights held in FP8 "
+                                                           "(128x128 blocks) and run through FP8Linear"),
     threads: int = typer.Option(None, min=1, help="CPU threads for torch (default: torch's choice; 1 is often "
                                                   "fastest for tiny models or on a busy machine)"),
 ):
@@ -70,8 +75,11 @@ def generate(
                             max_tokens=max_tokens, stop=stop or None,
                             stop_token_ids=_ids(stop_token_ids, "--stop-token-ids"),
                             ignore_eos=ignore_eos, logprobs=logprobs)
-    llm = LLM(path, device=device, kv_cache_memory=kv_cache_memory, block_size=block_size,
-              speculative=speculative)
+    llm = LLM(path, device=device, dtype=dtype, quantization=quantization, kv_cache_memory=kv_cache_memory,
+              block_size=block_size, speculative=speculative)  # a bad dtype/quantization: one ValueError line
+    if llm.quantization_backend is not None:
+        from rich.console import Console
+        Console(stderr=True).print(f"[dim]FP8 weights, GEMM: {llm.quantization_backend}[/dim]")
     if chat:
         prompts = _apply_chat(Path(path), prompts)
     if len(prompts) == 1 and n == 1 and not as_json and logprobs is None:

@@ -20,12 +20,16 @@ from nanoseek.engine.engine import EngineConfig, LLMEngine
 from nanoseek.engine.llm import load_model
 from nanoseek.engine.outputs import RequestOutput, request_output
 from nanoseek.engine.sampling import SamplingParams
+from nanoseek.quant.model import log_backend
 
 
 class AsyncLLM:
-    def __init__(self, model, tokenizer=None, dtype=None, device=None, **engine_kw):
-        model, dir_tok = load_model(model, dtype, device)
+    def __init__(self, model, tokenizer=None, dtype=None, device=None, quantization: str | None = None,
+                 **engine_kw):
+        """dtype and quantization as for `LLM`."""
+        model, dir_tok = load_model(model, dtype, device, quantization)
         self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw))
+        self.quantization_backend = log_backend(model, self.engine.device)
         self._ops: list[tuple[Callable[[], None], asyncio.Future | None]] = []
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
@@ -35,6 +39,7 @@ class AsyncLLM:
     def from_engine(cls, engine: LLMEngine) -> "AsyncLLM":
         self = cls.__new__(cls)
         self.engine, self._ops, self._queues, self._wake, self._task = engine, [], {}, None, None
+        self.quantization_backend = log_backend(engine.model, engine.device)
         return self
 
     @property

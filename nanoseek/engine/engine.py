@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.cache import PagedLatentCache, budget_bytes
 from nanoseek.engine.outputs import IncrementalDetokenizer
+from nanoseek.engine.precision import activation_dtype
 from nanoseek.engine.runner import ModelRunner
 from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import Scheduler
@@ -54,7 +55,7 @@ class LLMEngine:
             raise ValueError("speculative=True needs a checkpoint with MTP layers (num_nextn_predict_layers >= 1)")
         self.speculative = has_mtp if config.speculative is None else config.speculative
         num_layers = cfg.num_hidden_layers + (1 if self.speculative else 0)
-        dtype = next(model.parameters()).dtype
+        dtype = activation_dtype(model)  # the cache follows the model: bf16 halves its bytes per token
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         # No point holding more blocks than max_num_seqs full-length sequences can use.
         enough = config.max_num_seqs * -(-max_len // config.block_size) + 1

@@ -16,35 +16,54 @@ import torch
 from nanoseek.checkpoint import from_pretrained
 from nanoseek.engine.engine import EngineConfig, LLMEngine
 from nanoseek.engine.outputs import RequestOutput, request_output
+from nanoseek.engine.precision import cast_model, resolve_dtype
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.engine.sequence import Sequence
 from nanoseek.model import CausalLM
+from nanoseek.quant.model import check_quantization, log_backend, quantize_model_fp8
 from nanoseek.tokenizer import Tokenizer
 
 
-def load_model(path_or_model, dtype: torch.dtype | None, device) -> tuple[CausalLM, object]:
-    """A CausalLM (and the checkpoint directory's tokenizer, if any)."""
+def load_model(path_or_model, dtype=None, device=None, quantization: str | None = None) -> tuple[CausalLM, object]:
+    """A CausalLM (and the checkpoint directory's tokenizer, if any), in `dtype` (see
+    engine/precision.py) and with FP8 projection weights when quantization="fp8". A model
+    object is converted in place, as Module.to does."""
+    check_quantization(quantization)
+    target = None if device is None else torch.device(device)
     if isinstance(path_or_model, CausalLM):
         model = path_or_model
-        if dtype is not None or device is not None:
-            model = model.to(dtype=dtype, device=device)
+        dtype = resolve_dtype(dtype, None, target or next(model.parameters()).device)
+        if dtype is not None:
+            cast_model(model, dtype)
+        if device is not None:
+            model.to(device)
+        if quantization == "fp8":
+            quantize_model_fp8(model)
         return model, None
     path = Path(path_or_model)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    return from_pretrained(path, dtype=dtype, device=device), Tokenizer.from_dir(path)
+    dtype = resolve_dtype(dtype, path, target or torch.device("cpu"))
+    model = from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+    return model, Tokenizer.from_dir(path)
 
 
 class LLM:
     """Offline batched generation over the engine. `model` is a checkpoint directory or a
     CausalLM; `tokenizer` overrides the directory's (a `nanoseek.tokenizer.Tokenizer`, a
     transformers tokenizer or a `tokenizers.Tokenizer`).
+    dtype: "float32" | "bfloat16" | "float16" | "auto" (the checkpoint's torch_dtype) or a
+    torch dtype; None keeps the model's (fp32 for a checkpoint). The latent cache takes it
+    too. quantization="fp8": attention and FFN/expert weights held in FP8 (128x128 blocks)
+    and run through FP8Linear; `quantization_backend` says which GEMM runs.
     Engine options (kv_cache_memory, block_size, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, speculative, max_model_len) are `EngineConfig` fields."""
 
-    def __init__(self, model, tokenizer=None, dtype: torch.dtype | None = None, device=None, **engine_kw):
-        model, dir_tok = load_model(model, dtype, device)
+    def __init__(self, model, tokenizer=None, dtype=None, device=None, quantization: str | None = None,
+                 **engine_kw):
+        model, dir_tok = load_model(model, dtype, device, quantization)
         self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw))
+        self.quantization_backend = log_backend(model, self.engine.device)
 
     @property
     def tokenizer(self):

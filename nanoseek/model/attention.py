@@ -92,7 +92,7 @@ class MLA(nn.Module):
         return torch.einsum("bsht,bthd->bshd", probs, v)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        wkv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)
+        wkv_b = self.wkv_b(c_kv.dtype).view(self.n_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, :self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK absorbed into q
         scores = (torch.einsum("bshc,btc->bsht", q_latent, c_kv)
@@ -100,6 +100,14 @@ class MLA(nn.Module):
         probs = self._softmax(scores, mask, c_kv.dtype)
         o_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
         return torch.einsum("bshc,hdc->bshd", o_latent, w_uv)  # W_UV absorbed into the output
+
+    def wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_UKV as a matrix, for absorption. FP8 weights (an FP8Linear) are dequantised on
+        the fly, as DeepSeek-V3's inference/model.py does: the module keeps them in FP8."""
+        proj = self.kv_b_proj
+        if hasattr(proj, "dequantized_weight"):
+            return proj.dequantized_weight(dtype)
+        return proj.weight
 
     @staticmethod
     def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype) -> torch.Tensor:

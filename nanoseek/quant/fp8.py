@@ -147,14 +147,34 @@ class FP8Linear(torch.nn.Module):
         m.weight, m.weight_scale_inv = q.to(linear.weight.device), s.to(linear.weight.device)
         return m
 
+    def gemm_backend(self, device: torch.device | str) -> str:
+        """The GEMM this module runs on `device`: "scaled_mm" or "emulate"."""
+        if self.backend != "auto":
+            return self.backend
+        # cuBLAS FP8 needs N % 16 == 0
+        return "scaled_mm" if has_fp8_gemm(device) and self.out_features % 16 == 0 else "emulate"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_q, x_s = quantize_activation(x.reshape(-1, shape[-1]))
-        use_mm = self.backend == "scaled_mm" or (self.backend == "auto" and has_fp8_gemm(x.device)
-                                                 and self.out_features % 16 == 0)  # cuBLAS FP8 needs N % 16 == 0
-        gemm = fp8_gemm_scaled_mm if use_mm else fp8_gemm_emulated
+        gemm = fp8_gemm_scaled_mm if self.gemm_backend(x.device) == "scaled_mm" else fp8_gemm_emulated
         y = gemm(x_q, x_s, self.weight, self.weight_scale_inv)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the FP8 codes and block scales stand for (a fresh tensor; the module
+        keeps its FP8 weight): for code that needs the matrix itself, e.g. MLA's absorption."""
+        return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Moves change the device, never the dtype: `model.to(torch.bfloat16)` casts the
+        model's activations, while FP8 codes and their FP32 scales stay what they are (a
+        cast would turn the codes into BF16 numbers and round the scales)."""
+        for name, t in self._buffers.items():
+            if t is not None:
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
