@@ -29,7 +29,9 @@ class Arithmetic(Task):
             raise TaskError(f"task arithmetic: ops={ops!r} must be some of {OPS!r}")
         self.name, self.digits, self.ops = "arithmetic", digits, ops
         self.test_fraction = options.pop("test_fraction", self.test_fraction)
-        self.max_tokens = 64 + 48 * digits * (digits if "*" in ops else 1)
+        # About twice the longest demonstration (a line per column or partial product).
+        self.max_tokens = 48 + 12 * digits * (digits + 1) if "*" in ops else 64 + 32 * digits
+        options.setdefault("max_length", max(1024, 4 * self.max_tokens))  # characters
         self.rewarder = make_rewarder(lambda ex, c: numeric_accuracy(c, ex.answer), options)
         no_options_left("arithmetic", options)
 

@@ -22,7 +22,6 @@ from nanoseek.train.rewards import equation_accuracy, r1_response
 
 class Countdown(Task):
     name = "countdown"
-    max_tokens = 192
 
     def __init__(self, count: int = 4, max_number: int = 50, max_target: int = 1000, **options):
         if not isinstance(count, int) or not 2 <= count <= 8:
@@ -30,6 +29,7 @@ class Countdown(Task):
         if not isinstance(max_number, int) or max_number < 2:
             raise TaskError(f"task countdown: max_number={max_number!r} must be an integer >= 2")
         self.count, self.max_number, self.max_target = count, max_number, max_target
+        self.max_tokens = 96 + 24 * count  # about twice the longest demonstration
         self.test_fraction = options.pop("test_fraction", self.test_fraction)
         self.rewarder = make_rewarder(
             lambda ex, c: equation_accuracy(c, ex.meta["numbers"], ex.meta["target"]), options)

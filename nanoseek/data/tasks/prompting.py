@@ -24,5 +24,18 @@ def generate_texts(llm, conversations: list[list[dict]], params) -> list[list[st
     """params.n completions per conversation, special tokens kept (eos is not text)."""
     params = replace(params, skip_special_tokens=False)
     prompts = [encode_chat(llm.tokenizer, msgs) for msgs in conversations]
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, [fit_context(llm, ids, params) for ids in prompts], use_tqdm=False)
     return [[c.text for c in out.outputs] for out in outs]
+
+
+def fit_context(llm, ids: list[int], params):
+    """`params` with max_tokens cut to what the model's context leaves after the prompt
+    (a task's budget may exceed a tiny model's max_position_embeddings)."""
+    limit = llm.engine.scheduler.max_model_len
+    room = limit - len(ids)
+    if room < 1:
+        raise ValueError(f"a prompt of {len(ids)} tokens leaves no room in the model's "
+                         f"{limit}-token context")
+    if params.max_tokens is None or params.max_tokens <= room:
+        return params
+    return replace(params, max_tokens=room)

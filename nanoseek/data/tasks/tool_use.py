@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from nanoseek.chat_template import render_chat
 from nanoseek.data.tasks.arithmetic import OPS
 from nanoseek.data.tasks.base import Example, Task, TaskError, make_rewarder, no_options_left
-from nanoseek.data.tasks.prompting import encode_chat
+from nanoseek.data.tasks.prompting import encode_chat, fit_context
 from nanoseek.special_tokens import END_THINK, EOS, THINK, TOOL_TOKENS
 from nanoseek.train.rewards import (ANSWER, END_ANSWER, ExpressionError, evaluate_expression,
                                     numeric_accuracy, strip_eos)
@@ -52,7 +52,7 @@ class ToolUse(Task):
             raise TaskError(f"task tool_use: ops={ops!r} must be some of {OPS!r}")
         self.digits, self.ops = digits, ops
         self.test_fraction = options.pop("test_fraction", self.test_fraction)
-        self.max_tokens = 128
+        self.max_tokens = 256  # per turn
         self.rewarder = make_rewarder(lambda ex, c: tool_accuracy(c, ex.answer), options)
         self.rewarder.format = tool_format
         no_options_left("tool_use", options)
@@ -93,10 +93,13 @@ class ToolUse(Task):
                                replace(params, n=1, seed=None if params.seed is None else params.seed + k))
                  for ex in examples for k in range(params.n)]
         for round_ in range(self.max_rounds):
+            for c in convs:  # a conversation that has filled the context ends here
+                c.done = c.done or len(c.ids) >= llm.engine.scheduler.max_model_len
             active = [c for c in convs if not c.done]
             if not active:
                 break
-            outs = llm.generate([c.ids for c in active], [c.params for c in active], use_tqdm=False)
+            outs = llm.generate([c.ids for c in active],
+                                [fit_context(llm, c.ids, c.params) for c in active], use_tqdm=False)
             for conv, out in zip(active, outs):
                 conv.step(out.outputs[0], llm.tokenizer, last=round_ == self.max_rounds - 1)
         return [[c.text for c in convs[i * params.n:(i + 1) * params.n]] for i in range(len(examples))]
