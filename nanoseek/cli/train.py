@@ -123,11 +123,53 @@ def report(run_dir: Path = typer.Argument(..., help="run directory (with run.jso
 
 
 def eval_(run_dir: Path = typer.Argument(..., help="run directory (checkpoint + tokenizer + data/)"),
-          seq_len: Optional[int] = typer.Option(None, min=1, help="window length (default: the run's own seq_len)")):
-    """Validation loss and bits per byte of a saved checkpoint on its run's held-out split."""
+          seq_len: Optional[int] = typer.Option(None, min=1, help="window length (default: the run's own seq_len)"),
+          task: Optional[str] = typer.Option(None, "--task", help="score held-out accuracy on a task instead: arithmetic | countdown | tool_use | FILE.jsonl"),
+          option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=3"),
+          n: int = typer.Option(200, "--n", min=1, help="held-out problems (with --task)"),
+          k: int = typer.Option(4, "--k", min=0, help="pass@k from sampled completions (0 = greedy only)"),
+          samples: Optional[int] = typer.Option(None, "--samples", min=1, help="completions per problem for pass@k (default k)"),
+          temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="sampling temperature for pass@k"),
+          max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="generation budget (default: the task's)"),
+          seed: int = typer.Option(0, help="which held-out problems, and the sampling seed"),
+          as_json: bool = typer.Option(False, "--json", help="print the full result as JSON")):
+    """Validation loss and bits per byte of a saved checkpoint on its run's held-out split;
+    with --task, held-out task accuracy (greedy) and pass@k (sampled) through the engine."""
+    if task is not None:
+        return _eval_task(run_dir, task, option or [], n, k, samples, temperature, max_tokens, seed, as_json)
     from nanoseek.train.eval import evaluate_run
     ev = evaluate_run(run_dir, seq_len)
     typer.echo(f"val_loss={ev['val_loss']:.4f} val_bpb={ev['val_bpb']:.4f} tokens={ev['val_tokens']}")
+
+
+def _eval_task(run_dir, task, options, n, k, samples, temperature, max_tokens, seed, as_json):
+    import json
+    from nanoseek.data.tasks import load_task
+    from nanoseek.train.eval import evaluate_task
+    ev = evaluate_task(run_dir, load_task(task, **_task_options(options)), n=n, k=k,
+                       temperature=temperature, seed=seed, samples=samples, max_tokens=max_tokens)
+    if as_json:
+        typer.echo(json.dumps(ev, indent=2))
+        return
+    line = f"task={ev['task']} n={ev['n']} accuracy={ev['accuracy']:.4f} format={ev['format']:.4f}"
+    if k:
+        line += f" pass@1={ev['pass@1']:.4f} pass@{k}={ev[f'pass@{k}']:.4f} (T={temperature})"
+    typer.echo(line + f" in {ev['seconds']:.1f}s")
+
+
+def _task_options(pairs: list[str]) -> dict:
+    """KEY=VALUE -> {KEY: VALUE}, values read as JSON when they are (3, 0.5, null), else text."""
+    import json
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--option {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def peak(remeasure: bool = typer.Option(False, help="measure again (keeps the higher figure)")):

@@ -65,3 +65,57 @@ def evaluate_run(run_dir: str | Path, seq_len: int | None = None) -> dict:
         settings = read_settings(run_dir)
         seq_len = settings.train.seq_len if settings is not None else 256
     return evaluate_checkpoint(run_dir, seq_len)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The Codex paper's unbiased pass@k from n samples of which c are correct:
+    1 - C(n-c, k) / C(n, k), as a stable product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def evaluate_task(model_dir_or_llm, task, n: int = 200, k: int = 4, temperature: float = 0.8,
+                  seed: int = 0, samples: int | None = None, max_tokens: int | None = None,
+                  split: str = "test") -> dict:
+    """Held-out accuracy on a verifiable task through the engine: greedy (temperature 0)
+    accuracy, format rate and mean reward; then `samples` (default k) completions per
+    problem at `temperature` for pass@1 and the unbiased pass@k (k=0: greedy only).
+    `task` is a Task or a name/path for `load_task`; the model a checkpoint dir or an LLM."""
+    import time
+
+    from nanoseek.data.tasks import load_task
+    from nanoseek.engine import LLM, SamplingParams
+
+    task = load_task(task) if isinstance(task, (str, Path)) else task
+    llm = model_dir_or_llm if isinstance(model_dir_or_llm, LLM) else LLM(model_dir_or_llm, max_num_seqs=256)
+    samples = samples or k
+    if k and samples < k:
+        raise ValueError(f"samples={samples} must be >= k={k} for pass@{k}")
+    examples = task.examples(split, n, seed)
+    max_tokens = max_tokens or task.max_tokens
+    t0 = time.perf_counter()
+    greedy = [c[0] for c in task.rollout(llm, examples, SamplingParams(temperature=0, max_tokens=max_tokens))]
+    rewards = [task.reward(ex, c) for ex, c in zip(examples, greedy)]
+    out = {"task": task.name, "split": split, "n": len(examples),
+           "accuracy": _mean(r.correct for r in rewards),
+           "format": _mean(r.components.get("format", 0.0) >= 1.0 for r in rewards),
+           "mean_reward": _mean(r.total for r in rewards),
+           "examples": [{"prompt": ex.prompt, "answer": ex.answer, "completion": c, "reward": r.total}
+                       for ex, c, r in list(zip(examples, greedy, rewards))[:3]]}
+    if k:
+        params = SamplingParams(n=samples, temperature=temperature, seed=seed, max_tokens=max_tokens)
+        sampled = task.rollout(llm, examples, params)
+        correct = [sum(task.reward(ex, c).correct for c in cs) for ex, cs in zip(examples, sampled)]
+        out.update({"k": k, "temperature": temperature, "samples_per_problem": samples,
+                    "pass@1": _mean(c / samples for c in correct),
+                    f"pass@{k}": _mean(pass_at_k(samples, c, k) for c in correct)})
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else 0.0

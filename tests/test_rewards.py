@@ -1,0 +1,123 @@
+"""Rule-based rewards on hand-made completions: right, wrong, malformed, over-long,
+equivalent forms, and the countdown rules (no number twice, none not given, exact division)."""
+
+import itertools
+import math
+
+import pytest
+
+from nanoseek.data.tasks import load_task
+from nanoseek.data.tasks.arithmetic import make_example
+from nanoseek.train.eval import pass_at_k
+from nanoseek.train.rewards import (Rewarder, answer_of, check_equation, format_reward,
+                                    numeric_accuracy, overlong_penalty)
+
+
+def r1(think, answer):
+    return f"<think>\n{think}\n</think>\n<answer>{answer}</answer>"
+
+
+TASK = load_task("arithmetic", digits=3)
+EX = make_example(478, "+", 356)  # 834
+
+
+@pytest.mark.parametrize("completion,total,correct", [
+    (r1("8+6=14", "834"), 1.0, True),
+    (r1("8+6=14", "834") + "<｜end▁of▁sentence｜>", 1.0, True),
+    (r1("8+6=14", "835"), 0.1, False),                          # wrong, well formed
+    ("<answer>834</answer>", 0.9, True),                       # right, no think
+    (r1("", "834"), 0.9, True),                                 # empty think: no format
+    (r1("x", "834") + "<answer>834</answer>", 0.0, False),      # two answer tags
+    (r1("x", "834") + " and more", 0.9, True),                  # text after the answer
+    ("<think>\nx\n</think>\nThe answer is 834.", 0.1 * 0, False),  # not in the tag
+    (r1("the answer is 834", "I don't know"), 0.1, False),      # the number only in think
+    (r1("x", "478+356"), 0.1, False),                           # an expression, not a number
+    (r1("x", "834.0"), 1.0, True),
+    ("<think>x</think><think>y</think><answer>834</answer>", 0.9, True),  # two thinks
+    ("", 0.0, False),
+])
+def test_hand_made_arithmetic_completions(completion, total, correct):
+    r = TASK.reward(EX, completion)
+    assert r.total == pytest.approx(total) and r.correct is correct, r
+
+
+@pytest.mark.parametrize("given,expected,ok", [
+    ("0.5", "1/2", True), ("1/2", "0.5", True), ("\\frac{1}{2}", "0.5", True),
+    ("2/4", "0.5", True), ("1,234", "1234", True), ("-7", "-7", True), ("7", "-7", False),
+    ("0.49", "0.5", False),
+])
+def test_numbers_in_equivalent_forms(given, expected, ok):
+    assert numeric_accuracy(r1("x", given), expected) == float(ok)
+
+
+def test_format_wants_each_tag_once_and_nothing_after():
+    assert format_reward(r1("a", "1")) == 1.0
+    assert format_reward("  " + r1("a", "1") + "\n") == 1.0
+    assert format_reward(r1("a", "1") + "!") == 0.0
+    assert format_reward(r1("a <think> b", "1")) == 0.0
+    assert format_reward(r1("a", " ")) == 0.0
+    assert format_reward("<answer>1</answer><think>a</think>") == 0.0
+    assert answer_of("<answer>1</answer><answer>2</answer>") is None
+    assert answer_of("</answer>1<answer>") is None
+
+
+def test_overlong_penalty_is_soft_then_full():
+    assert overlong_penalty(700, 1024, 256) == 0.0
+    assert overlong_penalty(768, 1024, 256) == 0.0
+    assert overlong_penalty(896, 1024, 256) == pytest.approx(0.5)
+    assert overlong_penalty(1024, 1024, 256) == pytest.approx(1.0)
+    assert overlong_penalty(5000, 1024, 256) == 1.0
+    assert overlong_penalty(5000, None, 256) == 0.0
+    rewarder = Rewarder(lambda ex, c: 1.0, max_length=100, cache_length=50)
+    long = r1("x" * 200, "834")
+    r = rewarder(EX, long)
+    assert r.correct and r.components["overlong"] == -1.0 and r.total == pytest.approx(0.0)
+    assert rewarder(EX, long, length=60).total == pytest.approx(1.0 - 0.2)  # caller's token count
+
+
+@pytest.mark.parametrize("expression,why", [
+    ("(25 - 5) * 4 + 3", None),
+    ("3 + 4 * (25 - 5)", None),
+    ("25 * 4 - 5 - 3 - 9", "not one of"),               # 9 not given
+    ("(25 - 5) * 4 + 3 + 3", "more often than given"),   # 3 twice
+    ("25 * 4 / 3 - 5", "not exact"),
+    ("(25 + 5) * 4 / 0", "division by zero"),
+    ("25 + 5 + 4 + 3", "evaluates to 37, not 83"),
+    ("-5 + 25 * 4 - 3", "only integers"),               # negation is not a given number
+    ("__import__('os').system('x')", "only integers"),
+    ("25 ** 4", "only integers"),
+    ("(25 - 5) × 4 + 3", None),
+    ("83", "not one of"),
+    ("2.5 * 4", "only integers"),
+    ("(((", "not an arithmetic expression"),
+])
+def test_countdown_equations(expression, why):
+    got = check_equation(expression, [25, 5, 4, 3], 83)
+    assert (got is None) if why is None else (got is not None and why in got), got
+
+
+def test_countdown_reward_reads_only_the_tag():
+    task = load_task("countdown")
+    ex = task.examples("test", 1)[0]
+    assert task.reward(ex, ex.response).correct
+    wrong = ex.response.replace(f"<answer>{ex.answer}</answer>", "<answer>1 + 1</answer>")
+    assert not task.reward(ex, wrong).correct
+    outside = ex.response.replace(f"<answer>{ex.answer}</answer>", ex.answer)
+    assert not task.reward(ex, outside).correct
+
+
+@pytest.mark.parametrize("n,c,k", [(n, c, k) for n in range(1, 8) for c in range(n + 1)
+                                   for k in range(1, n + 1)])
+def test_pass_at_k_matches_brute_force(n, c, k):
+    """The estimator against its definition: over all k-subsets of the n samples, the share
+    holding at least one correct sample."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    brute = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12)
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+
+
+def test_pass_at_k_checks_its_arguments():
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(3, 1, 4)
