@@ -37,6 +37,8 @@ def ckpt(tmp_path_factory):
     from nanoseek.data import load_corpus
     from nanoseek.model import CausalLM
     from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    import torch
+    torch.manual_seed(0)
     d = tmp_path_factory.mktemp("ckpt")
     save_pretrained(CausalLM(tiny_config(vocab_size=300, num_nextn_predict_layers=0)), d)
     save_tokenizer(train_tokenizer(load_corpus()[:40], 300), d)
@@ -79,21 +81,22 @@ def wait_for(cond, what: str, tries: int = 3000):
 
 
 class Gate:
-    """Holds the engine after each step until the test lets it go on, so a request is
-    surely still running (or waiting) when the test acts: no race with a fast engine."""
+    """Lets the engine take only the steps the test allows (a held step does nothing), so a
+    request is surely still running or waiting when the test acts: no race with a fast
+    engine. (The engine steps on the server's event loop, so a held step must not block.)"""
 
     def __init__(self, engine):
-        self.engine, self.steps, self.open = engine, threading.Semaphore(0), False
+        self.engine, self.allowed, self.open = engine, 1, False
 
     def step(self):
-        out = type(self.engine).step(self.engine)
-        if not self.open:
-            self.steps.acquire()
-        return out
+        if self.open or self.allowed > 0:
+            self.allowed -= 1
+            return type(self.engine).step(self.engine)
+        time.sleep(0.001)
+        return []
 
     def allow(self, k: int) -> None:
-        for _ in range(k):
-            self.steps.release()
+        self.allowed += k
 
     def __enter__(self):
         self.engine.step = self.step
@@ -102,7 +105,6 @@ class Gate:
     def __exit__(self, *exc):
         self.open = True
         del self.engine.step
-        self.allow(1000)
 
 
 def make_app(ckpt, **kw):
@@ -373,13 +375,22 @@ def nanoseek(*args, **kw):
 
 
 def test_chat_cli_with_piped_stdin(ckpt):
-    p = nanoseek("chat", str(ckpt), "--temperature", "0", "--max-tokens", "4", stdin=subprocess.PIPE,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = p.communicate(b"Hello\n/system Be brief.\nHi again\n/reset\n/nope\n/exit\nnever read\n", timeout=120)
-    assert p.returncode == 0, err.decode()
-    assert len(out.decode().splitlines()) == 2  # two answers, one line each
-    err = err.decode()
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+    r = CliRunner().invoke(app, ["chat", str(ckpt), "--temperature", "0", "--max-tokens", "4"],
+                           input="Hello\n/system Be brief.\nHi again\n/reset\n/nope\n/exit\nnever read\n")
+    assert r.exit_code == 0, r.output
+    out, err = r.stdout, r.stderr
     assert "system prompt set" in err and "history cleared" in err and "unknown command /nope" in err
+    from nanoseek.engine import LLM, SamplingParams
+    from nanoseek.serve.conversation import Conversation
+    llm = LLM(ckpt, speculative=False)
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    answer = lambda convo, q: llm.generate([llm.tokenizer.encode(convo.prompt(q), add_special_tokens=False)],  # noqa: E731
+                                           greedy, use_tqdm=False)[0].outputs[0].text
+    first, second = answer(Conversation(), "Hello"), answer(Conversation(system="Be brief."), "Hi again")
+    assert out == f"{first}\n{second}\n"  # the /system command cleared the first exchange
 
 
 def test_conversation_history_and_commands():
