@@ -336,7 +336,7 @@ def test_metrics_count_requests_tokens_and_cache_hits(live):
 
         def lookup(self, key):
             hit = self.store_.get(json.dumps(key, sort_keys=True))
-            return None if hit is None else {**hit, "level": "l2"}
+            return None if hit is None else {**hit, "_cache": "l2"}
 
         def store(self, key, response):
             self.store_[json.dumps(key, sort_keys=True)] = response
@@ -366,6 +366,46 @@ def test_metrics_count_requests_tokens_and_cache_hits(live):
     for name in ("nanoseek_num_requests_waiting", "nanoseek_kv_cache_usage_ratio", "nanoseek_prefix_cache_hits_total",
                  "nanoseek_requests_in_flight", "nanoseek_time_per_output_token_seconds_count"):
         assert any(k[0] == name for k in m), name
+
+
+def test_response_cache_exact_and_semantic_through_the_server(live):
+    """The real caches behind the seam: an identical request hits L1, a paraphrase of the
+    question hits L2, an unrelated question and a sampled request reach the engine."""
+    from nanoseek.serve.cache import ResponseCache
+
+    before = live.metrics()
+    live.app.state.response_cache = ResponseCache.from_url("memory", semantic=True)
+    try:
+        client = live.client()
+
+        def ask(q, **kw):
+            return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}],
+                                                  max_tokens=6, **{"temperature": 0, **kw})
+        first = ask("What is the capital of France?")
+        again = ask("What is the capital of France?")
+        para = ask("Which city is France's capital?")
+        other = ask("How do I sort a list in Python?")
+        ask("What is the capital of France?", temperature=0.9)  # sampled without a seed: never cached
+    finally:
+        live.app.state.response_cache = None
+    assert again.choices[0].message.content == para.choices[0].message.content == first.choices[0].message.content
+    m = live.metrics()
+    delta = lambda name, **labels: m.get((name, tuple(sorted(labels.items()))), 0) - before.get(  # noqa: E731
+        (name, tuple(sorted(labels.items()))), 0)
+    assert delta("nanoseek_response_cache_hits_total", level="l1") == 1
+    assert delta("nanoseek_response_cache_hits_total", level="l2") == 1
+    assert delta("nanoseek_response_cache_misses_total") == 2  # the first question, the unrelated one
+    assert other.id != first.id
+
+
+def test_serve_cache_option_builds_the_cache():
+    from nanoseek.cli.serve import build_cache
+
+    assert build_cache("off", False, 0.9, 0, 100) is None
+    cache = build_cache("memory", False, 0.9, 60, 100)
+    assert cache.stats()["backend"] == "memory" and not cache.stats()["semantic"]
+    with pytest.raises(ValueError, match="ftp://x"):
+        build_cache("ftp://x", False, 0.9, 0, 100)
 
 
 # --------------------------------------------------------------- the CLI

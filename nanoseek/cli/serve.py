@@ -25,6 +25,18 @@ def _engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len, specula
     return kw
 
 
+def build_cache(url: str, semantic: bool, threshold: float, ttl: float, size: int):
+    """The response caches (L1 where `url` says, L2 when `semantic`), or None for "off".
+    L3 is the engine's prefix cache, always on."""
+    if url == "off":
+        if semantic:
+            raise ValueError("--semantic-cache needs an L1 cache: drop --cache off")
+        return None
+    from nanoseek.serve.cache import ResponseCache
+    return ResponseCache.from_url(url, semantic=semantic, threshold=threshold, ttl=ttl or None,
+                                  max_entries=size)
+
+
 def serve(
     path: str = typer.Argument(..., help="checkpoint directory (config.json + safetensors + tokenizer.json)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
@@ -48,6 +60,14 @@ def serve(
     device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch"),
     log_level: str = typer.Option("info", help="uvicorn's log level (warning: no access log)"),
+    cache: str = typer.Option("memory", help="L1 exact-match response cache for deterministic requests "
+                                             "(temperature 0 or a seed): memory | sqlite:///FILE.db | "
+                                             "redis://HOST:PORT/DB | off"),
+    semantic_cache: bool = typer.Option(False, "--semantic-cache/--no-semantic-cache",
+                                        help="L2: also answer paraphrases (MiniLM embeddings + FAISS)"),
+    cache_threshold: float = typer.Option(0.9, min=0.0, max=1.0, help="L2's cosine similarity for a hit"),
+    cache_ttl: float = typer.Option(3600.0, min=0.0, help="seconds a cached response lives (0: no expiry)"),
+    cache_size: int = typer.Option(10000, min=1, help="cached responses kept at most (oldest go first)"),
 ):
     """Serve a checkpoint with an OpenAI-compatible API: /v1/chat/completions, /v1/completions
     (SSE streaming), /v1/models, /health, /metrics."""
@@ -62,10 +82,13 @@ def serve(
     llm = AsyncLLM(path, device=device, **_engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len,
                                                       speculative))
     keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
+    response_cache = build_cache(cache, semantic_cache, cache_threshold, cache_ttl, cache_size)
     app = create_app(llm, model_name or Path(path).resolve().name, api_keys=keys, max_queue=max_queue,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, response_cache=response_cache)
     typer.echo(f"serving {path} as {app.state.model_name!r} on http://{host}:{port}/v1"
-               + (" (API key required)" if keys else ""), err=True)
+               + (" (API key required)" if keys else "")
+               + (f"; response cache: {cache}" + (" + semantic" if semantic_cache else "")
+                  if response_cache is not None else "; no response cache"), err=True)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=shutdown_timeout)).run()
 

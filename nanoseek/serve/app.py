@@ -10,9 +10,11 @@ requests only -> admission (admission.py: 429 when the queue is full) -> the eng
 
 The response-cache seam: `app.state.response_cache` is None or an object with
 `lookup(key: dict) -> dict | None` and `store(key: dict, response: dict) -> None` (either may
-be a coroutine). `key` is the normalised request (params.cache_key: endpoint, model,
-messages or prompt, every sampling field); a hit is the stored response dict plus a
-top-level `"level"` ("l1" exact, "l2" semantic), which the server strips, counts in
+be a coroutine; a plain function runs in a worker thread, since SQLite, Redis and the
+semantic index block) — `nanoseek serve --cache` builds serve/cache's `ResponseCache`. `key`
+is the normalised request (params.cache_key: endpoint, model, messages or prompt, every
+sampling field); a hit is the stored response dict plus a top-level `"_cache"` ("l1" exact,
+"l2" semantic), which the server strips, counts in
 `nanoseek_response_cache_hits_total{level=...}`, and serves under a fresh id (replayed
 as chunks when the client streams). Only completions that finished cleanly are stored.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 
 from nanoseek.serve import errors
 from nanoseek.serve.admission import Admission
@@ -140,8 +143,12 @@ def _usage_opts(req) -> tuple[bool, bool]:
     return (bool(o and o.include_usage), bool(o and o.continuous_usage_stats))
 
 
-async def _maybe(value):
-    return await value if inspect.isawaitable(value) else value
+async def _call(fn, *args):
+    """A cache method: awaited if it is a coroutine function, else run in a worker thread
+    (a Redis round trip or an embedding must not stall every stream on the event loop)."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    return await run_in_threadpool(fn, *args)
 
 
 # ----------------------------------------------------------------- respond
@@ -149,7 +156,7 @@ async def respond(request: Request, kind: str, req, prompts: list[list[int]], pa
     st = request.app.state
     key = cache_key(kind, req) if st.response_cache is not None else None
     if key is not None:
-        hit = await _maybe(st.response_cache.lookup(key))
+        hit = await _call(st.response_cache.lookup, key)
         if hit is not None:
             return _cached(st, hit, fmt, req.stream)
         st.metrics.cache_misses.inc()
@@ -167,7 +174,7 @@ async def respond(request: Request, kind: str, req, prompts: list[list[int]], pa
         raise err
     body = fmt.response(outs)
     if key is not None and all(c.finish_reason in ("stop", "length") for c in outs.values()):
-        await _maybe(st.response_cache.store(key, body))
+        await _call(st.response_cache.store, key, body)
     return JSONResponse(body)
 
 
@@ -206,7 +213,7 @@ async def _sse(st, updates, fmt: Formatter, key: dict | None):
             if fmt.include_usage:
                 yield f"data: {json.dumps(fmt.usage_chunk())}\n\n"
             if key is not None and all(c.finish_reason in ("stop", "length") for c in outs.values()):
-                await _maybe(st.response_cache.store(key, fmt.response(outs)))
+                await _call(st.response_cache.store, key, fmt.response(outs))
     except APIError as e:
         yield sse_error(e)
     finally:
@@ -216,7 +223,7 @@ async def _sse(st, updates, fmt: Formatter, key: dict | None):
 
 def _cached(st, hit: dict, fmt: Formatter, stream: bool):
     hit = dict(hit)
-    st.metrics.cache_hits.labels(level=hit.pop("level", "l1")).inc()
+    st.metrics.cache_hits.labels(level=hit.pop("_cache", "l1")).inc()
     hit["id"], hit["created"] = fmt.id, fmt.created
     if not stream:
         return JSONResponse(hit)
