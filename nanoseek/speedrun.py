@@ -58,6 +58,8 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float |
 
     t_start = time.perf_counter()
     out = Path(root) / name
+    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+        raise ValueError(f"speedrun option 'minutes': must be a finite number > 0, got {minutes!r}")
     check_unlocked(out)
     check_speedrun_dir(out, resume, overwrite)
     with run_lock(out):  # held through pretraining, evaluation and the report
@@ -77,8 +79,6 @@ def _speedrun(out: Path, minutes, max_steps, progress, log, threads, resume, ove
         threads = 0
     given = {"train.max_steps": max_steps, "train.time_limit": None if minutes is None else minutes * 60}
     minutes, max_steps = 7.0 if minutes is None else minutes, 300 if max_steps is None else max_steps
-    if not (minutes > 0 and math.isfinite(minutes)):
-        raise ValueError(f"speedrun option 'minutes': must be a finite number > 0, got {minutes!r}")
     tcfg = TrainConfig(**{**SPEEDRUN_TRAIN, "max_steps": max_steps, "time_limit": minutes * 60,
                           **train_overrides})
     log(f"[1/3] tokenizer + pretraining: tiny preset, up to {max_steps} steps or {minutes:g} min"
