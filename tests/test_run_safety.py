@@ -253,10 +253,11 @@ def test_a_signal_saves_at_the_next_step_and_resume_is_exact(tmp_path, corpus, u
 
 def test_resume_says_when_threads_differ(tmp_path, corpus):
     out, said = tmp_path / "run", []
-    pretrain(out, _settings(corpus), **QUIET)
+    pretrain(out, _settings(corpus), kind="speedrun", **QUIET)
     pretrain(out, _settings(corpus, max_steps=2), resume=True, progress=False, log=said.append, threads=2)
     assert any("threads: 2 as given, though the run trained with 1" in s for s in said)
-    assert json.loads((out / "run.json").read_text())["threads"] == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["threads"] == 2 and run["nanoseek"] == "speedrun"  # `pretrain --resume` keeps its kind
 
 
 # ------------------------------------------------- 8. numeric options

@@ -171,7 +171,8 @@ def _exit_on_signal(e: BaseException, resume_command: str) -> None:
         typer.echo(f"{e}{hint}", err=True)
         raise typer.Exit(e.exit_code)
     if isinstance(e, Aborted):
-        typer.echo(f"{e}: the last saved checkpoint is intact; continue with: {resume_command}", err=True)
+        typer.echo(f"{e}: the steps since the last checkpoint are lost, the checkpoint itself is "
+                   f"intact; continue with: {resume_command}", err=True)
         raise typer.Exit(e.exit_code)
 
 

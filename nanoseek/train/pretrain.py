@@ -4,7 +4,9 @@ A run is described by one `PretrainConfig` (the model, the loop's `TrainConfig`,
 data); run.json saves it whole under "settings" and `--resume` rebuilds it from there.
 The run directory is at every save a checkpoint that transformers loads
 (`config.json`, `model.safetensors`, the tokenizer files) plus the resumable state
-(`train_state.pt`), the token arrays (`data/`), `metrics.jsonl` and `run.json`.
+(`train_state.pt`), the token arrays (`data/`), `metrics.jsonl` and `run.json`, which is
+written first and marks the directory as a nanoseek run (run_dir.py: what a run may
+replace), under a lock (run_lock.py); Ctrl-C and SIGTERM save at the next step (signals.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from nanoseek.train.config import settings_to_dict
 from nanoseek.train.eval import make_evaluate
 from nanoseek.train.loop import Trainer
 from nanoseek.train.run_dir import (MARKER, RunError, check_run_dir,  # noqa: F401 (RunError: API)
-                                    read_run_json, remove_own_files)
+                                    read_run_json, remove_own_files, run_kind)
 from nanoseek.train.run_lock import check_unlocked, run_lock
 from nanoseek.train.run_settings import (DataConfig, PretrainConfig,  # noqa: F401 (DataConfig: API)
                                          read_settings, with_overrides)
@@ -147,6 +149,8 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
         if mode == "replace":
             log(f"starting over in {out_dir}: deleting the previous run's files "
                 f"({', '.join(remove_own_files(out_dir))})")
+        if mode == "resume":  # a speedrun resumed by `pretrain --resume` stays a speedrun
+            kind = run_kind(out_dir) or kind
         return _train(out_dir, config, mode, progress, log, threads, kind)
 
 

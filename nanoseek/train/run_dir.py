@@ -32,8 +32,9 @@ DATA_DIR, DATA_FILES = "data", ("train.bin", "val.bin", "meta.json", ".train.bin
                                 ".val.bin.*.tmp", ".meta.json.*.tmp")
 
 
-class RunError(RuntimeError):
-    """The run directory or the inputs do not allow this run."""
+class RunError(ValueError, RuntimeError):
+    """The run directory or the inputs do not allow this run. A ValueError too, so that the
+    CLI reports it as a user error (one line) from any module that raises it."""
 
 
 def read_run_json(out: Path) -> dict | None:
