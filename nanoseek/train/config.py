@@ -10,6 +10,7 @@ with is exactly what the run was started with.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -45,20 +46,37 @@ class TrainConfig:
     # then follows max(step / max_steps, elapsed / time_limit), so it is not bit-reproducible
 
     def validate(self) -> None:
+        """Every field in its range (no value silently stands for another): a ValueError
+        naming the field, the limit and the value."""
         def need(cond, name, msg):
             if not cond:
-                raise ValueError(f"training option '{name}': {msg}")
+                raise ValueError(f"training option '{name}': {msg}, got {getattr(self, name)!r}")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every"):
-            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        need(self.precision in PRECISIONS, "precision",
-             f"must be one of {PRECISIONS}, got {self.precision!r}")
-        need(0 <= self.warmup_steps, "warmup_steps", "must be >= 0")
+            need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_tokens", "save_every", "sample_every", "seed"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an integer >= 0")
+        need(_finite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
+        for name in ("min_lr_ratio", "decay_frac"):
+            need(_finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "must lie in [0, 1]")
+        for name in ("beta1", "beta2"):
+            need(_finite(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "must lie in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "time_limit"):
+            need(_finite(getattr(self, name)) and getattr(self, name) >= 0, name,
+                 "must be a finite number >= 0 (0 = off)")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def settings_to_dict(settings: Any) -> dict:

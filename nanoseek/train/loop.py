@@ -126,6 +126,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.stopped_early = False
+        self.stop_signal: int | None = None  # set by request_stop (train/signals.py)
+        self.saved_step: int | None = None  # the step of the last save() in this process
+
+    def request_stop(self, signum: int) -> None:
+        """Stop at the next step boundary with a checkpoint (safe to call from a signal
+        handler: it only sets a flag that `fit` reads between steps)."""
+        self.stop_signal = signum
 
     # ------------------------------------------------------------------ pieces
     def autocast(self):
@@ -226,6 +233,7 @@ class Trainer:
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.model, self.step)
         checkpointing.save_state(self.out_dir, self.state_dict())
+        self.saved_step = self.step
 
     def resume(self) -> bool:
         """Continue from train_state.pt if there is one; drop metrics logged after it."""
@@ -237,6 +245,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         checkpointing.set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.saved_step = self.step
         for m in _moe_layers(self.model):
             m.tokens_per_expert.zero_()
         truncate_metrics(self.out_dir / METRICS_FILE, self.step)
@@ -270,17 +279,19 @@ class Trainer:
     def fit(self, until: int | None = None) -> dict:
         """Train up to max_steps (or the time limit, or step `until`: a pause that leaves a
         checkpoint, the schedule still planned for max_steps); evaluate, sample and save on
-        schedule and at the end. Returns a summary of the run."""
+        schedule and at the end. After `request_stop` it saves at the next step boundary
+        and returns, the summary's "interrupted" naming the signal. Returns a summary."""
         stop = self._start_fit(until)
         bar = self._progress_bar()
         interval, seconds, tokens = IntervalMeans(), 0.0, 0  # since the last metrics line
-        while self.step < stop:
+        while self.step < stop and self.stop_signal is None:
             threads = self.tuner.before_step(self.step) if self.tuner else None
             t0 = time.perf_counter()
             m = self.train_step()
             lr, step_tokens = m.pop("lr"), m.pop("step_tokens")
             interval.add(m)
-            due = self.step % self.cfg.log_every == 0 or self.step >= stop
+            due = (self.step % self.cfg.log_every == 0 or self.step >= stop
+                   or self.stop_signal is not None)  # a stop logs the steps it saves
             means = interval.read() if due else None  # the interval's one device sync
             dt = time.perf_counter() - t0
             if self.tuner:
@@ -299,10 +310,14 @@ class Trainer:
             if out_of_time:
                 self.stopped_early = self.step < self.cfg.max_steps
                 break
+        interrupted = self.stop_signal is not None and self.step < stop and not self.stopped_early
+        if interrupted and self.step > 0 and self.saved_step != self.step:
+            self.save()
         if bar is not None:
             bar.close()
         return {"steps": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                 "stopped_early": self.stopped_early,
+                "interrupted": self.stop_signal if interrupted else None,
                 "tok_s": self.tokens_seen / self.elapsed if self.elapsed else 0.0}
 
     def _start_fit(self, until: int | None) -> int:

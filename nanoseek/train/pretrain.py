@@ -4,7 +4,9 @@ A run is described by one `PretrainConfig` (the model, the loop's `TrainConfig`,
 data); run.json saves it whole under "settings" and `--resume` rebuilds it from there.
 The run directory is at every save a checkpoint that transformers loads
 (`config.json`, `model.safetensors`, the tokenizer files) plus the resumable state
-(`train_state.pt`), the token arrays (`data/`), `metrics.jsonl` and `run.json`.
+(`train_state.pt`), the token arrays (`data/`), `metrics.jsonl` and `run.json`, which is
+written first and marks the directory as a nanoseek run (run_dir.py: what a run may
+replace), under a lock (run_lock.py); Ctrl-C and SIGTERM save at the next step (signals.py).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from nanoseek.config import ModelConfig
 from nanoseek.train.config import settings_to_dict
 from nanoseek.train.eval import make_evaluate
 from nanoseek.train.loop import Trainer
+from nanoseek.train.run_dir import (MARKER, RunError, check_run_dir,  # noqa: F401 (RunError: API)
+                                    read_run_json, remove_own_files, run_kind)
+from nanoseek.train.run_lock import check_unlocked, run_lock
 from nanoseek.train.run_settings import (DataConfig, PretrainConfig,  # noqa: F401 (DataConfig: API)
                                          read_settings, with_overrides)
+from nanoseek.train.signals import Interrupted, stop_on_signals
 
 SAMPLE_PROMPTS = ("The for statement", "A function definition", "Exceptions are")
-
-
-class RunError(RuntimeError):
-    """The run directory or the inputs do not allow this run."""
 
 
 def setup_threads() -> int:
@@ -64,16 +66,18 @@ def make_sampler(tokenizer, device, prompts=SAMPLE_PROMPTS, max_new_tokens: int 
     return sample
 
 
-def prepare_data(out_dir: Path, cfg: ModelConfig, data: DataConfig, seed: int, log=print):
-    """Tokenizer (reused from the run, given, or trained on the training split) and the
-    memory-mapped token arrays."""
+def prepare_data(out_dir: Path, cfg: ModelConfig, data: DataConfig, seed: int, log=print,
+                 fresh: bool = True):
+    """Tokenizer and the memory-mapped token arrays. A resumed run (fresh=False) reuses
+    the run's own tokenizer.json; a fresh run never reads one from `out_dir` (it has none:
+    see run_dir.py) and uses `data.tokenizer`, or trains one on the training split."""
     from nanoseek.data import build_token_arrays, load_corpus
     from nanoseek.data.tokenized import split_documents
     from nanoseek.tokenizer import (copy_tokenizer, load_tokenizer, save_tokenizer,
                                     train_tokenizer)
 
     docs = load_corpus(data.paths or None, data.text_field)
-    if (out_dir / "tokenizer.json").exists():
+    if not fresh and (out_dir / "tokenizer.json").exists():
         tok = load_tokenizer(out_dir)
     elif data.tokenizer:
         tok = load_tokenizer(data.tokenizer)
@@ -97,11 +101,6 @@ def settings_for_run(out_dir: Path, config: PretrainConfig, resume: bool,
                      overrides: dict | None) -> PretrainConfig:
     """A new run's settings are `config`; a resumed run's are its saved ones, with
     `overrides` (default: max_steps and time_limit of `config`) applied."""
-    from nanoseek.train.checkpointing import STATE_FILE
-
-    if (out_dir / STATE_FILE).exists() and not resume:
-        raise RunError(f"{out_dir} already holds a run; pass --resume to continue it or "
-                       "choose another --out")
     saved = read_settings(out_dir) if resume else None
     if saved is None:
         return config
@@ -111,37 +110,90 @@ def settings_for_run(out_dir: Path, config: PretrainConfig, resume: bool,
     return with_overrides(saved, overrides)
 
 
+def threads_for_run(out_dir: Path, threads: int | None, resume: bool, log=print) -> int | None:
+    """The thread count changes the float results (a different reduction order): a resumed
+    run keeps the run's own unless `threads` is given, and then says it may diverge."""
+    saved = (read_run_json(out_dir) or {}).get("threads") if resume else None
+    if saved is None:
+        return threads
+    saved = 0 if saved == "adaptive" else saved
+    if threads is None:
+        return saved
+    if threads != saved:
+        log(f"threads: {threads or 'adaptive'} as given, though the run trained with "
+            f"{saved or 'adaptive'}: the losses will not match an uninterrupted run's bit for bit")
+    return threads
+
+
 def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
              overrides: dict | None = None, progress: bool = True, log=print,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, overwrite: bool = False, kind: str = "pretrain") -> dict:
     """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
-    On resume the settings are the run's saved ones (see `settings_for_run`).
+    On resume the settings are the run's saved ones (see `settings_for_run`), its thread
+    count too unless `threads` is given. A directory that is not empty must hold a run of
+    ours (run_dir.py); `overwrite` starts such a run over, deleting only its own files.
+    The directory is locked for the call (run_lock.py). SIGINT / SIGTERM stop at the next
+    step with a checkpoint and raise `Interrupted` (signals.py).
     threads: None = every core; 0 = adapt between every core and one while training (see
     train/threads.py: on a crowded machine one thread can be several times faster)."""
     out_dir = Path(out_dir)
-    config = settings_for_run(out_dir, config, resume, overrides)
-    config.train.validate()
-    if config.train.seq_len > config.model.max_position_embeddings:
-        raise ValueError(f"training option 'seq_len': {config.train.seq_len} exceeds the model's "
-                         f"context (max_position_embeddings={config.model.max_position_embeddings})")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_unlocked(out_dir)  # every check before the lock only reads: a refusal writes nothing
+    mode = check_run_dir(out_dir, resume, overwrite)
+    if resume and mode == "new":
+        log(f"nothing to resume in {out_dir}: starting a new run")
+    config = settings_for_run(out_dir, config, mode == "resume", overrides)
+    config.validate()
+    threads = threads_for_run(out_dir, threads, mode == "resume", log)
+    with run_lock(out_dir):
+        mode = check_run_dir(out_dir, resume, overwrite)  # again, now that no one else can write
+        if mode == "replace":
+            log(f"starting over in {out_dir}: deleting the previous run's files "
+                f"({', '.join(remove_own_files(out_dir))})")
+        if mode == "resume":  # a speedrun resumed by `pretrain --resume` stays a speedrun
+            kind = run_kind(out_dir) or kind
+        return _train(out_dir, config, mode, progress, log, threads, kind)
+
+
+def _train(out_dir: Path, config: PretrainConfig, mode: str, progress: bool, log,
+           threads: int | None, kind: str) -> dict:
     max_threads = setup_threads()
     if threads:
         torch.set_num_threads(threads)
+    marker = {MARKER: kind, "threads": "adaptive" if threads == 0 else torch.get_num_threads()}
+    if mode != "resume":  # run.json first: from here on the directory is a run of ours
+        write_run(out_dir, {**marker, "settings": settings_to_dict(config)})
     device = default_device()
-    tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log)
+    tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log,
+                             fresh=mode != "resume")
+    check_sample_length(tok, config)
     trainer, run = build_trainer(out_dir, config, tok, data, device, progress, adapt=threads == 0)
-    run.update(cores=max_threads, settings=settings_to_dict(config))
-    if resume:
+    run = {**marker, **run, "cores": max_threads, "settings": settings_to_dict(config)}
+    if mode == "resume":
         resumed = trainer.resume()
         log(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh")
     write_run(out_dir, run)
     log(describe(run))
-    summary = trainer.fit()
+    with stop_on_signals(trainer):
+        summary = trainer.fit()
+    if summary.get("interrupted"):
+        raise Interrupted(summary["interrupted"], trainer.step, out_dir)
     run.update(summary=summary, mfu=run["flops_per_token"] * summary["tok_s"] / run["peak_flops"]
                if run["peak_flops"] else None)
     write_run(out_dir, run)
     return run
+
+
+def check_sample_length(tok, config: PretrainConfig) -> None:
+    """The samples run after the last step, before the last save: a prompt plus
+    sample_tokens beyond the context would fail there, so check now."""
+    if not config.sample_tokens:
+        return
+    longest = max(len(tok(p)["input_ids"]) for p in SAMPLE_PROMPTS)
+    ctx = config.model.max_position_embeddings
+    if longest + config.sample_tokens > ctx:
+        raise ValueError(f"option 'sample_tokens': {config.sample_tokens} tokens after a "
+                         f"{longest}-token prompt exceed the model's context ({ctx}); "
+                         f"use at most {ctx - longest}")
 
 
 def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, progress: bool,
