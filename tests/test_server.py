@@ -30,19 +30,22 @@ KEY = "sk-test"
 HI = [{"role": "user", "content": "Hello there"}]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny checkpoint (vocab 300, context 256) with a byte-level BPE tokenizer."""
+def tiny_checkpoint(d: Path) -> Path:
+    """A tiny checkpoint (vocab 300, context 256) with a byte-level BPE tokenizer, in `d`."""
     from nanoseek.checkpoint import save_pretrained
     from nanoseek.data import load_corpus
     from nanoseek.model import CausalLM
     from nanoseek.tokenizer import save_tokenizer, train_tokenizer
     import torch
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ckpt")
     save_pretrained(CausalLM(tiny_config(vocab_size=300, num_nextn_predict_layers=0)), d)
     save_tokenizer(train_tokenizer(load_corpus()[:40], 300), d)
     return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 class Live:
