@@ -262,6 +262,17 @@ def test_malformed_body_unknown_route_and_still_serving(live):
         live.client().chat.completions.create(model="nope", messages=HI)
 
 
+def test_chat_page_at_root_and_api_paths_stay_api_errors(live):
+    index = httpx.get(live.url + "/")
+    assert index.status_code == 200 and "<title>nanoseek chat</title>" in index.text
+    assert "v1/chat/completions" in httpx.get(live.url + "/chat.js").text
+    assert httpx.get(live.url + "/chat.css").headers["content-type"].startswith("text/css")
+    for method, path, status in [("POST", "/v1/nothing", 404), ("GET", "/v1/nothing", 404),
+                                 ("GET", "/v1/chat/completions", 405), ("POST", "/index.html", 405)]:
+        r = httpx.request(method, live.url + path)
+        assert r.status_code == status and r.json()["error"]["message"], (method, path, r.text)
+
+
 def test_oversized_body_is_413(strict):
     r = post(strict, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]},
              headers={"Authorization": f"Bearer {KEY}"})
