@@ -30,19 +30,22 @@ KEY = "sk-test"
 HI = [{"role": "user", "content": "Hello there"}]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny checkpoint (vocab 300, context 256) with a byte-level BPE tokenizer."""
+def tiny_checkpoint(d: Path) -> Path:
+    """A tiny checkpoint (vocab 300, context 256) with a byte-level BPE tokenizer, in `d`."""
     from nanoseek.checkpoint import save_pretrained
     from nanoseek.data import load_corpus
     from nanoseek.model import CausalLM
     from nanoseek.tokenizer import save_tokenizer, train_tokenizer
     import torch
     torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ckpt")
     save_pretrained(CausalLM(tiny_config(vocab_size=300, num_nextn_predict_layers=0)), d)
     save_tokenizer(train_tokenizer(load_corpus()[:40], 300), d)
     return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 class Live:
@@ -257,6 +260,17 @@ def test_malformed_body_unknown_route_and_still_serving(live):
     assert ok.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.NotFoundError):  # the client raises its own typed error for our JSON
         live.client().chat.completions.create(model="nope", messages=HI)
+
+
+def test_chat_page_at_root_and_api_paths_stay_api_errors(live):
+    index = httpx.get(live.url + "/")
+    assert index.status_code == 200 and "<title>nanoseek chat</title>" in index.text
+    assert "v1/chat/completions" in httpx.get(live.url + "/chat.js").text
+    assert httpx.get(live.url + "/chat.css").headers["content-type"].startswith("text/css")
+    for method, path, status in [("POST", "/v1/nothing", 404), ("GET", "/v1/nothing", 404),
+                                 ("GET", "/v1/chat/completions", 405), ("POST", "/index.html", 405)]:
+        r = httpx.request(method, live.url + path)
+        assert r.status_code == status and r.json()["error"]["message"], (method, path, r.text)
 
 
 def test_oversized_body_is_413(strict):

@@ -25,14 +25,13 @@ import asyncio
 import inspect
 import json
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from nanoseek.serve import errors
+from nanoseek.serve import errors, page
 from nanoseek.serve.admission import Admission
 from nanoseek.serve.errors import APIError, sse_error
 from nanoseek.serve.generation import failed, generate
@@ -43,7 +42,6 @@ from nanoseek.serve.params import (cache_key, chat_params, chat_prompt, check_co
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from nanoseek.serve.responses import ChatFormatter, CompletionFormatter, Formatter, replay_chunks
 
-STATIC = Path(__file__).parent / "static"
 DONE = "data: [DONE]\n\n"
 
 
@@ -121,13 +119,7 @@ def _routes(app: FastAPI) -> None:
                                   *_usage_opts(req))
         return await respond(request, "completions", req, prompts, params, fmt)
 
-    if STATIC.is_dir():
-        from fastapi.staticfiles import StaticFiles
-        app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
-    else:
-        @app.get("/", response_class=HTMLResponse)
-        async def index():
-            return "<!doctype html><title>nanoseek</title><p>nanoseek serves the OpenAI API at <code>/v1</code>."
+    page.install(app)  # last: the chat page at / catches what the API's routes do not
 
 
 def _checked(request: Request, model: str):
