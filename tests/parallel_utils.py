@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import traceback
 
 import torch
@@ -40,23 +41,29 @@ def _entry(rank, world, port, fn, args, out_dir):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, out_dir, *args, timeout: float = 180) -> list:
-    """fn(rank, *args) on `world` processes; returns each rank's result. Raises if any rank
-    fails or the whole run outlives `timeout` seconds (then every process is killed)."""
+def run_ranks(fn, world: int, out_dir, *args, timeout: float = 180, check: bool = True) -> list:
+    """fn(rank, *args) on `world` processes; returns each rank's result (None for a rank that
+    failed). Every process is killed once `timeout` seconds have passed; with `check`, a
+    failed rank or the timeout raises with the ranks' errors."""
     out_dir = str(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
-    try:
-        while not ctx.join(timeout=1):
-            if datetime.datetime.now() > deadline:
-                raise TimeoutError(f"{world} ranks still running after {timeout}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    ctx, port = mp.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out_dir)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if check and (hung or any(p.exitcode for p in procs)):
+        raise RuntimeError(f"ranks {hung} still running after {timeout}s; exit codes "
+                           f"{[p.exitcode for p in procs]}; errors: {errors(out_dir)}")
+    paths = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world)]
+    return [torch.load(f, weights_only=False) if os.path.exists(f) else None for f in paths]
 
 
 def errors(out_dir) -> dict[int, str]:

@@ -51,10 +51,17 @@ def pretrain(
         seed: int = typer.Option(1337),
         val_fraction: float = typer.Option(0.1, help="share of documents held out for validation"),
         threads: Optional[int] = typer.Option(None, min=0, help="torch threads (default: all cores; 0 = adapt between all cores and one while training)"),
+        nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (batch-size stays the global micro-batch, split over data-parallel ranks)"),
+        ep: int = typer.Option(1, min=1, help="expert-parallel size: each rank keeps n_routed_experts/ep experts (divides the data-parallel size)"),
+        tp: int = typer.Option(1, min=1, help="tensor-parallel size (MLA heads and the dense FFN split over tp ranks)"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
     cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
     checkpoints. The run directory loads with transformers' AutoModelForCausalLM."""
+    from nanoseek.parallel import ParallelConfig, launch
+    if nproc > 1 and not launch.under_torchrun():
+        import sys
+        raise typer.Exit(launch.torchrun(nproc, launch.args_without_nproc(sys.argv)))
     from nanoseek.cli.common import load_config
     from nanoseek.train.config import TrainConfig
     from nanoseek.train.pretrain import DataConfig, PretrainConfig
@@ -79,8 +86,10 @@ def pretrain(
              "data.text_field": text_field if data else None}
     steps_before = _finished_steps(out) if resume else None
     run = run_pretrain(out, settings, resume=resume, progress=not no_progress, threads=threads,
-                       overrides={k: v for k, v in given.items() if v is not None})
-    typer.echo(_done_line(out, run["summary"], steps_before))
+                       overrides={k: v for k, v in given.items() if v is not None},
+                       parallel=ParallelConfig(ep=ep, tp=tp))
+    if launch.is_main():
+        typer.echo(_done_line(out, run["summary"], steps_before))
 
 
 def _finished_steps(out: Path) -> int | None:

@@ -170,7 +170,7 @@ class Trainer:
         loads = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
         if hasattr(model, "update_router_biases"):
             model.update_router_biases()  # counts were summed over every micro-batch
-        tokens = sum(self.tokens_in(b) for b in batches) * (self.parallel.dp if self.parallel else 1)
+        tokens = sum(self.tokens_in(b) for b in batches) * (self.parallel.dp if self.parallel else 1)  # global
         self.step += 1
         self.tokens_seen += tokens
         extra = self.parallel.step_metrics() if self.parallel is not None else {}

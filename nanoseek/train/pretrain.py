@@ -113,12 +113,26 @@ def settings_for_run(out_dir: Path, config: PretrainConfig, resume: bool,
 
 def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
              overrides: dict | None = None, progress: bool = True, log=print,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, parallel=None) -> dict:
     """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
     On resume the settings are the run's saved ones (see `settings_for_run`).
     threads: None = every core; 0 = adapt between every core and one while training (see
-    train/threads.py: on a crowded machine one thread can be several times faster)."""
-    out_dir = Path(out_dir)
+    train/threads.py: on a crowded machine one thread can be several times faster).
+    parallel: a nanoseek.parallel.ParallelConfig (ep, tp) for a run under torchrun; the
+    run is distributed whenever torchrun started more than one process."""
+    from nanoseek.parallel import launch
+    if launch.under_torchrun():
+        with launch.clear_peer_errors():
+            try:
+                return _pretrain(Path(out_dir), config, resume, overrides, progress, log, threads, parallel)
+            finally:
+                launch.finish()
+    return _pretrain(Path(out_dir), config, resume, overrides, progress, log, threads, None)
+
+
+def _pretrain(out_dir: Path, config: PretrainConfig, resume: bool, overrides: dict | None,
+              progress: bool, log, threads: int | None, parallel) -> dict:
+    from nanoseek.parallel import launch
     config = settings_for_run(out_dir, config, resume, overrides)
     config.train.validate()
     if config.train.seq_len > config.model.max_position_embeddings:
@@ -129,23 +143,34 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
     if threads:
         torch.set_num_threads(threads)
     device = default_device()
-    tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log)
-    trainer, run = build_trainer(out_dir, config, tok, data, device, progress, adapt=threads == 0)
+    if launch.under_torchrun():  # one process of several: see nanoseek/parallel/
+        from nanoseek.parallel import ParallelConfig
+        from nanoseek.parallel.mesh import init_distributed
+        parallel = parallel or ParallelConfig()
+        device = init_distributed(parallel.timeout)
+        torch.set_num_threads(threads or launch.threads_per_process())
+        log = log if launch.is_main() else (lambda *a, **k: None)
+    with launch.main_first():
+        tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log)
+    trainer, run = build_trainer(out_dir, config, tok, data, device, progress, adapt=threads == 0,
+                                 parallel=parallel)
     run.update(cores=max_threads, settings=settings_to_dict(config))
     if resume:
         resumed = trainer.resume()
         log(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh")
-    write_run(out_dir, run)
+    if launch.is_main():
+        write_run(out_dir, run)
     log(describe(run))
     summary = trainer.fit()
     run.update(summary=summary, mfu=run["flops_per_token"] * summary["tok_s"] / run["peak_flops"]
                if run["peak_flops"] else None)
-    write_run(out_dir, run)
+    if launch.is_main():
+        write_run(out_dir, run)
     return run
 
 
 def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, progress: bool,
-                  adapt: bool) -> tuple[Trainer, dict]:
+                  adapt: bool, parallel=None) -> tuple[Trainer, dict]:
     """The model (seeded), its measured facts for run.json, and the loop wired to the data."""
     from nanoseek.model import CausalLM
     from nanoseek.tokenizer import token_byte_lengths
@@ -160,22 +185,34 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     setup_threads()  # MFU is against the whole machine's peak
     peak = measure_peak_flops(device)  # measured once and cached (`nanoseek peak --remeasure`)
     torch.set_num_threads(chosen)
+    fpt = flops_per_token(model, tcfg.seq_len)
+    par = None  # batch_size is the global micro-batch: each DP rank takes its slice of it,
+    if parallel is not None:  # so a run resumed on another number of processes trains alike
+        from nanoseek.parallel.runtime import Parallel
+        par = Parallel(model, parallel, device)
+        if tcfg.batch_size % par.dp:
+            raise ValueError(f"training option 'batch_size': {tcfg.batch_size} sequences cannot "
+                             f"be split over {par.dp} data-parallel ranks (use a multiple of {par.dp})")
+
+    def next_batch(step, micro):
+        batch = data.batch(step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+        return tuple(t.to(device) for t in (par.local_rows(batch) if par else batch))
+    sample_tokens = config.sample_tokens if par is None or par.tp == 1 else 0  # no TP decode
     trainer = Trainer(
-        model, tcfg, out_dir,
-        next_batch=lambda step, micro: tuple(t.to(device) for t in data.batch(
-            step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)),
+        model, tcfg, out_dir, next_batch=next_batch,
         loss_fn=pretrain_loss, count_targets=lambda batch: model.loss_targets(batch[1]),
         evaluate=make_evaluate(data, byte_lengths, tcfg.seq_len, tcfg.eval_tokens, device),
-        sample=(make_sampler(tok, device, max_new_tokens=config.sample_tokens)
-                if config.sample_tokens else None),
+        sample=(make_sampler(tok, device, max_new_tokens=sample_tokens) if sample_tokens else None),
         on_checkpoint=lambda m, step: save_pretrained(m, out_dir),
-        flops_per_token=flops_per_token(model, tcfg.seq_len), peak_flops=peak,
-        progress=progress, adapt_threads=adapt)
+        flops_per_token=fpt, peak_flops=peak, progress=progress, adapt_threads=adapt, parallel=par)
     run = {"params": count_params(cfg).summary(), "flops_per_token": trainer.flops_per_token,
            "peak_flops": peak, "device": str(device),
            "threads": "adaptive" if adapt else torch.get_num_threads(),
            "moe_layers": moe_layer_names(model), "precision": trainer.precision, "data": data.meta,
            **data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)}
+    if par is not None:
+        run["parallel"] = {"world": par.dp * par.tp, "dp": par.dp, "ep": par.ep, "tp": par.tp,
+                           "backend": torch.distributed.get_backend()}
     return trainer, run
 
 
@@ -203,3 +240,8 @@ def write_run(out_dir: Path, run: dict) -> None:
     from nanoseek.atomic import atomic_write_text
 
     atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.pretrain --out ...
+    from nanoseek.parallel.launch import main
+    main()
