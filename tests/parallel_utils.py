@@ -101,40 +101,48 @@ def full_grads(model) -> dict:
     return out
 
 
-def train_case(rank, parallel_kw: dict | None, steps: int = 3, B: int = 4, grad_accum: int = 1,
-               out_dir=None, cfg_kw: dict | None = None):
-    """`steps` optimizer steps of the micro model on global micro-batches of B rows (each DP
-    rank takes its slice); returns the logged metrics, the first step's gradients and the
-    final router biases. parallel_kw None: one process."""
+def make_trainer(parallel_kw: dict | None, steps: int = 3, B: int = 4, out_dir=None,
+                 on_checkpoint=None):
+    """The micro model's Trainer on global micro-batches of B rows (each DP rank takes its
+    slice); parallel_kw None: one process."""
     from nanoseek.model import CausalLM
     from nanoseek.train.loop import TrainConfig, Trainer
 
     torch.manual_seed(0)
-    model = CausalLM(micro_config(**(cfg_kw or {})))
+    model = CausalLM(micro_config())
     par = None
     if parallel_kw is not None:
         from nanoseek.parallel import ParallelConfig
         from nanoseek.parallel.runtime import Parallel
         par = Parallel(model, ParallelConfig(**parallel_kw), torch.device("cpu"))
-    data = global_batches(model.config.vocab_size, B * grad_accum)
+    data = global_batches(model.config.vocab_size, B)
 
     def next_batch(step, micro):
-        x, y = data(step, 0)
-        rows = (x[micro * B:(micro + 1) * B], y[micro * B:(micro + 1) * B])
-        return par.local_rows(rows) if par else rows
-    tc = TrainConfig(max_steps=steps, batch_size=B // (par.dp if par else 1), grad_accum=grad_accum, lr=1e-2, warmup_steps=0,
-                     eval_every=0, save_every=0, grad_clip=1.0)
-    tr = Trainer(model, tc, out_dir or "unused", next_batch, loss_fn,
-                 count_targets=lambda b: model.loss_targets(b[1]), progress=False, parallel=par)
+        return par.local_rows(data(step, micro)) if par else data(step, micro)
+    tc = TrainConfig(max_steps=steps, batch_size=B, lr=1e-2, warmup_steps=0, eval_every=0,
+                     save_every=0, grad_clip=1.0)
+    return Trainer(model, tc, out_dir or "unused", next_batch, loss_fn,
+                   count_targets=lambda b: model.loss_targets(b[1]), progress=False,
+                   parallel=par, on_checkpoint=on_checkpoint)
+
+
+def train_steps(tr, steps: int) -> list[dict]:
+    return [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in tr.train_step().items()}
+            for _ in range(steps)]
+
+
+def train_case(rank, parallel_kw: dict | None, steps: int = 3):
+    """`steps` optimizer steps; returns the logged metrics, the first step's gradients
+    (whole tensors) and the final router biases."""
+    tr = make_trainer(parallel_kw, steps)
     seen = {}
     orig = tr.optimizer.step
 
     def spy(*a, **k):
         if not seen:
-            seen.update(full_grads(model))
+            seen.update(full_grads(tr.model))
         return orig(*a, **k)
     tr.optimizer.step = spy
-    metrics = [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in tr.train_step().items()}
-               for _ in range(steps)]
-    biases = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
+    metrics = train_steps(tr, steps)
+    biases = [m.gate.e_score_correction_bias.clone() for m in tr.model.moe_layers()]
     return {"metrics": metrics, "grads": seen, "biases": biases}
