@@ -85,6 +85,7 @@ def _die_after_one_step(rank):
     return "finished"
 
 
+@pytest.mark.slow  # ~20 s: spawn, then the survivor waits for gloo to notice
 def test_a_dead_rank_makes_the_other_fail_clearly(tmp_path):
     results = run_ranks(_die_after_one_step, 2, tmp_path, timeout=120, check=False)
     assert results == [None, None]

@@ -19,9 +19,12 @@ def _save_on_two_then_resume_on_two(rank, out):
     tr = make_trainer({"ep": 2}, steps=4, out_dir=out, on_checkpoint=_save_pretrained(out))
     train_steps(tr, 2)
     tr.save()
+    from torch.distributed.tensor import DTensor
+    state = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+             for n, t in tr.model.state_dict().items()}
     again = make_trainer({"ep": 2}, steps=4, out_dir=out)
     assert again.resume() and again.step == 2
-    return train_steps(again, 2)
+    return train_steps(again, 2), state
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +41,16 @@ def test_save_on_two_resume_on_two_and_on_one(tmp_path, reference):
     one = make_trainer(None, steps=4, out_dir=tmp_path)  # the same checkpoint, one process
     assert one.resume() and one.step == 2 and one.sharded
     on_one = train_steps(one, 2)
-    for got in (on_two[0], on_two[1], on_one):
+    for got in (on_two[0][0], on_two[1][0], on_one):
         for step in range(2):
             for k in ("loss", "lm_loss", "grad_norm"):
                 assert got[step][k] == pytest.approx(ref[2 + step][k], rel=1e-5), (step, k)
-    # the HF directory rank 0 consolidated holds the model after step 2, every expert in it
+    # the HF directory rank 0 consolidated is exactly the 2-rank model after step 2, every
+    # expert in it (each rank held half), and close to the single-process one
     from nanoseek.checkpoint import from_pretrained
     hf = from_pretrained(tmp_path / "hf").state_dict()
-    assert set(hf) == set(state_at_2)
+    sharded = {**on_two[1][1], **on_two[0][1]}
+    assert set(hf) == set(state_at_2) == set(sharded)
     for name, value in state_at_2.items():
-        torch.testing.assert_close(hf[name], value, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert torch.equal(hf[name], sharded[name]), name
+        torch.testing.assert_close(hf[name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
