@@ -17,9 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = 3
 
 
-def _both_layouts(rank):
-    """One spawn, two runs (spawning costs more than training the micro model)."""
-    return {"dp": train_case(rank, {"ep": 1}, steps=STEPS), "ep": train_case(rank, {"ep": 2}, steps=STEPS)}
+def _layouts(rank):
+    """One spawn, three runs (spawning costs more than training the micro model)."""
+    return {"dp": train_case(rank, {"ep": 1}, steps=STEPS), "ep": train_case(rank, {"ep": 2}, steps=STEPS),
+            "tp": train_case(rank, {"tp": 2}, steps=STEPS)}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_ranks(_both_layouts, 2, tmp_path_factory.mktemp("ranks"), timeout=240)
+    return run_ranks(_layouts, 2, tmp_path_factory.mktemp("ranks"), timeout=240)
 
 
 def _assert_same_run(ref, ranks):
@@ -65,6 +66,12 @@ def test_expert_parallel_equals_one_process(reference, two_ranks):
     # top-2 slots of every token of the main MoE layer (64) and of the MTP one (4 rows x 15)
     assert sum(m["load_per_rank"]) == 2 * (m["step_tokens"] + 4 * 15)
     assert m["a2a_remote_slots"] > 0 and m["a2a_bytes"] == m["a2a_remote_slots"] * 2 * 48 * 4
+
+
+def test_tensor_parallel_equals_one_process(reference, two_ranks):
+    """MLA split by heads (q_b/kv_b column-wise, o_proj row-wise, k_pe's gradient summed over
+    the TP ranks), the dense FFN column/row-wise."""
+    _assert_same_run(reference, [r["tp"] for r in two_ranks])
 
 
 def _die_after_one_step(rank):
