@@ -74,6 +74,12 @@ def test_tensor_parallel_equals_one_process(reference, two_ranks):
     _assert_same_run(reference, [r["tp"] for r in two_ranks])
 
 
+@pytest.mark.slow  # 4 processes on this 2-core machine
+def test_dp_tp_ep_mesh_on_four_processes_equals_one_process(reference, tmp_path):
+    """dp=2 x tp=2 with ep=2: FSDP over dp (2-D with the TP shards), EP over dp, TP."""
+    _assert_same_run(reference, run_ranks(train_case, 4, tmp_path, {"tp": 2, "ep": 2}, STEPS, timeout=400))
+
+
 def _die_after_one_step(rank):
     import os
     from nanoseek.parallel.launch import clear_peer_errors

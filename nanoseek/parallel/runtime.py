@@ -20,7 +20,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from nanoseek.parallel.data_parallel import apply_fsdp, undo_mean
 from nanoseek.parallel.expert_parallel import A2ATimer, is_expert_param, shard_experts
@@ -136,7 +136,8 @@ class Parallel:
         total = torch.zeros((), dtype=torch.float64)
         by_dims: dict = {}
         for g in grads:
-            dims = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+            dims = tuple(i for i, pl in enumerate(g.placements)  # Shard, _StridedShard
+                         if not (pl.is_replicate() or pl.is_partial()))
             local = g.to_local().double().square().sum().cpu()
             key = (id(g.device_mesh), dims)
             mesh_sq = by_dims.setdefault(key, [g.device_mesh, dims, torch.zeros((), dtype=torch.float64)])
