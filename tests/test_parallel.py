@@ -120,3 +120,38 @@ def test_routing_bound_and_layout_checks():
 def test_nproc_is_dropped_from_the_relaunched_command():
     argv = ["nanoseek", "pretrain", "--out", "r", "--nproc", "2", "--ep", "2", "--nproc=3"]
     assert args_without_nproc(argv) == ["--out", "r", "--ep", "2"]
+
+
+def test_report_shows_the_placement_of_a_distributed_run():
+    from nanoseek.parallel.report import parallel_section
+    row = {"step": 1, "elapsed": 1.0, "grad_norm": 2.0, "ranks_per_token": 1.5, "ranks_per_token_max": 2,
+           "ranks_bound": 2, "a2a_remote_slots": 100, "a2a_bytes": 38400, "load_per_rank": [120, 80],
+           "a2a_s": 0.1, "expert_grad_norm_max": 0.3, "expert_grad_norm_mean": 0.1, "expert_grad_norm_min": 0.0}
+    train = [row, {**row, "step": 2, "elapsed": 2.0}]
+    assert parallel_section({}, train) == []  # a single-process run has no such section
+    text = "\n".join(parallel_section({"parallel": {"world": 2, "dp": 2, "ep": 2, "tp": 1,
+                                                    "backend": "gloo"}}, train))
+    assert "1.500 (max 2, bound 2)" in text and "120, 80 (max/mean 1.200)" in text
+    assert "10.0 % of the step" in text
+
+
+@pytest.mark.slow  # two torchrun processes train a tiny model end to end (~40 s)
+def test_nanoseek_pretrain_nproc_2_runs_under_torchrun(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from nanoseek.checkpoint import from_pretrained
+    from tests.train_utils import write_corpus
+    corpus = write_corpus(tmp_path / "c.txt", 40)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--nproc", "2", "--ep", "2", "--out", str(out),
+           "--data", str(corpus), "--max-steps", "3", "--batch-size", "2", "--seq-len", "32",
+           "--eval-every", "3", "--eval-tokens", "128", "--sample-tokens", "2", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 3 steps") == 1  # rank 0 alone reports
+    run = json.loads((out / "run.json").read_text())
+    assert run["parallel"]["ep"] == 2 and run["summary"]["steps"] == 3
+    assert (out / "checkpoint" / ".metadata").exists()
+    model = from_pretrained(out)  # the consolidated HF directory: every expert
+    assert len(model.model.layers[1].mlp.experts) == model.config.n_routed_experts
