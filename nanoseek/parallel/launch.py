@@ -1,8 +1,8 @@
 """Starting a multi-process run, and the pieces of a run that only one rank may do.
 
 `nanoseek pretrain --nproc N` re-runs the same command under torchrun (one machine,
-`--standalone` rendezvous); `torchrun ... -m nanoseek.train.pretrain ARGS` is the same
-thing started by hand, which is how a multi-node run starts (see the README: --nnodes,
+`--standalone` rendezvous); `torchrun ... -m nanoseek.train.pretrain ARGS` (or
+`torchrun ... -m nanoseek pretrain ARGS`) is the same thing started by hand, which is how a multi-node run starts (see the README: --nnodes,
 --node-rank, --rdzv-endpoint). Under torchrun, `pretrain` joins the process group, lays
 the model out on the mesh, lets rank 0 alone prepare the data and write run.json, the
 metrics and the checkpoints' consolidated HF copy.
@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 
-import torch
 import torch.distributed as dist
 
 
@@ -75,10 +74,10 @@ def finish() -> None:
 
 
 def torchrun(nproc: int, args: list[str]) -> int:
-    """Run `python -m nanoseek.train.pretrain ARGS` on nproc local processes; returns the
-    exit code of torchrun (non-zero when any rank failed)."""
+    """Run `nanoseek pretrain ARGS` on nproc local processes; returns the exit code of
+    torchrun (non-zero when any rank failed)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "nanoseek.train.pretrain", *args]
+           f"--nproc_per_node={nproc}", "-m", "nanoseek", "pretrain", *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads_per_process() // nproc))}
     return subprocess.call(cmd, env=env)
 
@@ -95,11 +94,3 @@ def args_without_nproc(argv: list[str]) -> list[str]:
         elif not a.startswith("--nproc="):
             out.append(a)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m nanoseek.train.pretrain ARGS` == `nanoseek pretrain ARGS` (torchrun's entry)."""
-    from nanoseek.cli import app
-
-    torch.set_num_threads(threads_per_process())
-    app(["pretrain", *(sys.argv[1:] if argv is None else argv)], prog_name="nanoseek pretrain")

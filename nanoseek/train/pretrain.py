@@ -242,6 +242,8 @@ def write_run(out_dir: Path, run: dict) -> None:
     atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2, default=str) + "\n")
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.pretrain --out ...
-    from nanoseek.parallel.launch import main
-    main()
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.pretrain ARGS
+    import runpy  # == nanoseek pretrain ARGS (run as a module: the CLI is not imported here)
+    import sys
+    sys.argv = ["nanoseek", "pretrain", *sys.argv[1:]]
+    runpy.run_module("nanoseek", run_name="__main__")
