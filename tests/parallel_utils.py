@@ -102,7 +102,7 @@ def full_grads(model) -> dict:
 
 
 def make_trainer(parallel_kw: dict | None, steps: int = 3, B: int = 4, out_dir=None,
-                 on_checkpoint=None):
+                 on_checkpoint=None, grad_accum: int = 1):
     """The micro model's Trainer on global micro-batches of B rows (each DP rank takes its
     slice); parallel_kw None: one process."""
     from nanoseek.model import CausalLM
@@ -115,11 +115,13 @@ def make_trainer(parallel_kw: dict | None, steps: int = 3, B: int = 4, out_dir=N
         from nanoseek.parallel import ParallelConfig
         from nanoseek.parallel.runtime import Parallel
         par = Parallel(model, ParallelConfig(**parallel_kw), torch.device("cpu"))
-    data = global_batches(model.config.vocab_size, B)
+    data = global_batches(model.config.vocab_size, B * grad_accum)
 
-    def next_batch(step, micro):
-        return par.local_rows(data(step, micro)) if par else data(step, micro)
-    tc = TrainConfig(max_steps=steps, batch_size=B, lr=1e-2, warmup_steps=0, eval_every=0,
+    def next_batch(step, micro):  # the step's rows split into grad_accum micro-batches
+        x, y = data(step, 0)
+        rows = (x[micro * B:(micro + 1) * B], y[micro * B:(micro + 1) * B])
+        return par.local_rows(rows) if par else rows
+    tc = TrainConfig(max_steps=steps, batch_size=B, grad_accum=grad_accum, lr=1e-2, warmup_steps=0, eval_every=0,
                      save_every=0, grad_clip=1.0)
     return Trainer(model, tc, out_dir or "unused", next_batch, loss_fn,
                    count_targets=lambda b: model.loss_targets(b[1]), progress=False,
@@ -131,10 +133,10 @@ def train_steps(tr, steps: int) -> list[dict]:
             for _ in range(steps)]
 
 
-def train_case(rank, parallel_kw: dict | None, steps: int = 3):
+def train_case(rank, parallel_kw: dict | None, steps: int = 3, B: int = 4, grad_accum: int = 1):
     """`steps` optimizer steps; returns the logged metrics, the first step's gradients
     (whole tensors) and the final router biases."""
-    tr = make_trainer(parallel_kw, steps)
+    tr = make_trainer(parallel_kw, steps, B=B, grad_accum=grad_accum)
     seen = {}
     orig = tr.optimizer.step
 

@@ -18,9 +18,11 @@ STEPS = 3
 
 
 def _layouts(rank):
-    """One spawn, three runs (spawning costs more than training the micro model)."""
+    """One spawn, four runs (spawning costs more than training the micro model). PP runs the
+    same 4 rows per step as 2 micro-batches of 2 (1F1B needs micro-batches >= stages)."""
     return {"dp": train_case(rank, {"ep": 1}, steps=STEPS), "ep": train_case(rank, {"ep": 2}, steps=STEPS),
-            "tp": train_case(rank, {"tp": 2}, steps=STEPS)}
+            "tp": train_case(rank, {"tp": 2}, steps=STEPS),
+            "pp": train_case(rank, {"pp": 2}, steps=STEPS, B=2, grad_accum=2)}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,16 @@ def test_tensor_parallel_equals_one_process(reference, two_ranks):
 def test_dp_tp_ep_mesh_on_four_processes_equals_one_process(reference, tmp_path):
     """dp=2 x tp=2 with ep=2: FSDP over dp (2-D with the TP shards), EP over dp, TP."""
     _assert_same_run(reference, run_ranks(train_case, 4, tmp_path, {"tp": 2, "ep": 2}, STEPS, timeout=400))
+
+
+def test_pipeline_parallel_equals_one_process(reference, two_ranks):
+    """Two stages (embedding + layer 0 | layer 1, norm, head, MTP), Schedule1F1B over two
+    micro-batches; the first stage's balance loss reaches the loss through the backward and
+    the embedding's gradients from both stages (lookups, MTP) are added."""
+    ranks = [r["pp"] for r in two_ranks]
+    _assert_same_run(reference, ranks)
+    assert not any(n.startswith("model.layers.1.") for n in ranks[0]["grads"])  # stage 0
+    assert not any(n.startswith("model.layers.0.") for n in ranks[1]["grads"])  # stage 1
 
 
 def _die_after_one_step(rank):

@@ -54,3 +54,22 @@ def test_save_on_two_resume_on_two_and_on_one(tmp_path, reference):
     for name, value in state_at_2.items():
         assert torch.equal(hf[name], sharded[name]), name
         torch.testing.assert_close(hf[name], value, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _save_pipelined(rank, out):
+    tr = make_trainer({"pp": 2}, steps=4, B=2, grad_accum=2, out_dir=out)
+    train_steps(tr, 2)
+    tr.save()
+    return True
+
+
+@pytest.mark.slow  # a second spawn
+def test_pipeline_checkpoint_resumes_on_one_process(tmp_path, reference):
+    """Each stage writes only the layers it trains (the rest is stale on that rank)."""
+    ref, _ = reference
+    run_ranks(_save_pipelined, 2, tmp_path / "ranks", tmp_path, timeout=240)
+    one = make_trainer(None, steps=4, B=2, grad_accum=2, out_dir=tmp_path)
+    assert one.resume() and one.step == 2
+    for step, got in enumerate(train_steps(one, 2)):
+        for k in ("loss", "lm_loss", "grad_norm"):
+            assert got[k] == pytest.approx(ref[2 + step][k], rel=1e-5), (step, k)

@@ -54,6 +54,7 @@ def pretrain(
         nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (batch-size stays the global micro-batch, split over data-parallel ranks)"),
         ep: int = typer.Option(1, min=1, help="expert-parallel size: each rank keeps n_routed_experts/ep experts (divides the data-parallel size)"),
         tp: int = typer.Option(1, min=1, help="tensor-parallel size (MLA heads and the dense FFN split over tp ranks)"),
+        pp: int = typer.Option(1, min=1, help="pipeline stages (1F1B; needs grad-accum >= pp; alone: pp = processes)"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
     cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
@@ -87,7 +88,7 @@ def pretrain(
     steps_before = _finished_steps(out) if resume else None
     run = run_pretrain(out, settings, resume=resume, progress=not no_progress, threads=threads,
                        overrides={k: v for k, v in given.items() if v is not None},
-                       parallel=ParallelConfig(ep=ep, tp=tp))
+                       parallel=ParallelConfig(ep=ep, tp=tp, pp=pp))
     if launch.is_main():
         typer.echo(_done_line(out, run["summary"], steps_before))
 

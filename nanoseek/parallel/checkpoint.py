@@ -46,9 +46,16 @@ def exists(out_dir: str | Path) -> bool:
     return (Path(out_dir) / CHECKPOINT_DIR / ".metadata").exists()
 
 
-def _states(model, optimizer) -> tuple[dict, dict]:
-    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(strict=True))
-    return msd, osd
+def _states(trainer) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, the part of both this rank writes and reads). Under
+    pipeline parallel a rank holds the whole model but trains only its stage: the rest is
+    stale there and stays out of the checkpoint."""
+    msd, osd = get_state_dict(trainer.model, trainer.optimizer, options=StateDictOptions(strict=True))
+    par = trainer.parallel
+    owns = par.owns if par is not None else (lambda name: True)
+    mine = {"model": {k: v for k, v in msd.items() if owns(k)},
+            "optimizer": {k: v for k, v in osd["state"].items() if owns(k)}}
+    return msd, osd, mine
 
 
 def save(trainer) -> Path:
@@ -58,9 +65,8 @@ def save(trainer) -> Path:
     if _is_main() and staging.exists():
         shutil.rmtree(staging)
     _barrier()
-    msd, osd = _states(trainer.model, trainer.optimizer)
-    dcp.save({"model": msd, "optimizer": osd["state"]}, checkpoint_id=staging,
-             no_dist=not _distributed())
+    _, _, mine = _states(trainer)
+    dcp.save(mine, checkpoint_id=staging, no_dist=not _distributed())
     _barrier()
     if _is_main():
         torch.save(trainer.loop_state(), staging / TRAINER_FILE)
@@ -83,9 +89,8 @@ def resume(trainer) -> bool:
             shutil.rmtree(stale, ignore_errors=True)
     if not exists(trainer.out_dir):
         return False
-    msd, osd = _states(trainer.model, trainer.optimizer)
-    dcp.load({"model": msd, "optimizer": osd["state"]}, checkpoint_id=ckpt,
-             no_dist=not _distributed())
+    msd, osd, mine = _states(trainer)
+    dcp.load(mine, checkpoint_id=ckpt, no_dist=not _distributed())  # in place, into msd/osd
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=msd, optim_state_dict=osd)
     trainer.load_loop_state(torch.load(ckpt / TRAINER_FILE, weights_only=False))
     return True

@@ -16,7 +16,7 @@ def parallel_section(run: dict, train: list[dict]) -> list[str]:
     L = ["## Distributed training\n",
          f"{layout['world']} processes ({layout['backend']}): dp={layout['dp']} "
          f"(FSDP2 over dense weights), ep={layout['ep']} (routed experts, all-to-all), "
-         f"tp={layout['tp']}.\n"]
+         f"tp={layout['tp']}, pp={layout.get('pp', 1)}.\n"]
     rows = [r for r in train if "ranks_per_token" in r]
     if rows:
         load = [sum(r["load_per_rank"][i] for r in rows) / len(rows) for i in range(len(rows[0]["load_per_rank"]))]

@@ -33,8 +33,9 @@ class Parallel:
     def __init__(self, model: nn.Module, cfg: ParallelConfig, device: torch.device):
         world = dist.get_world_size()
         cfg.validate(world, model.config.n_routed_experts)
-        if cfg.pp > 1:
-            raise NotImplementedError("pipeline parallel (pp > 1) is not implemented yet")
+        if cfg.pp > 1 and world != cfg.pp:
+            raise NotImplementedError(f"pipeline parallel composes with no other axis yet: "
+                                      f"use pp = the number of processes ({world}), got pp={cfg.pp}")
         self.cfg, self.meshes = cfg, build_meshes(cfg, device)
         self.rank, self.is_main = dist.get_rank(), dist.get_rank() == 0
         self.dp, self.ep, self.tp = cfg.dp(world), cfg.ep, cfg.tp
@@ -55,6 +56,23 @@ class Parallel:
             apply_fsdp(model, self.meshes.dense["dp"])
         self.model, self.device = model, device
         self.expert_grad_stats: dict = {}
+        self.pp, self.pipeline = cfg.pp, None  # built at the first step (it needs grad_accum)
+
+    # ------------------------------------------------------- pipeline parallel
+    def owns(self, name: str) -> bool:
+        """Whether this rank trains (and checkpoints) `name`: with pp > 1 only its stage's."""
+        if self.pp == 1:
+            return True
+        from nanoseek.parallel.pipeline import stage_owns
+        return stage_owns(name, self.model, self.pp, self.meshes.local_rank("pp"))
+
+    def pipeline_step(self, batches: list, targets) -> dict:
+        """The step's forward and backward through the 1F1B schedule (pp > 1)."""
+        if self.pipeline is None:
+            from nanoseek.parallel.pipeline import Pipeline
+            self.pipeline = Pipeline(self.model, self.meshes.group("pp"), self.device,
+                                     batches[0][0], len(batches))
+        return self.pipeline.step(batches, targets)
 
     # ------------------------------------------------------------ the loss
     def local_rows(self, batch: tuple) -> tuple:
@@ -94,6 +112,8 @@ class Parallel:
         self._all_reduce(values, self.dp_group)
         loads = [m.tokens_per_expert for m in model.moe_layers()]
         self._all_reduce(loads, self.dp_group)
+        if self.pp > 1:  # each layer counted on its own stage: every rank gets every load
+            self._all_reduce(loads, self.meshes.group("pp"))
         return {**sums, **dict(zip(keys, values))}
 
     @staticmethod
@@ -120,6 +140,11 @@ class Parallel:
         expert_ids = {id(g) for g in experts}
         plain = [g for g in grads if not isinstance(g, DTensor) and id(g) not in expert_ids]
         sq = sq + expert_sq + sum((g.double().square().sum() for g in plain), torch.zeros_like(sq))
+        if self.pp > 1:  # each stage its own parameters; the embedding counted once
+            emb = self.model.model.embed_tokens.weight.grad
+            if self.meshes.local_rank("pp") > 0 and emb is not None:
+                sq = sq - emb.double().square().sum()
+            dist.all_reduce(sq, group=self.meshes.group("pp"))
         norm = sq.sqrt().float()
         self.expert_grad_stats = self._expert_norms()
         if max_norm > 0:
@@ -164,6 +189,8 @@ class Parallel:
         sq = torch.stack(norms)
         if self.ep > 1:
             dist.all_reduce(sq, group=self.meshes.group("ep"))
+        if self.pp > 1:
+            dist.all_reduce(sq, group=self.meshes.group("pp"))
         n = sq.sqrt()
         return {"expert_grad_norm_max": n.max(), "expert_grad_norm_mean": n.mean(),
                 "expert_grad_norm_min": n.min()}

@@ -159,7 +159,9 @@ class Trainer:
         batches = [self.next_batch(self.step, micro) for micro in range(self.cfg.grad_accum)]
         targets = step_targets(batches, self.count_targets)
         sums: dict[str, Any] = {}
-        for batch in batches:
+        if self.parallel is not None and self.parallel.pp > 1:  # 1F1B over the micro-batches
+            sums = self.parallel.pipeline_step(batches, targets)
+        for batch in batches if not sums else []:
             with self.autocast():
                 loss, logs = self.loss_fn(model, batch, targets)
             self.scaler.scale(loss).backward()

@@ -197,11 +197,15 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     def next_batch(step, micro):
         batch = data.batch(step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
         return tuple(t.to(device) for t in (par.local_rows(batch) if par else batch))
-    sample_tokens = config.sample_tokens if par is None or par.tp == 1 else 0  # no TP decode
+    # no samples under TP (the absorbed decode path is not split); no evaluation or samples
+    # under PP (the forward is the schedule's; a rank holds only its stage up to date)
+    sample_tokens = config.sample_tokens if par is None or (par.tp == 1 and par.pp == 1) else 0
+    pipelined = par is not None and par.pp > 1
     trainer = Trainer(
         model, tcfg, out_dir, next_batch=next_batch,
         loss_fn=pretrain_loss, count_targets=lambda batch: model.loss_targets(batch[1]),
-        evaluate=make_evaluate(data, byte_lengths, tcfg.seq_len, tcfg.eval_tokens, device),
+        evaluate=None if pipelined else make_evaluate(data, byte_lengths, tcfg.seq_len,
+                                                      tcfg.eval_tokens, device),
         sample=(make_sampler(tok, device, max_new_tokens=sample_tokens) if sample_tokens else None),
         on_checkpoint=lambda m, step: save_pretrained(m, out_dir),
         flops_per_token=fpt, peak_flops=peak, progress=progress, adapt_threads=adapt, parallel=par)
@@ -211,7 +215,8 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
            "moe_layers": moe_layer_names(model), "precision": trainer.precision, "data": data.meta,
            **data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)}
     if par is not None:
-        run["parallel"] = {"world": par.dp * par.tp, "dp": par.dp, "ep": par.ep, "tp": par.tp,
+        run["parallel"] = {"world": par.dp * par.tp * par.pp, "dp": par.dp, "ep": par.ep, "tp": par.tp,
+                           "pp": par.pp,
                            "backend": torch.distributed.get_backend()}
     return trainer, run
 
