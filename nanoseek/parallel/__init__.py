@@ -11,6 +11,7 @@ different tokens and exchange them with all-to-all):
                        `all_to_all_single` after the split sizes are exchanged, autograd included;
   * tensor_parallel.py DTensor `parallelize_module`: MLA's q_b/kv_b column-wise by heads,
                        o_proj row-wise, the dense FFN column/row-wise;
+  * pipeline.py        torch.distributed.pipelining, Schedule1F1B over the step's micro-batches;
   * placement.py       which rank owns which expert group, the node-limited routing bound and
                        what a step's dispatch actually cost;
   * runtime.py         `Parallel`: what the training loop asks of the processes (global
