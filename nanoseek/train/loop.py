@@ -161,11 +161,12 @@ class Trainer:
         sums: dict[str, Any] = {}
         if self.parallel is not None and self.parallel.pp > 1:  # 1F1B over the micro-batches
             sums = self.parallel.pipeline_step(batches, targets)
-        for batch in batches if not sums else []:
-            with self.autocast():
-                loss, logs = self.loss_fn(model, batch, targets)
-            self.scaler.scale(loss).backward()
-            _add_shares(sums, {"loss": loss, **logs})
+        else:
+            for batch in batches:
+                with self.autocast():
+                    loss, logs = self.loss_fn(model, batch, targets)
+                self.scaler.scale(loss).backward()
+                _add_shares(sums, {"loss": loss, **logs})
         if self.parallel is not None:  # gradients, logged values and loads summed over ranks
             sums = self.parallel.after_backward(model, sums)
         grad_norm = self._optimizer_step()
