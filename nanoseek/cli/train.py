@@ -57,7 +57,7 @@ def tokenizer_train(
 # flags that a resumed run takes from the command line; every other one it ignores (the
 # run's saved settings rule) and says so
 RESUME_FLAGS = {"out", "resume", "overwrite", "max_steps", "time_limit", "data", "text_field",
-                "threads", "no_progress"}
+                "threads", "no_progress", "nproc", "ep", "tp", "pp"}  # launch layout: any on resume
 
 
 def pretrain(
@@ -90,10 +90,18 @@ def pretrain(
         seed: int = typer.Option(1337, callback=COUNT, help="random seed (>= 0)"),
         val_fraction: float = typer.Option(0.1, callback=_range(0, 1, lo_open=True, hi_open=True), help="share of documents held out for validation, in (0, 1)"),
         threads: Optional[int] = typer.Option(None, callback=_range(0, 4096), help="torch threads (default: all cores, on --resume the run's own; 0 = adapt between all cores and one while training)"),
+        nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (batch-size stays the global micro-batch, split over data-parallel ranks)"),
+        ep: int = typer.Option(1, min=1, help="expert-parallel size: each rank keeps n_routed_experts/ep experts (divides the data-parallel size)"),
+        tp: int = typer.Option(1, min=1, help="tensor-parallel size (MLA heads and the dense FFN split over tp ranks)"),
+        pp: int = typer.Option(1, min=1, help="pipeline stages (1F1B; needs grad-accum >= pp; alone: pp = processes)"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
     cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
     checkpoints. The run directory loads with transformers' AutoModelForCausalLM."""
+    from nanoseek.parallel import ParallelConfig, launch
+    if nproc > 1 and not launch.under_torchrun():
+        import sys
+        raise typer.Exit(launch.torchrun(nproc, launch.args_without_nproc(sys.argv)))
     from nanoseek.cli.common import load_config
     from nanoseek.train.config import TrainConfig
     from nanoseek.train.pretrain import DataConfig, PretrainConfig
@@ -122,11 +130,13 @@ def pretrain(
     try:
         run = run_pretrain(out, settings, resume=resume, overwrite=overwrite,
                            progress=not no_progress, threads=threads,
-                           overrides={k: v for k, v in given.items() if v is not None})
+                           overrides={k: v for k, v in given.items() if v is not None},
+                           parallel=ParallelConfig(ep=ep, tp=tp, pp=pp))
     except BaseException as e:
         _exit_on_signal(e, f"nanoseek pretrain --out {out} --resume")
         raise
-    typer.echo(_done_line(out, run["summary"], steps_before))
+    if launch.is_main():
+        typer.echo(_done_line(out, run["summary"], steps_before))
 
 
 def _given_flags(ctx: typer.Context) -> list[str]:

@@ -106,8 +106,13 @@ class Trainer:
                  on_checkpoint: Callable[[nn.Module, int], None] | None = None,
                  tokens_in: Callable[[Any], int] | None = None,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
-                 progress: bool = True, adapt_threads: bool = False):
+                 progress: bool = True, adapt_threads: bool = False, parallel=None):
         cfg.validate()
+        # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes
+        self.parallel, self.sharded = parallel, parallel is not None  # sharded: DCP checkpoints
+        if parallel is not None:
+            loss_fn, count_targets = parallel.wrap_loss(loss_fn), parallel.wrap_count(count_targets)
+            progress, adapt_threads = progress and parallel.is_main, False
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
         self.next_batch, self.loss_fn, self.count_targets = next_batch, loss_fn, count_targets
         self.evaluate, self.sample, self.on_checkpoint = evaluate, sample, on_checkpoint
@@ -161,26 +166,34 @@ class Trainer:
         batches = [self.next_batch(self.step, micro) for micro in range(self.cfg.grad_accum)]
         targets = step_targets(batches, self.count_targets)
         sums: dict[str, Any] = {}
-        for batch in batches:
-            with self.autocast():
-                loss, logs = self.loss_fn(model, batch, targets)
-            self.scaler.scale(loss).backward()
-            _add_shares(sums, {"loss": loss, **logs})
+        if self.parallel is not None and self.parallel.pp > 1:  # 1F1B over the micro-batches
+            sums = self.parallel.pipeline_step(batches, targets)
+        else:
+            for batch in batches:
+                with self.autocast():
+                    loss, logs = self.loss_fn(model, batch, targets)
+                self.scaler.scale(loss).backward()
+                _add_shares(sums, {"loss": loss, **logs})
+        if self.parallel is not None:  # gradients, logged values and loads summed over ranks
+            sums = self.parallel.after_backward(model, sums)
         grad_norm = self._optimizer_step()
         loads = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
         if hasattr(model, "update_router_biases"):
             model.update_router_biases()  # counts were summed over every micro-batch
-        tokens = sum(self.tokens_in(b) for b in batches)
+        tokens = sum(self.tokens_in(b) for b in batches) * (self.parallel.dp if self.parallel else 1)  # global
         self.step += 1
         self.tokens_seen += tokens
-        return {**sums, "grad_norm": grad_norm, "max_violation": violations(loads),
+        extra = self.parallel.step_metrics() if self.parallel is not None else {}
+        return {**sums, "grad_norm": grad_norm, "max_violation": violations(loads), **extra,
                 "lr": lr, "step_tokens": tokens}
 
     def _optimizer_step(self) -> torch.Tensor:
         """Unscale, clip, step, zero; returns the gradient norm before clipping (a tensor)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.cfg.grad_clip > 0:
+        if self.parallel is not None:
+            grad_norm = self.parallel.clip_grad_norm_(params, self.cfg.grad_clip)
+        elif self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             grad_norm = torch.linalg.vector_norm(
@@ -221,39 +234,66 @@ class Trainer:
             torch.set_rng_state(rng)
 
     # ------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def loop_state(self) -> dict:
+        """Everything but the model and optimizer tensors."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": checkpointing.rng_state(),
                 "train_config": dataclasses.asdict(self.cfg), "stopped_early": self.stopped_early}
 
+    def load_loop_state(self, state: dict) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+        checkpointing.set_rng_state(state["rng"])
+        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.saved_step = self.step
+
+    def state_dict(self) -> dict:
+        return {**self.loop_state(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
     def save(self) -> None:
         """The HF checkpoint first (each file atomic), then train_state.pt: a resume always
-        uses train_state.pt, so a kill between the two loses nothing."""
+        uses train_state.pt, so a kill between the two loses nothing. Sharded runs (several
+        processes, or resumed from one) save with torch.distributed.checkpoint instead."""
+        if self.sharded:
+            from nanoseek.parallel import checkpoint as sharded
+            sharded.save(self)
+            return
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.model, self.step)
         checkpointing.save_state(self.out_dir, self.state_dict())
         self.saved_step = self.step
 
     def resume(self) -> bool:
-        """Continue from train_state.pt if there is one; drop metrics logged after it."""
+        """Continue from train_state.pt if there is one (or from the sharded checkpoint of a
+        multi-process run, on any number of processes); drop metrics logged after it."""
+        from nanoseek.parallel import checkpoint as sharded
+        if self.sharded or sharded.exists(self.out_dir):
+            self.sharded = True
+            if not sharded.resume(self):
+                return False
+            for m in _moe_layers(self.model):
+                m.tokens_per_expert.zero_()
+            if self._is_main():
+                truncate_metrics(self.out_dir / METRICS_FILE, self.step)
+            return True
         state = checkpointing.load_state(self.out_dir)
         if state is None:
             return False
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        checkpointing.set_rng_state(state["rng"])
-        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-        self.saved_step = self.step
+        self.load_loop_state(state)
         for m in _moe_layers(self.model):
             m.tokens_per_expert.zero_()
         truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         return True
 
     # ----------------------------------------------------------------- metrics
+    def _is_main(self) -> bool:
+        return self.parallel is None or self.parallel.is_main
+
     def log(self, record: dict) -> None:
-        append(self.out_dir / METRICS_FILE, record)
+        if self._is_main():  # one writer of metrics.jsonl
+            append(self.out_dir / METRICS_FILE, record)
 
     def mfu(self, tok_s: float) -> float | None:
         if self.flops_per_token and self.peak_flops:
@@ -294,6 +334,8 @@ class Trainer:
                    or self.stop_signal is not None)  # a stop logs the steps it saves
             means = interval.read() if due else None  # the interval's one device sync
             dt = time.perf_counter() - t0
+            if self.parallel is not None:  # one clock for every rank: they stop together
+                dt = self.parallel.agree(dt)
             if self.tuner:
                 self.tuner.after_step(dt)
             self.elapsed += dt
@@ -327,7 +369,8 @@ class Trainer:
         cfg = self.cfg
         stop = min(cfg.max_steps, until) if until else cfg.max_steps
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.out_dir / METRICS_FILE, self.step)
+        if self._is_main():
+            truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         if cfg.time_limit > 0 and self.elapsed >= cfg.time_limit and self.step < stop:
             # a resumed run whose time is already spent trains no extra step
             self.stopped_early = self.step < cfg.max_steps

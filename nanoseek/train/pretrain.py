@@ -127,7 +127,8 @@ def threads_for_run(out_dir: Path, threads: int | None, resume: bool, log=print)
 
 def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
              overrides: dict | None = None, progress: bool = True, log=print,
-             threads: int | None = None, overwrite: bool = False, kind: str = "pretrain") -> dict:
+             threads: int | None = None, overwrite: bool = False, kind: str = "pretrain",
+             parallel=None) -> dict:
     """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
     On resume the settings are the run's saved ones (see `settings_for_run`), its thread
     count too unless `threads` is given. A directory that is not empty must hold a run of
@@ -135,8 +136,31 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
     The directory is locked for the call (run_lock.py). SIGINT / SIGTERM stop at the next
     step with a checkpoint and raise `Interrupted` (signals.py).
     threads: None = every core; 0 = adapt between every core and one while training (see
-    train/threads.py: on a crowded machine one thread can be several times faster)."""
+    train/threads.py: on a crowded machine one thread can be several times faster).
+    parallel: a nanoseek.parallel.ParallelConfig (ep, tp, pp) for a run under torchrun; the
+    run is distributed whenever torchrun started more than one process."""
+    from nanoseek.parallel import launch
     out_dir = Path(out_dir)
+    if launch.under_torchrun():
+        with launch.clear_peer_errors():
+            try:
+                return _checked(out_dir, config, resume, overrides, progress, log, threads,
+                                overwrite, kind, parallel)
+            finally:
+                launch.finish()
+    return _checked(out_dir, config, resume, overrides, progress, log, threads, overwrite, kind, None)
+
+
+def _checked(out_dir: Path, config: PretrainConfig, resume: bool, overrides: dict | None,
+             progress: bool, log, threads: int | None, overwrite: bool, kind: str, parallel) -> dict:
+    """The run directory's checks and lock, then training. Under torchrun rank 0 alone
+    checks, locks and writes; the other ranks follow what it prepared (launch.main_first)."""
+    from nanoseek.parallel import launch
+    if not launch.is_main():
+        config = settings_for_run(out_dir, config, resume, overrides)
+        config.validate()
+        return _train(out_dir, config, "resume" if resume else "new", progress, log, threads,
+                      kind, parallel)
     check_unlocked(out_dir)  # every check before the lock only reads: a refusal writes nothing
     mode = check_run_dir(out_dir, resume, overwrite)
     if resume and mode == "new":
@@ -151,27 +175,38 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
                 f"({', '.join(remove_own_files(out_dir))})")
         if mode == "resume":  # a speedrun resumed by `pretrain --resume` stays a speedrun
             kind = run_kind(out_dir) or kind
-        return _train(out_dir, config, mode, progress, log, threads, kind)
+        return _train(out_dir, config, mode, progress, log, threads, kind, parallel)
 
 
 def _train(out_dir: Path, config: PretrainConfig, mode: str, progress: bool, log,
-           threads: int | None, kind: str) -> dict:
+           threads: int | None, kind: str, parallel) -> dict:
+    from nanoseek.parallel import launch
     max_threads = setup_threads()
     if threads:
         torch.set_num_threads(threads)
     marker = {MARKER: kind, "threads": "adaptive" if threads == 0 else torch.get_num_threads()}
-    if mode != "resume":  # run.json first: from here on the directory is a run of ours
+    if mode != "resume" and launch.is_main():  # run.json first: from here on the directory is ours
         write_run(out_dir, {**marker, "settings": settings_to_dict(config)})
     device = default_device()
-    tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log,
-                             fresh=mode != "resume")
+    if launch.under_torchrun():  # one process of several: see nanoseek/parallel/
+        from nanoseek.parallel import ParallelConfig
+        from nanoseek.parallel.mesh import init_distributed
+        parallel = parallel or ParallelConfig()
+        device = init_distributed(parallel.timeout)
+        torch.set_num_threads(threads or launch.threads_per_process())
+        log = log if launch.is_main() else (lambda *a, **k: None)
+    with launch.main_first():  # rank 0 writes the tokenizer and token arrays; the others read them
+        tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log,
+                                 fresh=mode != "resume" and launch.is_main())
     check_sample_length(tok, config)
-    trainer, run = build_trainer(out_dir, config, tok, data, device, progress, adapt=threads == 0)
+    trainer, run = build_trainer(out_dir, config, tok, data, device, progress, adapt=threads == 0,
+                                 parallel=parallel)
     run = {**marker, **run, "cores": max_threads, "settings": settings_to_dict(config)}
     if mode == "resume":
         resumed = trainer.resume()
         log(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh")
-    write_run(out_dir, run)
+    if launch.is_main():
+        write_run(out_dir, run)
     log(describe(run))
     with stop_on_signals(trainer):
         summary = trainer.fit()
@@ -179,7 +214,8 @@ def _train(out_dir: Path, config: PretrainConfig, mode: str, progress: bool, log
         raise Interrupted(summary["interrupted"], trainer.step, out_dir)
     run.update(summary=summary, mfu=run["flops_per_token"] * summary["tok_s"] / run["peak_flops"]
                if run["peak_flops"] else None)
-    write_run(out_dir, run)
+    if launch.is_main():
+        write_run(out_dir, run)
     return run
 
 
@@ -197,7 +233,7 @@ def check_sample_length(tok, config: PretrainConfig) -> None:
 
 
 def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, progress: bool,
-                  adapt: bool) -> tuple[Trainer, dict]:
+                  adapt: bool, parallel=None) -> tuple[Trainer, dict]:
     """The model (seeded), its measured facts for run.json, and the loop wired to the data."""
     from nanoseek.model import CausalLM
     from nanoseek.tokenizer import token_byte_lengths
@@ -212,22 +248,39 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     setup_threads()  # MFU is against the whole machine's peak
     peak = measure_peak_flops(device)  # measured once and cached (`nanoseek peak --remeasure`)
     torch.set_num_threads(chosen)
+    fpt = flops_per_token(model, tcfg.seq_len)
+    par = None  # batch_size is the global micro-batch: each DP rank takes its slice of it,
+    if parallel is not None:  # so a run resumed on another number of processes trains alike
+        from nanoseek.parallel.runtime import Parallel
+        par = Parallel(model, parallel, device)
+        if tcfg.batch_size % par.dp:
+            raise ValueError(f"training option 'batch_size': {tcfg.batch_size} sequences cannot "
+                             f"be split over {par.dp} data-parallel ranks (use a multiple of {par.dp})")
+
+    def next_batch(step, micro):
+        batch = data.batch(step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+        return tuple(t.to(device) for t in (par.local_rows(batch) if par else batch))
+    # no samples under TP (the absorbed decode path is not split); no evaluation or samples
+    # under PP (the forward is the schedule's; a rank holds only its stage up to date)
+    sample_tokens = config.sample_tokens if par is None or (par.tp == 1 and par.pp == 1) else 0
+    pipelined = par is not None and par.pp > 1
     trainer = Trainer(
-        model, tcfg, out_dir,
-        next_batch=lambda step, micro: tuple(t.to(device) for t in data.batch(
-            step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)),
+        model, tcfg, out_dir, next_batch=next_batch,
         loss_fn=pretrain_loss, count_targets=lambda batch: model.loss_targets(batch[1]),
-        evaluate=make_evaluate(data, byte_lengths, tcfg.seq_len, tcfg.eval_tokens, device),
-        sample=(make_sampler(tok, device, max_new_tokens=config.sample_tokens)
-                if config.sample_tokens else None),
+        evaluate=None if pipelined else make_evaluate(data, byte_lengths, tcfg.seq_len,
+                                                      tcfg.eval_tokens, device),
+        sample=(make_sampler(tok, device, max_new_tokens=sample_tokens) if sample_tokens else None),
         on_checkpoint=lambda m, step: save_pretrained(m, out_dir),
-        flops_per_token=flops_per_token(model, tcfg.seq_len), peak_flops=peak,
-        progress=progress, adapt_threads=adapt)
+        flops_per_token=fpt, peak_flops=peak, progress=progress, adapt_threads=adapt, parallel=par)
     run = {"params": count_params(cfg).summary(), "flops_per_token": trainer.flops_per_token,
            "peak_flops": peak, "device": str(device),
            "threads": "adaptive" if adapt else torch.get_num_threads(),
            "moe_layers": moe_layer_names(model), "precision": trainer.precision, "data": data.meta,
            **data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)}
+    if par is not None:
+        run["parallel"] = {"world": par.dp * par.tp * par.pp, "dp": par.dp, "ep": par.ep, "tp": par.tp,
+                           "pp": par.pp,
+                           "backend": torch.distributed.get_backend()}
     return trainer, run
 
 
@@ -255,3 +308,10 @@ def write_run(out_dir: Path, run: dict) -> None:
     from nanoseek.atomic import atomic_write_text
 
     atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.pretrain ARGS
+    import runpy  # == nanoseek pretrain ARGS (run as a module: the CLI is not imported here)
+    import sys
+    sys.argv = ["nanoseek", "pretrain", *sys.argv[1:]]
+    runpy.run_module("nanoseek", run_name="__main__")
