@@ -101,6 +101,12 @@ class MLA(nn.Module):
         o_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
         return torch.einsum("bshc,hdc->bshd", o_latent, w_uv)  # W_UV absorbed into the output
 
+    def absorbable(self) -> bool:
+        """Absorption reads W_UKV as a dense matrix; a wrapped kv_b_proj (LoRA adapters, a
+        4-bit NF4 weight: train/lora.py, train/qlora.py) computes W_UKV c_KV only through its
+        forward, so decode then decompresses the cached latents instead (same result)."""
+        return type(self.kv_b_proj) is nn.Linear
+
     @staticmethod
     def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype) -> torch.Tensor:
         """scores [B,S,H,T] in fp32; mask [B,S,T] or None (causal, S == T)."""
@@ -116,7 +122,7 @@ class MLA(nn.Module):
         mask = None
         if cache is not None:
             (c_kv, k_pe), mask = cache.update(self.layer_id, c_kv, k_pe)
-        impl = "absorb" if cache is not None and cache.absorb else self.impl
+        impl = "absorb" if cache is not None and cache.absorb and self.absorbable() else self.impl
         attend = {"sdpa": self.attend_sdpa, "naive": self.attend_naive, "absorb": self.attend_absorbed}[impl]
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.reshape(B, S, -1))
