@@ -210,6 +210,7 @@ def dpo(out_dir: str | Path, config: DPOConfig, resume: bool = False, max_steps:
     if not t.max_steps:
         t.max_steps = max(1, math.ceil(config.epochs * len(pairs) / (t.batch_size * t.grad_accum)))
     reference = None if config.lora.enabled else frozen_copy(model)
+    torch.manual_seed(config.train.seed)  # the adapters' initial A, and the run after
     model, nf4 = with_adapters(model, config.lora, pairs.chosen[0][:2].to(device), log)
     trainer = build_trainer(model, reference, config, pairs, out_dir, device, progress)
     before = preference_stats(model, reference, pairs.to(device), config.beta, t.batch_size)

@@ -24,6 +24,7 @@ from torch import nn
 LORA_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                 "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_DIR = "adapter"  # where a LoRA run keeps them, inside its run directory
 
 
 @dataclass
@@ -81,6 +82,8 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = Fal
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_FILES[0]).exists() and (adapter_dir / ADAPTER_DIR).is_dir():
+        adapter_dir = adapter_dir / ADAPTER_DIR  # a LoRA run directory
     for name in ADAPTER_FILES:
         if not (adapter_dir / name).exists():
             raise FileNotFoundError(f"{adapter_dir}: no {name} (not a LoRA adapter directory)")
@@ -97,6 +100,5 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
 
     merged = load_adapter(from_pretrained(base_dir), adapter_dir).merge_and_unload()
     save_pretrained(merged, out_dir)
-    tok_src = adapter_dir if (Path(adapter_dir) / "tokenizer.json").exists() else base_dir
-    copy_tokenizer(tok_src, out_dir)
+    copy_tokenizer(base_dir, out_dir)
     return Path(out_dir)

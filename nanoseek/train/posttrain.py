@@ -3,8 +3,9 @@ top of it, what a checkpoint of theirs is, and their run directory's settings.
 
 A stage starts from `--init DIR`, a checkpoint with its tokenizer (a pretraining run, an
 SFT run...). Full fine-tuning trains every weight and saves a plain checkpoint; with LoRA
-the base stays frozen and the run directory holds peft's adapter files (and, with
-`merge`, the merged checkpoint as well). Either way the tokenizer is copied in, so
+the base stays frozen and the run directory holds peft's adapter files in `adapter/` (and,
+with `merge`, the merged checkpoint beside it: a separate folder, since loaders that read
+every *.safetensors of a checkpoint, nanoseek's and vLLM's, must not meet the adapter's). Either way the tokenizer is copied in, so
 `nanoseek generate OUT` and `LLM(OUT)` load a merged or full run directly.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from nanoseek.train.checkpointing import STATE_FILE
 from nanoseek.train.config import settings_from_dict, settings_to_dict
-from nanoseek.train.lora import LoraSettings, add_lora, save_adapter
+from nanoseek.train.lora import ADAPTER_DIR, LoraSettings, add_lora, save_adapter
 from nanoseek.train.pretrain import RunError
 
 
@@ -68,7 +69,7 @@ def checkpoint_writer(out_dir: Path, init: str | Path, lora: LoraSettings):
 
     def write(model, step: int) -> None:
         if lora.enabled:
-            save_adapter(model, out_dir)
+            save_adapter(model, out_dir / ADAPTER_DIR)
         else:
             save_pretrained(model, out_dir)
         copy_tokenizer(init, out_dir)
@@ -78,7 +79,7 @@ def checkpoint_writer(out_dir: Path, init: str | Path, lora: LoraSettings):
 def merge_into(out_dir: Path, init: str | Path) -> None:
     """Merge the run's adapter into the fp32 init and write it into the run directory."""
     from nanoseek.train.lora import merge_lora
-    merge_lora(init, out_dir, out_dir)
+    merge_lora(init, out_dir / ADAPTER_DIR, out_dir)
 
 
 def stage_settings(out_dir: Path, config, resume: bool, max_steps: int | None):

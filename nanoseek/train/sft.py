@@ -108,6 +108,7 @@ def sft(out_dir: str | Path, config: SFTConfig, resume: bool = False, max_steps:
     val = chat_windows(val_convs, tok, config.train.seq_len, config.packing) if val_convs else None
     if not config.train.max_steps:
         config.train.max_steps = steps_for(data, config)
+    torch.manual_seed(config.train.seed)  # the adapters' initial A, and the run after
     model, nf4 = with_adapters(model, config.lora, data.inputs[:2].to(device), log)
     trainer = build_trainer(model, config, data, val, out_dir, device, progress)
     before = masked_loss(base_model(model).eval(), val or data, config.train.batch_size, device)
