@@ -42,6 +42,7 @@ def with_adapters(model, lora: LoraSettings, probe: torch.Tensor, log=print):
     if not lora.enabled:
         return model, None
     report = None
+    total = sum(p.numel() for p in model.parameters())  # before 4-bit packing halves numel
     if lora.qlora:
         from nanoseek.train.qlora import logits_error, quantize_base
         reference = copy.deepcopy(model).eval()
@@ -51,9 +52,8 @@ def with_adapters(model, lora: LoraSettings, probe: torch.Tensor, log=print):
         log(report.describe())
     model = add_lora(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     log(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(model.peft_config['default'].target_modules)}: "
-        f"{trainable:,} trainable parameters of {total:,}")
+        f"{trainable:,} trainable parameters ({trainable / total:.1%} of the model's {total:,})")
     return model, report
 
 
