@@ -106,7 +106,11 @@ class Trainer:
                  on_checkpoint: Callable[[nn.Module, int], None] | None = None,
                  tokens_in: Callable[[Any], int] | None = None,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
-                 progress: bool = True, adapt_threads: bool = False, parallel=None):
+                 progress: bool = True, adapt_threads: bool = False, parallel=None,
+                 update_router_biases: bool = True, trainable_state_only: bool = False):
+        """update_router_biases: the MoE's bias update after every step (off when the base
+        is frozen, e.g. LoRA). trainable_state_only: train_state.pt keeps only the trainable
+        parameters (LoRA's adapters; the frozen base is rebuilt from where it came from)."""
         cfg.validate()
         # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes
         self.parallel, self.sharded = parallel, parallel is not None  # sharded: DCP checkpoints
@@ -119,6 +123,7 @@ class Trainer:
         self.tokens_in = tokens_in or (lambda b: int(b[0].numel()))
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.progress = progress
+        self.update_router_biases, self.trainable_state_only = update_router_biases, trainable_state_only
         self.tuner = None
         if adapt_threads and next(model.parameters()).device.type == "cpu":
             from nanoseek.train.threads import ThreadTuner
@@ -178,7 +183,7 @@ class Trainer:
             sums = self.parallel.after_backward(model, sums)
         grad_norm = self._optimizer_step()
         loads = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
-        if hasattr(model, "update_router_biases"):
+        if self.update_router_biases and hasattr(model, "update_router_biases"):
             model.update_router_biases()  # counts were summed over every micro-batch
         tokens = sum(self.tokens_in(b) for b in batches) * (self.parallel.dp if self.parallel else 1)  # global
         self.step += 1
@@ -247,8 +252,13 @@ class Trainer:
         self.saved_step = self.step
 
     def state_dict(self) -> dict:
-        return {**self.loop_state(), "model": self.model.state_dict(),
+        return {**self.loop_state(), "model": self.model_state(),
                 "optimizer": self.optimizer.state_dict()}
+
+    def model_state(self) -> dict:
+        if self.trainable_state_only:
+            return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        return self.model.state_dict()
 
     def save(self) -> None:
         """The HF checkpoint first (each file atomic), then train_state.pt: a resume always
@@ -279,7 +289,7 @@ class Trainer:
         state = checkpointing.load_state(self.out_dir)
         if state is None:
             return False
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"], strict=not self.trainable_state_only)
         self.optimizer.load_state_dict(state["optimizer"])
         self.load_loop_state(state)
         for m in _moe_layers(self.model):
