@@ -44,11 +44,12 @@ def compiled_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor", **options) -> nn.Module:
-    """Compile every block of `model` in place; returns `model`. dynamic=False: a training
-    run's shapes are fixed (batch x seq_len), and static shapes fuse best."""
+    """Compile every block of `model` in place; returns `model`. Shapes are left to torch's
+    automatic dynamic shapes: the batch is fixed, but each expert's slice of tokens changes
+    size every step, and static shapes would recompile for each new size."""
     blocks = compiled_blocks(model)
     if not blocks:
         raise ValueError(f"compile_blocks: {type(model).__name__} has no model.layers or mtp blocks to compile")
     for block in blocks:
-        block.compile(backend=backend, dynamic=False, **options)
+        block.compile(backend=backend, **options)
     return model
