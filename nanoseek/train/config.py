@@ -18,6 +18,7 @@ from typing import Any
 from nanoseek.train.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("auto", "off", "on")
 
 
 @dataclass
@@ -35,7 +36,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto: bf16 autocast on CUDA with bf16, fp32 elsewhere
+    precision: str = "auto"  # auto: bf16 autocast where bf16 is fast (train/precision.py), else fp32
+    compile: str = "auto"  # torch.compile of the blocks: auto | off | on (train/compile.py)
     eval_every: int = 100  # 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation (0 = all)
     save_every: int = 100  # 0 = only at the end
@@ -65,6 +67,7 @@ class TrainConfig:
                  "must be a finite number >= 0 (0 = off)")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        need(self.compile in COMPILE_MODES, "compile", f"must be one of {COMPILE_MODES}")
 
     @property
     def tokens_per_step(self) -> int:

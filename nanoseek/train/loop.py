@@ -34,9 +34,11 @@ from torch import nn
 
 from nanoseek.train import checkpointing
 from nanoseek.train.config import PRECISIONS, TrainConfig
+from nanoseek.train.compile import compile_blocks, resolve_compile
 from nanoseek.train.metrics import (METRICS_FILE, IntervalMeans, append, read_metrics,
                                     truncate_metrics)
 from nanoseek.train.schedule import lr_at
+from nanoseek.train.precision import choose_precision
 from nanoseek.train.targets import StepTargets, count_targets, step_targets
 
 __all__ = ["METRICS_FILE", "PRECISIONS", "StepTargets", "TrainConfig", "Trainer", "max_violation",
@@ -44,11 +46,8 @@ __all__ = ["METRICS_FILE", "PRECISIONS", "StepTargets", "TrainConfig", "Trainer"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """`auto` -> bf16 where the device multiplies bf16 fast, else fp32 (train/precision.py)."""
+    return choose_precision(precision, device)[0]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -129,7 +128,10 @@ class Trainer:
             from nanoseek.train.threads import ThreadTuner
             self.tuner = ThreadTuner(torch.get_num_threads())
         self.device = next(model.parameters()).device
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision, self.precision_reason = choose_precision(cfg.precision, self.device)
+        self.compiled, self.compile_reason = resolve_compile(cfg.compile, self.device)
+        if self.compiled:  # in place: same module code, same state-dict names (train/compile.py)
+            compile_blocks(model)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
@@ -325,6 +327,14 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
 
+    def _log_compile(self, seconds: float, bar) -> None:
+        """The first compiled step holds the cold compile: say how long it took (it counts
+        in `elapsed`, so inside any time limit, like every step)."""
+        self.log({"kind": "compile", "step": self.step, "first_step_seconds": round(seconds, 3)})
+        msg = f"torch.compile: first step (cold compile included) took {seconds:.1f}s"
+        if bar is not None:
+            bar.write(msg)
+
     # --------------------------------------------------------------------- fit
     def fit(self, until: int | None = None) -> dict:
         """Train up to max_steps (or the time limit, or step `until`: a pause that leaves a
@@ -349,6 +359,8 @@ class Trainer:
             if self.tuner:
                 self.tuner.after_step(dt)
             self.elapsed += dt
+            if self.compiled and self.step == 1:
+                self._log_compile(dt, bar)
             seconds, tokens = seconds + dt, tokens + step_tokens
             out_of_time = self.cfg.time_limit > 0 and self.elapsed >= self.cfg.time_limit
             if means is None and out_of_time:

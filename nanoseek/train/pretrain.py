@@ -239,6 +239,7 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     from nanoseek.tokenizer import token_byte_lengths
     from nanoseek.calc.params import count_params
     from nanoseek.train.mfu import flops_per_token, measure_peak_flops
+    from nanoseek.train.precision import choose_precision, peak_dtype
 
     cfg, tcfg = config.model, config.train
     byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))
@@ -246,7 +247,9 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     model = CausalLM(cfg).to(device)
     chosen = torch.get_num_threads()
     setup_threads()  # MFU is against the whole machine's peak
-    peak = measure_peak_flops(device)  # measured once and cached (`nanoseek peak --remeasure`)
+    # MFU is against the peak of the dtype the run multiplies in; measured once per dtype and
+    # cached (`nanoseek peak --remeasure`)
+    peak = measure_peak_flops(device, peak_dtype(choose_precision(tcfg.precision, device)[0]))
     torch.set_num_threads(chosen)
     fpt = flops_per_token(model, tcfg.seq_len)
     par = None  # batch_size is the global micro-batch: each DP rank takes its slice of it,
@@ -275,7 +278,9 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     run = {"params": count_params(cfg).summary(), "flops_per_token": trainer.flops_per_token,
            "peak_flops": peak, "device": str(device),
            "threads": "adaptive" if adapt else torch.get_num_threads(),
-           "moe_layers": moe_layer_names(model), "precision": trainer.precision, "data": data.meta,
+           "moe_layers": moe_layer_names(model), "precision": trainer.precision,
+           "precision_reason": trainer.precision_reason, "compile": trainer.compiled,
+           "compile_reason": trainer.compile_reason, "data": data.meta,
            **data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)}
     if par is not None:
         run["parallel"] = {"world": par.dp * par.tp * par.pp, "dp": par.dp, "ep": par.ep, "tp": par.tp,
@@ -289,8 +294,9 @@ def describe(run: dict) -> str:
     return (f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
             f"activated (+ MTP {params['mtp'] / 1e6:.2f}M, {params['mtp_activated'] / 1e6:.2f}M "
             f"activated); {fpt / 1e6:.1f} MFLOPs/token; measured peak {peak / 1e9:.1f} GFLOP/s; "
-            f"{run['precision']} on {run['device']}, threads: {run['threads']} "
-            f"(of {run['cores']} cores)")
+            f"{run['precision']} ({run.get('precision_reason', '')}) on {run['device']}, "
+            f"torch.compile {'on' if run.get('compile') else 'off'} ({run.get('compile_reason', '')}), "
+            f"threads: {run['threads']} (of {run['cores']} cores)")
 
 
 def moe_layer_names(model) -> list[str]:
