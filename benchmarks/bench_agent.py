@@ -2,13 +2,13 @@
 for 3-digit × 3-digit products, scored on held-out products with the agent and its tool vs
 the same model answering directly.
 
-    python benchmarks/bench_agent.py                 # ~10 minutes on 2 CPU cores
+    python benchmarks/bench_agent.py                 # ~10 minutes on 2 CPU cores (7 of them SFT)
     python benchmarks/bench_agent.py --json
 
 1. Traces: `load_task("tool_use", digits=3, ops="*")`'s train split, as chat JSONL (think,
    call calculator({"expression": "a * b"}), read its output, answer in <answer></answer>).
 2. A byte-level BPE (digits one per token) and a randomly initialised small DeepSeek-V3
-   (MLA, MoE) are SFT'd on them with `nanoseek.train.sft` (assistant tokens only; the tool's
+   (MLA; dense MLPs unless --moe-layers) are SFT'd on them with `nanoseek.train.sft` (assistant tokens only; the tool's
    output is never a target), for --train-seconds.
 3. The SFT'd checkpoint is served by nanoseek's OpenAI-compatible server (in this process),
    and the task's test split (problems never trained on) is asked twice:
@@ -44,13 +44,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-examples", type=int, default=4000, help="traces to SFT on (default 4000)")
-    p.add_argument("--train-seconds", type=float, default=300, help="SFT wall time (default 300)")
+    p.add_argument("--train-seconds", type=float, default=420, help="SFT wall time (default 420)")
     p.add_argument("--eval", type=int, default=100, help="held-out problems (default 100)")
     p.add_argument("--digits", type=int, default=3, help="digits per factor (default 3)")
     p.add_argument("--hidden", type=int, default=128, help="model width (default 128)")
-    p.add_argument("--layers", type=int, default=2, help="layers: 1 dense + MoE (default 2)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--layers", type=int, default=2, help="layers (default 2)")
+    p.add_argument("--moe-layers", type=int, default=0,
+                   help="how many of the last layers are MoE (default 0: dense MLPs, fastest on a CPU)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--concurrency", type=int, default=8, help="agents run at once (default 8)")
     p.add_argument("--out", help="run directory (default: a temporary one)")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +79,8 @@ def build_init(init: Path, convs: list[dict], args) -> None:
     cfg = preset("tiny", vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                  moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers,
                  q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden // 4, n_routed_experts=8,
-                 num_nextn_predict_layers=0, max_position_embeddings=512)
+                 first_k_dense_replace=args.layers - args.moe_layers, num_nextn_predict_layers=0,
+                 max_position_embeddings=512)
     torch.manual_seed(args.seed)
     save_pretrained(CausalLM(cfg), init)
     save_tokenizer(tok, init)
@@ -85,7 +88,7 @@ def build_init(init: Path, convs: list[dict], args) -> None:
 
 def train(run: Path, init: Path, data: Path, args) -> dict:
     from nanoseek.train.sft import SFTConfig, sft, sft_train_config
-    config = SFTConfig(init=str(init), data=[str(data)], epochs=100.0, train=sft_train_config(
+    config = SFTConfig(init=str(init), data=[str(data)], epochs=100.0, val_fraction=0.02, train=sft_train_config(
         max_steps=100_000, batch_size=args.batch_size, seq_len=256, lr=args.lr, warmup_steps=20,
         time_limit=args.train_seconds, save_every=0, log_every=50, seed=args.seed + 1))
     return sft(run, config, progress=False, log=log)
