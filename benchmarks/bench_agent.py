@@ -176,11 +176,11 @@ def main(argv=None) -> dict:
     build_init(root / "init", convs, args)
     run = train(root / "sft", root / "init", root / "traces.jsonl", args)
     t1 = time.perf_counter()
-    log(f"SFT: {run['summary'].get('step', '?')} steps in {t1 - t0:.0f} s; evaluating on "
+    log(f"SFT: {run['summary'].get('steps', '?')} steps in {t1 - t0:.0f} s; evaluating on "
         f"{args.eval} held-out {args.digits}-digit products")
     results = evaluate(root / "sft", task, task.examples("test", args.eval, args.seed), args.concurrency)
     results.update(n=args.eval, sft_loss_before=run["loss_before"], sft_loss_after=run["loss_after"],
-                   train_s=t1 - t0, eval_s=time.perf_counter() - t1)
+                   sft_steps=run["summary"].get("steps"), train_s=t1 - t0, eval_s=time.perf_counter() - t1)
     emit(results, args.json, out)
     return results
 
