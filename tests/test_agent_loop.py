@@ -141,3 +141,9 @@ def test_cli_agent_rejects_bad_mode():
     res = CliRunner().invoke(app, ["agent", "--base-url", "http://127.0.0.1:9/v1", "--model", "m",
                                    "--mode", "telepathy", "x"])
     assert res.exit_code == 2
+
+
+def test_extra_body_is_sent_with_every_request():
+    with mock_endpoint(native_model) as (url, requests):
+        Agent(url, "mock", echo=None, extra_body={"skip_special_tokens": False}).run("What is 123 * 456?")
+    assert len(requests) == 2 and all(r["skip_special_tokens"] is False for r in requests)

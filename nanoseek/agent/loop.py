@@ -30,7 +30,11 @@ class Agent:
     def __init__(self, client, model: str, tools: list[Tool] | None = None, *, mode: str = "auto",
                  system: str = DEFAULT_SYSTEM, guards: Guards | None = None,
                  budget: ContextBudget | None = None, memory=None, trajectory_path=None,
-                 echo=print, temperature: float = 0.0, max_tokens: int | None = None):
+                 echo=print, temperature: float = 0.0, max_tokens: int | None = None,
+                 extra_body: dict | None = None):
+        """extra_body: fields the endpoint takes beyond OpenAI's, sent with every request (e.g.
+        nanoseek's / vLLM's `{"skip_special_tokens": False}`, so that <think> tags a model was
+        trained with come back in its content and into the next prompt as they were written)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: expected one of {MODES}")
         if isinstance(client, str):
@@ -45,7 +49,7 @@ class Agent:
         self.toolbox = ToolBox(tools, self.guards.tool_timeout_s)
         self.budget, self.memory = budget, memory
         self.trajectory_path, self.echo = trajectory_path, echo
-        self.temperature, self.max_tokens = temperature, max_tokens
+        self.temperature, self.max_tokens, self.extra_body = temperature, max_tokens, extra_body
 
     # ----------------------------------------------------------------- the loop
     def run(self, task: str | list[dict]) -> Trajectory:
@@ -125,6 +129,8 @@ class Agent:
                       timeout=max(1.0, self.guards.total_timeout_s - self._elapsed()))
         if self.max_tokens is not None:
             kwargs["max_tokens"] = self.max_tokens
+        if self.extra_body:
+            kwargs["extra_body"] = self.extra_body
         if self._mode == "native":
             try:
                 resp = self.client.chat.completions.create(**kwargs, tools=self.toolbox.specs())

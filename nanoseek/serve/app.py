@@ -4,8 +4,8 @@
 
 A request's path: the door (guards.py: body size, API key) -> pydantic (protocol.py: types
 and ranges, 400 naming the field) -> the model name (404) -> prompt and sampling params
-(params.py: the chat template, the context check) -> the response cache, for deterministic
-requests only -> admission (admission.py: 429 when the queue is full) -> the engine
+(params.py: the chat template, the context check; tools.py: `tools` / `tool_choice`) -> the
+response cache, for deterministic requests only -> admission (admission.py: 429 when the queue is full) -> the engine
 (generation.py) -> OpenAI's JSON, or SSE chunks ending in `data: [DONE]` (responses.py).
 
 The response-cache seam: `app.state.response_cache` is None or an object with
@@ -41,6 +41,7 @@ from nanoseek.serve.params import (cache_key, chat_params, chat_prompt, check_co
                                    completion_prompts)
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from nanoseek.serve.responses import ChatFormatter, CompletionFormatter, Formatter, replay_chunks
+from nanoseek.serve.tools import apply_tools
 
 DONE = "data: [DONE]\n\n"
 
@@ -104,8 +105,10 @@ def _routes(app: FastAPI) -> None:
         st = _checked(request, req.model)
         params = chat_params(req)
         prompt = chat_prompt(st.llm.tokenizer, req)
+        prompt, params, tools = apply_tools(req, st.llm.tokenizer, prompt, params)
         check_context(prompt, params, st.max_model_len, "messages")
-        fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, len(prompt), *_usage_opts(req))
+        fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, len(prompt), *_usage_opts(req),
+                            tools=tools)
         return await respond(request, "chat", req, [prompt], params, fmt)
 
     @app.post("/v1/completions")

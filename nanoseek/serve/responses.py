@@ -5,6 +5,8 @@ only what is new since the last one, per choice — its text delta, the log-prob
 tokens, and at the end its finish_reason. The text of a running request never shrinks
 (engine/outputs.py holds back half characters and possible stop strings), so a delta is
 a plain suffix. Chat streams open each choice with `{"role": "assistant"}`, as OpenAI's do.
+A chat request with `tools` streams only the text before DeepSeek's tool-call markers; its
+calls come whole in the last chunk (serve/tools.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from nanoseek.engine.outputs import CompletionOutput
 from nanoseek.serve import protocol as P
 from nanoseek.serve.logprobs import chat_logprobs, completion_logprobs
+from nanoseek.serve.tools import ToolReader
 
 
 class Formatter:
@@ -45,12 +48,13 @@ class Formatter:
             self.generated[i] = len(c.token_ids)
             tok0, txt0 = self.sent_tokens.get(i, 0), self.sent_text.get(i, 0)
             new_ids = c.token_ids[tok0:]
-            delta = c.text[txt0:]
+            text = self._visible(c)
+            delta = text[txt0:]
             if not delta and c.finish_reason is None and i in self.sent_tokens:
-                continue  # tokens whose text is held back: nothing to show yet
+                continue  # tokens whose text is held back (or buffered tool calls): nothing to show yet
             lps = c.logprobs[tok0:] if c.logprobs is not None and self.top_n is not None else None
-            chunk = self._chunk(i, delta, new_ids, lps, c.finish_reason, first=i not in self.sent_tokens)
-            self.sent_tokens[i], self.sent_text[i] = len(c.token_ids), len(c.text)
+            chunk = self._chunk(i, delta, new_ids, lps, c, first=i not in self.sent_tokens)
+            self.sent_tokens[i], self.sent_text[i] = len(c.token_ids), len(text)
             if self.continuous_usage:
                 chunk.usage = self.usage()
             out.append(chunk.model_dump())
@@ -59,23 +63,47 @@ class Formatter:
     def usage_chunk(self) -> dict:
         return self._chunk_object([], self.usage()).model_dump()
 
+    def _visible(self, c: CompletionOutput) -> str:
+        """The text a stream may show so far."""
+        return c.text
+
 
 class ChatFormatter(Formatter):
+    """`tools`: the request's `ToolReader` (serve/tools.py), or None for a request without tools."""
     prefix = "chatcmpl"
+
+    def __init__(self, *a, tools: ToolReader | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.tools = tools
+
+    def _visible(self, c: CompletionOutput) -> str:
+        return c.text if self.tools is None else self.tools.visible(c)
+
+    def _message(self, c: CompletionOutput) -> tuple[str | None, list[dict] | None, str | None]:
+        if self.tools is None or c.finish_reason is None:
+            return c.text, None, c.finish_reason
+        return self.tools.message(c)
 
     def _choice(self, i: int, c: CompletionOutput) -> P.ChatChoice:
         lp = (chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, self.top_n)
               if self.top_n is not None and c.logprobs is not None else None)
-        return P.ChatChoice(index=i, message=P.AssistantMessage(content=c.text), logprobs=lp,
-                            finish_reason=c.finish_reason)
+        content, calls, finish = self._message(c)
+        return P.ChatChoice(index=i, message=P.AssistantMessage(content=content, tool_calls=calls), logprobs=lp,
+                            finish_reason=finish)
 
     def _response(self, choices) -> P.ChatCompletionResponse:
         return P.ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                         usage=self.usage())
 
-    def _chunk(self, i, delta, new_ids, lps, finish, first) -> P.ChatCompletionChunk:
+    def _chunk(self, i, delta, new_ids, lps, c, first) -> P.ChatCompletionChunk:
         lp = chat_logprobs(self.tokenizer, new_ids, lps, self.top_n) if lps is not None else None
-        choice = P.ChatChunkChoice(index=i, delta=P.Delta(role="assistant" if first else None, content=delta),
+        calls, finish = None, c.finish_reason
+        if finish is not None and self.tools is not None:  # the end: the buffered calls, or their text
+            content, calls, finish = self.tools.message(c)
+            delta += (content or "")[len(self._visible(c)):]
+            calls = calls and [{"index": k, **call} for k, call in enumerate(calls)]
+        choice = P.ChatChunkChoice(index=i, delta=P.Delta(role="assistant" if first else None, content=delta,
+                                                          tool_calls=calls),
                                    logprobs=lp, finish_reason=finish)
         return self._chunk_object([choice])
 
@@ -100,13 +128,14 @@ class CompletionFormatter(Formatter):
         return P.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                     usage=self.usage())
 
-    def _chunk(self, i, delta, new_ids, lps, finish, first) -> P.CompletionResponse:
+    def _chunk(self, i, delta, new_ids, lps, c, first) -> P.CompletionResponse:
         lp = None
         if lps is not None:
             lp = completion_logprobs(self.tokenizer, new_ids, lps, self.top_n, self.offsets.get(i, 0))
             if lp.tokens:
                 self.offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
-        return self._chunk_object([P.CompletionChoice(index=i, text=delta, logprobs=lp, finish_reason=finish)])
+        return self._chunk_object([P.CompletionChoice(index=i, text=delta, logprobs=lp,
+                                                      finish_reason=c.finish_reason)])
 
     def _chunk_object(self, choices, usage=None) -> P.CompletionResponse:
         return P.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
@@ -120,10 +149,16 @@ def replay_chunks(response: dict, include_usage: bool) -> list[dict]:
     base["object"] = "chat.completion.chunk" if chat else "text_completion"
     chunks = []
     for c in response["choices"]:
-        body = ({"delta": {"role": "assistant", "content": c["message"]["content"]}} if chat
-                else {"text": c["text"]})
+        body = ({"delta": _replayed_delta(c["message"])} if chat else {"text": c["text"]})
         chunks.append({**base, "choices": [{"index": c["index"], **body, "logprobs": c.get("logprobs"),
                                             "finish_reason": c["finish_reason"]}], "usage": None})
     if include_usage:
         chunks.append({**base, "choices": [], "usage": response.get("usage")})
     return chunks
+
+
+def _replayed_delta(message: dict) -> dict:
+    delta = {"role": "assistant", "content": message["content"]}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
+    return delta

@@ -1,0 +1,189 @@
+"""The agent's demonstration: a tiny model, SFT'd on synthetic traces that call the calculator
+for 3-digit × 3-digit products, scored on held-out products with the agent and its tool vs
+the same model answering directly.
+
+    python benchmarks/bench_agent.py                 # ~10 minutes on 2 CPU cores (7 of them SFT)
+    python benchmarks/bench_agent.py --json
+
+1. Traces: `load_task("tool_use", digits=3, ops="*")`'s train split, as chat JSONL (think,
+   call calculator({"expression": "a * b"}), read its output, answer in <answer></answer>).
+2. A byte-level BPE (digits one per token) and a randomly initialised small DeepSeek-V3
+   (MLA; dense MLPs unless --moe-layers) are SFT'd on them with `nanoseek.train.sft` (assistant tokens only; the tool's
+   output is never a target), for --train-seconds.
+3. The SFT'd checkpoint is served by nanoseek's OpenAI-compatible server (in this process),
+   and the task's test split (problems never trained on) is asked twice:
+   * with the tool: `nanoseek.agent.Agent` over the native `tools` path: the server parses the
+     model's DeepSeek-V3 call markers into `tool_calls`, the agent runs the calculator and
+     sends its output back as a `tool` message, the model answers;
+   * bare: the same question with no tool mentioned, the prompt ending in `<answer>`, so the
+     model must write the product itself (greedy).
+The last line: `accuracy_with_tool=… accuracy_bare=… n=…`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import emit, json_only_stdout, log  # noqa: E402
+
+MODEL = "tool-sft"
+BARE_SYSTEM = "Answer with the exact result."
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-examples", type=int, default=4000, help="traces to SFT on (default 4000)")
+    p.add_argument("--train-seconds", type=float, default=420, help="SFT wall time (default 420)")
+    p.add_argument("--eval", type=int, default=100, help="held-out problems (default 100)")
+    p.add_argument("--digits", type=int, default=3, help="digits per factor (default 3)")
+    p.add_argument("--hidden", type=int, default=128, help="model width (default 128)")
+    p.add_argument("--layers", type=int, default=2, help="layers (default 2)")
+    p.add_argument("--moe-layers", type=int, default=0,
+                   help="how many of the last layers are MoE (default 0: dense MLPs, fastest on a CPU)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--concurrency", type=int, default=8, help="agents run at once (default 8)")
+    p.add_argument("--out", help="run directory (default: a temporary one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------- training
+def write_traces(task, n: int, seed: int, path: Path) -> list[dict]:
+    convs = [task.messages(ex) for ex in task.examples("train", n, seed)]
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return convs
+
+
+def build_init(init: Path, convs: list[dict], args) -> None:
+    """A BPE fitted to the traces and a random model sized for them, as SFT's --init."""
+    import torch
+    from nanoseek.chat_template import render_chat
+    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.config.presets import preset
+    from nanoseek.model import CausalLM
+    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    tok = train_tokenizer((render_chat(c) for c in convs[:500]), vocab_size=384)
+    cfg = preset("tiny", vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                 moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers,
+                 q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden // 4, n_routed_experts=8,
+                 first_k_dense_replace=args.layers - args.moe_layers, num_nextn_predict_layers=0,
+                 max_position_embeddings=512)
+    torch.manual_seed(args.seed)
+    save_pretrained(CausalLM(cfg), init)
+    save_tokenizer(tok, init)
+
+
+def train(run: Path, init: Path, data: Path, args) -> dict:
+    from nanoseek.train.sft import SFTConfig, sft, sft_train_config
+    config = SFTConfig(init=str(init), data=[str(data)], epochs=100.0, val_fraction=0.02, train=sft_train_config(
+        max_steps=100_000, batch_size=args.batch_size, seq_len=256, lr=args.lr, warmup_steps=20,
+        time_limit=args.train_seconds, save_every=0, log_every=50, seed=args.seed + 1))
+    return sft(run, config, progress=False, log=log)
+
+
+# --------------------------------------------------------------------- serving
+class Served:
+    """nanoseek's server over the checkpoint, on a free local port, in a thread."""
+
+    def __init__(self, run: Path):
+        import uvicorn
+        from nanoseek.engine import AsyncLLM
+        from nanoseek.serve.app import create_app
+        self.app = create_app(AsyncLLM(run, kv_cache_memory=2**26, speculative=False), MODEL)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def with_tool(url: str, task, ex) -> tuple[bool, dict]:
+    """One agent run; <think> tags stay in the content (skip_special_tokens=False), so the
+    next prompt holds the turn as the model wrote it."""
+    from nanoseek.agent import Agent, Guards
+    from nanoseek.agent.tools.calculator import calculator_tool
+    from nanoseek.train.rewards import numeric_accuracy
+    agent = Agent(url, MODEL, [calculator_tool()], mode="native", system=task.system, echo=None,
+                  guards=Guards(max_steps=3), max_tokens=96, extra_body={"skip_special_tokens": False})
+    traj = agent.run(ex.prompt)
+    calls = [e["arguments"] for e in traj.of_type("call")]
+    return numeric_accuracy(traj.answer or "", ex.answer) == 1.0, {"calls": calls, "answer": traj.answer}
+
+
+def bare(client, tokenizer, ex) -> tuple[bool, str]:
+    """The product written directly: no tool offered, the prompt ends in <answer>."""
+    from nanoseek.chat_template import render_chat
+    question = ex.prompt.split(". ")[0] + ". Give the result in <answer></answer>."
+    text = render_chat([{"role": "system", "content": BARE_SYSTEM}, {"role": "user", "content": question}],
+                       add_generation_prompt=True) + "<answer>"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0).choices[0].text
+    digits = re.match(r"\s*(-?\d+)", out)
+    return bool(digits) and digits.group(1) == ex.answer, out
+
+
+def evaluate(run: Path, task, examples, concurrency: int) -> dict:
+    import openai
+    served = Served(run)
+    try:
+        client = openai.OpenAI(base_url=served.url, api_key="none", max_retries=0)
+        tokenizer = served.app.state.llm.tokenizer
+        with ThreadPoolExecutor(concurrency) as pool:
+            tool = list(pool.map(lambda ex: with_tool(served.url, task, ex), examples))
+            plain = list(pool.map(lambda ex: bare(client, tokenizer, ex), examples))
+    finally:
+        served.close()
+    for ex, (ok, trace) in list(zip(examples, tool))[:3]:
+        log(f"  {ex.prompt.split('.')[0]}: calls {trace['calls']} -> {trace['answer']!r} ({'ok' if ok else 'wrong'})")
+    for ex, (ok, text) in list(zip(examples, plain))[:3]:
+        log(f"  bare {ex.prompt.split('.')[0]}: <answer>{text!r} (expected {ex.answer})")
+    return {"accuracy_with_tool": sum(ok for ok, _ in tool) / len(examples),
+            "accuracy_bare": sum(ok for ok, _ in plain) / len(examples),
+            "called_tool": sum(bool(t["calls"]) for _, t in tool) / len(examples)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = json_only_stdout(args.json)
+    import torch
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    from nanoseek.data.tasks import load_task
+    task = load_task("tool_use", digits=args.digits, ops="*")
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_agent_"))
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    convs = write_traces(task, args.train_examples, args.seed, root / "traces.jsonl")
+    build_init(root / "init", convs, args)
+    run = train(root / "sft", root / "init", root / "traces.jsonl", args)
+    t1 = time.perf_counter()
+    log(f"SFT: {run['summary'].get('steps', '?')} steps in {t1 - t0:.0f} s; evaluating on "
+        f"{args.eval} held-out {args.digits}-digit products")
+    results = evaluate(root / "sft", task, task.examples("test", args.eval, args.seed), args.concurrency)
+    results.update(n=args.eval, sft_loss_before=run["loss_before"], sft_loss_after=run["loss_after"],
+                   sft_steps=run["summary"].get("steps"), train_s=t1 - t0, eval_s=time.perf_counter() - t1)
+    emit(results, args.json, out)
+    return results
+
+
+if __name__ == "__main__":
+    main()
