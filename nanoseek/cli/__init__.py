@@ -8,7 +8,7 @@ common.py (one line `error: ...` and exit code 2 for a user error; `--debug` for
 
 import typer
 
-from nanoseek.cli import agent, calc, engine, model, train
+from nanoseek.cli import agent, calc, engine, model, rl, train
 from nanoseek.cli.common import CliGroup, set_debug
 
 app = typer.Typer(cls=CliGroup, help="nanoseek: the DeepSeek-V3 stack — model, training, engine, calculators.",
@@ -22,5 +22,5 @@ def main(debug: bool = typer.Option(False, "--debug", envvar="NANOSEEK_DEBUG",
     set_debug(debug)
 
 
-for area in (model, train, engine, calc, agent):
+for area in (model, train, rl, engine, calc, agent):
     area.register(app)
