@@ -5,7 +5,7 @@ step, G, completion length, β and loss, in one process.
 
 The model is the `tiny` preset (random weights unless --init gives a checkpoint), saved
 with nanoseek.save_pretrained and loaded by transformers for TRL (its fastest CPU experts
-path, grouped_mm, else eager). A random model never writes eos, so every completion runs
+path, eager, per bench_train.py). A random model never writes eos, so every completion runs
 to --max-len on both sides: the same tokens generated and trained per step. Each side runs
 --steps steps after one warm-up step; the median step time is used.
 TRL decodes completions without special tokens, so its format reward differs; rewards are
@@ -96,7 +96,7 @@ def trl_steps(init: Path, root: Path, a) -> list[float]:
 
 
 def load_hf(init: Path, transformers):
-    for impl in ("grouped_mm", "eager"):
+    for impl in ("eager", "grouped_mm"):  # eager is the faster on CPU (bench_train.py)
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(init), experts_implementation=impl, dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""RL command: `nanoseek grpo --init SFT_DIR --task arithmetic --out DIR [--algo ppo]`."""
+"""RL commands: `nanoseek grpo --init SFT_DIR --task arithmetic --out DIR [--algo ppo]`, and
+`nanoseek speedrun-rl` (pretraining -> SFT -> GRPO -> held-out evaluation -> report)."""
 
 from __future__ import annotations
 
@@ -59,5 +60,21 @@ def grpo(
                f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f} -> {out}")
 
 
+def speedrun_rl(
+        name: str = typer.Option("speedrun-rl", help="run name: writes runs/NAME/report.md"),
+        root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
+        base: Optional[Path] = typer.Option(None, help="a pretrained checkpoint (e.g. runs/speedrun) instead of pretraining"),
+        pretrain_minutes: float = typer.Option(3.0, help="pretraining budget (without --base)"),
+        sft_minutes: float = typer.Option(4.0, help="SFT budget (it stops earlier at --threshold)"),
+        grpo_minutes: float = typer.Option(5.0, help="GRPO budget"),
+        threshold: float = typer.Option(0.3, help="held-out accuracy at which SFT hands over to GRPO"),
+        eval_n: int = typer.Option(400, help="held-out problems of the before/after evaluation")):
+    """Pretraining -> SFT on 2-digit addition -> GRPO -> held-out evaluation -> report with
+    reward/accuracy curves and a before/after table."""
+    from nanoseek.speedrun_rl import speedrun_rl as run
+    run(name, root, base, pretrain_minutes, sft_minutes, grpo_minutes, threshold, eval_n, log=typer.echo)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(grpo)
+    app.command("speedrun-rl")(speedrun_rl)
