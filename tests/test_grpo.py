@@ -136,3 +136,19 @@ def test_cli_grpo(init_dir, tmp_path):
                                    "--eval-n", "2", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "held-out accuracy" in res.output and (tmp_path / "r" / "train_state.pt").exists()
+
+
+def test_rl_report_compares_runs(init_dir, vowels, tmp_path):
+    from nanoseek.rl_report import run_summary, write_rl_report
+    runs = {}
+    for algo in ("grpo", "ppo"):
+        runs[algo.upper()] = tmp_path / algo
+        rl(tmp_path / algo, config(init_dir, algo=algo, train=dict(max_steps=2, save_every=2)),
+           progress=False, log=lambda *a: None)
+    path = write_rl_report(tmp_path / "report", runs, extra={"task": "vowels"})
+    text = path.read_text()
+    assert "| GRPO | 2 |" in text and "| PPO | 2 |" in text and "task: vowels" in text
+    for png in ("reward.png", "train_accuracy.png", "heldout_accuracy.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 0
+    s = run_summary(tmp_path / "ppo")
+    assert s["peak_rss_mb"] > 0 and s["step_s"] > 0 and s["eval_start"] is not None
