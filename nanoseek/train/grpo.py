@@ -73,7 +73,9 @@ class RLStage:
         cfg = self.cfg
         seed = cfg.train.seed * 1_000_003 + r
         examples = self.task.examples("train", cfg.train.batch_size, seed=seed)
-        ro = sample_rollouts(self.llm, self.task, examples, cfg.num_generations, self.params, seed)
+        n = cfg.train.batch_size * cfg.num_generations  # completion k of prompt i: seed*n + i*G + k,
+        ro = sample_rollouts(self.llm, self.task, examples, cfg.num_generations, self.params,
+                             seed * n)  # so no two completions of a run share a seed
         self.rollout_s = ro.seconds
         stats = {**ro.stats(), "peak_rss_mb": peak_rss_mb()}
         adv = (group_advantages(ro.rewards, cfg.num_generations, cfg.scale_rewards)
