@@ -27,7 +27,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 speedrun: $(STAMP)
-	$(VENV)/bin/nanoseek speedrun
+	$(VENV)/bin/nanoseek speedrun --overwrite  # a rerun replaces the previous speedrun (only its own files)
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -12,6 +12,14 @@ exactly the same tokens), all arriving together, greedy.
     longest) and each experts implementation it offers — the fastest is the baseline.
     Output tokens/s counts only the tokens each request asked for.
 
+Precision: each side runs in fp32, and in bf16 too where the CPU has fast bf16
+(train/precision.py decides; `--precisions fp32,bf16` forces both); the fastest of each
+side is compared and both precisions are printed. MTP runs in nanoseek's best precision.
+
+MTP speculation decides per step whether to draft (engine/spec_policy.py: at most
+`spec_max_batch` requests per step); `mtp_speedup_always_draft` is the same 64-request
+load with drafting forced on every step (the policy's counterfactual).
+
 KV bytes per token: nanoseek's from its cache tensors (bytes of one slot across layers),
 transformers' from its `DynamicCache` tensors after generate (bytes / (batch x length));
 both against the theoretical latent size (kv_lora_rank + qk_rope_head_dim) x layers x
@@ -42,6 +50,17 @@ from nanoseek.config import preset  # noqa: E402
 from nanoseek.engine import LLM, SamplingParams  # noqa: E402
 from nanoseek.engine.cache import PagedLatentCache  # noqa: E402
 from nanoseek.model import CausalLM  # noqa: E402
+from nanoseek.train.precision import fast_bf16  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precisions(arg: str) -> tuple[list[str], str]:
+    """The precisions both sides run in, and why."""
+    if arg != "auto":
+        return arg.split(","), "asked for"
+    fast, why = fast_bf16("cpu")
+    return (["fp32", "bf16"] if fast else ["fp32"]), (why if fast else f"bf16 skipped: {why}")
 
 
 def corpus_text() -> str:
@@ -115,7 +134,7 @@ def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
     cache = llm.engine.cache
     return dict(seconds=dt, tokens=tokens,
                 main_layers_bytes_per_token=sum(t[0, 0].numel() * t.element_size()
-                                                for t in cache.kv[:model.config.num_hidden_layers]),
+                                                for t in cache.kv[:llm.engine.model.config.num_hidden_layers]),
                 spec=llm.engine.spec_stats.as_dict(), forwards=llm.engine.runner.forwards,
                 preemptions=llm.engine.scheduler.num_preemptions)
 
@@ -146,20 +165,21 @@ def hf_generate_batches(hf, reqs, batches):
     return dt, out_tokens, dict(bytes_per_slot=held / slots, bytes_per_useful_token=held / useful)
 
 
-def run_transformers(ckpt: str, reqs, batch: int):
+def run_transformers(ckpt: str, reqs, batch: int, precs: list[str]):
     import transformers
     transformers.logging.set_verbosity_error()
     by_len = sorted(range(len(reqs)), key=lambda i: reqs[i][1])
     strategies = {"one_batch": [list(range(len(reqs)))],
                   f"sorted_batches_of_{batch}": [by_len[i:i + batch] for i in range(0, len(reqs), batch)]}
     results = {}
-    for impl, hf in transformers_variants(ckpt, train=False):
-        hf_generate_batches(hf, reqs[:4], [[0, 1, 2, 3]])  # warm-up
-        for name, batches in strategies.items():
-            dt, toks, kv = hf_generate_batches(hf, reqs, batches)
-            results[(impl, name)] = (dt, toks, kv)
-            log(f"transformers [{impl}, {name}]: {sum(o for _, o in reqs) / dt:,.1f} tok/s")
-        del hf
+    for pr in precs:
+        for impl, hf in transformers_variants(ckpt, train=False, dtype=DTYPES[pr]):
+            hf_generate_batches(hf, reqs[:4], [[0, 1, 2, 3]])  # warm-up
+            for name, batches in strategies.items():
+                dt, toks, kv = hf_generate_batches(hf, reqs, batches)
+                results[(impl, name, pr)] = (dt, toks, kv)
+                log(f"transformers [{impl}, {name}, {pr}]: {sum(o for _, o in reqs) / dt:,.1f} tok/s")
+            del hf
     return results
 
 
@@ -178,6 +198,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0 = torch's default); tiny models run fastest on one")
+    p.add_argument("--precisions", default="auto",
+                   help="comma-separated, e.g. fp32,bf16 (auto: bf16 too where the CPU has fast bf16)")
+    p.add_argument("--spec-max-batch", type=int, default=16,
+                   help="MTP drafts only in steps with at most this many requests (EngineConfig.spec_max_batch)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
     out = json_only_stdout(args.json)
@@ -200,34 +224,51 @@ def main() -> None:
         engine_kw = dict(kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.requests,
                          max_num_batched_tokens=max(512, 2 * args.requests))
 
-        plain = run_nanoseek(model, reqs, speculative=False, **engine_kw)
-        log(f"nanoseek: {n_out / plain['seconds']:,.1f} tok/s ({plain['forwards']} forwards)")
+        precs, why = precisions(args.precisions)
+        log(f"precisions: {precs} ({why})")
+        by_prec = {}
+        for pr in precs:  # a model object is cast in place: bf16 loads its own copy
+            by_prec[pr] = run_nanoseek(model if pr == "fp32" else ckpt, reqs, speculative=False,
+                                       dtype=DTYPES[pr], **engine_kw)
+            log(f"nanoseek [{pr}]: {n_out / by_prec[pr]['seconds']:,.1f} tok/s ({by_prec[pr]['forwards']} forwards)")
+        our_prec = min(by_prec, key=lambda k: by_prec[k]["seconds"])
+        plain = by_prec[our_prec]
+        engine_kw.update(dtype=DTYPES[our_prec])
+        src = model if our_prec == "fp32" else ckpt
         has_mtp = len(model.mtp) > 0
-        spec = run_nanoseek(model, reqs, speculative=True, **engine_kw) if has_mtp else None
+        spec = (run_nanoseek(src, reqs, speculative=True, spec_max_batch=args.spec_max_batch, **engine_kw)
+                if has_mtp else None)
         if spec:
+            forced = run_nanoseek(src, reqs, speculative=True, spec_max_batch=args.requests, **engine_kw)
             # one request at a time: decode is latency-bound, where speculation pays
             few = reqs[:args.single_stream]
             kw1 = dict(engine_kw, max_num_seqs=1)
-            one_plain, one_spec = (run_nanoseek(model, few, speculative=s, **kw1) for s in (False, True))
+            one_plain, one_spec = (run_nanoseek(src, few, speculative=s, **kw1) for s in (False, True))
             log(f"nanoseek + MTP: {n_out / spec['seconds']:,.1f} tok/s, acceptance "
                 f"{spec['spec']['acceptance_rate']:.1%} ({spec['forwards']} forwards); one stream: "
                 f"{one_plain['seconds'] / one_spec['seconds']:.2f}x faster with MTP")
-        hf = run_transformers(ckpt, reqs, args.hf_batch)
+        hf = run_transformers(ckpt, reqs, args.hf_batch, precs)
 
     best = min(hf, key=lambda k: hf[k][0])
     hf_dt, hf_tokens, hf_kv = hf[best]
-    dtype_bytes = next(model.parameters()).element_size()
+    dtype_bytes = DTYPES[our_prec].itemsize
     L = cfg.num_hidden_layers
     r = {}
     r["ratio"] = hf_dt / plain["seconds"]
     r["nanoseek_tok_s"] = n_out / plain["seconds"]
     r["transformers_tok_s"] = n_out / hf_dt
     r["transformers_best"] = f"{best[0]}/{best[1]}"
+    r["nanoseek_precision"] = our_prec
+    r["transformers_precision"] = best[2]
     if spec:
         r["mtp_acceptance"] = spec["spec"]["acceptance_rate"]
+        r["mtp_drafted"] = spec["spec"]["drafted"]
         r["mtp_speedup"] = plain["seconds"] / spec["seconds"]
+        r["mtp_speedup_always_draft"] = plain["seconds"] / forced["seconds"]
+        r["mtp_acceptance_always_draft"] = forced["spec"]["acceptance_rate"]
         r["nanoseek_mtp_tok_s"] = n_out / spec["seconds"]
-        r["mtp_greedy_identical"] = spec["tokens"] == plain["tokens"] and one_spec["tokens"] == one_plain["tokens"]
+        r["mtp_greedy_identical"] = (spec["tokens"] == plain["tokens"] == forced["tokens"]
+                                     and one_spec["tokens"] == one_plain["tokens"])
         r["mtp_speedup_one_stream"] = one_plain["seconds"] / one_spec["seconds"]
         r["mtp_acceptance_one_stream"] = one_spec["spec"]["acceptance_rate"]
     r["outputs_equal_transformers"] = sum(a == b for a, b in zip(plain["tokens"], hf_tokens)) / len(reqs)
@@ -240,9 +281,9 @@ def main() -> None:
     r["output_tokens"] = n_out
     r["nanoseek_preemptions"] = plain["preemptions"]
     r["torch_threads"] = torch.get_num_threads()
-    for (impl, name), (dt, _, _) in hf.items():
-        r[f"transformers_tok_s[{impl},{name}]"] = n_out / dt
-    assert PagedLatentCache.bytes_per_token(cfg, L, next(model.parameters()).dtype) == r["nanoseek_kv_bytes_per_token"]
+    for (impl, name, pr), (dt, _, _) in hf.items():
+        r[f"transformers_tok_s[{impl},{name},{pr}]"] = n_out / dt
+    assert PagedLatentCache.bytes_per_token(cfg, L, DTYPES[our_prec]) == r["nanoseek_kv_bytes_per_token"]
     emit(r, args.json, out, skip_prefix="transformers_tok_s[")
 
 

@@ -1,6 +1,11 @@
 """A full training step (forward, backward, clipping, AdamW) of nanoseek against
 transformers' DeepseekV3ForCausalLM: same config, same weights, same batch, one process.
 
+Each side runs in its best precision: fp32, and bf16 autocast (fp32 master weights, as
+the training loop runs it) where the device has fast bf16 (train/precision.py decides;
+`--precisions fp32,bf16` forces both); the precision of each side is printed. MFU is
+against the measured matmul peak of the dtype each side used.
+
 transformers never trains MTP modules nor computes V3's balance loss, so both sides run
 the same work: MTP off, balance loss off; nanoseek's step keeps its aux-loss-free router
 bias update (part of its recipe; a few microseconds). transformers is timed with every
@@ -11,35 +16,48 @@ other processes on a shared machine hits both alike.
 MFU = model FLOPs per token (6 x activated matmul parameters + causal attention, from
 nanoseek.calc via nanoseek/train/mfu.py) x tokens/s / this machine's measured matmul peak.
 
-    python benchmarks/bench_train.py [--preset tiny] [--batch 8] [--seq 256] [--steps 6] [--json]
+    python benchmarks/bench_train.py [--preset tiny] [--batch 8] [--seq 256] [--steps 6]
+                                     [--precisions auto|fp32,bf16] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from common import emit, json_only_stdout, log, transformers_variants
-import nanoseek
-from nanoseek.config import preset
-from nanoseek.model import CausalLM
-from nanoseek.train.loop import param_groups
-from nanoseek.train.mfu import flops_per_token, measure_peak_flops
-from nanoseek.train.pretrain import setup_threads
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's nanoseek
+
+from common import emit, json_only_stdout, log, transformers_variants  # noqa: E402
+import nanoseek  # noqa: E402
+from nanoseek.config import preset  # noqa: E402
+from nanoseek.model import CausalLM  # noqa: E402
+from nanoseek.train.loop import param_groups  # noqa: E402
+from nanoseek.train.mfu import flops_per_token, measure_peak_flops  # noqa: E402
+from nanoseek.train.precision import fast_bf16, peak_dtype  # noqa: E402
+from nanoseek.train.pretrain import setup_threads  # noqa: E402
 
 
-def make_step(model, ids, is_hf: bool):
+def autocast(precision: str):
+    return (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+            else contextlib.nullcontext())
+
+
+def make_step(model, ids, is_hf: bool, precision: str = "fp32"):
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
 
     def step():
-        if is_hf:
-            loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # HF shifts itself
-        else:
-            loss = model.loss(ids[:, :-1], ids[:, 1:]).loss
+        with autocast(precision):
+            if is_hf:
+                loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # HF shifts itself
+            else:
+                loss = model.loss(ids[:, :-1], ids[:, 1:]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -56,6 +74,19 @@ def timed(step) -> float:
     return time.perf_counter() - t
 
 
+def precisions(arg: str) -> tuple[list[str], str]:
+    """The precisions both sides are screened in, and why."""
+    if arg != "auto":
+        return arg.split(","), "asked for"
+    fast, why = fast_bf16("cpu")
+    return (["fp32", "bf16"] if fast else ["fp32"]), (why if fast else f"bf16 skipped: {why}")
+
+
+def screen(step) -> float:
+    step()
+    return min(timed(step) for _ in range(2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -64,12 +95,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every core)")
+    p.add_argument("--precisions", default="auto",
+                   help="comma-separated, e.g. fp32,bf16 (auto: bf16 too where the CPU has fast bf16)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
     out = json_only_stdout(args.json)
 
     threads = setup_threads()
-    peak = measure_peak_flops("cpu")  # the whole machine's peak, whatever --threads says
+    precs, why = precisions(args.precisions)
+    log(f"precisions: {precs} ({why})")
+    # the whole machine's peak per dtype, whatever --threads says
+    peaks = {pr: measure_peak_flops("cpu", peak_dtype(pr)) for pr in precs}
     if args.threads:
         threads = args.threads
         torch.set_num_threads(threads)
@@ -83,15 +119,22 @@ def main() -> None:
         nanoseek.save_pretrained(ours, d)
         candidates = {}
         for impl, hf in transformers_variants(d, train=True):
-            step = make_step(hf, ids, True)
-            step()
-            candidates[impl] = (min(timed(step) for _ in range(2)), hf, step)
-            log(f"transformers [{impl}]: {tokens / candidates[impl][0]:,.0f} tok/s (screening)")
-        best_impl = min(candidates, key=lambda k: candidates[k][0])
-        hf, hf_step = candidates[best_impl][1], candidates[best_impl][2]
+            for pr in precs:
+                step = make_step(hf, ids, True, pr)
+                candidates[impl, pr] = (screen(step), hf, step)
+                log(f"transformers [{impl}, {pr}]: {tokens / candidates[impl, pr][0]:,.0f} tok/s (screening)")
+        best_impl, hf_prec = min(candidates, key=lambda k: candidates[k][0])
+        hf_step = candidates[best_impl, hf_prec][2]
         candidates.clear()
-    # both start from the same weights (transformers loaded nanoseek's checkpoint above); warm up
-    our_step = make_step(ours, ids, False)
+    # both start from the same weights (transformers loaded nanoseek's checkpoint above)
+    ours_by_prec = {}
+    for pr in precs:
+        m = CausalLM(cfg).train()
+        m.load_state_dict(ours.state_dict())
+        ours_by_prec[pr] = (screen(make_step(m, ids, False, pr)), m)
+        log(f"nanoseek [{pr}]: {tokens / ours_by_prec[pr][0]:,.0f} tok/s (screening)")
+    our_prec = min(ours_by_prec, key=lambda k: ours_by_prec[k][0])
+    our_step = make_step(ours_by_prec[our_prec][1], ids, False, our_prec)
     for _ in range(args.warmup):
         our_step()
         hf_step()
@@ -104,11 +147,13 @@ def main() -> None:
         "ratio": m_hf / m_ours,
         "nanoseek_tok_s": tokens / m_ours,
         "transformers_tok_s": tokens / m_hf,
-        "nanoseek_mfu": fpt * tokens / m_ours / peak,
-        "transformers_mfu": fpt * tokens / m_hf / peak,
+        "nanoseek_precision": our_prec,
+        "transformers_precision": hf_prec,
+        "nanoseek_mfu": fpt * tokens / m_ours / peaks[our_prec],
+        "transformers_mfu": fpt * tokens / m_hf / peaks[hf_prec],
         "transformers_experts_impl": best_impl,
         "flops_per_token": fpt,
-        "peak_gflops": peak / 1e9,
+        "peak_gflops": peaks[our_prec] / 1e9,
         "batch": args.batch, "seq": args.seq, "threads": threads,
     }
     emit(results, args.json, out)

@@ -9,13 +9,15 @@ import sys
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 
 
-def transformers_variants(path, train: bool):
+def transformers_variants(path, train: bool, dtype=None):
     """Yield (experts_implementation, DeepseekV3ForCausalLM) for each implementation this
-    transformers build offers, loaded from the checkpoint directory `path`."""
+    transformers build offers, loaded from the checkpoint directory `path` (in `dtype`,
+    a torch dtype; None: the checkpoint's fp32)."""
     import transformers
+    kw = {} if dtype is None else {"dtype": dtype}
     for impl in EXPERTS_IMPLEMENTATIONS:
         try:
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, experts_implementation=impl)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, experts_implementation=impl, **kw)
         except Exception as e:  # an implementation this build does not offer
             log(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
             continue

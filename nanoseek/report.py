@@ -122,6 +122,8 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
     if load_png:
         L.append(f"![expert load]({load_png})\n")
     L.append(f"![learning rate]({lr_png})\n")
+    from nanoseek.parallel.report import parallel_section
+    L += parallel_section(run, train)  # empty unless several processes trained the run
     L += validation_section(evals) + samples_section(samples) + data_section(run)
     L += configuration_section(run) + [METHOD_NOTES]
     path = run_dir / "report.md"

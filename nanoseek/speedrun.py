@@ -8,7 +8,7 @@ fully decayed run). The post-training stages (SFT, GRPO) are to be added after s
 
 from __future__ import annotations
 
-import shutil
+import math
 import time
 from pathlib import Path
 
@@ -27,33 +27,67 @@ SPEEDRUN_TRAIN = dict(batch_size=8, seq_len=256, grad_accum=1, lr=3e-3, warmup_s
 SPEEDRUN_BIAS_SPEED = 0.01
 
 
-def _is_run_dir(path: Path) -> bool:
-    return any((path / f).exists() for f in ("run.json", "train_state.pt", "metrics.jsonl"))
+def check_speedrun_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """runs/NAME may hold only a speedrun of ours, and is reused only when asked: --resume
+    continues it, --overwrite replaces it (deleting only its own files: run_dir.py). A
+    directory that is not a speedrun (another run, anything else) is never touched."""
+    from nanoseek.train.run_dir import (RunError, entries, listing, progress_of, run_kind,
+                                        trained_steps)
+
+    kind = run_kind(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file; choose another --name")
+    if kind is None and entries(out):
+        raise RunError(f"{out} exists and is not a nanoseek run (it holds {listing(entries(out))}); "
+                       "choose another --name")
+    if kind is not None and kind != "speedrun":
+        raise RunError(f"{out} holds a nanoseek {kind} run, not a speedrun; choose another --name")
+    if kind == "speedrun" and not (resume or overwrite) and trained_steps(out):
+        raise RunError(f"{out} holds a speedrun ({progress_of(out)}); pass --resume to continue "
+                       "it, --overwrite to replace it (deletes only its own files), or choose "
+                       "another --name")
 
 
-def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float = 7.0,
-             max_steps: int = 300, progress: bool = True, log=print, threads: int | None = 0,
+def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float | None = None,
+             max_steps: int | None = None, progress: bool = True, log=print,
+             threads: int | None = None, resume: bool = False, overwrite: bool = False,
              **train_overrides) -> Path:
-    """Run every stage; returns the path of report.md."""
+    """Run every stage; returns the path of report.md. minutes / max_steps / threads: None
+    = 7 / 300 / 0 (adaptive) for a new speedrun, the run's own on resume."""
+    from nanoseek.train.run_lock import check_unlocked, run_lock
+
+    t_start = time.perf_counter()
+    out = Path(root) / name
+    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+        raise ValueError(f"speedrun option 'minutes': must be a finite number > 0, got {minutes!r}")
+    check_unlocked(out)
+    check_speedrun_dir(out, resume, overwrite)
+    with run_lock(out):  # held through pretraining, evaluation and the report
+        check_speedrun_dir(out, resume, overwrite)
+        return _speedrun(out, minutes, max_steps, progress, log, threads, resume, overwrite,
+                         train_overrides, t_start)
+
+
+def _speedrun(out: Path, minutes, max_steps, progress, log, threads, resume, overwrite,
+              train_overrides, t_start) -> Path:
     from nanoseek.report import write_report
     from nanoseek.train.eval import evaluate_checkpoint
     from nanoseek.train.pretrain import PretrainConfig, pretrain, write_run
 
-    t_start = time.perf_counter()
-    out = Path(root) / name
-    if out.exists():
-        if not _is_run_dir(out):
-            raise FileExistsError(f"{out} exists and is not a nanoseek run; choose another --name")
-        log(f"removing the previous speedrun in {out}")
-        shutil.rmtree(out)
     cfg = preset("tiny", bias_update_speed=SPEEDRUN_BIAS_SPEED)
+    if threads is None and not resume:
+        threads = 0
+    given = {"train.max_steps": max_steps, "train.time_limit": None if minutes is None else minutes * 60}
+    minutes, max_steps = 7.0 if minutes is None else minutes, 300 if max_steps is None else max_steps
     tcfg = TrainConfig(**{**SPEEDRUN_TRAIN, "max_steps": max_steps, "time_limit": minutes * 60,
                           **train_overrides})
-    log(f"[1/3] tokenizer + pretraining: tiny preset, up to {max_steps} steps or {minutes:g} min")
-    run = pretrain(out, PretrainConfig(model=cfg, train=tcfg), progress=progress, log=log,
-                   threads=threads)
+    log(f"[1/3] tokenizer + pretraining: tiny preset, up to {max_steps} steps or {minutes:g} min"
+        + (" (resuming: the run's own settings unless given)" if resume else ""))
+    run = pretrain(out, PretrainConfig(model=cfg, train=tcfg), resume=resume, overwrite=overwrite,
+                   overrides={k: v for k, v in given.items() if v is not None}, progress=progress,
+                   log=log, threads=threads, kind="speedrun")
     log("[2/3] evaluation: reloading the checkpoint from disk")
-    ev = evaluate_checkpoint(out, tcfg.seq_len)
+    ev = evaluate_checkpoint(out, run["settings"]["train"]["seq_len"])
     log(f"      validation loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte "
         f"(unigram baseline {run['unigram_loss']:.4f} / {run['unigram_bpb']:.4f})")
     log("[3/3] report")

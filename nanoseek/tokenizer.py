@@ -168,8 +168,10 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         return cls(HFTokenizer.from_file(str(file)))
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids  # special tokens (e.g. BOS) as the tokenizer's post-processor says
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Special tokens (e.g. BOS) as the tokenizer's post-processor says; False for text
+        that already holds them (a rendered chat starts with its own BOS)."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -22,9 +22,19 @@ def test_speedrun_smoke(tmp_path):
         assert needle in text, needle
     assert (tmp_path / "smoke" / "model.safetensors").exists()
     assert (tmp_path / "smoke" / "tokenizer.json").exists()
-    # a second speedrun replaces the first; a foreign directory is never deleted
+    # a second speedrun is refused; --resume continues (here: re-evaluates, re-reports),
+    # --overwrite replaces only the speedrun's own files; a foreign directory is never deleted
+    from nanoseek.train.run_dir import RunError
+    (tmp_path / "smoke" / "notes.txt").write_text("mine")
+    quiet = dict(progress=False, log=lambda *_: None, threads=1, eval_tokens=1024)
+    with pytest.raises(RunError, match="finished at step 3.*--resume.*--overwrite"):
+        speedrun("smoke", tmp_path, max_steps=3, **quiet)
+    assert speedrun("smoke", tmp_path, resume=True, **quiet) == path
+    speedrun("smoke", tmp_path, max_steps=1, overwrite=True, **quiet)
+    run = json.loads((tmp_path / "smoke" / "run.json").read_text())
+    assert run["summary"]["steps"] == 1 and (tmp_path / "smoke" / "notes.txt").read_text() == "mine"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="not a nanoseek run"):
+    with pytest.raises(RunError, match="not a nanoseek run"):
         speedrun("mine", tmp_path, max_steps=1, progress=False, log=lambda *_: None)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

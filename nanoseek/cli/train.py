@@ -2,59 +2,107 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from nanoseek.special_tokens import SPECIAL_TOKENS
+
+
+def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False):
+    """A typer callback: the value (if given) lies in the range and is finite, else one line
+    naming the flag and the limit (typer's own min/max let NaN through for floats)."""
+    def check(value):
+        if value is None:
+            return value
+        low_ok = lo is None or (value > lo if lo_open else value >= lo)
+        high_ok = hi is None or (value < hi if hi_open else value <= hi)
+        if not (math.isfinite(value) and low_ok and high_ok):
+            left = "(" if lo_open else "["
+            right = ")" if hi_open or hi is None else "]"
+            span = f"{left}{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}{right}"
+            raise typer.BadParameter(f"must be a finite number in {span}, got {value}")
+        return value
+    return check
+
+
+COUNT = _range(0)  # a count where 0 means off / only at the end, as each flag's help says
+POSITIVE = _range(1)
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the bytes + DeepSeek's special tokens
+
 
 def tokenizer_train(
         out: Path = typer.Option(..., "--out", help="directory to write tokenizer.json + tokenizer_config.json into"),
         data: Optional[list[Path]] = typer.Option(None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
-        vocab_size: int = typer.Option(4096, help="vocabulary size, special tokens included"),
-        text_field: str = typer.Option("text", help="column holding the text in .jsonl/.parquet files")):
+        vocab_size: int = typer.Option(4096, callback=_range(MIN_VOCAB, 1 << 20), help=f"vocabulary size, special tokens included ({MIN_VOCAB} to 1048576)"),
+        text_field: str = typer.Option("text", help="column holding the text in .jsonl/.parquet files"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace tokenizer files already in --out")):
     """Train a byte-level BPE (digits split one by one) with DeepSeek's special tokens and
     chat template; transformers.AutoTokenizer loads the result."""
     from nanoseek.data import load_corpus
-    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    from nanoseek.tokenizer import TOKENIZER_FILES, save_tokenizer, train_tokenizer
+    there = [f for f in TOKENIZER_FILES if (out / f).exists()]
+    if there and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(there)}; pass --overwrite to "
+                              "replace them or choose another --out")
     docs = load_corpus(data, text_field)
     tok = train_tokenizer(docs, vocab_size)
     save_tokenizer(tok, out)
     typer.echo(f"tokenizer with {len(tok)} tokens trained on {len(docs)} documents -> {out}")
 
 
+# flags that a resumed run takes from the command line; every other one it ignores (the
+# run's saved settings rule) and says so
+RESUME_FLAGS = {"out", "resume", "overwrite", "max_steps", "time_limit", "data", "text_field",
+                "threads", "no_progress", "nproc", "ep", "tp", "pp"}  # launch layout: any on resume
+
+
 def pretrain(
+        ctx: typer.Context,
         out: Path = typer.Option(..., "--out", help="run directory (becomes an HF checkpoint), e.g. runs/NAME"),
         preset: str = typer.Option("tiny", help="model preset (ignored with --config)"),
         config: Optional[Path] = typer.Option(None, "--config", help="model config.json (HF DeepseekV3 fields)"),
         data: Optional[list[Path]] = typer.Option(None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
         text_field: str = typer.Option("text", help="column holding the text in .jsonl/.parquet files"),
         tokenizer: Optional[Path] = typer.Option(None, help="directory with a trained tokenizer (default: train one on the data)"),
-        max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default 1000; with --resume, the run's own)"),
-        resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
-        batch_size: int = typer.Option(8, min=1, help="sequences per micro-batch"),
-        seq_len: int = typer.Option(256, min=1, help="tokens per sequence (at most the model's max_position_embeddings)"),
-        grad_accum: int = typer.Option(1, min=1, help="micro-batches per optimizer step"),
-        lr: float = typer.Option(3e-3, help="peak learning rate"),
-        warmup_steps: int = typer.Option(30, help="linear warm-up steps"),
+        max_steps: Optional[int] = typer.Option(None, callback=POSITIVE, help="optimizer steps, >= 1 (default 1000; with --resume, the run's own)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint, with its own settings"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="start the run in --out over (deletes only the files a run writes), or add a run beside other files"),
+        batch_size: int = typer.Option(8, callback=POSITIVE, help="sequences per micro-batch (>= 1)"),
+        seq_len: int = typer.Option(256, callback=POSITIVE, help="tokens per sequence (at most the model's max_position_embeddings)"),
+        grad_accum: int = typer.Option(1, callback=POSITIVE, help="micro-batches per optimizer step (>= 1)"),
+        lr: float = typer.Option(3e-3, callback=_range(0, 1, lo_open=True), help="peak learning rate, in (0, 1]"),
+        warmup_steps: int = typer.Option(30, callback=COUNT, help="linear warm-up steps (>= 0)"),
         schedule: str = typer.Option("cosine", help="cosine | wsd | constant"),
-        weight_decay: float = typer.Option(0.1, help="AdamW decoupled weight decay (matrices only)"),
-        grad_clip: float = typer.Option(1.0, help="gradient-norm clipping (0 = off)"),
-        precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a gradient scaler)"),
-        router_z_loss: Optional[float] = typer.Option(None, help="router z-loss coefficient (overrides the config)"),
-        eval_every: int = typer.Option(100, help="steps between validations"),
-        eval_tokens: int = typer.Option(0, help="validation tokens per evaluation (0 = all)"),
-        save_every: int = typer.Option(100, help="steps between checkpoints"),
-        sample_every: int = typer.Option(0, help="steps between samples (0 = at the end only)"),
-        sample_tokens: int = typer.Option(48, help="tokens per sample (0 = no samples)"),
-        time_limit: Optional[float] = typer.Option(None, help="stop after this many seconds of training (0 = none; with --resume, the run's own unless given)"),
-        seed: int = typer.Option(1337),
-        val_fraction: float = typer.Option(0.1, help="share of documents held out for validation"),
-        threads: Optional[int] = typer.Option(None, min=0, help="torch threads (default: all cores; 0 = adapt between all cores and one while training)"),
+        weight_decay: float = typer.Option(0.1, callback=COUNT, help="AdamW decoupled weight decay (matrices only, >= 0)"),
+        grad_clip: float = typer.Option(1.0, callback=COUNT, help="gradient-norm clipping (0 = off)"),
+        precision: str = typer.Option("auto", help="auto (bf16 where the device has fast bf16: CUDA with bf16, a CPU with AMX/AVX512-BF16; else fp32) | fp32 | bf16 | fp16 (with a gradient scaler)"),
+        compile: str = typer.Option("auto", "--compile", help="torch.compile of the blocks: auto (off: it does not pay on CPU; not measured on CUDA) | on | off"),
+        router_z_loss: Optional[float] = typer.Option(None, callback=COUNT, help="router z-loss coefficient (overrides the config, >= 0)"),
+        eval_every: int = typer.Option(100, callback=COUNT, help="steps between validations (0 = at the end only)"),
+        eval_tokens: int = typer.Option(0, callback=COUNT, help="validation tokens per evaluation (0 = all)"),
+        save_every: int = typer.Option(100, callback=COUNT, help="steps between checkpoints (0 = at the end only; Ctrl-C saves too)"),
+        sample_every: int = typer.Option(0, callback=COUNT, help="steps between samples (0 = at the end only)"),
+        sample_tokens: int = typer.Option(48, callback=COUNT, help="tokens per sample (0 = no samples)"),
+        time_limit: Optional[float] = typer.Option(None, callback=COUNT, help="stop after this many seconds of training (0 = none; with --resume, the run's own unless given)"),
+        seed: int = typer.Option(1337, callback=COUNT, help="random seed (>= 0)"),
+        val_fraction: float = typer.Option(0.1, callback=_range(0, 1, lo_open=True, hi_open=True), help="share of documents held out for validation, in (0, 1)"),
+        threads: Optional[int] = typer.Option(None, callback=_range(0, 4096), help="torch threads (default: all cores, on --resume the run's own; 0 = adapt between all cores and one while training)"),
+        nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (batch-size stays the global micro-batch, split over data-parallel ranks)"),
+        ep: int = typer.Option(1, min=1, help="expert-parallel size: each rank keeps n_routed_experts/ep experts (divides the data-parallel size)"),
+        tp: int = typer.Option(1, min=1, help="tensor-parallel size (MLA heads and the dense FFN split over tp ranks)"),
+        pp: int = typer.Option(1, min=1, help="pipeline stages (1F1B; needs grad-accum >= pp; alone: pp = processes)"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
     cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
     checkpoints. The run directory loads with transformers' AutoModelForCausalLM."""
+    from nanoseek.parallel import ParallelConfig, launch
+    if nproc > 1 and not launch.under_torchrun():
+        import sys
+        raise typer.Exit(launch.torchrun(nproc, launch.args_without_nproc(sys.argv)))
     from nanoseek.cli.common import load_config
     from nanoseek.train.config import TrainConfig
     from nanoseek.train.pretrain import DataConfig, PretrainConfig
@@ -64,10 +112,10 @@ def pretrain(
         cfg = cfg.replace(router_z_loss_coef=router_z_loss)
     settings = PretrainConfig(
         model=cfg,
-        train=TrainConfig(max_steps=max_steps or 1000, batch_size=batch_size, seq_len=seq_len,
-                          grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+        train=TrainConfig(max_steps=1000 if max_steps is None else max_steps, batch_size=batch_size,
+                          seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                           schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
-                          precision=precision, eval_every=eval_every, eval_tokens=eval_tokens,
+                          precision=precision, compile=compile, eval_every=eval_every, eval_tokens=eval_tokens,
                           save_every=save_every, sample_every=sample_every,
                           time_limit=time_limit or 0.0, seed=seed),
         data=DataConfig(paths=data or [], text_field=text_field, val_fraction=val_fraction,
@@ -77,10 +125,66 @@ def pretrain(
     given = {"train.max_steps": max_steps, "train.time_limit": time_limit,
              "data.paths": settings.data.paths or None,
              "data.text_field": text_field if data else None}
+    if resume:
+        _warn_ignored(ctx, out)
     steps_before = _finished_steps(out) if resume else None
-    run = run_pretrain(out, settings, resume=resume, progress=not no_progress, threads=threads,
-                       overrides={k: v for k, v in given.items() if v is not None})
-    typer.echo(_done_line(out, run["summary"], steps_before))
+    try:
+        run = run_pretrain(out, settings, resume=resume, overwrite=overwrite,
+                           progress=not no_progress, threads=threads,
+                           overrides={k: v for k, v in given.items() if v is not None},
+                           parallel=ParallelConfig(ep=ep, tp=tp, pp=pp))
+    except BaseException as e:
+        _exit_on_signal(e, f"nanoseek pretrain --out {out} --resume")
+        raise
+    if launch.is_main():
+        typer.echo(_done_line(out, run["summary"], steps_before))
+
+
+def _given_flags(ctx: typer.Context) -> list[str]:
+    """The parameters set on the command line (or by environment), not by default."""
+    return [name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
+
+
+def _warn_ignored(ctx: typer.Context, out: Path) -> None:
+    """One line naming each flag that --resume ignores (and the run's own value)."""
+    from nanoseek.train.run_settings import read_settings
+    ignored = [n for n in _given_flags(ctx) if n not in RESUME_FLAGS]
+    if not ignored:
+        return
+    try:
+        saved = read_settings(out)
+    except (OSError, ValueError):
+        saved = None
+    parts = []
+    for name in ignored:
+        own = _saved_value(saved, name)
+        parts.append(f"--{name.replace('_', '-')}" + (f" (the run's: {own})" if own is not None else ""))
+    typer.echo(f"warning: --resume continues with the run's saved settings; ignoring "
+               f"{', '.join(parts)}", err=True)
+
+
+def _saved_value(saved, name: str):
+    if saved is None:
+        return None
+    for section in (saved.train, saved.data, saved):
+        if hasattr(section, name):
+            return getattr(section, name)
+    return None
+
+
+def _exit_on_signal(e: BaseException, resume_command: str) -> None:
+    """Interrupted (a checkpoint was saved) or Aborted (a second signal): one line on
+    stderr and exit 128 + signal; anything else is left to the caller."""
+    from nanoseek.train.signals import Aborted, Interrupted
+    if isinstance(e, Interrupted):
+        hint = f"; continue with: {resume_command}" if e.step else ""
+        typer.echo(f"{e}{hint}", err=True)
+        raise typer.Exit(e.exit_code)
+    if isinstance(e, Aborted):
+        typer.echo(f"{e}: the steps since the last checkpoint are lost, the checkpoint itself is "
+                   f"intact; continue with: {resume_command}", err=True)
+        raise typer.Exit(e.exit_code)
 
 
 def _finished_steps(out: Path) -> int | None:
@@ -104,14 +208,21 @@ def _done_line(out: Path, s: dict, steps_before: int | None) -> str:
 def speedrun(
         name: str = typer.Option("speedrun", help="run name: writes runs/NAME/report.md"),
         root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
-        minutes: float = typer.Option(7.0, help="training time budget in minutes"),
-        max_steps: int = typer.Option(300, help="training steps if time allows"),
-        threads: int = typer.Option(0, min=0, help="torch threads (0 = adapt between all cores and one while training: on a crowded machine one thread can be faster)"),
+        minutes: Optional[float] = typer.Option(None, callback=_range(0, 7 * 24 * 60, lo_open=True), help="training time budget in minutes, > 0 (default 7; with --resume, the run's own)"),
+        max_steps: Optional[int] = typer.Option(None, callback=POSITIVE, help="training steps if time allows, >= 1 (default 300; with --resume, the run's own)"),
+        threads: Optional[int] = typer.Option(None, callback=_range(0, 4096), help="torch threads (default 0 = adapt between all cores and one while training: on a crowded machine one thread can be faster; with --resume, the run's own)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the speedrun in runs/NAME (e.g. after Ctrl-C)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace the speedrun in runs/NAME (deletes only its own files)"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
     pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most)."""
     from nanoseek.speedrun import speedrun as run_speedrun
-    run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads)
+    try:
+        run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads,
+                     resume=resume, overwrite=overwrite)
+    except BaseException as e:
+        _exit_on_signal(e, f"nanoseek speedrun --root {root} --name {name} --resume")
+        raise
 
 
 def report(run_dir: Path = typer.Argument(..., help="run directory (with run.json and metrics.jsonl)")):

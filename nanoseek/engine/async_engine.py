@@ -1,9 +1,12 @@
 """The engine for servers: per-request streaming through async generators, and abort.
 
 One background task owns the engine. It applies queued requests and aborts *between*
-steps (so the scheduler is never touched while a step runs), runs each step in a worker
-thread (the event loop stays free for I/O), and pushes every touched request's
-cumulative `RequestOutput` to that request's queue. A consumer that stops iterating
+steps (so the scheduler is never touched while a step runs), runs each step on the event
+loop itself and then yields to it, so consumers and sockets run between steps, and pushes
+every touched request's cumulative `RequestOutput` to that request's queue. (A worker
+thread per step was 2.2x slower serving 200 streaming clients on a 2-core CPU: the step's
+many small torch calls each release the GIL and then wait to get it back from the busy
+event loop.) A consumer that stops iterating
 (a client that hung up) aborts its request, which frees its blocks.
 
     engine = AsyncLLM("runs/speedrun")
@@ -136,7 +139,7 @@ class AsyncLLM:
                     await self._wake.wait()
                 continue
             try:
-                touched = await asyncio.to_thread(self.engine.step)
+                touched = self.engine.step()
             except Exception as e:  # noqa: BLE001 - every waiting consumer must hear of it
                 for queue in self._queues.values():
                     queue.put_nowait(e)
@@ -147,3 +150,4 @@ class AsyncLLM:
                 queue = self._queues.get(seq.request_id)
                 if queue is not None:
                     queue.put_nowait(request_output(seq))
+            await asyncio.sleep(0)  # let the consumers and the sockets run before the next step

@@ -23,6 +23,7 @@ from nanoseek.engine.sampling import SamplingParams, make_generator
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.spec import SpecStats
+from nanoseek.engine.spec_policy import SpecPolicy
 from nanoseek.model import CausalLM
 from nanoseek.tokenizer import Tokenizer
 
@@ -36,6 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512    # token budget of one step (decodes + prefill chunks)
     enable_prefix_caching: bool = True
     speculative: bool | None = None      # None: on when the model has MTP layers
+    spec_max_batch: int = 16             # MTP drafts only in steps with at most this many requests
     max_model_len: int | None = None     # default: max_position_embeddings
 
     def __post_init__(self):
@@ -67,7 +69,7 @@ class LLMEngine:
                   [] if cfg.eos_token_id is None else [cfg.eos_token_id])
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    min(max_len, self.cache.capacity_tokens), eos)
-        self.runner = ModelRunner(model, self.cache, self.speculative)
+        self.runner = ModelRunner(model, self.cache, self.speculative, SpecPolicy(max_batch=config.spec_max_batch))
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -85,7 +84,7 @@ class LLM:
             for p, sp in zip(prompts, params):
                 groups.append([])
                 for k in range(sp.n):
-                    seq = self.engine.add_request(p, _nth(sp, k))
+                    seq = self.engine.add_request(p, sp.for_sample(k))
                     groups[-1].append(seq)
                     seqs.append(seq)
             if use_tqdm:
@@ -111,13 +110,6 @@ class LLM:
                 out.outputs.append(comp)
             outs.append(out)
         return outs
-
-
-def _nth(params: SamplingParams, k: int) -> SamplingParams:
-    """The k-th of n samples: its own seed, so the n completions differ but stay reproducible."""
-    if params.n == 1:
-        return params
-    return replace(params, n=1, seed=None if params.seed is None else params.seed + k)
 
 
 def _as_prompt_list(prompts) -> list:

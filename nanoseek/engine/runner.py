@@ -20,20 +20,24 @@ from nanoseek.engine.cache import BatchView, PagedLatentCache
 from nanoseek.engine.sampling import Sample, sample_batch
 from nanoseek.engine.sequence import Sequence, SeqOutput
 from nanoseek.engine.spec import MTPSpeculator
+from nanoseek.engine.spec_policy import SpecPolicy
 from nanoseek.model import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedLatentCache, speculative: bool = False):
+    def __init__(self, model: CausalLM, cache: PagedLatentCache, speculative: bool = False,
+                 spec_policy: SpecPolicy | None = None):
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
         self.forwards = 0
-        self.spec = MTPSpeculator(self) if speculative else None
+        self.spec = MTPSpeculator(self, spec_policy) if speculative else None
+        self.drafting = False  # whether this step runs MTP (the speculator's policy decides)
 
     # ------------------------------------------------------------------ one step
     def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> list[SeqOutput]:
         """One step: the decodes (absorbed, one forward), then the prefill chunks
         (decompressed, one forward). Outputs in that order: decodes, then prefills."""
+        self.drafting = self.spec is not None and self.spec.policy.should_draft(len(decodes) + len(prefills))
         outs = self._decode(decodes) if decodes else []
         return outs + (self._prefill(prefills) if prefills else [])
 
@@ -63,10 +67,11 @@ class ModelRunner:
     def _outputs(self, seqs, starts, samples, num_computed, h, absorb) -> list[SeqOutput]:
         """With speculation, the next drafts; then one SeqOutput per sequence. A failed
         sample (non-finite logits) fails its sequence: no token, no draft."""
-        drafts = (self.spec.draft(seqs, starts, samples, h, num_computed, absorb) if self.spec is not None
-                  else [None] * len(seqs))
-        return [SeqOutput(error=smp[0].error) if smp and smp[0].error is not None else SeqOutput(smp, d)
-                for smp, d in zip(samples, drafts)]
+        drafts = (self.spec.draft(seqs, starts, samples, h, num_computed, absorb, self.drafting)
+                  if self.spec is not None else [None] * len(seqs))
+        ran = [self.drafting and s.mtp_whole for s in seqs]  # MTP filled its cache for these
+        return [SeqOutput(error=smp[0].error) if smp and smp[0].error is not None else SeqOutput(smp, d, r)
+                for smp, d, r in zip(samples, drafts, ran)]
 
     @staticmethod
     def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[Sample]:

@@ -11,7 +11,7 @@ request fails with an error naming them, and the rest of the batch carries on.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -63,6 +63,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return is_greedy(self.temperature)
+
+    def for_sample(self, k: int) -> "SamplingParams":
+        """The k-th of n samples as a request of its own: its own seed (seed + k), so the n
+        completions differ but stay reproducible (`LLM.generate` and the server's `n`)."""
+        if self.n == 1:
+            return self
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + k)
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator:

@@ -94,7 +94,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free_seq(seq)
-        seq.status, seq.num_computed, seq.draft = Status.WAITING, 0, None
+        seq.status, seq.num_computed, seq.draft, seq.mtp_whole = Status.WAITING, 0, None, True
         seq.num_preemptions += 1
         self.num_preemptions += 1
         keys = [s.arrival for s in self.waiting]
@@ -163,6 +163,7 @@ class Scheduler:
                 touched.append(seq)
                 continue
             seq.num_computed += n  # a decode: the pending token, and the draft if it was accepted
+            seq.mtp_whole = seq.mtp_whole and out.mtp_ran
             for smp in out.samples:
                 self._append(seq, smp)
                 if seq.finished:  # e.g. eos on the first of two tokens: the second is dropped

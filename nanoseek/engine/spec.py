@@ -42,6 +42,7 @@ import torch
 
 from nanoseek.engine.sampling import Sample, sample_batch
 from nanoseek.engine.sequence import Sequence
+from nanoseek.engine.spec_policy import SpecPolicy
 
 
 @dataclass
@@ -61,14 +62,15 @@ class SpecStats:
 class MTPSpeculator:
     """MTP module 0 as the draft model, the main model as the verifier."""
 
-    def __init__(self, runner):
+    def __init__(self, runner, policy: SpecPolicy | None = None):
         self.runner = runner  # the ModelRunner whose forwards this drafts for
         self.stats = SpecStats()
+        self.policy = policy or SpecPolicy()
 
     def verify(self, seqs: list[Sequence], h: torch.Tensor, samples: list[list[Sample]]) -> None:
         """After a decode forward over [pending, draft]: each sequence whose first sample
         equals its draft gets a second sample, from the draft position's logits (h[b, 1])."""
-        accepted = []
+        accepted, drafted = [], self.stats.drafted
         for b, seq in enumerate(seqs):
             if seq.draft is None or samples[b][0].error is not None:
                 continue
@@ -76,6 +78,7 @@ class MTPSpeculator:
             if samples[b][0].token == seq.draft:
                 self.stats.accepted += 1
                 accepted.append(b)
+        self.policy.observe(self.stats.drafted - drafted, len(accepted))
         if not accepted:
             return
         second = sample_batch(self.runner.logits(h[accepted, 1]), [seqs[b].params for b in accepted],
@@ -85,14 +88,16 @@ class MTPSpeculator:
                 samples[b].append(smp)
 
     def draft(self, seqs: list[Sequence], starts: list[int], samples: list[list[Sample]], h: torch.Tensor,
-              num_computed: list[int], absorb: bool) -> list[int | None]:
+              num_computed: list[int], absorb: bool, active: bool = True) -> list[int | None]:
         """Run MTP over the positions each sequence just computed whose next token is now
         known (it fills the MTP layer's cache there); the last one's guess is the sequence's
-        draft. num_computed[b]: positions from starts[b] this forward made real."""
+        draft. num_computed[b]: positions from starts[b] this forward made real. Only when
+        the policy let this step draft (`active`), and only for sequences whose MTP cache
+        is whole (spec_policy.py); the others get None and run no MTP."""
         rows, h_prev, next_ids = [], [], []
         for b, (seq, st, smp) in enumerate(zip(seqs, starts, samples)):
-            if smp and smp[0].error is not None:  # a failed request drafts nothing
-                continue
+            if not active or not seq.mtp_whole or (smp and smp[0].error is not None):
+                continue  # (a failed request drafts nothing)
             new = [s.token for s in smp]
             n = min(num_computed[b], len(seq) + len(new) - 1 - st)  # rows with a known next token
             known = seq.tokens(st + 1, min(st + 1 + n, len(seq)))

@@ -109,6 +109,13 @@ class MLA(nn.Module):
             return proj.dequantized_weight(dtype)
         return proj.weight
 
+    def absorbable(self) -> bool:
+        """Absorption reads W_UKV as a dense matrix (wkv_b): a plain Linear or an FP8Linear.
+        A wrapped kv_b_proj (LoRA adapters, a 4-bit NF4 weight: train/lora.py,
+        train/qlora.py) computes W_UKV c_KV only through its forward, so decode then
+        decompresses the cached latents instead (same result)."""
+        return type(self.kv_b_proj) is nn.Linear or hasattr(self.kv_b_proj, "dequantized_weight")
+
     @staticmethod
     def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype) -> torch.Tensor:
         """scores [B,S,H,T] in fp32; mask [B,S,T] or None (causal, S == T)."""
@@ -124,7 +131,7 @@ class MLA(nn.Module):
         mask = None
         if cache is not None:
             (c_kv, k_pe), mask = cache.update(self.layer_id, c_kv, k_pe)
-        impl = "absorb" if cache is not None and cache.absorb else self.impl
+        impl = "absorb" if cache is not None and cache.absorb and self.absorbable() else self.impl
         attend = {"sdpa": self.attend_sdpa, "naive": self.attend_naive, "absorb": self.attend_absorbed}[impl]
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.reshape(B, S, -1))

@@ -40,8 +40,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, D] -> weights [N, k] (fp32), indices [N, k], scores [N, E], logits [N, E].
-        The router runs in fp32 whatever the activation dtype, as DeepSeek does."""
-        logits = F.linear(x.float(), self.weight.float())
+        The router runs in fp32 whatever the activation dtype, as DeepSeek does; autocast
+        is switched off here, or it would run this linear in bf16 despite the casts."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach()
         if self.e_score_correction_bias is not None:

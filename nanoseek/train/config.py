@@ -10,6 +10,7 @@ with is exactly what the run was started with.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from nanoseek.train.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("auto", "off", "on")
 
 
 @dataclass
@@ -34,7 +36,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto: bf16 autocast on CUDA with bf16, fp32 elsewhere
+    precision: str = "auto"  # auto: bf16 autocast where bf16 is fast (train/precision.py), else fp32
+    compile: str = "auto"  # torch.compile of the blocks: auto | off | on (train/compile.py)
     eval_every: int = 100  # 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation (0 = all)
     save_every: int = 100  # 0 = only at the end
@@ -45,20 +48,38 @@ class TrainConfig:
     # then follows max(step / max_steps, elapsed / time_limit), so it is not bit-reproducible
 
     def validate(self) -> None:
+        """Every field in its range (no value silently stands for another): a ValueError
+        naming the field, the limit and the value."""
         def need(cond, name, msg):
             if not cond:
-                raise ValueError(f"training option '{name}': {msg}")
+                raise ValueError(f"training option '{name}': {msg}, got {getattr(self, name)!r}")
         for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every"):
-            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        need(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}, got {self.schedule!r}")
-        need(self.precision in PRECISIONS, "precision",
-             f"must be one of {PRECISIONS}, got {self.precision!r}")
-        need(0 <= self.warmup_steps, "warmup_steps", "must be >= 0")
+            need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_tokens", "save_every", "sample_every", "seed"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an integer >= 0")
+        need(_finite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
+        for name in ("min_lr_ratio", "decay_frac"):
+            need(_finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "must lie in [0, 1]")
+        for name in ("beta1", "beta2"):
+            need(_finite(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "must lie in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "time_limit"):
+            need(_finite(getattr(self, name)) and getattr(self, name) >= 0, name,
+                 "must be a finite number >= 0 (0 = off)")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        need(self.compile in COMPILE_MODES, "compile", f"must be one of {COMPILE_MODES}")
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def settings_to_dict(settings: Any) -> dict:

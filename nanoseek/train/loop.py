@@ -34,9 +34,11 @@ from torch import nn
 
 from nanoseek.train import checkpointing
 from nanoseek.train.config import PRECISIONS, TrainConfig
+from nanoseek.train.compile import compile_blocks, resolve_compile
 from nanoseek.train.metrics import (METRICS_FILE, IntervalMeans, append, read_metrics,
                                     truncate_metrics)
 from nanoseek.train.schedule import lr_at
+from nanoseek.train.precision import choose_precision
 from nanoseek.train.targets import StepTargets, count_targets, step_targets
 
 __all__ = ["METRICS_FILE", "PRECISIONS", "StepTargets", "TrainConfig", "Trainer", "max_violation",
@@ -44,11 +46,8 @@ __all__ = ["METRICS_FILE", "PRECISIONS", "StepTargets", "TrainConfig", "Trainer"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """`auto` -> bf16 where the device multiplies bf16 fast, else fp32 (train/precision.py)."""
+    return choose_precision(precision, device)[0]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -106,26 +105,46 @@ class Trainer:
                  on_checkpoint: Callable[[nn.Module, int], None] | None = None,
                  tokens_in: Callable[[Any], int] | None = None,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
-                 progress: bool = True, adapt_threads: bool = False):
+                 progress: bool = True, adapt_threads: bool = False, parallel=None,
+                 update_router_biases: bool = True, trainable_state_only: bool = False):
+        """update_router_biases: the MoE's bias update after every step (off when the base
+        is frozen, e.g. LoRA). trainable_state_only: train_state.pt keeps only the trainable
+        parameters (LoRA's adapters; the frozen base is rebuilt from where it came from)."""
         cfg.validate()
+        # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes
+        self.parallel, self.sharded = parallel, parallel is not None  # sharded: DCP checkpoints
+        if parallel is not None:
+            loss_fn, count_targets = parallel.wrap_loss(loss_fn), parallel.wrap_count(count_targets)
+            progress, adapt_threads = progress and parallel.is_main, False
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
         self.next_batch, self.loss_fn, self.count_targets = next_batch, loss_fn, count_targets
         self.evaluate, self.sample, self.on_checkpoint = evaluate, sample, on_checkpoint
         self.tokens_in = tokens_in or (lambda b: int(b[0].numel()))
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.progress = progress
+        self.update_router_biases, self.trainable_state_only = update_router_biases, trainable_state_only
         self.tuner = None
         if adapt_threads and next(model.parameters()).device.type == "cpu":
             from nanoseek.train.threads import ThreadTuner
             self.tuner = ThreadTuner(torch.get_num_threads())
         self.device = next(model.parameters()).device
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision, self.precision_reason = choose_precision(cfg.precision, self.device)
+        self.compiled, self.compile_reason = resolve_compile(cfg.compile, self.device)
+        if self.compiled:  # in place: same module code, same state-dict names (train/compile.py)
+            compile_blocks(model)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.stopped_early = False
+        self.stop_signal: int | None = None  # set by request_stop (train/signals.py)
+        self.saved_step: int | None = None  # the step of the last save() in this process
+
+    def request_stop(self, signum: int) -> None:
+        """Stop at the next step boundary with a checkpoint (safe to call from a signal
+        handler: it only sets a flag that `fit` reads between steps)."""
+        self.stop_signal = signum
 
     # ------------------------------------------------------------------ pieces
     def autocast(self):
@@ -154,26 +173,34 @@ class Trainer:
         batches = [self.next_batch(self.step, micro) for micro in range(self.cfg.grad_accum)]
         targets = step_targets(batches, self.count_targets)
         sums: dict[str, Any] = {}
-        for batch in batches:
-            with self.autocast():
-                loss, logs = self.loss_fn(model, batch, targets)
-            self.scaler.scale(loss).backward()
-            _add_shares(sums, {"loss": loss, **logs})
+        if self.parallel is not None and self.parallel.pp > 1:  # 1F1B over the micro-batches
+            sums = self.parallel.pipeline_step(batches, targets)
+        else:
+            for batch in batches:
+                with self.autocast():
+                    loss, logs = self.loss_fn(model, batch, targets)
+                self.scaler.scale(loss).backward()
+                _add_shares(sums, {"loss": loss, **logs})
+        if self.parallel is not None:  # gradients, logged values and loads summed over ranks
+            sums = self.parallel.after_backward(model, sums)
         grad_norm = self._optimizer_step()
         loads = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
-        if hasattr(model, "update_router_biases"):
+        if self.update_router_biases and hasattr(model, "update_router_biases"):
             model.update_router_biases()  # counts were summed over every micro-batch
-        tokens = sum(self.tokens_in(b) for b in batches)
+        tokens = sum(self.tokens_in(b) for b in batches) * (self.parallel.dp if self.parallel else 1)  # global
         self.step += 1
         self.tokens_seen += tokens
-        return {**sums, "grad_norm": grad_norm, "max_violation": violations(loads),
+        extra = self.parallel.step_metrics() if self.parallel is not None else {}
+        return {**sums, "grad_norm": grad_norm, "max_violation": violations(loads), **extra,
                 "lr": lr, "step_tokens": tokens}
 
     def _optimizer_step(self) -> torch.Tensor:
         """Unscale, clip, step, zero; returns the gradient norm before clipping (a tensor)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.cfg.grad_clip > 0:
+        if self.parallel is not None:
+            grad_norm = self.parallel.clip_grad_norm_(params, self.cfg.grad_clip)
+        elif self.cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             grad_norm = torch.linalg.vector_norm(
@@ -214,37 +241,71 @@ class Trainer:
             torch.set_rng_state(rng)
 
     # ------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def loop_state(self) -> dict:
+        """Everything but the model and optimizer tensors."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": checkpointing.rng_state(),
                 "train_config": dataclasses.asdict(self.cfg), "stopped_early": self.stopped_early}
 
-    def save(self) -> None:
-        """The HF checkpoint first (each file atomic), then train_state.pt: a resume always
-        uses train_state.pt, so a kill between the two loses nothing."""
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(self.model, self.step)
-        checkpointing.save_state(self.out_dir, self.state_dict())
-
-    def resume(self) -> bool:
-        """Continue from train_state.pt if there is one; drop metrics logged after it."""
-        state = checkpointing.load_state(self.out_dir)
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_loop_state(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
         checkpointing.set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.saved_step = self.step
+
+    def state_dict(self) -> dict:
+        return {**self.loop_state(), "model": self.model_state(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def model_state(self) -> dict:
+        if self.trainable_state_only:
+            return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        return self.model.state_dict()
+
+    def save(self) -> None:
+        """The HF checkpoint first (each file atomic), then train_state.pt: a resume always
+        uses train_state.pt, so a kill between the two loses nothing. Sharded runs (several
+        processes, or resumed from one) save with torch.distributed.checkpoint instead."""
+        if self.sharded:
+            from nanoseek.parallel import checkpoint as sharded
+            sharded.save(self)
+            return
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.model, self.step)
+        checkpointing.save_state(self.out_dir, self.state_dict())
+        self.saved_step = self.step
+
+    def resume(self) -> bool:
+        """Continue from train_state.pt if there is one (or from the sharded checkpoint of a
+        multi-process run, on any number of processes); drop metrics logged after it."""
+        from nanoseek.parallel import checkpoint as sharded
+        if self.sharded or sharded.exists(self.out_dir):
+            self.sharded = True
+            if not sharded.resume(self):
+                return False
+            for m in _moe_layers(self.model):
+                m.tokens_per_expert.zero_()
+            if self._is_main():
+                truncate_metrics(self.out_dir / METRICS_FILE, self.step)
+            return True
+        state = checkpointing.load_state(self.out_dir)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"], strict=not self.trainable_state_only)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_loop_state(state)
         for m in _moe_layers(self.model):
             m.tokens_per_expert.zero_()
         truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         return True
 
     # ----------------------------------------------------------------- metrics
+    def _is_main(self) -> bool:
+        return self.parallel is None or self.parallel.is_main
+
     def log(self, record: dict) -> None:
-        append(self.out_dir / METRICS_FILE, record)
+        if self._is_main():  # one writer of metrics.jsonl
+            append(self.out_dir / METRICS_FILE, record)
 
     def mfu(self, tok_s: float) -> float | None:
         if self.flops_per_token and self.peak_flops:
@@ -266,26 +327,40 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
 
+    def _log_compile(self, seconds: float, bar) -> None:
+        """The first compiled step holds the cold compile: say how long it took (it counts
+        in `elapsed`, so inside any time limit, like every step)."""
+        self.log({"kind": "compile", "step": self.step, "first_step_seconds": round(seconds, 3)})
+        msg = f"torch.compile: first step (cold compile included) took {seconds:.1f}s"
+        if bar is not None:
+            bar.write(msg)
+
     # --------------------------------------------------------------------- fit
     def fit(self, until: int | None = None) -> dict:
         """Train up to max_steps (or the time limit, or step `until`: a pause that leaves a
         checkpoint, the schedule still planned for max_steps); evaluate, sample and save on
-        schedule and at the end. Returns a summary of the run."""
+        schedule and at the end. After `request_stop` it saves at the next step boundary
+        and returns, the summary's "interrupted" naming the signal. Returns a summary."""
         stop = self._start_fit(until)
         bar = self._progress_bar()
         interval, seconds, tokens = IntervalMeans(), 0.0, 0  # since the last metrics line
-        while self.step < stop:
+        while self.step < stop and self.stop_signal is None:
             threads = self.tuner.before_step(self.step) if self.tuner else None
             t0 = time.perf_counter()
             m = self.train_step()
             lr, step_tokens = m.pop("lr"), m.pop("step_tokens")
             interval.add(m)
-            due = self.step % self.cfg.log_every == 0 or self.step >= stop
+            due = (self.step % self.cfg.log_every == 0 or self.step >= stop
+                   or self.stop_signal is not None)  # a stop logs the steps it saves
             means = interval.read() if due else None  # the interval's one device sync
             dt = time.perf_counter() - t0
+            if self.parallel is not None:  # one clock for every rank: they stop together
+                dt = self.parallel.agree(dt)
             if self.tuner:
                 self.tuner.after_step(dt)
             self.elapsed += dt
+            if self.compiled and self.step == 1:
+                self._log_compile(dt, bar)
             seconds, tokens = seconds + dt, tokens + step_tokens
             out_of_time = self.cfg.time_limit > 0 and self.elapsed >= self.cfg.time_limit
             if means is None and out_of_time:
@@ -299,10 +374,14 @@ class Trainer:
             if out_of_time:
                 self.stopped_early = self.step < self.cfg.max_steps
                 break
+        interrupted = self.stop_signal is not None and self.step < stop and not self.stopped_early
+        if interrupted and self.step > 0 and self.saved_step != self.step:
+            self.save()
         if bar is not None:
             bar.close()
         return {"steps": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                 "stopped_early": self.stopped_early,
+                "interrupted": self.stop_signal if interrupted else None,
                 "tok_s": self.tokens_seen / self.elapsed if self.elapsed else 0.0}
 
     def _start_fit(self, until: int | None) -> int:
@@ -312,7 +391,8 @@ class Trainer:
         cfg = self.cfg
         stop = min(cfg.max_steps, until) if until else cfg.max_steps
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.out_dir / METRICS_FILE, self.step)
+        if self._is_main():
+            truncate_metrics(self.out_dir / METRICS_FILE, self.step)
         if cfg.time_limit > 0 and self.elapsed >= cfg.time_limit and self.step < stop:
             # a resumed run whose time is already spent trains no extra step
             self.stopped_early = self.step < cfg.max_steps

@@ -4,7 +4,9 @@ A run is described by one `PretrainConfig` (the model, the loop's `TrainConfig`,
 data); run.json saves it whole under "settings" and `--resume` rebuilds it from there.
 The run directory is at every save a checkpoint that transformers loads
 (`config.json`, `model.safetensors`, the tokenizer files) plus the resumable state
-(`train_state.pt`), the token arrays (`data/`), `metrics.jsonl` and `run.json`.
+(`train_state.pt`), the token arrays (`data/`), `metrics.jsonl` and `run.json`, which is
+written first and marks the directory as a nanoseek run (run_dir.py: what a run may
+replace), under a lock (run_lock.py); Ctrl-C and SIGTERM save at the next step (signals.py).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from nanoseek.config import ModelConfig
 from nanoseek.train.config import settings_to_dict
 from nanoseek.train.eval import make_evaluate
 from nanoseek.train.loop import Trainer
+from nanoseek.train.run_dir import (MARKER, RunError, check_run_dir,  # noqa: F401 (RunError: API)
+                                    read_run_json, remove_own_files, run_kind)
+from nanoseek.train.run_lock import check_unlocked, run_lock
 from nanoseek.train.run_settings import (DataConfig, PretrainConfig,  # noqa: F401 (DataConfig: API)
                                          read_settings, with_overrides)
+from nanoseek.train.signals import Interrupted, stop_on_signals
 
 SAMPLE_PROMPTS = ("The for statement", "A function definition", "Exceptions are")
-
-
-class RunError(RuntimeError):
-    """The run directory or the inputs do not allow this run."""
 
 
 def setup_threads() -> int:
@@ -64,16 +66,18 @@ def make_sampler(tokenizer, device, prompts=SAMPLE_PROMPTS, max_new_tokens: int 
     return sample
 
 
-def prepare_data(out_dir: Path, cfg: ModelConfig, data: DataConfig, seed: int, log=print):
-    """Tokenizer (reused from the run, given, or trained on the training split) and the
-    memory-mapped token arrays."""
+def prepare_data(out_dir: Path, cfg: ModelConfig, data: DataConfig, seed: int, log=print,
+                 fresh: bool = True):
+    """Tokenizer and the memory-mapped token arrays. A resumed run (fresh=False) reuses
+    the run's own tokenizer.json; a fresh run never reads one from `out_dir` (it has none:
+    see run_dir.py) and uses `data.tokenizer`, or trains one on the training split."""
     from nanoseek.data import build_token_arrays, load_corpus
     from nanoseek.data.tokenized import split_documents
     from nanoseek.tokenizer import (copy_tokenizer, load_tokenizer, save_tokenizer,
                                     train_tokenizer)
 
     docs = load_corpus(data.paths or None, data.text_field)
-    if (out_dir / "tokenizer.json").exists():
+    if not fresh and (out_dir / "tokenizer.json").exists():
         tok = load_tokenizer(out_dir)
     elif data.tokenizer:
         tok = load_tokenizer(data.tokenizer)
@@ -97,11 +101,6 @@ def settings_for_run(out_dir: Path, config: PretrainConfig, resume: bool,
                      overrides: dict | None) -> PretrainConfig:
     """A new run's settings are `config`; a resumed run's are its saved ones, with
     `overrides` (default: max_steps and time_limit of `config`) applied."""
-    from nanoseek.train.checkpointing import STATE_FILE
-
-    if (out_dir / STATE_FILE).exists() and not resume:
-        raise RunError(f"{out_dir} already holds a run; pass --resume to continue it or "
-                       "choose another --out")
     saved = read_settings(out_dir) if resume else None
     if saved is None:
         return config
@@ -111,46 +110,136 @@ def settings_for_run(out_dir: Path, config: PretrainConfig, resume: bool,
     return with_overrides(saved, overrides)
 
 
+def threads_for_run(out_dir: Path, threads: int | None, resume: bool, log=print) -> int | None:
+    """The thread count changes the float results (a different reduction order): a resumed
+    run keeps the run's own unless `threads` is given, and then says it may diverge."""
+    saved = (read_run_json(out_dir) or {}).get("threads") if resume else None
+    if saved is None:
+        return threads
+    saved = 0 if saved == "adaptive" else saved
+    if threads is None:
+        return saved
+    if threads != saved:
+        log(f"threads: {threads or 'adaptive'} as given, though the run trained with "
+            f"{saved or 'adaptive'}: the losses will not match an uninterrupted run's bit for bit")
+    return threads
+
+
 def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
              overrides: dict | None = None, progress: bool = True, log=print,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, overwrite: bool = False, kind: str = "pretrain",
+             parallel=None) -> dict:
     """Run (or resume) a pretraining run in `out_dir`; returns run.json's content.
-    On resume the settings are the run's saved ones (see `settings_for_run`).
+    On resume the settings are the run's saved ones (see `settings_for_run`), its thread
+    count too unless `threads` is given. A directory that is not empty must hold a run of
+    ours (run_dir.py); `overwrite` starts such a run over, deleting only its own files.
+    The directory is locked for the call (run_lock.py). SIGINT / SIGTERM stop at the next
+    step with a checkpoint and raise `Interrupted` (signals.py).
     threads: None = every core; 0 = adapt between every core and one while training (see
-    train/threads.py: on a crowded machine one thread can be several times faster)."""
+    train/threads.py: on a crowded machine one thread can be several times faster).
+    parallel: a nanoseek.parallel.ParallelConfig (ep, tp, pp) for a run under torchrun; the
+    run is distributed whenever torchrun started more than one process."""
+    from nanoseek.parallel import launch
     out_dir = Path(out_dir)
-    config = settings_for_run(out_dir, config, resume, overrides)
-    config.train.validate()
-    if config.train.seq_len > config.model.max_position_embeddings:
-        raise ValueError(f"training option 'seq_len': {config.train.seq_len} exceeds the model's "
-                         f"context (max_position_embeddings={config.model.max_position_embeddings})")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if launch.under_torchrun():
+        with launch.clear_peer_errors():
+            try:
+                return _checked(out_dir, config, resume, overrides, progress, log, threads,
+                                overwrite, kind, parallel)
+            finally:
+                launch.finish()
+    return _checked(out_dir, config, resume, overrides, progress, log, threads, overwrite, kind, None)
+
+
+def _checked(out_dir: Path, config: PretrainConfig, resume: bool, overrides: dict | None,
+             progress: bool, log, threads: int | None, overwrite: bool, kind: str, parallel) -> dict:
+    """The run directory's checks and lock, then training. Under torchrun rank 0 alone
+    checks, locks and writes; the other ranks follow what it prepared (launch.main_first)."""
+    from nanoseek.parallel import launch
+    if not launch.is_main():
+        config = settings_for_run(out_dir, config, resume, overrides)
+        config.validate()
+        return _train(out_dir, config, "resume" if resume else "new", progress, log, threads,
+                      kind, parallel)
+    check_unlocked(out_dir)  # every check before the lock only reads: a refusal writes nothing
+    mode = check_run_dir(out_dir, resume, overwrite)
+    if resume and mode == "new":
+        log(f"nothing to resume in {out_dir}: starting a new run")
+    config = settings_for_run(out_dir, config, mode == "resume", overrides)
+    config.validate()
+    threads = threads_for_run(out_dir, threads, mode == "resume", log)
+    with run_lock(out_dir):
+        mode = check_run_dir(out_dir, resume, overwrite)  # again, now that no one else can write
+        if mode == "replace":
+            log(f"starting over in {out_dir}: deleting the previous run's files "
+                f"({', '.join(remove_own_files(out_dir))})")
+        if mode == "resume":  # a speedrun resumed by `pretrain --resume` stays a speedrun
+            kind = run_kind(out_dir) or kind
+        return _train(out_dir, config, mode, progress, log, threads, kind, parallel)
+
+
+def _train(out_dir: Path, config: PretrainConfig, mode: str, progress: bool, log,
+           threads: int | None, kind: str, parallel) -> dict:
+    from nanoseek.parallel import launch
     max_threads = setup_threads()
     if threads:
         torch.set_num_threads(threads)
+    marker = {MARKER: kind, "threads": "adaptive" if threads == 0 else torch.get_num_threads()}
+    if mode != "resume" and launch.is_main():  # run.json first: from here on the directory is ours
+        write_run(out_dir, {**marker, "settings": settings_to_dict(config)})
     device = default_device()
-    tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log)
-    trainer, run = build_trainer(out_dir, config, tok, data, device, progress, adapt=threads == 0)
-    run.update(cores=max_threads, settings=settings_to_dict(config))
-    if resume:
+    if launch.under_torchrun():  # one process of several: see nanoseek/parallel/
+        from nanoseek.parallel import ParallelConfig
+        from nanoseek.parallel.mesh import init_distributed
+        parallel = parallel or ParallelConfig()
+        device = init_distributed(parallel.timeout)
+        torch.set_num_threads(threads or launch.threads_per_process())
+        log = log if launch.is_main() else (lambda *a, **k: None)
+    with launch.main_first():  # rank 0 writes the tokenizer and token arrays; the others read them
+        tok, data = prepare_data(out_dir, config.model, config.data, config.train.seed, log,
+                                 fresh=mode != "resume" and launch.is_main())
+    check_sample_length(tok, config)
+    trainer, run = build_trainer(out_dir, config, tok, data, device, progress, adapt=threads == 0,
+                                 parallel=parallel)
+    run = {**marker, **run, "cores": max_threads, "settings": settings_to_dict(config)}
+    if mode == "resume":
         resumed = trainer.resume()
         log(f"resumed at step {trainer.step}" if resumed else "nothing to resume: starting fresh")
-    write_run(out_dir, run)
+    if launch.is_main():
+        write_run(out_dir, run)
     log(describe(run))
-    summary = trainer.fit()
+    with stop_on_signals(trainer):
+        summary = trainer.fit()
+    if summary.get("interrupted"):
+        raise Interrupted(summary["interrupted"], trainer.step, out_dir)
     run.update(summary=summary, mfu=run["flops_per_token"] * summary["tok_s"] / run["peak_flops"]
                if run["peak_flops"] else None)
-    write_run(out_dir, run)
+    if launch.is_main():
+        write_run(out_dir, run)
     return run
 
 
+def check_sample_length(tok, config: PretrainConfig) -> None:
+    """The samples run after the last step, before the last save: a prompt plus
+    sample_tokens beyond the context would fail there, so check now."""
+    if not config.sample_tokens:
+        return
+    longest = max(len(tok(p)["input_ids"]) for p in SAMPLE_PROMPTS)
+    ctx = config.model.max_position_embeddings
+    if longest + config.sample_tokens > ctx:
+        raise ValueError(f"option 'sample_tokens': {config.sample_tokens} tokens after a "
+                         f"{longest}-token prompt exceed the model's context ({ctx}); "
+                         f"use at most {ctx - longest}")
+
+
 def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, progress: bool,
-                  adapt: bool) -> tuple[Trainer, dict]:
+                  adapt: bool, parallel=None) -> tuple[Trainer, dict]:
     """The model (seeded), its measured facts for run.json, and the loop wired to the data."""
     from nanoseek.model import CausalLM
     from nanoseek.tokenizer import token_byte_lengths
     from nanoseek.calc.params import count_params
     from nanoseek.train.mfu import flops_per_token, measure_peak_flops
+    from nanoseek.train.precision import choose_precision, peak_dtype
 
     cfg, tcfg = config.model, config.train
     byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))
@@ -158,24 +247,45 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     model = CausalLM(cfg).to(device)
     chosen = torch.get_num_threads()
     setup_threads()  # MFU is against the whole machine's peak
-    peak = measure_peak_flops(device)  # measured once and cached (`nanoseek peak --remeasure`)
+    # MFU is against the peak of the dtype the run multiplies in; measured once per dtype and
+    # cached (`nanoseek peak --remeasure`)
+    peak = measure_peak_flops(device, peak_dtype(choose_precision(tcfg.precision, device)[0]))
     torch.set_num_threads(chosen)
+    fpt = flops_per_token(model, tcfg.seq_len)
+    par = None  # batch_size is the global micro-batch: each DP rank takes its slice of it,
+    if parallel is not None:  # so a run resumed on another number of processes trains alike
+        from nanoseek.parallel.runtime import Parallel
+        par = Parallel(model, parallel, device)
+        if tcfg.batch_size % par.dp:
+            raise ValueError(f"training option 'batch_size': {tcfg.batch_size} sequences cannot "
+                             f"be split over {par.dp} data-parallel ranks (use a multiple of {par.dp})")
+
+    def next_batch(step, micro):
+        batch = data.batch(step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
+        return tuple(t.to(device) for t in (par.local_rows(batch) if par else batch))
+    # no samples under TP (the absorbed decode path is not split); no evaluation or samples
+    # under PP (the forward is the schedule's; a rank holds only its stage up to date)
+    sample_tokens = config.sample_tokens if par is None or (par.tp == 1 and par.pp == 1) else 0
+    pipelined = par is not None and par.pp > 1
     trainer = Trainer(
-        model, tcfg, out_dir,
-        next_batch=lambda step, micro: tuple(t.to(device) for t in data.batch(
-            step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)),
+        model, tcfg, out_dir, next_batch=next_batch,
         loss_fn=pretrain_loss, count_targets=lambda batch: model.loss_targets(batch[1]),
-        evaluate=make_evaluate(data, byte_lengths, tcfg.seq_len, tcfg.eval_tokens, device),
-        sample=(make_sampler(tok, device, max_new_tokens=config.sample_tokens)
-                if config.sample_tokens else None),
+        evaluate=None if pipelined else make_evaluate(data, byte_lengths, tcfg.seq_len,
+                                                      tcfg.eval_tokens, device),
+        sample=(make_sampler(tok, device, max_new_tokens=sample_tokens) if sample_tokens else None),
         on_checkpoint=lambda m, step: save_pretrained(m, out_dir),
-        flops_per_token=flops_per_token(model, tcfg.seq_len), peak_flops=peak,
-        progress=progress, adapt_threads=adapt)
+        flops_per_token=fpt, peak_flops=peak, progress=progress, adapt_threads=adapt, parallel=par)
     run = {"params": count_params(cfg).summary(), "flops_per_token": trainer.flops_per_token,
            "peak_flops": peak, "device": str(device),
            "threads": "adaptive" if adapt else torch.get_num_threads(),
-           "moe_layers": moe_layer_names(model), "precision": trainer.precision, "data": data.meta,
+           "moe_layers": moe_layer_names(model), "precision": trainer.precision,
+           "precision_reason": trainer.precision_reason, "compile": trainer.compiled,
+           "compile_reason": trainer.compile_reason, "data": data.meta,
            **data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)}
+    if par is not None:
+        run["parallel"] = {"world": par.dp * par.tp * par.pp, "dp": par.dp, "ep": par.ep, "tp": par.tp,
+                           "pp": par.pp,
+                           "backend": torch.distributed.get_backend()}
     return trainer, run
 
 
@@ -184,8 +294,9 @@ def describe(run: dict) -> str:
     return (f"model: {params['total'] / 1e6:.2f}M parameters, {params['activated'] / 1e6:.2f}M "
             f"activated (+ MTP {params['mtp'] / 1e6:.2f}M, {params['mtp_activated'] / 1e6:.2f}M "
             f"activated); {fpt / 1e6:.1f} MFLOPs/token; measured peak {peak / 1e9:.1f} GFLOP/s; "
-            f"{run['precision']} on {run['device']}, threads: {run['threads']} "
-            f"(of {run['cores']} cores)")
+            f"{run['precision']} ({run.get('precision_reason', '')}) on {run['device']}, "
+            f"torch.compile {'on' if run.get('compile') else 'off'} ({run.get('compile_reason', '')}), "
+            f"threads: {run['threads']} (of {run['cores']} cores)")
 
 
 def moe_layer_names(model) -> list[str]:
@@ -203,3 +314,10 @@ def write_run(out_dir: Path, run: dict) -> None:
     from nanoseek.atomic import atomic_write_text
 
     atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.pretrain ARGS
+    import runpy  # == nanoseek pretrain ARGS (run as a module: the CLI is not imported here)
+    import sys
+    sys.argv = ["nanoseek", "pretrain", *sys.argv[1:]]
+    runpy.run_module("nanoseek", run_name="__main__")

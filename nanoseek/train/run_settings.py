@@ -29,6 +29,12 @@ class DataConfig:
         self.paths = [str(p) for p in self.paths or []]
         self.tokenizer = str(self.tokenizer) if self.tokenizer else None
 
+    def validate(self) -> None:
+        v = self.val_fraction
+        if not (isinstance(v, (int, float)) and 0 < v < 1):  # NaN fails too
+            raise ValueError(f"data option 'val_fraction': must lie in (0, 1) (a validation "
+                             f"split is needed and so is a training one), got {v!r}")
+
 
 @dataclass
 class PretrainConfig:
@@ -38,6 +44,18 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sample_tokens: int = 48  # tokens per sample (0 = no samples)
+
+    def validate(self) -> None:
+        """Every setting in its range, before anything is written (see TrainConfig.validate)."""
+        self.train.validate()
+        self.data.validate()
+        ctx = self.model.max_position_embeddings
+        if self.train.seq_len > ctx:
+            raise ValueError(f"training option 'seq_len': {self.train.seq_len} exceeds the model's "
+                             f"context (max_position_embeddings={ctx})")
+        if not (isinstance(self.sample_tokens, int) and 0 <= self.sample_tokens < ctx):
+            raise ValueError(f"option 'sample_tokens': must be an integer in [0, {ctx}) (the "
+                             f"model's context), got {self.sample_tokens!r}")
 
 
 # What a resumed run may change: the length of the run (extend or shorten it).

@@ -1,0 +1,126 @@
+"""Post-training commands: `nanoseek sft`, `dpo` and `merge-lora`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+LORA_TARGETS_HELP = ("comma-separated linears to adapt (default: all of q_a_proj, q_b_proj, "
+                     "q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj, down_proj)")
+
+
+def _lora(lora: bool, qlora: bool, r: int, alpha: float, targets: Optional[str]):
+    from nanoseek.train.lora import LORA_TARGETS, LoraSettings
+    if not (lora or qlora):
+        return LoraSettings()
+    names = [t.strip() for t in targets.split(",") if t.strip()] if targets else list(LORA_TARGETS)
+    return LoraSettings(r=r, alpha=alpha, targets=names, qlora=qlora)
+
+
+def _train(**kw):
+    """The TrainConfig options given on the command line (the stage's defaults otherwise)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def sft(
+        init: Path = typer.Option(..., "--init", help="checkpoint + tokenizer to start from (e.g. a pretraining run)"),
+        out: Path = typer.Option(..., "--out", help="run directory: the fine-tuned checkpoint (or adapter) + tokenizer"),
+        data: Optional[list[Path]] = typer.Option(None, "--data", help="JSONL: {\"messages\": [...]} or {\"prompt\", \"response\"} rows (repeat)"),
+        task: Optional[str] = typer.Option(None, "--task", help="train on a task's demonstrations instead"),
+        task_examples: int = typer.Option(1000, min=1, help="task examples to train on"),
+        epochs: float = typer.Option(3.0, help="passes over the data (sets --max-steps when not given)"),
+        max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: from --epochs)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
+        batch_size: Optional[int] = typer.Option(None, min=1, help="windows per micro-batch [8]"),
+        seq_len: Optional[int] = typer.Option(None, min=1, help="tokens per window [256]"),
+        grad_accum: Optional[int] = typer.Option(None, min=1, help="micro-batches per step [1]"),
+        lr: Optional[float] = typer.Option(None, help="peak learning rate [5e-4; 2e-3 suits LoRA]"),
+        warmup_steps: Optional[int] = typer.Option(None, min=0, help="warm-up steps [10]"),
+        save_every: Optional[int] = typer.Option(None, min=0, help="steps between checkpoints [100]"),
+        no_packing: bool = typer.Option(False, "--no-packing", help="one conversation per window"),
+        val_fraction: float = typer.Option(0.0, help="share of conversations held out for val_loss"),
+        lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (peft) over the frozen model"),
+        qlora: bool = typer.Option(False, "--qlora", help="LoRA over a base stored in 4-bit NF4 (bitsandbytes)"),
+        lora_r: int = typer.Option(8, min=1, help="LoRA rank"),
+        lora_alpha: float = typer.Option(16.0, help="LoRA alpha (scale alpha / r)"),
+        lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
+        merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
+        seed: Optional[int] = typer.Option(None, help="data order and held-out split [1337]"),
+        no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
+    """Supervised fine-tuning on chat data: DeepSeek-V3's chat template, loss on the
+    assistant's tokens only, packing; full, LoRA or QLoRA; resumable."""
+    from nanoseek.train.sft import SFTConfig, sft as run_sft, sft_train_config
+    settings = SFTConfig(
+        init=str(init), data=[str(p) for p in data or []], task=task, task_examples=task_examples,
+        epochs=epochs, packing=not no_packing, val_fraction=val_fraction, merge=merge,
+        lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
+        train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
+                                        grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                                        save_every=save_every, seed=seed)))
+    run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress)
+    typer.echo(f"done: {run['summary']['steps']} steps; loss on assistant tokens "
+               f"{run['loss_before']:.4f} -> {run['loss_after']:.4f} -> {out}")
+
+
+def dpo(
+        init: Path = typer.Option(..., "--init", help="checkpoint + tokenizer to start from (e.g. an SFT run)"),
+        out: Path = typer.Option(..., "--out", help="run directory"),
+        data: Optional[list[Path]] = typer.Option(None, "--data", help="JSONL pairs: {\"prompt\" | \"messages\", \"chosen\", \"rejected\"} (repeat)"),
+        task: Optional[str] = typer.Option(None, "--task", help="sample pairs on this task (with --pairs-from-sampling)"),
+        pairs_from_sampling: bool = typer.Option(False, "--pairs-from-sampling", help="build pairs from the init model's samples scored by the task's reward"),
+        prompts: int = typer.Option(64, min=1, help="task prompts to sample on"),
+        samples: int = typer.Option(4, min=2, help="completions per prompt"),
+        temperature: float = typer.Option(1.0, min=0.0, help="sampling temperature"),
+        max_tokens: int = typer.Option(64, min=1, help="tokens per sampled completion"),
+        beta: float = typer.Option(0.1, help="DPO beta: how far the policy may move from the reference"),
+        epochs: float = typer.Option(3.0, help="passes over the pairs (sets --max-steps when not given)"),
+        max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: from --epochs)"),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
+        batch_size: Optional[int] = typer.Option(None, min=1, help="pairs per micro-batch [8]"),
+        seq_len: Optional[int] = typer.Option(None, min=1, help="longest prompt + completion [256]"),
+        grad_accum: Optional[int] = typer.Option(None, min=1, help="micro-batches per step [1]"),
+        lr: Optional[float] = typer.Option(None, help="peak learning rate [1e-4]"),
+        warmup_steps: Optional[int] = typer.Option(None, min=0, help="warm-up steps [5]"),
+        save_every: Optional[int] = typer.Option(None, min=0, help="steps between checkpoints [100]"),
+        lora: bool = typer.Option(False, "--lora", help="LoRA adapters; the reference is the base with adapters off"),
+        qlora: bool = typer.Option(False, "--qlora", help="LoRA over a 4-bit NF4 base"),
+        lora_r: int = typer.Option(8, min=1, help="LoRA rank"),
+        lora_alpha: float = typer.Option(16.0, help="LoRA alpha"),
+        lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
+        merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
+        seed: Optional[int] = typer.Option(None, help="pair order and sampling seed [1337]"),
+        no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
+    """Direct Preference Optimization (sigmoid loss against a frozen reference) on
+    preference pairs from a file or sampled on a task."""
+    from nanoseek.train.dpo import DPOConfig, PairSampling, dpo as run_dpo, dpo_train_config
+    if task and not pairs_from_sampling:
+        raise typer.BadParameter("--task needs --pairs-from-sampling (DPO learns from pairs)")
+    settings = DPOConfig(
+        init=str(init), data=[str(p) for p in data or []], task=task, beta=beta, epochs=epochs,
+        sampling=PairSampling(prompts, samples, temperature, max_tokens), merge=merge,
+        lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
+        train=dpo_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
+                                        grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+                                        save_every=save_every, seed=seed)))
+    run = run_dpo(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress)
+    b, a = run["before"], run["after"]
+    typer.echo(f"done: {run['summary']['steps']} steps; reward accuracy {b['reward_accuracy']:.3f} -> "
+               f"{a['reward_accuracy']:.3f}, policy prefers chosen {b['policy_accuracy']:.3f} -> "
+               f"{a['policy_accuracy']:.3f} -> {out}")
+
+
+def merge_lora(
+        base: Path = typer.Option(..., "--base", help="the checkpoint the adapter was trained on"),
+        adapter: Path = typer.Option(..., "--adapter", help="directory with adapter_config.json + adapter_model.safetensors"),
+        out: Path = typer.Option(..., "--out", help="where to write the merged checkpoint")):
+    """Fold a LoRA adapter into its base: a plain checkpoint for `generate` and `serve`."""
+    from nanoseek.train.lora import merge_lora as merge
+    typer.echo(f"merged -> {merge(base, adapter, out)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(sft)
+    app.command()(dpo)
+    app.command("merge-lora")(merge_lora)

@@ -1,0 +1,244 @@
+"""The OpenAI-compatible server: FastAPI routes over one `AsyncLLM`.
+
+    app = create_app(AsyncLLM("runs/speedrun"), "speedrun")   # nanoseek serve runs it with uvicorn
+
+A request's path: the door (guards.py: body size, API key) -> pydantic (protocol.py: types
+and ranges, 400 naming the field) -> the model name (404) -> prompt and sampling params
+(params.py: the chat template, the context check) -> the response cache, for deterministic
+requests only -> admission (admission.py: 429 when the queue is full) -> the engine
+(generation.py) -> OpenAI's JSON, or SSE chunks ending in `data: [DONE]` (responses.py).
+
+The response-cache seam: `app.state.response_cache` is None or an object with
+`lookup(key: dict) -> dict | None` and `store(key: dict, response: dict) -> None` (either may
+be a coroutine; a plain function runs in a worker thread, since SQLite, Redis and the
+semantic index block) — `nanoseek serve --cache` builds serve/cache's `ResponseCache`. `key`
+is the normalised request (params.cache_key: endpoint, model, messages or prompt, every
+sampling field); a hit is the stored response dict plus a top-level `"_cache"` ("l1" exact,
+"l2" semantic), which the server strips, counts in
+`nanoseek_response_cache_hits_total{level=...}`, and serves under a fresh id (replayed
+as chunks when the client streams). Only completions that finished cleanly are stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from nanoseek.serve import errors, page
+from nanoseek.serve.admission import Admission
+from nanoseek.serve.errors import APIError, sse_error
+from nanoseek.serve.generation import failed, generate
+from nanoseek.serve.guards import ApiKeys, BodyLimit
+from nanoseek.serve.metrics import CountRequests, ServerMetrics
+from nanoseek.serve.params import (cache_key, chat_params, chat_prompt, check_context, completion_params,
+                                   completion_prompts)
+from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
+from nanoseek.serve.responses import ChatFormatter, CompletionFormatter, Formatter, replay_chunks
+
+DONE = "data: [DONE]\n\n"
+
+
+def create_app(llm, model_name: str, *, api_keys: list[str] | None = None, max_queue: int = 256,
+               max_body_bytes: int = 4 << 20, response_cache=None, drain_timeout_s: float = 5.0) -> FastAPI:
+    """llm: an `AsyncLLM`. max_queue: completions that may wait beyond the engine's
+    max_num_seqs before a request gets 429."""
+    app = FastAPI(title="nanoseek", lifespan=_lifespan)
+    engine = llm.engine
+    st = app.state
+    st.llm, st.model_name, st.created = llm, model_name, now()
+    st.max_model_len = engine.scheduler.max_model_len
+    st.admission = Admission(engine.config.max_num_seqs + max_queue)
+    st.metrics = ServerMetrics(engine)
+    st.metrics.in_flight.set_function(lambda: st.admission.in_flight)
+    st.response_cache, st.drain_timeout_s = response_cache, drain_timeout_s
+    errors.install(app)
+    _routes(app)
+    app.add_middleware(ApiKeys, keys=api_keys or [])
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(CountRequests, counter=st.metrics.requests)  # outermost: counts 401s and 413s too
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    await drain(app.state.llm, app.state.drain_timeout_s)
+
+
+async def drain(llm, timeout_s: float) -> None:
+    """At shutdown (uvicorn has already let in-flight requests finish, up to its graceful
+    timeout): abort whatever is left, so each stream ends with finish_reason "abort" and
+    every block is freed, then stop the engine's loop."""
+    for rid in list(llm.engine.requests):
+        llm.abort(rid)
+    for _ in range(int(timeout_s / 0.01)):
+        if not llm.engine.has_unfinished():
+            break
+        await asyncio.sleep(0.01)
+    await llm.shutdown()
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        st = request.app.state
+        return ModelList(data=[ModelCard(id=st.model_name, created=st.created, max_model_len=st.max_model_len)])
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request):
+        st = _checked(request, req.model)
+        params = chat_params(req)
+        prompt = chat_prompt(st.llm.tokenizer, req)
+        check_context(prompt, params, st.max_model_len, "messages")
+        fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, len(prompt), *_usage_opts(req))
+        return await respond(request, "chat", req, [prompt], params, fmt)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        st = _checked(request, req.model)
+        params = completion_params(req)
+        prompts = completion_prompts(st.llm.tokenizer, req, st.llm.engine.model.config.vocab_size)
+        for p in prompts:
+            check_context(p, params, st.max_model_len, "prompt")
+        fmt = CompletionFormatter(req.model, st.llm.tokenizer, params.logprobs, sum(map(len, prompts)),
+                                  *_usage_opts(req))
+        return await respond(request, "completions", req, prompts, params, fmt)
+
+    page.install(app)  # last: the chat page at / catches what the API's routes do not
+
+
+def _checked(request: Request, model: str):
+    st = request.app.state
+    if model != st.model_name:
+        raise APIError(404, f"model {model!r} does not exist; this server serves {st.model_name!r} "
+                            "(see /v1/models)", param="model", code="model_not_found")
+    return st
+
+
+def _usage_opts(req) -> tuple[bool, bool]:
+    o = req.stream_options
+    return (bool(o and o.include_usage), bool(o and o.continuous_usage_stats))
+
+
+async def _call(fn, *args):
+    """A cache method: awaited if it is a coroutine function, else run in a worker thread
+    (a Redis round trip or an embedding must not stall every stream on the event loop)."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    return await run_in_threadpool(fn, *args)
+
+
+# ----------------------------------------------------------------- respond
+async def respond(request: Request, kind: str, req, prompts: list[list[int]], params, fmt: Formatter):
+    st = request.app.state
+    key = cache_key(kind, req) if st.response_cache is not None else None
+    if key is not None:
+        hit = await _call(st.response_cache.lookup, key)
+        if hit is not None:
+            return _cached(st, hit, fmt, req.stream)
+        st.metrics.cache_misses.inc()
+    k = len(prompts) * params.n
+    st.admission.admit(k)  # 429 when full
+    st.metrics.prompt_tokens.inc(fmt.prompt_tokens)
+    updates = generate(st.llm, st.metrics, prompts, params)
+    if req.stream:
+        return _Stream(_sse(st, updates, fmt, key), on_close=lambda: st.admission.release(k))
+    try:
+        outs = await _collect(request, updates)
+    finally:
+        st.admission.release(k)
+    if (err := failed(outs)) is not None:
+        raise err
+    body = fmt.response(outs)
+    if key is not None and all(c.finish_reason in ("stop", "length") for c in outs.values()):
+        await _call(st.response_cache.store, key, body)
+    return JSONResponse(body)
+
+
+async def _collect(request: Request, updates) -> dict:
+    """Run a non-streamed request to the end, unless its client hangs up first (then abort)."""
+    outs: dict = {}
+
+    async def consume():
+        async for latest in updates:
+            outs.update(latest)
+    task = asyncio.create_task(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                break
+    finally:
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise APIError(499, "the client closed the connection", code="client_closed")
+    task.result()  # raises the request's error, if any
+    return outs
+
+
+async def _sse(st, updates, fmt: Formatter, key: dict | None):
+    outs: dict = {}
+    try:
+        async for latest in updates:
+            outs.update(latest)
+            for chunk in fmt.chunks(latest):
+                yield f"data: {json.dumps(chunk)}\n\n"
+        if (err := failed(outs)) is not None:
+            yield sse_error(err)
+        else:
+            if fmt.include_usage:
+                yield f"data: {json.dumps(fmt.usage_chunk())}\n\n"
+            if key is not None and all(c.finish_reason in ("stop", "length") for c in outs.values()):
+                await _call(st.response_cache.store, key, fmt.response(outs))
+    except APIError as e:
+        yield sse_error(e)
+    finally:
+        await updates.aclose()  # a hang-up: cancels the engine requests, frees their blocks
+    yield DONE
+
+
+def _cached(st, hit: dict, fmt: Formatter, stream: bool):
+    hit = dict(hit)
+    st.metrics.cache_hits.labels(level=hit.pop("_cache", "l1")).inc()
+    hit["id"], hit["created"] = fmt.id, fmt.created
+    if not stream:
+        return JSONResponse(hit)
+
+    async def replay():
+        for chunk in replay_chunks(hit, fmt.include_usage):
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield DONE
+    return StreamingResponse(replay(), media_type="text/event-stream")
+
+
+class _Stream(StreamingResponse):
+    """SSE whose clean-up runs however the response ends — finished, or cancelled by a
+    client that hung up (possibly before the body started, when the generator's own
+    `finally` would never run)."""
+
+    def __init__(self, body, on_close):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            await self.body_iterator.aclose()

@@ -1,0 +1,104 @@
+"""LoRA adapters on nanoseek's linears, through `peft`, in peft's own file format.
+
+W x + (α/r) B A x with A [r, in] and B [out, r] (B starts at zero, so training starts from
+the base model exactly) on the projections a DeepSeek block has: MLA's q_a_proj / q_b_proj
+(or q_proj), kv_a_proj_with_mqa, kv_b_proj, o_proj, and every expert's, shared expert's and
+dense FFN's gate/up/down_proj (the MTP modules' too). The router (`Gate`, not a Linear),
+the embeddings and the head stay frozen.
+
+peft wraps any nn.Module: `get_peft_model` finds the targets by name and injects
+`lora.Linear` layers (or its bitsandbytes 4-bit variant over an NF4 base, see qlora.py);
+the wrapper forwards every other attribute (`loss`, `generate`, `config`) to the CausalLM.
+`save_adapter` writes `adapter_config.json` + `adapter_model.safetensors`, which
+`PeftModel.from_pretrained` (and `load_adapter` here) reads back; `merge_lora` folds
+B A into W for a plain checkpoint that the engine serves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+LORA_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                "gate_proj", "up_proj", "down_proj")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_DIR = "adapter"  # where a LoRA run keeps them, inside its run directory
+
+
+@dataclass
+class LoraSettings:
+    """r = 0: no adapters (full fine-tuning). qlora: the frozen base's targeted linears are
+    stored in 4-bit NF4 (see qlora.py)."""
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    qlora: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def validate(self) -> None:
+        if self.r < 0:
+            raise ValueError(f"LoRA option 'r': must be >= 0, got {self.r}")
+        if self.qlora and not self.r:
+            raise ValueError("--qlora trains LoRA adapters over a 4-bit base: give --lora-r > 0")
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"--lora-targets: unknown module name(s) {unknown}; the model's "
+                             f"linears are {list(LORA_TARGETS)}")
+
+
+def target_names(model: nn.Module, targets) -> list[str]:
+    """Full names of the linears LoRA wraps (by the last part of their name)."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in set(targets)]
+
+
+def add_lora(model: nn.Module, settings: LoraSettings):
+    """The model with trainable adapters on its targeted linears and everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    present = sorted({n.rsplit(".", 1)[-1] for n in target_names(model, settings.targets)})
+    if not present:
+        raise ValueError(f"--lora-targets {settings.targets}: none of these linears is in the model")
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=present, bias="none")
+    return get_peft_model(model, config)
+
+
+def save_adapter(peft_model, out_dir: str | Path) -> None:
+    """peft's format; the README peft writes beside it is dropped (it says nothing here)."""
+    out_dir = Path(out_dir)
+    peft_model.save_pretrained(str(out_dir))
+    (out_dir / "README.md").unlink(missing_ok=True)
+
+
+def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = False):
+    """A base CausalLM with the adapter of `adapter_dir` attached."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_FILES[0]).exists() and (adapter_dir / ADAPTER_DIR).is_dir():
+        adapter_dir = adapter_dir / ADAPTER_DIR  # a LoRA run directory
+    for name in ADAPTER_FILES:
+        if not (adapter_dir / name).exists():
+            raise FileNotFoundError(f"{adapter_dir}: no {name} (not a LoRA adapter directory)")
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold the adapter into the fp32 base weights (W + α/r B A) and write a plain
+    checkpoint with the base's tokenizer: what `nanoseek generate` and the server load.
+    A QLoRA adapter is merged into the full-precision base it was trained over, not into
+    its 4-bit copy."""
+    from nanoseek.checkpoint import from_pretrained, save_pretrained
+    from nanoseek.tokenizer import copy_tokenizer
+
+    merged = load_adapter(from_pretrained(base_dir), adapter_dir).merge_and_unload()
+    save_pretrained(merged, out_dir)
+    copy_tokenizer(base_dir, out_dir)
+    return Path(out_dir)

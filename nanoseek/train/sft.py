@@ -1,0 +1,148 @@
+"""Supervised fine-tuning: chat data -> assistant-only loss -> the shared training loop.
+
+The conversations (JSONL files, or a task's demonstrations) are rendered with DeepSeek-V3's
+chat template, labelled so that only the assistant's tokens are learned (data/chat.py) and
+packed into windows of seq_len. The loss is the model's own (`CausalLM.loss`: next-token CE,
+plus the MTP heads on the same masked labels and the MoE balance term) divided by the
+step's count of assistant tokens, so gradient accumulation weighs every answer token the
+same however the masks spread them. Full fine-tuning or LoRA/QLoRA (`SFTConfig.lora`).
+The run directory resumes (`--resume`) like a pretraining run: train_state.pt, run.json,
+metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanoseek.data.chat import ChatWindows, chat_windows, read_conversations
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.lora import LoraSettings
+from nanoseek.train.loop import Trainer
+from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_init, load_task_lazily,
+                                      merge_into, stage_settings, with_adapters, write_run)
+from nanoseek.train.pretrain import RunError, default_device, pretrain_loss
+
+
+def sft_train_config(**kw) -> TrainConfig:
+    """Small-model SFT defaults: a lower peak rate than pretraining (3e-3) since the model
+    already knows the language, short warm-up, no decay on a run this short."""
+    base = dict(max_steps=0, batch_size=8, seq_len=256, lr=5e-4, warmup_steps=10,
+                weight_decay=0.0, eval_every=0, save_every=100, min_lr_ratio=0.1)
+    return TrainConfig(**{**base, **kw})
+
+
+@dataclass
+class SFTConfig:
+    init: str                                    # checkpoint + tokenizer to start from
+    data: list[str] = field(default_factory=list)  # JSONL files (messages | prompt/response)
+    task: str | None = None                      # or a task's demonstrations
+    task_examples: int = 1000                    # how many of the task's train examples
+    epochs: float = 3.0                          # sets train.max_steps when that is 0
+    packing: bool = True                         # several conversations per window
+    val_fraction: float = 0.0                    # conversations held out for val_loss
+    merge: bool = False                          # LoRA: also write the merged checkpoint
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=sft_train_config)
+
+    def validate(self) -> None:
+        if bool(self.data) == bool(self.task):
+            raise ValueError("give exactly one of --data FILE or --task NAME")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.merge and not self.lora.enabled:
+            raise ValueError("--merge merges LoRA adapters: give --lora")
+        self.lora.validate()
+
+
+def conversations_of(config: SFTConfig) -> list[list[dict]]:
+    if config.data:
+        return read_conversations(config.data)
+    task = load_task_lazily(config.task)
+    examples = task.examples("train", config.task_examples, config.train.seed)
+    return [task.messages(ex) for ex in examples]
+
+
+def split(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out); the held-out share is drawn with the run's seed."""
+    n_val = int(len(conversations) * val_fraction)
+    if n_val == 0:
+        return conversations, []
+    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
+
+
+def steps_for(windows: ChatWindows, config: SFTConfig) -> int:
+    t = config.train
+    return max(1, math.ceil(config.epochs * len(windows) / (t.batch_size * t.grad_accum)))
+
+
+@torch.no_grad()
+def masked_loss(model, windows: ChatWindows, batch_size: int, device) -> float:
+    """Mean cross-entropy over every assistant token of `windows` (no MTP, no balance)."""
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x, y = windows.inputs[i:i + batch_size].to(device), windows.labels[i:i + batch_size].to(device)
+        out = model.loss(x, y)
+        n = int(model.loss_targets(y)[0])
+        total, count = total + float(out.lm_loss) * n, count + n
+    return total / max(count, 1)
+
+
+def sft(out_dir: str | Path, config: SFTConfig, resume: bool = False, max_steps: int | None = None,
+        progress: bool = True, log=print) -> dict:
+    """Run (or resume) supervised fine-tuning into `out_dir`; returns run.json's content."""
+    out_dir = Path(out_dir)
+    config = stage_settings(out_dir, config, resume, max_steps)
+    config.validate()
+    device = default_device()
+    model, tok = load_init(config.init, device)
+    if config.train.seq_len > model.config.max_position_embeddings:
+        raise RunError(f"--seq-len {config.train.seq_len} exceeds the model's context "
+                       f"({model.config.max_position_embeddings})")
+    train_convs, val_convs = split(conversations_of(config), config.val_fraction, config.train.seed)
+    data = chat_windows(train_convs, tok, config.train.seq_len, config.packing)
+    val = chat_windows(val_convs, tok, config.train.seq_len, config.packing) if val_convs else None
+    if not config.train.max_steps:
+        config.train.max_steps = steps_for(data, config)
+    torch.manual_seed(config.train.seed)  # the adapters' initial A, and the run after
+    model, nf4 = with_adapters(model, config.lora, data.inputs[:2].to(device), log)
+    trainer = build_trainer(model, config, data, val, out_dir, device, progress)
+    before = masked_loss(base_model(model).eval(), val or data, config.train.batch_size, device)
+    if resume and trainer.resume():
+        log(f"resumed at step {trainer.step}")
+    log(f"SFT: {data.meta['conversations']} conversations in {len(data)} windows of "
+        f"{config.train.seq_len} ({data.meta['targets']:,} assistant tokens), "
+        f"{config.train.max_steps} steps; loss on assistant tokens {before:.4f}")
+    run = write_run(out_dir, config, data=data.meta, loss_before=before,
+                    nf4=None if nf4 is None else vars(nf4))
+    run["summary"] = trainer.fit()
+    run["loss_after"] = masked_loss(base_model(model).eval(), val or data, config.train.batch_size, device)
+    if config.merge:
+        merge_into(out_dir, config.init)
+    log(f"loss on assistant tokens ({'held out' if val else 'training'}): {before:.4f} -> "
+        f"{run['loss_after']:.4f}")
+    write_run(out_dir, config, **{k: v for k, v in run.items() if k not in ("stage", "settings")})
+    return run
+
+
+def build_trainer(model, config: SFTConfig, data: ChatWindows, val: ChatWindows | None,
+                  out_dir: Path, device, progress: bool) -> Trainer:
+    t, lora = config.train, config.lora.enabled
+    net = base_model(model)
+
+    def next_batch(step, micro):
+        x, y = data.batch(step * t.grad_accum + micro, t.batch_size, t.seed)
+        return x.to(device), y.to(device)
+
+    def evaluate(m):
+        return {"val_loss": masked_loss(net, val, t.batch_size, device)} if val else {}
+
+    return Trainer(model, t, out_dir, next_batch, pretrain_loss,
+                   count_targets=lambda b: net.loss_targets(b[1]),
+                   evaluate=evaluate if val else None,
+                   on_checkpoint=checkpoint_writer(out_dir, config.init, config.lora),
+                   progress=progress, update_router_biases=not lora, trainable_state_only=lora)
