@@ -34,7 +34,7 @@ def sft_until(base: Path, out: Path, data: Path, task, minutes: float, threshold
     from nanoseek.train.sft import SFTConfig, sft, sft_train_config
     t0, steps, acc = time.perf_counter(), 0, 0.0
     cfg = SFTConfig(init=str(base), data=[str(data)], epochs=100.0,
-                    train=sft_train_config(max_steps=chunk, batch_size=16, seq_len=256, lr=1e-3,
+                    train=sft_train_config(max_steps=chunk, batch_size=16, seq_len=256, lr=2e-3,
                                            warmup_steps=20, save_every=chunk, schedule="constant"))
     while time.perf_counter() - t0 < minutes * 60:
         steps += chunk
@@ -48,9 +48,12 @@ def sft_until(base: Path, out: Path, data: Path, task, minutes: float, threshold
 
 def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str | Path | None = None,
                 pretrain_minutes: float = 3.0, sft_minutes: float = 4.0, grpo_minutes: float = 5.0,
-                threshold: float = 0.3, eval_n: int = 400, log=print) -> Path:
+                threshold: float = 0.3, eval_n: int = 400, threads: int = 1, log=print) -> Path:
     """Every stage; returns the report's path. `base`: a pretrained checkpoint to start
-    from instead of pretraining (e.g. runs/speedrun)."""
+    from instead of pretraining (e.g. runs/speedrun). `threads` for SFT and GRPO: one
+    thread is the fast choice on a crowded machine (two threads that wait for each other
+    ran 5x slower on the shared 2-core VM); pretraining adapts its own."""
+    import torch
     from nanoseek.data.tasks import load_task
     from nanoseek.rl_report import write_rl_report
     from nanoseek.speedrun import speedrun
@@ -64,10 +67,12 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     task = load_task("arithmetic", **RL_TASK)
+    torch.set_num_threads(threads)
     if base is None:
         log(f"[1/5] tokenizer + pretraining ({pretrain_minutes:g} min)")
         speedrun("pretrain", out, minutes=pretrain_minutes, progress=False, log=lambda *a: None)
         base = out / "pretrain"
+        torch.set_num_threads(threads)
     log(f"[2/5] SFT on {RL_TASK} demonstrations until held-out accuracy >= {threshold:.0%}")
     data = write_demonstrations(out / "demos.jsonl", task, 4000, seed=0)
     sft_acc, sft_steps = sft_until(Path(base), out / "sft", data, task, sft_minutes, threshold, 50, log)

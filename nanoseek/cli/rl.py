@@ -68,11 +68,13 @@ def speedrun_rl(
         sft_minutes: float = typer.Option(4.0, help="SFT budget (it stops earlier at --threshold)"),
         grpo_minutes: float = typer.Option(5.0, help="GRPO budget"),
         threshold: float = typer.Option(0.3, help="held-out accuracy at which SFT hands over to GRPO"),
-        eval_n: int = typer.Option(400, help="held-out problems of the before/after evaluation")):
+        eval_n: int = typer.Option(400, help="held-out problems of the before/after evaluation"),
+        threads: int = typer.Option(1, min=1, help="torch threads for SFT and GRPO (1 suits a shared machine)")):
     """Pretraining -> SFT on 2-digit addition -> GRPO -> held-out evaluation -> report with
     reward/accuracy curves and a before/after table."""
     from nanoseek.speedrun_rl import speedrun_rl as run
-    run(name, root, base, pretrain_minutes, sft_minutes, grpo_minutes, threshold, eval_n, log=typer.echo)
+    run(name, root, base, pretrain_minutes, sft_minutes, grpo_minutes, threshold, eval_n, threads,
+        log=typer.echo)
 
 
 def register(app: typer.Typer) -> None:
