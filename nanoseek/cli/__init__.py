@@ -1,6 +1,6 @@
 """`nanoseek <command>`: one entry point (`[project.scripts] nanoseek = "nanoseek.cli:app"`).
 
-One module per area — model.py, train.py, posttrain.py, engine.py, serve.py, calc.py, agent.py —
+One module per area — model.py, train.py, posttrain.py, rl.py, engine.py, serve.py, calc.py, agent.py —
 each with its commands as
 module-level functions and a `register(app)` that adds them; their top-level imports stay
 light (torch is imported inside the commands), so `nanoseek --help` is instant. Errors:
@@ -9,7 +9,7 @@ common.py (one line `error: ...` and exit code 2 for a user error; `--debug` for
 
 import typer
 
-from nanoseek.cli import agent, calc, engine, model, posttrain, serve, train
+from nanoseek.cli import agent, calc, engine, model, posttrain, rl, serve, train
 from nanoseek.cli.common import CliGroup, set_debug
 
 app = typer.Typer(cls=CliGroup, help="nanoseek: the DeepSeek-V3 stack — model, training, engine, calculators.",
@@ -23,5 +23,5 @@ def main(debug: bool = typer.Option(False, "--debug", envvar="NANOSEEK_DEBUG",
     set_debug(debug)
 
 
-for area in (model, train, posttrain, engine, serve, calc, agent):
+for area in (model, train, posttrain, rl, engine, serve, calc, agent):
     area.register(app)

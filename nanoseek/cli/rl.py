@@ -1,0 +1,82 @@
+"""RL commands: `nanoseek grpo --init SFT_DIR --task arithmetic --out DIR [--algo ppo]`, and
+`nanoseek speedrun-rl` (pretraining -> SFT -> GRPO -> held-out evaluation -> report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def grpo(
+        out: Path = typer.Option(..., "--out", help="run directory (becomes the policy's HF checkpoint)"),
+        init: Optional[Path] = typer.Option(None, "--init", help="starting checkpoint, e.g. an SFT run (not needed with --resume)"),
+        task: str = typer.Option("arithmetic", "--task", help="arithmetic | countdown | FILE.jsonl"),
+        option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=2"),
+        algo: str = typer.Option("grpo", help="grpo | ppo (a critic + GAE, for comparison)"),
+        max_steps: int = typer.Option(100, min=1, help="optimizer steps"),
+        batch_size: int = typer.Option(16, min=1, help="prompts per rollout"),
+        num_generations: int = typer.Option(8, min=1, help="G: completions per prompt"),
+        grad_accum: int = typer.Option(1, min=1, help="micro-batches per optimizer step"),
+        lr: float = typer.Option(3e-4, help="learning rate (<= 3e-4 on tiny models: see README)"),
+        warmup_steps: int = typer.Option(10, min=0),
+        temperature: float = typer.Option(1.0, help="sampling temperature of the rollouts"),
+        max_completion_length: Optional[int] = typer.Option(None, min=1, help="default: the task's budget"),
+        loss_type: str = typer.Option("grpo", help="grpo | bnpo | dr_grpo | dapo"),
+        scale_rewards: str = typer.Option("group", help="group | batch | none"),
+        epsilon: float = typer.Option(0.2, help="clip range (lower side)"),
+        epsilon_high: Optional[float] = typer.Option(None, help="upper clip (DAPO clip-higher; default epsilon)"),
+        beta: float = typer.Option(0.02, help="k3 KL weight (0: no reference model is loaded)"),
+        num_iterations: int = typer.Option(1, min=1, help="optimizer passes per rollout batch"),
+        mask_truncated_completions: bool = typer.Option(False, "--mask-truncated-completions"),
+        drop_equal_groups: bool = typer.Option(False, "--drop-equal-groups", help="drop groups whose rewards are all equal"),
+        eval_every: int = typer.Option(25, min=0, help="steps between held-out evaluations (0 = at the end)"),
+        eval_n: int = typer.Option(200, min=1, help="held-out problems per evaluation"),
+        save_every: int = typer.Option(25, min=0),
+        seed: int = typer.Option(1337),
+        resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
+        no_progress: bool = typer.Option(False, "--no-progress")):
+    """GRPO (or PPO) on a verifiable task with rollouts from nanoseek's engine; logs reward,
+    accuracy, KL, clip fraction, lengths and rollout/update time to metrics.jsonl."""
+    from nanoseek.cli.train import _task_options
+    from nanoseek.train.rl_config import RLConfig, rl_train_config
+    from nanoseek.train.rl_run import rl
+    if init is None and not resume:
+        raise typer.BadParameter("--init is required (the checkpoint to start from)")
+    train = rl_train_config(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
+                            lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
+                            save_every=save_every or max_steps * num_iterations, seed=seed)
+    cfg = RLConfig(init=str(init or ""), task=task, task_options=_task_options(option or []),
+                   algo=algo, train=train, num_generations=num_generations, temperature=temperature,
+                   max_completion_length=max_completion_length, loss_type=loss_type,
+                   scale_rewards=scale_rewards, epsilon=epsilon, epsilon_high=epsilon_high,
+                   beta=beta, num_iterations=num_iterations,
+                   mask_truncated_completions=mask_truncated_completions,
+                   drop_equal_groups=drop_equal_groups, eval_n=eval_n)
+    run = rl(out, cfg, resume=resume, progress=not no_progress, log=typer.echo)
+    s, start, end = run["summary"], run["start_eval"] or {}, run["final_eval"] or {}
+    typer.echo(f"done: {s['steps']} steps in {s['elapsed']:.0f}s; held-out accuracy "
+               f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f} -> {out}")
+
+
+def speedrun_rl(
+        name: str = typer.Option("speedrun-rl", help="run name: writes runs/NAME/report.md"),
+        root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
+        base: Optional[Path] = typer.Option(None, help="a pretrained checkpoint (e.g. runs/speedrun) instead of pretraining"),
+        pretrain_minutes: float = typer.Option(3.0, help="pretraining budget (without --base)"),
+        sft_minutes: float = typer.Option(4.0, help="SFT budget (it stops earlier at --threshold)"),
+        grpo_minutes: float = typer.Option(5.0, help="GRPO budget"),
+        threshold: float = typer.Option(0.3, help="held-out accuracy at which SFT hands over to GRPO"),
+        eval_n: int = typer.Option(400, help="held-out problems of the before/after evaluation"),
+        threads: int = typer.Option(1, min=1, help="torch threads for SFT and GRPO (1 suits a shared machine)")):
+    """Pretraining -> SFT on 2-digit addition -> GRPO -> held-out evaluation -> report with
+    reward/accuracy curves and a before/after table."""
+    from nanoseek.speedrun_rl import speedrun_rl as run
+    run(name, root, base, pretrain_minutes, sft_minutes, grpo_minutes, threshold, eval_n, threads,
+        log=typer.echo)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(grpo)
+    app.command("speedrun-rl")(speedrun_rl)

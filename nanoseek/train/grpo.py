@@ -1,0 +1,178 @@
+"""GRPO (DeepSeekMath): reinforcement learning from a rule-based reward, rollouts by
+nanoseek's own engine, on the shared training loop. `nanoseek grpo --init SFT_DIR --task
+arithmetic --out DIR`.
+
+One rollout per `num_iterations` optimizer steps: `train.batch_size` prompts x G
+completions, sampled by the engine (which reads the policy's weights live; its prefix
+cache is dropped before each rollout), scored by the task's reward, turned into
+group-normalised advantages. Each optimizer step is one pass over that batch (split in
+`grad_accum` micro-batches) of the loss
+
+    L = -Σ_i Σ_t [min(ρ_it Â_i, clip(ρ_it, 1-ε, 1+ε_high) Â_i) - β KL_k3(π_θ || π_ref)_it] / norm
+
+(rl_objectives.py: the normalisation is `loss_type`'s). The old-policy log-probs of ρ are
+the first pass's own: that pass runs on exactly the weights that sampled (one optimizer
+step per pass), so its log-probs *are* π_old, computed at training precision and
+temperature at no extra forward; later passes (num_iterations > 1) reuse them. The
+engine's sampled log-probs are kept and compared (`logp_mismatch`, temperature 1): they
+agree to float rounding, which is what makes this substitution exact.
+
+Why the logged loss sits near 0: see rl_objectives.py (zero-mean advantages, ratio 1 on the
+first pass). Watch `reward`, `accuracy` and the held-out evaluation instead.
+Resuming: the Trainer's checkpoint (weights, optimizer, RNG, step); a rollout is
+regenerated from its step's seed, so a resumed run samples what the first run would have.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+from nanoseek.engine import LLM, SamplingParams
+from nanoseek.train.loop import Trainer
+from nanoseek.train.rl_config import RLConfig
+from nanoseek.train.rl_objectives import (clipped_surrogate, equal_reward_groups,
+                                          group_advantages, k3_kl, normalise)
+from nanoseek.train.rollout import Rollouts, pack, sample_rollouts, spread, token_logprobs
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RLStage:
+    """What the Trainer calls: next_batch (rollouts), loss_fn, count_targets, evaluate."""
+
+    def __init__(self, cfg: RLConfig, model, policy, tokenizer, task, ref=None, device=None):
+        self.cfg, self.model, self.policy, self.task, self.ref = cfg, model, policy, task, ref
+        self.device = device or next(policy.parameters()).device
+        n = cfg.train.batch_size * cfg.num_generations
+        self.llm = LLM(policy, tokenizer=tokenizer, max_num_seqs=max(n, cfg.eval_n),
+                       max_num_batched_tokens=4096, speculative=False)
+        self.max_len = cfg.max_completion_length or task.max_tokens
+        self.params = SamplingParams(temperature=cfg.temperature, max_tokens=self.max_len)
+        self.pad_id = policy.config.pad_token_id or 0
+        self.index, self.micro, self.rollout_s = -1, [], 0.0
+
+    # ------------------------------------------------------------------ rollouts
+    def next_batch(self, step: int, micro: int) -> dict:
+        r = step // self.cfg.num_iterations
+        if r != self.index:
+            self.micro, self.index = self.rollout(r), r
+        batch = self.micro[micro]
+        batch["pass"] = step % self.cfg.num_iterations
+        if batch["pass"] and "stats" in batch:  # later passes sample nothing
+            batch["stats"] = {**batch["stats"], "rollout_s": 0.0}
+        return batch
+
+    def rollout(self, r: int) -> list[dict]:
+        """Sample rollout r (seeded by r and the run's seed) and cut it into micro-batches."""
+        cfg = self.cfg
+        seed = cfg.train.seed * 1_000_003 + r
+        examples = self.task.examples("train", cfg.train.batch_size, seed=seed)
+        n = cfg.train.batch_size * cfg.num_generations  # completion k of prompt i: seed*n + i*G + k,
+        ro = sample_rollouts(self.llm, self.task, examples, cfg.num_generations, self.params,
+                             seed * n)  # so no two completions of a run share a seed
+        self.rollout_s = ro.seconds
+        stats = {**ro.stats(), "peak_rss_mb": peak_rss_mb()}
+        adv = (group_advantages(ro.rewards, cfg.num_generations, cfg.scale_rewards)
+               if cfg.algo == "grpo" else torch.zeros(len(ro)))
+        ro, adv, stats["groups_kept"] = self.keep_groups(ro, adv)
+        chunks = torch.arange(len(ro)).chunk(cfg.train.grad_accum)
+        batches = [self.make_micro(ro, adv, idx.tolist()) for idx in chunks]
+        if cfg.algo == "ppo":
+            from nanoseek.train.ppo import ppo_prepare
+            ppo_prepare(self, batches)
+        batches[0]["stats"] = stats
+        return batches
+
+    def keep_groups(self, ro: Rollouts, adv: torch.Tensor):
+        """Drop the groups whose rewards are all equal (if asked); keep at least one group
+        and enough completions for every micro-batch."""
+        G = self.cfg.num_generations
+        equal = equal_reward_groups(ro.rewards, G) if self.cfg.algo == "grpo" else torch.zeros(len(ro) // G, dtype=torch.bool)
+        if not self.cfg.drop_equal_groups or equal.all():
+            return ro, adv, float((~equal).float().mean())
+        keep = [i for g in (~equal).nonzero().flatten().tolist() for i in range(g * G, (g + 1) * G)]
+        if len(keep) < self.cfg.train.grad_accum:
+            return ro, adv, float((~equal).float().mean())
+        return ro.select(keep), adv[keep], float((~equal).float().mean())
+
+    @torch.no_grad()
+    def make_micro(self, ro: Rollouts, adv: torch.Tensor, idx: list[int]) -> dict:
+        inputs, targets, mask = pack([ro.prompt_ids[i] for i in idx],
+                                     [ro.completion_ids[i] for i in idx], self.pad_id, self.device)
+        if self.cfg.mask_truncated_completions:
+            mask &= ~torch.tensor([ro.truncated[i] for i in idx], device=self.device).unsqueeze(1)
+        batch = {"inputs": inputs, "targets": targets, "mask": mask, "advantages": adv[idx].to(self.device),
+                 "rewards": ro.rewards[idx].to(self.device),
+                 "engine_logp": spread([ro.engine_logp[i] for i in idx], mask), "old_logp": None,
+                 "ref_logp": None}
+        if self.ref is not None and self.cfg.beta > 0:
+            batch["ref_logp"] = token_logprobs(self.ref, inputs, targets, self.cfg.temperature)
+        return batch
+
+    # ---------------------------------------------------------------------- loss
+    def count_targets(self, batch: dict) -> torch.Tensor:
+        """[completion tokens that count, completions]: the divisors of every loss type."""
+        return torch.stack([batch["mask"].sum().float(),
+                            torch.tensor(float(len(batch["mask"])), device=self.device)])
+
+    def loss_fn(self, model, batch: dict, targets) -> tuple[torch.Tensor, dict]:
+        if self.cfg.algo == "ppo":
+            from nanoseek.train.ppo import ppo_loss
+            return ppo_loss(self, model, batch, targets)
+        return grpo_loss(self.cfg, self.policy, batch, targets.count, self.max_len)
+
+    def tokens_in(self, batch: dict) -> int:
+        return int(batch["mask"].sum())
+
+    # ------------------------------------------------------------------ evaluate
+    def evaluate(self, model) -> dict:
+        """Held-out greedy accuracy through the same engine (the current weights)."""
+        from nanoseek.train.eval import evaluate_task
+        self.llm.engine.reset_prefix_cache()
+        ev = evaluate_task(self.llm, self.task, n=self.cfg.eval_n, k=0, max_tokens=self.max_len)
+        return {"accuracy": ev["accuracy"], "format": ev["format"], "mean_reward": ev["mean_reward"]}
+
+
+def grpo_loss(cfg: RLConfig, policy, batch: dict, count: torch.Tensor, max_len: int):
+    """This micro-batch's share of the step's GRPO loss, and its shares of the logged values."""
+    mask = batch["mask"]
+    logp = token_logprobs(policy, batch["inputs"], batch["targets"], cfg.temperature)
+    first_pass = batch["old_logp"] is None
+    if first_pass:
+        batch["old_logp"] = logp.detach()  # the sampling weights' log-probs (see the docstring)
+    objective, clipped = clipped_surrogate(logp, batch["old_logp"], batch["advantages"],
+                                           cfg.epsilon, cfg.eps_high)
+    per_token = -objective
+    tokens = count[0].clamp(min=1)
+    m = mask.float()
+    logs = {"clip_frac": (clipped.float() * m).sum() / tokens,
+            "ratio": (torch.exp(logp - batch["old_logp"]).detach() * m).sum() / tokens}
+    if batch["ref_logp"] is not None:
+        kl = k3_kl(logp, batch["ref_logp"])
+        per_token = per_token + cfg.beta * kl
+        logs["kl"] = (kl.detach() * m).sum() / tokens
+    if first_pass and cfg.temperature == 1.0:
+        logs["logp_mismatch"] = ((logp.detach() - batch["engine_logp"]).abs() * m).sum() / tokens
+    loss = normalise(per_token, mask, cfg.loss_type, count[0], count[1], max_len)
+    return loss, {**logs, **batch.get("stats", {})}
+
+
+class RLTrainer(Trainer):
+    """The shared loop, plus the split of each step's time into rollout and update."""
+
+    def __init__(self, stage: RLStage, *args, **kw):
+        super().__init__(*args, **kw)
+        self.stage = stage
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        self.stage.rollout_s = 0.0
+        m = super().train_step()
+        m["update_s"] = time.perf_counter() - t0 - self.stage.rollout_s
+        return m

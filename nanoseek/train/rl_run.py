@@ -1,0 +1,98 @@
+"""An RL run from a checkpoint: `rl(out_dir, RLConfig(init=SFT_DIR, ...))`.
+
+The run directory is, like every stage's, a checkpoint transformers loads (the policy:
+config.json, model.safetensors, the tokenizer copied from --init) plus train_state.pt,
+metrics.jsonl (one "train" line per step: reward and its parts, accuracy, KL, clip
+fraction, lengths, rollout vs update time, peak memory; "eval" lines: held-out greedy
+accuracy, step 0 = the starting point) and run.json (the settings, for --resume).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from nanoseek.train.config import settings_from_dict, settings_to_dict
+from nanoseek.train.rl_config import RLConfig
+
+
+def load_policy(init: str | Path):
+    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.tokenizer import Tokenizer
+    init = Path(init)
+    if not (init / "config.json").exists():
+        raise FileNotFoundError(f"--init {init}: not a checkpoint directory (no config.json)")
+    tok = Tokenizer.from_dir(init)
+    if tok is None:
+        raise FileNotFoundError(f"--init {init}: no tokenizer.json (RL prompts with chat text)")
+    return from_pretrained(init, dtype=torch.float32), tok
+
+
+def build(out_dir: Path, cfg: RLConfig, progress: bool = True):
+    """(trainer, stage) for `cfg`: the policy from cfg.init, a frozen reference copy when
+    beta > 0, a critic for PPO, the engine over the live policy."""
+    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.data.tasks import load_task
+    from nanoseek.tokenizer import copy_tokenizer
+    from nanoseek.train.grpo import RLStage, RLTrainer
+
+    torch.manual_seed(cfg.train.seed)
+    policy, tok = load_policy(cfg.init)
+    ref = None
+    if cfg.beta > 0:
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    model = policy
+    if cfg.algo == "ppo":
+        from nanoseek.train.ppo import ActorCritic
+        model = ActorCritic(policy)
+    task = load_task(cfg.task, **cfg.task_options)
+    stage = RLStage(cfg, model, policy, tok, task, ref)
+
+    def on_checkpoint(m, step):
+        save_pretrained(policy, out_dir)
+        copy_tokenizer(cfg.init, out_dir)
+
+    trainer = RLTrainer(stage, model, cfg.train, out_dir, next_batch=stage.next_batch,
+                        loss_fn=stage.loss_fn, count_targets=stage.count_targets,
+                        evaluate=stage.evaluate, on_checkpoint=on_checkpoint,
+                        tokens_in=stage.tokens_in, progress=progress)
+    return trainer, stage
+
+
+def rl(out_dir: str | Path, cfg: RLConfig, resume: bool = False, progress: bool = True,
+       log=print) -> dict:
+    """Run (or resume) an RL run; returns run.json's content."""
+    from nanoseek.train.checkpointing import STATE_FILE
+    from nanoseek.train.pretrain import write_run
+
+    out_dir = Path(out_dir)
+    if resume and (out_dir / "run.json").exists():
+        saved = json.loads((out_dir / "run.json").read_text())["settings"]
+        saved["train"]["max_steps"] = cfg.train.max_steps
+        cfg = settings_from_dict(RLConfig, saved, f"{out_dir}/run.json")
+    elif (out_dir / STATE_FILE).exists():
+        raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
+    cfg.validate()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer, stage = build(out_dir, cfg, progress)
+    run = {"stage": cfg.algo, "settings": settings_to_dict(cfg)}
+    resumed = resume and trainer.resume()
+    write_run(out_dir, run)
+    if not resumed:
+        ev = trainer.run_eval()
+        trainer.log({"kind": "eval", "step": 0, "tokens": 0, **ev})
+        log(f"step 0 (the starting point): held-out accuracy {ev['accuracy']:.3f}")
+    summary = trainer.fit()
+    evals = [r for r in _metrics(out_dir) if r.get("kind") == "eval"]
+    run.update(summary=summary, start_eval=evals[0] if evals else None,
+               final_eval=evals[-1] if evals else None)
+    write_run(out_dir, run)
+    return run
+
+
+def _metrics(out_dir: Path) -> list[dict]:
+    from nanoseek.train.metrics import read_metrics
+    return read_metrics(out_dir)
