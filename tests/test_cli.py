@@ -289,3 +289,16 @@ def test_local_data_files_print_no_datasets_progress(tmp_path, capfd):
     assert load_file(f) == ["one document", "another"]
     out, err = capfd.readouterr()
     assert "Generating" not in out + err and "examples" not in out + err
+
+
+def test_parallel_axes_without_processes_are_refused(tmp_path):
+    r = invoke("pretrain", "--out", str(tmp_path / "run"), "--ep", "2")
+    assert r.exit_code == 2 and "--nproc" in r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stray_rank_does_not_make_one_process_a_follower(monkeypatch):
+    from nanoseek.parallel import launch
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert launch.is_main()

@@ -344,3 +344,17 @@ def test_tokenizer_train_never_replaces_a_tokenizer_unasked(tmp_path):
     assert invoke("tokenizer", "train", "--data", corpus, "--vocab-size", 280, "--out", out,
                   "--overwrite").exit_code == 0
     assert snapshot(out) != before
+
+
+def test_overwrite_removes_a_multi_process_runs_shards_too(tmp_path):
+    """A sharded checkpoint left behind would be what the next --resume loads."""
+    from nanoseek.train.run_dir import remove_own_files, trained_steps
+    (tmp_path / "run.json").write_text('{"nanoseek": "pretrain"}')
+    (tmp_path / "checkpoint" / "step").mkdir(parents=True)
+    (tmp_path / "checkpoint" / ".metadata").write_text("x")
+    (tmp_path / ".checkpoint.staging").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert trained_steps(tmp_path) == 1
+    gone = remove_own_files(tmp_path)
+    assert {"checkpoint", ".checkpoint.staging", "run.json"} <= set(gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

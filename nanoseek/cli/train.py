@@ -125,7 +125,10 @@ def pretrain(
     given = {"train.max_steps": max_steps, "train.time_limit": time_limit,
              "data.paths": settings.data.paths or None,
              "data.text_field": text_field if data else None}
-    if resume:
+    if (ep, tp, pp) != (1, 1, 1) and not launch.under_torchrun():
+        raise typer.BadParameter("--ep/--tp/--pp split the model over processes: give --nproc N "
+                                 "(or launch with torchrun)", param_hint="--ep/--tp/--pp")
+    if resume and launch.is_main():
         _warn_ignored(ctx, out)
     steps_before = _finished_steps(out) if resume else None
     try:
@@ -176,14 +179,17 @@ def _saved_value(saved, name: str):
 def _exit_on_signal(e: BaseException, resume_command: str) -> None:
     """Interrupted (a checkpoint was saved) or Aborted (a second signal): one line on
     stderr and exit 128 + signal; anything else is left to the caller."""
+    from nanoseek.parallel import launch
     from nanoseek.train.signals import Aborted, Interrupted
     if isinstance(e, Interrupted):
         hint = f"; continue with: {resume_command}" if e.step else ""
-        typer.echo(f"{e}{hint}", err=True)
+        if launch.is_main():  # one line, not one per rank
+            typer.echo(f"{e}{hint}", err=True)
         raise typer.Exit(e.exit_code)
     if isinstance(e, Aborted):
-        typer.echo(f"{e}: the steps since the last checkpoint are lost, the checkpoint itself is "
-                   f"intact; continue with: {resume_command}", err=True)
+        if launch.is_main():
+            typer.echo(f"{e}: the steps since the last checkpoint are lost, the checkpoint itself "
+                       f"is intact; continue with: {resume_command}", err=True)
         raise typer.Exit(e.exit_code)
 
 

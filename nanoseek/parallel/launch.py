@@ -25,6 +25,8 @@ def under_torchrun() -> bool:
 
 def is_main() -> bool:
     """Rank 0 (or a single process); also after the process group is gone."""
+    if not under_torchrun():  # a stray RANK in the environment does not make one process a follower
+        return True
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0

@@ -219,5 +219,12 @@ class Parallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t)
 
+    def agree_stop(self, signum: int | None) -> int | None:
+        """A stop any rank was asked for (Ctrl-C reaches ranks at different moments): every
+        rank then stops at the same step, or one would wait in a collective forever."""
+        t = torch.tensor([signum or 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t) or None
+
     def barrier(self) -> None:
         dist.barrier()

@@ -1,4 +1,4 @@
-"""The training loop every stage reuses (pretraining now; SFT, DPO and GRPO plug in).
+"""The training loop every stage reuses (pretraining, SFT, DPO, GRPO and PPO).
 
 A stage hands the `Trainer`:
   * `next_batch(step, micro)` -> a batch (anything its loss understands); deterministic in
@@ -269,6 +269,7 @@ class Trainer:
         if self.sharded:
             from nanoseek.parallel import checkpoint as sharded
             sharded.save(self)
+            self.saved_step = self.step
             return
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.model, self.step)
@@ -348,6 +349,8 @@ class Trainer:
             threads = self.tuner.before_step(self.step) if self.tuner else None
             t0 = time.perf_counter()
             m = self.train_step()
+            if self.parallel is not None:  # a signal on any rank stops every rank here
+                self.stop_signal = self.parallel.agree_stop(self.stop_signal)
             lr, step_tokens = m.pop("lr"), m.pop("step_tokens")
             interval.add(m)
             due = (self.step % self.cfg.log_every == 0 or self.step >= stop

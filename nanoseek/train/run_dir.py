@@ -26,8 +26,8 @@ LOCK_FILE = ".nanoseek.lock"
 OWN_FILES = ("run.json", "config.json", "model.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
              "chat_template.jinja", "train_state.pt", "metrics.jsonl", "report.md", "loss.png",
-             "expert_load.png", "lr.png")
-OWN_PATTERNS = ("model-*-of-*.safetensors", ".*.tmp", ".tokenizer.*")
+             "expert_load.png", "lr.png", "checkpoint")  # checkpoint/: a multi-process run's shards
+OWN_PATTERNS = ("model-*-of-*.safetensors", ".*.tmp", ".tokenizer.*", ".checkpoint.*")
 DATA_DIR, DATA_FILES = "data", ("train.bin", "val.bin", "meta.json", ".train.bin.*.tmp",
                                 ".val.bin.*.tmp", ".meta.json.*.tmp")
 
@@ -75,7 +75,8 @@ def trained_steps(out: Path) -> int:
     from nanoseek.train.metrics import read_metrics
 
     steps = [r.get("step", 0) for r in read_metrics(out) if r.get("kind") == "train"]
-    return max(steps, default=1 if (out / "train_state.pt").exists() else 0)
+    saved = (out / "train_state.pt").exists() or (out / "checkpoint").is_dir()
+    return max(steps, default=1 if saved else 0)
 
 
 def progress_of(out: Path) -> str:
