@@ -167,3 +167,18 @@ def load_config(preset_name: str | None = None, config_path: str | None = None):
     if (preset_name is None) == (config_path is None):
         raise ConfigError("give exactly one of --preset NAME or --config FILE")
     return preset(preset_name) if preset_name else ModelConfig.from_json(config_path)
+
+
+def task_options(pairs: list[str]) -> dict:
+    """KEY=VALUE -> {KEY: VALUE}, values read as JSON when they are (3, 0.5, null), else text."""
+    import json
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--option {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out

@@ -30,6 +30,7 @@ def sft(
         data: Optional[list[Path]] = typer.Option(None, "--data", help="JSONL: {\"messages\": [...]} or {\"prompt\", \"response\"} rows (repeat)"),
         task: Optional[str] = typer.Option(None, "--task", help="train on a task's demonstrations instead"),
         task_examples: int = typer.Option(1000, min=1, help="task examples to train on"),
+        option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=2"),
         epochs: float = typer.Option(3.0, help="passes over the data (sets --max-steps when not given)"),
         max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: from --epochs)"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
@@ -51,9 +52,11 @@ def sft(
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Supervised fine-tuning on chat data: DeepSeek-V3's chat template, loss on the
     assistant's tokens only, packing; full, LoRA or QLoRA; resumable."""
+    from nanoseek.cli.common import task_options
     from nanoseek.train.sft import SFTConfig, sft as run_sft, sft_train_config
     settings = SFTConfig(
         init=str(init), data=[str(p) for p in data or []], task=task, task_examples=task_examples,
+        task_options=task_options(option or []),
         epochs=epochs, packing=not no_packing, val_fraction=val_fraction, merge=merge,
         lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,

@@ -39,7 +39,7 @@ def grpo(
         no_progress: bool = typer.Option(False, "--no-progress")):
     """GRPO (or PPO) on a verifiable task with rollouts from nanoseek's engine; logs reward,
     accuracy, KL, clip fraction, lengths and rollout/update time to metrics.jsonl."""
-    from nanoseek.cli.train import _task_options
+    from nanoseek.cli.common import task_options
     from nanoseek.train.rl_config import RLConfig, rl_train_config
     from nanoseek.train.rl_run import rl
     if init is None and not resume:
@@ -47,7 +47,7 @@ def grpo(
     train = rl_train_config(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                             lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
                             save_every=save_every or max_steps * num_iterations, seed=seed)
-    cfg = RLConfig(init=str(init or ""), task=task, task_options=_task_options(option or []),
+    cfg = RLConfig(init=str(init or ""), task=task, task_options=task_options(option or []),
                    algo=algo, train=train, num_generations=num_generations, temperature=temperature,
                    max_completion_length=max_completion_length, loss_type=loss_type,
                    scale_rewards=scale_rewards, epsilon=epsilon, epsilon_high=epsilon_high,

@@ -261,9 +261,11 @@ def eval_(run_dir: Path = typer.Argument(..., help="run directory (checkpoint + 
 
 def _eval_task(run_dir, task, options, n, k, samples, temperature, max_tokens, seed, as_json):
     import json
+
+    from nanoseek.cli.common import task_options
     from nanoseek.data.tasks import load_task
     from nanoseek.train.eval import evaluate_task
-    ev = evaluate_task(run_dir, load_task(task, **_task_options(options)), n=n, k=k,
+    ev = evaluate_task(run_dir, load_task(task, **task_options(options)), n=n, k=k,
                        temperature=temperature, seed=seed, samples=samples, max_tokens=max_tokens)
     if as_json:
         typer.echo(json.dumps(ev, indent=2))
@@ -272,21 +274,6 @@ def _eval_task(run_dir, task, options, n, k, samples, temperature, max_tokens, s
     if k:
         line += f" pass@1={ev['pass@1']:.4f} pass@{k}={ev[f'pass@{k}']:.4f} (T={temperature})"
     typer.echo(line + f" in {ev['seconds']:.1f}s")
-
-
-def _task_options(pairs: list[str]) -> dict:
-    """KEY=VALUE -> {KEY: VALUE}, values read as JSON when they are (3, 0.5, null), else text."""
-    import json
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"--option {pair!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
 
 
 def peak(remeasure: bool = typer.Option(False, help="measure again (keeps the higher figure)")):

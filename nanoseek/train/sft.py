@@ -41,6 +41,7 @@ class SFTConfig:
     data: list[str] = field(default_factory=list)  # JSONL files (messages | prompt/response)
     task: str | None = None                      # or a task's demonstrations
     task_examples: int = 1000                    # how many of the task's train examples
+    task_options: dict = field(default_factory=dict)  # e.g. {"digits": 2} (load_task's options)
     epochs: float = 3.0                          # sets train.max_steps when that is 0
     packing: bool = True                         # several conversations per window
     val_fraction: float = 0.0                    # conversations held out for val_loss
@@ -61,7 +62,7 @@ class SFTConfig:
 def conversations_of(config: SFTConfig) -> list[list[dict]]:
     if config.data:
         return read_conversations(config.data)
-    task = load_task_lazily(config.task)
+    task = load_task_lazily(config.task, **config.task_options)
     examples = task.examples("train", config.task_examples, config.train.seed)
     return [task.messages(ex) for ex in examples]
 
