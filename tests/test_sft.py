@@ -83,3 +83,14 @@ def test_sft_cli(tmp_path, init, data):
     assert r.exit_code == 2 and "bad.jsonl:1: expected 'messages'" in r.output
     r = runner.invoke(app, ["sft", "--init", str(init), "--out", str(tmp_path / "r3")])
     assert r.exit_code == 2 and "exactly one of --data FILE or --task NAME" in r.output
+
+
+def test_task_options_reach_the_task():
+    """`sft --task arithmetic --option digits=1`: the demonstrations are 1-digit problems."""
+    import re
+
+    from nanoseek.train.sft import SFTConfig, conversations_of
+    convs = conversations_of(SFTConfig(init="unused", task="arithmetic", task_examples=20,
+                                       task_options={"digits": 1, "ops": "+"}))
+    numbers = [int(n) for c in convs for n in re.findall(r"\d+", c[-2]["content"].split("\n")[0])]
+    assert len(convs) == 20 and numbers and max(numbers) <= 9
