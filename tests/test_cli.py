@@ -302,3 +302,9 @@ def test_a_stray_rank_does_not_make_one_process_a_follower(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert launch.is_main()
+
+
+def test_help_reflows_docstrings():
+    """Command descriptions are reflowed, not broken at the source's line ends."""
+    text = " ".join(invoke("--help").output.split())
+    assert "AdamW with warm-up + cosine/WSD, MTP" in text.replace("│ ", "").replace(" │", "")

@@ -25,3 +25,18 @@ def main(debug: bool = typer.Option(False, "--debug", envvar="NANOSEEK_DEBUG",
 
 for area in (model, train, posttrain, rl, engine, serve, calc, agent):
     area.register(app)
+
+
+def _unwrap_docstrings(typer_app: typer.Typer) -> None:
+    """Help from docstrings with their source line breaks removed (paragraphs kept): rich
+    would otherwise print each 90-column source line as its own line in `--help`."""
+    import inspect
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for group in typer_app.registered_groups:
+        _unwrap_docstrings(group.typer_instance)
+
+
+_unwrap_docstrings(app)
