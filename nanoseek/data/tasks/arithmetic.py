@@ -36,15 +36,26 @@ class Arithmetic(Task):
         no_options_left("arithmetic", options)
 
     def draw(self, rng: random.Random) -> tuple[str, Example]:
-        lo = 0 if self.digits == 1 else 10 ** (self.digits - 1)
-        a, b = rng.randint(lo, 10 ** self.digits - 1), rng.randint(lo, 10 ** self.digits - 1)
-        op = rng.choice(self.ops)
-        key = f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else f"{a}{op}{b}"
+        key, a, op, b = draw_problem(rng, self.digits, self.ops)
         return key, make_example(a, op, b)
 
 
+def draw_problem(rng: random.Random, digits: int, ops: str) -> tuple[str, int, str, int]:
+    """(split key, a, op, b): two `digits`-digit operands and an operator. The key is the
+    problem in one form (3+5 and 5+3 alike), so the split never puts one in both halves."""
+    lo = 0 if digits == 1 else 10 ** (digits - 1)
+    a, b = rng.randint(lo, 10 ** digits - 1), rng.randint(lo, 10 ** digits - 1)
+    op = rng.choice(ops)
+    key = f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else f"{a}{op}{b}"
+    return key, a, op, b
+
+
+def apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
 def make_example(a: int, op: str, b: int) -> Example:
-    value = a + b if op == "+" else a - b if op == "-" else a * b
+    value = apply(a, op, b)
     steps = {"+": add_steps, "-": sub_steps, "*": mul_steps}[op](a, b)
     prompt = f"Compute {a} {op} {b}. " + FORMAT_HINT.format(what="result")
     return Example(prompt, str(value), r1_response("\n".join(steps), str(value)),

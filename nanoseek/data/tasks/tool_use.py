@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, replace
 
 from nanoseek.chat_template import render_chat
-from nanoseek.data.tasks.arithmetic import OPS
+from nanoseek.data.tasks.arithmetic import OPS, apply, draw_problem
 from nanoseek.data.tasks.base import Example, Task, TaskError, make_rewarder, no_options_left
 from nanoseek.data.tasks.prompting import encode_chat, fit_context
 from nanoseek.special_tokens import END_THINK, EOS, THINK, TOOL_TOKENS
@@ -58,14 +58,11 @@ class ToolUse(Task):
         no_options_left("tool_use", options)
 
     def draw(self, rng: random.Random) -> tuple[str, Example]:
-        lo = 0 if self.digits == 1 else 10 ** (self.digits - 1)
-        a, b = rng.randint(lo, 10 ** self.digits - 1), rng.randint(lo, 10 ** self.digits - 1)
-        op = rng.choice(self.ops)
-        key = f"{min(a, b)}{op}{max(a, b)}" if op in "+*" else f"{a}{op}{b}"
+        key, a, op, b = draw_problem(rng, self.digits, self.ops)
         return key, self.make_example(a, op, b)
 
     def make_example(self, a: int, op: str, b: int) -> Example:
-        expression, value = f"{a} {op} {b}", str(a + b if op == "+" else a - b if op == "-" else a * b)
+        expression, value = f"{a} {op} {b}", str(apply(a, op, b))
         prompt = (f"Compute {expression}. Use the calculator, then give the result in "
                   f"{ANSWER}{END_ANSWER}.")
         call = {"id": "call_0", "type": "function", "function": {
