@@ -32,9 +32,9 @@ from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.lora import LoraSettings
 from nanoseek.train.loop import Trainer
-from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_init, load_task_lazily,
-                                      merge_into, stage_settings, with_adapters, write_run)
-from nanoseek.train.pretrain import RunError, default_device
+from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_task_lazily, merge_into,
+                                      start_stage, with_adapters, write_run)
+from nanoseek.train.pretrain import RunError
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -201,10 +201,7 @@ def dpo(out_dir: str | Path, config: DPOConfig, resume: bool = False, max_steps:
         progress: bool = True, log=print) -> dict:
     """Run (or resume) DPO into `out_dir`; returns run.json's content."""
     out_dir = Path(out_dir)
-    config = stage_settings(out_dir, config, resume, max_steps)
-    config.validate()
-    device = default_device()
-    model, tok = load_init(config.init, device)
+    config, device, model, tok = start_stage(out_dir, config, resume, max_steps)
     pairs = encode_pairs(load_pairs(config, out_dir, log), tok, config.train.seq_len)
     t = config.train
     if not t.max_steps:

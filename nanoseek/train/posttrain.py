@@ -97,6 +97,21 @@ def stage_settings(out_dir: Path, config, resume: bool, max_steps: int | None):
     return saved
 
 
+def start_stage(out_dir: Path, config, resume: bool, max_steps: int | None):
+    """What every post-training stage does first: its settings (the saved ones on resume),
+    checked, and the init model with its tokenizer on the default device, the window
+    length checked against the model's context. Returns (config, device, model, tokenizer)."""
+    from nanoseek.train.pretrain import default_device
+    config = stage_settings(out_dir, config, resume, max_steps)
+    config.validate()
+    device = default_device()
+    model, tok = load_init(config.init, device)
+    if config.train.seq_len > model.config.max_position_embeddings:
+        raise RunError(f"--seq-len {config.train.seq_len} exceeds the model's context "
+                       f"({model.config.max_position_embeddings})")
+    return config, device, model, tok
+
+
 def write_run(out_dir: Path, settings, **facts) -> dict:
     from nanoseek.train.pretrain import write_run as write
     out_dir.mkdir(parents=True, exist_ok=True)

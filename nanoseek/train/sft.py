@@ -22,9 +22,9 @@ from nanoseek.data.chat import ChatWindows, chat_windows, read_conversations
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.lora import LoraSettings
 from nanoseek.train.loop import Trainer
-from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_init, load_task_lazily,
-                                      merge_into, stage_settings, with_adapters, write_run)
-from nanoseek.train.pretrain import RunError, default_device, pretrain_loss
+from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_task_lazily, merge_into,
+                                      start_stage, with_adapters, write_run)
+from nanoseek.train.pretrain import pretrain_loss
 
 
 def sft_train_config(**kw) -> TrainConfig:
@@ -97,13 +97,7 @@ def sft(out_dir: str | Path, config: SFTConfig, resume: bool = False, max_steps:
         progress: bool = True, log=print) -> dict:
     """Run (or resume) supervised fine-tuning into `out_dir`; returns run.json's content."""
     out_dir = Path(out_dir)
-    config = stage_settings(out_dir, config, resume, max_steps)
-    config.validate()
-    device = default_device()
-    model, tok = load_init(config.init, device)
-    if config.train.seq_len > model.config.max_position_embeddings:
-        raise RunError(f"--seq-len {config.train.seq_len} exceeds the model's context "
-                       f"({model.config.max_position_embeddings})")
+    config, device, model, tok = start_stage(out_dir, config, resume, max_steps)
     train_convs, val_convs = split(conversations_of(config), config.val_fraction, config.train.seed)
     data = chat_windows(train_convs, tok, config.train.seq_len, config.packing)
     val = chat_windows(val_convs, tok, config.train.seq_len, config.packing) if val_convs else None
