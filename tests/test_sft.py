@@ -94,3 +94,21 @@ def test_task_options_reach_the_task():
                                        task_options={"digits": 1, "ops": "+"}))
     numbers = [int(n) for c in convs for n in re.findall(r"\d+", c[-2]["content"].split("\n")[0])]
     assert len(convs) == 20 and numbers and max(numbers) <= 9
+
+
+def test_eval_n_logs_task_accuracy_and_stop_at_accuracy_needs_what_it_reads(tmp_path, init):
+    """--eval-n: each evaluation solves held-out task problems greedily through the engine
+    over the live weights; --stop-at-accuracy is refused without what it would stop on."""
+    cfg = SFTConfig(init=str(init), task="arithmetic", task_options={"digits": 1, "ops": "+"},
+                    task_examples=8, eval_task_n=3,
+                    train=sft_train_config(max_steps=2, batch_size=2, seq_len=128, eval_every=1))
+    sft(tmp_path, cfg, progress=False, log=lambda *a: None)
+    evals = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["format"] <= 1 for r in evals)
+    for bad, msg in [(dict(stop_at_accuracy=0.5), "needs --task, --eval-n > 0"),
+                     (dict(eval_task_n=3, stop_at_accuracy=1.5), r"must be in \(0, 1\]")]:
+        with pytest.raises(ValueError, match=msg):
+            SFTConfig(init="x", task="arithmetic", train=sft_train_config(eval_every=5), **bad).validate()
+    with pytest.raises(ValueError, match="--eval-n measures a task"):
+        SFTConfig(init="x", data=["d.jsonl"], eval_task_n=3).validate()

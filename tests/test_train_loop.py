@@ -295,3 +295,26 @@ def test_evaluation_counts_no_expert_load(tmp_path):
     evald.fit()
     for a, b in zip(plain.model.moe_layers(), evald.model.moe_layers()):
         assert torch.equal(a.gate.e_score_correction_bias, b.gate.e_score_correction_bias)
+
+
+def test_stop_when_ends_the_run_at_the_target_and_a_resume_trains_no_further(tmp_path):
+    """Early stopping on a measured target: the run stops at the first evaluation that meets
+    it (not before, not after), saves there, and a resume of it does not train on."""
+    seen = []
+
+    def evaluate(model):
+        seen.append(1)
+        return {"accuracy": 0.1 * len(seen)}  # 0.1, 0.2, 0.3, ... at steps 4, 8, 12, ...
+
+    def make():
+        tr = _trainer(tmp_path, max_steps=40, eval_every=4, save_every=0)
+        tr.evaluate = evaluate
+        tr.stop_when = lambda ev: f"accuracy {ev['accuracy']:.1f}" if ev["accuracy"] >= 0.25 else None
+        return tr
+    s = make().fit()
+    assert s["steps"] == 12 and s["stopped_early"] and s["target_reached"] == "accuracy 0.3"
+    evals = [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "eval"]
+    assert evals == [4, 8, 12]
+    again = make()
+    assert again.resume() and again.step == 12 and again.target_reached == "accuracy 0.3"
+    assert again.fit()["steps"] == 12 and len(seen) == 3

@@ -42,6 +42,9 @@ def sft(
         save_every: Optional[int] = typer.Option(None, min=0, help="steps between checkpoints [100]"),
         no_packing: bool = typer.Option(False, "--no-packing", help="one conversation per window"),
         val_fraction: float = typer.Option(0.0, help="share of conversations held out for val_loss"),
+        eval_every: Optional[int] = typer.Option(None, min=0, help="steps between evaluations (val_loss, --eval-n accuracy) [0: at the end]"),
+        eval_n: int = typer.Option(0, min=0, help="--task: held-out problems solved greedily at each evaluation (accuracy, format)"),
+        stop_at_accuracy: Optional[float] = typer.Option(None, help="--task: stop once the held-out accuracy reaches this (needs --eval-n, --eval-every)"),
         lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (peft) over the frozen model"),
         qlora: bool = typer.Option(False, "--qlora", help="LoRA over a base stored in 4-bit NF4 (bitsandbytes)"),
         lora_r: int = typer.Option(8, min=1, help="LoRA rank"),
@@ -58,10 +61,11 @@ def sft(
         init=str(init), data=[str(p) for p in data or []], task=task, task_examples=task_examples,
         task_options=task_options(option or []),
         epochs=epochs, packing=not no_packing, val_fraction=val_fraction, merge=merge,
+        eval_task_n=eval_n, stop_at_accuracy=stop_at_accuracy,
         lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                                        save_every=save_every, seed=seed)))
+                                        save_every=save_every, eval_every=eval_every, seed=seed)))
     run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress)
     typer.echo(f"done: {run['summary']['steps']} steps; loss on assistant tokens "
                f"{run['loss_before']:.4f} -> {run['loss_after']:.4f} -> {out}")

@@ -106,10 +106,14 @@ class Trainer:
                  tokens_in: Callable[[Any], int] | None = None,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
                  progress: bool = True, adapt_threads: bool = False, parallel=None,
-                 update_router_biases: bool = True, trainable_state_only: bool = False):
+                 update_router_biases: bool = True, trainable_state_only: bool = False,
+                 stop_when: Callable[[dict], str | None] | None = None):
         """update_router_biases: the MoE's bias update after every step (off when the base
         is frozen, e.g. LoRA). trainable_state_only: train_state.pt keeps only the trainable
-        parameters (LoRA's adapters; the frozen base is rebuilt from where it came from)."""
+        parameters (LoRA's adapters; the frozen base is rebuilt from where it came from).
+        stop_when(evaluation) -> a reason or None: early stopping on a measured target (e.g.
+        held-out accuracy), checked after every evaluation; the run saves and ends there, and
+        a resume of it trains no further step."""
         cfg.validate()
         # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes
         self.parallel, self.sharded = parallel, parallel is not None  # sharded: DCP checkpoints
@@ -119,6 +123,7 @@ class Trainer:
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
         self.next_batch, self.loss_fn, self.count_targets = next_batch, loss_fn, count_targets
         self.evaluate, self.sample, self.on_checkpoint = evaluate, sample, on_checkpoint
+        self.stop_when, self.target_reached = stop_when, None  # target_reached: stop_when's reason
         self.tokens_in = tokens_in or (lambda b: int(b[0].numel()))
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.progress = progress
@@ -245,10 +250,12 @@ class Trainer:
         """Everything but the model and optimizer tensors."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                 "scaler": self.scaler.state_dict(), "rng": checkpointing.rng_state(),
-                "train_config": dataclasses.asdict(self.cfg), "stopped_early": self.stopped_early}
+                "train_config": dataclasses.asdict(self.cfg), "stopped_early": self.stopped_early,
+                "target_reached": self.target_reached}
 
     def load_loop_state(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
+        self.target_reached = state.get("target_reached")
         checkpointing.set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         self.saved_step = self.step
@@ -345,7 +352,7 @@ class Trainer:
         stop = self._start_fit(until)
         bar = self._progress_bar()
         interval, seconds, tokens = IntervalMeans(), 0.0, 0  # since the last metrics line
-        while self.step < stop and self.stop_signal is None:
+        while self.step < stop and self.stop_signal is None and self.target_reached is None:
             threads = self.tuner.before_step(self.step) if self.tuner else None
             t0 = time.perf_counter()
             m = self.train_step()
@@ -383,7 +390,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         return {"steps": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "stopped_early": self.stopped_early,
+                "stopped_early": self.stopped_early, "target_reached": self.target_reached,
                 "interrupted": self.stop_signal if interrupted else None,
                 "tok_s": self.tokens_seen / self.elapsed if self.elapsed else 0.0}
 
@@ -414,15 +421,20 @@ class Trainer:
         step, the time limit) or at a pause (`until`)."""
         cfg, step = self.cfg, self.step
         last = step >= cfg.max_steps or out_of_time
-        pause = step >= stop and not last
         if self.evaluate is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
             ev = self.run_eval()
             self.log({"kind": "eval", "step": step, "tokens": self.tokens_seen, **ev})
             if bar is not None and "val_loss" in ev:
                 bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}"
                           + (f" val_bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
+            self.target_reached = self.stop_when(ev) if self.stop_when and not last else None
+            if self.target_reached:
+                last = True
+                if bar is not None:
+                    bar.write(f"step {step}: stopping, {self.target_reached}")
+        pause = step >= stop and not last
         if self.sample is not None and (last or (cfg.sample_every and step % cfg.sample_every == 0)):
             self.log({"kind": "sample", "step": step, "samples": self.run_sample()})
         if last or pause or (cfg.save_every and step % cfg.save_every == 0):
-            self.stopped_early = out_of_time and step < cfg.max_steps
+            self.stopped_early = (out_of_time or bool(self.target_reached)) and step < cfg.max_steps
             self.save()

@@ -45,6 +45,8 @@ class SFTConfig:
     epochs: float = 3.0                          # sets train.max_steps when that is 0
     packing: bool = True                         # several conversations per window
     val_fraction: float = 0.0                    # conversations held out for val_loss
+    eval_task_n: int = 0                         # --task: held-out problems solved greedily at each evaluation
+    stop_at_accuracy: float | None = None        # --task: stop once that held-out accuracy is reached
     merge: bool = False                          # LoRA: also write the merged checkpoint
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=sft_train_config)
@@ -56,6 +58,14 @@ class SFTConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.merge and not self.lora.enabled:
             raise ValueError("--merge merges LoRA adapters: give --lora")
+        if self.eval_task_n and not self.task:
+            raise ValueError("--eval-n measures a task's held-out accuracy: give --task")
+        if self.stop_at_accuracy is not None:
+            if not (self.task and self.eval_task_n and self.train.eval_every):
+                raise ValueError("--stop-at-accuracy needs --task, --eval-n > 0 and --eval-every > 0 "
+                                 "(the accuracy it stops on is measured at each evaluation)")
+            if not 0 < self.stop_at_accuracy <= 1:
+                raise ValueError(f"--stop-at-accuracy must be in (0, 1], got {self.stop_at_accuracy}")
         self.lora.validate()
 
 
@@ -81,11 +91,15 @@ def steps_for(windows: ChatWindows, config: SFTConfig) -> int:
     return max(1, math.ceil(config.epochs * len(windows) / (t.batch_size * t.grad_accum)))
 
 
+LOSS_WINDOWS = 128  # training windows the before/after loss reads when nothing is held out
+
+
 @torch.no_grad()
-def masked_loss(model, windows: ChatWindows, batch_size: int, device) -> float:
-    """Mean cross-entropy over every assistant token of `windows` (no MTP, no balance)."""
+def masked_loss(model, windows: ChatWindows, batch_size: int, device, limit: int | None = None) -> float:
+    """Mean cross-entropy over the assistant tokens of `windows` (the first `limit` of them
+    if given; no MTP, no balance)."""
     total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
+    for i in range(0, min(len(windows), limit or len(windows)), batch_size):
         x, y = windows.inputs[i:i + batch_size].to(device), windows.labels[i:i + batch_size].to(device)
         out = model.loss(x, y)
         n = int(model.loss_targets(y)[0])
@@ -105,8 +119,8 @@ def sft(out_dir: str | Path, config: SFTConfig, resume: bool = False, max_steps:
         config.train.max_steps = steps_for(data, config)
     torch.manual_seed(config.train.seed)  # the adapters' initial A, and the run after
     model, nf4 = with_adapters(model, config.lora, data.inputs[:2].to(device), log)
-    trainer = build_trainer(model, config, data, val, out_dir, device, progress)
-    before = masked_loss(base_model(model).eval(), val or data, config.train.batch_size, device)
+    trainer = build_trainer(model, config, data, val, out_dir, device, progress, tok)
+    before = loss_on(model, val or data, config, device)
     if resume and trainer.resume():
         log(f"resumed at step {trainer.step}")
     log(f"SFT: {data.meta['conversations']} conversations in {len(data)} windows of "
@@ -115,29 +129,63 @@ def sft(out_dir: str | Path, config: SFTConfig, resume: bool = False, max_steps:
     run = write_run(out_dir, config, data=data.meta, loss_before=before,
                     nf4=None if nf4 is None else vars(nf4))
     run["summary"] = trainer.fit()
-    run["loss_after"] = masked_loss(base_model(model).eval(), val or data, config.train.batch_size, device)
+    if run["summary"]["target_reached"]:
+        log(f"stopped at step {trainer.step}: {run['summary']['target_reached']}")
+    run["loss_after"] = loss_on(model, val or data, config, device)
     if config.merge:
         merge_into(out_dir, config.init)
-    log(f"loss on assistant tokens ({'held out' if val else 'training'}): {before:.4f} -> "
+    log(f"loss on assistant tokens ({'held out' if val else f'first {LOSS_WINDOWS} training windows'}): {before:.4f} -> "
         f"{run['loss_after']:.4f}")
     write_run(out_dir, config, **{k: v for k, v in run.items() if k not in ("stage", "settings")})
     return run
 
 
+def loss_on(model, windows: ChatWindows, config: SFTConfig, device) -> float:
+    """The before/after loss: every held-out window, or the first LOSS_WINDOWS training
+    windows (a full pass over a large training set would cost as much as many steps)."""
+    limit = None if config.val_fraction else LOSS_WINDOWS
+    return masked_loss(base_model(model).eval(), windows, config.train.batch_size, device, limit)
+
+
+def task_accuracy(config: SFTConfig, net, tok):
+    """`evaluate` for a task run: greedy held-out accuracy on `eval_task_n` problems,
+    through nanoseek's engine over the module being trained (it reads the live weights;
+    its prefix cache is dropped before each evaluation, as the weights have moved)."""
+    from nanoseek.engine import LLM
+    from nanoseek.train.eval import evaluate_task
+    task = load_task_lazily(config.task, **config.task_options)
+    llm = LLM(net, tokenizer=tok, max_num_seqs=min(config.eval_task_n, 256),
+              max_num_batched_tokens=4096, speculative=False)
+
+    def accuracy() -> dict:
+        llm.engine.reset_prefix_cache()
+        ev = evaluate_task(llm, task, n=config.eval_task_n, k=0)
+        return {"accuracy": ev["accuracy"], "format": ev["format"]}
+    return accuracy
+
+
 def build_trainer(model, config: SFTConfig, data: ChatWindows, val: ChatWindows | None,
-                  out_dir: Path, device, progress: bool) -> Trainer:
+                  out_dir: Path, device, progress: bool, tok=None) -> Trainer:
     t, lora = config.train, config.lora.enabled
     net = base_model(model)
+    on_task = task_accuracy(config, net, tok) if config.eval_task_n else None
 
     def next_batch(step, micro):
         x, y = data.batch(step * t.grad_accum + micro, t.batch_size, t.seed)
         return x.to(device), y.to(device)
 
     def evaluate(m):
-        return {"val_loss": masked_loss(net, val, t.batch_size, device)} if val else {}
+        out = {"val_loss": masked_loss(net, val, t.batch_size, device)} if val else {}
+        return {**out, **(on_task() if on_task else {})}
+
+    def stop_when(ev: dict) -> str | None:
+        target = config.stop_at_accuracy
+        if target is not None and ev.get("accuracy", 0.0) >= target:
+            return f"held-out accuracy {ev['accuracy']:.3f} >= {target}"
+        return None
 
     return Trainer(model, t, out_dir, next_batch, pretrain_loss,
                    count_targets=lambda b: net.loss_targets(b[1]),
-                   evaluate=evaluate if val else None,
+                   evaluate=evaluate if (val or on_task) else None, stop_when=stop_when,
                    on_checkpoint=checkpoint_writer(out_dir, config.init, config.lora),
                    progress=progress, update_router_biases=not lora, trainable_state_only=lora)
