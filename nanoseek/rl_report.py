@@ -53,10 +53,14 @@ def plot_curves(path: Path, runs: dict[str, Path], key: str, ylabel: str, kind: 
 
 
 def write_rl_report(out: Path, runs: dict[str, Path], title: str = "nanoseek RL",
-                    extra: dict | None = None, notes: list[str] | None = None) -> Path:
-    """report.md in `out` for the runs {label: run_dir}, plots beside it."""
+                    extra: dict | None = None, notes: list[str] | None = None,
+                    table: list[str] | None = None) -> Path:
+    """report.md in `out` for the runs {label: run_dir}, plots beside it; `table`: markdown
+    lines put first (e.g. a before/after comparison)."""
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
+    if table:
+        lines += table + [""]
     for k, v in (extra or {}).items():
         lines.append(f"- {k}: {v}")
     lines += ["", "| run | steps | held-out acc. start | end | best | reward first -> last "

@@ -1,5 +1,6 @@
-"""The RL speedrun: pretraining -> SFT on arithmetic demonstrations -> GRPO -> held-out
-evaluation -> report, on a CPU, in minutes (`nanoseek speedrun-rl`).
+"""The RL speedrun: SFT on arithmetic demonstrations -> GRPO -> held-out evaluation ->
+report, from the pretraining speedrun's checkpoint, on a CPU, in minutes (`nanoseek
+speedrun-rl`; `make speedrun` runs it after `nanoseek speedrun`).
 
 SFT stops on an accuracy threshold, not a time: its accuracy curve is a plateau then a jump
 (shared/notes/grpo-on-cpu.md), and GRPO needs a starting point in roughly the 30-50 % band
@@ -17,89 +18,130 @@ import time
 from pathlib import Path
 
 RL_TASK = dict(digits=2, ops="+")  # ~4,000 distinct problems, ~400 of them held out
+OWN = ("run.json", "pretrain", "sft", "grpo", "report.md", "result.json", "reward.png",
+       "train_accuracy.png", "heldout_accuracy.png")  # what --overwrite may delete
+MARKER = {"nanoseek": "speedrun-rl"}
 
 
-def write_demonstrations(path: Path, task, n: int, seed: int) -> Path:
-    """The task's train demonstrations as prompt/response JSONL (SFT's --data)."""
-    rows = [{"prompt": ex.prompt, "response": ex.response} for ex in task.examples("train", n, seed)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def prepare_dir(out: Path, overwrite: bool) -> None:
+    """runs/NAME is created, or replaced when it holds an RL speedrun and --overwrite is
+    given (only its own entries are deleted); anything else there is refused, untouched."""
+    from nanoseek.train.run_dir import RunError, entries, listing
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file; choose another --name")
+    names = entries(out) if out.exists() else []
+    if names:
+        run = out / "run.json"
+        ours = run.exists() and json.loads(run.read_text() or "{}").get("nanoseek") == "speedrun-rl"
+        if not ours:
+            raise RunError(f"{out} exists and is not an RL speedrun (it holds {listing(names)}); "
+                           "choose another --name")
+        if not overwrite:
+            raise RunError(f"{out} holds an RL speedrun; pass --overwrite to replace it (deletes "
+                           "only its own files) or choose another --name")
+        for name in OWN:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(MARKER))
 
 
-def sft_until(base: Path, out: Path, data: Path, task, minutes: float, threshold: float,
-              chunk: int, log) -> tuple[float, int]:
-    """SFT in chunks of `chunk` steps until held-out greedy accuracy (200 problems) reaches
-    `threshold` or the time is spent; returns (accuracy, steps)."""
-    from nanoseek.train.eval import evaluate_task
+def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: int, log) -> dict:
+    """SFT on the task's demonstrations, evaluated every 10 steps on `eval_n` held-out
+    problems, stopped at `threshold` accuracy (or the time budget)."""
     from nanoseek.train.sft import SFTConfig, sft, sft_train_config
-    t0, steps, acc = time.perf_counter(), 0, 0.0
-    cfg = SFTConfig(init=str(base), data=[str(data)], epochs=100.0,
-                    train=sft_train_config(max_steps=chunk, batch_size=16, seq_len=256, lr=2e-3,
-                                           warmup_steps=20, save_every=chunk, schedule="constant"))
-    while time.perf_counter() - t0 < minutes * 60:
-        steps += chunk
-        sft(out, cfg, resume=steps > chunk, max_steps=steps, progress=False, log=lambda *a: None)
-        acc = evaluate_task(out, task, n=200, k=0, seed=0)["accuracy"]
-        log(f"      SFT step {steps}: held-out accuracy {acc:.3f} ({time.perf_counter() - t0:.0f}s)")
-        if acc >= threshold:
-            break
-    return acc, steps
+    cfg = SFTConfig(init=str(base), task="arithmetic", task_options=dict(RL_TASK), task_examples=4000,
+                    epochs=100.0, eval_task_n=eval_n, stop_at_accuracy=threshold,
+                    train=sft_train_config(max_steps=2000, batch_size=16, seq_len=256, lr=2e-3,
+                                           warmup_steps=20, schedule="constant", eval_every=10,
+                                           save_every=0, time_limit=minutes * 60))
+    run = sft(out, cfg, progress=False, log=lambda *a: None)
+    evals = [r for r in _metrics(out) if r.get("kind") == "eval"]
+    acc = evals[-1]["accuracy"] if evals else 0.0
+    log(f"      SFT stopped at step {run['summary']['steps']}: held-out accuracy {acc:.3f} "
+        f"({run['summary']['target_reached'] or 'time budget spent'})")
+    return {"steps": run["summary"]["steps"], "accuracy": acc, "seconds": run["summary"]["elapsed"],
+            "reached": run["summary"]["target_reached"]}
+
+
+def grpo_stage(sft_dir: Path, out: Path, minutes: float, eval_n: int) -> dict:
+    from nanoseek.train.rl_config import RLConfig, rl_train_config
+    from nanoseek.train.rl_run import rl
+    cfg = RLConfig(init=str(sft_dir), task="arithmetic", task_options=dict(RL_TASK),
+                   train=rl_train_config(max_steps=10_000, batch_size=16, lr=3e-4, warmup_steps=10,
+                                         eval_every=20, save_every=20, time_limit=minutes * 60),
+                   num_generations=8, beta=0.02, eval_n=eval_n, max_completion_length=64)
+    return rl(out, cfg, progress=False, log=lambda *a: None)["summary"]
 
 
 def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str | Path | None = None,
                 pretrain_minutes: float = 3.0, sft_minutes: float = 4.0, grpo_minutes: float = 5.0,
-                threshold: float = 0.3, eval_n: int = 400, threads: int = 1, log=print) -> Path:
+                threshold: float = 0.3, eval_n: int = 400, threads: int = 1, overwrite: bool = False,
+                log=print, stage_eval_n: int = 200) -> Path:
     """Every stage; returns the report's path. `base`: a pretrained checkpoint to start
-    from instead of pretraining (e.g. runs/speedrun). `threads` for SFT and GRPO: one
-    thread is the fast choice on a crowded machine (two threads that wait for each other
-    ran 5x slower on the shared 2-core VM); pretraining adapts its own."""
+    from (e.g. runs/speedrun) instead of pretraining here. `threads` for SFT and GRPO.
+    `stage_eval_n`: held-out problems of the evaluations inside SFT and GRPO."""
     import torch
     from nanoseek.data.tasks import load_task
-    from nanoseek.rl_report import write_rl_report
     from nanoseek.speedrun import speedrun
     from nanoseek.train.eval import evaluate_task
-    from nanoseek.train.rl_config import RLConfig, rl_train_config
-    from nanoseek.train.rl_run import rl
 
     t_start = time.perf_counter()
     out = Path(root) / name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    prepare_dir(out, overwrite)
     task = load_task("arithmetic", **RL_TASK)
-    torch.set_num_threads(threads)
     if base is None:
         log(f"[1/5] tokenizer + pretraining ({pretrain_minutes:g} min)")
         speedrun("pretrain", out, minutes=pretrain_minutes, progress=False, log=lambda *a: None)
         base = out / "pretrain"
-        torch.set_num_threads(threads)
-    log(f"[2/5] SFT on {RL_TASK} demonstrations until held-out accuracy >= {threshold:.0%}")
-    data = write_demonstrations(out / "demos.jsonl", task, 4000, seed=0)
-    sft_acc, sft_steps = sft_until(Path(base), out / "sft", data, task, sft_minutes, threshold, 50, log)
+    else:
+        log(f"[1/5] pretrained checkpoint: {base}")
+    torch.set_num_threads(threads)
+    log(f"[2/5] SFT on {RL_TASK} demonstrations until held-out accuracy >= {threshold:.0%} "
+        f"(at most {sft_minutes:g} min)")
+    sft = sft_stage(Path(base), out / "sft", threshold, sft_minutes, stage_eval_n, log)
     log(f"[3/5] GRPO for {grpo_minutes:g} min from the SFT checkpoint")
-    cfg = RLConfig(init=str(out / "sft"), task="arithmetic", task_options=dict(RL_TASK),
-                   train=rl_train_config(max_steps=10_000, batch_size=16, lr=3e-4, warmup_steps=10,
-                                         eval_every=20, save_every=20, time_limit=grpo_minutes * 60),
-                   num_generations=8, beta=0.02, eval_n=200, max_completion_length=64)
-    rl(out / "grpo", cfg, progress=False, log=lambda *a: None)
+    grpo = grpo_stage(out / "sft", out / "grpo", grpo_minutes, stage_eval_n)
     log(f"[4/5] held-out evaluation: {eval_n} problems, greedy, SFT vs GRPO")
     before = evaluate_task(out / "sft", task, n=eval_n, k=0, seed=1)
     after = evaluate_task(out / "grpo", task, n=eval_n, k=0, seed=1)
     total = time.perf_counter() - t_start
     gain = 100 * (after["accuracy"] - before["accuracy"])
     log(f"      accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} ({gain:+.1f} points)")
-    extra = {"task": f"arithmetic {RL_TASK}", "SFT steps (stopped at the threshold or time)": sft_steps,
-             "SFT held-out accuracy when stopped (200 problems)": f"{sft_acc:.3f}",
-             f"held-out greedy accuracy, {eval_n} problems, same seed: SFT -> GRPO":
-                 f"{before['accuracy']:.3f} -> {after['accuracy']:.3f} ({gain:+.1f} points)",
-             "format rate SFT -> GRPO": f"{before['format']:.3f} -> {after['format']:.3f}",
-             "wall time, all stages (s)": f"{total:.0f} (a shared 2-core machine: see README)"}
+    path = report(out, base, sft, grpo, before, after, eval_n, total, threshold)
+    (out / "result.json").write_text(json.dumps(
+        {"before": before, "after": after, "gain_points": gain, "seconds": total, "sft": sft,
+         "grpo": grpo, "base": str(base)}, indent=2, default=str))
+    log(f"[5/5] report: {path}  ({total / 60:.1f} min in all)")
+    return path
+
+
+def report(out: Path, base, sft: dict, grpo: dict, before: dict, after: dict, eval_n: int,
+           total: float, threshold: float) -> Path:
+    from nanoseek.rl_report import write_rl_report
+    pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
+    extra = {"task": f"arithmetic {RL_TASK} (column-by-column demonstrations, R1 answer format)",
+             "pretrained checkpoint": str(base),
+             "SFT": f"{sft['steps']} steps in {sft['seconds']:.0f} s, stopped "
+                    f"{'at the ' + pct(threshold) + ' threshold' if sft['reached'] else 'by its time budget'}"
+                    f" (held-out accuracy {pct(sft['accuracy'])})",
+             "GRPO": f"{grpo['steps']} steps in {grpo['elapsed']:.0f} s",
+             "wall time, all stages (s)": f"{total:.0f}"}
+    table = ["| held-out, greedy, same problems | SFT (start) | after GRPO | change |",
+             "|---|---|---|---|",
+             f"| accuracy ({eval_n} problems) | {pct(before['accuracy'])} | {pct(after['accuracy'])} | "
+             f"{100 * (after['accuracy'] - before['accuracy']):+.1f} points |",
+             f"| format followed | {pct(before['format'])} | {pct(after['format'])} | "
+             f"{100 * (after['format'] - before['format']):+.1f} points |",
+             f"| mean reward | {before['mean_reward']:.3f} | {after['mean_reward']:.3f} | "
+             f"{after['mean_reward'] - before['mean_reward']:+.3f} |"]
     notes = ["The loss of GRPO reads ~0 by construction (zero-mean group advantages, ratio 1 "
              "on the first pass); reward and held-out accuracy are what to read.",
              "Labels exist for this task: continuing SFT is the efficient choice; GRPO is run "
              "to show its effect from an SFT starting point, measured on the same problems."]
-    path = write_rl_report(out, {"GRPO": out / "grpo"}, "nanoseek RL speedrun", extra, notes)
-    (out / "result.json").write_text(json.dumps({"before": before, "after": after, "seconds": total,
-                                                 "sft_steps": sft_steps}, indent=2, default=str))
-    log(f"[5/5] report: {path}  ({total / 60:.1f} min in all)")
-    return path
+    return write_rl_report(out, {"GRPO": out / "grpo"}, "nanoseek RL speedrun", extra, notes, table)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    from nanoseek.train.metrics import read_metrics
+    return read_metrics(run_dir)

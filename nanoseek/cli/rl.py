@@ -69,12 +69,14 @@ def speedrun_rl(
         grpo_minutes: float = typer.Option(5.0, help="GRPO budget"),
         threshold: float = typer.Option(0.3, help="held-out accuracy at which SFT hands over to GRPO"),
         eval_n: int = typer.Option(400, help="held-out problems of the before/after evaluation"),
-        threads: int = typer.Option(1, min=1, help="torch threads for SFT and GRPO (1 suits a shared machine)")):
-    """Pretraining -> SFT on 2-digit addition -> GRPO -> held-out evaluation -> report with
-    reward/accuracy curves and a before/after table."""
+        threads: int = typer.Option(1, min=1, help="torch threads for SFT and GRPO (1 suits a shared machine)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace the RL speedrun in runs/NAME (deletes only its own files)")):
+    """SFT on 2-digit addition until a held-out accuracy threshold -> GRPO -> held-out
+    evaluation of both on the same problems -> report with reward/accuracy curves and a
+    before/after table. From --base (e.g. runs/speedrun), or pretraining first."""
     from nanoseek.speedrun_rl import speedrun_rl as run
     run(name, root, base, pretrain_minutes, sft_minutes, grpo_minutes, threshold, eval_n, threads,
-        log=typer.echo)
+        overwrite, log=typer.echo)
 
 
 def register(app: typer.Typer) -> None:
