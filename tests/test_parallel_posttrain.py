@@ -77,15 +77,19 @@ SEEN: list[str] = []
 
 @contextlib.contextmanager
 def sampler(fn):
-    """The GRPO stage samples with `fn` (and records the prompts in SEEN)."""
+    """The GRPO stage samples with `fn` (and records the prompts in SEEN), on test_grpo's
+    vowels task (registered for the block only: other tests list the real tasks)."""
+    from nanoseek.data.tasks import TASKS
     from nanoseek.train import grpo
+    from tests.test_grpo import Vowels
     real = grpo.sample_rollouts
-    grpo.sample_rollouts = fn
+    grpo.sample_rollouts, TASKS["vowels"] = fn, Vowels
     SEEN.clear()
     try:
         yield
     finally:
         grpo.sample_rollouts = real
+        del TASKS["vowels"]
 
 
 def recording(llm, task, examples, group_size, params, seed):
@@ -101,10 +105,7 @@ def grpo_config(init, **kw):
 
 def grpo_fixed_case(out: Path, init, rank_device, **kw) -> dict:
     """Two steps on fixed rollouts; the metrics, the first step's gradients, the prompts."""
-    from nanoseek.data.tasks import TASKS
     from nanoseek.train.rl_run import build
-    from tests.test_grpo import Vowels
-    TASKS["vowels"] = Vowels
     with sampler(fake_rollouts):
         trainer, _ = build(out, grpo_config(init, **kw), progress=False, rank_device=rank_device)
         grads, step = {}, trainer.optimizer.step
@@ -120,10 +121,7 @@ def grpo_fixed_case(out: Path, init, rank_device, **kw) -> dict:
 
 def grpo_real_case(out: Path, init) -> dict:
     """`rl` itself, the engine sampling: two steps, evaluation, checkpoint."""
-    from nanoseek.data.tasks import TASKS
     from nanoseek.train import rl_run
-    from tests.test_grpo import Vowels
-    TASKS["vowels"] = Vowels
     built, build = [], rl_run.build
     rl_run.build = lambda *a, **k: built.append(build(*a, **k)) or built[-1]
     try:
@@ -224,3 +222,23 @@ def test_grpo_run_on_two_ranks_keeps_the_ranks_identical(files, two_ranks):
     assert run["parallel"] == {"dp": 2, "replicate": True} and run["final_eval"]["step"] == 2
     model = from_pretrained(out).state_dict()
     assert all(torch.equal(model[k], a["state"][k]) for k in model)
+
+
+@pytest.mark.slow  # two torchrun launches of 2 processes each (~35 s)
+def test_nanoseek_sft_and_grpo_nproc_2_run_under_torchrun(files, tmp_path):
+    import subprocess
+    import sys
+    init, data, _ = files
+    sft = [sys.executable, "-m", "nanoseek", "sft", "--nproc", "2", "--init", str(init), "--data", str(data),
+           "--out", str(tmp_path / "sft"), "--max-steps", "2", "--seq-len", "64", "--batch-size", "2",
+           "--no-progress"]
+    grpo = [sys.executable, "-m", "nanoseek", "grpo", "--nproc", "2", "--init", str(tmp_path / "sft"),
+            "--out", str(tmp_path / "grpo"), "--option", "digits=1", "--max-steps", "2", "--batch-size", "2",
+            "--num-generations", "2", "--max-completion-length", "6", "--eval-n", "3", "--no-progress"]
+    for cmd, line in ((sft, "done: 2 steps"), (grpo, "done: 2 steps")):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count(line) == 1  # rank 0 alone reports
+    for run in ("sft", "grpo"):
+        assert (tmp_path / run / "checkpoint" / ".metadata").exists()
+        assert (tmp_path / run / "model.safetensors").exists()

@@ -98,8 +98,8 @@ class RLStage:
         stats = {**stats_of(scores, seconds), "peak_rss_mb": peak_rss_mb()}
         adv = (group_advantages(scores["reward"], G, cfg.scale_rewards)[lo * G:hi * G]
                if cfg.algo == "grpo" else torch.zeros(len(ro)))
-        equal = equal_reward_groups(scores["reward"], G)
-        stats["groups_kept"] = float((~equal).float().mean()) if cfg.algo == "grpo" else 1.0
+        stats["groups_kept"] = (float((~equal_reward_groups(scores["reward"], G)).float().mean())
+                                if cfg.algo == "grpo" else 1.0)  # with signal, of every rank's
         ro, adv = self.keep_groups(ro, adv)
         chunks = torch.arange(len(ro)).chunk(cfg.train.grad_accum)
         batches = [self.make_micro(ro, adv, idx.tolist()) for idx in chunks]
