@@ -92,6 +92,21 @@ def test_pipeline_parallel_equals_one_process(reference, two_ranks):
     assert not any(n.startswith("model.layers.0.") for n in ranks[1]["grads"])  # stage 1
 
 
+def test_pipeline_composes_with_data_and_expert_parallel_on_four_processes(reference, tmp_path):
+    """pp=2 x dp=2 (ep=2 over the DP ranks of each stage): two pipelines, each over its DP
+    rank's rows (1 row per micro-batch, 2 micro-batches), the stages' dense gradients
+    all-reduced over DP (weights replicated under PP), their experts exchanged by EP."""
+    _assert_same_run(reference, run_ranks(train_case, 4, tmp_path, {"pp": 2, "ep": 2}, STEPS, 2, 2,
+                                          timeout=400))
+
+
+@pytest.mark.slow  # 4 processes again
+def test_pipeline_composes_with_tensor_parallel_on_four_processes(reference, tmp_path):
+    """pp=2 x tp=2: each stage's MLA heads and dense FFN split over its 2 TP ranks."""
+    _assert_same_run(reference, run_ranks(train_case, 4, tmp_path, {"pp": 2, "tp": 2}, STEPS, 2, 2,
+                                          timeout=400))
+
+
 def _die_after_one_step(rank):
     import os
     from nanoseek.parallel.launch import clear_peer_errors
@@ -144,7 +159,10 @@ def test_report_shows_the_placement_of_a_distributed_run():
     text = "\n".join(parallel_section({"parallel": {"world": 2, "dp": 2, "ep": 2, "tp": 1,
                                                     "backend": "gloo"}}, train))
     assert "1.500 (max 2, bound 2)" in text and "120, 80 (max/mean 1.200)" in text
-    assert "10.0 % of the step" in text
+    assert "10.0 % of the step" in text and "FSDP2 over dense weights" in text
+    text = "\n".join(parallel_section({"parallel": {"world": 4, "dp": 2, "ep": 1, "tp": 1, "pp": 2,
+                                                    "replicate": True, "backend": "gloo"}}, train))
+    assert "dense weights replicated, gradients all-reduced" in text
 
 
 @pytest.mark.slow  # two torchrun processes train a tiny model end to end (~40 s)

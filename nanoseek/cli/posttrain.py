@@ -1,4 +1,4 @@
-"""Post-training commands: `nanoseek sft`, `dpo` and `merge-lora`."""
+"""Post-training commands: `nanoseek sft` (also `--nproc N`), `dpo` and `merge-lora`."""
 
 from __future__ import annotations
 
@@ -52,9 +52,19 @@ def sft(
         lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
         merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
         seed: Optional[int] = typer.Option(None, help="data order and held-out split [1337]"),
+        nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (each data-parallel rank trains on its rows of --batch-size)"),
+        ep: int = typer.Option(1, min=1, help="expert-parallel size (with --nproc; divides the data-parallel size)"),
+        tp: int = typer.Option(1, min=1, help="tensor-parallel size (with --nproc)"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Supervised fine-tuning on chat data: DeepSeek-V3's chat template, loss on the
-    assistant's tokens only, packing; full, LoRA or QLoRA; resumable."""
+    assistant's tokens only, packing; full, LoRA or QLoRA; resumable; on several
+    processes with --nproc."""
+    from nanoseek.parallel import ParallelConfig, launch
+    if nproc > 1 and not launch.under_torchrun():
+        raise typer.Exit(launch.relaunch(nproc, "sft"))
+    if (ep, tp) != (1, 1) and not launch.under_torchrun():
+        raise typer.BadParameter("--ep/--tp split the model over processes: give --nproc N "
+                                 "(or launch with torchrun)", param_hint="--ep/--tp")
     from nanoseek.cli.common import task_options
     from nanoseek.train.sft import SFTConfig, sft as run_sft, sft_train_config
     settings = SFTConfig(
@@ -66,9 +76,11 @@ def sft(
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                                         save_every=save_every, eval_every=eval_every, seed=seed)))
-    run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress)
-    typer.echo(f"done: {run['summary']['steps']} steps; loss on assistant tokens "
-               f"{run['loss_before']:.4f} -> {run['loss_after']:.4f} -> {out}")
+    run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress,
+                  parallel=ParallelConfig(ep=ep, tp=tp))
+    if launch.is_main():
+        typer.echo(f"done: {run['summary']['steps']} steps; loss on assistant tokens "
+                   f"{run['loss_before']:.4f} -> {run['loss_after']:.4f} -> {out}")
 
 
 def dpo(

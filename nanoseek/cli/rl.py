@@ -36,9 +36,13 @@ def grpo(
         save_every: int = typer.Option(25, min=0),
         seed: int = typer.Option(1337),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
+        nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches under torchrun; each rank samples its share of --batch-size prompts (data parallel, weights replicated)"),
         no_progress: bool = typer.Option(False, "--no-progress")):
     """GRPO (or PPO) on a verifiable task with rollouts from nanoseek's engine; logs reward,
     accuracy, KL, clip fraction, lengths and rollout/update time to metrics.jsonl."""
+    from nanoseek.parallel import launch
+    if nproc > 1 and not launch.under_torchrun():
+        raise typer.Exit(launch.relaunch(nproc, "grpo"))
     from nanoseek.cli.common import task_options
     from nanoseek.train.rl_config import RLConfig, rl_train_config
     from nanoseek.train.rl_run import rl
@@ -55,6 +59,8 @@ def grpo(
                    mask_truncated_completions=mask_truncated_completions,
                    drop_equal_groups=drop_equal_groups, eval_n=eval_n)
     run = rl(out, cfg, resume=resume, progress=not no_progress, log=typer.echo)
+    if not launch.is_main():
+        return
     s, start, end = run["summary"], run["start_eval"] or {}, run["final_eval"] or {}
     typer.echo(f"done: {s['steps']} steps in {s['elapsed']:.0f}s; held-out accuracy "
                f"{start.get('accuracy', float('nan')):.3f} -> {end.get('accuracy', float('nan')):.3f} -> {out}")

@@ -94,15 +94,14 @@ def pretrain(
         nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (batch-size stays the global micro-batch, split over data-parallel ranks)"),
         ep: int = typer.Option(1, min=1, help="expert-parallel size: each rank keeps n_routed_experts/ep experts (divides the data-parallel size)"),
         tp: int = typer.Option(1, min=1, help="tensor-parallel size (MLA heads and the dense FFN split over tp ranks)"),
-        pp: int = typer.Option(1, min=1, help="pipeline stages (1F1B; needs grad-accum >= pp; alone: pp = processes)"),
+        pp: int = typer.Option(1, min=1, help="pipeline stages (1F1B; needs grad-accum >= pp); composes with dp/ep/tp: processes = pp x dp x tp, and DP replicates the weights under PP"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
     cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
     checkpoints. The run directory loads with transformers' AutoModelForCausalLM."""
     from nanoseek.parallel import ParallelConfig, launch
     if nproc > 1 and not launch.under_torchrun():
-        import sys
-        raise typer.Exit(launch.torchrun(nproc, launch.args_without_nproc(sys.argv)))
+        raise typer.Exit(launch.relaunch(nproc, "pretrain"))
     from nanoseek.cli.common import load_config
     from nanoseek.train.config import TrainConfig
     from nanoseek.train.pretrain import DataConfig, PretrainConfig

@@ -1,11 +1,12 @@
 """Starting a multi-process run, and the pieces of a run that only one rank may do.
 
-`nanoseek pretrain --nproc N` re-runs the same command under torchrun (one machine,
-`--standalone` rendezvous); `torchrun ... -m nanoseek.train.pretrain ARGS` (or
-`torchrun ... -m nanoseek pretrain ARGS`) is the same thing started by hand, which is how a multi-node run starts (see the README: --nnodes,
---node-rank, --rdzv-endpoint). Under torchrun, `pretrain` joins the process group, lays
-the model out on the mesh, lets rank 0 alone prepare the data and write run.json, the
-metrics and the checkpoints' consolidated HF copy.
+`nanoseek pretrain --nproc N` (and `sft`, `grpo`) re-runs the same command under torchrun
+(one machine, `--standalone` rendezvous); `torchrun ... -m nanoseek.train.pretrain ARGS`
+(`.sft`, `.grpo`, or `torchrun ... -m nanoseek COMMAND ARGS`) is the same thing started by
+hand, which is how a multi-node run starts (see the README: --nnodes, --node-rank,
+--rdzv-endpoint). Under torchrun, a stage joins the process group, lays the model out on
+the mesh, lets rank 0 alone prepare the data and write run.json, the metrics and the
+checkpoints' consolidated HF copy.
 """
 
 from __future__ import annotations
@@ -75,18 +76,44 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def torchrun(nproc: int, args: list[str]) -> int:
-    """Run `nanoseek pretrain ARGS` on nproc local processes; returns the exit code of
+@contextlib.contextmanager
+def session(timeout: float = 300.0):
+    """A post-training stage's time under torchrun: join the process group (unless this
+    process already has), turn a failed collective into a `PeerFailure`, and leave the
+    group at the end if this call joined it (a caller that joined keeps its group: the
+    tests run several stages in one process group). Yields this rank's device
+    (cuda:LOCAL_RANK, or cpu), or None for a single process."""
+    if not under_torchrun():
+        yield None
+        return
+    from nanoseek.parallel.mesh import init_distributed
+    joined = not dist.is_initialized()
+    device = init_distributed(timeout)
+    try:
+        with clear_peer_errors():
+            yield device
+    finally:
+        if joined:
+            finish()
+
+
+def torchrun(nproc: int, args: list[str], command: str = "pretrain") -> int:
+    """Run `nanoseek COMMAND ARGS` on nproc local processes; returns the exit code of
     torchrun (non-zero when any rank failed)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "nanoseek", "pretrain", *args]
+           f"--nproc_per_node={nproc}", "-m", "nanoseek", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads_per_process() // nproc))}
     return subprocess.call(cmd, env=env)
 
 
-def args_without_nproc(argv: list[str]) -> list[str]:
-    """The pretrain options of this command line, minus --nproc (and its value)."""
-    args = argv[argv.index("pretrain") + 1:] if "pretrain" in argv else argv[1:]
+def relaunch(nproc: int, command: str) -> int:
+    """`nanoseek COMMAND --nproc N ...` started by hand: the same command under torchrun."""
+    return torchrun(nproc, args_without_nproc(sys.argv, command), command)
+
+
+def args_without_nproc(argv: list[str], command: str = "pretrain") -> list[str]:
+    """The options of this command line after COMMAND, minus --nproc (and its value)."""
+    args = argv[argv.index(command) + 1:] if command in argv else argv[1:]
     out, skip = [], False
     for a in args:
         if skip:

@@ -20,11 +20,16 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 @dataclass
 class ParallelConfig:
     """How the processes are laid out. dp is what is left: world / (tp * pp). ep divides dp
-    (EP ranks are DP ranks: they hold different tokens)."""
+    (EP ranks are DP ranks: they hold different tokens). replicate: the dense weights are
+    whole on every DP rank and their gradients all-reduced (DDP's way) instead of sharded
+    by FSDP2: what GRPO's rollouts need (the engine reads the module's weights directly),
+    and what DP does under pipeline parallel (a stage runs its layers outside the model's
+    forward, where FSDP's gathers would not happen)."""
     ep: int = 1
     tp: int = 1
     pp: int = 1
     timeout: float = 300.0  # seconds a collective may wait for the other ranks
+    replicate: bool = False
 
     def dp(self, world: int) -> int:
         return world // (self.tp * self.pp)

@@ -15,6 +15,12 @@ Two things cross stages that a plain stack of layers would not carry:
     the backward (as Megatron does for tied embeddings).
 The last stage computes the loss exactly as CausalLM.loss does (per-target sums over the
 step's global counts, balance losses over micro-batches).
+
+With dp > 1 every DP rank runs its own pipeline over its rows (the pp group is the ranks
+of one DP index), and the stages' gradients are summed over DP afterwards. The dense
+weights are then replicated over DP rather than FSDP-sharded: a stage calls its blocks,
+embedding and head itself, outside the model's forward, where FSDP's gathers would not
+happen. EP and TP work inside a stage unchanged (an EP or TP group never spans stages).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ def parallel_section(run: dict, train: list[dict]) -> list[str]:
         return []
     L = ["## Distributed training\n",
          f"{layout['world']} processes ({layout['backend']}): dp={layout['dp']} "
-         f"(FSDP2 over dense weights), ep={layout['ep']} (routed experts, all-to-all), "
+         f"({'dense weights replicated, gradients all-reduced' if layout.get('replicate') else 'FSDP2 over dense weights'}), "
+         f"ep={layout['ep']} (routed experts, all-to-all), "
          f"tp={layout['tp']}, pp={layout.get('pp', 1)}.\n"]
     rows = [r for r in train if "ranks_per_token" in r]
     if rows:

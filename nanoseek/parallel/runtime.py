@@ -4,8 +4,9 @@ The loop stays the single-process loop; a `Parallel` given to it changes five th
   * a step's targets are counted over every DP rank (an all-reduce of each micro-batch's
     count), and the balance loss's divisor is micro-batches x dp, so each rank's loss is its
     share of the global one and the shares add up exactly as micro-batches do;
-  * after the backward, dense gradients are sums over ranks (FSDP's mean undone) and the
-    replicas of an expert (dp/ep of them) add their gradients;
+  * after the backward, dense gradients are sums over ranks (FSDP's mean undone, or, with
+    replicated weights, one all-reduce) and the replicas of an expert (dp/ep of them) add
+    their gradients;
   * the logged values and the expert loads are summed over DP ranks: the router biases move
     with the global load, identically on every rank;
   * the gradient norm is the global one (FSDP shards, TP shards and EP experts included)
@@ -33,12 +34,11 @@ class Parallel:
     def __init__(self, model: nn.Module, cfg: ParallelConfig, device: torch.device):
         world = dist.get_world_size()
         cfg.validate(world, model.config.n_routed_experts)
-        if cfg.pp > 1 and world != cfg.pp:
-            raise NotImplementedError(f"pipeline parallel composes with no other axis yet: "
-                                      f"use pp = the number of processes ({world}), got pp={cfg.pp}")
         self.cfg, self.meshes = cfg, build_meshes(cfg, device)
         self.rank, self.is_main = dist.get_rank(), dist.get_rank() == 0
         self.dp, self.ep, self.tp = cfg.dp(world), cfg.ep, cfg.tp
+        # under PP a stage calls its blocks itself, outside the model's forward: DP replicates
+        self.replicate = cfg.replicate or cfg.pp > 1
         self.dp_group = self.meshes.group("dp")
         self.stats = None
         c = model.config
@@ -52,7 +52,7 @@ class Parallel:
         # routed experts stay out of FSDP: an expert that got no token on one rank has no
         # gradient there, and FSDP's reduce-scatter needs the same tensors on every rank
         self.expert_params = {id(p) for n, p in model.named_parameters() if is_expert_param(n)}
-        if self.dp > 1:
+        if self.dp > 1 and not self.replicate:
             apply_fsdp(model, self.meshes.dense["dp"])
         self.model, self.device = model, device
         self.expert_grad_stats: dict = {}
@@ -67,12 +67,14 @@ class Parallel:
         return stage_owns(name, self.model, self.pp, self.meshes.local_rank("pp"))
 
     def pipeline_step(self, batches: list, targets) -> dict:
-        """The step's forward and backward through the 1F1B schedule (pp > 1)."""
+        """The step's forward and backward through the 1F1B schedule (pp > 1); each DP
+        rank's pipeline runs its own rows, its balance losses a share of micro-batches x dp."""
         if self.pipeline is None:
             from nanoseek.parallel.pipeline import Pipeline
             self.pipeline = Pipeline(self.model, self.meshes.group("pp"), self.device,
                                      batches[0][0], len(batches))
-        return self.pipeline.step(batches, targets)
+        return self.pipeline.step(batches, dataclasses.replace(
+            targets, micro_batches=targets.micro_batches * self.dp))
 
     # ------------------------------------------------------------ the loss
     def local_rows(self, batch: tuple) -> tuple:
@@ -99,14 +101,14 @@ class Parallel:
         """Gradients as sums over ranks; the step's logged values and expert loads summed
         over DP ranks (one all-reduce each)."""
         params = [p for p in model.parameters() if p.requires_grad]
-        if self.dp > 1:
-            undo_mean([p for p in params if id(p) not in self.expert_params], self.dp)
+        dense = [p for p in params if id(p) not in self.expert_params]
+        if self.dp > 1 and self.replicate:
+            self._sum_grads(dense, self.dp_group)
+        elif self.dp > 1:
+            undo_mean(dense, self.dp)
         if self.dp // self.ep > 1:  # replicas of the same experts (all of them when ep = 1)
-            for p in params:
-                if id(p) in self.expert_params and p.grad is None:  # no token this step
-                    p.grad = torch.zeros_like(p)
-            self._all_reduce([p.grad for p in params if id(p) in self.expert_params],
-                             self.meshes.group("edp"))
+            self._sum_grads([p for p in params if id(p) in self.expert_params],
+                            self.meshes.group("edp"))
         keys = [k for k, v in sums.items() if torch.is_tensor(v)]
         values = [sums[k].float() for k in keys]
         self._all_reduce(values, self.dp_group)
@@ -115,6 +117,21 @@ class Parallel:
         if self.pp > 1:  # each layer counted on its own stage: every rank gets every load
             self._all_reduce(loads, self.meshes.group("pp"))
         return {**sums, **dict(zip(keys, values))}
+
+    def _sum_grads(self, params: list[nn.Parameter], group) -> None:
+        """Each gradient summed over `group`, which holds replicas of `params`. A parameter
+        may have no gradient on some ranks (an expert that got no token there; under PP,
+        other stages' layers have none anywhere): the ranks first agree which have one
+        somewhere, those get zeros where missing, and the rest stay None, as they would in
+        one process (so AdamW leaves them alone alike)."""
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=self.device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
+        summed = [p for p, h in zip(params, has.tolist()) if h]
+        for p in summed:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._all_reduce([p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                          for p in summed], group)
 
     @staticmethod
     def _all_reduce(tensors: list[torch.Tensor], group, op=dist.ReduceOp.SUM) -> None:
@@ -212,6 +229,12 @@ class Parallel:
         out.update({k: torch.tensor(v, dtype=torch.float64) for k, v in s.items()})
         out["a2a_s"] = a2a[0]
         return out
+
+    def global_count(self, n: int) -> int:
+        """A per-rank count (tokens of a step) summed over the DP ranks."""
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, group=self.dp_group)
+        return int(t)
 
     def agree(self, seconds: float) -> float:
         """The slowest rank's figure: every rank's clock then reads the same."""

@@ -79,11 +79,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate_task(model_dir_or_llm, task, n: int = 200, k: int = 4, temperature: float = 0.8,
                   seed: int = 0, samples: int | None = None, max_tokens: int | None = None,
-                  split: str = "test") -> dict:
+                  split: str = "test", shard: tuple[int, int] = (0, 1)) -> dict:
     """Held-out accuracy on a verifiable task through the engine: greedy (temperature 0)
     accuracy, format rate and mean reward; then `samples` (default k) completions per
     problem at `temperature` for pass@1 and the unbiased pass@k (k=0: greedy only).
-    `task` is a Task or a name/path for `load_task`; the model a checkpoint dir or an LLM."""
+    `task` is a Task or a name/path for `load_task`; the model a checkpoint dir or an LLM.
+    shard (i, m): only the i-th of m contiguous slices of the n problems (a data-parallel
+    rank's share; "n" in the result is the slice's size)."""
     import time
 
     from nanoseek.data.tasks import load_task
@@ -95,6 +97,7 @@ def evaluate_task(model_dir_or_llm, task, n: int = 200, k: int = 4, temperature:
     if k and samples < k:
         raise ValueError(f"samples={samples} must be >= k={k} for pass@{k}")
     examples = task.examples(split, n, seed)
+    examples = examples[shard[0] * len(examples) // shard[1]:(shard[0] + 1) * len(examples) // shard[1]]
     max_tokens = max_tokens or task.max_tokens
     t0 = time.perf_counter()
     greedy = [c[0] for c in task.rollout(llm, examples, SamplingParams(temperature=0, max_tokens=max_tokens))]

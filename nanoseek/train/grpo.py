@@ -21,6 +21,11 @@ Why the logged loss sits near 0: see rl_objectives.py (zero-mean advantages, rat
 first pass). Watch `reward`, `accuracy` and the held-out evaluation instead.
 Resuming: the Trainer's checkpoint (weights, optimizer, RNG, step); a rollout is
 regenerated from its step's seed, so a resumed run samples what the first run would have.
+
+Under torchrun (`nanoseek grpo --nproc N`, or `torchrun ... -m nanoseek.train.grpo`) each
+data-parallel rank samples its own share of the step's prompts with its own engine over
+its own (replicated) copy of the policy; see nanoseek/parallel/rl.py for what is split
+and what stays global.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ import time
 import torch
 
 from nanoseek.engine import LLM, SamplingParams
+from nanoseek.parallel.rl import gather_scores, max_over, mean_over, share
 from nanoseek.train.loop import Trainer
 from nanoseek.train.rl_config import RLConfig
 from nanoseek.train.rl_objectives import (clipped_surrogate, equal_reward_groups,
                                           group_advantages, k3_kl, normalise)
-from nanoseek.train.rollout import Rollouts, pack, sample_rollouts, spread, token_logprobs
+from nanoseek.train.rollout import (Rollouts, pack, sample_rollouts, spread, stats_of,
+                                    token_logprobs)
 
 
 def peak_rss_mb() -> float:
@@ -46,10 +53,15 @@ def peak_rss_mb() -> float:
 class RLStage:
     """What the Trainer calls: next_batch (rollouts), loss_fn, count_targets, evaluate."""
 
-    def __init__(self, cfg: RLConfig, model, policy, tokenizer, task, ref=None, device=None):
+    def __init__(self, cfg: RLConfig, model, policy, tokenizer, task, ref=None, device=None,
+                 parallel=None):
+        """parallel: the run's `Parallel` under torchrun (replicated weights; this rank
+        samples its share of the prompts)."""
         self.cfg, self.model, self.policy, self.task, self.ref = cfg, model, policy, task, ref
         self.device = device or next(policy.parameters()).device
-        n = cfg.train.batch_size * cfg.num_generations
+        self.par = parallel
+        self.dp, self.dp_rank = (parallel.dp, parallel.meshes.local_rank("dp")) if parallel else (1, 0)
+        n = cfg.train.batch_size // self.dp * cfg.num_generations
         self.llm = LLM(policy, tokenizer=tokenizer, max_num_seqs=max(n, cfg.eval_n),
                        max_num_batched_tokens=4096, speculative=False)
         self.max_len = cfg.max_completion_length or task.max_tokens
@@ -69,18 +81,26 @@ class RLStage:
         return batch
 
     def rollout(self, r: int) -> list[dict]:
-        """Sample rollout r (seeded by r and the run's seed) and cut it into micro-batches."""
-        cfg = self.cfg
+        """Sample rollout r (seeded by r and the run's seed; this rank's share of its
+        prompts) and cut it into micro-batches."""
+        cfg, G = self.cfg, self.cfg.num_generations
         seed = cfg.train.seed * 1_000_003 + r
         examples = self.task.examples("train", cfg.train.batch_size, seed=seed)
-        n = cfg.train.batch_size * cfg.num_generations  # completion k of prompt i: seed*n + i*G + k,
-        ro = sample_rollouts(self.llm, self.task, examples, cfg.num_generations, self.params,
-                             seed * n)  # so no two completions of a run share a seed
+        lo, hi = share(len(examples), self.dp_rank, self.dp)
+        n = cfg.train.batch_size * G  # completion k of prompt i: seed*n + i*G + k,
+        ro = sample_rollouts(self.llm, self.task, examples[lo:hi], G, self.params,
+                             seed * n + lo * G)  # so no two completions of a run share a seed
         self.rollout_s = ro.seconds
-        stats = {**ro.stats(), "peak_rss_mb": peak_rss_mb()}
-        adv = (group_advantages(ro.rewards, cfg.num_generations, cfg.scale_rewards)
+        scores, seconds = ro.scores(), ro.seconds
+        if self.dp > 1:  # every rank's: the batch std, and statistics over the whole step
+            scores = gather_scores(scores, self.par.dp_group, self.par.device)
+            seconds = max_over(seconds, self.par.dp_group, self.par.device)
+        stats = {**stats_of(scores, seconds), "peak_rss_mb": peak_rss_mb()}
+        adv = (group_advantages(scores["reward"], G, cfg.scale_rewards)[lo * G:hi * G]
                if cfg.algo == "grpo" else torch.zeros(len(ro)))
-        ro, adv, stats["groups_kept"] = self.keep_groups(ro, adv)
+        stats["groups_kept"] = (float((~equal_reward_groups(scores["reward"], G)).float().mean())
+                                if cfg.algo == "grpo" else 1.0)  # with signal, of every rank's
+        ro, adv = self.keep_groups(ro, adv)
         chunks = torch.arange(len(ro)).chunk(cfg.train.grad_accum)
         batches = [self.make_micro(ro, adv, idx.tolist()) for idx in chunks]
         if cfg.algo == "ppo":
@@ -91,15 +111,15 @@ class RLStage:
 
     def keep_groups(self, ro: Rollouts, adv: torch.Tensor):
         """Drop the groups whose rewards are all equal (if asked); keep at least one group
-        and enough completions for every micro-batch."""
+        and enough completions for every micro-batch (of this rank's groups)."""
         G = self.cfg.num_generations
-        equal = equal_reward_groups(ro.rewards, G) if self.cfg.algo == "grpo" else torch.zeros(len(ro) // G, dtype=torch.bool)
-        if not self.cfg.drop_equal_groups or equal.all():
-            return ro, adv, float((~equal).float().mean())
+        if self.cfg.algo != "grpo" or not self.cfg.drop_equal_groups:
+            return ro, adv
+        equal = equal_reward_groups(ro.rewards, G)
         keep = [i for g in (~equal).nonzero().flatten().tolist() for i in range(g * G, (g + 1) * G)]
-        if len(keep) < self.cfg.train.grad_accum:
-            return ro, adv, float((~equal).float().mean())
-        return ro.select(keep), adv[keep], float((~equal).float().mean())
+        if equal.all() or len(keep) < self.cfg.train.grad_accum:
+            return ro, adv
+        return ro.select(keep), adv[keep]
 
     @torch.no_grad()
     def make_micro(self, ro: Rollouts, adv: torch.Tensor, idx: list[int]) -> dict:
@@ -132,11 +152,16 @@ class RLStage:
 
     # ------------------------------------------------------------------ evaluate
     def evaluate(self, model) -> dict:
-        """Held-out greedy accuracy through the same engine (the current weights)."""
+        """Held-out greedy accuracy through the same engine (the current weights); under
+        torchrun each rank evaluates its share of the problems and the means are combined."""
         from nanoseek.train.eval import evaluate_task
         self.llm.engine.reset_prefix_cache()
-        ev = evaluate_task(self.llm, self.task, n=self.cfg.eval_n, k=0, max_tokens=self.max_len)
-        return {"accuracy": ev["accuracy"], "format": ev["format"], "mean_reward": ev["mean_reward"]}
+        ev = evaluate_task(self.llm, self.task, n=self.cfg.eval_n, k=0, max_tokens=self.max_len,
+                           shard=(self.dp_rank, self.dp))
+        means = {k: ev[k] for k in ("accuracy", "format", "mean_reward")}
+        if self.dp > 1:
+            means = mean_over(means, ev["n"], self.par.dp_group, self.par.device)
+        return means
 
 
 def grpo_loss(cfg: RLConfig, policy, batch: dict, count: torch.Tensor, max_len: int):
@@ -176,3 +201,10 @@ class RLTrainer(Trainer):
         m = super().train_step()
         m["update_s"] = time.perf_counter() - t0 - self.stage.rollout_s
         return m
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.grpo ARGS
+    import runpy  # == nanoseek grpo ARGS
+    import sys
+    sys.argv = ["nanoseek", "grpo", *sys.argv[1:]]
+    runpy.run_module("nanoseek", run_name="__main__")

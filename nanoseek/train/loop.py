@@ -192,7 +192,9 @@ class Trainer:
         loads = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
         if self.update_router_biases and hasattr(model, "update_router_biases"):
             model.update_router_biases()  # counts were summed over every micro-batch
-        tokens = sum(self.tokens_in(b) for b in batches) * (self.parallel.dp if self.parallel else 1)  # global
+        tokens = sum(self.tokens_in(b) for b in batches)
+        if self.parallel is not None:  # every DP rank's (GRPO's completions differ in length)
+            tokens = self.parallel.global_count(tokens)
         self.step += 1
         self.tokens_seen += tokens
         extra = self.parallel.step_metrics() if self.parallel is not None else {}

@@ -82,10 +82,17 @@ def merge_into(out_dir: Path, init: str | Path) -> None:
     merge_lora(init, out_dir / ADAPTER_DIR, out_dir)
 
 
+def holds_run(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a checkpoint to resume: train_state.pt, or the sharded
+    checkpoint of a run on several processes."""
+    from nanoseek.parallel import checkpoint as sharded
+    return (out_dir / STATE_FILE).exists() or sharded.exists(out_dir)
+
+
 def stage_settings(out_dir: Path, config, resume: bool, max_steps: int | None):
     """A new run's settings are `config`; a resumed run's are those saved in its run.json
     (with max_steps replaced when given)."""
-    if (out_dir / STATE_FILE).exists() and not resume:
+    if holds_run(out_dir) and not resume:
         raise RunError(f"{out_dir} already holds a run; pass --resume to continue it or choose "
                        "another --out")
     run_file = out_dir / "run.json"
@@ -97,14 +104,15 @@ def stage_settings(out_dir: Path, config, resume: bool, max_steps: int | None):
     return saved
 
 
-def start_stage(out_dir: Path, config, resume: bool, max_steps: int | None):
+def start_stage(out_dir: Path, config, resume: bool, max_steps: int | None, device=None):
     """What every post-training stage does first: its settings (the saved ones on resume),
-    checked, and the init model with its tokenizer on the default device, the window
-    length checked against the model's context. Returns (config, device, model, tokenizer)."""
+    checked, and the init model with its tokenizer on `device` (default: the default
+    device; under torchrun, the rank's), the window length checked against the model's
+    context. Returns (config, device, model, tokenizer)."""
     from nanoseek.train.pretrain import default_device
     config = stage_settings(out_dir, config, resume, max_steps)
     config.validate()
-    device = default_device()
+    device = device or default_device()
     model, tok = load_init(config.init, device)
     if config.train.seq_len > model.config.max_position_embeddings:
         raise RunError(f"--seq-len {config.train.seq_len} exceeds the model's context "
@@ -113,12 +121,27 @@ def start_stage(out_dir: Path, config, resume: bool, max_steps: int | None):
 
 
 def write_run(out_dir: Path, settings, **facts) -> dict:
+    """run.json's content; written by rank 0 alone under torchrun (the others return it)."""
+    from nanoseek.parallel.launch import is_main
     from nanoseek.train.pretrain import write_run as write
-    out_dir.mkdir(parents=True, exist_ok=True)
     run = {"stage": type(settings).__name__.removesuffix("Config").lower(),
            "settings": settings_to_dict(settings), **facts}
-    write(out_dir, run)
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write(out_dir, run)
     return run
+
+
+def data_parallel(model, layout, device, batch_size: int, what: str):
+    """The `Parallel` of a post-training stage under torchrun (layout: a ParallelConfig,
+    default pure DP); `batch_size` rows per step are split over its DP ranks."""
+    from nanoseek.parallel import ParallelConfig
+    from nanoseek.parallel.runtime import Parallel
+    par = Parallel(model, layout or ParallelConfig(), device)
+    if batch_size % par.dp:
+        raise ValueError(f"{what}: {batch_size} cannot be split over {par.dp} data-parallel "
+                         f"ranks (use a multiple of {par.dp})")
+    return par
 
 
 def load_task_lazily(name: str, **options):

@@ -284,7 +284,7 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
            **data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)}
     if par is not None:
         run["parallel"] = {"world": par.dp * par.tp * par.pp, "dp": par.dp, "ep": par.ep, "tp": par.tp,
-                           "pp": par.pp,
+                           "pp": par.pp, "replicate": par.replicate,
                            "backend": torch.distributed.get_backend()}
     return trainer, run
 

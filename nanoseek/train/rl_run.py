@@ -5,6 +5,8 @@ config.json, model.safetensors, the tokenizer copied from --init) plus train_sta
 metrics.jsonl (one "train" line per step: reward and its parts, accuracy, KL, clip
 fraction, lengths, rollout vs update time, peak memory; "eval" lines: held-out greedy
 accuracy, step 0 = the starting point) and run.json (the settings, for --resume).
+Under torchrun the run is data parallel with replicated weights (nanoseek/parallel/rl.py),
+its checkpoint sharded (torch.distributed.checkpoint) and consolidated by rank 0.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from nanoseek.train.config import settings_from_dict, settings_to_dict
 from nanoseek.train.rl_config import RLConfig
 
 
-def load_policy(init: str | Path):
+def load_policy(init: str | Path, device=None):
     from nanoseek.checkpoint import from_pretrained
     from nanoseek.tokenizer import Tokenizer
     init = Path(init)
@@ -28,19 +30,40 @@ def load_policy(init: str | Path):
     tok = Tokenizer.from_dir(init)
     if tok is None:
         raise FileNotFoundError(f"--init {init}: no tokenizer.json (RL prompts with chat text)")
-    return from_pretrained(init, dtype=torch.float32), tok
+    return from_pretrained(init, dtype=torch.float32, device=device), tok
 
 
-def build(out_dir: Path, cfg: RLConfig, progress: bool = True):
+def data_parallel(policy, cfg: RLConfig, layout, device):
+    """The `Parallel` of an RL run under torchrun: DP only, weights replicated (the engine
+    reads them whole; see nanoseek/parallel/rl.py)."""
+    import dataclasses
+
+    from nanoseek.parallel import ParallelConfig
+    from nanoseek.train.posttrain import data_parallel as stage_parallel
+    layout = layout or ParallelConfig()
+    if (layout.ep, layout.tp, layout.pp) != (1, 1, 1):
+        raise ValueError(f"RL under torchrun is data parallel only (got ep={layout.ep}, "
+                         f"tp={layout.tp}, pp={layout.pp}): every rank's rollout engine runs the "
+                         "whole policy by itself")
+    if cfg.algo != "grpo":
+        raise ValueError(f"--algo {cfg.algo} runs on one process (its critic and whitened "
+                         "advantages are not split over ranks): drop --nproc, or use --algo grpo")
+    return stage_parallel(policy, dataclasses.replace(layout, replicate=True), device,
+                          cfg.train.batch_size, "RL option 'batch_size' (prompts per step)")
+
+
+def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None, parallel=None):
     """(trainer, stage) for `cfg`: the policy from cfg.init, a frozen reference copy when
-    beta > 0, a critic for PPO, the engine over the live policy."""
+    beta > 0, a critic for PPO, the engine over the live policy. rank_device: this rank's
+    device under torchrun (None: one process); parallel: its ParallelConfig."""
     from nanoseek.checkpoint import save_pretrained
     from nanoseek.data.tasks import load_task
     from nanoseek.tokenizer import copy_tokenizer
     from nanoseek.train.grpo import RLStage, RLTrainer
 
     torch.manual_seed(cfg.train.seed)
-    policy, tok = load_policy(cfg.init)
+    policy, tok = load_policy(cfg.init, rank_device)
+    par = data_parallel(policy, cfg, parallel, rank_device) if rank_device is not None else None
     ref = None
     if cfg.beta > 0:
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -49,7 +72,7 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True):
         from nanoseek.train.ppo import ActorCritic
         model = ActorCritic(policy)
     task = load_task(cfg.task, **cfg.task_options)
-    stage = RLStage(cfg, model, policy, tok, task, ref)
+    stage = RLStage(cfg, model, policy, tok, task, ref, parallel=par)
 
     def on_checkpoint(m, step):
         save_pretrained(policy, out_dir)
@@ -58,39 +81,53 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True):
     trainer = RLTrainer(stage, model, cfg.train, out_dir, next_batch=stage.next_batch,
                         loss_fn=stage.loss_fn, count_targets=stage.count_targets,
                         evaluate=stage.evaluate, on_checkpoint=on_checkpoint,
-                        tokens_in=stage.tokens_in, progress=progress)
+                        tokens_in=stage.tokens_in, progress=progress, parallel=par)
     return trainer, stage
 
 
 def rl(out_dir: str | Path, cfg: RLConfig, resume: bool = False, progress: bool = True,
-       log=print) -> dict:
-    """Run (or resume) an RL run; returns run.json's content."""
-    from nanoseek.train.checkpointing import STATE_FILE
+       log=print, parallel=None) -> dict:
+    """Run (or resume) an RL run; returns run.json's content. Under torchrun every rank
+    runs it (parallel: a nanoseek.parallel.ParallelConfig, DP only) and rank 0 writes."""
+    from nanoseek.parallel import launch
+    with launch.session(parallel.timeout if parallel else 300.0) as rank_device:
+        return _rl(Path(out_dir), cfg, resume, progress,
+                   log if launch.is_main() else (lambda *a, **k: None), rank_device, parallel)
+
+
+def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_device,
+        parallel) -> dict:
+    from nanoseek.parallel.launch import is_main
+    from nanoseek.train.posttrain import holds_run
     from nanoseek.train.pretrain import write_run
 
-    out_dir = Path(out_dir)
     if resume and (out_dir / "run.json").exists():
         saved = json.loads((out_dir / "run.json").read_text())["settings"]
         saved["train"]["max_steps"] = cfg.train.max_steps
         cfg = settings_from_dict(RLConfig, saved, f"{out_dir}/run.json")
-    elif (out_dir / STATE_FILE).exists():
+    elif holds_run(out_dir):
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
     cfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer, stage = build(out_dir, cfg, progress)
+    trainer, stage = build(out_dir, cfg, progress, rank_device, parallel)
     run = {"stage": cfg.algo, "settings": settings_to_dict(cfg)}
+    if stage.par is not None:
+        run["parallel"] = {"dp": stage.dp, "replicate": True}
     resumed = resume and trainer.resume()
-    write_run(out_dir, run)
+    if is_main():
+        write_run(out_dir, run)
     if not resumed:
         ev = trainer.run_eval()
         trainer.log({"kind": "eval", "step": 0, "tokens": 0, **ev})
         log(f"step 0 (the starting point): held-out accuracy {ev['accuracy']:.3f}")
     summary = trainer.fit()
-    evals = [r for r in _metrics(out_dir) if r.get("kind") == "eval"]
+    evals = [r for r in _metrics(out_dir) if r.get("kind") == "eval"] if is_main() else []
     run.update(summary=summary, start_eval=evals[0] if evals else None,
                final_eval=evals[-1] if evals else None)
-    write_run(out_dir, run)
+    if is_main():
+        write_run(out_dir, run)
     return run
+
 
 
 def _metrics(out_dir: Path) -> list[dict]:

@@ -39,17 +39,16 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Per-completion numbers [N] behind the logged statistics (what ranks gather)."""
+        return {"reward": self.rewards.float(), "correct": self.correct.float(),
+                "length": torch.tensor([float(len(c)) for c in self.completion_ids]),
+                "truncated": torch.tensor([float(t) for t in self.truncated]),
+                **{f"reward_{k}": v.float() for k, v in self.components.items()}}
+
     def stats(self) -> dict:
         """What a step logs about its samples."""
-        lengths = torch.tensor([len(c) for c in self.completion_ids], dtype=torch.float)
-        out = {"reward": float(self.rewards.mean()), "reward_std": float(self.rewards.std()),
-               "accuracy": float(self.correct.float().mean()),
-               "completion_len": float(lengths.mean()), "completion_len_min": float(lengths.min()),
-               "completion_len_max": float(lengths.max()),
-               "truncated_frac": sum(self.truncated) / len(self), "rollout_s": self.seconds,
-               "rollout_tok_s": float(lengths.sum()) / max(self.seconds, 1e-9)}
-        out.update({f"reward_{k}": float(v.mean()) for k, v in self.components.items()})
-        return out
+        return stats_of(self.scores(), self.seconds)
 
     def select(self, keep: list[int]) -> "Rollouts":
         pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
@@ -57,6 +56,19 @@ class Rollouts:
         return Rollouts(pick(self.prompt_ids), pick(self.completion_ids), pick(self.engine_logp),
                         pick(self.truncated), self.rewards[idx],
                         {k: v[idx] for k, v in self.components.items()}, self.correct[idx], self.seconds)
+
+
+def stats_of(scores: dict[str, torch.Tensor], seconds: float) -> dict:
+    """A step's logged statistics from its completions' scores (Rollouts.scores)."""
+    lengths, rewards = scores["length"], scores["reward"]
+    out = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+           "accuracy": float(scores["correct"].mean()),
+           "completion_len": float(lengths.mean()), "completion_len_min": float(lengths.min()),
+           "completion_len_max": float(lengths.max()),
+           "truncated_frac": float(scores["truncated"].mean()), "rollout_s": seconds,
+           "rollout_tok_s": float(lengths.sum()) / max(seconds, 1e-9)}
+    out.update({k: float(v.mean()) for k, v in scores.items() if k.startswith("reward_")})
+    return out
 
 
 def sample_rollouts(llm, task, examples, group_size: int, params, seed: int) -> Rollouts:

@@ -8,6 +8,14 @@ step's count of assistant tokens, so gradient accumulation weighs every answer t
 same however the masks spread them. Full fine-tuning or LoRA/QLoRA (`SFTConfig.lora`).
 The run directory resumes (`--resume`) like a pretraining run: train_state.pt, run.json,
 metrics.jsonl.
+
+Under torchrun (`nanoseek sft --nproc N`, or `torchrun ... -m nanoseek.train.sft`) the
+run is pretraining's distributed one (nanoseek/parallel/): `batch_size` stays the global
+micro-batch and each data-parallel rank trains on its rows of it, the assistant tokens
+counted over every rank (so the summed gradient is the one-process gradient); FSDP2 for
+the dense weights, `ep`/`tp` as given, sharded checkpoints; rank 0 alone logs and writes.
+LoRA stays single-process (peft's wrapper is not sharded), and so does pipeline parallel
+(the loss before and after runs the whole model on every rank).
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ from nanoseek.data.chat import ChatWindows, chat_windows, read_conversations
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.lora import LoraSettings
 from nanoseek.train.loop import Trainer
-from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_task_lazily, merge_into,
-                                      start_stage, with_adapters, write_run)
+from nanoseek.train.posttrain import (base_model, checkpoint_writer, data_parallel,
+                                      load_task_lazily, merge_into, start_stage, with_adapters,
+                                      write_run)
 from nanoseek.train.pretrain import pretrain_loss
 
 
@@ -108,10 +117,31 @@ def masked_loss(model, windows: ChatWindows, batch_size: int, device, limit: int
 
 
 def sft(out_dir: str | Path, config: SFTConfig, resume: bool = False, max_steps: int | None = None,
-        progress: bool = True, log=print) -> dict:
-    """Run (or resume) supervised fine-tuning into `out_dir`; returns run.json's content."""
-    out_dir = Path(out_dir)
-    config, device, model, tok = start_stage(out_dir, config, resume, max_steps)
+        progress: bool = True, log=print, parallel=None) -> dict:
+    """Run (or resume) supervised fine-tuning into `out_dir`; returns run.json's content.
+    parallel: a nanoseek.parallel.ParallelConfig (ep, tp) for a run under torchrun; the run
+    is distributed whenever torchrun started more than one process."""
+    from nanoseek.parallel import launch
+    with launch.session(parallel.timeout if parallel else 300.0) as rank_device:
+        return _sft(Path(out_dir), config, resume, max_steps, progress,
+                    log if launch.is_main() else (lambda *a, **k: None), rank_device, parallel)
+
+
+def _check_distributable(config: SFTConfig, parallel) -> None:
+    if config.lora.enabled:
+        raise ValueError("SFT with --lora/--qlora runs on one process (peft's adapters are not "
+                         "sharded): drop --nproc, or fine-tune every weight")
+    if parallel is not None and parallel.pp > 1:
+        raise ValueError("SFT does not run pipeline parallel (its loss before and after runs "
+                         "the whole model on every rank): use dp, ep or tp")
+
+
+def _sft(out_dir: Path, config: SFTConfig, resume: bool, max_steps: int | None, progress: bool,
+         log, rank_device, parallel) -> dict:
+    """rank_device: this rank's device under torchrun, None for one process."""
+    config, device, model, tok = start_stage(out_dir, config, resume, max_steps, rank_device)
+    if rank_device is not None:
+        _check_distributable(config, parallel)
     train_convs, val_convs = split(conversations_of(config), config.val_fraction, config.train.seed)
     data = chat_windows(train_convs, tok, config.train.seq_len, config.packing)
     val = chat_windows(val_convs, tok, config.train.seq_len, config.packing) if val_convs else None
@@ -119,15 +149,23 @@ def sft(out_dir: str | Path, config: SFTConfig, resume: bool = False, max_steps:
         config.train.max_steps = steps_for(data, config)
     torch.manual_seed(config.train.seed)  # the adapters' initial A, and the run after
     model, nf4 = with_adapters(model, config.lora, data.inputs[:2].to(device), log)
-    trainer = build_trainer(model, config, data, val, out_dir, device, progress, tok)
+    par = None
+    if rank_device is not None:  # every rank evaluates the whole of (val or data) below
+        if config.eval_task_n:
+            raise ValueError("--eval-n (held-out task accuracy through the engine) runs in one "
+                             "process only: the engine cannot read FSDP-sharded weights")
+        par = data_parallel(model, parallel, device, config.train.batch_size,
+                            "training option 'batch_size'")
+    trainer = build_trainer(model, config, data, val, out_dir, device, progress, par, tok)
     before = loss_on(model, val or data, config, device)
     if resume and trainer.resume():
         log(f"resumed at step {trainer.step}")
     log(f"SFT: {data.meta['conversations']} conversations in {len(data)} windows of "
         f"{config.train.seq_len} ({data.meta['targets']:,} assistant tokens), "
         f"{config.train.max_steps} steps; loss on assistant tokens {before:.4f}")
+    layout = {"parallel": {"dp": par.dp, "ep": par.ep, "tp": par.tp}} if par is not None else {}
     run = write_run(out_dir, config, data=data.meta, loss_before=before,
-                    nf4=None if nf4 is None else vars(nf4))
+                    nf4=None if nf4 is None else vars(nf4), **layout)
     run["summary"] = trainer.fit()
     if run["summary"]["target_reached"]:
         log(f"stopped at step {trainer.step}: {run['summary']['target_reached']}")
@@ -165,14 +203,16 @@ def task_accuracy(config: SFTConfig, net, tok):
 
 
 def build_trainer(model, config: SFTConfig, data: ChatWindows, val: ChatWindows | None,
-                  out_dir: Path, device, progress: bool, tok=None) -> Trainer:
+                  out_dir: Path, device, progress: bool, parallel=None, tok=None) -> Trainer:
+    """parallel: the run's `Parallel` under torchrun (each DP rank takes its rows of a
+    micro-batch); tok: the tokenizer, for the engine of --eval-n."""
     t, lora = config.train, config.lora.enabled
     net = base_model(model)
     on_task = task_accuracy(config, net, tok) if config.eval_task_n else None
 
     def next_batch(step, micro):
-        x, y = data.batch(step * t.grad_accum + micro, t.batch_size, t.seed)
-        return x.to(device), y.to(device)
+        batch = data.batch(step * t.grad_accum + micro, t.batch_size, t.seed)
+        return tuple(x.to(device) for x in (parallel.local_rows(batch) if parallel else batch))
 
     def evaluate(m):
         out = {"val_loss": masked_loss(net, val, t.batch_size, device)} if val else {}
@@ -188,4 +228,12 @@ def build_trainer(model, config: SFTConfig, data: ChatWindows, val: ChatWindows 
                    count_targets=lambda b: net.loss_targets(b[1]),
                    evaluate=evaluate if (val or on_task) else None, stop_when=stop_when,
                    on_checkpoint=checkpoint_writer(out_dir, config.init, config.lora),
-                   progress=progress, update_router_biases=not lora, trainable_state_only=lora)
+                   progress=progress, update_router_biases=not lora, trainable_state_only=lora,
+                   parallel=parallel)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.sft ARGS
+    import runpy  # == nanoseek sft ARGS
+    import sys
+    sys.argv = ["nanoseek", "sft", *sys.argv[1:]]
+    runpy.run_module("nanoseek", run_name="__main__")
