@@ -318,3 +318,15 @@ def test_stop_when_ends_the_run_at_the_target_and_a_resume_trains_no_further(tmp
     again = make()
     assert again.resume() and again.step == 12 and again.target_reached == "accuracy 0.3"
     assert again.fit()["steps"] == 12 and len(seen) == 3
+
+
+def test_a_time_limited_run_still_warms_up_in_steps(tmp_path):
+    """The clock may push the decay along (a slow machine still ends decayed), never skip
+    the warm-up: with a generous max_steps the time fraction alone would mean 'past it'."""
+    tr = _trainer(tmp_path, max_steps=10_000, warmup_steps=10, time_limit=100.0, schedule="constant")
+    tr.elapsed = 20.0  # a fifth of the budget gone: 2,000 "steps" by the clock
+    assert [tr.lr(s) for s in (0, 4, 9)] == pytest.approx([1e-3, 5e-3, 1e-2])
+    assert tr.lr(10) == pytest.approx(1e-2)
+    cos = _trainer(tmp_path, max_steps=10_000, warmup_steps=10, time_limit=100.0)
+    cos.elapsed = 90.0
+    assert cos.lr(11) < 0.2 * 1e-2  # after the warm-up the clock still drives the decay

@@ -160,9 +160,12 @@ class Trainer:
 
     def lr(self, step: int) -> float:
         """With a time limit the schedule runs on whichever comes first, steps or time:
-        a run cut short by a slow (or shared) machine still ends with a decayed rate."""
+        a run cut short by a slow (or shared) machine still ends with a decayed rate. The
+        warm-up always counts steps: it is there for the optimizer's first updates (Adam's
+        moments start empty), however long those take; a clock-driven warm-up was skipped
+        by a time-limited run with a generous max_steps and destabilised it."""
         c = self.cfg
-        if c.time_limit > 0:
+        if c.time_limit > 0 and step >= c.warmup_steps:
             step = max(step, int(self.elapsed / c.time_limit * c.max_steps))
         return lr_at(step, c.lr, c.max_steps, c.warmup_steps, c.schedule, c.min_lr_ratio, c.decay_frac)
 
