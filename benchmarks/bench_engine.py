@@ -22,7 +22,8 @@ engine holds at most `spec_max_batch` requests); `mtp_speedup_always_draft` is t
 speed-ups compare runs of the same engine that differ only in speculation, so on a shared
 machine noise is as large as the effect: each side runs `--repeats` times, the sides
 alternating (plain, MTP, forced, then the reverse order), and each figure is the ratio of
-the sides' median times.
+the sides' median times (`*_cpu`: the same runs by this process's CPU time, which a
+loaded machine's wall clock blurs).
 
 KV bytes per token: nanoseek's from its cache tensors (bytes of one slot across layers),
 transformers' from its `DynamicCache` tensors after generate (bytes / (batch x length));
@@ -132,12 +133,12 @@ def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
     engine.spec_stats.drafted = engine.spec_stats.accepted = 0
     engine.runner.forwards = engine.scheduler.num_preemptions = 0
     engine.block_manager.hits = engine.block_manager.queries = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = [o.outputs[0].token_ids for o in outs]
     cache = llm.engine.cache
-    return dict(seconds=dt, tokens=tokens,
+    return dict(seconds=dt, cpu_seconds=cpu, tokens=tokens,
                 main_layers_bytes_per_token=sum(t[0, 0].numel() * t.element_size()
                                                 for t in cache.kv[:llm.engine.model.config.num_hidden_layers]),
                 spec=llm.engine.spec_stats.as_dict(), forwards=llm.engine.runner.forwards,
@@ -146,14 +147,17 @@ def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
 
 def alternate(model, sides: dict, repeats: int) -> dict:
     """Each side {name: (requests, engine kwargs)} `repeats` times, in alternating order;
-    a side's result is its last run with `seconds` its median and `all_seconds` each run's."""
-    names, times, last = list(sides), {k: [] for k in sides}, {}
+    a side's result is its last run with `seconds` and `cpu_seconds` the medians and
+    `all_seconds` each run's."""
+    names, times, cpu, last = list(sides), {k: [] for k in sides}, {k: [] for k in sides}, {}
     for i in range(repeats):
         for name in (names if i % 2 == 0 else names[::-1]):
             reqs, kw = sides[name]
             last[name] = run_nanoseek(model, reqs, **kw)
             times[name].append(last[name]["seconds"])
-    return {k: dict(last[k], seconds=statistics.median(times[k]), all_seconds=times[k]) for k in names}
+            cpu[name].append(last[name]["cpu_seconds"])
+    return {k: dict(last[k], seconds=statistics.median(times[k]), cpu_seconds=statistics.median(cpu[k]),
+                    all_seconds=times[k]) for k in names}
 
 
 def hf_generate_batches(hf, reqs, batches):
@@ -295,6 +299,9 @@ def main() -> None:
         r["mtp_greedy_identical"] = (spec["tokens"] == plain["tokens"] == forced["tokens"]
                                      and one_spec["tokens"] == one_plain["tokens"])
         r["mtp_speedup_one_stream"] = one_plain["seconds"] / one_spec["seconds"]
+        # the same runs timed by this process's CPU time: what a loaded machine's wall clock blurs
+        r["mtp_speedup_cpu"] = runs["plain"]["cpu_seconds"] / spec["cpu_seconds"]
+        r["mtp_speedup_one_stream_cpu"] = one_plain["cpu_seconds"] / one_spec["cpu_seconds"]
         r["mtp_acceptance_one_stream"] = one_spec["spec"]["acceptance_rate"]
         r["mtp_repeats"] = args.repeats
     r["outputs_equal_transformers"] = sum(a == b for a, b in zip(plain["tokens"], hf_tokens)) / len(reqs)
