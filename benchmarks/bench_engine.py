@@ -16,9 +16,14 @@ Precision: each side runs in fp32, and in bf16 too where the CPU has fast bf16
 (train/precision.py decides; `--precisions fp32,bf16` forces both); the fastest of each
 side is compared and both precisions are printed. MTP runs in nanoseek's best precision.
 
-MTP speculation decides per step whether to draft (engine/spec_policy.py: at most
-`spec_max_batch` requests per step); `mtp_speedup_always_draft` is the same 64-request
-load with drafting forced on every step (the policy's counterfactual).
+MTP speculation decides per step whether to draft (engine/spec_policy.py: only while the
+engine holds at most `spec_max_batch` requests); `mtp_speedup_always_draft` is the same
+64-request load with drafting forced on every step (the policy's counterfactual). The MTP
+speed-ups compare runs of the same engine that differ only in speculation, so on a shared
+machine noise is as large as the effect: each side runs `--repeats` times, the sides
+alternating (plain, MTP, forced, then the reverse order), and each figure is the ratio of
+the sides' median times (`*_cpu`: the same runs by this process's CPU time, which a
+loaded machine's wall clock blurs).
 
 KV bytes per token: nanoseek's from its cache tensors (bytes of one slot across layers),
 transformers' from its `DynamicCache` tensors after generate (bytes / (batch x length));
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -127,16 +133,31 @@ def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
     engine.spec_stats.drafted = engine.spec_stats.accepted = 0
     engine.runner.forwards = engine.scheduler.num_preemptions = 0
     engine.block_manager.hits = engine.block_manager.queries = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = [o.outputs[0].token_ids for o in outs]
     cache = llm.engine.cache
-    return dict(seconds=dt, tokens=tokens,
+    return dict(seconds=dt, cpu_seconds=cpu, tokens=tokens,
                 main_layers_bytes_per_token=sum(t[0, 0].numel() * t.element_size()
                                                 for t in cache.kv[:llm.engine.model.config.num_hidden_layers]),
                 spec=llm.engine.spec_stats.as_dict(), forwards=llm.engine.runner.forwards,
                 preemptions=llm.engine.scheduler.num_preemptions)
+
+
+def alternate(model, sides: dict, repeats: int) -> dict:
+    """Each side {name: (requests, engine kwargs)} `repeats` times, in alternating order;
+    a side's result is its last run with `seconds` and `cpu_seconds` the medians and
+    `all_seconds` each run's."""
+    names, times, cpu, last = list(sides), {k: [] for k in sides}, {k: [] for k in sides}, {}
+    for i in range(repeats):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            reqs, kw = sides[name]
+            last[name] = run_nanoseek(model, reqs, **kw)
+            times[name].append(last[name]["seconds"])
+            cpu[name].append(last[name]["cpu_seconds"])
+    return {k: dict(last[k], seconds=statistics.median(times[k]), cpu_seconds=statistics.median(cpu[k]),
+                    all_seconds=times[k]) for k in names}
 
 
 def hf_generate_batches(hf, reqs, batches):
@@ -202,6 +223,8 @@ def main() -> None:
                    help="comma-separated, e.g. fp32,bf16 (auto: bf16 too where the CPU has fast bf16)")
     p.add_argument("--spec-max-batch", type=int, default=16,
                    help="MTP drafts only in steps with at most this many requests (EngineConfig.spec_max_batch)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per side of each MTP comparison, alternating; medians are compared")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
     out = json_only_stdout(args.json)
@@ -236,17 +259,23 @@ def main() -> None:
         engine_kw.update(dtype=DTYPES[our_prec])
         src = model if our_prec == "fp32" else ckpt
         has_mtp = len(model.mtp) > 0
-        spec = (run_nanoseek(src, reqs, speculative=True, spec_max_batch=args.spec_max_batch, **engine_kw)
-                if has_mtp else None)
-        if spec:
-            forced = run_nanoseek(src, reqs, speculative=True, spec_max_batch=args.requests, **engine_kw)
+        spec = None
+        if has_mtp:
             # one request at a time: decode is latency-bound, where speculation pays
-            few = reqs[:args.single_stream]
-            kw1 = dict(engine_kw, max_num_seqs=1)
-            one_plain, one_spec = (run_nanoseek(src, few, speculative=s, **kw1) for s in (False, True))
+            few, kw1 = reqs[:args.single_stream], dict(engine_kw, max_num_seqs=1)
+            sides = {"plain": (reqs, dict(engine_kw, speculative=False)),
+                     "spec": (reqs, dict(engine_kw, speculative=True, spec_max_batch=args.spec_max_batch)),
+                     "forced": (reqs, dict(engine_kw, speculative=True, spec_max_batch=args.requests)),
+                     "one_plain": (few, dict(kw1, speculative=False)),
+                     "one_spec": (few, dict(kw1, speculative=True))}
+            runs = alternate(src, sides, args.repeats)
+            spec, forced, one_plain, one_spec = (runs[k] for k in ("spec", "forced", "one_plain", "one_spec"))
             log(f"nanoseek + MTP: {n_out / spec['seconds']:,.1f} tok/s, acceptance "
                 f"{spec['spec']['acceptance_rate']:.1%} ({spec['forwards']} forwards); one stream: "
-                f"{one_plain['seconds'] / one_spec['seconds']:.2f}x faster with MTP")
+                f"{one_plain['seconds'] / one_spec['seconds']:.2f}x faster with MTP "
+                f"(medians of {args.repeats} alternating runs per side)")
+            for k, v in runs.items():
+                log(f"  {k}: " + ", ".join(f"{t:.3f}" for t in v["all_seconds"]) + " s")
         hf = run_transformers(ckpt, reqs, args.hf_batch, precs)
 
     best = min(hf, key=lambda k: hf[k][0])
@@ -263,14 +292,18 @@ def main() -> None:
     if spec:
         r["mtp_acceptance"] = spec["spec"]["acceptance_rate"]
         r["mtp_drafted"] = spec["spec"]["drafted"]
-        r["mtp_speedup"] = plain["seconds"] / spec["seconds"]
-        r["mtp_speedup_always_draft"] = plain["seconds"] / forced["seconds"]
+        r["mtp_speedup"] = runs["plain"]["seconds"] / spec["seconds"]
+        r["mtp_speedup_always_draft"] = runs["plain"]["seconds"] / forced["seconds"]
         r["mtp_acceptance_always_draft"] = forced["spec"]["acceptance_rate"]
         r["nanoseek_mtp_tok_s"] = n_out / spec["seconds"]
         r["mtp_greedy_identical"] = (spec["tokens"] == plain["tokens"] == forced["tokens"]
                                      and one_spec["tokens"] == one_plain["tokens"])
         r["mtp_speedup_one_stream"] = one_plain["seconds"] / one_spec["seconds"]
+        # the same runs timed by this process's CPU time: what a loaded machine's wall clock blurs
+        r["mtp_speedup_cpu"] = runs["plain"]["cpu_seconds"] / spec["cpu_seconds"]
+        r["mtp_speedup_one_stream_cpu"] = one_plain["cpu_seconds"] / one_spec["cpu_seconds"]
         r["mtp_acceptance_one_stream"] = one_spec["spec"]["acceptance_rate"]
+        r["mtp_repeats"] = args.repeats
     r["outputs_equal_transformers"] = sum(a == b for a, b in zip(plain["tokens"], hf_tokens)) / len(reqs)
     r["nanoseek_kv_bytes_per_token"] = plain["main_layers_bytes_per_token"]
     r["transformers_kv_bytes_per_token"] = hf_kv["bytes_per_slot"]

@@ -179,9 +179,10 @@ def test_cached_prompt_tokens_count_prompt_tokens_only():
     bm.check()
 
 
-def test_finished_request_leaves_complete_mtp_latents_in_its_cached_blocks(model):
-    """A request's blocks are registered when it finishes: the MTP layer's latents for the
-    positions of its last step must be written by then, as they would be had it run on."""
+def test_finishing_step_still_writes_its_mtp_latents(model):
+    """MTP runs over every position a drafting step computed, the finishing one too: the
+    MTP layer's latents from the request's run start (mtp_from) to its end are the ones a
+    request that ran on has there."""
     prompt = prompts(1, seed=12, lo=9, hi=10)[0]  # 9 tokens; + 4 generated = 13, 12 computed: 3 blocks
 
     def mtp_latents(max_tokens, computed):
@@ -192,10 +193,10 @@ def test_finished_request_leaves_complete_mtp_latents_in_its_cached_blocks(model
             table = list(seq.block_table) or table
             engine.step()
         mtp = engine.cache.kv[model.config.num_hidden_layers]
-        return torch.cat([mtp[b] for b in table[:3]])[:computed], seq
+        return torch.cat([mtp[b] for b in table[:3]])[seq.mtp_from:computed], seq
 
     ended, seq = mtp_latents(4, 12)
-    assert seq.finished and len(seq) == 13
+    assert seq.finished and len(seq) == 13 and seq.mtp_from is not None
     ran_on, _ = mtp_latents(10, 12)
     assert ended.abs().sum(-1).ne(0).all(), "MTP latents missing for the finishing step's positions"
     torch.testing.assert_close(ended, ran_on, atol=1e-4, rtol=1e-4)

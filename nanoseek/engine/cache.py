@@ -14,6 +14,7 @@ with a [B, S, T_max] mask that encodes causality and padding at once.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -129,6 +130,16 @@ class BatchView:
         self.read_slots = torch.where(valid_k, slots(t[None, :].expand(B, T)), 0)  # [B, T]
         self.mask = (t[None, None, :] <= self.positions[:, :, None]) & valid_k[:, None, :]  # [B, S, T]
         self.length = None  # positions are explicit; nothing should infer them from the cache
+
+    def keys_from(self, first: list[int]) -> "BatchView":
+        """The same forward's view for a layer whose cache is whole only from position
+        first[b] of sequence b on (the MTP layer's, engine/spec_policy.py): its queries
+        attend to keys first[b].. only. Each query's own position must be >= first[b]."""
+        view = copy.copy(self)
+        t = torch.arange(self.read_slots.shape[1], device=self.mask.device)
+        first_t = torch.tensor(first, device=self.mask.device)
+        view.mask = self.mask & (t[None, None, :] >= first_t[:, None, None])
+        return view
 
     def update(self, layer_id: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
         kv = self.cache.kv[layer_id].view(-1, self.cache.latent_dim)

@@ -37,7 +37,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512    # token budget of one step (decodes + prefill chunks)
     enable_prefix_caching: bool = True
     speculative: bool | None = None      # None: on when the model has MTP layers
-    spec_max_batch: int = 16             # MTP drafts only in steps with at most this many requests
+    spec_max_batch: int = 16             # MTP drafts only while the engine holds at most this many requests
     max_model_len: int | None = None     # default: max_position_embeddings
 
     def __post_init__(self):
@@ -133,7 +133,7 @@ class LLMEngine:
         if not batch and self.scheduler.has_work():  # cannot happen by construction; never spin
             raise RuntimeError(f"the scheduler cannot make progress: {len(self.scheduler.waiting)} waiting, "
                                f"{self.block_manager.num_free}/{self.block_manager.num_blocks} blocks free")
-        outs = self.runner.run(batch.decodes, batch.prefills)
+        outs = self.runner.run(batch.decodes, batch.prefills, self.scheduler.load)
         touched = self.scheduler.postprocess(batch.decodes, batch.prefills, outs)
         for seq in touched:
             if seq.finished:

@@ -34,44 +34,54 @@ class ModelRunner:
         self.drafting = False  # whether this step runs MTP (the speculator's policy decides)
 
     # ------------------------------------------------------------------ one step
-    def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]) -> list[SeqOutput]:
+    def run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
+            load: int | None = None) -> list[SeqOutput]:
         """One step: the decodes (absorbed, one forward), then the prefill chunks
-        (decompressed, one forward). Outputs in that order: decodes, then prefills."""
-        self.drafting = self.spec is not None and self.spec.policy.should_draft(len(decodes) + len(prefills))
+        (decompressed, one forward). Outputs in that order: decodes, then prefills.
+        load: the requests the engine holds (`Scheduler.load`), which the speculation
+        policy weighs; default: this step's batch."""
+        if self.spec is not None:
+            self.drafting = self.spec.policy.should_draft(load or len(decodes) + len(prefills))
         outs = self._decode(decodes) if decodes else []
         return outs + (self._prefill(prefills) if prefills else [])
 
     def _prefill(self, items: list[tuple[Sequence, int]]) -> list[SeqOutput]:
         seqs, chunks = [s for s, _ in items], [n for _, n in items]
         starts = [s.num_computed for s in seqs]
-        h = self.forward([s.tokens(st, st + n) for s, st, n in zip(seqs, starts, chunks)], starts,
-                         [s.block_table for s in seqs], absorb=False)
+        h, _ = self._forward([s.tokens(st, st + n) for s, st, n in zip(seqs, starts, chunks)], starts,
+                             [s.block_table for s in seqs], absorb=False)
         last = [b for b, (s, st, n) in enumerate(zip(seqs, starts, chunks)) if st + n == len(s)]
         samples: list[list[Sample]] = [[] for _ in items]  # a prompt whose last chunk ran samples a token
         if last:
             for b, smp in zip(last, self.sample([seqs[b] for b in last],
                                                 self.logits(h[last, [chunks[b] - 1 for b in last]]))):
                 samples[b] = [smp]
-        return self._outputs(seqs, starts, samples, chunks, h, absorb=False)
+        drafts = mtp_from = [None] * len(seqs)
+        if self.drafting:
+            drafts, mtp_from = self.spec.draft_prefill(seqs, starts, chunks, samples, h)
+        return self._outputs(samples, drafts, mtp_from)
 
     def _decode(self, seqs: list[Sequence]) -> list[SeqOutput]:
         starts = [s.num_computed for s in seqs]
         inputs = [[s.last_token] + ([s.draft] if s.draft is not None else []) for s in seqs]
-        h = self.forward(inputs, starts, [s.block_table for s in seqs], absorb=True)
-        samples = [[smp] for smp in self.sample(seqs, self.logits(h[:, 0]))]
-        if self.spec is not None:
-            self.spec.verify(seqs, h, samples)  # an accepted draft adds a second sample
-        # an accepted draft's latents are real: two positions computed
-        return self._outputs(seqs, starts, samples, [len(s) for s in samples], h, absorb=True)
+        h, view = self._forward(inputs, starts, [s.block_table for s in seqs], absorb=True)
+        if h.shape[1] == 1:
+            samples = [[smp] for smp in self.sample(seqs, self.logits(h[:, 0]))]
+        else:  # one head call for both rows; an accepted draft adds a second sample
+            logits = self.logits(h)
+            samples = [[smp] for smp in self.sample(seqs, logits[:, 0])]
+            self.spec.verify(seqs, logits, samples)
+        drafts = mtp_from = [None] * len(seqs)
+        if self.drafting:  # an accepted draft's latents are real: two positions computed
+            drafts, mtp_from = self.spec.draft_decode(seqs, starts, samples, h, view)
+        return self._outputs(samples, drafts, mtp_from)
 
-    def _outputs(self, seqs, starts, samples, num_computed, h, absorb) -> list[SeqOutput]:
-        """With speculation, the next drafts; then one SeqOutput per sequence. A failed
-        sample (non-finite logits) fails its sequence: no token, no draft."""
-        drafts = (self.spec.draft(seqs, starts, samples, h, num_computed, absorb, self.drafting)
-                  if self.spec is not None else [None] * len(seqs))
-        ran = [self.drafting and s.mtp_whole for s in seqs]  # MTP filled its cache for these
-        return [SeqOutput(error=smp[0].error) if smp and smp[0].error is not None else SeqOutput(smp, d, r)
-                for smp, d, r in zip(samples, drafts, ran)]
+    @staticmethod
+    def _outputs(samples, drafts, mtp_from) -> list[SeqOutput]:
+        """One SeqOutput per sequence. A failed sample (non-finite logits) fails its
+        sequence: no token, no draft."""
+        return [SeqOutput(error=smp[0].error) if smp and smp[0].error is not None else SeqOutput(smp, d, f)
+                for smp, d, f in zip(samples, drafts, mtp_from)]
 
     @staticmethod
     def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[Sample]:
@@ -87,29 +97,27 @@ class ModelRunner:
                 absorb: bool) -> torch.Tensor:
         """inputs[b]: new token ids of sequence b, at positions starts[b], starts[b]+1, ...
         Returns the final normed hidden states [B, S, D] (padding rows are junk)."""
+        return self._forward(inputs, starts, block_tables, absorb)[0]
+
+    @torch.inference_mode()
+    def _forward(self, inputs, starts, block_tables, absorb) -> tuple[torch.Tensor, BatchView]:
+        """forward, and the cache view it ran with (MTP reuses a decode's)."""
         view = BatchView(self.cache, block_tables, starts, [len(r) for r in inputs], absorb)
         self.forwards += 1
-        return self.model.hidden(self._pad(inputs), view.positions, view)
+        return self.model.hidden(self._pad(inputs), view.positions, view), view
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [N, D] -> fp32 logits [N, V]."""
+        """h [..., D] -> fp32 logits [..., V]."""
         return self.model.lm_head(h).float()
 
     @torch.inference_mode()
-    def mtp(self, h_prev: list[torch.Tensor], next_ids: list[list[int]], starts: list[int],
-            block_tables: list[list[int]], absorb: bool) -> torch.Tensor:
-        """MTP module 0 over each sequence's rows: h_prev[b] [n_b, D] at positions starts[b]..,
-        next_ids[b] the tokens one further on. Fills the MTP layer's cache; returns fp32
-        logits [B, D] of each sequence's last row (the draft for the token after next)."""
-        q_lens = [len(r) for r in next_ids]
-        S, D = max(q_lens), h_prev[0].shape[-1]
-        h = h_prev[0].new_zeros(len(h_prev), S, D)
-        for b, rows in enumerate(h_prev):
-            h[b, :len(rows)] = rows
-        view = BatchView(self.cache, block_tables, starts, q_lens, absorb)
-        h = self.model.mtp_hidden(0, h, self._pad(next_ids), view.positions, view)
+    def mtp(self, h: torch.Tensor, next_ids: list[list[int]], view: BatchView, last_rows: list[int]) -> torch.Tensor:
+        """MTP module 0 over h [B, S, D] (the main model's final hidden states at
+        view.positions), next_ids [B][S] the tokens one further on. Fills the MTP layer's
+        cache through `view`; returns fp32 logits [B, V] of each sequence's row last_rows[b]
+        (its draft for the token after next)."""
+        out = self.model.mtp_hidden(0, h, self._pad(next_ids), view.positions, view)
         # the shared head runs only on the rows whose draft we keep
-        last = h[torch.arange(len(q_lens), device=h.device), torch.tensor([n - 1 for n in q_lens], device=h.device)]
+        last = out[torch.arange(len(last_rows), device=out.device), torch.tensor(last_rows, device=out.device)]
         return self.model.mtp_logits(0, last).float()
-

@@ -78,6 +78,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def load(self) -> int:
+        """The requests held (running and waiting), capped at max_num_seqs: the batch size
+        the next steps will run, which the speculation policy weighs (spec_policy.py)."""
+        return min(self.max_num_seqs, len(self.running) + len(self.waiting))
+
     def finish(self, seq: Sequence, reason: str | None = None, error: str | None = None) -> None:
         """Drop a finished (or now aborted / failed) sequence and free its blocks."""
         if reason is not None:
@@ -94,7 +100,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free_seq(seq)
-        seq.status, seq.num_computed, seq.draft, seq.mtp_whole = Status.WAITING, 0, None, True
+        seq.status, seq.num_computed, seq.draft, seq.mtp_from = Status.WAITING, 0, None, None
         seq.num_preemptions += 1
         self.num_preemptions += 1
         keys = [s.arrival for s in self.waiting]
@@ -163,7 +169,7 @@ class Scheduler:
                 touched.append(seq)
                 continue
             seq.num_computed += n  # a decode: the pending token, and the draft if it was accepted
-            seq.mtp_whole = seq.mtp_whole and out.mtp_ran
+            seq.mtp_from = out.mtp_from
             for smp in out.samples:
                 self._append(seq, smp)
                 if seq.finished:  # e.g. eos on the first of two tokens: the second is dropped

@@ -43,7 +43,8 @@ class Sequence:
     num_cached_prompt_tokens: int = 0  # prefix-cache hit on (the last) admission
     num_preemptions: int = 0
     draft: int | None = None       # MTP's guess for the token after the pending one
-    mtp_whole: bool = True         # MTP ran over every position computed so far (spec_policy.py)
+    mtp_from: int | None = None    # the MTP layer's cache is whole from this position up to
+    #                                num_computed; None: MTP has not run since a hole (spec_policy.py)
     max_tokens: int = 0            # params.max_tokens, or (None) what the context leaves: set by add()
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
@@ -92,5 +93,5 @@ class SeqOutput:
     samples: list[Sample] = field(default_factory=list)  # none (a prompt chunk that is not the
     #                                  last), one, or two (the MTP draft was accepted)
     draft: int | None = None          # MTP's guess for the token after the last sample
-    mtp_ran: bool = False             # MTP ran over every position this forward computed
+    mtp_from: int | None = None       # the sequence's mtp_from after this forward (None: MTP did not run)
     error: str | None = None          # e.g. non-finite logits: the request fails

@@ -1,11 +1,11 @@
 """MTP speculative decoding (DeepSeek-V3 §2.2, "MTP in inference").
 
 The MTP module k=1 sees the main model's final hidden state h_i and the embedding of
-token i+1, and predicts token i+2. After every step, for each position i the main model
-just processed (whose next token is now known), the runner runs MTP once: that fills the
-MTP layer's own latent cache at i and, at the last position, yields a *draft* for the
-token after the pending one. The next step feeds the main model [pending, draft] at two
-positions (absorbed decode, S = 2):
+token i+1, and predicts token i+2. In a step that drafts, for each position i the main
+model just processed (whose next token is now known), the runner runs MTP once: that
+fills the MTP layer's own latent cache at i and, at the last position, yields a *draft*
+for the token after the pending one. The next step feeds the main model [pending, draft]
+at two positions (absorbed decode, S = 2):
   * its sample at the first position is the real next token t1 (from the target
     distribution, exactly as plain decoding would draw it);
   * if t1 == draft, the second position's logits are the right context for the token
@@ -21,17 +21,18 @@ sampling, so it accepts less often, but it never changes the distribution.
 The second token is sampled whenever the draft is accepted, even if the first one ends
 the request (eos, a stop string): the scheduler's postprocess then drops it. Deciding
 that here would need the stop checks and the text, which the scheduler owns; the only
-cost is one wasted draw from a finished request's generator. MTP then also runs over the
-accepted draft's position, so a finished request's cached blocks carry MTP latents for
-every position it computed.
+cost is one wasted draw from a finished request's generator.
 
-Everything speculative lives here: the draft (`MTPSpeculator.draft`), the verification
-(`MTPSpeculator.verify`) and the counts (`SpecStats`). The runner calls both inside one
-step; the drafts travel to the scheduler in each sequence's `SeqOutput`, never back.
+A decode's MTP pass reuses the verification forward's hidden states and cache view
+(one BatchView per step, no padding copy), and the head runs once over both positions.
+The MTP layer attends only from `Sequence.mtp_from` on (spec_policy.py): its cache is
+trusted only where this request's own unbroken MTP run wrote it, so a step without MTP,
+a prefix-cache hit or a preemption starts a new run instead of reading stale latents.
 
-One caveat worth knowing: with prefix caching, the MTP latent at the last position of a
-shared block was computed with the *original* request's next token; drafts can be a
-little worse after a hit, outputs are not affected (the main model verifies).
+Everything speculative lives here: the drafts (`draft_decode`, `draft_prefill`), the
+verification (`verify`) and the counts (`SpecStats`); the policy (when to draft) is in
+spec_policy.py. The runner calls them inside one step; the drafts travel to the
+scheduler in each sequence's `SeqOutput`, never back.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.engine.cache import BatchView
 from nanoseek.engine.sampling import Sample, sample_batch
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.spec_policy import SpecPolicy
@@ -67,9 +69,10 @@ class MTPSpeculator:
         self.stats = SpecStats()
         self.policy = policy or SpecPolicy()
 
-    def verify(self, seqs: list[Sequence], h: torch.Tensor, samples: list[list[Sample]]) -> None:
-        """After a decode forward over [pending, draft]: each sequence whose first sample
-        equals its draft gets a second sample, from the draft position's logits (h[b, 1])."""
+    def verify(self, seqs: list[Sequence], logits: torch.Tensor, samples: list[list[Sample]]) -> None:
+        """After a decode forward over [pending, draft] (logits [B, S, V]): each sequence
+        whose first sample equals its draft gets a second sample, from the draft position's
+        logits."""
         accepted, drafted = [], self.stats.drafted
         for b, seq in enumerate(seqs):
             if seq.draft is None or samples[b][0].error is not None:
@@ -81,33 +84,55 @@ class MTPSpeculator:
         self.policy.observe(self.stats.drafted - drafted, len(accepted))
         if not accepted:
             return
-        second = sample_batch(self.runner.logits(h[accepted, 1]), [seqs[b].params for b in accepted],
+        second = sample_batch(logits[accepted, 1], [seqs[b].params for b in accepted],
                               [seqs[b].generator for b in accepted])
         for b, smp in zip(accepted, second):
             if smp.error is None:  # a non-finite second row: keep the first token only (a reject)
                 samples[b].append(smp)
 
-    def draft(self, seqs: list[Sequence], starts: list[int], samples: list[list[Sample]], h: torch.Tensor,
-              num_computed: list[int], absorb: bool, active: bool = True) -> list[int | None]:
-        """Run MTP over the positions each sequence just computed whose next token is now
-        known (it fills the MTP layer's cache there); the last one's guess is the sequence's
-        draft. num_computed[b]: positions from starts[b] this forward made real. Only when
-        the policy let this step draft (`active`), and only for sequences whose MTP cache
-        is whole (spec_policy.py); the others get None and run no MTP."""
-        rows, h_prev, next_ids = [], [], []
-        for b, (seq, st, smp) in enumerate(zip(seqs, starts, samples)):
-            if not active or not seq.mtp_whole or (smp and smp[0].error is not None):
-                continue  # (a failed request drafts nothing)
-            new = [s.token for s in smp]
-            n = min(num_computed[b], len(seq) + len(new) - 1 - st)  # rows with a known next token
-            known = seq.tokens(st + 1, min(st + 1 + n, len(seq)))
+    def draft_decode(self, seqs: list[Sequence], starts: list[int], samples: list[list[Sample]],
+                     h: torch.Tensor, view) -> tuple[list[int | None], list[int | None]]:
+        """MTP over every row of a decode forward, reusing its hidden states h [B, S, D] and
+        its cache view: a row's next token is its sample; a rejected draft's row gets a
+        junk one (its latent lands in the rolled-back slot, which the next step rewrites).
+        Each sequence's draft comes from its last sampled row. Returns (drafts, mtp_from)."""
+        S = h.shape[1]
+        next_ids = [[max(t.token, 0) for t in smp] + [0] * (S - len(smp)) for smp in samples]
+        first = [st if s.mtp_from is None else s.mtp_from for s, st in zip(seqs, starts)]
+        if any(first):
+            view = view.keys_from(first)
+        logits = self.runner.mtp(h, next_ids, view, [len(smp) - 1 for smp in samples])
+        ok = [smp[0].error is None for smp in samples]  # (a failed request drafts nothing)
+        return ([d if k else None for d, k in zip(logits.argmax(-1).tolist(), ok)],
+                [f if k else None for f, k in zip(first, ok)])
+
+    def draft_prefill(self, seqs: list[Sequence], starts: list[int], chunks: list[int],
+                      samples: list[list[Sample]], h: torch.Tensor) -> tuple[list[int | None], list[int | None]]:
+        """MTP over the last `prefill_window` positions of each prompt whose last chunk just
+        ran (the positions whose next token is now known), starting a new MTP run there;
+        a chunk that samples nothing runs no MTP. Returns (drafts, mtp_from)."""
+        W = self.policy.prefill_window
+        rows, h_prev, next_ids, first = [], [], [], []
+        for b, (seq, st, n, smp) in enumerate(zip(seqs, starts, chunks, samples)):
+            if not smp or smp[0].error is not None:
+                continue
+            lo = max(st, st + n - W)
             rows.append(b)
-            h_prev.append(h[b, :n])
-            next_ids.append(known + new[:n - len(known)])
+            h_prev.append(h[b, lo - st:n])
+            next_ids.append(seq.tokens(lo + 1, st + n) + [smp[0].token])
+            first.append(lo)
         drafts: list[int | None] = [None] * len(seqs)
-        if rows:
-            logits = self.runner.mtp(h_prev, next_ids, [starts[b] for b in rows],
-                                     [seqs[b].block_table for b in rows], absorb)
-            for b, d in zip(rows, logits.argmax(-1).tolist()):
-                drafts[b] = d
-        return drafts
+        mtp_from: list[int | None] = [None] * len(seqs)
+        if not rows:
+            return drafts, mtp_from
+        S = max(len(r) for r in next_ids)
+        h_pad = h.new_zeros(len(rows), S, h.shape[-1])
+        for i, x in enumerate(h_prev):
+            h_pad[i, :len(x)] = x
+        view = BatchView(self.runner.cache, [seqs[b].block_table for b in rows], first,
+                         [len(r) for r in next_ids], absorb=True).keys_from(first)
+        logits = self.runner.mtp(h_pad, [r + [0] * (S - len(r)) for r in next_ids], view,
+                                 [len(r) - 1 for r in next_ids])
+        for b, lo, d in zip(rows, first, logits.argmax(-1).tolist()):
+            drafts[b], mtp_from[b] = d, lo
+        return drafts, mtp_from
