@@ -26,8 +26,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+# pretraining (runs/speedrun), then SFT -> GRPO -> held-out evaluation from it (runs/speedrun-rl);
+# a rerun replaces the previous speedruns (only their own files)
 speedrun: $(STAMP)
-	$(VENV)/bin/nanoseek speedrun --overwrite  # a rerun replaces the previous speedrun (only its own files)
+	$(VENV)/bin/nanoseek speedrun --overwrite
+	$(VENV)/bin/nanoseek speedrun-rl --base runs/speedrun --overwrite
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -123,7 +123,7 @@ def test_reduced_precision_options_train(tmp_path, precision):
 
 
 def test_time_limit_stops_and_decays(tmp_path):
-    tr = _trainer(tmp_path, max_steps=10_000, time_limit=1.0)
+    tr = _trainer(tmp_path, max_steps=10_000, time_limit=1.0, warmup_steps=0)
     tr.elapsed = 0.9  # as if 90 % of the time budget were gone after 0 steps
     s = tr.fit()
     assert s["stopped_early"] and s["steps"] < 10_000
