@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_speedrun_rl_runs_every_stage_and_reports_before_and_after(tmp_path):
     base = make_init(tmp_path / "base")
     lines = []
-    path = speedrun_rl("rl", tmp_path / "runs", base=base, sft_minutes=0.02, grpo_minutes=0.02,
+    path = speedrun_rl("rl", tmp_path / "runs", base=base, sft_minutes=0.02, grpo_steps=2,
                        eval_n=6, stage_eval_n=4, log=lines.append)
     out = tmp_path / "runs" / "rl"
     result = json.loads((out / "result.json").read_text())

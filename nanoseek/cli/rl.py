@@ -71,8 +71,9 @@ def speedrun_rl(
         root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
         base: Optional[Path] = typer.Option(None, help="a pretrained checkpoint (e.g. runs/speedrun) instead of pretraining"),
         pretrain_minutes: float = typer.Option(3.0, help="pretraining budget (without --base)"),
-        sft_minutes: float = typer.Option(4.0, help="SFT budget (it stops earlier at --threshold)"),
-        grpo_minutes: float = typer.Option(5.0, help="GRPO budget"),
+        sft_minutes: float = typer.Option(8.0, help="SFT budget (it stops earlier at --threshold)"),
+        grpo_steps: int = typer.Option(50, min=1, help="GRPO steps (16 prompts x 8 completions each)"),
+        grpo_minutes: float = typer.Option(5.0, help="GRPO time budget (it stops earlier after --grpo-steps)"),
         threshold: float = typer.Option(0.3, help="held-out accuracy at which SFT hands over to GRPO"),
         eval_n: int = typer.Option(400, help="held-out problems of the before/after evaluation"),
         threads: int = typer.Option(1, min=1, help="torch threads for SFT and GRPO (1 suits a shared machine)"),
@@ -81,8 +82,8 @@ def speedrun_rl(
     evaluation of both on the same problems -> report with reward/accuracy curves and a
     before/after table. From --base (e.g. runs/speedrun), or pretraining first."""
     from nanoseek.speedrun_rl import speedrun_rl as run
-    run(name, root, base, pretrain_minutes, sft_minutes, grpo_minutes, threshold, eval_n, threads,
-        overwrite, log=typer.echo)
+    run(name, root, base, pretrain_minutes, sft_minutes, grpo_steps, grpo_minutes, threshold, eval_n,
+        threads, overwrite, log=typer.echo)
 
 
 def register(app: typer.Typer) -> None:
