@@ -42,7 +42,6 @@ class RLConfig:
     mask_truncated_completions: bool = False  # completions without eos teach nothing
     drop_equal_groups: bool = False       # drop groups whose G rewards are all equal
     eval_n: int = 200                     # held-out problems per evaluation (greedy)
-    router_bias_update: bool = True       # the MoE's aux-loss-free bias update on rollout tokens
     gamma: float = 1.0                    # PPO: discount
     lam: float = 0.95                     # PPO: GAE λ
     vf_coef: float = 0.5                  # PPO: value-loss weight

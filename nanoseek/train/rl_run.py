@@ -81,8 +81,7 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
     trainer = RLTrainer(stage, model, cfg.train, out_dir, next_batch=stage.next_batch,
                         loss_fn=stage.loss_fn, count_targets=stage.count_targets,
                         evaluate=stage.evaluate, on_checkpoint=on_checkpoint,
-                        tokens_in=stage.tokens_in, progress=progress, parallel=par,
-                        update_router_biases=cfg.router_bias_update)
+                        tokens_in=stage.tokens_in, progress=progress, parallel=par)
     return trainer, stage
 
 
