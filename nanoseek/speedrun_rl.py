@@ -94,6 +94,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
     out = Path(root) / name
     prepare_dir(out, overwrite)
     task = load_task("arithmetic", **RL_TASK)
+    given_base = base is not None
     if base is None:
         log(f"[1/5] tokenizer + pretraining ({pretrain_minutes:g} min)")
         speedrun("pretrain", out, minutes=pretrain_minutes, progress=False, log=lambda *a: None)
@@ -112,7 +113,8 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
     total = time.perf_counter() - t_start
     gain = 100 * (after["accuracy"] - before["accuracy"])
     log(f"      accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} ({gain:+.1f} points)")
-    path = report(out, base, sft, grpo, before, after, eval_n, total, threshold)
+    pretrain_s = pretraining_seconds(Path(base)) if given_base else None
+    path = report(out, base, sft, grpo, before, after, eval_n, total, threshold, pretrain_s)
     (out / "result.json").write_text(json.dumps(
         {"before": before, "after": after, "gain_points": gain, "seconds": total, "sft": sft,
          "grpo": grpo, "base": str(base)}, indent=2, default=str))
@@ -121,7 +123,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
 
 
 def report(out: Path, base, sft: dict, grpo: dict, before: dict, after: dict, eval_n: int,
-           total: float, threshold: float) -> Path:
+           total: float, threshold: float, pretrain_s: float | None) -> Path:
     from nanoseek.rl_report import write_rl_report
     pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
     extra = {"task": f"arithmetic {RL_TASK} (column-by-column demonstrations, R1 answer format)",
@@ -130,7 +132,10 @@ def report(out: Path, base, sft: dict, grpo: dict, before: dict, after: dict, ev
                     f"{'at the ' + pct(threshold) + ' threshold' if sft['reached'] else 'by its time budget'}"
                     f" (held-out accuracy {pct(sft['accuracy'])})",
              "GRPO": f"{grpo['steps']} steps in {grpo['elapsed']:.0f} s",
-             "wall time, all stages (s)": f"{total:.0f}"}
+             "wall time of these stages (s)": f"{total:.0f}"}
+    if pretrain_s is not None:  # a --base speedrun: its own time, then these stages
+        extra["wall time with the pretraining speedrun before it (s)"] = \
+            f"{pretrain_s + total:.0f} ({pretrain_s:.0f} + {total:.0f})"
     table = ["| held-out, greedy, same problems | SFT (start) | after GRPO | change |",
              "|---|---|---|---|",
              f"| accuracy ({eval_n} problems) | {pct(before['accuracy'])} | {pct(after['accuracy'])} | "
@@ -144,6 +149,15 @@ def report(out: Path, base, sft: dict, grpo: dict, before: dict, after: dict, ev
              "Labels exist for this task: continuing SFT is the efficient choice; GRPO is run "
              "to show its effect from an SFT starting point, measured on the same problems."]
     return write_rl_report(out, {"GRPO": out / "grpo"}, "nanoseek RL speedrun", extra, notes, table)
+
+
+def pretraining_seconds(base: Path) -> float | None:
+    """The wall time a pretraining speedrun recorded in its run.json, if `base` is one."""
+    try:
+        extra = json.loads((base / "run.json").read_text()).get("report_extra") or {}
+        return float(extra["speedrun wall time, all stages (s)"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _metrics(run_dir: Path) -> list[dict]:
