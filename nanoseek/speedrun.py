@@ -3,7 +3,8 @@ CPU, in minutes: tokenizer -> pretraining -> evaluation of the saved checkpoint 
 
 Training runs for `max_steps` or `minutes`, whichever ends first (the learning-rate
 schedule follows whichever is further along, so a slow or shared machine still gets a
-fully decayed run). The post-training stages (SFT, GRPO) are to be added after step 2.
+fully decayed run). `make speedrun` follows it with the RL stages (speedrun_rl.py: SFT,
+GRPO, held-out evaluation) from its checkpoint.
 """
 
 from __future__ import annotations
