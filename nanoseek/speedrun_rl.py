@@ -31,9 +31,7 @@ def prepare_dir(out: Path, overwrite: bool) -> None:
         raise RunError(f"{out} is a file; choose another --name")
     names = entries(out) if out.exists() else []
     if names:
-        run = out / "run.json"
-        ours = run.exists() and json.loads(run.read_text() or "{}").get("nanoseek") == "speedrun-rl"
-        if not ours:
+        if not is_rl_speedrun(out):
             raise RunError(f"{out} exists and is not an RL speedrun (it holds {listing(names)}); "
                            "choose another --name")
         if not overwrite:
@@ -44,6 +42,13 @@ def prepare_dir(out: Path, overwrite: bool) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(MARKER))
+
+
+def is_rl_speedrun(out: Path) -> bool:
+    try:
+        return json.loads((out / "run.json").read_text()).get("nanoseek") == "speedrun-rl"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: int, log) -> dict:
