@@ -62,6 +62,26 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     assert torch.allclose(counts.float() / 4000, expected, atol=0.03)
 
 
+def test_batched_draw_equals_each_row_alone_and_skips_empty_intervals():
+    """sample_batch draws every row at once (grouped by params); each row must get what it
+    gets alone from the same generator state, and a zero-probability token never comes."""
+    from nanoseek.engine.sampling import sample_batch
+    from nanoseek.sampling import inverse_cdf
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(temperature=t, top_k=k, logprobs=lp)
+              for t, k, lp in ((1.0, 0, None), (0.7, 5, 0), (1.0, 0, 2), (0.0, 0, 1), (0.7, 5, None), (1.3, 0, 0))]
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    alone = [sample_token(logits[i], params[i], torch.Generator().manual_seed(i)) for i in range(6)]
+    together = sample_batch(logits, params, gens)
+    assert [(s.token, s.logprob, s.top_logprobs) for s in together] == \
+        [(s.token, s.logprob, s.top_logprobs) for s in alone]
+    assert together[3].token == int(logits[3].argmax()) and len(together[2].top_logprobs) in (2, 3)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(3, -1)
+    edges = torch.tensor([0.0, 0.5 - 1e-12, 1 - 2 ** -53], dtype=torch.float64)
+    assert inverse_cdf(probs, edges).tolist() == [1, 1, 3]
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(model):
     load = prompts(5, seed=3)
     llm = LLM(model, kv_cache_memory=2**22, speculative=False)

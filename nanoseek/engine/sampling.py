@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from nanoseek.sampling import filter_logits, is_greedy, sample_logits
+from nanoseek.sampling import filter_logits, inverse_cdf, is_greedy, uniforms
 
 
 @dataclass
@@ -97,29 +97,54 @@ class Sample:
 
 def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> Sample:
     """logits [V] -> one Sample under the request's params."""
-    logits = logits.float()
-    token = int(sample_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p, generator))
-    if p.logprobs is None:
-        return Sample(token)
-    logp = logits.log_softmax(-1)
-    top = {}
-    if p.logprobs:
-        vals, idx = logp.topk(min(p.logprobs, logp.shape[-1]))
-        top = dict(zip(idx.tolist(), vals.tolist()))
-    top[token] = float(logp[token])
-    return Sample(token, float(logp[token]), top)
+    return sample_batch(logits[None], [p], [generator])[0]
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[Sample]:
-    """logits [N, V] -> N samples. Greedy rows without logprobs take one batched argmax;
-    a row with a NaN or inf logit gets an error Sample instead of a token."""
+    """logits [N, V] -> N samples, batched: one argmax for the greedy rows, one filter and
+    softmax per distinct (temperature, top_k, top_p, min_p), one inverse-CDF draw
+    (nanoseek.sampling.inverse_cdf) from one uniform per row by its own generator, one log_softmax
+    for the rows that want log-probs. A row with a NaN or inf logit gets an error Sample."""
     finite = torch.isfinite(logits).all(-1).tolist()
-    fast = [p.greedy and p.logprobs is None for p in params]
-    argmax = logits.argmax(-1).tolist() if any(fast) else None
-    return [Sample(-1, error=non_finite_error(logits[i])) if not finite[i]
-            else Sample(argmax[i]) if fast[i] else sample_token(logits[i], params[i], generators[i])
-            for i in range(len(params))]
+    rows = [i for i in range(len(params)) if finite[i]]
+    tokens = [-1] * len(params)
+    greedy = [i for i in rows if params[i].greedy]
+    if greedy:
+        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+            tokens[i] = t
+    groups: dict[tuple, list[int]] = {}
+    for i in rows:
+        if not params[i].greedy:
+            p = params[i]
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+    for (temperature, top_k, top_p, min_p), idx in groups.items():
+        probs = filter_logits(logits[idx].float(), temperature, top_k, top_p, min_p).softmax(-1)
+        u = uniforms([generators[i] for i in idx], probs.device)
+        for i, t in zip(idx, inverse_cdf(probs, u).tolist()):
+            tokens[i] = t
+    samples = [Sample(tokens[i]) if finite[i] else Sample(-1, error=non_finite_error(logits[i]))
+               for i in range(len(params))]
+    want = [i for i in rows if params[i].logprobs is not None]
+    if want:
+        add_logprobs(samples, logits[want].float().log_softmax(-1), [params[i] for i in want], want)
+    return samples
+
+
+def add_logprobs(samples: list[Sample], logp: torch.Tensor, params: list[SamplingParams],
+                 idx: list[int]) -> None:
+    """Raw log-probs [len(idx), V] onto samples[idx]: the sampled token's, and the top n."""
+    chosen = logp.gather(1, torch.tensor([samples[i].token for i in idx], device=logp.device)[:, None])
+    n = max(p.logprobs for p in params)
+    top_vals, top_idx = logp.topk(min(n, logp.shape[-1]), dim=-1) if n else (None, None)
+    for j, (i, p) in enumerate(zip(idx, params)):
+        s = samples[i]
+        top = {}
+        if p.logprobs:
+            top = dict(zip(top_idx[j, :p.logprobs].tolist(), top_vals[j, :p.logprobs].tolist()))
+        s.logprob = float(chosen[j, 0])
+        top[s.token] = s.logprob
+        s.top_logprobs = top
 
 
 def non_finite_error(row: torch.Tensor) -> str:

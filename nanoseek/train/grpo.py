@@ -43,6 +43,7 @@ from nanoseek.train.rl_objectives import (clipped_surrogate, equal_reward_groups
                                           group_advantages, k3_kl, normalise)
 from nanoseek.train.rollout import (Rollouts, pack, sample_rollouts, spread, stats_of,
                                     token_logprobs)
+from nanoseek.train.shared_prefix import pack_shared_prefix, shared_prefix_logprobs
 
 
 def peak_rss_mb() -> float:
@@ -123,16 +124,24 @@ class RLStage:
 
     @torch.no_grad()
     def make_micro(self, ro: Rollouts, adv: torch.Tensor, idx: list[int]) -> dict:
-        inputs, targets, mask = pack([ro.prompt_ids[i] for i in idx],
-                                     [ro.completion_ids[i] for i in idx], self.pad_id, self.device)
+        """One micro-batch. GRPO packs each group's prompt once (shared_prefix.py: its
+        log-probs are per completion token, [N, longest completion]); PPO's critic reads
+        every position, so PPO keeps the padded rows (rollout.pack)."""
+        prompts, completions = [ro.prompt_ids[i] for i in idx], [ro.completion_ids[i] for i in idx]
+        if self.cfg.algo == "grpo":
+            packed = pack_shared_prefix(prompts, completions, self.pad_id, self.device)
+            batch, mask = {"packed": packed}, packed.mask.clone()
+        else:
+            inputs, targets, mask = pack(prompts, completions, self.pad_id, self.device)
+            batch = {"inputs": inputs, "targets": targets}
         if self.cfg.mask_truncated_completions:
             mask &= ~torch.tensor([ro.truncated[i] for i in idx], device=self.device).unsqueeze(1)
-        batch = {"inputs": inputs, "targets": targets, "mask": mask, "advantages": adv[idx].to(self.device),
-                 "rewards": ro.rewards[idx].to(self.device),
-                 "engine_logp": spread([ro.engine_logp[i] for i in idx], mask), "old_logp": None,
-                 "ref_logp": None}
+        batch.update({"mask": mask, "advantages": adv[idx].to(self.device),
+                      "rewards": ro.rewards[idx].to(self.device),
+                      "engine_logp": spread([ro.engine_logp[i] for i in idx], mask), "old_logp": None,
+                      "ref_logp": None})
         if self.ref is not None and self.cfg.beta > 0:
-            batch["ref_logp"] = token_logprobs(self.ref, inputs, targets, self.cfg.temperature)
+            batch["ref_logp"] = policy_logprobs(self.ref, batch, self.cfg.temperature)
         return batch
 
     # ---------------------------------------------------------------------- loss
@@ -167,7 +176,7 @@ class RLStage:
 def grpo_loss(cfg: RLConfig, policy, batch: dict, count: torch.Tensor, max_len: int):
     """This micro-batch's share of the step's GRPO loss, and its shares of the logged values."""
     mask = batch["mask"]
-    logp = token_logprobs(policy, batch["inputs"], batch["targets"], cfg.temperature)
+    logp = policy_logprobs(policy, batch, cfg.temperature)
     first_pass = batch["old_logp"] is None
     if first_pass:
         batch["old_logp"] = logp.detach()  # the sampling weights' log-probs (see the docstring)
@@ -186,6 +195,13 @@ def grpo_loss(cfg: RLConfig, policy, batch: dict, count: torch.Tensor, max_len: 
         logs["logp_mismatch"] = ((logp.detach() - batch["engine_logp"]).abs() * m).sum() / tokens
     loss = normalise(per_token, mask, cfg.loss_type, count[0], count[1], max_len)
     return loss, {**logs, **batch.get("stats", {})}
+
+
+def policy_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
+    """Per-token log-probs in the micro-batch's own layout (packed groups or padded rows)."""
+    if "packed" in batch:
+        return shared_prefix_logprobs(model, batch["packed"], temperature)
+    return token_logprobs(model, batch["inputs"], batch["targets"], temperature)
 
 
 class RLTrainer(Trainer):
