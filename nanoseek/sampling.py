@@ -45,22 +45,23 @@ def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float(), temperature, top_k or 0, top_p, min_p).softmax(-1)
     flat = probs.reshape(-1, probs.shape[-1])
-    u = torch.rand(flat.shape[0], dtype=torch.float64, generator=generator, device=flat.device)
+    u = torch.rand(flat.shape[0], generator=generator, device=flat.device)
     return inverse_cdf(flat, u).view(probs.shape[:-1])
 
 
 def uniforms(generators: list, device) -> torch.Tensor:
-    """One U[0, 1) draw per row, each from its row's generator (float64), so a seeded
-    request's token does not depend on the batch it was sampled in."""
-    return torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=device) for g in generators])
+    """One U[0, 1) draw per row, each from its row's generator, so a seeded request's token
+    does not depend on the batch it was sampled in."""
+    return torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """probs [N, V], u [N] in [0, 1) -> the token whose cumulative-probability interval holds
     u: a draw from each row (as multinomial), batched, from one random number per row (the
     per-row generator calls are what cost; a whole row of noise costs ~100 µs on a CPU).
-    In float64: u < 1 keeps the point below the total, so a zero-probability token (an
-    empty interval) is never chosen."""
-    cdf = probs.double().cumsum(-1)
-    point = u[:, None] * cdf[:, -1:]
+    The point stays strictly below the row's total, so a zero-probability token (an empty
+    interval: the cumulative sum does not move) is never chosen."""
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    point = torch.minimum(u.float()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, point, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)

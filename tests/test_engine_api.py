@@ -78,8 +78,11 @@ def test_batched_draw_equals_each_row_alone_and_skips_empty_intervals():
         [(s.token, s.logprob, s.top_logprobs) for s in alone]
     assert together[3].token == int(logits[3].argmax()) and len(together[2].top_logprobs) in (2, 3)
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(3, -1)
-    edges = torch.tensor([0.0, 0.5 - 1e-12, 1 - 2 ** -53], dtype=torch.float64)
+    edges = torch.tensor([0.0, 0.5 - 1e-7, 1 - 2 ** -24])
     assert inverse_cdf(probs, edges).tolist() == [1, 1, 3]
+    from nanoseek.engine.sampling import finite_rows
+    rows = torch.tensor([[3e38, 3e38, 0.0], [1.0, float("nan"), 0.0], [0.0, float("-inf"), 1.0], [1.0, 2.0, 3.0]])
+    assert finite_rows(rows) == [True, False, False, True]  # the first row's sum overflows
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(model):
