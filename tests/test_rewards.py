@@ -121,3 +121,13 @@ def test_pass_at_k_matches_brute_force(n, c, k):
 def test_pass_at_k_checks_its_arguments():
     with pytest.raises(ValueError, match="k <= n"):
         pass_at_k(3, 1, 4)
+
+
+def test_integer_fast_path_agrees_with_math_verify():
+    """Integers on both sides skip math-verify's sympy parse; the verdict must not change."""
+    from math_verify import parse, verify
+    from nanoseek.train.rewards import math_equal
+    pairs = [("7", "7"), ("007", "7"), ("+7", "7"), ("-0", "0"), ("12", "13"), ("-7", "7"),
+             ("123456789", "123456789"), ("99", "-99")]
+    for given, expected in pairs:
+        assert math_equal(given, expected) == bool(verify(parse(expected), parse(given))), (given, expected)

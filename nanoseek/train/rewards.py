@@ -37,6 +37,7 @@ from nanoseek.special_tokens import END_THINK, EOS, THINK
 ANSWER, END_ANSWER = "<answer>", "</answer>"
 MAX_ANSWER_CHARS = 200  # longer answers are not parsed (math-verify on huge input is slow)
 _NUMBER = re.compile(r"[-+]?(\d[\d,]*(\.\d+)?|\.\d+)(\s*/\s*\d+)?|[-+]?\\frac\{\d+\}\{\d+\}")
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits; a leading "+" is left to math-verify (it reads none)
 _R1 = re.compile(rf"{THINK}(?P<think>.*){END_THINK}\s*{ANSWER}(?P<answer>.*){END_ANSWER}",
                  re.DOTALL)
 
@@ -94,6 +95,8 @@ def math_equal(given: str, expected: str) -> bool:
     from math_verify import parse, verify
     if len(given) > MAX_ANSWER_CHARS:
         return False
+    if _INTEGER.fullmatch(given) and _INTEGER.fullmatch(expected):
+        return int(given) == int(expected)  # exact, and ~1 ms less per answer than a sympy parse
     # math-verify times out with signal.alarm, which only the main thread may use.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     try:

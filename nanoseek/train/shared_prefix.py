@@ -125,9 +125,9 @@ def shared_prefix_logprobs(model, batch: SharedPrefixBatch, temperature: float =
     """log π(completion token j | prompt, completion[:j]) as [N, T] (0 past a completion),
     the same numbers rollout.token_logprobs gives over the padded layout."""
     h = model.hidden(batch.inputs, batch.positions, SharedPrefixMask(batch.attn_mask))
-    logits = model.lm_head(h[batch.rows, batch.cols]).float()  # [N, T, V]: completion tokens only
+    where = batch.mask.flatten().nonzero().flatten()  # completion tokens only: no padding
+    logits = model.lm_head(h[batch.rows.flatten()[where], batch.cols.flatten()[where]]).float()
     if temperature != 1.0:
         logits = logits / temperature
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(),
-                                            ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll.view(batch.targets.shape)
+    logp = -torch.nn.functional.cross_entropy(logits, batch.targets.flatten()[where], reduction="none")
+    return logp.new_zeros(batch.mask.numel()).index_copy(0, where, logp).view(batch.mask.shape)
