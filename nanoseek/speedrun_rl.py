@@ -51,7 +51,8 @@ def is_rl_speedrun(out: Path) -> bool:
         return False
 
 
-def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: int, log) -> dict:
+def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: int, log,
+              adapt_threads: bool = False) -> dict:
     """SFT on the task's demonstrations, evaluated every 10 steps on `eval_n` held-out
     problems, stopped at `threshold` accuracy (or the time budget)."""
     from nanoseek.train.sft import SFTConfig, sft, sft_train_config
@@ -60,7 +61,7 @@ def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: i
                     train=sft_train_config(max_steps=2000, batch_size=16, seq_len=256, lr=2e-3,
                                            warmup_steps=20, schedule="constant", eval_every=10,
                                            save_every=0, time_limit=minutes * 60))
-    run = sft(out, cfg, progress=False, log=lambda *a: None)
+    run = sft(out, cfg, progress=False, log=lambda *a: None, adapt_threads=adapt_threads)
     evals = [r for r in _metrics(out) if r.get("kind") == "eval"]
     acc = evals[-1]["accuracy"] if evals else 0.0
     log(f"      SFT stopped at step {run['summary']['steps']}: held-out accuracy {acc:.3f} "
@@ -69,7 +70,8 @@ def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: i
             "reached": run["summary"]["target_reached"]}
 
 
-def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int) -> dict:
+def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int,
+               adapt_threads: bool = False) -> dict:
     """GRPO: 32 prompts x G=8 per step, lr 2e-4 after 10 warm-up steps, k3 KL (beta 0.02).
     Measured from a 38 % SFT checkpoint (README): lr 2e-4 gained, 3e-4 gained less, and
     5e-4 (or 3e-4 with 8 prompts a step) collapsed within 20-30 steps; at 16 prompts a step
@@ -81,16 +83,17 @@ def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int
                    train=rl_train_config(max_steps=steps, batch_size=32, lr=2e-4, warmup_steps=10,
                                          eval_every=10, save_every=20, time_limit=minutes * 60),
                    num_generations=8, beta=0.02, eval_n=eval_n, max_completion_length=64)
-    return rl(out, cfg, progress=False, log=lambda *a: None)["summary"]
+    return rl(out, cfg, progress=False, log=lambda *a: None, adapt_threads=adapt_threads)["summary"]
 
 
 def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str | Path | None = None,
                 pretrain_minutes: float = 3.0, sft_minutes: float = 8.0, grpo_steps: int = 50,
                 grpo_minutes: float = 7.0,
-                threshold: float = 0.3, eval_n: int = 400, threads: int = 1, overwrite: bool = False,
+                threshold: float = 0.3, eval_n: int = 400, threads: int = 0, overwrite: bool = False,
                 log=print, stage_eval_n: int = 200) -> Path:
     """Every stage; returns the report's path. `base`: a pretrained checkpoint to start
-    from (e.g. runs/speedrun) instead of pretraining here. `threads` for SFT and GRPO.
+    from (e.g. runs/speedrun) instead of pretraining here. `threads` for SFT and GRPO: 0 =
+    adaptive (all cores, one when that is faster on a crowded machine: train/threads.py).
     `stage_eval_n`: held-out problems of the evaluations inside SFT and GRPO."""
     import torch
     from nanoseek.data.tasks import load_task
@@ -108,12 +111,17 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
         base = out / "pretrain"
     else:
         log(f"[1/5] pretrained checkpoint: {base}")
-    torch.set_num_threads(threads)
+    adapt = threads == 0
+    if adapt:
+        from nanoseek.train.pretrain import setup_threads
+        setup_threads()
+    else:
+        torch.set_num_threads(threads)
     log(f"[2/5] SFT on {RL_TASK} demonstrations until held-out accuracy >= {threshold:.0%} "
         f"(at most {sft_minutes:g} min)")
-    sft = sft_stage(Path(base), out / "sft", threshold, sft_minutes, stage_eval_n, log)
+    sft = sft_stage(Path(base), out / "sft", threshold, sft_minutes, stage_eval_n, log, adapt)
     log(f"[3/5] GRPO from the SFT checkpoint: {grpo_steps} steps (at most {grpo_minutes:g} min)")
-    grpo = grpo_stage(out / "sft", out / "grpo", grpo_steps, grpo_minutes, stage_eval_n)
+    grpo = grpo_stage(out / "sft", out / "grpo", grpo_steps, grpo_minutes, stage_eval_n, adapt)
     log(f"[4/5] held-out evaluation: {eval_n} problems, greedy, SFT vs GRPO")
     before = evaluate_task(out / "sft", task, n=eval_n, k=0, seed=1)
     after = evaluate_task(out / "grpo", task, n=eval_n, k=0, seed=1)
@@ -121,7 +129,8 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
     gain = 100 * (after["accuracy"] - before["accuracy"])
     log(f"      accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} ({gain:+.1f} points)")
     pretrain_s = pretraining_seconds(Path(base)) if given_base else None
-    path = report(out, base, sft, grpo, before, after, eval_n, total, threshold, pretrain_s)
+    path = report(out, base, sft, grpo, before, after, eval_n, total, threshold, pretrain_s,
+                  "adaptive (all cores, or one when faster)" if adapt else str(threads))
     (out / "result.json").write_text(json.dumps(
         {"before": before, "after": after, "gain_points": gain, "seconds": total, "sft": sft,
          "grpo": grpo, "base": str(base)}, indent=2, default=str))
@@ -130,7 +139,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
 
 
 def report(out: Path, base, sft: dict, grpo: dict, before: dict, after: dict, eval_n: int,
-           total: float, threshold: float, pretrain_s: float | None) -> Path:
+           total: float, threshold: float, pretrain_s: float | None, threads: str = "") -> Path:
     from nanoseek.rl_report import write_rl_report
     pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
     extra = {"task": f"arithmetic {RL_TASK} (column-by-column demonstrations, R1 answer format)",
@@ -139,6 +148,7 @@ def report(out: Path, base, sft: dict, grpo: dict, before: dict, after: dict, ev
                     f"{'at the ' + pct(threshold) + ' threshold' if sft['reached'] else 'by its time budget'}"
                     f" (held-out accuracy {pct(sft['accuracy'])})",
              "GRPO": f"{grpo['steps']} steps in {grpo['elapsed']:.0f} s",
+             "torch threads (SFT, GRPO)": threads,
              "wall time of these stages (s)": f"{total:.0f}"}
     if pretrain_s is not None:  # a --base speedrun: its own time, then these stages
         extra["wall time with the pretraining speedrun before it (s)"] = \

@@ -76,7 +76,7 @@ def speedrun_rl(
         grpo_minutes: float = typer.Option(7.0, help="GRPO time budget (it stops earlier after --grpo-steps)"),
         threshold: float = typer.Option(0.3, help="held-out accuracy at which SFT hands over to GRPO"),
         eval_n: int = typer.Option(400, help="held-out problems of the before/after evaluation"),
-        threads: int = typer.Option(1, min=1, help="torch threads for SFT and GRPO (1 suits a shared machine)"),
+        threads: int = typer.Option(0, min=0, help="torch threads for SFT and GRPO (0 = adaptive: all cores, one when a crowded machine makes that faster)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace the RL speedrun in runs/NAME (deletes only its own files)")):
     """SFT on 2-digit addition until a held-out accuracy threshold -> GRPO -> held-out
     evaluation of both on the same problems -> report with reward/accuracy curves and a

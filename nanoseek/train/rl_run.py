@@ -52,7 +52,8 @@ def data_parallel(policy, cfg: RLConfig, layout, device):
                           cfg.train.batch_size, "RL option 'batch_size' (prompts per step)")
 
 
-def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None, parallel=None):
+def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None, parallel=None,
+          adapt_threads: bool = False):
     """(trainer, stage) for `cfg`: the policy from cfg.init, a frozen reference copy when
     beta > 0, a critic for PPO, the engine over the live policy. rank_device: this rank's
     device under torchrun (None: one process); parallel: its ParallelConfig."""
@@ -81,22 +82,25 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
     trainer = RLTrainer(stage, model, cfg.train, out_dir, next_batch=stage.next_batch,
                         loss_fn=stage.loss_fn, count_targets=stage.count_targets,
                         evaluate=stage.evaluate, on_checkpoint=on_checkpoint,
-                        tokens_in=stage.tokens_in, progress=progress, parallel=par)
+                        tokens_in=stage.tokens_in, progress=progress, parallel=par,
+                        adapt_threads=adapt_threads)
     return trainer, stage
 
 
 def rl(out_dir: str | Path, cfg: RLConfig, resume: bool = False, progress: bool = True,
-       log=print, parallel=None) -> dict:
+       log=print, parallel=None, adapt_threads: bool = False) -> dict:
     """Run (or resume) an RL run; returns run.json's content. Under torchrun every rank
-    runs it (parallel: a nanoseek.parallel.ParallelConfig, DP only) and rank 0 writes."""
+    runs it (parallel: a nanoseek.parallel.ParallelConfig, DP only) and rank 0 writes.
+    adapt_threads: switch between all cores and one while training (threads.py)."""
     from nanoseek.parallel import launch
     with launch.session(parallel.timeout if parallel else 300.0) as rank_device:
         return _rl(Path(out_dir), cfg, resume, progress,
-                   log if launch.is_main() else (lambda *a, **k: None), rank_device, parallel)
+                   log if launch.is_main() else (lambda *a, **k: None), rank_device, parallel,
+                   adapt_threads)
 
 
 def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_device,
-        parallel) -> dict:
+        parallel, adapt_threads: bool = False) -> dict:
     from nanoseek.parallel.launch import is_main
     from nanoseek.train.posttrain import holds_run
     from nanoseek.train.pretrain import write_run
@@ -109,7 +113,7 @@ def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_de
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
     cfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer, stage = build(out_dir, cfg, progress, rank_device, parallel)
+    trainer, stage = build(out_dir, cfg, progress, rank_device, parallel, adapt_threads)
     run = {"stage": cfg.algo, "settings": settings_to_dict(cfg)}
     if stage.par is not None:
         run["parallel"] = {"dp": stage.dp, "replicate": True}

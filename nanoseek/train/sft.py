@@ -117,14 +117,16 @@ def masked_loss(model, windows: ChatWindows, batch_size: int, device, limit: int
 
 
 def sft(out_dir: str | Path, config: SFTConfig, resume: bool = False, max_steps: int | None = None,
-        progress: bool = True, log=print, parallel=None) -> dict:
+        progress: bool = True, log=print, parallel=None, adapt_threads: bool = False) -> dict:
     """Run (or resume) supervised fine-tuning into `out_dir`; returns run.json's content.
     parallel: a nanoseek.parallel.ParallelConfig (ep, tp) for a run under torchrun; the run
-    is distributed whenever torchrun started more than one process."""
+    is distributed whenever torchrun started more than one process. adapt_threads: switch
+    between all cores and one while training, as the pretraining speedrun does (threads.py)."""
     from nanoseek.parallel import launch
     with launch.session(parallel.timeout if parallel else 300.0) as rank_device:
         return _sft(Path(out_dir), config, resume, max_steps, progress,
-                    log if launch.is_main() else (lambda *a, **k: None), rank_device, parallel)
+                    log if launch.is_main() else (lambda *a, **k: None), rank_device, parallel,
+                    adapt_threads)
 
 
 def _check_distributable(config: SFTConfig, parallel) -> None:
@@ -137,7 +139,7 @@ def _check_distributable(config: SFTConfig, parallel) -> None:
 
 
 def _sft(out_dir: Path, config: SFTConfig, resume: bool, max_steps: int | None, progress: bool,
-         log, rank_device, parallel) -> dict:
+         log, rank_device, parallel, adapt_threads: bool = False) -> dict:
     """rank_device: this rank's device under torchrun, None for one process."""
     config, device, model, tok = start_stage(out_dir, config, resume, max_steps, rank_device)
     if rank_device is not None:
@@ -156,7 +158,7 @@ def _sft(out_dir: Path, config: SFTConfig, resume: bool, max_steps: int | None, 
                              "process only: the engine cannot read FSDP-sharded weights")
         par = data_parallel(model, parallel, device, config.train.batch_size,
                             "training option 'batch_size'")
-    trainer = build_trainer(model, config, data, val, out_dir, device, progress, par, tok)
+    trainer = build_trainer(model, config, data, val, out_dir, device, progress, par, tok, adapt_threads)
     before = loss_on(model, val or data, config, device)
     if resume and trainer.resume():
         log(f"resumed at step {trainer.step}")
@@ -203,7 +205,8 @@ def task_accuracy(config: SFTConfig, net, tok):
 
 
 def build_trainer(model, config: SFTConfig, data: ChatWindows, val: ChatWindows | None,
-                  out_dir: Path, device, progress: bool, parallel=None, tok=None) -> Trainer:
+                  out_dir: Path, device, progress: bool, parallel=None, tok=None,
+                  adapt_threads: bool = False) -> Trainer:
     """parallel: the run's `Parallel` under torchrun (each DP rank takes its rows of a
     micro-batch); tok: the tokenizer, for the engine of --eval-n."""
     t, lora = config.train, config.lora.enabled
@@ -229,7 +232,7 @@ def build_trainer(model, config: SFTConfig, data: ChatWindows, val: ChatWindows 
                    evaluate=evaluate if (val or on_task) else None, stop_when=stop_when,
                    on_checkpoint=checkpoint_writer(out_dir, config.init, config.lora),
                    progress=progress, update_router_biases=not lora, trainable_state_only=lora,
-                   parallel=parallel)
+                   parallel=parallel, adapt_threads=adapt_threads)
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.sft ARGS
