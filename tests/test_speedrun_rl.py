@@ -25,7 +25,7 @@ def test_speedrun_rl_runs_every_stage_and_reports_before_and_after(tmp_path):
     assert result["sft"]["steps"] >= 1 and result["grpo"]["steps"] >= 1
     text = path.read_text()
     assert "| accuracy (6 problems) |" in text and "after GRPO" in text
-    assert "| torch threads (SFT, GRPO) | adaptive" in text
+    assert "- torch threads (SFT, GRPO): adaptive" in text
     assert (out / "heldout_accuracy.png").exists() and (out / "grpo" / "model.safetensors").exists()
     assert any("[5/5] report" in line for line in lines)
 
