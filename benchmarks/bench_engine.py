@@ -39,6 +39,7 @@ byte-level model (with one MTP layer) on `pydoc_data.topics` for --train-seconds
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import sys
@@ -123,7 +124,8 @@ def workload(data: torch.Tensor, n: int, seed: int, prompt_range, output_range):
     return reqs
 
 
-def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
+def run_nanoseek(model, reqs, speculative: bool, always_draft: bool = False, **engine_kw):
+    """always_draft: the policy's acceptance pause off too (spec_max_batch covers the load)."""
     llm = LLM(model, speculative=speculative, **engine_kw)
     params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for _, o in reqs]
     llm.generate([p for p, _ in reqs[:4]], params[:4], use_tqdm=False)  # warm-up
@@ -131,6 +133,10 @@ def run_nanoseek(model, reqs, speculative: bool, **engine_kw):
     engine = llm.engine
     engine.reset_prefix_cache()
     engine.spec_stats.drafted = engine.spec_stats.accepted = 0
+    if engine.runner.spec is not None:  # nor start paused by the warm-up's few drafts
+        engine.runner.spec.policy = dataclasses.replace(
+            engine.runner.spec.policy, drafted=0.0, accepted=0.0, seen=0, paused_for=0, next_pause=0,
+            reason=None, **({"min_acceptance": 0.0} if always_draft else {}))
     engine.runner.forwards = engine.scheduler.num_preemptions = 0
     engine.block_manager.hits = engine.block_manager.queries = 0
     t0, c0 = time.perf_counter(), time.process_time()
@@ -265,7 +271,8 @@ def main() -> None:
             few, kw1 = reqs[:args.single_stream], dict(engine_kw, max_num_seqs=1)
             sides = {"plain": (reqs, dict(engine_kw, speculative=False)),
                      "spec": (reqs, dict(engine_kw, speculative=True, spec_max_batch=args.spec_max_batch)),
-                     "forced": (reqs, dict(engine_kw, speculative=True, spec_max_batch=args.requests)),
+                     "forced": (reqs, dict(engine_kw, speculative=True, spec_max_batch=args.requests,
+                                         always_draft=True)),
                      "one_plain": (few, dict(kw1, speculative=False)),
                      "one_spec": (few, dict(kw1, speculative=True))}
             runs = alternate(src, sides, args.repeats)
