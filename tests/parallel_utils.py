@@ -27,18 +27,20 @@ def free_port() -> int:
 def _entry(rank, world, port, fn, args, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from nanoseek.parallel.launch import finish
     torch.set_num_threads(1)
+    ok = False
     try:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=PG_TIMEOUT))
         result = fn(rank, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        ok = True
     except BaseException as e:  # the error travels to the test as text
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finish(drain=ok)  # every rank done before any leaves (gloo aborts on in-flight sends)
 
 
 def run_ranks(fn, world: int, out_dir, *args, timeout: float = 180, check: bool = True) -> list:

@@ -71,9 +71,18 @@ def clear_peer_errors():
                           "rank probably died: see its log above") from e
 
 
-def finish() -> None:
+def finish(drain: bool = True) -> None:
+    """Leave the process group. drain: wait for every rank first (a barrier), so that no
+    rank tears its group down while a peer's last point-to-point message to it is still in
+    flight; gloo then aborts the process ("terminate called without an active exception",
+    seen once in the four-process pipeline test under load). Not after a failure, where a
+    peer may never arrive."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if drain:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -89,12 +98,14 @@ def session(timeout: float = 300.0):
     from nanoseek.parallel.mesh import init_distributed
     joined = not dist.is_initialized()
     device = init_distributed(timeout)
+    ok = False
     try:
         with clear_peer_errors():
             yield device
+        ok = True
     finally:
         if joined:
-            finish()
+            finish(drain=ok)
 
 
 def torchrun(nproc: int, args: list[str], command: str = "pretrain") -> int:

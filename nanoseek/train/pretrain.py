@@ -143,11 +143,14 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
     out_dir = Path(out_dir)
     if launch.under_torchrun():
         with launch.clear_peer_errors():
+            ok = False
             try:
-                return _checked(out_dir, config, resume, overrides, progress, log, threads,
-                                overwrite, kind, parallel)
+                run = _checked(out_dir, config, resume, overrides, progress, log, threads,
+                               overwrite, kind, parallel)
+                ok = True
+                return run
             finally:
-                launch.finish()
+                launch.finish(drain=ok)
     return _checked(out_dir, config, resume, overrides, progress, log, threads, overwrite, kind, None)
 
 
