@@ -87,8 +87,8 @@ def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int
 
 
 def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str | Path | None = None,
-                pretrain_minutes: float = 3.0, sft_minutes: float = 8.0, grpo_steps: int = 50,
-                grpo_minutes: float = 7.0,
+                pretrain_minutes: float = 3.0, sft_minutes: float = 8.0, grpo_steps: int = 100,
+                grpo_minutes: float = 8.0,
                 threshold: float = 0.3, eval_n: int = 400, threads: int = 0, overwrite: bool = False,
                 log=print, stage_eval_n: int = 200) -> Path:
     """Every stage; returns the report's path. `base`: a pretrained checkpoint to start
