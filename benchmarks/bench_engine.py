@@ -39,7 +39,6 @@ byte-level model (with one MTP layer) on `pydoc_data.topics` for --train-seconds
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import statistics
 import sys
@@ -55,6 +54,7 @@ from common import emit, json_only_stdout, log, transformers_variants  # noqa: E
 import nanoseek  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.engine import LLM, SamplingParams  # noqa: E402
+from nanoseek.engine.spec_policy import SpecPolicy  # noqa: E402
 from nanoseek.engine.cache import PagedLatentCache  # noqa: E402
 from nanoseek.model import CausalLM  # noqa: E402
 from nanoseek.train.precision import fast_bf16  # noqa: E402
@@ -134,9 +134,8 @@ def run_nanoseek(model, reqs, speculative: bool, always_draft: bool = False, **e
     engine.reset_prefix_cache()
     engine.spec_stats.drafted = engine.spec_stats.accepted = 0
     if engine.runner.spec is not None:  # nor start paused by the warm-up's few drafts
-        engine.runner.spec.policy = dataclasses.replace(
-            engine.runner.spec.policy, drafted=0.0, accepted=0.0, seen=0, paused_for=0, next_pause=0,
-            reason=None, **({"min_acceptance": 0.0} if always_draft else {}))
+        engine.runner.spec.policy = SpecPolicy(max_batch=engine.runner.spec.policy.max_batch,
+                                               **({"min_acceptance": 0.0} if always_draft else {}))
     engine.runner.forwards = engine.scheduler.num_preemptions = 0
     engine.block_manager.hits = engine.block_manager.queries = 0
     t0, c0 = time.perf_counter(), time.process_time()

@@ -142,9 +142,15 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, temperatu
     temperature (the distribution the completions were drawn from); 0 where the target is
     IGNORE_INDEX. Pass `hidden` (model.hidden(inputs)) to reuse a trunk's forward."""
     h = model.hidden(inputs) if hidden is None else hidden
+    return target_logprobs(model, h, targets, temperature)
+
+
+def target_logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(target) for hidden states h [..., D] and targets [...], of the language-model
+    head's logits divided by the temperature; 0 where the target is IGNORE_INDEX."""
     logits = model.lm_head(h).float()
     if temperature != 1.0:
         logits = logits / temperature
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(),
                                             ignore_index=IGNORE_INDEX, reduction="none")
     return -nll.view(targets.shape)

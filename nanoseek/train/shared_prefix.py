@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.train.rollout import target_logprobs
 
 # A packed row holds at most this many tokens (or one prompt and its longest completion,
 # if longer): attention runs dense over a row, so very long rows would cost more than
@@ -126,8 +127,6 @@ def shared_prefix_logprobs(model, batch: SharedPrefixBatch, temperature: float =
     the same numbers rollout.token_logprobs gives over the padded layout."""
     h = model.hidden(batch.inputs, batch.positions, SharedPrefixMask(batch.attn_mask))
     where = batch.mask.flatten().nonzero().flatten()  # completion tokens only: no padding
-    logits = model.lm_head(h[batch.rows.flatten()[where], batch.cols.flatten()[where]]).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = -torch.nn.functional.cross_entropy(logits, batch.targets.flatten()[where], reduction="none")
+    logp = target_logprobs(model, h[batch.rows.flatten()[where], batch.cols.flatten()[where]],
+                           batch.targets.flatten()[where], temperature)
     return logp.new_zeros(batch.mask.numel()).index_copy(0, where, logp).view(batch.mask.shape)
