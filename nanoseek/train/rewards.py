@@ -95,7 +95,7 @@ def math_equal(given: str, expected: str) -> bool:
     if len(given) > MAX_ANSWER_CHARS:
         return False
     if _INTEGER.fullmatch(given) and _INTEGER.fullmatch(expected):
-        return int(given) == int(expected)  # exact, and ~1 ms less per answer than a sympy parse
+        return int(given) == int(expected)  # exact, and ~1.6 ms less per answer than a sympy parse
     from math_verify import parse, verify
     # math-verify times out with signal.alarm, which only the main thread may use.
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
