@@ -242,18 +242,12 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     from nanoseek.tokenizer import token_byte_lengths
     from nanoseek.calc.params import count_params
     from nanoseek.train.mfu import flops_per_token, measure_peak_flops
-    from nanoseek.train.precision import choose_precision, peak_dtype
+    from nanoseek.train.precision import peak_dtype
 
     cfg, tcfg = config.model, config.train
     byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))
     torch.manual_seed(tcfg.seed)
     model = CausalLM(cfg).to(device)
-    chosen = torch.get_num_threads()
-    setup_threads()  # MFU is against the whole machine's peak
-    # MFU is against the peak of the dtype the run multiplies in; measured once per dtype and
-    # cached (`nanoseek peak --remeasure`)
-    peak = measure_peak_flops(device, peak_dtype(choose_precision(tcfg.precision, device)[0]))
-    torch.set_num_threads(chosen)
     fpt = flops_per_token(model, tcfg.seq_len)
     par = None  # batch_size is the global micro-batch: each DP rank takes its slice of it,
     if parallel is not None:  # so a run resumed on another number of processes trains alike
@@ -277,7 +271,13 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
                                                       tcfg.eval_tokens, device),
         sample=(make_sampler(tok, device, max_new_tokens=sample_tokens) if sample_tokens else None),
         on_checkpoint=lambda m, step: save_pretrained(m, out_dir),
-        flops_per_token=fpt, peak_flops=peak, progress=progress, adapt_threads=adapt, parallel=par)
+        flops_per_token=fpt, progress=progress, adapt_threads=adapt, parallel=par)
+    chosen = torch.get_num_threads()
+    setup_threads()  # MFU is against the whole machine's peak
+    # MFU is against the peak of the dtype the run multiplies in (the trainer chose it);
+    # measured once per dtype and cached (`nanoseek peak --remeasure`)
+    peak = trainer.peak_flops = measure_peak_flops(device, peak_dtype(trainer.precision))
+    torch.set_num_threads(chosen)
     run = {"params": count_params(cfg).summary(), "flops_per_token": trainer.flops_per_token,
            "peak_flops": peak, "device": str(device),
            "threads": "adaptive" if adapt else torch.get_num_threads(),
