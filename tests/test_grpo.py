@@ -116,6 +116,7 @@ def test_ppo_runs_with_a_critic(init_dir, vowels, tmp_path):
     assert recs[-1]["value_mean"] != 0.0  # the critic learned something
     run = json.loads((tmp_path / "ppo" / "run.json").read_text())
     assert run["stage"] == "ppo"
+    assert run["precision"] == "fp32" and run["precision_reason"].startswith("auto: CPU")  # micro: narrow
 
 
 def test_bad_options_are_named(init_dir):

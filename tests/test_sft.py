@@ -52,7 +52,9 @@ def test_sft_lowers_the_loss_and_reproduces_a_trained_answer(tmp_path, init, dat
     for prompt, answer in PAIRS:
         assert greedy_answer(tmp_path, prompt) == answer
     assert before != PAIRS[0][1]
-    assert json.loads((tmp_path / "run.json").read_text())["stage"] == "sft"
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["stage"] == "sft"
+    assert run["precision"] == "fp32" and run["precision_reason"].startswith("auto: CPU")  # micro: narrow
 
 
 def test_sft_resumes_to_the_same_weights(tmp_path, init, data):

@@ -80,54 +80,33 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert prec.cpu_flags(tmp_path / "missing") is None
 
 
-def test_trainer_says_which_precision_and_why(tmp_path, monkeypatch):
-    """Without fast bf16 the flags decide; with it, the trial of this model's step does."""
-    for fast in (False, True):
-        prec.fast_bf16.cache_clear()
-        monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx512_bf16"} if fast else {"avx2"})
-        try:
-            tr = _trainer(tmp_path / str(fast), max_steps=1)
-        finally:
-            prec.fast_bf16.cache_clear()
-        assert tr.precision in ("fp32", "bf16") and tr.precision_reason.startswith("auto: CPU")
-        assert ("forward + backward measured" in tr.precision_reason) == fast
-        if not fast:
-            assert tr.precision == "fp32"
+def test_trainer_says_which_precision_and_why(tmp_path):
+    tr = _trainer(tmp_path, max_steps=1)
+    assert tr.precision in ("fp32", "bf16") and tr.precision_reason.startswith("auto: CPU")
+    narrow = tr.model.config.hidden_size < prec.CPU_BF16_MIN_HIDDEN
+    assert (tr.precision == "bf16") == (prec.fast_bf16("cpu")[0] and not narrow)
 
 
-@pytest.mark.parametrize("seconds, expected", [((2.0, 1.0), "bf16"), ((1.2, 1.0), "fp32"),
-                                               ((1.0, 1.3), "fp32")])
-def test_auto_keeps_bf16_only_where_the_trial_step_gains(monkeypatch, seconds, expected):
+@pytest.mark.parametrize("hidden, expected", [(None, "bf16"), (256, "fp32"), (511, "fp32"),
+                                              (512, "bf16"), (7168, "bf16")])
+def test_auto_bf16_on_a_cpu_only_for_wide_enough_models(monkeypatch, hidden, expected):
     prec.fast_bf16.cache_clear()
-    monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     try:
-        chosen, why = prec.choose_precision("auto", torch.device("cpu"), trial=lambda: seconds)
+        chosen, why = prec.choose_precision("auto", torch.device("cpu"), hidden)
     finally:
         prec.fast_bf16.cache_clear()
     assert chosen == expected, why
-    assert f"{seconds[0] / seconds[1]:.2f}x" in why
-    assert prec.choose_precision("fp32", torch.device("cpu"), trial=pytest.fail) == ("fp32", "asked for")
+    assert why.startswith("auto: CPU with avx512_bf16") and (f"hidden size {hidden}" in why) == (expected == "fp32")
+    assert prec.choose_precision("bf16", torch.device("cpu"), 64) == ("bf16", "asked for")
 
 
-def test_precision_trial_leaves_no_trace():
-    """The trial trains nothing: no gradients, the MoE's load counts and the RNG as before."""
-    torch.manual_seed(0)
-    model = CausalLM(micro_config()).train()
-    moe = model.moe_layers()
-    for m in moe:
-        m.tokens_per_expert.fill_(3)
-    rng = torch.get_rng_state()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for mtp in (True, False):
-        t32, t16 = prec.step_seconds(model, 2, 16, mtp=mtp)
-        assert t32 > 0 and t16 > 0
-    assert all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(m.tokens_per_expert, torch.full_like(m.tokens_per_expert, 3)) for m in moe)
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    seen = []
-    assert prec.step_seconds(model, 2, 16, agree=lambda t: seen.append(t) or 7.0) == (7.0, 7.0)
-    assert len(seen) == 2
+def test_hidden_size_is_read_from_the_model_or_its_policy():
+    from nanoseek.train.ppo import ActorCritic
+    model = CausalLM(micro_config())
+    assert prec.hidden_size_of(model) == model.config.hidden_size
+    assert prec.hidden_size_of(ActorCritic(model)) == model.config.hidden_size
+    assert prec.hidden_size_of(torch.nn.Linear(2, 2)) is None
 
 
 def test_compile_option_is_checked_and_auto_is_off_on_cpu():

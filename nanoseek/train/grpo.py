@@ -204,27 +204,12 @@ def policy_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:
     return token_logprobs(model, batch["inputs"], batch["targets"], temperature)
 
 
-TRIAL_TOKENS = 4096  # the most tokens `auto` precision's trial step runs
-
-
 class RLTrainer(Trainer):
     """The shared loop, plus the split of each step's time into rollout and update."""
 
     def __init__(self, stage: RLStage, *args, **kw):
-        self.stage = stage  # before the loop's __init__: _trial_shape reads it
         super().__init__(*args, **kw)
-
-    def _trial_shape(self):
-        """`auto` precision's trial (train/precision.py) at an update's shape: a micro-batch's
-        completions, each taken as a prompt plus the completion budget (twice the budget), at
-        most TRIAL_TOKENS of them (the cost per token is what decides), through the policy's
-        main head only (RL does not train MTP)."""
-        s, par = self.stage, self.parallel
-        if par is not None and par.pp > 1:
-            return None
-        length = 2 * s.max_len
-        rows = self.cfg.batch_size * s.cfg.num_generations // (self.cfg.grad_accum * s.dp)
-        return s.policy, max(1, min(rows, TRIAL_TOKENS // length)), length, False
+        self.stage = stage
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from nanoseek.train.compile import compile_blocks, resolve_compile
 from nanoseek.train.metrics import (METRICS_FILE, IntervalMeans, append, read_metrics,
                                     truncate_metrics)
 from nanoseek.train.schedule import lr_at
-from nanoseek.train.precision import choose_precision, step_seconds
+from nanoseek.train.precision import choose_precision, hidden_size_of
 from nanoseek.train.targets import StepTargets, count_targets, step_targets
 
 __all__ = ["METRICS_FILE", "PRECISIONS", "StepTargets", "TrainConfig", "Trainer", "max_violation",
@@ -134,7 +134,7 @@ class Trainer:
             self.tuner = ThreadTuner(torch.get_num_threads())
         self.device = next(model.parameters()).device
         self.precision, self.precision_reason = choose_precision(cfg.precision, self.device,
-                                                                 self._precision_trial())
+                                                                 hidden_size_of(model))
         self.compiled, self.compile_reason = resolve_compile(cfg.compile, self.device)
         if self.compiled:  # in place: same module code, same state-dict names (train/compile.py)
             compile_blocks(model)
@@ -151,31 +151,6 @@ class Trainer:
         """Stop at the next step boundary with a checkpoint (safe to call from a signal
         handler: it only sets a flag that `fit` reads between steps)."""
         self.stop_signal = signum
-
-    def _precision_trial(self):
-        """What times this run's forward + backward in fp32 and bf16 for `auto`
-        (train/precision.py), or None where the flags alone decide (see `_trial_shape`)."""
-        shape, par = self._trial_shape(), self.parallel
-        if shape is None:
-            return None
-
-        def trial():
-            model, rows, tokens, mtp = shape
-            seconds = step_seconds(model, rows, tokens, par.agree if par is not None else None, mtp)
-            if par is not None and par.stats is not None:
-                par.stats.reset()  # the trial's routing is no step's
-            return seconds
-        return trial
-
-    def _trial_shape(self):
-        """(model, rows, tokens, mtp) of the trial: one micro-batch of this rank. None for a
-        model without `loss` (the step is the stage's own) or a pipeline stage (its forward is
-        the schedule's)."""
-        model, par = self.model, self.parallel
-        if not hasattr(model, "loss") or not hasattr(model, "config") or (par is not None and par.pp > 1):
-            return None
-        rows = max(1, self.cfg.batch_size // (par.dp if par is not None else 1))
-        return model, rows, self.cfg.seq_len, True
 
     # ------------------------------------------------------------------ pieces
     def autocast(self):

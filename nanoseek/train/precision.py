@@ -8,16 +8,15 @@ so there `auto` is fp32. The CPU's flags decide (from /proc/cpuinfo); where they
 read (not Linux, or an ARM CPU whose `bf16` feature says nothing of its speed), a quick
 measured matmul decides.
 
-Fast bf16 matmuls are not yet a faster step. On a CPU, `auto` then times the model's own
-forward + backward at the run's batch shape in fp32 and in bf16 autocast, and keeps bf16
-only where it wins by `MIN_STEP_GAIN`. The margin is wide because the trial sees only part
-of a step. Measured on a 2-core AMD EPYC with avx512_bf16 (bf16 matmuls 1.8-2.6x fp32's):
-- the tiny preset's forward + backward ran 1.0-1.4x faster in bf16 from one trial to the
-  next, but its whole training loop (the speedrun's, 60 steps) ran 0.92x at two threads
-  and 1.0x at one: its matrices are small, and per-operator work and the casts of freshly
-  updated weights eat the gain;
-- the same layout at hidden 768 ran 1.8x.
-The reason, with the measured gain, travels into run.json.
+Fast bf16 matmuls are not yet a faster training step. On a CPU `auto` also asks for a model
+at least `CPU_BF16_MIN_HIDDEN` wide: below it, per-operator work and autocast's casts eat
+the gain. Measured on a 2-core AMD EPYC with avx512_bf16 (bf16 matmuls 1.8-2.6x fp32's),
+the speedrun's loop at 2 threads, fp32 against bf16 autocast, two runs each:
+- hidden 256 (the tiny preset): 2,866 / 3,149 tok/s in fp32, 2,894 / 2,544 in bf16 (no gain);
+- hidden 512: 1,500 / 1,481 in fp32, 1,765 / 1,829 in bf16 (1.2x).
+On a CPU with AMX (shared/notes/precision-on-cpu.md) the tiny preset ran 0.56x in bf16 and
+hidden 768 1.17x. The rule is deterministic on purpose: one command, one precision, however
+loaded the machine. The reason travels with the choice into run.json.
 
 Whatever the precision, a run keeps fp32 master weights and optimizer state (autocast
 casts per op; the parameters stay fp32), and the router and the losses run in fp32 (see
@@ -26,16 +25,14 @@ model/moe.py `Gate.forward` and `CausalLM._ce_sum`), as DeepSeek-V3 trains.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-MIN_STEP_GAIN = 1.5  # bf16 must make the trial's forward + backward this much faster
+CPU_BF16_MIN_HIDDEN = 512  # narrower models train no faster in bf16 on a CPU (measured above)
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -90,63 +87,26 @@ def fast_bf16(device_type: str) -> tuple[bool, str]:
 
 
 def choose_precision(precision: str, device: torch.device,
-                     trial: Callable[[], tuple[float, float]] | None = None) -> tuple[str, str]:
-    """(precision, why): an explicit precision as asked; `auto` bf16 where it is fast. On a
-    CPU with fast bf16, `trial()` -> (fp32 seconds, bf16 seconds) of the run's own step
-    decides (see the module's docstring); without one, the flags alone do."""
+                     hidden_size: int | None = None) -> tuple[str, str]:
+    """(precision, why): an explicit precision as asked; `auto` bf16 where it is fast: on a
+    CPU only for a model at least CPU_BF16_MIN_HIDDEN wide (None: width unknown)."""
     if precision != "auto":
         return precision, "asked for"
     device = torch.device(device)
     fast, why = fast_bf16(device.type)
-    if not fast or trial is None or device.type != "cpu":
-        return ("bf16" if fast else "fp32"), f"auto: {why}"
-    t32, t16 = trial()
-    gain = t32 / t16
-    if gain >= MIN_STEP_GAIN:
-        return "bf16", f"auto: {why}; this model's forward + backward measured {gain:.2f}x faster in bf16"
-    return "fp32", (f"auto: {why}, but this model's forward + backward measured {gain:.2f}x in bf16 "
-                    f"(bf16 needs {MIN_STEP_GAIN}x)")
+    if fast and device.type == "cpu" and hidden_size is not None and hidden_size < CPU_BF16_MIN_HIDDEN:
+        return "fp32", (f"auto: {why}, but hidden size {hidden_size} < {CPU_BF16_MIN_HIDDEN}: "
+                        "too narrow for bf16 to pay on a CPU")
+    return ("bf16" if fast else "fp32"), f"auto: {why}"
 
 
-def step_seconds(model: torch.nn.Module, batch_size: int, seq_len: int,
-                 agree: Callable[[float], float] | None = None, mtp: bool = True) -> tuple[float, float]:
-    """(fp32, bf16 autocast) seconds of one forward + backward on a batch of random tokens of
-    the run's shape: `model.loss` (MTP included), or with mtp=False the main head's
-    cross-entropy alone (what RL trains). The best of two after a warm-up each, alternating
-    so that load from elsewhere hits both alike. Leaves no trace: no gradients, the MoE's
-    load counts (the next bias update's input) and the RNG as they were. agree(seconds) ->
-    the figure every rank uses (several processes must choose alike)."""
-    device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len + 1),
-                        generator=torch.Generator().manual_seed(0)).to(device)
-    moe = model.moe_layers() if hasattr(model, "moe_layers") else []
-    loads = [m.tokens_per_expert.clone() for m in moe]
-
-    def once(precision: str) -> float:
-        t = time.perf_counter()
-        with (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-              else contextlib.nullcontext()):
-            if mtp:
-                loss = model.loss(ids[:, :-1], ids[:, 1:]).loss
-            else:
-                loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(),
-                                                         ids[:, 1:].flatten())
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
-    with torch.random.fork_rng(devices=[]):
-        once("fp32"), once("bf16")
-        times = {"fp32": [], "bf16": []}
-        for _ in range(2):
-            for precision in times:
-                times[precision].append(once(precision))
-    for m, load in zip(moe, loads):
-        m.tokens_per_expert.copy_(load)
-    best = [min(times["fp32"]), min(times["bf16"])]
-    if agree is not None:
-        best = [agree(t) for t in best]
-    return best[0], best[1]
+def hidden_size_of(model: torch.nn.Module) -> int | None:
+    """The width `choose_precision` weighs: the model's (or its policy's) config.hidden_size."""
+    for m in (model, getattr(model, "policy", None)):
+        size = getattr(getattr(m, "config", None), "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    return None
 
 
 def peak_dtype(precision: str) -> torch.dtype:

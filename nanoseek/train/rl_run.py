@@ -114,7 +114,8 @@ def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_de
     cfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer, stage = build(out_dir, cfg, progress, rank_device, parallel, adapt_threads)
-    run = {"stage": cfg.algo, "settings": settings_to_dict(cfg)}
+    run = {"stage": cfg.algo, "settings": settings_to_dict(cfg), "precision": trainer.precision,
+           "precision_reason": trainer.precision_reason}
     if stage.par is not None:
         run["parallel"] = {"dp": stage.dp, "replicate": True}
     resumed = resume and trainer.resume()

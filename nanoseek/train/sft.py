@@ -167,7 +167,8 @@ def _sft(out_dir: Path, config: SFTConfig, resume: bool, max_steps: int | None, 
         f"{config.train.max_steps} steps; loss on assistant tokens {before:.4f}")
     layout = {"parallel": {"dp": par.dp, "ep": par.ep, "tp": par.tp}} if par is not None else {}
     run = write_run(out_dir, config, data=data.meta, loss_before=before,
-                    nf4=None if nf4 is None else vars(nf4), **layout)
+                    nf4=None if nf4 is None else vars(nf4), precision=trainer.precision,
+                    precision_reason=trainer.precision_reason, **layout)
     run["summary"] = trainer.fit()
     if run["summary"]["target_reached"]:
         log(f"stopped at step {trainer.step}: {run['summary']['target_reached']}")
