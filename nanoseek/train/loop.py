@@ -45,9 +45,10 @@ __all__ = ["METRICS_FILE", "PRECISIONS", "StepTargets", "TrainConfig", "Trainer"
            "param_groups", "read_metrics", "resolve_precision", "truncate_metrics"]
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 where the device multiplies bf16 fast, else fp32 (train/precision.py)."""
-    return choose_precision(precision, device)[0]
+def resolve_precision(precision: str, device: torch.device, hidden_size: int | None = None) -> str:
+    """`auto` -> bf16 where the device multiplies bf16 fast (on a CPU, for a model at least
+    CPU_BF16_MIN_HIDDEN wide), else fp32: the Trainer's choice (train/precision.py)."""
+    return choose_precision(precision, device, hidden_size)[0]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
