@@ -1,10 +1,14 @@
 """A full training step (forward, backward, clipping, AdamW) of nanoseek against
 transformers' DeepseekV3ForCausalLM: same config, same weights, same batch, one process.
 
-Each side runs in its best precision: fp32, and bf16 autocast (fp32 master weights, as
-the training loop runs it) where the device has fast bf16 (train/precision.py decides;
-`--precisions fp32,bf16` forces both); the precision of each side is printed. MFU is
-against the measured matmul peak of the dtype each side used.
+Each side runs in its best precision: fp32, and bf16 where the device has fast bf16
+(train/precision.py decides; `--precisions fp32,bf16` forces both); the precision of each
+side is printed. Both keep fp32 master weights and optimizer state. nanoseek's bf16 is its
+training loop's: bf16 weight copies refreshed each step (train/bf16_weights.py);
+transformers' is autocast, as its Trainer runs `bf16=True`. For a fair reading,
+`transformers_bf16_copies_tok_s` also times transformers' fastest experts implementation
+with nanoseek's copies (information only, not the baseline: transformers does not ship
+them). MFU is against the measured matmul peak of the dtype each side used.
 
 transformers never trains MTP modules nor computes V3's balance loss, so both sides run
 the same work: MTP off, balance loss off; nanoseek's step keeps its aux-loss-free router
@@ -38,22 +42,27 @@ from common import emit, json_only_stdout, log, transformers_variants  # noqa: E
 import nanoseek  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.model import CausalLM  # noqa: E402
+from nanoseek.train.bf16_weights import BF16Weights  # noqa: E402
 from nanoseek.train.loop import param_groups  # noqa: E402
 from nanoseek.train.mfu import flops_per_token, measure_peak_flops  # noqa: E402
 from nanoseek.train.precision import fast_bf16, peak_dtype  # noqa: E402
 from nanoseek.train.pretrain import setup_threads  # noqa: E402
 
 
-def autocast(precision: str):
+def precision_context(model, precision: str):
+    """fp32: nothing; bf16: autocast; bf16-copies: BF16Weights (nanoseek's training loop)."""
+    if precision == "bf16-copies":
+        return BF16Weights(model)
     return (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
             else contextlib.nullcontext())
 
 
 def make_step(model, ids, is_hf: bool, precision: str = "fp32"):
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
+    context = precision_context(model, precision)
 
     def step():
-        with autocast(precision):
+        with context:
             if is_hf:
                 loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss  # HF shifts itself
             else:
@@ -66,6 +75,11 @@ def make_step(model, ids, is_hf: bool, precision: str = "fp32"):
             model.update_router_biases()
         return float(loss.detach())
     return step
+
+
+def ours_mode(precision: str) -> str:
+    """nanoseek's training loop runs bf16 as weight copies (train/loop.py Trainer)."""
+    return "bf16-copies" if precision == "bf16" else precision
 
 
 def timed(step) -> float:
@@ -125,24 +139,28 @@ def main() -> None:
                 log(f"transformers [{impl}, {pr}]: {tokens / candidates[impl, pr][0]:,.0f} tok/s (screening)")
         best_impl, hf_prec = min(candidates, key=lambda k: candidates[k][0])
         hf_step = candidates[best_impl, hf_prec][2]
+        # information only: transformers' fastest experts implementation with nanoseek's copies
+        hf_copies_step = (make_step(candidates[best_impl, hf_prec][1], ids, True, "bf16-copies")
+                          if "bf16" in precs else None)
         candidates.clear()
     # both start from the same weights (transformers loaded nanoseek's checkpoint above)
     ours_by_prec = {}
     for pr in precs:
         m = CausalLM(cfg).train()
         m.load_state_dict(ours.state_dict())
-        ours_by_prec[pr] = (screen(make_step(m, ids, False, pr)), m)
+        ours_by_prec[pr] = (screen(make_step(m, ids, False, ours_mode(pr))), m)
         log(f"nanoseek [{pr}]: {tokens / ours_by_prec[pr][0]:,.0f} tok/s (screening)")
     our_prec = min(ours_by_prec, key=lambda k: ours_by_prec[k][0])
-    our_step = make_step(ours_by_prec[our_prec][1], ids, False, our_prec)
+    our_step = make_step(ours_by_prec[our_prec][1], ids, False, ours_mode(our_prec))
+    steps = [our_step, hf_step] + ([hf_copies_step] if hf_copies_step else [])
     for _ in range(args.warmup):
-        our_step()
-        hf_step()
-    t_ours, t_hf = [], []
-    for _ in range(args.steps):  # alternate so background load hits both alike
-        t_ours.append(timed(our_step))
-        t_hf.append(timed(hf_step))
-    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+        for step in steps:
+            step()
+    times = [[] for _ in steps]
+    for _ in range(args.steps):  # alternate so background load hits every side alike
+        for step, t in zip(steps, times):
+            t.append(timed(step))
+    m_ours, m_hf = statistics.median(times[0]), statistics.median(times[1])
     results = {
         "ratio": m_hf / m_ours,
         "nanoseek_tok_s": tokens / m_ours,
@@ -152,6 +170,8 @@ def main() -> None:
         "nanoseek_mfu": fpt * tokens / m_ours / peaks[our_prec],
         "transformers_mfu": fpt * tokens / m_hf / peaks[hf_prec],
         "transformers_experts_impl": best_impl,
+        **({"transformers_bf16_copies_tok_s": tokens / statistics.median(times[2])}
+           if hf_copies_step else {}),
         "flops_per_token": fpt,
         "peak_gflops": peaks[our_prec] / 1e9,
         "batch": args.batch, "seq": args.seq, "threads": threads,

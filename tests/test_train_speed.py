@@ -87,8 +87,8 @@ def test_trainer_says_which_precision_and_why(tmp_path):
     assert (tr.precision == "bf16") == (prec.fast_bf16("cpu")[0] and not narrow)
 
 
-@pytest.mark.parametrize("hidden, expected", [(None, "bf16"), (256, "fp32"), (511, "fp32"),
-                                              (512, "bf16"), (7168, "bf16")])
+@pytest.mark.parametrize("hidden, expected", [(None, "bf16"), (48, "fp32"), (255, "fp32"),
+                                              (256, "bf16"), (7168, "bf16")])
 def test_auto_bf16_on_a_cpu_only_for_wide_enough_models(monkeypatch, hidden, expected):
     prec.fast_bf16.cache_clear()
     monkeypatch.setattr(prec, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})

@@ -26,6 +26,8 @@ from nanoseek.model.mlp import MLP
 
 
 class Gate(nn.Module):
+    runs_in_fp32 = True  # bf16 training keeps the router's weight fp32 (train/bf16_weights.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -118,16 +120,23 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sort token-slots by expert, run each expert once on its slice, scatter-add back."""
-        flat_idx = indices.flatten()
+        """Sort token-slots by expert, run each expert once on its slice, scatter-add back.
+        On a CPU in bf16 / fp16 each slice is padded to a few fixed lengths (`padded_rows`)."""
+        n_tokens, flat_idx = x.shape[0], indices.flatten()
         order = flat_idx.argsort(stable=True)
         token_of_slot = order // self.top_k
-        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        slot_weights = weights.flatten()[order].to(x.dtype)
+        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            token_of_slot, slot_weights, counts = pad_slots(token_of_slot, slot_weights, counts,
+                                                            pad_token=n_tokens)
+            x = torch.cat([x, x.new_zeros(1, x.shape[1])])  # the padding slots read this row
+        counts = counts.tolist()
         # split (not slicing) so the backward concatenates instead of zero-filling per expert
         chunks = x[token_of_slot].split(counts)
         outs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e]]
-        out = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, out)
+        out = torch.cat(outs) * slot_weights.unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, out)[:n_tokens]
 
     def _aux_loss(self, scores, indices, logits, batch) -> torch.Tensor | None:
         cfg, loss = self.cfg, None
@@ -148,3 +157,37 @@ class MoE(nn.Module):
         if bias is not None and gamma > 0 and load.sum() > 0:
             bias += gamma * torch.sign(load.mean() - load)
         load.zero_()
+
+
+
+PAD_ROWS = 32  # slices longer than this are padded to a multiple of it, shorter to a power of 2
+
+
+def padded_rows(count: torch.Tensor) -> torch.Tensor:
+    """The length each expert's slice is padded to: 0 stays 0; up to PAD_ROWS the next power
+    of two; beyond, the next multiple of PAD_ROWS.
+
+    Why: on a CPU, oneDNN builds a bf16 / fp16 matmul kernel for every new shape (measured on
+    the 2-core AMD EPYC: a [M, 256] x [256, 128] bf16 linear took 462 us the first time an M
+    was seen, 76 us after; fp32's MKL path has no such cost). An expert's token count changes
+    every step, so unpadded slices pay it again and again; a handful of lengths do not. The
+    padding costs at most PAD_ROWS - 1 rows per expert (under 2x for the short slices of
+    decoding, where per-call overhead dominates anyway)."""
+    pow2 = torch.where(count > 0, 2 ** torch.ceil(torch.log2(count.clamp(min=1).float())), 0)
+    return torch.where(count <= PAD_ROWS, pow2.long(), (count + PAD_ROWS - 1) // PAD_ROWS * PAD_ROWS)
+
+
+def pad_slots(token_of_slot: torch.Tensor, slot_weights: torch.Tensor, counts: torch.Tensor,
+              pad_token: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-slots sorted by expert -> the same slots with each expert's run padded to
+    `padded_rows`. A padding slot reads token `pad_token` (a zero row the caller appends)
+    with weight 0 and writes its (zero) output there, so the real tokens' outputs are the
+    unpadded ones."""
+    padded = padded_rows(counts)
+    start, start_padded = counts.cumsum(0) - counts, padded.cumsum(0) - padded
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    pos = torch.arange(len(token_of_slot), device=counts.device) - start[expert] + start_padded[expert]
+    total = int(padded.sum())
+    tokens = token_of_slot.new_full((total,), pad_token).index_copy_(0, pos, token_of_slot)
+    weights = slot_weights.new_zeros(total).index_copy(0, pos, slot_weights)
+    return tokens, weights, padded

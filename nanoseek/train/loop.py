@@ -22,7 +22,6 @@ progress bar, and atomic checkpoints that a `kill -9` cannot corrupt.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from nanoseek.train.compile import compile_blocks, resolve_compile
 from nanoseek.train.metrics import (METRICS_FILE, IntervalMeans, append, read_metrics,
                                     truncate_metrics)
 from nanoseek.train.schedule import lr_at
+from nanoseek.train.bf16_weights import BF16Weights, compute_precision
 from nanoseek.train.precision import choose_precision, hidden_size_of
 from nanoseek.train.targets import StepTargets, count_targets, step_targets
 
@@ -139,6 +139,10 @@ class Trainer:
         self.compiled, self.compile_reason = resolve_compile(cfg.compile, self.device)
         if self.compiled:  # in place: same module code, same state-dict names (train/compile.py)
             compile_blocks(model)
+        # bf16 on one process: bf16 weight copies, not autocast (train/bf16_weights.py says
+        # why); several processes keep autocast (their gradient sync reads the parameters' grads)
+        self.bf16_copies = (BF16Weights(model) if self.precision == "bf16" and parallel is None
+                            else None)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
@@ -155,10 +159,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return contextlib.nullcontext()
+        """The context forwards run in: bf16 weight copies, autocast, or plain fp32."""
+        return compute_precision(self.precision, self.device, self.bf16_copies)
 
     def lr(self, step: int) -> float:
         """With a time limit the schedule runs on whichever comes first, steps or time:

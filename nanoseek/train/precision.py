@@ -9,17 +9,21 @@ read (not Linux, or an ARM CPU whose `bf16` feature says nothing of its speed), 
 measured matmul decides.
 
 Fast bf16 matmuls are not yet a faster training step. On a CPU `auto` also asks for a model
-at least `CPU_BF16_MIN_HIDDEN` wide: below it, per-operator work and autocast's casts eat
-the gain. Measured on a 2-core AMD EPYC with avx512_bf16 (bf16 matmuls 1.8-2.6x fp32's),
-the speedrun's loop at 2 threads, fp32 against bf16 autocast, two runs each:
-- hidden 256 (the tiny preset): 2,866 / 3,149 tok/s in fp32, 2,894 / 2,544 in bf16 (no gain);
-- hidden 512: 1,500 / 1,481 in fp32, 1,765 / 1,829 in bf16 (1.2x).
-On a CPU with AMX (shared/notes/precision-on-cpu.md) the tiny preset ran 0.56x in bf16 and
-hidden 768 1.17x. The rule is deterministic on purpose: one command, one precision, however
-loaded the machine. The reason travels with the choice into run.json.
+at least `CPU_BF16_MIN_HIDDEN` wide. Measured on a 2-core AMD EPYC with avx512_bf16 (bf16
+matmuls 1.8-2.6x fp32's), the speedrun's own training step (tiny preset, hidden 256, 8 x 256
+tokens, 2 threads), two Trainers alternating steps in one process, median step:
+- with bf16 autocast: 1.08x fp32 (casts per operator; and oneDNN builds a bf16 kernel for
+  every new matmul shape, which the MoE's changing expert loads made every step);
+- with bf16 weight copies (train/bf16_weights.py) and the expert slices padded to a few
+  lengths (model/moe.py `padded_rows`): 1.28x (3,993 against 3,117 tok/s).
+Narrower models are not measured and stay fp32 (the tests' tiny models among them, whose
+exactness checks need fp32). On a CPU with AMX (shared/notes/precision-on-cpu.md) autocast
+ran the tiny preset 0.56x and hidden 768 1.17x; copies and padding were not measured there.
+The rule is deterministic on purpose: one command, one precision, however loaded the
+machine. The reason travels with the choice into run.json.
 
-Whatever the precision, a run keeps fp32 master weights and optimizer state (autocast
-casts per op; the parameters stay fp32), and the router and the losses run in fp32 (see
+Whatever the precision, a run keeps fp32 master weights and optimizer state (bf16 runs on
+bf16 copies of them, or under autocast on several processes), and the router and the losses run in fp32 (see
 model/moe.py `Gate.forward` and `CausalLM._ce_sum`), as DeepSeek-V3 trains.
 """
 
@@ -32,7 +36,7 @@ from pathlib import Path
 import torch
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-CPU_BF16_MIN_HIDDEN = 512  # narrower models train no faster in bf16 on a CPU (measured above)
+CPU_BF16_MIN_HIDDEN = 256  # narrower models are not measured in bf16 on a CPU (above)
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -96,7 +100,7 @@ def choose_precision(precision: str, device: torch.device,
     fast, why = fast_bf16(device.type)
     if fast and device.type == "cpu" and hidden_size is not None and hidden_size < CPU_BF16_MIN_HIDDEN:
         return "fp32", (f"auto: {why}, but hidden size {hidden_size} < {CPU_BF16_MIN_HIDDEN}: "
-                        "too narrow for bf16 to pay on a CPU")
+                        "narrower than bf16 was measured to pay on a CPU")
     return ("bf16" if fast else "fp32"), f"auto: {why}"
 
 
