@@ -25,6 +25,25 @@ SPEEDRUN_TRAIN = dict(batch_size=8, seq_len=256, grad_accum=1, lr=3e-3, warmup_s
                       eval_every=50, eval_tokens=0, save_every=100, sample_every=0, seed=1337)
 
 
+# Steps by the precision the run trains in: bf16 buys tokens, and the speedrun spends them
+# on more steps in the same wall time. Measured on the 2-core AMD EPYC with avx512_bf16:
+# a bf16 step (weight copies, train/bf16_weights.py) ran 1.28x an fp32 one, so 380 bf16
+# steps take about the time of 300 fp32 ones (a fresh clone: 163 s for 300 bf16 steps,
+# against 204 s for 300 fp32). Validation bits per byte, one thread, same documents:
+# 300 bf16 steps 1.5448, 380 bf16 steps 1.5165 (seed 1337; seed 1: see README "Training").
+SPEEDRUN_STEPS = {"bf16": 380}
+SPEEDRUN_DEFAULT_STEPS = 300  # fp32, fp16
+
+
+def default_steps(precision: str) -> tuple[int, str]:
+    """(max_steps, precision) for a new speedrun: the precision `auto` (or the one asked
+    for) resolves to for the tiny preset on this device, and the steps it buys."""
+    from nanoseek.train.precision import choose_precision
+    from nanoseek.train.pretrain import default_device
+    chosen, _ = choose_precision(precision, default_device(), preset("tiny").hidden_size)
+    return SPEEDRUN_STEPS.get(chosen, SPEEDRUN_DEFAULT_STEPS), chosen
+
+
 # γ of the aux-loss-free update. V3 uses 0.001 over ~10^5 steps; in a few hundred steps that
 # moves a bias by at most a few tenths and the busiest expert of a layer ends up with most
 # tokens (measured: max violation 5-7 of a possible 7 at step 179 with 0.001).
@@ -57,7 +76,8 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float |
              threads: int | None = None, resume: bool = False, overwrite: bool = False,
              **train_overrides) -> Path:
     """Run every stage; returns the path of report.md. minutes / max_steps / threads: None
-    = 7 / 300 / 0 (adaptive) for a new speedrun, the run's own on resume."""
+    = 7 / 300 (380 in bf16: SPEEDRUN_STEPS) / 0 (adaptive) for a new speedrun, the run's
+    own on resume."""
     from nanoseek.train.run_lock import check_unlocked, run_lock
 
     t_start = time.perf_counter()
@@ -82,10 +102,11 @@ def _speedrun(out: Path, minutes, max_steps, progress, log, threads, resume, ove
     if threads is None and not resume:
         threads = 0
     given = {"train.max_steps": max_steps, "train.time_limit": None if minutes is None else minutes * 60}
-    minutes, max_steps = 7.0 if minutes is None else minutes, 300 if max_steps is None else max_steps
+    steps, precision = default_steps(train_overrides.get("precision", "auto"))
+    minutes, max_steps = 7.0 if minutes is None else minutes, steps if max_steps is None else max_steps
     tcfg = TrainConfig(**{**SPEEDRUN_TRAIN, "max_steps": max_steps, "time_limit": minutes * 60,
                           **train_overrides})
-    log(f"[1/3] tokenizer + pretraining: tiny preset, up to {max_steps} steps or {minutes:g} min"
+    log(f"[1/3] tokenizer + pretraining: tiny preset, {precision}, up to {max_steps} steps or {minutes:g} min"
         + (" (resuming: the run's own settings unless given)" if resume else ""))
     run = pretrain(out, PretrainConfig(model=cfg, train=tcfg), resume=resume, overwrite=overwrite,
                    overrides={k: v for k, v in given.items() if v is not None}, progress=progress,

@@ -152,3 +152,14 @@ def test_compiled_training_steps_equal_eager(tmp_path):
     assert [r for r in read_metrics(tmp_path / "on") if r["kind"] == "compile"]
     for a, b in zip(losses["off"], losses["on"]):
         assert abs(a - b) / a < 1e-4, losses
+
+
+def test_speedrun_spends_bf16_speed_on_steps():
+    from nanoseek.config import preset
+    from nanoseek.speedrun import SPEEDRUN_DEFAULT_STEPS, SPEEDRUN_STEPS, default_steps
+    assert default_steps("fp32") == (SPEEDRUN_DEFAULT_STEPS, "fp32")
+    assert default_steps("bf16") == (SPEEDRUN_STEPS["bf16"], "bf16")
+    assert SPEEDRUN_STEPS["bf16"] > SPEEDRUN_DEFAULT_STEPS
+    from nanoseek.train.pretrain import default_device
+    auto = prec.choose_precision("auto", default_device(), preset("tiny").hidden_size)[0]
+    assert default_steps("auto")[1] == auto

@@ -214,7 +214,7 @@ def speedrun(
         name: str = typer.Option("speedrun", help="run name: writes runs/NAME/report.md"),
         root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
         minutes: Optional[float] = typer.Option(None, callback=_range(0, 7 * 24 * 60, lo_open=True), help="training time budget in minutes, > 0 (default 7; with --resume, the run's own)"),
-        max_steps: Optional[int] = typer.Option(None, callback=POSITIVE, help="training steps if time allows, >= 1 (default 300; with --resume, the run's own)"),
+        max_steps: Optional[int] = typer.Option(None, callback=POSITIVE, help="training steps if time allows, >= 1 (default 300 in fp32, 380 in bf16, which buys them in the same time; with --resume, the run's own)"),
         threads: Optional[int] = typer.Option(None, callback=_range(0, 4096), help="torch threads (default 0 = adapt between all cores and one while training: on a crowded machine one thread can be faster; with --resume, the run's own)"),
         resume: bool = typer.Option(False, "--resume", help="continue the speedrun in runs/NAME (e.g. after Ctrl-C)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace the speedrun in runs/NAME (deletes only its own files)"),

@@ -4,9 +4,11 @@ kept for the run and refreshed from the masters before each step.
 Why not autocast: autocast casts per operator. Every linear casts its fp32 weight (and,
 in the backward, its gradient) and element-wise work runs in fp32 between bf16 matmuls.
 At small widths those casts and the wider element-wise traffic eat what the bf16 matmuls
-save. Measured on the 2-core AMD EPYC with avx512_bf16 (tiny preset, hidden 256, 8 x 256
-tokens, forward + backward + clip + AdamW, 2 threads): fp32 3,607-4,468 tok/s, autocast
-3,883, these copies 5,476-5,812.
+save. Measured on the 2-core AMD EPYC with avx512_bf16 (the speedrun's training step: tiny
+preset, hidden 256, 8 x 256 tokens, 2 threads; fp32 and one bf16 variant alternating steps
+in one process): autocast 1.03x fp32, these copies 1.01x, these copies with the MoE's
+expert slices padded to a few lengths (model/moe.py `padded_rows`, which needs the
+activations themselves in bf16, as here) 1.32x.
 
 How: `BF16Weights(model)` makes one bf16 copy per floating-point parameter. Inside
 `with copies:` the model's modules hold the copies in place of their parameters, so the
@@ -41,9 +43,10 @@ class BF16Weights:
             if getattr(module, "runs_in_fp32", False):
                 continue
             for name, p in module.named_parameters(recurse=False):
-                if not p.is_floating_point() or id(p) in copy_of:
-                    if id(p) in copy_of:
-                        self.slots.append((module, name, p))
+                if id(p) in copy_of:  # a tied parameter, met again
+                    self.slots.append((module, name, p))
+                    continue
+                if not p.is_floating_point():
                     continue
                 copy = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
                 if p.requires_grad:

@@ -8,14 +8,15 @@ so there `auto` is fp32. The CPU's flags decide (from /proc/cpuinfo); where they
 read (not Linux, or an ARM CPU whose `bf16` feature says nothing of its speed), a quick
 measured matmul decides.
 
-Fast bf16 matmuls are not yet a faster training step. On a CPU `auto` also asks for a model
+Fast bf16 matmuls alone do not make a faster training step. On a CPU `auto` also asks for a model
 at least `CPU_BF16_MIN_HIDDEN` wide. Measured on a 2-core AMD EPYC with avx512_bf16 (bf16
 matmuls 1.8-2.6x fp32's), the speedrun's own training step (tiny preset, hidden 256, 8 x 256
-tokens, 2 threads), two Trainers alternating steps in one process, median step:
-- with bf16 autocast: 1.08x fp32 (casts per operator; and oneDNN builds a bf16 kernel for
-  every new matmul shape, which the MoE's changing expert loads made every step);
-- with bf16 weight copies (train/bf16_weights.py) and the expert slices padded to a few
-  lengths (model/moe.py `padded_rows`): 1.28x (3,993 against 3,117 tok/s).
+tokens, 2 threads), fp32 and one bf16 variant alternating steps in one process, median:
+- bf16 autocast: 1.03x (casts per operator);
+- bf16 weight copies (train/bf16_weights.py): 1.01x. oneDNN builds a bf16 kernel for every
+  new matmul shape, and the MoE's expert loads change every step;
+- weight copies with the expert slices padded to a few lengths (model/moe.py
+  `padded_rows`): 1.32x (3,981 against 3,006 tok/s; 1.28x in an earlier pair).
 Narrower models are not measured and stay fp32 (the tests' tiny models among them, whose
 exactness checks need fp32). On a CPU with AMX (shared/notes/precision-on-cpu.md) autocast
 ran the tiny preset 0.56x and hidden 768 1.17x; copies and padding were not measured there.
@@ -23,8 +24,9 @@ The rule is deterministic on purpose: one command, one precision, however loaded
 machine. The reason travels with the choice into run.json.
 
 Whatever the precision, a run keeps fp32 master weights and optimizer state (bf16 runs on
-bf16 copies of them, or under autocast on several processes), and the router and the losses run in fp32 (see
-model/moe.py `Gate.forward` and `CausalLM._ce_sum`), as DeepSeek-V3 trains.
+bf16 copies of them, or under autocast on several processes), and the router and the
+losses run in fp32 (see model/moe.py `Gate.forward` and `CausalLM._ce_sum`), as
+DeepSeek-V3 trains.
 """
 
 from __future__ import annotations
