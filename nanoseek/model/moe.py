@@ -159,7 +159,6 @@ class MoE(nn.Module):
         load.zero_()
 
 
-
 PAD_ROWS = 32  # slices longer than this are padded to a multiple of it, shorter to a power of 2
 
 

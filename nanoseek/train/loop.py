@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from nanoseek.train import checkpointing
+from nanoseek.train.bf16_weights import BF16Weights, compute_precision
 from nanoseek.train.config import PRECISIONS, TrainConfig
 from nanoseek.train.compile import compile_blocks, resolve_compile
 from nanoseek.train.metrics import (METRICS_FILE, IntervalMeans, append, read_metrics,
                                     truncate_metrics)
 from nanoseek.train.schedule import lr_at
-from nanoseek.train.bf16_weights import BF16Weights, compute_precision
 from nanoseek.train.precision import choose_precision, hidden_size_of
 from nanoseek.train.targets import StepTargets, count_targets, step_targets
 
@@ -140,7 +140,8 @@ class Trainer:
         if self.compiled:  # in place: same module code, same state-dict names (train/compile.py)
             compile_blocks(model)
         # bf16 on one process: bf16 weight copies, not autocast (train/bf16_weights.py says
-        # why); several processes keep autocast (their gradient sync reads the parameters' grads)
+        # why); several processes keep autocast (tensor parallelism holds DTensor weights,
+        # and the copies were not measured there)
         self.bf16_copies = (BF16Weights(model) if self.precision == "bf16" and parallel is None
                             else None)
         fused = self.device.type == "cuda"
