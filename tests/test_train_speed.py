@@ -4,11 +4,14 @@ and compiled blocks against the eager reference."""
 import pytest
 import torch
 
+from nanoseek.config import preset
 from nanoseek.model import CausalLM
 from nanoseek.model.moe import Gate
+from nanoseek.speedrun import SPEEDRUN_DEFAULT_STEPS, SPEEDRUN_STEPS, default_steps
 from nanoseek.train import precision as prec
 from nanoseek.train.compile import compile_blocks, compiled_blocks, resolve_compile
 from nanoseek.train.loop import TrainConfig, read_metrics
+from nanoseek.train.pretrain import default_device
 from tests.test_train_loop import _trainer
 from tests.train_utils import micro_config
 
@@ -155,11 +158,8 @@ def test_compiled_training_steps_equal_eager(tmp_path):
 
 
 def test_speedrun_spends_bf16_speed_on_steps():
-    from nanoseek.config import preset
-    from nanoseek.speedrun import SPEEDRUN_DEFAULT_STEPS, SPEEDRUN_STEPS, default_steps
     assert default_steps("fp32") == (SPEEDRUN_DEFAULT_STEPS, "fp32")
     assert default_steps("bf16") == (SPEEDRUN_STEPS["bf16"], "bf16")
     assert SPEEDRUN_STEPS["bf16"] > SPEEDRUN_DEFAULT_STEPS
-    from nanoseek.train.pretrain import default_device
     auto = prec.choose_precision("auto", default_device(), preset("tiny").hidden_size)[0]
     assert default_steps("auto")[1] == auto

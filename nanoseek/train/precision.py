@@ -8,10 +8,11 @@ so there `auto` is fp32. The CPU's flags decide (from /proc/cpuinfo); where they
 read (not Linux, or an ARM CPU whose `bf16` feature says nothing of its speed), a quick
 measured matmul decides.
 
-Fast bf16 matmuls alone do not make a faster training step. On a CPU `auto` also asks for a model
-at least `CPU_BF16_MIN_HIDDEN` wide. Measured on a 2-core AMD EPYC with avx512_bf16 (bf16
-matmuls 1.8-2.6x fp32's), the speedrun's own training step (tiny preset, hidden 256, 8 x 256
-tokens, 2 threads), fp32 and one bf16 variant alternating steps in one process, median:
+Fast bf16 matmuls alone do not make a faster training step. On a CPU `auto` also asks for
+a model at least `CPU_BF16_MIN_HIDDEN` wide. Measured on a 2-core AMD EPYC with avx512_bf16
+(bf16 matmuls 1.8-2.6x fp32's), the speedrun's own training step (tiny preset, hidden 256,
+8 x 256 tokens, 2 threads), fp32 and one bf16 variant alternating steps in one process,
+median:
 - bf16 autocast: 1.03x (casts per operator);
 - bf16 weight copies (train/bf16_weights.py): 1.01x. oneDNN builds a bf16 kernel for every
   new matmul shape, and the MoE's expert loads change every step;
