@@ -27,7 +27,6 @@ nanoseek.calc via nanoseek/train/mfu.py) x tokens/s / this machine's measured ma
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from common import emit, json_only_stdout, log, transformers_variants  # noqa: E
 import nanoseek  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.model import CausalLM  # noqa: E402
-from nanoseek.train.bf16_weights import BF16Weights  # noqa: E402
+from nanoseek.train.bf16_weights import BF16Weights, compute_precision  # noqa: E402
 from nanoseek.train.loop import param_groups  # noqa: E402
 from nanoseek.train.mfu import flops_per_token, measure_peak_flops  # noqa: E402
 from nanoseek.train.precision import fast_bf16, peak_dtype  # noqa: E402
@@ -51,10 +50,8 @@ from nanoseek.train.pretrain import setup_threads  # noqa: E402
 
 def precision_context(model, precision: str):
     """fp32: nothing; bf16: autocast; bf16-copies: BF16Weights (nanoseek's training loop)."""
-    if precision == "bf16-copies":
-        return BF16Weights(model)
-    return (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-            else contextlib.nullcontext())
+    copies = BF16Weights(model) if precision == "bf16-copies" else None
+    return compute_precision(precision.removesuffix("-copies"), torch.device("cpu"), copies)
 
 
 def make_step(model, ids, is_hf: bool, precision: str = "fp32"):

@@ -36,12 +36,13 @@ SPEEDRUN_STEPS = {"bf16": 380}
 SPEEDRUN_DEFAULT_STEPS = 300  # fp32, fp16
 
 
-def default_steps(precision: str) -> tuple[int, str]:
+def default_steps(precision: str, hidden_size: int) -> tuple[int, str]:
     """(max_steps, precision) for a new speedrun: the precision `auto` (or the one asked
-    for) resolves to for the tiny preset on this device, and the steps it buys."""
+    for) resolves to for a model this wide on this device (the Trainer's own choice), and
+    the steps it buys."""
     from nanoseek.train.precision import choose_precision
     from nanoseek.train.pretrain import default_device
-    chosen, _ = choose_precision(precision, default_device(), preset("tiny").hidden_size)
+    chosen, _ = choose_precision(precision, default_device(), hidden_size)
     return SPEEDRUN_STEPS.get(chosen, SPEEDRUN_DEFAULT_STEPS), chosen
 
 
@@ -103,7 +104,7 @@ def _speedrun(out: Path, minutes, max_steps, progress, log, threads, resume, ove
     if threads is None and not resume:
         threads = 0
     given = {"train.max_steps": max_steps, "train.time_limit": None if minutes is None else minutes * 60}
-    steps, precision = default_steps(train_overrides.get("precision", "auto"))
+    steps, precision = default_steps(train_overrides.get("precision", "auto"), cfg.hidden_size)
     minutes, max_steps = 7.0 if minutes is None else minutes, steps if max_steps is None else max_steps
     tcfg = TrainConfig(**{**SPEEDRUN_TRAIN, "max_steps": max_steps, "time_limit": minutes * 60,
                           **train_overrides})

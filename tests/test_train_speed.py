@@ -158,8 +158,9 @@ def test_compiled_training_steps_equal_eager(tmp_path):
 
 
 def test_speedrun_spends_bf16_speed_on_steps():
-    assert default_steps("fp32") == (SPEEDRUN_DEFAULT_STEPS, "fp32")
-    assert default_steps("bf16") == (SPEEDRUN_STEPS["bf16"], "bf16")
+    hidden = preset("tiny").hidden_size
+    assert default_steps("fp32", hidden) == (SPEEDRUN_DEFAULT_STEPS, "fp32")
+    assert default_steps("bf16", hidden) == (SPEEDRUN_STEPS["bf16"], "bf16")
     assert SPEEDRUN_STEPS["bf16"] > SPEEDRUN_DEFAULT_STEPS
-    auto = prec.choose_precision("auto", default_device(), preset("tiny").hidden_size)[0]
-    assert default_steps("auto")[1] == auto
+    auto = prec.choose_precision("auto", default_device(), hidden)[0]
+    assert default_steps("auto", hidden)[1] == auto

@@ -36,26 +36,24 @@ class BF16Weights:
     """bf16 working copies of a model's fp32 parameters (see the module docstring)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
-        self.model, self.dtype = model, dtype
         self.slots: list[tuple[nn.Module, str, nn.Parameter]] = []  # (module, name, master)
-        copy_of: dict[int, nn.Parameter] = {}  # tied parameters share one copy
+        self.copy_of: dict[int, nn.Parameter] = {}  # id(master) -> copy; tied ones share one
+        self.masters: list[nn.Parameter] = []
+        self.copies: list[nn.Parameter] = []
         for module in model.modules():
             if getattr(module, "runs_in_fp32", False):
                 continue
             for name, p in module.named_parameters(recurse=False):
-                if id(p) in copy_of:  # a tied parameter, met again
-                    self.slots.append((module, name, p))
-                    continue
-                if not p.is_floating_point():
-                    continue
-                copy = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
-                if p.requires_grad:
-                    copy.register_post_accumulate_grad_hook(self._fold_into(p))
-                copy_of[id(p)] = copy
+                if id(p) not in self.copy_of:  # a tied parameter met again reuses its copy
+                    if not p.is_floating_point():
+                        continue
+                    copy = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+                    if p.requires_grad:
+                        copy.register_post_accumulate_grad_hook(self._fold_into(p))
+                    self.copy_of[id(p)] = copy
+                    self.masters.append(p)
+                    self.copies.append(copy)
                 self.slots.append((module, name, p))
-        self.copy_of = copy_of
-        self.masters = [p for p in {id(p): p for _, _, p in self.slots}.values()]
-        self.copies = [copy_of[id(p)] for p in self.masters]
 
     @staticmethod
     def _fold_into(master: nn.Parameter):

@@ -159,7 +159,7 @@ class Trainer:
         self.stop_signal = signum
 
     # ------------------------------------------------------------------ pieces
-    def autocast(self):
+    def precision_context(self):
         """The context forwards run in: bf16 weight copies, autocast, or plain fp32."""
         return compute_precision(self.precision, self.device, self.bf16_copies)
 
@@ -190,7 +190,7 @@ class Trainer:
             sums = self.parallel.pipeline_step(batches, targets)
         else:
             for batch in batches:
-                with self.autocast():
+                with self.precision_context():
                     loss, logs = self.loss_fn(model, batch, targets)
                 self.scaler.scale(loss).backward()
                 _add_shares(sums, {"loss": loss, **logs})
@@ -234,7 +234,7 @@ class Trainer:
         out: dict[str, Any] = {}
         try:
             if self.evaluate is not None:
-                with self.autocast():
+                with self.precision_context():
                     out.update(self.evaluate(model))
         finally:
             model.train()
