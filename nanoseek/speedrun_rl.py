@@ -52,26 +52,27 @@ def is_rl_speedrun(out: Path) -> bool:
 
 
 def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: int, log,
-              adapt_threads: bool = False) -> dict:
+              adapt_threads: bool = False, **train) -> dict:
     """SFT on the task's demonstrations, evaluated every 10 steps on `eval_n` held-out
-    problems, stopped at `threshold` accuracy (or the time budget)."""
+    problems, stopped at `threshold` accuracy (or the time budget). `train`: more
+    TrainConfig fields (precision, compile)."""
     from nanoseek.train.sft import SFTConfig, sft, sft_train_config
     cfg = SFTConfig(init=str(base), task="arithmetic", task_options=dict(RL_TASK), task_examples=4000,
                     epochs=100.0, eval_task_n=eval_n, stop_at_accuracy=threshold,
                     train=sft_train_config(max_steps=2000, batch_size=16, seq_len=256, lr=2e-3,
                                            warmup_steps=20, schedule="constant", eval_every=10,
-                                           save_every=0, time_limit=minutes * 60))
+                                           save_every=0, time_limit=minutes * 60, **train))
     run = sft(out, cfg, progress=False, log=lambda *a: None, adapt_threads=adapt_threads)
     evals = [r for r in _metrics(out) if r.get("kind") == "eval"]
     acc = evals[-1]["accuracy"] if evals else 0.0
     log(f"      SFT stopped at step {run['summary']['steps']}: held-out accuracy {acc:.3f} "
         f"({run['summary']['target_reached'] or 'time budget spent'})")
     return {"steps": run["summary"]["steps"], "accuracy": acc, "seconds": run["summary"]["elapsed"],
-            "reached": run["summary"]["target_reached"]}
+            "reached": run["summary"]["target_reached"], "precision": run.get("precision")}
 
 
 def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int,
-               adapt_threads: bool = False) -> dict:
+               adapt_threads: bool = False, **train) -> dict:
     """GRPO: 32 prompts x G=8 per step, lr 2e-4 after 10 warm-up steps, k3 KL (beta 0.02).
     Measured from a 38 % SFT checkpoint (README): lr 2e-4 gained, 3e-4 gained less, and
     5e-4 (or 3e-4 with 8 prompts a step) collapsed within 20-30 steps; at 16 prompts a step
@@ -81,20 +82,22 @@ def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int
     from nanoseek.train.rl_run import rl
     cfg = RLConfig(init=str(sft_dir), task="arithmetic", task_options=dict(RL_TASK),
                    train=rl_train_config(max_steps=steps, batch_size=32, lr=2e-4, warmup_steps=10,
-                                         eval_every=10, save_every=20, time_limit=minutes * 60),
+                                         eval_every=10, save_every=20, time_limit=minutes * 60, **train),
                    num_generations=8, beta=0.02, eval_n=eval_n, max_completion_length=64)
-    return rl(out, cfg, progress=False, log=lambda *a: None, adapt_threads=adapt_threads)["summary"]
+    run = rl(out, cfg, progress=False, log=lambda *a: None, adapt_threads=adapt_threads)
+    return {**run["summary"], "precision": run["precision"]}
 
 
 def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str | Path | None = None,
                 pretrain_minutes: float = 3.0, sft_minutes: float = 8.0, grpo_steps: int = 100,
                 grpo_minutes: float = 8.0,
                 threshold: float = 0.3, eval_n: int = 400, threads: int = 0, overwrite: bool = False,
-                log=print, stage_eval_n: int = 200) -> Path:
+                log=print, stage_eval_n: int = 200, precision: str = "auto", compile: str = "auto") -> Path:
     """Every stage; returns the report's path. `base`: a pretrained checkpoint to start
     from (e.g. runs/speedrun) instead of pretraining here. `threads` for SFT and GRPO: 0 =
     adaptive (all cores, one when that is faster on a crowded machine: train/threads.py).
-    `stage_eval_n`: held-out problems of the evaluations inside SFT and GRPO."""
+    `stage_eval_n`: held-out problems of the evaluations inside SFT and GRPO. `precision`,
+    `compile`: the SFT and GRPO updates' (TrainConfig; the rollouts run in the engine's fp32)."""
     import torch
     from nanoseek.data.tasks import load_task
     from nanoseek.speedrun import speedrun
@@ -119,9 +122,10 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
         torch.set_num_threads(threads)
     log(f"[2/5] SFT on {RL_TASK} demonstrations until held-out accuracy >= {threshold:.0%} "
         f"(at most {sft_minutes:g} min)")
-    sft = sft_stage(Path(base), out / "sft", threshold, sft_minutes, stage_eval_n, log, adapt)
+    stage_train = dict(precision=precision, compile=compile)
+    sft = sft_stage(Path(base), out / "sft", threshold, sft_minutes, stage_eval_n, log, adapt, **stage_train)
     log(f"[3/5] GRPO from the SFT checkpoint: {grpo_steps} steps (at most {grpo_minutes:g} min)")
-    grpo = grpo_stage(out / "sft", out / "grpo", grpo_steps, grpo_minutes, stage_eval_n, adapt)
+    grpo = grpo_stage(out / "sft", out / "grpo", grpo_steps, grpo_minutes, stage_eval_n, adapt, **stage_train)
     log(f"[4/5] held-out evaluation: {eval_n} problems, greedy, SFT vs GRPO")
     before = evaluate_task(out / "sft", task, n=eval_n, k=0, seed=1)
     after = evaluate_task(out / "grpo", task, n=eval_n, k=0, seed=1)
@@ -149,6 +153,8 @@ def report(out: Path, base, sft: dict, grpo: dict, before: dict, after: dict, ev
                     f" (held-out accuracy {pct(sft['accuracy'])})",
              "GRPO": f"{grpo['steps']} steps in {grpo['elapsed']:.0f} s",
              "torch threads (SFT, GRPO)": threads,
+             "precision of the updates (SFT, GRPO; rollouts in fp32)":
+                 f"{sft.get('precision')}, {grpo.get('precision')}",
              "wall time of these stages (s)": f"{total:.0f}"}
     if pretrain_s is not None:  # a --base speedrun: its own time, then these stages
         extra["wall time with the pretraining speedrun before it (s)"] = \

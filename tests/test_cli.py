@@ -308,3 +308,71 @@ def test_help_reflows_docstrings():
     """Command descriptions are reflowed, not broken at the source's line ends."""
     lines = [line for line in invoke("--help").output.splitlines() if "warm-up +" in line]
     assert lines and all("cosine/WSD" in line for line in lines), lines
+
+
+# --------------------------------------------------------------- --precision, --compile
+TRAINING_COMMANDS = [["pretrain", "--out", "x"], ["sft", "--init", "x", "--out", "y"],
+                     ["dpo", "--init", "x", "--out", "y"], ["grpo", "--init", "x", "--out", "y"],
+                     ["speedrun"], ["speedrun-rl"]]
+
+
+@pytest.mark.parametrize("command", TRAINING_COMMANDS, ids=lambda c: c[0])
+def test_training_commands_check_precision_and_compile(command):
+    assert_user_error(invoke(*command, "--precision", "bf32"), "--precision", "bf32", "fp32 | bf16")
+    assert_user_error(invoke(*command, "--compile", "yes"), "--compile", "yes")
+
+
+def test_cli_choices_are_the_trainers():
+    """cli/common.py repeats the choices so that --help imports no torch; they must agree."""
+    from nanoseek.cli.common import COMPILE_CHOICES, PRECISION_CHOICES
+    from nanoseek.train.config import COMPILE_MODES, PRECISIONS
+    assert PRECISION_CHOICES == PRECISIONS and COMPILE_CHOICES == COMPILE_MODES
+
+
+class Called(Exception):
+    """Raised by a stand-in for a stage's run function: what the command passed it."""
+
+
+def _capture(monkeypatch, module: str, name: str):
+    import importlib
+
+    def stand_in(*args, **kw):
+        raise Called(args, kw)
+    monkeypatch.setattr(importlib.import_module(module), name, stand_in)
+
+
+def _train_config(result):
+    (args, kw), = [result.exception.args]
+    settings = next(a for a in args if hasattr(a, "train"))
+    return settings.train
+
+
+@pytest.mark.parametrize("command, module, name", [
+    (["sft", "--init", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.sft", "sft"),
+    (["dpo", "--init", "x", "--out", "y"], "nanoseek.train.dpo", "dpo"),
+    (["grpo", "--init", "x", "--out", "y"], "nanoseek.train.rl_run", "rl"),
+], ids=["sft", "dpo", "grpo"])
+def test_post_training_passes_precision_and_compile(monkeypatch, command, module, name):
+    _capture(monkeypatch, module, name)
+    given = _train_config(invoke(*command, "--precision", "bf16", "--compile", "on"))
+    assert (given.precision, given.compile) == ("bf16", "on")
+    default = _train_config(invoke(*command))
+    assert (default.precision, default.compile) == ("auto", "auto")
+
+
+def test_speedruns_pass_precision(monkeypatch):
+    _capture(monkeypatch, "nanoseek.speedrun", "speedrun")
+    r = invoke("speedrun", "--precision", "fp32", "--compile", "off")
+    assert isinstance(r.exception, Called)
+    assert {k: r.exception.args[1][k] for k in ("precision", "compile")} == {"precision": "fp32", "compile": "off"}
+    assert "precision" not in invoke("speedrun").exception.args[1]  # not given: the speedrun's auto
+    _capture(monkeypatch, "nanoseek.speedrun_rl", "speedrun_rl")
+    r = invoke("speedrun-rl", "--precision", "fp32")
+    assert r.exception.args[1]["precision"] == "fp32" and r.exception.args[1]["compile"] == "auto"
+
+
+def test_speedrun_resume_keeps_the_runs_precision(monkeypatch):
+    _capture(monkeypatch, "nanoseek.speedrun", "speedrun")
+    r = invoke("speedrun", "--resume", "--precision", "fp32")
+    assert "precision" not in r.exception.args[1]
+    assert "ignoring --precision" in r.stderr

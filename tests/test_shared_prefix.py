@@ -88,3 +88,53 @@ def test_rows_respect_the_cap_and_group_equal_prompts_only():
     assert plan_rows(prompts, completions, max_row_tokens=8) == [[0, 1], [2], [3], [4]]
     with pytest.raises(ValueError, match="prompt of at least one token"):
         pack_shared_prefix([[]], [[1]], pad_id=0)
+
+
+def test_buckets_are_few_and_tight():
+    from nanoseek.train.shape_buckets import bucket
+    assert [bucket(n) for n in (1, 3, 5, 64, 65, 100, 1000, 1025)] == [1, 4, 8, 64, 72, 104, 1024, 1152]
+    sizes = [bucket(n) for n in range(1, 4097)]
+    assert all(n <= b <= max(2 * n - 1, 1) for n, b in zip(range(1, 4097), sizes))
+    assert all(b <= 1.125 * n for n, b in zip(range(65, 4097), sizes[64:]))
+    assert len(set(sizes)) <= 7 + 6 * 8  # powers of two to 64, then 8 per octave
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        bucket(0)
+
+
+def test_buckets_pay_only_for_low_precision_matmuls_on_cpu():
+    from nanoseek.train.bf16_weights import BF16Weights
+    from nanoseek.train.shape_buckets import buckets_pay
+    model = CausalLM(micro_config())
+    assert not buckets_pay(model)
+    with BF16Weights(model):
+        assert buckets_pay(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert buckets_pay(model)
+
+
+def test_bucketed_rows_give_the_same_logprobs_and_gradients(monkeypatch):
+    """The padding columns and head rows are invisible: forced on in fp32, the log-probs and
+    gradients are the unpadded ones, while the trunk and head see the bucketed shapes."""
+    import nanoseek.train.shared_prefix as sp
+    torch.manual_seed(0)
+    model = CausalLM(micro_config()).train()
+    prompts, completions = groups()
+    batch = pack_shared_prefix(prompts, completions, pad_id=2)
+
+    def run():
+        model.zero_grad()
+        logp = shared_prefix_logprobs(model, batch, 0.7)
+        (logp * torch.linspace(-1, 1, logp.numel()).view(logp.shape)).sum().backward()
+        return logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want, want_grads = run()
+    seen = []
+    hidden, head = model.hidden, model.lm_head.forward
+    monkeypatch.setattr(model, "hidden", lambda ids, *a: seen.append(ids.shape[1]) or hidden(ids, *a))
+    monkeypatch.setattr(model.lm_head, "forward", lambda h: seen.append(h.shape[0]) or head(h))
+    monkeypatch.setattr(sp, "buckets_pay", lambda m: True)
+    got, got_grads = run()
+    assert batch.inputs.shape[1] == 19 and seen == [32, 64]  # 19 columns, 46 completion tokens
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g_got, g_want in zip(got_grads, want_grads):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)

@@ -169,6 +169,35 @@ def load_config(preset_name: str | None = None, config_path: str | None = None):
     return preset(preset_name) if preset_name else ModelConfig.from_json(config_path)
 
 
+# --precision and --compile: the same choices for every training command (train/config.py
+# PRECISIONS, COMPILE_MODES; repeated here so that `--help` does not import torch)
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+COMPILE_CHOICES = ("auto", "off", "on")
+PRECISION_HELP = ("auto (bf16 where the device has fast bf16: CUDA with bf16, a CPU with "
+                  "AMX/AVX512-BF16; else fp32) | fp32 | bf16 | fp16 (with a gradient scaler)")
+COMPILE_HELP = "torch.compile of the blocks: auto (off: it does not pay on CPU; not measured on CUDA) | on | off"
+
+
+def choice(values: tuple[str, ...]):
+    """A typer callback: the value (if given) is one of `values`, else one line naming them."""
+    def check(value):
+        if value is not None and value not in values:
+            raise typer.BadParameter(f"must be one of {' | '.join(values)}, got {value!r}")
+        return value
+    return check
+
+
+def precision_option(default: str | None = None):
+    """--precision for a training command; None = auto (or the run's own, on --resume)."""
+    return typer.Option(default, "--precision", callback=choice(PRECISION_CHOICES),
+                        help=PRECISION_HELP + ("" if default else " [default: auto]"))
+
+
+def compile_option(default: str | None = None):
+    return typer.Option(default, "--compile", callback=choice(COMPILE_CHOICES),
+                        help=COMPILE_HELP + ("" if default else " [default: auto]"))
+
+
 def task_options(pairs: list[str]) -> dict:
     """KEY=VALUE -> {KEY: VALUE}, values read as JSON when they are (3, 0.5, null), else text."""
     import json

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from nanoseek.cli.common import compile_option, precision_option
+
 LORA_TARGETS_HELP = ("comma-separated linears to adapt (default: all of q_a_proj, q_b_proj, "
                      "q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj, down_proj)")
 
@@ -52,6 +54,8 @@ def sft(
         lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
         merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
         seed: Optional[int] = typer.Option(None, help="data order and held-out split [1337]"),
+        precision: Optional[str] = precision_option(),
+        compile: Optional[str] = compile_option(),
         nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (each data-parallel rank trains on its rows of --batch-size)"),
         ep: int = typer.Option(1, min=1, help="expert-parallel size (with --nproc; divides the data-parallel size)"),
         tp: int = typer.Option(1, min=1, help="tensor-parallel size (with --nproc)"),
@@ -75,7 +79,8 @@ def sft(
         lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                                        save_every=save_every, eval_every=eval_every, seed=seed)))
+                                        save_every=save_every, eval_every=eval_every, seed=seed,
+                                        precision=precision, compile=compile)))
     run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress,
                   parallel=ParallelConfig(ep=ep, tp=tp))
     if launch.is_main():
@@ -110,6 +115,8 @@ def dpo(
         lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
         merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
         seed: Optional[int] = typer.Option(None, help="pair order and sampling seed [1337]"),
+        precision: Optional[str] = precision_option(),
+        compile: Optional[str] = compile_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Direct Preference Optimization (sigmoid loss against a frozen reference) on
     preference pairs from a file or sampled on a task."""
@@ -122,7 +129,8 @@ def dpo(
         lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
         train=dpo_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                                        save_every=save_every, seed=seed)))
+                                        save_every=save_every, seed=seed, precision=precision,
+                                        compile=compile)))
     run = run_dpo(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress)
     b, a = run["before"], run["after"]
     typer.echo(f"done: {run['summary']['steps']} steps; reward accuracy {b['reward_accuracy']:.3f} -> "

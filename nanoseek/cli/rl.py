@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from nanoseek.cli.common import compile_option, precision_option
+
 
 def grpo(
         out: Path = typer.Option(..., "--out", help="run directory (becomes the policy's HF checkpoint)"),
@@ -35,6 +37,8 @@ def grpo(
         eval_n: int = typer.Option(200, min=1, help="held-out problems per evaluation"),
         save_every: int = typer.Option(25, min=0),
         seed: int = typer.Option(1337),
+        precision: Optional[str] = precision_option(),
+        compile: Optional[str] = compile_option(),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
         nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches under torchrun; each rank samples its share of --batch-size prompts (data parallel, weights replicated)"),
         no_progress: bool = typer.Option(False, "--no-progress")):
@@ -50,7 +54,8 @@ def grpo(
         raise typer.BadParameter("--init is required (the checkpoint to start from)")
     train = rl_train_config(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                             lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
-                            save_every=save_every or max_steps * num_iterations, seed=seed)
+                            save_every=save_every or max_steps * num_iterations, seed=seed,
+                            **{k: v for k, v in (("precision", precision), ("compile", compile)) if v})
     cfg = RLConfig(init=str(init or ""), task=task, task_options=task_options(option or []),
                    algo=algo, train=train, num_generations=num_generations, temperature=temperature,
                    max_completion_length=max_completion_length, loss_type=loss_type,
@@ -77,13 +82,15 @@ def speedrun_rl(
         threshold: float = typer.Option(0.3, help="held-out accuracy at which SFT hands over to GRPO"),
         eval_n: int = typer.Option(400, help="held-out problems of the before/after evaluation"),
         threads: int = typer.Option(0, min=0, help="torch threads for SFT and GRPO (0 = adaptive: all cores, one when a crowded machine makes that faster)"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="replace the RL speedrun in runs/NAME (deletes only its own files)")):
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace the RL speedrun in runs/NAME (deletes only its own files)"),
+        precision: str = precision_option("auto"),
+        compile: str = compile_option("auto")):
     """SFT on 2-digit addition until a held-out accuracy threshold -> GRPO -> held-out
     evaluation of both on the same problems -> report with reward/accuracy curves and a
     before/after table. From --base (e.g. runs/speedrun), or pretraining first."""
     from nanoseek.speedrun_rl import speedrun_rl as run
     run(name, root, base, pretrain_minutes, sft_minutes, grpo_steps, grpo_minutes, threshold, eval_n,
-        threads, overwrite, log=typer.echo)
+        threads, overwrite, log=typer.echo, precision=precision, compile=compile)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from nanoseek.cli.common import compile_option, precision_option
 from nanoseek.special_tokens import SPECIAL_TOKENS
 
 
@@ -79,8 +80,8 @@ def pretrain(
         schedule: str = typer.Option("cosine", help="cosine | wsd | constant"),
         weight_decay: float = typer.Option(0.1, callback=COUNT, help="AdamW decoupled weight decay (matrices only, >= 0)"),
         grad_clip: float = typer.Option(1.0, callback=COUNT, help="gradient-norm clipping (0 = off)"),
-        precision: str = typer.Option("auto", help="auto (bf16 where the device has fast bf16: CUDA with bf16, a CPU with AMX/AVX512-BF16; else fp32) | fp32 | bf16 | fp16 (with a gradient scaler)"),
-        compile: str = typer.Option("auto", "--compile", help="torch.compile of the blocks: auto (off: it does not pay on CPU; not measured on CUDA) | on | off"),
+        precision: str = precision_option("auto"),
+        compile: str = compile_option("auto"),
         router_z_loss: Optional[float] = typer.Option(None, callback=COUNT, help="router z-loss coefficient (overrides the config, >= 0)"),
         eval_every: int = typer.Option(100, callback=COUNT, help="steps between validations (0 = at the end only)"),
         eval_tokens: int = typer.Option(0, callback=COUNT, help="validation tokens per evaluation (0 = all)"),
@@ -218,13 +219,20 @@ def speedrun(
         threads: Optional[int] = typer.Option(None, callback=_range(0, 4096), help="torch threads (default 0 = adapt between all cores and one while training: on a crowded machine one thread can be faster; with --resume, the run's own)"),
         resume: bool = typer.Option(False, "--resume", help="continue the speedrun in runs/NAME (e.g. after Ctrl-C)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace the speedrun in runs/NAME (deletes only its own files)"),
+        precision: Optional[str] = precision_option(),
+        compile: Optional[str] = compile_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
     pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most)."""
     from nanoseek.speedrun import speedrun as run_speedrun
+    given = {k: v for k, v in (("precision", precision), ("compile", compile)) if v is not None}
+    if resume and given:  # a run keeps its precision (its checkpoint holds that run's scaler state)
+        typer.echo(f"note: --resume continues with the run's own settings; ignoring "
+                   f"{', '.join('--' + k for k in given)}", err=True)
+        given = {}
     try:
         run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads,
-                     resume=resume, overwrite=overwrite)
+                     resume=resume, overwrite=overwrite, **given)
     except BaseException as e:
         _exit_on_signal(e, f"nanoseek speedrun --root {root} --name {name} --resume")
         raise
