@@ -92,6 +92,32 @@ def test_balance_loss_matches_hand_computation():
     assert uniform.item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("seq_aux", [True, False])
+def test_padding_tokens_leave_the_load_and_losses_alone(seq_aux):
+    """With token_mask, padded rows count exactly what the unpadded rows count: the load
+    that moves the bias, the balance loss and the z-loss. Without it, the padding (all
+    alike, so all on the same experts) would load those experts."""
+    cfg = tiny_config(aux_loss_alpha=0.01, router_z_loss_coef=0.001, seq_aux=seq_aux)
+    moe = randomize(CausalLM(cfg)).model.layers[1].mlp.train()
+    x = torch.randn(2, 5, cfg.hidden_size)
+    padded = torch.cat([x, torch.zeros(2, 3, cfg.hidden_size) + x[:1, :1]], dim=1)  # 3 alike pads
+    mask = torch.arange(8)[None, :] < 5
+
+    def run(inp, token_mask=None):
+        moe.tokens_per_expert.zero_()
+        y = moe(inp, token_mask)
+        return y, moe.tokens_per_expert.clone(), moe.aux_loss
+
+    y, load, aux = run(x)
+    y_pad, load_pad, aux_pad = run(padded, mask.expand(2, 8))
+    torch.testing.assert_close(y_pad[:, :5], y, rtol=1e-5, atol=1e-6)
+    assert torch.equal(load_pad, load) and load.sum() == 2 * 5 * cfg.num_experts_per_tok
+    torch.testing.assert_close(aux_pad, aux)
+    _, load_unmasked, aux_unmasked = run(padded)
+    assert load_unmasked.sum() == load.sum() + 2 * 3 * cfg.num_experts_per_tok
+    assert not torch.allclose(aux_unmasked, aux)
+
+
 def test_bias_update_moves_a_skewed_router_toward_uniform():
     cfg = tiny_config(num_nextn_predict_layers=0, n_group=1, topk_group=1, aux_loss_alpha=0.0)
     model = CausalLM(cfg)

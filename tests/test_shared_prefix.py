@@ -123,11 +123,14 @@ def test_bucketed_rows_give_the_same_logprobs_and_gradients(monkeypatch):
 
     def run():
         model.zero_grad()
+        model.update_router_biases(gamma=0.0)  # resets the load counters
         logp = shared_prefix_logprobs(model, batch, 0.7)
         (logp * torch.linspace(-1, 1, logp.numel()).view(logp.shape)).sum().backward()
         return logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     want, want_grads = run()
+    want_load = model.expert_load()
+    assert want_load[0].sum() == int(batch.real.sum()) * model.config.num_experts_per_tok  # padding uncounted
     seen = []
     hidden, head = model.hidden, model.lm_head.forward
     monkeypatch.setattr(model, "hidden", lambda ids, *a: seen.append(ids.shape[1]) or hidden(ids, *a))
@@ -138,3 +141,4 @@ def test_bucketed_rows_give_the_same_logprobs_and_gradients(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for g_got, g_want in zip(got_grads, want_grads):
         torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(model.expert_load(), want_load, strict=True))  # same bias update

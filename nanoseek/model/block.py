@@ -24,4 +24,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), freqs_cis, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):  # a padded layout's cache names its real tokens
+            return x + self.mlp(h, getattr(cache, "token_mask", None))
+        return x + self.mlp(h)

@@ -77,17 +77,21 @@ class Gate(nn.Module):
         return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
 
 
-def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_experts: int) -> torch.Tensor:
+def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_experts: int,
+                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sequence-wise balance loss of V3 (Eq. 17-20), without α:
         Σ_i f_i P_i,  f_i = N_r/(K_r·T)·#{t routed to i},  P_i = mean_t s_{i,t}/Σ_j s_{j,t},
-    averaged over sequences. `batch` = 1 gives the batch-wise (V2) form."""
+    averaged over sequences. `batch` = 1 gives the batch-wise (V2) form. token_mask [N]
+    (True = a real token): T, the counts and the means then cover the real tokens only."""
     k = indices.shape[-1]
-    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, -1, n_experts)
-    T = probs.shape[1]
+    real = (torch.ones(indices.shape[0], device=scores.device) if token_mask is None
+            else token_mask.to(scores.dtype)).view(batch, -1)
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, -1, n_experts) * real.unsqueeze(-1)
+    T = real.sum(dim=1, keepdim=True).clamp(min=1)                  # [batch, 1]
     counts = torch.zeros(batch, n_experts, device=scores.device)
-    counts.scatter_add_(1, indices.view(batch, -1), torch.ones_like(indices.view(batch, -1), dtype=counts.dtype))
-    f = counts * (n_experts / (k * T))
-    return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+    counts.scatter_add_(1, indices.view(batch, -1), real.repeat_interleave(k, dim=1))
+    f = counts * n_experts / (k * T)
+    return (f * probs.sum(dim=1) / T).sum(dim=-1).mean()
 
 
 class MoE(nn.Module):
@@ -106,17 +110,23 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, D]. token_mask [B, S] (True = a real token; None = all are): padding is
+        routed and computed like any token, but left out of the load that moves the bias
+        and of the balance and z-losses (padding tokens are alike, so they would all load
+        the same experts)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores, logits = self.gate(flat)
         y = self.dispatch(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
+        real = None if token_mask is None else token_mask.reshape(-1)
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.n_experts)
-        self.aux_loss = self._aux_loss(scores, indices, logits, shape[0]) if self.training else None
+                counted = indices if real is None else indices[real]
+                self.tokens_per_expert += torch.bincount(counted.flatten(), minlength=self.n_experts)
+        self.aux_loss = self._aux_loss(scores, indices, logits, shape[0], real) if self.training else None
         return y.view(shape)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -138,13 +148,14 @@ class MoE(nn.Module):
         out = torch.cat(outs) * slot_weights.unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of_slot, out)[:n_tokens]
 
-    def _aux_loss(self, scores, indices, logits, batch) -> torch.Tensor | None:
+    def _aux_loss(self, scores, indices, logits, batch, real=None) -> torch.Tensor | None:
         cfg, loss = self.cfg, None
         if cfg.aux_loss_alpha > 0:
             loss = cfg.aux_loss_alpha * balance_loss(scores, indices, batch if cfg.seq_aux else 1,
-                                                     self.n_experts)
+                                                     self.n_experts, real)
         if cfg.router_z_loss_coef > 0:  # ST-MoE's z-loss keeps router logits small
-            z = cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+            z2 = torch.logsumexp(logits, dim=-1).square()
+            z = cfg.router_z_loss_coef * (z2.mean() if real is None else (z2 * real).sum() / real.sum().clamp(min=1))
             loss = z if loss is None else loss + z
         return loss
 

@@ -40,11 +40,13 @@ MAX_ROW_TOKENS = 1024
 
 
 class SharedPrefixMask:
-    """The Cache protocol with no storage: every layer attends under the packed rows' mask."""
+    """The Cache protocol with no storage: every layer attends under the packed rows' mask,
+    and the MoE counts only the real tokens (`token_mask`) toward its load."""
     absorb = False
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, token_mask: torch.Tensor | None = None):
         self.mask = mask  # [R, S, S] bool, True = may attend
+        self.token_mask = token_mask  # [R, S] bool, True = a prompt or completion token
 
     def update(self, layer_id: int, *new: torch.Tensor):
         return new, self.mask
@@ -57,6 +59,7 @@ class SharedPrefixBatch:
     inputs: torch.Tensor      # [R, S] token ids (pad_id after a row's end)
     positions: torch.Tensor   # [R, S] RoPE positions (a completion restarts after the prompt)
     attn_mask: torch.Tensor   # [R, S, S] bool
+    real: torch.Tensor        # [R, S] bool: a prompt or completion token (not padding)
     rows: torch.Tensor        # [N, T] row of the position that predicts completion token j
     cols: torch.Tensor        # [N, T] and its column in that row
     targets: torch.Tensor     # [N, T] completion token j (IGNORE_INDEX past the completion)
@@ -96,6 +99,7 @@ def pack_shared_prefix(prompt_ids: list[list[int]], completion_ids: list[list[in
     inputs = torch.full((R, S), pad_id, dtype=torch.long)
     positions = torch.zeros(R, S, dtype=torch.long)
     attn = torch.eye(S, dtype=torch.bool).repeat(R, 1, 1)  # padding attends to itself only
+    real = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
     rows = torch.zeros(N, T, dtype=torch.long)
     cols = torch.zeros(N, T, dtype=torch.long)
     targets = torch.full((N, T), IGNORE_INDEX, dtype=torch.long)
@@ -121,18 +125,18 @@ def pack_shared_prefix(prompt_ids: list[list[int]], completion_ids: list[list[in
             targets[n, :L] = torch.tensor(c, dtype=torch.long)
             mask[n, :L] = True
             start += k
-    return SharedPrefixBatch(inputs, positions, attn, rows, cols, targets, mask).to(device)
+    return SharedPrefixBatch(inputs, positions, attn, real, rows, cols, targets, mask).to(device)
 
 
 def shared_prefix_logprobs(model, batch: SharedPrefixBatch, temperature: float = 1.0) -> torch.Tensor:
     """log π(completion token j | prompt, completion[:j]) as [N, T] (0 past a completion),
     the same numbers rollout.token_logprobs gives over the padded layout. In bf16 on a CPU
     the row length and the head's row count are rounded up to a few sizes (shape_buckets.py)."""
-    inputs, positions, attn = batch.inputs, batch.positions, batch.attn_mask
+    inputs, positions, attn, real = batch.inputs, batch.positions, batch.attn_mask, batch.real
     buckets = buckets_pay(model)
     if buckets:
-        inputs, positions, attn = pad_columns(inputs, positions, attn, bucket(inputs.shape[1]))
-    h = model.hidden(inputs, positions, SharedPrefixMask(attn))
+        inputs, positions, attn, real = pad_columns(inputs, positions, attn, real, bucket(inputs.shape[1]))
+    h = model.hidden(inputs, positions, SharedPrefixMask(attn, real))
     where = batch.mask.flatten().nonzero().flatten()  # completion tokens only: no padding
     n = len(where)
     rows, cols, targets = batch.rows.flatten()[where], batch.cols.flatten()[where], batch.targets.flatten()[where]
@@ -144,13 +148,14 @@ def shared_prefix_logprobs(model, batch: SharedPrefixBatch, temperature: float =
     return logp.new_zeros(batch.mask.numel()).index_copy(0, where, logp).view(batch.mask.shape)
 
 
-def pad_columns(inputs: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor, S: int):
+def pad_columns(inputs: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor, real: torch.Tensor,
+                S: int):
     """Packed rows widened to S columns of padding (token 0 at position 0, attending only
-    to itself, as a row's own padding does)."""
+    to itself and not a real token, as a row's own padding)."""
     extra = S - inputs.shape[1]
     if extra <= 0:
-        return inputs, positions, attn
+        return inputs, positions, attn, real
     R, old = attn.shape[0], attn.shape[1]
     wide = torch.eye(S, dtype=torch.bool, device=attn.device).repeat(R, 1, 1)
     wide[:, :old, :old] = attn
-    return F.pad(inputs, (0, extra)), F.pad(positions, (0, extra)), wide
+    return F.pad(inputs, (0, extra)), F.pad(positions, (0, extra)), wide, F.pad(real, (0, extra))
