@@ -87,6 +87,20 @@ def test_step_logs_and_first_pass_ratio(init_dir, vowels, tmp_path):
     assert run["start_eval"]["step"] == 0 and (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_bf16_update_runs_on_bucketed_shapes(init_dir, vowels, tmp_path, monkeypatch):
+    """--precision bf16 on a CPU: the update runs on bf16 weight copies, so the packed rows
+    are rounded up to a bucket (train/shape_buckets.py); the first pass's ratio is still 1."""
+    import nanoseek.train.shared_prefix as sp
+    from nanoseek.train.shape_buckets import bucket
+    seen = []
+    monkeypatch.setattr(sp, "bucket", lambda n: seen.append(n) or bucket(n))
+    cfg = config(init_dir, beta=0.0, train=dict(max_steps=2, precision="bf16"))
+    run = rl(tmp_path / "run", cfg, progress=False, log=lambda *a: None)
+    first = train_records(tmp_path / "run")[0]
+    assert run["precision"] == "bf16" and seen  # the policy's forwards were bucketed
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-6) and torch.isfinite(torch.tensor(first["loss"]))
+
+
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
 def test_loss_variants_and_options_run(init_dir, vowels, tmp_path, loss_type):
     cfg = config(init_dir, loss_type=loss_type, scale_rewards="batch", epsilon_high=0.28,
