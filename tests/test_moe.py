@@ -118,6 +118,13 @@ def test_padding_tokens_leave_the_load_and_losses_alone(seq_aux):
     assert not torch.allclose(aux_unmasked, aux)
 
 
+def test_padded_rows_are_real_through_their_last_label():
+    from nanoseek.model.cache import PaddedRows
+    labelled = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(PaddedRows.through_last(labelled), want)
+
+
 def test_bias_update_moves_a_skewed_router_toward_uniform():
     cfg = tiny_config(num_nextn_predict_layers=0, n_group=1, topk_group=1, aux_loss_alpha=0.0)
     model = CausalLM(cfg)

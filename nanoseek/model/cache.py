@@ -25,6 +25,26 @@ class Cache(Protocol):
         ...
 
 
+class PaddedRows:
+    """The Cache protocol with no storage, for one causal forward over right-padded rows:
+    attention stays plain causal (nothing is stored, no mask), and `token_mask` [B, S]
+    (True = a real token) keeps the padding out of the MoE's load and losses."""
+    absorb = False
+
+    def __init__(self, token_mask: torch.Tensor):
+        self.token_mask = token_mask
+
+    @staticmethod
+    def through_last(labelled: torch.Tensor) -> torch.Tensor:
+        """labelled [B, S] bool -> [B, S] bool, True up to each row's last labelled column:
+        the real tokens of rows that end with their last label (the rest is padding)."""
+        col = torch.arange(labelled.shape[1], device=labelled.device)
+        return col[None, :] <= torch.where(labelled, col, -1).amax(dim=1, keepdim=True)
+
+    def update(self, layer_id: int, *new: torch.Tensor):
+        return new, None
+
+
 class ContiguousCache:
     """Per-layer tensors [B, max_len, ...] for a batch that advances in lock-step.
 

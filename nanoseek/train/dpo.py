@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.data.preferences import PairBatch, encode_pairs, read_pairs
+from nanoseek.model.cache import PaddedRows
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.lora import LoraSettings
@@ -35,6 +36,7 @@ from nanoseek.train.loop import Trainer
 from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_task_lazily, merge_into,
                                       start_stage, with_adapters, write_run)
 from nanoseek.train.pretrain import RunError
+from nanoseek.train.shape_buckets import bucket, buckets_pay
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -80,9 +82,16 @@ class DPOConfig:
 
 # ------------------------------------------------------------------ the loss
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log π(label | prefix) over each row's labelled positions -> [N] (fp32)."""
-    logits = model(input_ids).float()
+    """Sum of log π(label | prefix) over each row's labelled positions -> [N] (fp32).
+    A row ends with its last label, so the columns after it are padding, which the MoE
+    does not count (`PaddedRows`); in bf16 on a CPU the width is rounded up to a bucket
+    (train/shape_buckets.py), columns the causal attention keeps away from the real ones."""
     mask = labels != IGNORE_INDEX
+    S, real = input_ids.shape[1], PaddedRows.through_last(mask)
+    if buckets_pay(model):
+        extra = bucket(S) - S
+        input_ids, real = F.pad(input_ids, (0, extra)), F.pad(real, (0, extra))
+    logits = model(input_ids, None, PaddedRows(real))[:, :S].float()
     logp = torch.gather(F.log_softmax(logits, dim=-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(dim=-1)
 

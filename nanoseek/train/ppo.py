@@ -20,6 +20,8 @@ import copy
 import torch
 from torch import nn
 
+from nanoseek.model.cache import PaddedRows
+from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.train.rl_objectives import (clipped_surrogate, clipped_value_loss, gae,
                                           normalise, whiten)
 from nanoseek.train.rollout import token_logprobs
@@ -37,9 +39,9 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def values(self, inputs: torch.Tensor) -> torch.Tensor:
+    def values(self, inputs: torch.Tensor, cache=None) -> torch.Tensor:
         """V(prefix up to position i) [B, S]: the value of the state in which target i is chosen."""
-        return self.value_head(self.critic.hidden(inputs)).squeeze(-1).float()
+        return self.value_head(self.critic.hidden(inputs, None, cache)).squeeze(-1).float()
 
     def moe_layers(self) -> list:
         return self.policy.moe_layers() + self.critic.moe_layers()
@@ -85,11 +87,13 @@ def token_rewards(b: dict, beta: float) -> torch.Tensor:
 def ppo_loss(stage, model, batch: dict, targets):
     cfg, count = stage.cfg, targets.count
     mask = batch["mask"]
-    h = model.policy.hidden(batch["inputs"])
+    # right-padded rows end with their last target: the MoE counts no padding (PaddedRows)
+    rows = PaddedRows(PaddedRows.through_last(batch["targets"] != IGNORE_INDEX))
+    h = model.policy.hidden(batch["inputs"], None, rows)
     logp = token_logprobs(model.policy, batch["inputs"], batch["targets"], cfg.temperature, hidden=h)
     objective, clipped = clipped_surrogate(logp, batch["old_logp"], batch["advantages"],
                                            cfg.epsilon, cfg.eps_high)
-    values = model.values(batch["inputs"])
+    values = model.values(batch["inputs"], rows)
     vloss = clipped_value_loss(values, batch["old_values"], batch["returns"], cfg.cliprange_value)
     pg = normalise(-objective, mask, cfg.loss_type, count[0], count[1], stage.max_len)
     vf = normalise(vloss, mask, "bnpo", count[0], count[1], stage.max_len)

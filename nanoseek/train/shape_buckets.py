@@ -11,8 +11,10 @@ in 13 % less time. The RL speedrun's process (SFT, then ~80 GRPO steps) peaked a
 with fp32 updates and at 5.4-5.7 GB with bf16 ones before these buckets.
 
 So the update's lengths are rounded up to `bucket(n)` (powers of two up to 64, then eight
-sizes per octave: at most 12.5 % padding) where the step runs in bf16 / fp16 on a CPU.
-The MoE pads its expert slices the same way (model/moe.py `padded_rows`).
+sizes per octave: at most 12.5 % padding) where the step runs in bf16 / fp16 on a CPU:
+GRPO's packed rows and head rows (shared_prefix.py) and DPO's pairs (dpo.py). The padding
+is invisible to the results and to the MoE's load (its `token_mask`). The MoE pads its
+expert slices in its own way (model/moe.py `padded_rows`).
 """
 
 from __future__ import annotations
