@@ -97,7 +97,8 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
     from (e.g. runs/speedrun) instead of pretraining here. `threads` for SFT and GRPO: 0 =
     adaptive (all cores, one when that is faster on a crowded machine: train/threads.py).
     `stage_eval_n`: held-out problems of the evaluations inside SFT and GRPO. `precision`,
-    `compile`: the SFT and GRPO updates' (TrainConfig; the rollouts run in the engine's fp32)."""
+    `compile`: every training stage's (TrainConfig: pretraining when there is no `base`, SFT,
+    GRPO's updates; the rollouts run in the engine's fp32)."""
     import torch
     from nanoseek.data.tasks import load_task
     from nanoseek.speedrun import speedrun
@@ -110,7 +111,8 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
     given_base = base is not None
     if base is None:
         log(f"[1/5] tokenizer + pretraining ({pretrain_minutes:g} min)")
-        speedrun("pretrain", out, minutes=pretrain_minutes, progress=False, log=lambda *a: None)
+        speedrun("pretrain", out, minutes=pretrain_minutes, progress=False, log=lambda *a: None,
+                 precision=precision, compile=compile)
         base = out / "pretrain"
     else:
         log(f"[1/5] pretrained checkpoint: {base}")

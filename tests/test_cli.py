@@ -376,3 +376,23 @@ def test_speedrun_resume_keeps_the_runs_precision(monkeypatch):
     r = invoke("speedrun", "--resume", "--precision", "fp32")
     assert "precision" not in r.exception.args[1]
     assert "ignoring --precision" in r.stderr
+
+
+@pytest.mark.parametrize("command, module, name", [
+    (["sft", "--init", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.sft", "sft"),
+    (["dpo", "--init", "x", "--out", "y"], "nanoseek.train.dpo", "dpo"),
+    (["grpo", "--out", "y"], "nanoseek.train.rl_run", "rl"),
+], ids=["sft", "dpo", "grpo"])
+def test_post_training_resume_says_it_ignores_precision(monkeypatch, command, module, name):
+    _capture(monkeypatch, module, name)
+    r = invoke(*command, "--resume", "--precision", "bf16", "--compile", "on")
+    assert (_train_config(r).precision, _train_config(r).compile) == ("auto", "auto")
+    assert "ignoring --precision, --compile" in r.stderr
+
+
+def test_dpo_passes_task_options(monkeypatch):
+    _capture(monkeypatch, "nanoseek.train.dpo", "dpo")
+    r = invoke("dpo", "--init", "x", "--out", "y", "--task", "arithmetic", "--pairs-from-sampling",
+               "--option", "digits=2", "--option", "ops=+")
+    settings = next(a for a in r.exception.args[0] if hasattr(a, "task_options"))
+    assert settings.task_options == {"digits": 2, "ops": "+"}

@@ -113,6 +113,8 @@ def test_padding_tokens_leave_the_load_and_losses_alone(seq_aux):
     torch.testing.assert_close(y_pad[:, :5], y, rtol=1e-5, atol=1e-6)
     assert torch.equal(load_pad, load) and load.sum() == 2 * 5 * cfg.num_experts_per_tok
     torch.testing.assert_close(aux_pad, aux)
+    with pytest.raises(ValueError, match="token_mask: shape"):
+        moe(padded, mask)  # [1, 8] for [2, 8] tokens
     _, load_unmasked, aux_unmasked = run(padded)
     assert load_unmasked.sum() == load.sum() + 2 * 3 * cfg.num_experts_per_tok
     assert not torch.allclose(aux_unmasked, aux)

@@ -198,6 +198,18 @@ def compile_option(default: str | None = None):
                         help=COMPILE_HELP + ("" if default else " [default: auto]"))
 
 
+def precision_given(resume: bool, **options) -> dict:
+    """The --precision / --compile values given (None: not given). On --resume none apply: a
+    run keeps its own (its checkpoint holds that run's optimizer and gradient-scaler state),
+    and a note on stderr says that they were ignored."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if resume and given:
+        typer.echo(f"note: --resume continues with the run's own settings; ignoring "
+                   f"{', '.join('--' + k for k in given)}", err=True)
+        return {}
+    return given
+
+
 def task_options(pairs: list[str]) -> dict:
     """KEY=VALUE -> {KEY: VALUE}, values read as JSON when they are (3, 0.5, null), else text."""
     import json

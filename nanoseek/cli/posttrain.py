@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import compile_option, precision_option
+from nanoseek.cli.common import compile_option, precision_given, precision_option
 
 LORA_TARGETS_HELP = ("comma-separated linears to adapt (default: all of q_a_proj, q_b_proj, "
                      "q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj, down_proj)")
@@ -80,7 +80,7 @@ def sft(
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                                         save_every=save_every, eval_every=eval_every, seed=seed,
-                                        precision=precision, compile=compile)))
+                                        **precision_given(resume, precision=precision, compile=compile))))
     run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress,
                   parallel=ParallelConfig(ep=ep, tp=tp))
     if launch.is_main():
@@ -93,6 +93,7 @@ def dpo(
         out: Path = typer.Option(..., "--out", help="run directory"),
         data: Optional[list[Path]] = typer.Option(None, "--data", help="JSONL pairs: {\"prompt\" | \"messages\", \"chosen\", \"rejected\"} (repeat)"),
         task: Optional[str] = typer.Option(None, "--task", help="sample pairs on this task (with --pairs-from-sampling)"),
+        option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=2"),
         pairs_from_sampling: bool = typer.Option(False, "--pairs-from-sampling", help="build pairs from the init model's samples scored by the task's reward"),
         prompts: int = typer.Option(64, min=1, help="task prompts to sample on"),
         samples: int = typer.Option(4, min=2, help="completions per prompt"),
@@ -120,17 +121,19 @@ def dpo(
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Direct Preference Optimization (sigmoid loss against a frozen reference) on
     preference pairs from a file or sampled on a task."""
+    from nanoseek.cli.common import task_options
     from nanoseek.train.dpo import DPOConfig, PairSampling, dpo as run_dpo, dpo_train_config
     if task and not pairs_from_sampling:
         raise typer.BadParameter("--task needs --pairs-from-sampling (DPO learns from pairs)")
     settings = DPOConfig(
-        init=str(init), data=[str(p) for p in data or []], task=task, beta=beta, epochs=epochs,
+        init=str(init), data=[str(p) for p in data or []], task=task,
+        task_options=task_options(option or []), beta=beta, epochs=epochs,
         sampling=PairSampling(prompts, samples, temperature, max_tokens), merge=merge,
         lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
         train=dpo_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                                        save_every=save_every, seed=seed, precision=precision,
-                                        compile=compile)))
+                                        save_every=save_every, seed=seed,
+                                        **precision_given(resume, precision=precision, compile=compile))))
     run = run_dpo(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress)
     b, a = run["before"], run["after"]
     typer.echo(f"done: {run['summary']['steps']} steps; reward accuracy {b['reward_accuracy']:.3f} -> "

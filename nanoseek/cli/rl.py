@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import compile_option, precision_option
+from nanoseek.cli.common import compile_option, precision_given, precision_option
 
 
 def grpo(
@@ -55,7 +55,7 @@ def grpo(
     train = rl_train_config(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                             lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
                             save_every=save_every or max_steps * num_iterations, seed=seed,
-                            **{k: v for k, v in (("precision", precision), ("compile", compile)) if v})
+                            **precision_given(resume, precision=precision, compile=compile))
     cfg = RLConfig(init=str(init or ""), task=task, task_options=task_options(option or []),
                    algo=algo, train=train, num_generations=num_generations, temperature=temperature,
                    max_completion_length=max_completion_length, loss_type=loss_type,

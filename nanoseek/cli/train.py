@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import compile_option, precision_option
+from nanoseek.cli.common import compile_option, precision_given, precision_option
 from nanoseek.special_tokens import SPECIAL_TOKENS
 
 
@@ -225,11 +225,7 @@ def speedrun(
     """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
     pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most)."""
     from nanoseek.speedrun import speedrun as run_speedrun
-    given = {k: v for k, v in (("precision", precision), ("compile", compile)) if v is not None}
-    if resume and given:  # a run keeps its precision (its checkpoint holds that run's scaler state)
-        typer.echo(f"note: --resume continues with the run's own settings; ignoring "
-                   f"{', '.join('--' + k for k in given)}", err=True)
-        given = {}
+    given = precision_given(resume, precision=precision, compile=compile)
     try:
         run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads,
                      resume=resume, overwrite=overwrite, **given)

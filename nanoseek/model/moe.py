@@ -116,6 +116,10 @@ class MoE(nn.Module):
         and of the balance and z-losses (padding tokens are alike, so they would all load
         the same experts)."""
         shape = x.shape
+        if token_mask is not None and token_mask.shape != shape[:-1]:
+            raise ValueError(f"MoE token_mask: shape {tuple(token_mask.shape)} does not match the "
+                             f"tokens {tuple(shape[:-1])} (a padded layout's cache reached a layer "
+                             "that sees other positions, e.g. an MTP module)")
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores, logits = self.gate(flat)
         y = self.dispatch(flat, weights, indices)

@@ -36,7 +36,6 @@ from nanoseek.train.loop import Trainer
 from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_task_lazily, merge_into,
                                       start_stage, with_adapters, write_run)
 from nanoseek.train.pretrain import RunError
-from nanoseek.train.shape_buckets import bucket, buckets_pay
 
 PAIRS_FILE = "pairs.jsonl"
 
@@ -63,6 +62,7 @@ class DPOConfig:
     init: str
     data: list[str] = field(default_factory=list)  # pairs JSONL files
     task: str | None = None                      # or pairs sampled on a task's prompts
+    task_options: dict = field(default_factory=dict)  # the task's options (--option digits=2)
     sampling: PairSampling = field(default_factory=PairSampling)
     beta: float = 0.1
     epochs: float = 3.0                          # sets train.max_steps when that is 0
@@ -84,14 +84,9 @@ class DPOConfig:
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log π(label | prefix) over each row's labelled positions -> [N] (fp32).
     A row ends with its last label, so the columns after it are padding, which the MoE
-    does not count (`PaddedRows`); in bf16 on a CPU the width is rounded up to a bucket
-    (train/shape_buckets.py), columns the causal attention keeps away from the real ones."""
+    does not count toward its load (`PaddedRows`)."""
     mask = labels != IGNORE_INDEX
-    S, real = input_ids.shape[1], PaddedRows.through_last(mask)
-    if buckets_pay(model):
-        extra = bucket(S) - S
-        input_ids, real = F.pad(input_ids, (0, extra)), F.pad(real, (0, extra))
-    logits = model(input_ids, None, PaddedRows(real))[:, :S].float()
+    logits = model(input_ids, None, PaddedRows(PaddedRows.through_last(mask))).float()
     logp = torch.gather(F.log_softmax(logits, dim=-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(dim=-1)
 
@@ -197,7 +192,7 @@ def load_pairs(config: DPOConfig, out_dir: Path, log=print) -> list[dict]:
         return [row for path in config.data for row in read_pairs(path)]
     if (out_dir / PAIRS_FILE).exists():
         return read_pairs(out_dir / PAIRS_FILE)
-    pairs = sample_pairs(config.init, load_task_lazily(config.task), config.sampling,
+    pairs = sample_pairs(config.init, load_task_lazily(config.task, **config.task_options), config.sampling,
                          config.train.seed, log)
     from nanoseek.atomic import atomic_write_text
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanoseek.model.cache import PaddedRows
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.train.rollout import target_logprobs
 from nanoseek.train.shape_buckets import bucket, buckets_pay
@@ -39,14 +40,13 @@ from nanoseek.train.shape_buckets import bucket, buckets_pay
 MAX_ROW_TOKENS = 1024
 
 
-class SharedPrefixMask:
+class SharedPrefixMask(PaddedRows):
     """The Cache protocol with no storage: every layer attends under the packed rows' mask,
     and the MoE counts only the real tokens (`token_mask`) toward its load."""
-    absorb = False
 
-    def __init__(self, mask: torch.Tensor, token_mask: torch.Tensor | None = None):
+    def __init__(self, mask: torch.Tensor, token_mask: torch.Tensor):
+        super().__init__(token_mask)  # [R, S] bool, True = a prompt or completion token
         self.mask = mask  # [R, S, S] bool, True = may attend
-        self.token_mask = token_mask  # [R, S] bool, True = a prompt or completion token
 
     def update(self, layer_id: int, *new: torch.Tensor):
         return new, self.mask
