@@ -27,12 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from nanoseek.model.cache import PaddedRows
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.train.rollout import target_logprobs
-from nanoseek.train.shape_buckets import bucket, buckets_pay
 
 # A packed row holds at most this many tokens (or one prompt and its longest completion,
 # if longer): attention runs dense over a row, so very long rows would cost more than
@@ -130,32 +128,9 @@ def pack_shared_prefix(prompt_ids: list[list[int]], completion_ids: list[list[in
 
 def shared_prefix_logprobs(model, batch: SharedPrefixBatch, temperature: float = 1.0) -> torch.Tensor:
     """log π(completion token j | prompt, completion[:j]) as [N, T] (0 past a completion),
-    the same numbers rollout.token_logprobs gives over the padded layout. In bf16 on a CPU
-    the row length and the head's row count are rounded up to a few sizes (shape_buckets.py)."""
-    inputs, positions, attn, real = batch.inputs, batch.positions, batch.attn_mask, batch.real
-    buckets = buckets_pay(model)
-    if buckets:
-        inputs, positions, attn, real = pad_columns(inputs, positions, attn, real, bucket(inputs.shape[1]))
-    h = model.hidden(inputs, positions, SharedPrefixMask(attn, real))
+    the same numbers rollout.token_logprobs gives over the padded layout."""
+    h = model.hidden(batch.inputs, batch.positions, SharedPrefixMask(batch.attn_mask, batch.real))
     where = batch.mask.flatten().nonzero().flatten()  # completion tokens only: no padding
-    n = len(where)
-    rows, cols, targets = batch.rows.flatten()[where], batch.cols.flatten()[where], batch.targets.flatten()[where]
-    if buckets and n:  # extra rows re-read position (0, 0) with an ignored target: logp 0, no gradient
-        extra = bucket(n) - n
-        rows, cols = F.pad(rows, (0, extra)), F.pad(cols, (0, extra))
-        targets = F.pad(targets, (0, extra), value=IGNORE_INDEX)
-    logp = target_logprobs(model, h[rows, cols], targets, temperature)[:n]
+    logp = target_logprobs(model, h[batch.rows.flatten()[where], batch.cols.flatten()[where]],
+                           batch.targets.flatten()[where], temperature)
     return logp.new_zeros(batch.mask.numel()).index_copy(0, where, logp).view(batch.mask.shape)
-
-
-def pad_columns(inputs: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor, real: torch.Tensor,
-                S: int):
-    """Packed rows widened to S columns of padding (token 0 at position 0, attending only
-    to itself and not a real token, as a row's own padding)."""
-    extra = S - inputs.shape[1]
-    if extra <= 0:
-        return inputs, positions, attn, real
-    R, old = attn.shape[0], attn.shape[1]
-    wide = torch.eye(S, dtype=torch.bool, device=attn.device).repeat(R, 1, 1)
-    wide[:, :old, :old] = attn
-    return F.pad(inputs, (0, extra)), F.pad(positions, (0, extra)), wide, F.pad(real, (0, extra))
