@@ -17,7 +17,7 @@ import torch
 class Cache(Protocol):
     absorb: bool  # True: MLA attends in latent space (decode); False: decompress (prefill)
     # optional: token_mask [B, S] bool, True = a real token, for a layout with padding
-    # columns (train/shared_prefix.py); the MoE leaves padding out of its load and losses
+    # columns (`PaddedRows` below); the MoE leaves padding out of its load and losses
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """Store new [B, S, ...] entries; return all [B, T, ...] entries and a [B, S, T]
