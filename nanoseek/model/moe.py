@@ -84,14 +84,17 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_expe
     averaged over sequences. `batch` = 1 gives the batch-wise (V2) form. token_mask [N]
     (True = a real token): T, the counts and the means then cover the real tokens only."""
     k = indices.shape[-1]
-    real = (torch.ones(indices.shape[0], device=scores.device) if token_mask is None
-            else token_mask.to(scores.dtype)).view(batch, -1)
-    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, -1, n_experts) * real.unsqueeze(-1)
-    T = real.sum(dim=1, keepdim=True).clamp(min=1)                  # [batch, 1]
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, -1, n_experts)
+    real = (torch.ones_like(probs[..., 0]) if token_mask is None
+            else token_mask.view(batch, -1).to(probs.dtype))         # [batch, T]
     counts = torch.zeros(batch, n_experts, device=scores.device)
     counts.scatter_add_(1, indices.view(batch, -1), real.repeat_interleave(k, dim=1))
+    if token_mask is None:  # every token real: the plain form, bit for bit
+        f = counts * (n_experts / (k * probs.shape[1]))
+        return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+    T = real.sum(dim=1, keepdim=True).clamp(min=1)
     f = counts * n_experts / (k * T)
-    return (f * probs.sum(dim=1) / T).sum(dim=-1).mean()
+    return (f * (probs * real.unsqueeze(-1)).sum(dim=1) / T).sum(dim=-1).mean()
 
 
 class MoE(nn.Module):
