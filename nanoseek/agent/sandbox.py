@@ -5,23 +5,41 @@ What contains the code (on Linux, as root, where `unshare` works — this projec
 - wall time: the process group is killed after `wall_s`; CPU time: RLIMIT_CPU;
 - memory: RLIMIT_AS (an allocation past it raises MemoryError); files: RLIMIT_FSIZE caps
   every file written, stdout and stderr included; processes: RLIMIT_NPROC;
-- namespaces (`unshare --net --pid --mount --fork --kill-child`): a new network namespace
-  with no interface up, so no connection leaves it, not even to 127.0.0.1; a new PID
-  namespace, so killing its first process kills every process the code started (a fork
-  bomb dies with it); a new mount namespace where fresh tmpfs hide /tmp, /var/tmp and
-  /dev/shm, so the world-writable directories the code could write are its own;
-- the code runs as `nobody` (root ignores RLIMIT_NPROC and file permissions), in a 0700
-  directory of its own that is deleted afterwards.
+- namespaces (`unshare --net --pid --mount --fork --kill-child --mount-proc`): a new
+  network namespace with no interface up, so no connection leaves it, not even to
+  127.0.0.1; a new PID namespace with its own /proc, so the host's processes are not even
+  visible and killing its first process kills every process the code started; a new mount
+  namespace in which every mount is read-only (`/run/lock` and the other world-writable
+  directories included) except fresh 64 MiB tmpfs over /tmp, /var/tmp and /dev/shm; the
+  code's directory is /tmp/work on that tmpfs;
+- the code runs as `nobody` (root ignores RLIMIT_NPROC and file permissions), with
+  no_new_privs (set-uid binaries gain nothing) and a seccomp filter (seccomp.py) that
+  refuses what a script has no use for: unix and other non-IP sockets, new namespaces,
+  mount, ptrace and reading other processes' memory, keyrings, bpf, perf, io_uring, setsid.
 
-Where the OS refuses namespaces (no root, a seccomp profile, another OS) the code still
-runs with the rlimits and its own directory, and every result says, in its observation,
-that the network and the filesystem are NOT isolated. What is never contained: reading
-world-readable files (there is no chroot), CPU and memory side channels, kernel bugs.
+All this is set up by sandbox_boot.py, the namespaces' first process, just before the
+script is exec'd. An interpreter that lives under /tmp (a virtualenv there) is bound back
+read-only at its own path. `isolation()` checks once, by running a script this way, that
+the whole chain works; where it does not (no root, no `unshare`, a container that forbids
+namespaces, an architecture the filter does not know, another OS) the python tool REFUSES
+to run, unless the caller passes `allow_unisolated=True` (`--unisolated-python`): the code
+then still runs as `nobody` when the agent is root, with an environment of five variables
+(no API key reaches it), the rlimits, no_new_privs and the seccomp filter with no sockets
+at all (setsid refused, so killing its process group kills all it started), but it sees
+the host's filesystem — reads what `nobody` may read, writes world-writable directories —
+and every result says so in a note. A non-root agent cannot drop privileges: there the
+code runs as the agent's user and can read that user's files and processes.
+
+Still not contained, in either mode: reading world-readable files (there is no chroot:
+the code sees /etc, /usr, /sys, the repository), CPU and memory side channels, kernel bugs
+in the system calls left open; tmpfs pages count towards the machine's memory, not the
+script's RLIMIT_AS (three 64 MiB mounts at most).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import resource
 import shutil
@@ -32,31 +50,16 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanoseek.agent import seccomp
+
 NOBODY = 65534
-# run inside the namespaces as root: hide the shared writable directories, show the code's
-# directory as /tmp/work, drop to nobody, run main.py
-_BOOTSTRAP = """
-import os, subprocess, sys
-uid, python = int(sys.argv[1]), sys.argv[2]
-status = open(sys.argv[3], "w")  # opened before /tmp is hidden below
-subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-for d in ("/tmp", "/var/tmp", "/dev/shm"):
-    if os.path.isdir(d):
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", d], check=True)
-os.mkdir("/tmp/work")  # the code's directory, seen again under the new /tmp
-subprocess.run(["mount", "--bind", "/proc/self/cwd", "/tmp/work"], check=True)
-os.chdir("/tmp/work")
+BOOT = Path(__file__).with_name("sandbox_boot.py")
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")   # hidden by the namespace's own tmpfs
+OPT_IN = "allow_unisolated=True (`nanoseek agent --unisolated-python`)"
 
 
-def drop():
-    os.setgroups([]); os.setgid(uid); os.setuid(uid)
-
-
-# the code runs as a child of this namespace's init and its status is written here: unshare
-# re-raising a child's fatal signal itself is unreliable (it can fail in sigprocmask)
-status.write(str(subprocess.run([python, "-I", "main.py"], preexec_fn=drop).returncode))
-status.close()
-"""
+class SandboxRefused(RuntimeError):
+    """No isolation here and the caller did not opt in to running without it."""
 
 
 @dataclass
@@ -97,21 +100,46 @@ class SandboxResult:
 
 @functools.lru_cache(maxsize=1)
 def isolation() -> tuple[bool, str]:
-    """(namespaces work, why not): probed once by running `true` inside them."""
-    ok, why = _namespaces()
-    if ok and sandbox_python() is None:
+    """(the isolated mode works here, why not): checked once, by running a script in it."""
+    why = _cannot_isolate()
+    if why:
+        return False, why
+    python = sandbox_python()
+    if python is None:
         return False, f"no Python interpreter that uid {NOBODY} can run ({sys.executable} is not)"
-    return ok, why
+    try:
+        r = _execute("print('ok')", SandboxLimits(wall_s=30, cpu_s=10), python, isolated=True)
+    except (OSError, SandboxRefused) as e:
+        return False, f"the isolated sandbox could not start: {e}"
+    if r.exit_code == 0 and r.stdout == "ok\n":
+        return True, ""
+    return False, f"the isolated sandbox did not start: {(r.stderr or r.observation()).strip()[-300:]}"
+
+
+def _cannot_isolate() -> str:
+    """Why the isolated mode cannot work here, before trying it ('' if it may)."""
+    if sys.platform != "linux":
+        return f"namespaces are Linux-only (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return "not root: cannot create network/PID/mount namespaces or drop to nobody"
+    if shutil.which("unshare") is None:
+        return "the unshare command is missing"
+    if seccomp.machine() is None:
+        return f"no seccomp filter for this architecture ({os.uname().machine})"
+    return ""
 
 
 @functools.lru_cache(maxsize=1)
 def sandbox_python() -> str | None:
-    """The interpreter `nobody` runs: this one when it can (a virtualenv under /root is out
-    of its reach), else the system's python3 — so the code sees only the standard library."""
+    """The interpreter for the code: this one when `nobody` can run it (a virtualenv under
+    /root is out of its reach), else the system's python3 — so the code may see only the
+    standard library. Without root (no dropping to nobody) it is this one."""
+    if os.geteuid() != 0:
+        return sys.executable
     for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
         try:
-            r = subprocess.run([python, "-I", "-c", "pass"], user=NOBODY, group=NOBODY,
-                               extra_groups=[], capture_output=True, timeout=30)
+            r = subprocess.run([python, "-I", "-c", "pass"], capture_output=True, timeout=30,
+                               **_as_nobody())
         except (OSError, subprocess.SubprocessError):
             continue
         if r.returncode == 0:
@@ -119,51 +147,90 @@ def sandbox_python() -> str | None:
     return None
 
 
-def _namespaces() -> tuple[bool, str]:
-    if sys.platform != "linux":
-        return False, f"namespaces are Linux-only (this is {sys.platform})"
-    if os.geteuid() != 0:
-        return False, "not root: cannot create network/PID/mount namespaces or drop to nobody"
-    if shutil.which("unshare") is None or shutil.which("mount") is None:
-        return False, "the unshare or mount command is missing"
-    try:
-        r = subprocess.run(["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "true"],
-                           capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return False, f"unshare failed: {e}"
-    return (True, "") if r.returncode == 0 else (False, f"unshare refused: {r.stderr.strip()[:200]}")
-
-
-def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run `code` as a script in a fresh directory, under `limits`; the directory is removed."""
+def run_python(code: str, limits: SandboxLimits | None = None, *, python: str | None = None,
+               allow_unisolated: bool = False) -> SandboxResult:
+    """Run `code` as a script in a fresh directory, under `limits`, with `python` (default:
+    `sandbox_python()`). Where the isolated mode does not work, raise SandboxRefused unless
+    `allow_unisolated` (then every result carries a note saying what was not isolated)."""
     limits = limits or SandboxLimits()
     isolated, why_not = isolation()
+    if not isolated and not allow_unisolated:
+        raise SandboxRefused(refusal(why_not))
+    python = python or sandbox_python()
+    if python is None:
+        raise SandboxRefused(f"no Python interpreter that uid {NOBODY} can run")
+    result = _execute(code, limits, python, isolated)
+    if not isolated:
+        result.notes.append(unisolated_note(why_not))
+    return result
+
+
+def refusal(why_not: str) -> str:
+    """Why the sandbox will not run code here, and how to opt in to running it anyway."""
+    return (f"the python sandbox cannot isolate scripts here ({why_not}), so it runs none; to run "
+            f"them without namespaces, on the host's filesystem, pass {OPT_IN}")
+
+
+def unisolated_note(why_not: str) -> str:
+    """What a script run with allow_unisolated was and was not confined by."""
+    who = ("nobody" if os.geteuid() == 0 else
+           "the agent's own user (it can read that user's files and processes, environments included)")
+    net = ("no sockets (seccomp)" if seccomp.machine()
+           else "NO seccomp filter on this system: the network is reachable")
+    return (f"network and filesystem NOT isolated ({why_not}): the script ran as {who} on the "
+            f"host's filesystem with rlimits and {net}")
+
+
+def _execute(code: str, limits: SandboxLimits, python: str, isolated: bool) -> SandboxResult:
+    """One run through sandbox_boot.py, in namespaces or not; the directory is removed."""
     with tempfile.TemporaryDirectory(prefix="nanoseek-sandbox-") as root:
         work, logs = Path(root, "work"), Path(root, "logs")
         work.mkdir(mode=0o700)
         logs.mkdir(mode=0o700)
-        (work / "main.py").write_text(code)
-        if isolated:
+        (work / "main.py").write_text(code, errors="surrogatepass")  # a lone surrogate: a SyntaxError
+        if not isolated and os.geteuid() == 0:  # the script's own directory, for nobody
+            os.chmod(root, 0o711)  # Python opens the script by its absolute path: let it through
             os.chown(work, NOBODY, NOBODY)
             os.chown(work / "main.py", NOBODY, NOBODY)
-            argv = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child",
-                    "--mount-proc", sys.executable, "-I", "-c", _BOOTSTRAP, str(NOBODY), sandbox_python(),
-                    str(logs / "status")]
-        else:
-            argv = [sys.executable, "-I", "main.py"]
-        result = _run(argv, work, logs, limits)
-    if not isolated:
-        result.notes.append(f"network and filesystem NOT isolated ({why_not}); "
-                            "only rlimits and a private directory applied")
-    return result
+        with open(logs / "status", "w") as status:
+            cfg = {"isolated": isolated, "uid": NOBODY, "python": python, "status_fd": status.fileno(),
+                   "binds": _binds(python) if isolated else [], "seccomp": seccomp.machine() is not None}
+            argv = [sys.executable, "-I", str(BOOT), json.dumps(cfg)]
+            if isolated:
+                argv = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"] + argv
+            return _run(argv, work, logs, limits, pass_fds=(status.fileno(),) if isolated else ())
 
 
-def _run(argv: list[str], work: Path, logs: Path, limits: SandboxLimits) -> SandboxResult:
+@functools.lru_cache(maxsize=8)
+def _binds(python: str) -> list[str]:
+    """The directories of `python` (its own, its prefixes) that the namespace's tmpfs would
+    hide (a virtualenv under /tmp): sandbox_boot.py binds them back, read-only."""
+    q = "import sys, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))"
+    try:
+        r = subprocess.run([python, "-I", "-c", q], capture_output=True, text=True, timeout=30, **_as_nobody())
+        prefixes = json.loads(r.stdout) if r.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError, ValueError):
+        prefixes = []
+    dirs = {os.path.dirname(os.path.abspath(python)), os.path.dirname(os.path.realpath(python)),
+            *(os.path.abspath(p) for p in prefixes)}
+    hidden = sorted(d for d in dirs if any(d == h or d.startswith(h + "/") for h in PRIVATE_DIRS))
+    for d in hidden:
+        if d in PRIVATE_DIRS:
+            raise SandboxRefused(f"the interpreter {python} needs {d} itself, which the sandbox "
+                                 "replaces with its own tmpfs: move it into a directory below")
+    return [d for d in hidden if not any(d.startswith(o + "/") for o in hidden)]
+
+
+def _as_nobody() -> dict:
+    return {"user": NOBODY, "group": NOBODY, "extra_groups": []} if os.geteuid() == 0 else {}
+
+
+def _run(argv: list[str], work: Path, logs: Path, limits: SandboxLimits, pass_fds=()) -> SandboxResult:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8",
            "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     with open(logs / "stdout", "wb+") as out, open(logs / "stderr", "wb+") as err:
         proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=err, start_new_session=True,
+                                stderr=err, start_new_session=True, pass_fds=pass_fds,
                                 preexec_fn=functools.partial(_set_limits, limits))
         timed_out = False
         try:

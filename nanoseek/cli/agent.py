@@ -35,6 +35,11 @@ def agent_cmd(
     budget: Optional[int] = typer.Option(None, help="token budget for the conversation (old observations shortened)"),
     temperature: float = typer.Option(0.0),
     max_tokens: Optional[int] = typer.Option(None, help="tokens per model reply"),
+    unisolated_python: bool = typer.Option(
+        False, "--unisolated-python",
+        help="where the python tool's sandbox cannot isolate scripts (no root, no unshare), run them "
+             "anyway without namespaces: on the host's filesystem, as nobody when root, with rlimits "
+             "and seccomp. Without this flag the tool then refuses to run scripts"),
 ):
     """Run an agent: the model calls tools until it answers (DESIGN.md §6)."""
     from contextlib import ExitStack
@@ -42,7 +47,7 @@ def agent_cmd(
     from nanoseek.agent import Agent, ContextBudget, Guards
     from nanoseek.cli.common import check_utf8, fail
     with ExitStack() as stack:
-        chosen = _tools(tools, workspace, docs, mcp, tool_timeout, stack)
+        chosen = _tools(tools, workspace, docs, mcp, tool_timeout, stack, unisolated_python)
         content = check_utf8(task, "task")
         if image:
             content = [{"type": "text", "text": content}] + [
@@ -64,15 +69,14 @@ def agent_cmd(
         fail("the model gave an empty answer")
 
 
-def _tools(names: str, workspace, docs, mcp_commands, timeout, stack) -> list:
+def _tools(names: str, workspace, docs, mcp_commands, timeout, stack, unisolated_python=False) -> list:
     from nanoseek.agent.tools.calculator import calculator_tool
-    from nanoseek.agent.tools.python import python_tool
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     unknown = sorted(set(wanted) - set(TOOLS))
     if unknown:
         raise ValueError(f"--tools: unknown {unknown}; choose from {list(TOOLS)} "
                          "(files come with --workspace, search with --docs, MCP with --mcp)")
-    out = [{"calculator": calculator_tool, "python": python_tool}[n]() for n in wanted]
+    out = [calculator_tool() if n == "calculator" else _python_tool(unisolated_python) for n in wanted]
     if workspace:
         from nanoseek.agent.tools.files import file_tools
         out += file_tools(workspace)
@@ -87,6 +91,20 @@ def _tools(names: str, workspace, docs, mcp_commands, timeout, stack) -> list:
         server = stack.enter_context(MCPServerTools(argv[0], argv[1:], timeout_s=timeout))
         out += server.tools
     return out
+
+
+def _python_tool(unisolated: bool):
+    """The python tool; where its sandbox cannot isolate scripts, say so on stderr now (not
+    only in observations): it refuses every script, or with --unisolated-python runs them
+    without namespaces."""
+    from nanoseek.agent.sandbox import isolation, refusal, unisolated_note
+    from nanoseek.agent.tools.python import python_tool
+    isolated, why_not = isolation()
+    if not isolated:
+        msg = (f"warning: python tool: {unisolated_note(why_not)}" if unisolated
+               else f"python tool disabled: {refusal(why_not)}")
+        typer.echo(msg, err=True)
+    return python_tool(allow_unisolated=unisolated)
 
 
 def register(app: typer.Typer) -> None:
