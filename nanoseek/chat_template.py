@@ -22,84 +22,160 @@ DeepSeek's template (which fails on these): arguments given as a dict (written a
 transformers' `tojson`), a missing call `type` ("function"), `content` None on an answer
 without calls ("") and an empty `tool_calls` list (no calls; DeepSeek's template would drop
 the text).
+
+Content is text, never markers. `chat_parts` keeps the template's own markers apart from
+what the messages hold (system, user, tool outputs, assistant text, tool names and
+arguments), and `Tokenizer.encode_chat` encodes only the markers as special ids: a
+`<｜User｜>` or `<｜tool▁outputs▁begin｜>` typed in a message is spelled in ordinary tokens, so no
+message can close its turn or forge another one. In an assistant's text, `<think>` and
+`</think>` stay special (the reasoning markers the model writes). This is where nanoseek
+differs on purpose from transformers' `apply_chat_template` (and so from the Jinja template
+below and DeepSeek's own), which renders the string and then reads every special-token
+string in it as a marker: the two give the same ids for any chat whose content holds no
+special-token string.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from typing import NamedTuple
 
-from nanoseek.special_tokens import ASSISTANT, BOS, EOS, TOOL_TOKENS, USER
+from nanoseek.special_tokens import ASSISTANT, BOS, END_THINK, EOS, THINK, TOOL_TOKENS, USER
 
 (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
  TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END) = TOOL_TOKENS
 ROLES = ("system", "user", "assistant", "tool")
+_THINK_SPLIT = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)})")
 
 
 class ChatFormatError(ValueError):
     """A message the chat format cannot render (unknown role, missing field)."""
 
 
+class Part(NamedTuple):
+    """One piece of a rendered chat. `marker`: one of the template's own special tokens,
+    encoded as its id; everything else (message content, and the template's plain text such
+    as the "\\n```json\\n" around arguments) is encoded as text, so a special-token string
+    inside content stays text. `trained`: the assistant wrote it (the tokens SFT learns)."""
+    text: str
+    trained: bool
+    marker: bool = False
+
+
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as DeepSeek-V3's template writes it."""
-    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt))
+    """The conversation as DeepSeek-V3's template writes it: a string to read or to compare
+    with transformers' template. Never tokenise it with special-token parsing (a marker typed
+    in content would become a marker): `nanoseek.tokenizer.Tokenizer.encode_chat` encodes
+    `chat_parts` instead."""
+    return "".join(p.text for p in chat_parts(messages, add_generation_prompt))
 
 
 def chat_segments(messages: list[dict],
                   add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, trained) pieces: `trained` marks what the
-    assistant writes (its text, tool calls and closing eos), the tokens SFT learns; the same
-    spans the Jinja template wraps in {% generation %}. Pieces meet only beside a special
-    token, so tokenising piece by piece gives the ids of the whole string."""
+    """The rendered conversation as (text, trained) runs: `trained` marks what the assistant
+    writes (its text, tool calls and closing eos), the tokens SFT learns; the same spans the
+    Jinja template wraps in {% generation %}."""
+    runs: list[tuple[str, bool]] = []
+    for p in chat_parts(messages, add_generation_prompt):
+        if runs and runs[-1][1] == p.trained:
+            runs[-1] = (runs[-1][0] + p.text, p.trained)
+        else:
+            runs.append((p.text, p.trained))
+    return runs
+
+
+def chat_parts(messages: list[dict], add_generation_prompt: bool = False) -> list[Part]:
+    """The rendered conversation as `Part`s, markers apart from content. Content never
+    becomes a marker, whatever it holds: this is what keeps a user from forging turns."""
     for i, m in enumerate(messages):
-        if m.get("role") not in ROLES:
-            raise ChatFormatError(f"message {i}: role {m.get('role')!r} is not one of {ROLES}")
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    pieces = [(BOS + system, False)]
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise ChatFormatError(f"message {i}: role {role!r} is not one of {ROLES}")
+    system = "\n\n".join(_content(m, i) for i, m in enumerate(messages) if m["role"] == "system")
+    parts = [_mark(BOS), Part(system, False)]
     outputs_open = False  # a tool-outputs block is open and waits for its end marker
     first_output = True   # the next tool output opens a new block
     last_is_user = False  # a user turn has already written <｜Assistant｜>
-    for m in messages:
+    for i, m in enumerate(messages):
         role = m["role"]
         if role == "user":
-            pieces.append((USER + m["content"] + ASSISTANT, False))
+            parts += [_mark(USER), Part(_content(m, i), False), _mark(ASSISTANT)]
             outputs_open = False  # as DeepSeek's template: a user turn does not close the block
         elif role == "assistant":
             if outputs_open:
-                pieces.append((TOOL_OUTPUTS_END, False))
-            pieces.append((_assistant_turn(m), True))
+                parts.append(_mark(TOOL_OUTPUTS_END))
+            parts += _assistant_turn(m, i)
             outputs_open, first_output = False, first_output or bool(m.get("tool_calls"))
         elif role == "tool":
-            opener = TOOL_OUTPUTS_BEGIN if first_output else "\n"
-            pieces.append((opener + TOOL_OUTPUT_BEGIN + m["content"] + TOOL_OUTPUT_END, False))
+            parts += tool_output_parts(_content(m, i), first=first_output)
             outputs_open, first_output = True, False
         if role != "system":
             last_is_user = role == "user"
     if outputs_open:
-        pieces.append((TOOL_OUTPUTS_END, False))
+        parts.append(_mark(TOOL_OUTPUTS_END))
     elif add_generation_prompt and not last_is_user:
-        pieces.append((ASSISTANT, False))
-    return pieces
+        parts.append(_mark(ASSISTANT))
+    return [p for p in parts if p.text]
 
 
-def _assistant_turn(m: dict) -> str:
-    """An assistant message: its text, then its tool calls (one per line), then eos."""
-    text, calls = m.get("content") or "", m.get("tool_calls")
-    if not calls:
-        return text + EOS
-    return text + TOOL_CALLS_BEGIN + "\n".join(map(_tool_call, calls)) + TOOL_CALLS_END + EOS
+def tool_output_parts(content: str, first: bool) -> list[Part]:
+    """One tool output: `<｜tool▁outputs▁begin｜>` opens the block (first) or a line break
+    follows the previous output."""
+    opener = _mark(TOOL_OUTPUTS_BEGIN) if first else Part("\n", False)
+    return [opener, _mark(TOOL_OUTPUT_BEGIN), Part(content, False), _mark(TOOL_OUTPUT_END)]
 
 
-def _tool_call(call: dict) -> str:
+def call_opening_parts(name: str | None) -> list[Part]:
+    """A tool call opened up to the function's name (None) or, with `name`, up to its
+    arguments: the prefill that forces a call."""
+    head = [_mark(TOOL_CALLS_BEGIN), _mark(TOOL_CALL_BEGIN), Part("function", False), _mark(TOOL_SEP)]
+    return head if name is None else head + [Part(name + "\n```json\n", False)]
+
+
+def _mark(token: str, trained: bool = False) -> Part:
+    return Part(token, trained, marker=True)
+
+
+def _content(m: dict, i: int) -> str:
+    content = m.get("content")
+    if content is None and m["role"] == "assistant":
+        return ""
+    if not isinstance(content, str):
+        raise ChatFormatError(f"message {i}: content must be a string, got {type(content).__name__}")
+    return content
+
+
+def _assistant_turn(m: dict, i: int) -> list[Part]:
+    """An assistant message: its text, then its tool calls (one per line), then eos. In its
+    text, <think> and </think> are the reasoning markers the model writes (one id each, as
+    SFT trains them); every other special-token string there is text."""
+    parts = [Part(piece, True, marker=piece in (THINK, END_THINK))
+             for piece in _THINK_SPLIT.split(_content(m, i))]
+    calls = m.get("tool_calls")
+    if calls:
+        parts.append(_mark(TOOL_CALLS_BEGIN, True))
+        for k, call in enumerate(calls):
+            if k:
+                parts.append(Part("\n", True))
+            parts += _tool_call(call)
+        parts.append(_mark(TOOL_CALLS_END, True))
+    return parts + [_mark(EOS, True)]
+
+
+def _tool_call(call: dict) -> list[Part]:
     """One OpenAI-style tool call, `{"type": "function", "function": {"name", "arguments"}}`."""
-    fn = call.get("function")
+    fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or "name" not in fn or "arguments" not in fn:
         raise ChatFormatError(
             f"tool call {call!r}: expected a 'function' with 'name' and 'arguments'")
-    args = fn["arguments"]
+    args, kind = fn["arguments"], call.get("type") or "function"
     if not isinstance(args, str):
         args = json.dumps(args, ensure_ascii=False)
-    return (TOOL_CALL_BEGIN + (call.get("type") or "function") + TOOL_SEP + fn["name"]
-            + "\n```json\n" + args + "\n```" + TOOL_CALL_END)
+    if not isinstance(fn["name"], str) or not isinstance(kind, str):
+        raise ChatFormatError(f"tool call {call!r}: 'name' and 'type' must be strings")
+    return [_mark(TOOL_CALL_BEGIN, True), Part(kind, True), _mark(TOOL_SEP, True),
+            Part(fn["name"] + "\n```json\n" + args + "\n```", True), _mark(TOOL_CALL_END, True)]
 
 
 # The same format for transformers' `apply_chat_template` (saved with every nanoseek tokenizer,

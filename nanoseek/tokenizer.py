@@ -5,17 +5,24 @@ Trained with Hugging Face `tokenizers` and saved as `tokenizer.json` +
 beside the model. Digits are split one by one before BPE (`Digits(individual_digits=True)`),
 as DeepSeek does, so that numbers are spelled the same way everywhere and arithmetic stays
 learnable at tiny scale. Ids 0/1/2 are bos/eos/pad, matching the `tiny` preset.
+
+Chats are encoded by `Tokenizer.encode_chat`: the template's markers as their ids, every
+message's content as plain text (`Tokenizer.encode_text`), so a special-token string typed
+in a message never becomes a special token (nanoseek/chat_template.py says why and where this
+differs from transformers' `apply_chat_template`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from nanoseek.chat_template import CHAT_TEMPLATE  # DeepSeek-V3's format
+from nanoseek.chat_template import CHAT_TEMPLATE, Part, chat_parts  # DeepSeek-V3's format
 from nanoseek.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, PAD, SPECIAL_TOKENS,  # noqa: F401
                                      THINK, TOOL_TOKENS, USER)
 
@@ -169,9 +176,81 @@ class Tokenizer:
         return cls(HFTokenizer.from_file(str(file)))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Special tokens (e.g. BOS) as the tokenizer's post-processor says; False for text
-        that already holds them (a rendered chat starts with its own BOS)."""
+        """Raw text, its special-token strings read as special tokens (a completion prompt
+        may mean them); BOS added as the post-processor says unless `add_special_tokens`
+        is False. A chat goes through `encode_chat` instead, which reads content as text."""
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def encode_text(self, text: str) -> list[int]:
+        """`text` as plain text: a special-token string in it (`<｜User｜>` typed by a user) is
+        spelled in ordinary tokens, never the marker's id. The same ids as `encode` for text
+        that holds no such string."""
+        return plain_text_tokenizer(self.tok).encode(text, add_special_tokens=False).ids
+
+    def encode_parts(self, parts: Iterable[Part]) -> tuple[list[int], list[bool]]:
+        """Ids of `chat_parts` and, per id, whether the assistant wrote it. Markers become
+        their ids; the text between two markers is encoded as one plain-text string (as the
+        tokenizer splits a rendered chat at its special tokens, so a chat whose content holds
+        no special-token string gets the ids of its rendered text)."""
+        ids: list[int] = []
+        trained: list[bool] = []
+        run: list[str] = []
+
+        def flush(flag: bool) -> None:
+            piece = self.encode_text("".join(run)) if run else []
+            ids.extend(piece)
+            trained.extend([flag] * len(piece))
+            run.clear()
+
+        last = False
+        for part in parts:
+            if part.marker or part.trained != last:
+                flush(last)
+            if part.marker:
+                tid = self.tok.token_to_id(part.text)
+                piece = [tid] if tid is not None else self.encode_text(part.text)  # not in this vocab
+                ids.extend(piece)
+                trained.extend([part.trained] * len(piece))
+            else:
+                run.append(part.text)
+            last = part.trained
+        flush(last)
+        return ids, trained
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """The conversation in DeepSeek-V3's format, content as text (BOS included once)."""
+        return self.encode_parts(chat_parts(messages, add_generation_prompt))[0]
+
+
+_PLAIN: dict[int, tuple[object, int, object]] = {}  # id(tokenizer) -> (it, its size, its copy)
+_PLAIN_LOCK = threading.Lock()
+
+
+def plain_text_tokenizer(tok):
+    """A copy of `tok` (a `tokenizers.Tokenizer`) that reads its special tokens, and any added
+    token written like a tag (`<think>`, `<｜User｜>`, special or not), as ordinary text
+    (`encode_special_tokens`). A copy, not the flag flipped on `tok`: the engine encodes with
+    `tok` from other threads, and a completion prompt may mean its markers. Built once per
+    tokenizer (a few of them kept)."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    with _PLAIN_LOCK:
+        hit = _PLAIN.get(id(tok))
+        if hit is not None and hit[0] is tok and hit[1] == size:
+            return hit[2]
+        from tokenizers import Tokenizer as HFTokenizer
+        spec = json.loads(tok.to_str())
+        for added in spec.get("added_tokens") or []:
+            text = added.get("content", "")
+            if text in SPECIAL_TOKENS or (text.startswith("<") and text.endswith(">") and len(text) > 2):
+                added["special"] = True
+        plain = HFTokenizer.from_str(json.dumps(spec))
+        plain.encode_special_tokens = True
+        plain.no_truncation()
+        plain.no_padding()
+        if len(_PLAIN) >= 8:
+            _PLAIN.pop(next(iter(_PLAIN)))
+        _PLAIN[id(tok)] = (tok, size, plain)
+        return plain

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.chat_template import ChatFormatError, chat_segments, render_chat
-from nanoseek.tokenizer import (BOS, EOS, SPECIAL_TOKENS, load_tokenizer, save_tokenizer,
+from nanoseek.chat_template import ChatFormatError, chat_parts, chat_segments, render_chat
+from nanoseek.tokenizer import (BOS, EOS, SPECIAL_TOKENS, Tokenizer, load_tokenizer, save_tokenizer,
                                 train_tokenizer)
 from tests.train_utils import small_corpus
 
@@ -107,6 +107,9 @@ def test_matches_deepseek_v3_template(tok, name, gen):
         ids += piece
         mask += [int(trained)] * len(piece)
     assert ids == want_ids and mask == ours["assistant_masks"]
+    # nanoseek's encoder (markers as ids, content as text) gives the same ids and mask
+    ids, trained = Tokenizer.of(tok).encode_parts(chat_parts(msgs, gen))
+    assert ids == want_ids and list(map(int, trained)) == ours["assistant_masks"]
 
 
 def test_tool_turns_written_out():

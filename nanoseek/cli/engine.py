@@ -32,8 +32,9 @@ def generate(
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file",
                                                help="prompts, one per line, or JSONL lines {\"prompt\": ...} / "
                                                     "{\"prompt_token_ids\": [...]}; '-' reads stdin"),
-    chat: bool = typer.Option(False, "--chat", help="wrap each text prompt in the tokenizer's chat template "
-                                                    "(a user turn, then the assistant's)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap each text prompt in DeepSeek-V3's chat format, as the "
+                                                    "server does (a user turn, then the assistant's; the "
+                                                    "prompt's text is never read as special tokens)"),
     n: int = typer.Option(1, "-n", "--n", min=1, help="completions per prompt (sample k uses seed + k)"),
     max_tokens: int = typer.Option(64, min=1, help="tokens to generate at most per prompt"),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy"),
@@ -132,17 +133,16 @@ def _json_prompt(line: str, where: str) -> str | list[int]:
 
 
 def _apply_chat(path: Path, prompts: list) -> list[list[int]]:
-    """Each text prompt as a user turn followed by the assistant's turn, in the checkpoint's
-    chat template (nanoseek's own DeepSeek template when the tokenizer has none)."""
-    from nanoseek.tokenizer import CHAT_TEMPLATE, load_tokenizer
-    tok = load_tokenizer(path)
+    """Each text prompt as a user turn followed by the assistant's turn, in DeepSeek-V3's chat
+    format as the server and `nanoseek chat` write it: the prompt is encoded as plain text,
+    so a marker typed in it (`<｜Assistant｜>`) stays text."""
+    from nanoseek.tokenizer import Tokenizer, load_tokenizer
+    tok = Tokenizer.of(load_tokenizer(path))
     out = []
     for p in prompts:
         if not isinstance(p, str):
             raise typer.BadParameter("--chat applies to text prompts, not token ids")
-        text = tok.apply_chat_template([{"role": "user", "content": p}], chat_template=tok.chat_template or CHAT_TEMPLATE,
-                                       add_generation_prompt=True, tokenize=False)
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
+        out.append(tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True))
     return out
 
 

@@ -150,7 +150,7 @@ def _answer(engine, convo, line: str, params) -> str:
     from nanoseek.engine.outputs import stable_text
     limit = engine.scheduler.max_model_len
     while True:
-        ids = engine.tokenizer.encode(convo.prompt(line), add_special_tokens=False)
+        ids = convo.prompt_ids(engine.tokenizer, line)
         if len(ids) + params.max_tokens <= limit or not convo.forget_oldest():
             break
         typer.echo("(the oldest exchange was dropped to fit the context)", err=True)

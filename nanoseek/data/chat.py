@@ -4,9 +4,11 @@ packed into fixed-length windows.
 A row is either {"messages": [{"role", "content", ...}, ...]} (OpenAI/DeepSeek chat
 messages, tool calls and tool outputs included) or {"prompt": ..., "response": ...} (one
 user turn and the assistant's answer; an optional "system"). The conversation is rendered
-with DeepSeek-V3's chat template piece by piece (`chat_segments`): only the pieces the
+with DeepSeek-V3's chat template piece by piece (`chat_parts`): only the pieces the
 assistant writes (its text, its tool calls, its closing eos) become targets; system, user
-and tool-output tokens are context and their labels are IGNORE_INDEX.
+and tool-output tokens are context and their labels are IGNORE_INDEX. Content is encoded as
+text: a special-token string inside a row's message is spelled in ordinary tokens, never
+read as a turn marker (only `<think>`/`</think>` in an assistant's text are markers).
 
 Packing: conversations are laid end to end into windows of `seq_len` tokens (the tail of a
 window is padding with IGNORE_INDEX labels), so no compute is spent on padding. Inside a
@@ -26,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.chat_template import ChatFormatError, chat_segments
+from nanoseek.chat_template import ChatFormatError, chat_parts
 from nanoseek.model.transformer import IGNORE_INDEX
+from nanoseek.tokenizer import Tokenizer
 
 
 class ChatDataError(ValueError):
@@ -85,19 +88,14 @@ def read_conversations(paths) -> list[list[dict]]:
 # ----------------------------------------------------------------- encoding
 def encode_chat(messages: list[dict], tokenizer, where: str = "conversation",
                 add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether the assistant wrote it.
-    The text already holds BOS, so the tokenizer adds no special tokens of its own."""
+    """Token ids of the rendered conversation and, per token, whether the assistant wrote it
+    (`Tokenizer.encode_parts`: BOS once, the markers as ids, content as text, so a marker
+    written in a data row stays text)."""
     try:
-        pieces = chat_segments(messages, add_generation_prompt)
+        parts = chat_parts(messages, add_generation_prompt)
     except (ChatFormatError, KeyError, TypeError) as e:
         raise ChatDataError(f"{where}: {e}") from None
-    ids: list[int] = []
-    trained: list[bool] = []
-    for text, is_trained in pieces:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        trained += [is_trained] * len(piece)
-    return ids, trained
+    return Tokenizer.of(tokenizer).encode_parts(parts)
 
 
 def shift_labels(ids: list[int], trained: list[bool]) -> tuple[list[int], list[int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nanoseek.chat_template import render_chat
+from nanoseek.tokenizer import Tokenizer
 
 HELP = "commands: /reset (forget the history), /system TEXT (set the system prompt), /exit"
 
@@ -27,6 +28,12 @@ class Conversation:
     def prompt(self, user_text: str) -> str:
         """The text to generate from: the history, this user turn, the assistant's opening."""
         return render_chat(self.messages() + [{"role": "user", "content": user_text}], add_generation_prompt=True)
+
+    def prompt_ids(self, tokenizer, user_text: str) -> list[int]:
+        """`prompt` as token ids: the template's markers special, every turn's text plain
+        (a `<｜User｜>` typed at the terminal stays text)."""
+        return Tokenizer.of(tokenizer).encode_chat(
+            self.messages() + [{"role": "user", "content": user_text}], add_generation_prompt=True)
 
     def record(self, user_text: str, answer: str) -> None:
         self.turns += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]

@@ -4,15 +4,18 @@ names the field, before the request is admitted (the engine's own checks stay as
 
 The prompt is tokenised by the server (not by the engine) so that the context check, the
 usage counts and the cache key all see the same ids. A chat is written in DeepSeek-V3's
-format (`nanoseek.chat_template.render_chat`), which begins with its own BOS.
+format (`nanoseek.chat_template`), which begins with its own BOS; `Tokenizer.encode_chat`
+encodes its markers as special ids and every message's content as plain text, so a marker
+typed in a message (`<｜User｜>`, `<｜tool▁outputs▁begin｜>`) cannot forge a turn.
 """
 
 from __future__ import annotations
 
-from nanoseek.chat_template import ChatFormatError, render_chat
+from nanoseek.chat_template import ChatFormatError
 from nanoseek.engine.sampling import SamplingParams
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from nanoseek.tokenizer import Tokenizer
 
 # fields that change nothing in the output: left out of the cache key
 NOT_IN_KEY = {"stream", "stream_options", "user"}
@@ -59,10 +62,9 @@ def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
         role = "system" if m.role == "developer" else m.role
         messages.append({"role": role, "content": m.text(), **({"tool_calls": m.tool_calls} if m.tool_calls else {})})
     try:
-        text = render_chat(messages, add_generation_prompt=True)
+        return Tokenizer.of(tokenizer).encode_chat(messages, add_generation_prompt=True)
     except ChatFormatError as e:
         raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def completion_prompts(tokenizer, req: CompletionRequest, vocab_size: int) -> list[list[int]]:

@@ -33,8 +33,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, replace
 
-from nanoseek.agent.tool_parser import (TOOL_CALL_BEGIN, TOOL_CALLS_BEGIN, TOOL_SEP,
-                                        parse_tool_call_ids)
+from nanoseek.agent.tool_parser import TOOL_CALLS_BEGIN, parse_tool_call_ids
+from nanoseek.chat_template import Part, call_opening_parts
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.protocol import ChatCompletionRequest
 from nanoseek.special_tokens import EOS
@@ -60,12 +60,12 @@ def tool_choice_of(req: ChatCompletionRequest) -> str | None:
     return choice.function.name
 
 
-def prefill(choice: str) -> str:
-    """The text that ends the prompt for a forced call ("" when nothing is forced)."""
+def prefill(choice: str) -> list[Part]:
+    """What ends the prompt for a forced call (nothing when nothing is forced); the
+    function's name is encoded as text, whatever it holds."""
     if choice in ("auto", "none"):
-        return ""
-    opened = TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP
-    return opened if choice == "required" else opened + choice + "\n```json\n"
+        return []
+    return call_opening_parts(None if choice == "required" else choice)
 
 
 def apply_tools(req: ChatCompletionRequest, tokenizer, prompt: list[int], params):
@@ -82,7 +82,7 @@ def apply_tools(req: ChatCompletionRequest, tokenizer, prompt: list[int], params
                             "call tools", param="tools", code="unsupported_value")
     if choice == "none":
         params = replace(params, stop_token_ids=[*params.stop_token_ids, marker])
-    head = tok.encode(prefill(choice), add_special_tokens=False)
+    head = tok.encode_parts(prefill(choice))[0]
     reader = ToolReader(tok, marker, head, choice == "none", params.skip_special_tokens)
     return prompt + head, params, reader
 

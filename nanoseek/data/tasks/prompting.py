@@ -1,7 +1,6 @@
-"""Prompting an engine `LLM` with chat messages: the chat template, tokenised as is.
-
-`render_chat` already writes the bos token, so the prompt is encoded without the
-tokenizer's post-processor (which would add a second one). Completions keep their special
+"""Prompting an engine `LLM` with chat messages: the chat template, encoded by
+`Tokenizer.encode_chat` (bos once, the template's markers as ids, a task's prompt text as
+plain text even when it holds a special-token string). Completions keep their special
 tokens: `<think>` and `</think>` are special tokens, and the format reward needs them.
 """
 
@@ -9,15 +8,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from nanoseek.chat_template import render_chat
-
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the rendered conversation (a nanoseek `Tokenizer`), bos included once."""
     if tokenizer is None:
         raise ValueError("the model has no tokenizer (tokenizer.json): tasks prompt with text")
-    text = render_chat(messages, add_generation_prompt=add_generation_prompt)
-    return tokenizer.tok.encode(text, add_special_tokens=False).ids
+    return tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
 
 def generate_texts(llm, conversations: list[list[dict]], params) -> list[list[str]]:

@@ -20,7 +20,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from nanoseek.chat_template import render_chat
+from nanoseek.chat_template import Part, render_chat, tool_output_parts
 from nanoseek.data.tasks.arithmetic import OPS, apply, draw_problem
 from nanoseek.data.tasks.base import Example, Task, TaskError, make_rewarder, no_options_left
 from nanoseek.data.tasks.prompting import encode_chat, fit_context
@@ -115,12 +115,13 @@ class _Conversation:
         if last or completion.finish_reason != "stop" or not calls:
             self.done = True
             return
-        outputs = "\n".join(OUTPUT_BEGIN + run_calculator(args) + OUTPUT_END for args in calls)
-        added = EOS + OUTPUTS_BEGIN + outputs + OUTPUTS_END
-        self.text += added
-        self.ids = self.ids + list(completion.token_ids) + tokenizer.tok.encode(
-            added.removeprefix(EOS) if _ends_in_eos(completion, tokenizer) else added,
-            add_special_tokens=False).ids
+        outputs = [part for k, args in enumerate(calls)
+                   for part in tool_output_parts(run_calculator(args), first=k == 0)]
+        outputs.append(Part(OUTPUTS_END, False, marker=True))
+        self.text += EOS + "".join(p.text for p in outputs)
+        eos = [] if _ends_in_eos(completion, tokenizer) else [Part(EOS, False, marker=True)]
+        # the outputs (which may echo the model's expression) as text, only the markers special
+        self.ids = self.ids + list(completion.token_ids) + tokenizer.encode_parts(eos + outputs)[0]
 
 
 def _ends_in_eos(completion, tokenizer) -> bool:
