@@ -1,5 +1,5 @@
 """LoRA through peft on nanoseek's linears (save -> load -> merge gives the same logits),
-LoRA SFT runs and resumes, QLoRA's NF4 base within its error bound."""
+LoRA SFT runs and resumes. QLoRA: tests/test_qlora.py."""
 
 import json
 
@@ -10,17 +10,12 @@ from typer.testing import CliRunner
 from nanoseek.checkpoint import from_pretrained
 from nanoseek.cli import app
 from nanoseek.model import CausalLM
-from nanoseek.train.lora import LORA_TARGETS, LoraSettings, add_lora, load_adapter, save_adapter
-from nanoseek.train.qlora import NF4_BLOCK, NF4_MAX_REL_ERROR, nf4_roundtrip, quantize_base
+from nanoseek.train.lora import LoraSettings, add_lora, load_adapter, save_adapter
 from nanoseek.train.sft import SFTConfig, sft, sft_train_config
 from tests.posttrain_utils import PAIRS, make_init, write_jsonl
 from tests.train_utils import micro_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# every width a multiple of NF4's 64-weight block
-NF4_SIZES = dict(hidden_size=64, q_lora_rank=64, kv_lora_rank=64, intermediate_size=128,
-                 moe_intermediate_size=64, qk_nope_head_dim=32, v_head_dim=32)
 
 
 def _trained_adapter(model, seed=1):
@@ -101,38 +96,3 @@ def test_lora_sft_trains_adapters_resumes_and_merges(tmp_path):
         assert (a(x) - from_pretrained(init)(x)).abs().max() > 1e-3
     r = runner.invoke(app, ["merge-lora", "--base", str(init), "--adapter", str(init), "--out", str(tmp_path / "m2")])
     assert r.exit_code == 2 and "no adapter_config.json" in r.output
-
-
-def test_nf4_roundtrip_is_within_half_the_widest_level_gap():
-    """NF4: 16 levels in [-1, 1] per 64-weight block scaled by its absmax; the widest gap is
-    between -1 and -0.6962, so |w - NF4(w)| <= 0.1519 * absmax(block) for every weight."""
-    torch.manual_seed(0)
-    for w in (torch.randn(96, 48), torch.randn(128, 64) * 0.02, torch.rand(64, 64) - 0.3):
-        err = (nf4_roundtrip(w) - w).abs().flatten().view(-1, NF4_BLOCK)
-        absmax = w.flatten().view(-1, NF4_BLOCK).abs().max(dim=1, keepdim=True).values
-        assert (err <= NF4_MAX_REL_ERROR * absmax + 1e-6).all()
-        assert err.max() > 0.05 * absmax.min()  # 4 bits: not lossless
-    exact = torch.tensor([-1.0, 0.0, 1.0] + [0.0] * 61) * 3.0  # the exact levels come back exactly
-    assert torch.equal(nf4_roundtrip(exact), exact)
-
-
-def test_qlora_base_saves_memory_and_stays_close_to_fp32():
-    torch.manual_seed(0)
-    model = CausalLM(micro_config(**NF4_SIZES)).eval()
-    reference = CausalLM(micro_config(**NF4_SIZES)).eval()
-    reference.load_state_dict(model.state_dict())
-    report = quantize_base(model, LORA_TARGETS)
-    assert report.quantized > 0 and not report.skipped
-    # 4 bits a weight + 8-bit block absmax; the per-linear tables weigh on linears this small
-    assert 5.0 < report.fp32_bytes / report.nf4_bytes < 7.8
-    x = torch.randint(3, 384, (2, 16))
-    with torch.no_grad():
-        ref, got = reference(x), model(x)
-    rel = float((got - ref).norm() / ref.norm())
-    assert 0 < rel < 0.3
-    peft_model = add_lora(model, LoraSettings(r=4, qlora=True))
-    loss = peft_model.loss(x, x).loss
-    loss.backward()
-    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "layers.0." in n and p.requires_grad)
-    skipped = quantize_base(CausalLM(micro_config()), LORA_TARGETS).skipped  # hidden 48: not whole blocks
-    assert "model.layers.0.self_attn.q_a_proj" in skipped

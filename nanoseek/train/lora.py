@@ -16,6 +16,7 @@ B A into W for a plain checkpoint that the engine serves.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,17 @@ def add_lora(model: nn.Module, settings: LoraSettings):
         raise ValueError(f"--lora-targets {settings.targets}: none of these linears is in the model")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=present, bias="none")
-    return get_peft_model(model, config)
+    return get_peft_model(mark_4bit(model), config)
+
+
+def mark_4bit(model: nn.Module) -> nn.Module:
+    """Flag a model holding bitsandbytes 4-bit linears (a QLoRA base) as transformers does,
+    so that peft wraps them in its 4-bit LoRA layer, whose merge dequantises, adds B A and
+    quantises again; its plain layer would add B A to the packed 4-bit codes and fail."""
+    bnb = sys.modules.get("bitsandbytes")  # not imported: no 4-bit linear can exist
+    if bnb is not None and any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        model.is_loaded_in_4bit = True
+    return model
 
 
 def save_adapter(peft_model, out_dir: str | Path) -> None:
@@ -87,14 +98,15 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, trainable: bool = Fal
     for name in ADAPTER_FILES:
         if not (adapter_dir / name).exists():
             raise FileNotFoundError(f"{adapter_dir}: no {name} (not a LoRA adapter directory)")
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    return PeftModel.from_pretrained(mark_4bit(base), str(adapter_dir), is_trainable=trainable)
 
 
 def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Fold the adapter into the fp32 base weights (W + α/r B A) and write a plain
     checkpoint with the base's tokenizer: what `nanoseek generate` and the server load.
-    A QLoRA adapter is merged into the full-precision base it was trained over, not into
-    its 4-bit copy."""
+    A QLoRA adapter is merged into the full-precision weights its 4-bit base was quantised
+    from (W + B A, where training saw Ŵ + B A: the logits then differ from the adapter
+    model's by about the NF4 base's own error; `qlora.merge_dequantized` gives Ŵ + B A)."""
     from nanoseek.checkpoint import from_pretrained, save_pretrained
     from nanoseek.tokenizer import copy_tokenizer
 
