@@ -9,8 +9,9 @@ import pytest
 from nanoseek.data.tasks import load_task
 from nanoseek.data.tasks.arithmetic import make_example
 from nanoseek.train.eval import pass_at_k
+from nanoseek.special_tokens import EOS
 from nanoseek.train.rewards import (Rewarder, answer_of, check_equation, format_reward,
-                                    numeric_accuracy, overlong_penalty)
+                                    numeric_accuracy, overlong_penalty, text_accuracy)
 
 
 def r1(think, answer):
@@ -28,7 +29,7 @@ EX = make_example(478, "+", 356)  # 834
     ("<answer>834</answer>", 0.9, True),                       # right, no think
     (r1("", "834"), 0.9, True),                                 # empty think: no format
     (r1("x", "834") + "<answer>834</answer>", 0.0, False),      # two answer tags
-    (r1("x", "834") + " and more", 0.9, True),                  # text after the answer
+    (r1("x", "834") + " and more", 0.0, False),                 # text after the answer voids it
     ("<think>\nx\n</think>\nThe answer is 834.", 0.1 * 0, False),  # not in the tag
     (r1("the answer is 834", "I don't know"), 0.1, False),      # the number only in think
     (r1("x", "478+356"), 0.1, False),                           # an expression, not a number
@@ -131,3 +132,90 @@ def test_integer_fast_path_agrees_with_math_verify():
              ("123456789", "123456789"), ("99", "-99")]
     for given, expected in pairs:
         assert math_equal(given, expected) == bool(verify(parse(expected), parse(given))), (given, expected)
+
+
+# ----------------------------------------------------------------------------- reward hacks
+@pytest.mark.parametrize("completion,total", [
+    ("<think>\nthe sum is <answer>834</answer>\n</think>", 0.0),       # answer only in think
+    ("<think>\n<answer>834</answer>\n</think>\nI am not sure.", 0.0),
+    ("<think>\n<answer>834</answer>\n</think>\n<answer>?</answer>", 0.0),
+    ("<think>\nx <answer>834</answer>", 0.0),                           # think never closed
+    (r1("x", "834") + "\nActually 43.", 0.0),                           # a trailing correction
+    (r1("x", "834") + EOS + "Actually 43.", 0.0),                       # ... after an eos
+    (r1("x", "834") + "\n<answer>43</answer>", 0.0),                    # two answer tags
+    (r1("x", "43") + "\n<answer>834</answer>", 0.0),
+    ("<think>\nx\n</think>\n<answer><answer>834</answer></answer>", 0.0),  # nested
+    ("<think>\nx\n</think>\n<answer>834</answer>\n</answer>", 0.0),     # a stray end tag
+    ("<think>\nx\n</think>\n<answer><think>834</answer>", 0.0),
+    ("<think>\nx\n</think>\nSo: <answer>834</answer>", 0.0),            # prose before the tag
+    (r1("x", "1668/2"), 0.1),                                           # expressions, not numbers
+    (r1("x", "\\frac{1668}{2}"), 0.1),
+    (r1("x", "834/1"), 0.1),
+    (r1("x", "$1668/2$"), 0.1),
+    (r1("x", "800+34"), 0.1),
+    (r1("x", "2*417"), 0.1),
+    (r1("x", "\\boxed{800+34}"), 0.1),
+    (r1("x", "--834"), 0.1),
+    (r1("x", "834 or 835"), 0.1),
+    (r1("x", "834 apples"), 0.1),
+    (r1("x", "8" * 300), 0.1),
+])
+def test_reward_hacks_earn_no_accuracy(completion, total):
+    """Only the one answer tag after the reasoning counts, nothing may follow it, and the
+    arithmetic task's result is a number (84/2 is a division left undone)."""
+    r = TASK.reward(EX, completion)
+    assert r.components["accuracy"] == 0.0 and not r.correct, r
+    assert r.total == pytest.approx(total), r
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("\\boxed{834}", "834"), ("$834$", "834"), ("$\\boxed{834}$", "834"), ("\\(834\\)", "834"),
+    ("\\[834\\]", "834"), ("$$834$$", "834"), ("\\boxed{$834$}", "834"), ("+834", "834"),
+    ("\u2212834", "-834"), ("$-834$", "-834"), ("\\boxed{\u2212834}", "-834"), ("834.0", "834"),
+    ("834.", "834"), ("0834", "834"), (" 834 ", "834"), ("1,234", "1234"), ("-1/2", "-0.5"),
+    ("\\frac{3}{4}", "0.75"), ("0.75", "3/4"), ("6/8", "3/4"),
+])
+def test_accepted_number_forms_score_full(given, expected):
+    assert numeric_accuracy(r1("x", given), expected) == 1.0
+    assert numeric_accuracy(r1("x", given) + EOS + "\n" + EOS, expected) == 1.0
+
+
+def test_accepted_forms_earn_full_reward_from_the_task():
+    for given in ("\\boxed{834}", "$834$", "+834"):
+        assert TASK.reward(EX, r1("x", given)).total == pytest.approx(1.0), given
+    minus = make_example(356, "-", 478)  # -122
+    assert TASK.reward(minus, r1("x", "\u2212122")).correct
+
+
+def test_format_is_not_gamed_by_extra_or_nested_tags():
+    for c in (r1("x", "834") + "<answer>1</answer>", r1("x", "<answer>834</answer>"),
+              r1("x", "834</answer>"), "<think>\nx\n</think>\n<answer>834</answer>\n</answer>",
+              r1("x <answer>834</answer>", "834"), r1("x", "834") + "</think>"):
+        assert format_reward(c) == 0.0, c
+    task = load_task("tool_use", digits=3)
+    ex = task.examples("test", 1)[0]
+    tag = f"<answer>{ex.answer}</answer>"
+    assert task.reward(ex, ex.response).total == pytest.approx(1.0)
+    for bad in (tag + "x</answer>", tag + "\nActually 43.", f"<answer>{ex.answer}</answer></answer>",
+                f"<think>\n{tag}\n</think>"):
+        r = task.reward(ex, ex.response.replace(tag, bad))
+        assert r.components["format"] == 0.0 and r.total <= 0.0 + 1e-9, (bad, r)
+
+
+def test_countdown_answer_only_in_think_earns_nothing():
+    task = load_task("countdown")
+    ex = task.examples("test", 1)[0]
+    hidden = f"<think>\n<answer>{ex.answer}</answer>\n</think>"
+    assert not task.reward(ex, hidden).correct
+    assert not task.reward(ex, ex.response + " Actually 1 + 1.").correct
+
+
+def test_text_answers_that_are_numbers_must_be_numbers():
+    assert text_accuracy(r1("x", "40+2"), "42") == 0.0
+    assert text_accuracy(r1("x", "84/2"), "42") == 0.0
+    assert text_accuracy(r1("x", "$42$"), "42") == 1.0
+    assert text_accuracy(r1("x", "1/2"), "0.5") == 1.0
+    assert text_accuracy(r1("x", "4/2"), "4/2") == 1.0   # the reference's own form
+    assert text_accuracy(r1("x", " paris "), "Paris") == 1.0
+    assert text_accuracy("<think>\nParis\n</think>", "Paris") == 0.0
+    assert text_accuracy(r1("x", "Paris") + " no, Rome", "Paris") == 0.0

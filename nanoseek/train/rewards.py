@@ -8,13 +8,22 @@ A completion is expected in R1's shape, exactly once each:
     </think>
     <answer>123</answer>
 
-- **accuracy**: only the text inside the one `<answer>` tag counts (a number written
-  elsewhere earns nothing; two answer tags earn nothing). Numbers are compared with
-  `math-verify` ("0.5" = "1/2" = "\\frac{1}{2}"), and a numeric answer must be a number,
-  not an expression (else "<answer>478+356</answer>" would "equal" 834). Countdown
-  equations are parsed with `ast` (never eval'd) and checked number by number.
+- **accuracy** reads only the final answer: what follows the reasoning (the text after the
+  last `</think>`; the whole completion if it has no think block; nothing if a `<think>` is
+  never closed) must be exactly one `<answer>...</answer>`, whitespace and end-of-sentence
+  tokens around it and nothing else. So an answer inside `<think>`, a correction after the
+  tag ("Actually 43."), prose before it, a second answer tag or nested tags earn nothing:
+  a grader that read any of them could be argued with, and RL learns to argue.
+  A numeric answer must be one number (what math-verify reads as one, in these spellings:
+  `834`, `+834`, `−834` with U+2212, `1,234`, `834.0`, `\\boxed{834}`, `$834$`, `\\(834\\)`),
+  not an expression (`800+34`, `2*417` earn nothing), and a fraction (`1668/2`,
+  `\\frac{1668}{2}`) only where the reference is not a whole number or is itself written
+  as one: the arithmetic task asks for "the result" of integer arithmetic, and a division
+  left undone is not it. Numbers are compared exactly (`0.5` = `1/2` = `\\frac{1}{2}`);
+  math-verify decides only references that are not plain numbers. Countdown equations are
+  parsed with `ast` (never eval'd) and checked number by number.
 - **format**: `<think>` non-empty reasoning `</think>` then `<answer>` non-empty `</answer>`,
-  nothing after, each tag exactly once.
+  nothing after, each tag exactly once (so extra or nested tags earn no format either).
 - **over-length** (DAPO): 0 up to `max_length - cache_length`, then a linear penalty that
   reaches 1 at `max_length` and stays there.
 
@@ -30,16 +39,21 @@ import re
 import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from nanoseek.special_tokens import END_THINK, EOS, THINK
 
 ANSWER, END_ANSWER = "<answer>", "</answer>"
+R1_TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
 MAX_ANSWER_CHARS = 200  # longer answers are not parsed (math-verify on huge input is slow)
-_NUMBER = re.compile(r"[-+]?(\d[\d,]*(\.\d+)?|\.\d+)(\s*/\s*\d+)?|[-+]?\\frac\{\d+\}\{\d+\}")
+# One number, ASCII digits: an integer (thousands grouped by commas or not) or decimal, a/b,
+# or \frac{a}{b}; a sign in front ("+", "-", or U+2212, the minus sign of typeset text).
+_NUMBER = re.compile(r"(?P<sign>[-+\u2212]?)(?:"
+                     r"(?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?P<dec>\.[0-9]*)?|(?P<bare>\.[0-9]+)"
+                     r"|(?P<num>[0-9]+)/(?P<den>[0-9]+)|\\[dt]?frac\{(?P<fnum>[0-9]+)\}\{(?P<fden>[0-9]+)\})")
+# The wrappers math-verify reads a number out of (nested at most a few deep).
+_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("\\boxed{", "}"))
 _INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits; a leading "+" is left to math-verify (it reads none)
-_R1 = re.compile(rf"{THINK}(?P<think>.*){END_THINK}\s*{ANSWER}(?P<answer>.*){END_ANSWER}",
-                 re.DOTALL)
 
 
 @dataclass
@@ -60,24 +74,51 @@ def r1_response(think: str, answer: str) -> str:
 
 
 def strip_eos(completion: str) -> str:
-    return completion.removesuffix(EOS).rstrip()
+    """The completion without the end-of-sentence tokens and whitespace it ends with (text
+    after an end-of-sentence token is kept: it is text after the answer)."""
+    end, n = len(completion), len(EOS)
+    while True:
+        while end and completion[end - 1].isspace():
+            end -= 1
+        if end < n or not completion.startswith(EOS, end - n):
+            return completion[:end]
+        end -= n
 
 
 def answer_of(completion: str) -> str | None:
-    """The text inside the completion's one answer tag (None if zero or several tags)."""
-    if completion.count(ANSWER) != 1 or completion.count(END_ANSWER) != 1:
+    """The final answer: the text of the one answer tag that follows the reasoning (after
+    the last `</think>`, or the whole completion without a think block) with nothing else
+    around it; None if the reasoning is never closed, or what follows it is anything but
+    one well-formed tag (no tag, two, nested, or any text before or after)."""
+    text = strip_eos(completion)
+    _, closed, after = text.rpartition(END_THINK)
+    if not closed and THINK in text:
+        return None  # the answer would be inside unfinished reasoning
+    return tagged(after)
+
+
+def tagged(region: str) -> str | None:
+    """The stripped, non-empty content of a region that is exactly `<answer>...</answer>`
+    (whitespace around), with none of R1's tags inside; else None."""
+    region = region.strip()
+    if (len(region) < len(ANSWER) + len(END_ANSWER) or not region.startswith(ANSWER)
+            or not region.endswith(END_ANSWER)):
         return None
-    start, end = completion.index(ANSWER) + len(ANSWER), completion.index(END_ANSWER)
-    return completion[start:end].strip() if start <= end else None
+    inner = region[len(ANSWER):-len(END_ANSWER)]
+    if any(tag in inner for tag in R1_TAGS):
+        return None
+    return inner.strip() or None
 
 
 def format_reward(completion: str) -> float:
-    """1.0 for `<think>x</think> <answer>y</answer>` (x, y non-blank, each tag once)."""
+    """1.0 for `<think>x</think> <answer>y</answer>` (x, y non-blank, each tag once,
+    nothing else around them)."""
     text = strip_eos(completion).strip()
-    if any(text.count(tag) != 1 for tag in (THINK, END_THINK, ANSWER, END_ANSWER)):
+    if any(text.count(tag) != 1 for tag in R1_TAGS):
         return 0.0
-    m = _R1.fullmatch(text)
-    return float(bool(m and m["think"].strip() and m["answer"].strip()))
+    head, _, after = text.partition(END_THINK)
+    return float(head.startswith(THINK) and bool(head[len(THINK):].strip())
+                 and tagged(after) is not None)
 
 
 def overlong_penalty(length: int, max_length: int | None, cache_length: int) -> float:
@@ -106,22 +147,76 @@ def math_equal(given: str, expected: str) -> bool:
         return False
 
 
+class Number(NamedTuple):
+    value: int | Fraction
+    fraction: bool  # written as a/b or \\frac{a}{b}
+    text: str       # ASCII, no wrapper, no "+", no thousands commas (what math-verify reads)
+
+
+def read_number(text: str) -> Number | None:
+    """`text` as one number (see the module docstring for the spellings), or None: an
+    expression, words, two numbers, a zero denominator, or more than MAX_ANSWER_CHARS."""
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    text = text.strip()
+    if text.isascii() and text.isdigit():  # the common case, without a regex or a Fraction
+        return Number(int(text), False, text)
+    for _ in range(3):  # "$\\boxed{42}$", "\\boxed{$42$}"
+        wrap = next(((o, c) for o, c in _WRAPPERS if len(text) > len(o) + len(c)
+                     and text.startswith(o) and text.endswith(c)), None)
+        if wrap is None:
+            break
+        text = text[len(wrap[0]):-len(wrap[1])].strip()
+    m = _NUMBER.fullmatch(text)
+    if m is None:
+        return None
+    sign = -1 if m["sign"] in ("-", "\u2212") else 1
+    num, den = (m["num"], m["den"]) if m["num"] else (m["fnum"], m["fden"])
+    if num is not None:
+        if int(den) == 0:
+            return None
+        value, plain = Fraction(int(num), int(den)), f"{num}/{den}"
+    else:
+        plain = (m["int"] or "").replace(",", "") + (m["dec"] or m["bare"] or "")
+        value = Fraction(plain) if m["dec"] or m["bare"] else int(plain)
+    return Number(sign * value, num is not None, ("-" if sign < 0 else "") + plain)
+
+
+def number_matches(given: str, expected: str) -> bool:
+    """`given` is one number equal to `expected`. Plain numbers on both sides are compared
+    exactly, in Python: no sympy parse, which math-verify spends ~1.6 ms on per answer and
+    GRPO calls this for every sample. A fraction is no answer to a whole-number reference
+    unless the reference is written as one (84/2 is a division left undone, not 42)."""
+    g = read_number(given)
+    if g is None:
+        return False
+    e = read_number(expected)
+    if e is None:  # a reference that is not a plain number (e.g. \\sqrt{2}): math-verify decides
+        return math_equal(g.text, expected)
+    if g.fraction and not e.fraction and e.value.denominator == 1:
+        return False
+    return g.value == e.value
+
+
 def numeric_accuracy(completion: str, expected: str) -> float:
-    """1.0 when the tagged answer is a number equal to `expected`."""
-    given = answer_of(strip_eos(completion))
-    if given is None or not _NUMBER.fullmatch(given):
-        return 0.0
-    return float(math_equal(given, expected))
+    """1.0 when the final answer (answer_of) is one number equal to `expected`."""
+    given = answer_of(completion)
+    return 0.0 if given is None else float(number_matches(given, expected))
 
 
 def text_accuracy(completion: str, expected: str) -> float:
-    """User tasks: the tagged answer equals `expected` as text (case and spacing aside) or
-    as mathematics."""
-    given = answer_of(strip_eos(completion))
+    """User tasks: the final answer equals `expected` as text (case and spacing aside) or
+    as mathematics; where `expected` is a plain number, the answer must be one number
+    (number_matches: "40+2" is not "42", though math-verify would equate them)."""
+    given = answer_of(completion)
     if given is None:
         return 0.0
     norm = lambda s: " ".join(s.split()).casefold()  # noqa: E731
-    return float(norm(given) == norm(expected) or math_equal(given, expected))
+    if norm(given) == norm(expected):
+        return 1.0
+    if read_number(expected) is not None:
+        return float(number_matches(given, expected))
+    return float(math_equal(given, expected))
 
 
 # ----------------------------------------------------------------------------- equations
@@ -180,7 +275,7 @@ def check_equation(expression: str, numbers: list[int], target: int) -> str | No
 
 
 def equation_accuracy(completion: str, numbers: list[int], target: int) -> float:
-    given = answer_of(strip_eos(completion))
+    given = answer_of(completion)
     return float(given is not None and check_equation(given, numbers, target) is None)
 
 

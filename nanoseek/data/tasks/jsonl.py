@@ -5,8 +5,10 @@
 
 `prompt` and `answer` are required (an answer may be a number), `response` (an SFT
 demonstration) and `split` ("train" or "test", else a hash of the prompt decides) are
-optional. `load_task("file.jsonl", reward="module:function", system="...")`; by default an
-answer is right when it equals `answer` as text (case and spacing aside) or as mathematics.
+optional. `load_task("file.jsonl", reward="module:function", system="...")`; by default the
+final answer tag (rewards.answer_of) is right when it equals `answer` as text (case and
+spacing aside) or as mathematics; where `answer` is a number it must be one number (`40+2`
+is not `42`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from nanoseek.data.tasks.base import Example, Task, TaskError, make_rewarder, no
 from nanoseek.data.tasks.prompting import encode_chat, fit_context
 from nanoseek.special_tokens import END_THINK, EOS, THINK, TOOL_TOKENS
 from nanoseek.train.rewards import (ANSWER, END_ANSWER, ExpressionError, evaluate_expression,
-                                    numeric_accuracy, strip_eos)
+                                    numeric_accuracy, strip_eos, tagged)
 
 (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP,
  OUTPUTS_BEGIN, OUTPUTS_END, OUTPUT_BEGIN, OUTPUT_END) = TOOL_TOKENS
@@ -169,6 +169,4 @@ def tool_format(completion: str) -> float:
         return 0.0
     if any(run_calculator(c).startswith("error") for c in calls):
         return 0.0
-    final = final_turn(completion).strip()
-    return float(final.startswith(ANSWER) and final.endswith(END_ANSWER)
-                 and final.count(ANSWER) == 1 and bool(final[len(ANSWER):-len(END_ANSWER)].strip()))
+    return float(tagged(final_turn(completion)) is not None)  # one tag, nothing else
