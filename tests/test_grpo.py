@@ -106,6 +106,24 @@ def test_loss_variants_and_options_run(init_dir, vowels, tmp_path, loss_type):
     assert len(recs) == 2 and "kl" not in recs[0]  # beta 0: no reference model, no KL
 
 
+def test_bnpo_with_bias_corrected_kl_runs(init_dir, vowels, tmp_path):
+    """TRL's bnpo over two micro-batches, and its importance-weighted KL (beta > 0)."""
+    cfg = config(init_dir, loss_type="bnpo", beta=0.02, use_bias_correction_kl=True,
+                 train=dict(max_steps=2, grad_accum=2))
+    rl(tmp_path / "run", cfg, progress=False, log=lambda *a: None)
+    recs = train_records(tmp_path / "run")
+    assert len(recs) == 2 and all(r["kl"] >= 0 and r["loss"] == r["loss"] for r in recs)
+
+
+def test_every_micro_batch_exists_when_completions_do_not_divide_evenly(init_dir, vowels, tmp_path):
+    """3 prompts x 2 completions in 4 micro-batches: 2, 2, 1, 1 completions (each micro-batch
+    is one of the 4 that the loss_type normalisations divide by)."""
+    cfg = config(init_dir, num_generations=2, beta=0.02,
+                 train=dict(max_steps=1, batch_size=3, grad_accum=4, save_every=1))
+    rl(tmp_path / "run", cfg, progress=False, log=lambda *a: None)
+    assert len(train_records(tmp_path / "run")) == 1
+
+
 def test_resume_equals_an_uninterrupted_run(init_dir, vowels, tmp_path):
     rl(tmp_path / "a", config(init_dir), progress=False, log=lambda *a: None)
     rl(tmp_path / "b", config(init_dir, train=dict(max_steps=2)), progress=False, log=lambda *a: None)

@@ -9,7 +9,7 @@ completions, lengths and rewards are a function of each completion's seed alone,
 test fails if a rank samples the wrong prompts or seeds, normalises by its own counts, or
 scales advantages by its own std) the first step's gradients (max |Δ| <= 1e-5, measured
 ~3e-8) and both steps' losses and logged statistics equal one process's, for the "grpo"
-loss with batch-scaled rewards and the token-level "bnpo" loss; the two ranks sampled
+loss with batch-scaled rewards and the token-level "dapo" loss; the two ranks sampled
 disjoint halves of the prompts. Then a real run (the engine samples) of two steps: the
 weights stay identical on both ranks, and rank 0 alone wrote metrics and the checkpoint.
 """
@@ -29,7 +29,7 @@ from tests.posttrain_utils import PAIRS, make_init, write_jsonl
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GRPO_CASES = {"grpo_batch": dict(loss_type="grpo", scale_rewards="batch"),
-              "bnpo": dict(loss_type="bnpo", scale_rewards="group")}
+              "dapo": dict(loss_type="dapo", scale_rewards="group")}
 
 
 def quiet(*a, **k):

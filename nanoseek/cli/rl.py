@@ -25,11 +25,12 @@ def grpo(
         warmup_steps: int = typer.Option(10, min=0),
         temperature: float = typer.Option(1.0, help="sampling temperature of the rollouts"),
         max_completion_length: Optional[int] = typer.Option(None, min=1, help="default: the task's budget"),
-        loss_type: str = typer.Option("grpo", help="grpo | bnpo | dr_grpo | dapo"),
+        loss_type: str = typer.Option("grpo", help="grpo | bnpo | dr_grpo | dapo (TRL's meanings; TRL's default: dapo)"),
         scale_rewards: str = typer.Option("group", help="group | batch | none"),
         epsilon: float = typer.Option(0.2, help="clip range (lower side)"),
         epsilon_high: Optional[float] = typer.Option(None, help="upper clip (DAPO clip-higher; default epsilon)"),
         beta: float = typer.Option(0.02, help="k3 KL weight (0: no reference model is loaded)"),
+        use_bias_correction_kl: bool = typer.Option(False, "--use-bias-correction-kl", help="weigh the KL term by pi/pi_old (TRL's option; its default is on)"),
         num_iterations: int = typer.Option(1, min=1, help="optimizer passes per rollout batch"),
         mask_truncated_completions: bool = typer.Option(False, "--mask-truncated-completions"),
         drop_equal_groups: bool = typer.Option(False, "--drop-equal-groups", help="drop groups whose rewards are all equal"),
@@ -60,7 +61,8 @@ def grpo(
                    algo=algo, train=train, num_generations=num_generations, temperature=temperature,
                    max_completion_length=max_completion_length, loss_type=loss_type,
                    scale_rewards=scale_rewards, epsilon=epsilon, epsilon_high=epsilon_high,
-                   beta=beta, num_iterations=num_iterations,
+                   beta=beta, use_bias_correction_kl=use_bias_correction_kl,
+                   num_iterations=num_iterations,
                    mask_truncated_completions=mask_truncated_completions,
                    drop_equal_groups=drop_equal_groups, eval_n=eval_n)
     run = rl(out, cfg, resume=resume, progress=not no_progress, log=typer.echo)

@@ -10,10 +10,12 @@ group-normalised advantages. Each optimizer step is one pass over that batch (sp
 
     L = -Σ_i Σ_t [min(ρ_it Â_i, clip(ρ_it, 1-ε, 1+ε_high) Â_i) - β KL_k3(π_θ || π_ref)_it] / norm
 
-(rl_objectives.py: the normalisation is `loss_type`'s). The old-policy log-probs of ρ are
-the first pass's own: that pass runs on exactly the weights that sampled (one optimizer
-step per pass), so its log-probs *are* π_old, computed at training precision and
-temperature at no extra forward; later passes (num_iterations > 1) reuse them. The
+(rl_objectives.py: the normalisation is `loss_type`'s, as in TRL; with
+`use_bias_correction_kl` the KL term is weighted by ρ_it as well). The old-policy
+log-probs of ρ are the first pass's own: that pass runs on exactly the weights that
+sampled (one optimizer step per pass), so its log-probs *are* π_old, computed at training
+precision and temperature at no extra forward; later passes (num_iterations > 1) reuse
+them. The
 engine's sampled log-probs are kept and compared (`logp_mismatch`, temperature 1): they
 agree to float rounding, which is what makes this substitution exact.
 
@@ -37,10 +39,10 @@ import torch
 
 from nanoseek.engine import LLM, SamplingParams
 from nanoseek.parallel.rl import gather_scores, max_over, mean_over, share
-from nanoseek.train.loop import Trainer
+from nanoseek.train.loop import StepTargets, Trainer
 from nanoseek.train.rl_config import RLConfig
 from nanoseek.train.rl_objectives import (clipped_surrogate, equal_reward_groups,
-                                          group_advantages, k3_kl, normalise)
+                                          group_advantages, kl_penalty, normalise)
 from nanoseek.train.rollout import (Rollouts, pack, sample_rollouts, spread, stats_of,
                                     token_logprobs)
 from nanoseek.train.shared_prefix import pack_shared_prefix, shared_prefix_logprobs
@@ -102,7 +104,8 @@ class RLStage:
         stats["groups_kept"] = (float((~equal_reward_groups(scores["reward"], G)).float().mean())
                                 if cfg.algo == "grpo" else 1.0)  # with signal, of every rank's
         ro, adv = self.keep_groups(ro, adv)
-        chunks = torch.arange(len(ro)).chunk(cfg.train.grad_accum)
+        # exactly grad_accum micro-batches (chunk may return fewer: 6 -> 2, 2, 2 for 4)
+        chunks = torch.arange(len(ro)).tensor_split(cfg.train.grad_accum)
         batches = [self.make_micro(ro, adv, idx.tolist()) for idx in chunks]
         if cfg.algo == "ppo":
             from nanoseek.train.ppo import ppo_prepare
@@ -146,7 +149,8 @@ class RLStage:
 
     # ---------------------------------------------------------------------- loss
     def count_targets(self, batch: dict) -> torch.Tensor:
-        """[completion tokens that count, completions]: the divisors of every loss type."""
+        """[completion tokens that count, completions], summed over the step: the tokens
+        divide dapo's loss and every logged per-token mean."""
         return torch.stack([batch["mask"].sum().float(),
                             torch.tensor(float(len(batch["mask"])), device=self.device)])
 
@@ -154,7 +158,7 @@ class RLStage:
         if self.cfg.algo == "ppo":
             from nanoseek.train.ppo import ppo_loss
             return ppo_loss(self, model, batch, targets)
-        return grpo_loss(self.cfg, self.policy, batch, targets.count, self.max_len)
+        return grpo_loss(self.cfg, self.policy, batch, targets, self.max_len)
 
     def tokens_in(self, batch: dict) -> int:
         return int(batch["mask"].sum())
@@ -173,9 +177,11 @@ class RLStage:
         return means
 
 
-def grpo_loss(cfg: RLConfig, policy, batch: dict, count: torch.Tensor, max_len: int):
-    """This micro-batch's share of the step's GRPO loss, and its shares of the logged values."""
-    mask = batch["mask"]
+def grpo_loss(cfg: RLConfig, policy, batch: dict, targets: StepTargets, max_len: int):
+    """This micro-batch's share of the step's GRPO loss, and its shares of the logged values.
+    targets: the step's [tokens, completions] over every micro-batch and rank, and how many
+    micro-batches that is (what the `loss_type` normalisations divide by)."""
+    mask, count = batch["mask"], targets.count
     logp = policy_logprobs(policy, batch, cfg.temperature)
     first_pass = batch["old_logp"] is None
     if first_pass:
@@ -188,12 +194,12 @@ def grpo_loss(cfg: RLConfig, policy, batch: dict, count: torch.Tensor, max_len: 
     logs = {"clip_frac": (clipped.float() * m).sum() / tokens,
             "ratio": (torch.exp(logp - batch["old_logp"]).detach() * m).sum() / tokens}
     if batch["ref_logp"] is not None:
-        kl = k3_kl(logp, batch["ref_logp"])
+        kl = kl_penalty(logp, batch["old_logp"], batch["ref_logp"], cfg.use_bias_correction_kl)
         per_token = per_token + cfg.beta * kl
         logs["kl"] = (kl.detach() * m).sum() / tokens
     if first_pass and cfg.temperature == 1.0:
         logs["logp_mismatch"] = ((logp.detach() - batch["engine_logp"]).abs() * m).sum() / tokens
-    loss = normalise(per_token, mask, cfg.loss_type, count[0], count[1], max_len)
+    loss = normalise(per_token, mask, cfg.loss_type, count[0], targets.micro_batches, max_len)
     return loss, {**logs, **batch.get("stats", {})}
 
 

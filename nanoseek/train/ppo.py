@@ -95,8 +95,9 @@ def ppo_loss(stage, model, batch: dict, targets):
                                            cfg.epsilon, cfg.eps_high)
     values = model.values(batch["inputs"], rows)
     vloss = clipped_value_loss(values, batch["old_values"], batch["returns"], cfg.cliprange_value)
-    pg = normalise(-objective, mask, cfg.loss_type, count[0], count[1], stage.max_len)
-    vf = normalise(vloss, mask, "bnpo", count[0], count[1], stage.max_len)
+    micro = targets.micro_batches
+    pg = normalise(-objective, mask, cfg.loss_type, count[0], micro, stage.max_len)
+    vf = normalise(vloss, mask, "dapo", count[0], micro, stage.max_len)  # the step's token mean
     tokens, m = count[0].clamp(min=1), mask.float()
     logs = {"pg_loss": pg.detach(), "value_loss": vf.detach(),
             "clip_frac": (clipped.float() * m).sum() / tokens,

@@ -1,9 +1,8 @@
-"""Settings of an RL run (`nanoseek grpo`), with TRL GRPOTrainer's option names.
+"""Settings of an RL run (`nanoseek grpo`), with TRL GRPOTrainer's option names, each
+meaning what it means in TRL 1.16 (loss_type: see rl_objectives.normalise).
 
-Defaults that differ from TRL's, and why: beta 0.02 (TRL: 0.0) and the "grpo" loss (TRL's
-default is now "dapo") follow DeepSeekMath and DESIGN.md §3; lr 3e-4 with warm-up is what
-the CPU spike (shared/notes/grpo-on-cpu.md) found stable for models of a few million
-parameters, where lr 1e-3 destroyed the policy in ten steps.
+Defaults that differ from TRL's are listed in DIFFERS_FROM_TRL (name: (TRL's default, why));
+tests/test_rl_objectives.py reads TRL's GRPOConfig and fails on any other difference.
 """
 
 from __future__ import annotations
@@ -14,6 +13,17 @@ from nanoseek.train.config import TrainConfig
 from nanoseek.train.rl_objectives import LOSS_TYPES, SCALE_REWARDS
 
 ALGOS = ("grpo", "ppo")
+
+# name: (TRL 1.16's default, why nanoseek's differs)
+DIFFERS_FROM_TRL = {
+    "beta": (0.0, "0.02: DeepSeekMath's k3 KL to the starting (SFT) model"),
+    "loss_type": ("dapo", "'grpo': DeepSeekMath's per-sequence mean"),
+    "use_bias_correction_kl": (True, "False: DeepSeekMath's plain k3 term, which the RL "
+                               "speedrun's figures in README.md were measured with"),
+    "max_completion_length": (512, "None: the task's own generation budget"),
+    "learning_rate": (1e-6, "train.lr 3e-4 with warm-up: stable for models of a few million "
+                      "parameters on CPU, where lr 1e-3 destroyed the policy in ten steps"),
+}
 
 
 def rl_train_config(**kw) -> TrainConfig:
@@ -38,6 +48,7 @@ class RLConfig:
     epsilon: float = 0.2                  # the clip's lower side (and upper, without epsilon_high)
     epsilon_high: float | None = None     # DAPO's clip-higher
     beta: float = 0.02                    # k3 KL weight; 0 loads no reference model
+    use_bias_correction_kl: bool = False  # weigh the KL term by π_θ/π_old (TRL: True)
     num_iterations: int = 1               # optimizer passes over each rollout batch (μ)
     mask_truncated_completions: bool = False  # completions without eos teach nothing
     drop_equal_groups: bool = False       # drop groups whose G rewards are all equal
@@ -61,6 +72,8 @@ class RLConfig:
         need(self.temperature > 0, "temperature", "must be > 0 (sampling; 0 would be greedy)")
         need(self.epsilon > 0, "epsilon", "must be > 0")
         need(self.beta >= 0, "beta", "must be >= 0")
+        need(not (self.use_bias_correction_kl and self.algo == "ppo"), "use_bias_correction_kl",
+             "weighs GRPO's k3 term; PPO puts its KL in the per-token reward (set algo=grpo)")
         need(self.train.batch_size * self.num_generations >= self.train.grad_accum, "grad_accum",
              "cannot exceed the completions per step (batch_size x num_generations)")
         need(self.train.save_every % self.num_iterations == 0, "save_every",

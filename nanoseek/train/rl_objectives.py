@@ -1,6 +1,7 @@
 """The arithmetic of policy-gradient RL on language models, as pure tensor functions:
-GRPO's group-relative advantages, the k3 KL estimator, the clipped surrogate with its loss
-normalisations (TRL's `loss_type`), and PPO's GAE and clipped value loss.
+GRPO's group-relative advantages, the k3 KL estimator (optionally importance-weighted:
+TRL's `use_bias_correction_kl`), the clipped surrogate with its loss normalisations (TRL
+1.16's `loss_type`, with TRL's meaning), and PPO's GAE and clipped value loss.
 
 Shapes: `logp`, `old_logp`, `ref_logp`, `mask` are [B, T] over completion tokens (mask 1 on
 a completion token that counts, 0 on prompt, padding, or a masked truncated completion);
@@ -54,6 +55,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def kl_penalty(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
+               bias_correction: bool) -> torch.Tensor:
+    """The per-token KL term of GRPO's loss: k3, or with `bias_correction` (TRL's
+    use_bias_correction_kl, DeepSeek-V3.2) k3·ρ with ρ = π_θ/π_old, not detached. The tokens
+    were sampled from π_old, and differentiating k3 with them held fixed does not give the
+    gradient of KL(π_θ || π_ref), even on-policy; E_π_old[ρ·k3] = KL(π_θ || π_ref), value
+    and gradient. On the first pass ρ = 1: the value is unchanged, the gradient gains
+    k3·∇log π."""
+    kl = k3_kl(logp, ref_logp)
+    return kl * torch.exp(logp - old_logp) if bias_correction else kl
+
+
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                       eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's per-token objective min(ρÂ, clip(ρ, 1-ε_low, 1+ε_high)Â), ρ = π_θ/π_old, and the
@@ -67,24 +80,34 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
     return objective, clipped
 
 
-def normalise(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, num_tokens, num_seqs,
-              max_completion_length: int) -> torch.Tensor:
-    """Sum a per-token loss [B, T] the way `loss_type` weighs tokens, as this micro-batch's
-    share of the step (num_tokens, num_seqs: the step's totals over every micro-batch):
-      grpo    mean over each completion's tokens, then over completions (DeepSeekMath; long
-              completions' tokens weigh less: the length bias Dr. GRPO points out);
-      bnpo    sum over tokens / the step's tokens (every token weighs the same);
-      dapo    the same token-level normalisation, DAPO's name for it;
-      dr_grpo sum over tokens / (completions × max_completion_length): a constant, no
-              length bias."""
+def normalise(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, step_tokens,
+              micro_batches: int, max_completion_length: int) -> torch.Tensor:
+    """This micro-batch's loss: a per-token loss [B, T] summed the way `loss_type` weighs
+    tokens, as TRL 1.16's GRPOTrainer does. `step_tokens`: the tokens that count in the
+    whole optimizer step (every micro-batch, every data-parallel rank); `micro_batches`: the
+    micro-batches of the step over all ranks (grad_accum x dp; nanoseek sums gradients
+    over ranks, where DDP averages them, so this one divisor is TRL's ga and DDP's mean):
+      grpo    each completion's mean over its tokens, averaged over the micro-batch's
+              completions (DeepSeekMath; a long completion's tokens weigh less: the length
+              bias Dr. GRPO points out);
+      bnpo    the micro-batch's own token mean ("batch-normalised": a token weighs more in
+              a micro-batch with fewer tokens; with one micro-batch per step it is dapo);
+      dapo    sum over tokens / the step's tokens (every token of the step weighs the same);
+      dr_grpo sum over tokens / (the micro-batch's completions × max_completion_length): a
+              constant, no length bias.
+    grpo, bnpo and dr_grpo are then divided by `micro_batches`. With micro-batches of equal
+    size, grpo and dr_grpo equal the same loss over the whole step; bnpo does not."""
     mask = mask.to(per_token.dtype)
     summed = per_token * mask
+    rows = per_token.shape[0]
     if loss_type == "grpo":
-        return (summed.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / num_seqs
-    if loss_type in ("bnpo", "dapo"):
-        return summed.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        return (summed.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / (rows * micro_batches)
+    if loss_type == "bnpo":
+        return summed.sum() / mask.sum().clamp(min=1) / micro_batches
+    if loss_type == "dapo":
+        return summed.sum() / torch.as_tensor(step_tokens).clamp(min=1)
     if loss_type == "dr_grpo":
-        return summed.sum() / (num_seqs * max_completion_length)
+        return summed.sum() / (rows * micro_batches * max_completion_length)
     raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
 
 
