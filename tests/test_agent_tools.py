@@ -2,7 +2,10 @@
 and vector memory (MiniLM + FAISS), MCP over stdio, and the toolbox's error and timeout
 handling — every failure an observation."""
 
+import os
+import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,11 +75,119 @@ def test_files_cannot_escape_the_workspace(tmp_path, path):
     assert (tmp_path / "secret.txt").read_text() == "TOP SECRET"
 
 
-def test_workspace_allows_inner_symlinks(tmp_path):
-    ws = Workspace(tmp_path)
-    (tmp_path / "real.txt").write_text("ok")
-    (tmp_path / "alias.txt").symlink_to(tmp_path / "real.txt")
-    assert ws.read("alias.txt") == "ok"
+def _outside(tmp_path):
+    """A workspace and, next to it, a secret file and a directory holding one."""
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    (ws / "real.txt").write_text("inside")
+    (tmp_path / "secret.txt").write_text("TOP SECRET")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "outdir" / "real.txt").write_text("TOP SECRET")
+    return ws
+
+
+def _refused(box, path):
+    for call in (("read_file", {"path": path}), ("write_file", {"path": path, "content": "pwned"}),
+                 ("list_files", {"path": path})):
+        obs = box.call(*call)
+        assert not obs.ok and obs.text.startswith("error:") and "TOP SECRET" not in obs.text, (call, obs)
+
+
+@pytest.mark.parametrize("name,target", [
+    ("abs_out", "{tmp}/secret.txt"), ("rel_out", "../secret.txt"), ("rel_in", "real.txt"),
+    ("abs_in", "{tmp}/ws/real.txt"), ("dir_abs", "{tmp}/outdir"), ("dir_rel", "../outdir"),
+    ("dir_in", "sub")])
+def test_files_refuse_every_symlink(tmp_path, name, target):
+    ws = _outside(tmp_path)
+    (ws / name).symlink_to(target.format(tmp=tmp_path))
+    box = ToolBox(file_tools(ws))
+    path = f"{name}/real.txt" if name.startswith("dir") else name  # a link as a directory component
+    _refused(box, path)
+    obs = box.call("read_file", {"path": path})
+    assert "symbolic link" in obs.text, obs.text
+    assert (tmp_path / "secret.txt").read_text() == "TOP SECRET"
+    assert (ws / "real.txt").read_text() == "inside"
+
+
+def test_files_refuse_a_planted_hard_link(tmp_path):
+    ws = _outside(tmp_path)
+    os.link(tmp_path / "secret.txt", ws / "notes.txt")   # planted before the agent runs
+    box = ToolBox(file_tools(ws))
+    for call in (("read_file", {"path": "notes.txt"}), ("write_file", {"path": "notes.txt", "content": "pwned"})):
+        obs = box.call(*call)
+        assert not obs.ok and "hard link" in obs.text and "TOP SECRET" not in obs.text, obs.text
+    assert (tmp_path / "secret.txt").read_text() == "TOP SECRET"
+
+
+def test_files_refuse_fifos_and_devices_without_blocking(tmp_path):
+    ws = _outside(tmp_path)
+    os.mkfifo(ws / "fifo")
+    if os.geteuid() == 0:
+        os.mknod(ws / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))  # /dev/zero: endless
+    box = ToolBox(file_tools(ws), timeout_s=5)
+    for name in ("fifo", "zero") if os.geteuid() == 0 else ("fifo",):
+        for call in (("read_file", {"path": name}), ("write_file", {"path": name, "content": "x"})):
+            obs = box.call(*call)
+            assert not obs.ok and "not a regular file" in obs.text, (call, obs.text)
+
+
+def test_files_read_a_bounded_amount(tmp_path):
+    import tracemalloc
+    ws = _outside(tmp_path)
+    with open(ws / "big.txt", "wb") as f:
+        f.truncate(256 << 20)                 # 256 MiB, sparse
+    tracemalloc.start()
+    try:
+        text = Workspace(ws).read("big.txt")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert text.endswith("[... truncated: the file is 268,435,456 bytes]")
+    assert peak < 4 << 20, peak
+
+
+@pytest.mark.parametrize("component", ["file", "directory"])
+def test_files_symlink_swap_race_never_leaks(tmp_path, component):
+    """A writer swaps a regular file (or directory) and a symlink pointing out, as fast as it
+    can, while the tool reads in a loop: the outside file must never come back."""
+    ws = _outside(tmp_path)
+    (ws / "d").mkdir()
+    (ws / "d" / "real.txt").write_text("inside")
+    target, path = ((tmp_path / "secret.txt", "x") if component == "file" else (tmp_path / "outdir", "d/real.txt"))
+    stop, reads, leaks = threading.Event(), [0], []
+
+    def swap():
+        while not stop.is_set():
+            if component == "file":
+                (ws / "x.tmp").write_text("inside")
+                os.replace(ws / "x.tmp", ws / "x")
+                os.symlink(target, ws / "x.lnk")
+                os.replace(ws / "x.lnk", ws / "x")
+            else:
+                os.rename(ws / "d", ws / "d.real")
+                os.symlink(target, ws / "d")
+                time.sleep(0.0002)
+                os.unlink(ws / "d")
+                os.rename(ws / "d.real", ws / "d")
+                time.sleep(0.0002)
+
+    wsp = Workspace(ws)
+    th = threading.Thread(target=swap, daemon=True)
+    th.start()
+    deadline = time.monotonic() + 1.0
+    try:
+        while time.monotonic() < deadline:
+            try:
+                out = wsp.read(path)
+            except (ToolError, OSError):   # refused, or caught mid-swap: not a leak
+                continue
+            reads[0] += 1
+            if "TOP SECRET" in out:
+                leaks.append(out)
+    finally:
+        stop.set()
+        th.join()
+    assert leaks == [], f"{len(leaks)} leaks in {reads[0]} reads"
 
 
 # -------------------------------------------------------------------- toolbox
