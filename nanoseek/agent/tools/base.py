@@ -6,6 +6,15 @@ in OpenAI's `tools` shape) plus a Python function that returns the observation a
 that are not JSON, a missing argument, an exception, a timeout) comes back as an
 observation that starts `error:`, so the model can correct itself and the loop never
 crashes on a tool.
+
+Timeouts. A tool runs in a daemon thread that is waited on for its time; a thread cannot be
+stopped, so this limit holds only for work that lets the GIL go (I/O, waiting on a
+subprocess: the python tool's sandbox and MCP servers kill their own work at their own
+limits). A tool whose function could hold the GIL in C code for long (big-integer
+arithmetic, a regex) sets `isolate=True`: it then runs in a child process that is killed at
+the deadline (nanoseek/agent/tools/isolation.py), so no expression can stop the agent.
+Isolated functions must be pure (side effects stay in the child) and return picklable
+values; the calculator is one.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ class Tool:
     parameters: dict                      # JSON schema of the arguments object
     fn: Callable[..., str]                # called with the arguments as keywords
     timeout_s: float | None = None        # this tool's own limit (else the toolbox's)
+    isolate: bool = False                 # run fn in a child process killed at the timeout
 
     def spec(self) -> dict:
         """OpenAI's `tools` entry."""
@@ -66,29 +76,48 @@ class ToolBox:
                                f"character {e.pos}): {str(arguments)[:200]}", False)
         if not isinstance(args, dict):
             return Observation(f"error: the arguments of {name} must be a JSON object, got {args!r}"[:300], False)
-        return _run_with_timeout(tool, args, tool.timeout_s or self.timeout_s)
+        timeout_s = tool.timeout_s or self.timeout_s
+        run = _run_isolated if tool.isolate else _run_in_thread
+        return run(tool, args, timeout_s)
 
 
-def _run_with_timeout(tool: Tool, args: dict, timeout_s: float) -> Observation:
+def _observe(tool: Tool, args: dict) -> Observation:
+    """Call the tool's function; whatever it raises becomes an error observation."""
+    try:
+        return Observation(str(tool.fn(**args)), True)
+    except ToolError as e:
+        return Observation(f"error: {e}", False)
+    except TypeError as e:  # a missing or unexpected argument
+        return Observation(f"error: {tool.name}: {e}; parameters: {json.dumps(tool.parameters)}", False)
+    except Exception as e:  # noqa: BLE001 - a tool's bug is still an observation
+        return Observation(f"error: {tool.name} failed: {type(e).__name__}: {e}", False)
+
+
+def _timed_out(tool: Tool, timeout_s: float) -> Observation:
+    return Observation(f"error: {tool.name} did not finish within {timeout_s:g} s (timed out)", False)
+
+
+def _run_in_thread(tool: Tool, args: dict, timeout_s: float) -> Observation:
     """The tool in a daemon thread, waited on for `timeout_s`. A thread cannot be killed:
-    a tool that overruns is abandoned (its result ignored); tools that can run long (the
-    sandbox, MCP) also enforce their own limit, so nothing keeps running for real."""
+    a tool that overruns is abandoned (its result ignored), which is a real limit only
+    while it lets the GIL go (see the module's docstring)."""
     box: dict = {}
-
-    def target():
-        try:
-            box["out"] = Observation(str(tool.fn(**args)), True)
-        except ToolError as e:
-            box["out"] = Observation(f"error: {e}", False)
-        except TypeError as e:  # a missing or unexpected argument
-            box["out"] = Observation(f"error: {tool.name}: {e}; parameters: "
-                                     f"{json.dumps(tool.parameters)}", False)
-        except Exception as e:  # noqa: BLE001 - a tool's bug is still an observation
-            box["out"] = Observation(f"error: {tool.name} failed: {type(e).__name__}: {e}", False)
-
-    th = threading.Thread(target=target, name=f"tool-{tool.name}", daemon=True)
+    th = threading.Thread(target=lambda: box.setdefault("out", _observe(tool, args)),
+                          name=f"tool-{tool.name}", daemon=True)
     th.start()
     th.join(timeout_s)
-    if th.is_alive():
-        return Observation(f"error: {tool.name} did not finish within {timeout_s:g} s (timed out)", False)
-    return box["out"]
+    return _timed_out(tool, timeout_s) if th.is_alive() else box["out"]
+
+
+def _run_isolated(tool: Tool, args: dict, timeout_s: float) -> Observation:
+    """The tool in a child process, killed (with anything it started) at `timeout_s`."""
+    from nanoseek.agent.tools.isolation import ChildDied, ChildTimeout, run_in_child
+    try:
+        return run_in_child(_observe, (tool, args), timeout_s)
+    except ChildTimeout:
+        return _timed_out(tool, timeout_s)
+    except ChildDied as e:
+        return Observation(f"error: {tool.name}'s process stopped: {e}", False)
+    except Exception as e:  # noqa: BLE001 - no process (fork refused, nothing to pickle)
+        return Observation(f"error: {tool.name} could not run in its own process: "
+                           f"{type(e).__name__}: {e}", False)
