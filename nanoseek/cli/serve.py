@@ -48,6 +48,9 @@ def serve(
     max_queue: int = typer.Option(256, min=0, help="completions that may wait beyond --max-num-seqs; "
                                                    "one more gets 429 with Retry-After"),
     max_body_bytes: int = typer.Option(4 << 20, min=1, help="largest request body; larger ones get 413"),
+    max_prompt_chars: Optional[int] = typer.Option(None, min=1, help="longest prompt in characters, checked "
+                                                   "before tokenising (400) [default: the context length times "
+                                                   "the longest token, the most that can fit]"),
     shutdown_timeout: float = typer.Option(10.0, min=0, help="seconds in-flight requests get to finish on "
                                                              "SIGTERM/SIGINT before they are cancelled"),
     max_num_seqs: int = typer.Option(64, min=1, help="requests the engine runs together"),
@@ -84,7 +87,8 @@ def serve(
     keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
     response_cache = build_cache(cache, semantic_cache, cache_threshold, cache_ttl, cache_size)
     app = create_app(llm, model_name or Path(path).resolve().name, api_keys=keys, max_queue=max_queue,
-                     max_body_bytes=max_body_bytes, response_cache=response_cache)
+                     max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+                     response_cache=response_cache)
     typer.echo(f"serving {path} as {app.state.model_name!r} on http://{host}:{port}/v1"
                + (" (API key required)" if keys else "")
                + (f"; response cache: {cache}" + (" + semantic" if semantic_cache else "")

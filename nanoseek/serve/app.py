@@ -2,9 +2,11 @@
 
     app = create_app(AsyncLLM("runs/speedrun"), "speedrun")   # nanoseek serve runs it with uvicorn
 
-A request's path: the door (guards.py: body size, API key) -> pydantic (protocol.py: types
-and ranges, 400 naming the field) -> the model name (404) -> prompt and sampling params
-(params.py: the chat template, the context check; tools.py: `tools` / `tool_choice`) -> the
+A request's path: the door (guards.py: body size, API key) -> pydantic (protocol.py: strict
+types and ranges, 400 naming the field) -> the model name (404) -> prompt and sampling params
+(prompt_limit.py: the prompt's characters, before tokenising; params.py: the chat template,
+tokenised in a worker thread so the event loop keeps streaming, the context check;
+tools.py: `tools` / `tool_choice`) -> the
 response cache, for deterministic requests only -> admission (admission.py: 429 when the queue is full) -> the engine
 (generation.py) -> OpenAI's JSON, or SSE chunks ending in `data: [DONE]` (responses.py).
 
@@ -39,22 +41,27 @@ from nanoseek.serve.guards import ApiKeys, BodyLimit
 from nanoseek.serve.metrics import CountRequests, ServerMetrics
 from nanoseek.serve.params import (cache_key, chat_params, chat_prompt, check_context, completion_params,
                                    completion_prompts)
+from nanoseek.serve.prompt_limit import PromptLimit, chat_chars, completion_chars
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from nanoseek.serve.responses import ChatFormatter, CompletionFormatter, Formatter, replay_chunks
+from nanoseek.serve.shutdown import AnswerWhenCut
 from nanoseek.serve.tools import apply_tools
 
 DONE = "data: [DONE]\n\n"
 
 
 def create_app(llm, model_name: str, *, api_keys: list[str] | None = None, max_queue: int = 256,
-               max_body_bytes: int = 4 << 20, response_cache=None, drain_timeout_s: float = 5.0) -> FastAPI:
+               max_body_bytes: int = 4 << 20, max_prompt_chars: int | None = None, response_cache=None,
+               drain_timeout_s: float = 5.0) -> FastAPI:
     """llm: an `AsyncLLM`. max_queue: completions that may wait beyond the engine's
-    max_num_seqs before a request gets 429."""
+    max_num_seqs before a request gets 429. max_prompt_chars: None for the most that can
+    fit the context (prompt_limit.py)."""
     app = FastAPI(title="nanoseek", lifespan=_lifespan)
     engine = llm.engine
     st = app.state
     st.llm, st.model_name, st.created = llm, model_name, now()
     st.max_model_len = engine.scheduler.max_model_len
+    st.prompt_limit = PromptLimit.of(llm.tokenizer, st.max_model_len, max_prompt_chars)
     st.admission = Admission(engine.config.max_num_seqs + max_queue)
     st.metrics = ServerMetrics(engine)
     st.metrics.in_flight.set_function(lambda: st.admission.in_flight)
@@ -63,7 +70,9 @@ def create_app(llm, model_name: str, *, api_keys: list[str] | None = None, max_q
     _routes(app)
     app.add_middleware(ApiKeys, keys=api_keys or [])
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.add_middleware(CountRequests, counter=st.metrics.requests)  # outermost: counts 401s and 413s too
+    app.add_middleware(AnswerWhenCut)  # a request cut by shutdown: OpenAI's JSON, not uvicorn's text
+    # outermost: counts 401s and 413s too, by the route matched (a bounded label set)
+    app.add_middleware(CountRequests, counter=st.metrics.requests, routes=app.router.routes)
     return app
 
 
@@ -104,8 +113,8 @@ def _routes(app: FastAPI) -> None:
     async def chat(req: ChatCompletionRequest, request: Request):
         st = _checked(request, req.model)
         params = chat_params(req)
-        prompt = chat_prompt(st.llm.tokenizer, req)
-        prompt, params, tools = apply_tools(req, st.llm.tokenizer, prompt, params)
+        st.prompt_limit.check(chat_chars(req), "messages")
+        prompt, params, tools = await run_in_threadpool(_chat_prompt, st.llm.tokenizer, req, params)
         check_context(prompt, params, st.max_model_len, "messages")
         fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, len(prompt), *_usage_opts(req),
                             tools=tools)
@@ -115,7 +124,10 @@ def _routes(app: FastAPI) -> None:
     async def completions(req: CompletionRequest, request: Request):
         st = _checked(request, req.model)
         params = completion_params(req)
-        prompts = completion_prompts(st.llm.tokenizer, req, st.llm.engine.model.config.vocab_size)
+        for n in completion_chars(req):
+            st.prompt_limit.check(n, "prompt")
+        prompts = await run_in_threadpool(completion_prompts, st.llm.tokenizer, req,
+                                          st.llm.engine.model.config.vocab_size)
         for p in prompts:
             check_context(p, params, st.max_model_len, "prompt")
         fmt = CompletionFormatter(req.model, st.llm.tokenizer, params.logprobs, sum(map(len, prompts)),
@@ -125,10 +137,16 @@ def _routes(app: FastAPI) -> None:
     page.install(app)  # last: the chat page at / catches what the API's routes do not
 
 
+def _chat_prompt(tokenizer, req: ChatCompletionRequest, params):
+    """(prompt, params, tool reader): the chat's ids with a forced call's opening. Runs in a
+    worker thread: tokenising a long prompt must not hold up every other client's stream."""
+    return apply_tools(req, tokenizer, chat_prompt(tokenizer, req), params)
+
+
 def _checked(request: Request, model: str):
     st = request.app.state
     if model != st.model_name:
-        raise APIError(404, f"model {model!r} does not exist; this server serves {st.model_name!r} "
+        raise APIError(404, f"model {model[:200]!r} does not exist; this server serves {st.model_name!r} "
                             "(see /v1/models)", param="model", code="model_not_found")
     return st
 

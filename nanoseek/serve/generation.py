@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from nanoseek.engine.outputs import CompletionOutput
 from nanoseek.engine.sampling import SamplingParams
-from nanoseek.serve.errors import APIError
+from nanoseek.serve.errors import APIError, internal_error
 
 
 async def generate(llm, metrics, prompts: list[list[int]],
@@ -70,12 +70,12 @@ def _observe(metrics, latest: dict[int, CompletionOutput], arrival: float, first
 
 def _as_api_error(e: Exception) -> APIError:
     """The engine's ValueError is the request's fault (it passed the server's checks but not
-    the engine's); anything else is ours."""
+    the engine's); anything else is ours, and its text stays in the server's log."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, ValueError):
         return APIError(400, str(e), code="invalid_request")
-    return APIError(500, f"the engine failed: {type(e).__name__}: {e}", code="engine_error")
+    return internal_error(e, "the engine failed")
 
 
 def failed(outs: dict[int, CompletionOutput]) -> APIError | None:

@@ -7,13 +7,21 @@ a user feels as histograms — time to first token, time per output token after 
 (TPOT), end to end. Read from the engine at scrape time (`LLMEngine.stats()`): requests
 running and waiting, KV-cache blocks used and their share, prefix-cache queries and hits
 (the "L3" cache), preemptions.
+
+The `endpoint` label is the route the request matched — its template, as
+`/v1/chat/completions`, never the path the client typed — and `<unmatched>` for every path
+no route serves, so the label set is bounded by the app's routes whatever is probed (a
+label per path grew /metrics by 1.7 MB over 3,000 unauthenticated requests). It is found
+after the answer, for the 401s and 413s the guards give before routing too.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.routing import Match, Mount
 
+UNMATCHED = "<unmatched>"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -43,7 +51,7 @@ class EngineCollector:
 class ServerMetrics:
     def __init__(self, engine):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("nanoseek_requests", "HTTP requests to the API, by endpoint and status",
+        self.requests = Counter("nanoseek_requests", "HTTP requests, by the route they matched and status",
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("nanoseek_prompt_tokens", "prompt tokens of served requests", registry=r)
         self.generation_tokens = Counter("nanoseek_generation_tokens", "tokens generated", registry=r)
@@ -76,16 +84,16 @@ class ServerMetrics:
 
 
 class CountRequests:
-    """ASGI middleware: one count per API request, by endpoint and the status it got
-    (including the 401s and 413s the guards answer before any route runs)."""
+    """ASGI middleware: one count per HTTP request, by the route it matched and the status
+    it got (including the 401s and 413s the guards answer before any route runs)."""
 
-    def __init__(self, app, counter: Counter):
-        self.app, self.counter = app, counter
+    def __init__(self, app, counter: Counter, routes: list):
+        self.app, self.counter, self.routes = app, counter, routes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = [None]
+        status, asked = [None], dict(scope)  # routing below rewrites scope as it goes
 
         async def sent(message):
             if message["type"] == "http.response.start":
@@ -93,5 +101,23 @@ class CountRequests:
             await send(message)
         try:
             await self.app(scope, receive, sent)
+        except Exception:
+            status[0] = status[0] or 500
+            raise
         finally:
-            self.counter.labels(endpoint=scope["path"], status=str(status[0] or 499)).inc()
+            code = status[0] or 499  # no answer: the client left first
+            self.counter.labels(endpoint=route_label(self.routes, asked, code), status=str(code)).inc()
+
+
+def route_label(routes: list, scope, status: int) -> str:
+    """The template of the route that serves `scope`'s path (with any method: a 405 counts
+    under its route), the chat page's mount as "/" when it found a file, else UNMATCHED."""
+    mounted = False
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        if not isinstance(route, Mount):
+            return route.path
+        mounted = True
+    return "/" if mounted and status < 400 else UNMATCHED
