@@ -238,6 +238,15 @@ def test_malformed_field_is_a_400_naming_it(srv, path, fields, param):
     assert err["param"] == param and err["message"].startswith(param), err
 
 
+def test_bodies_json_cannot_read_are_400s(srv):
+    for body in (b'{"model": "tiny\xff", "messages": []}', b"[" * 100_000 + b"]" * 100_000):
+        r = httpx.post(srv.url + CHAT, content=body, headers={**AUTH, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \xed\xa0\x80"}]}'  # a surrogate as bytes
+    r = httpx.post(srv.url + CHAT, content=raw, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content", r.text
+
+
 def test_ints_where_floats_are_expected_are_accepted(srv):
     r = send(srv, CHAT, {"model": MODEL, "messages": HI, "temperature": 1, "top_p": 1, "max_tokens": 2, "seed": 3,
                          "min_p": 0, "stream": False})

@@ -131,9 +131,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        what = {404: f"no route {request.method} {request.url.path}",
-                405: f"method {request.method} is not allowed on {request.url.path}"}
-        return error_response(exc.status_code, what.get(exc.status_code, str(exc.detail)))
+        what = {400: "the request body could not be parsed as JSON (it is not UTF-8, or nests too deeply)",
+                404: f"no route {request.method} {request.url.path[:200]}",
+                405: f"method {request.method} is not allowed on {request.url.path[:200]}"}
+        code = {400: "invalid_json"}.get(exc.status_code)  # FastAPI's 400: a body json.loads refused
+        return error_response(exc.status_code, what.get(exc.status_code, str(exc.detail)), code=code)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):
