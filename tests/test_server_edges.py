@@ -151,8 +151,8 @@ def test_tokenising_runs_beside_the_event_loop(srv, monkeypatch):
     assert len(gaps) >= 2 and max(gaps) < 1.0, f"the stream stalled {max(gaps):.2f} s"
 
 
-def test_prompt_char_limit_is_configurable_and_counts_every_message(ckpt):
-    server = Live(make_app(ckpt, max_prompt_chars=100))
+def test_prompt_limits_are_configurable_and_checked_before_tokenising(ckpt):
+    server = Live(make_app(ckpt, max_prompt_chars=100, max_num_seqs=1, max_queue=1))  # 2 completions at once
     try:
         ok = send(server, "/v1/chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 2})
         assert ok.status_code == 200, ok.text
@@ -161,6 +161,11 @@ def test_prompt_char_limit_is_configurable_and_counts_every_message(ckpt):
         assert err["code"] == "prompt_too_long" and "100" in err["message"] and "120" in err["message"]
         r = send(server, "/v1/completions", {"model": MODEL, "prompt": ["x" * 60, "y" * 101]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        # more completions than the server ever runs at once: a 400, not a 429 to retry for ever
+        for path, body, param in [(COMP, {"prompt": ["a", "b", "c"]}, "prompt"), (COMP, {"prompt": "a", "n": 3}, "n"),
+                                  (CHAT, {"messages": HI, "n": 3}, "n")]:
+            err = send(server, path, {"model": MODEL, **body}).json()["error"]
+            assert err["param"] == param and "at most 2" in err["message"], err
     finally:
         server.stop()
 

@@ -18,6 +18,13 @@ class Admission:
         self.capacity, self.retry_after_s = capacity, retry_after_s
         self.in_flight = 0
 
+    def check_size(self, k: int, param: str) -> None:
+        """A request of more completions than the server ever takes at once would get 429s
+        for ever: refuse it as a bad request, before its prompts are tokenised."""
+        if k > self.capacity:
+            raise APIError(400, f"{param}: the request asks for {k} completions (prompts × n); this server "
+                                f"takes at most {self.capacity} at once", param=param, code="invalid_value")
+
     def admit(self, k: int) -> None:
         if self.in_flight + k > self.capacity:
             raise APIError(429, f"the server is at capacity ({self.in_flight} completions in flight, "

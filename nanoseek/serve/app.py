@@ -41,7 +41,7 @@ from nanoseek.serve.guards import ApiKeys, BodyLimit
 from nanoseek.serve.metrics import CountRequests, ServerMetrics
 from nanoseek.serve.params import (cache_key, chat_params, chat_prompt, check_context, completion_params,
                                    completion_prompts)
-from nanoseek.serve.prompt_limit import PromptLimit, chat_chars, completion_chars
+from nanoseek.serve.prompt_limit import PromptLimit, chat_chars, completion_chars, prompt_count
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from nanoseek.serve.responses import ChatFormatter, CompletionFormatter, Formatter, replay_chunks
 from nanoseek.serve.shutdown import AnswerWhenCut
@@ -113,6 +113,7 @@ def _routes(app: FastAPI) -> None:
     async def chat(req: ChatCompletionRequest, request: Request):
         st = _checked(request, req.model)
         params = chat_params(req)
+        st.admission.check_size(params.n, "n")
         st.prompt_limit.check(chat_chars(req), "messages")
         prompt, params, tools = await run_in_threadpool(_chat_prompt, st.llm.tokenizer, req, params)
         check_context(prompt, params, st.max_model_len, "messages")
@@ -124,6 +125,8 @@ def _routes(app: FastAPI) -> None:
     async def completions(req: CompletionRequest, request: Request):
         st = _checked(request, req.model)
         params = completion_params(req)
+        count = prompt_count(req)
+        st.admission.check_size(count * params.n, "prompt" if count > 1 else "n")
         for n in completion_chars(req):
             st.prompt_limit.check(n, "prompt")
         prompts = await run_in_threadpool(completion_prompts, st.llm.tokenizer, req,

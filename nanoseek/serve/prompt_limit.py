@@ -58,6 +58,12 @@ def chat_chars(req: ChatCompletionRequest) -> int:
     return n
 
 
+def prompt_count(req: CompletionRequest) -> int:
+    """How many prompts a completions request holds (str | [str] | [int] | [[int]])."""
+    p = req.prompt
+    return 1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p)
+
+
 def completion_chars(req: CompletionRequest) -> list[int]:
     """Each text prompt's characters (token-id prompts are checked against the context)."""
     p = req.prompt
