@@ -3,7 +3,8 @@
 with 429 and a Retry-After, at once, rather than left to wait behind an unbounded queue
 until the client times out — a client (the `openai` one does) retries later.
 
-Completions, not HTTP requests, are counted: a request with n=4 takes four places.
+Completions, not HTTP requests, are counted: a request with n=4 takes four places. A request
+of more completions than the capacity could never be admitted: it is a 400, not a 429.
 """
 
 from __future__ import annotations
