@@ -275,6 +275,18 @@ def test_an_internal_failure_leaks_no_exception_text(srv, monkeypatch):
     assert send(srv, CHAT, {"model": MODEL, "messages": HI, "max_tokens": 2}).status_code == 200
 
 
+def test_a_failure_mid_stream_ends_the_stream_with_an_error_event(srv, monkeypatch):
+    from nanoseek.serve.responses import ChatFormatter
+
+    def boom(self, latest):
+        raise OSError("/srv/private/cache.db is locked")
+    monkeypatch.setattr(ChatFormatter, "chunks", boom)
+    r = send(srv, CHAT, {"model": MODEL, "messages": HI, "max_tokens": 2, "stream": True})
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "internal_error", r.text
+    assert "private" not in r.text and "OSError" not in r.text
+
+
 # --------------------------------------------------------------- shutdown
 def test_non_streamed_request_cut_by_shutdown_gets_a_json_error(ckpt):
     """`should_exit` is what uvicorn's SIGTERM handler sets: the graceful timeout passes,

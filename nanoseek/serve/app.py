@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from nanoseek.serve import errors, page
 from nanoseek.serve.admission import Admission
-from nanoseek.serve.errors import APIError, sse_error
+from nanoseek.serve.errors import APIError, internal_error, sse_error
 from nanoseek.serve.generation import failed, generate
 from nanoseek.serve.guards import ApiKeys, BodyLimit
 from nanoseek.serve.metrics import CountRequests, ServerMetrics
@@ -232,6 +232,8 @@ async def _sse(st, updates, fmt: Formatter, key: dict | None):
                 await _call(st.response_cache.store, key, fmt.response(outs))
     except APIError as e:
         yield sse_error(e)
+    except Exception as e:  # noqa: BLE001 - our bug, mid-stream: an error event and [DONE], no detail
+        yield sse_error(internal_error(e))
     finally:
         await updates.aclose()  # a hang-up: cancels the engine requests, frees their blocks
     yield DONE
