@@ -4,6 +4,7 @@ SQLite file, Redis server) with their TTL and size limits, and the semantic L2."
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -11,11 +12,12 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from nanoseek.serve.cache import ResponseCache
-from nanoseek.serve.cache import keys
+from nanoseek.serve.cache import critical, fingerprint, keys
 from nanoseek.serve.cache.memory import MemoryStore
 from nanoseek.serve.cache.redis_store import RedisStore
 from nanoseek.serve.cache.sqlite import SQLiteStore
@@ -448,3 +450,316 @@ def test_semantic_latency(semantic_cache):
     print(f"\nL2 lookup: {1000 * (time.perf_counter() - start) / len(questions):.1f} ms/query, "
           f"{hits}/{len(questions)} hits")
     assert cache.stats()["l2_misses"] + cache.stats()["l2_hits"] == len(questions)
+
+
+# --- L2 never changes a number, a unit, a negation, a direction -------------------------
+
+PAIRS = json.loads((Path(__file__).parent / "data" / "semantic_cache_pairs.json").read_text())
+
+
+@pytest.mark.parametrize("a, b", [
+    ("1,000 mg", "1000.0 milligrams"), ("one thousand mg", "1000 mg"), ("3e-4", "0.0003"),
+    ("15%", "15 percent"), ("$100", "100 dollars"), ("25 °C", "25 degrees Celsius"),
+    ("the 3rd item", "the third item"), ("twenty five", "25"), ("5 million", "5000000"),
+    ("don't delete it", "do not delete it"), ("I can’t go", "I cannot go"),
+    ("sort descending: 3, 1, 2", "sort 3, 1, 2 in descending order"),
+    ("What is the largest planet?", "Which planet is the biggest?"),
+])
+def test_critical_tokens_read_one_meaning_in_its_spellings(a, b):
+    assert critical.signature(a) == critical.signature(b)
+
+
+@pytest.mark.parametrize("a, b", [
+    ("5 mg", "50 mg"), ("100 USD", "1000 USD"), ("delete it", "do not delete it"),
+    ("ascending", "descending"), ("5 mg", "5 g"), ("-5", "5"), ("2 + 3", "2 - 3"),
+    ("3 > 5", "5 > 3"), ("USD to EUR", "EUR to USD"), ("Paris to London", "London to Paris"),
+    ("before the call", "after the call"), ("don't delete A, delete B", "delete A, don't delete B"),
+    ("the first item", "the last item"), ("above 20", "below 20"), ("more than 3", "less than 3"),
+    ("min", "max"), ("largest", "smallest"), ("3e-4", "3e-5"), ("1st", "2nd"),
+])
+def test_critical_tokens_tell_apart(a, b):
+    assert critical.signature(a) != critical.signature(b)
+
+
+def test_the_reported_semantic_hits_now_miss(semantic_cache):
+    """The four answers the review saw served (cosines 0.91-0.96 at the default 0.9)."""
+    cache = semantic_cache()
+    for cached, asked in [("Is a 5 mg dose of melatonin safe for adults?",
+                           "Is a 50 mg dose of melatonin safe for adults?"),
+                          ("Convert 100 USD to EUR.", "Convert 1000 USD to EUR."),
+                          ("Delete the temporary files after the build.",
+                           "Do not delete the temporary files after the build."),
+                          ("Sort the list in ascending order.", "Sort the list in descending order.")]:
+        cache.store(chat(cached), reply(cached))
+        assert cache.lookup(chat(asked)) is None, asked
+        assert cache.lookup(chat(cached))["_cache"] == "l1"
+
+
+def test_semantic_hit_rate_on_paraphrases_and_adversarial_pairs(semantic_cache):
+    """Reports L2's hit rates at the default threshold (0.9) with the cosine alone and with
+    the critical-token check; every adversarial pair must miss, and the check may cost at
+    most a few paraphrase hits."""
+    rates = {}
+    for name, check in (("cosine only", False), ("cosine + critical tokens", True)):
+        hits = {}
+        for kind in ("paraphrases", "adversarial"):
+            n = 0
+            for a, b in PAIRS[kind]:
+                cache = semantic_cache()
+                cache.check_critical = check
+                cache.store(chat(a), reply(a))
+                n += cache.lookup(chat(b)) is not None
+            hits[kind] = n
+        rates[name] = hits
+    print("\nL2 hits at threshold 0.9,", {k: f"paraphrases {v['paraphrases']}/{len(PAIRS['paraphrases'])}, "
+                                         f"adversarial {v['adversarial']}/{len(PAIRS['adversarial'])}"
+                                         for k, v in rates.items()})
+    after, before = rates["cosine + critical tokens"], rates["cosine only"]
+    assert after["adversarial"] == 0
+    assert after["paraphrases"] >= before["paraphrases"] - 5
+
+
+def test_adversarial_pairs_miss_even_at_a_low_threshold(semantic_cache):
+    cache = semantic_cache(threshold=0.5)
+    for a, b in PAIRS["adversarial"]:
+        cache.clear()
+        cache.store(chat(a), reply(a))
+        assert cache.lookup(chat(b)) is None, (a, b)
+
+
+def test_text_beyond_the_embedding_window_is_not_compared(semantic_cache):
+    """MiniLM reads 256 tokens: two questions that differ only after them embed alike."""
+    cache = semantic_cache(threshold=0.5)
+    preamble = "Here is some background about the project. " * 60
+    cache.store(chat(preamble + "Summarise it."), reply("summary"))
+    assert cache.lookup(chat(preamble + "Translate it into Klingon.")) is None
+
+
+# --- scoped to the caller ----------------------------------------------------------------
+
+def test_caller_scope_hashes_the_key_and_never_holds_it():
+    a, b = keys.caller_scope("sk-alice", per_key=True), keys.caller_scope("sk-bob", per_key=True)
+    assert a != b and "sk-alice" not in a and len(a) >= 32
+    assert keys.caller_scope("sk-alice", per_key=True) == a
+    assert keys.caller_scope("sk-alice", per_key=False) == keys.caller_scope("sk-bob", per_key=False)
+    assert keys.caller_scope(None, per_key=False) == keys.caller_scope("x", per_key=False)
+
+
+# --- a cache that fails is a miss ----------------------------------------------------------
+
+class Broken:
+    """An L1 whose every call fails (a dead server) or hangs (a paused one)."""
+    name = "broken"
+
+    def __init__(self, delay=0.0):
+        self.delay, self.calls = delay, 0
+
+    def get(self, key, value=None):
+        self.calls += 1
+        time.sleep(self.delay)
+        raise ConnectionError("Error 111 connecting to 10.1.2.3:6379. Connection refused.")
+
+    put = get
+
+    def __len__(self):
+        raise ConnectionError("down")
+
+    def clear(self):
+        raise ConnectionError("down")
+
+
+def test_a_failing_store_is_a_miss_counted_then_bypassed_for_a_while():
+    errors, clock = [], Clock()
+    cache = ResponseCache(Broken(), on_error=lambda layer, op: errors.append((layer, op)),
+                          cooldown=5.0, monotonic=clock)
+    assert cache.lookup(chat("hi")) is None
+    cache.store(chat("hi"), reply("hello"))            # dropped, not raised
+    assert errors == [("l1", "lookup"), ("l1", "store")] and cache.l1.calls == 2
+    assert cache.lookup(chat("hi")) is None
+    cache.store(chat("hi"), reply("hello"))
+    assert cache.l1.calls == 2                         # both bypassed while cooling down
+    clock.t += 5
+    assert cache.lookup(chat("hi")) is None
+    assert errors[-1] == ("l1", "lookup") and cache.l1.calls == 3
+    stats = cache.stats()
+    assert stats["errors"] == {"l1.lookup": 2, "l1.store": 1} and stats["l1_entries"] is None
+    assert stats["bypassed"] == 2
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of this test's own (never CI's shared one): the test pauses or kills it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not on PATH")
+    pytest.importorskip("redis")
+    import redis
+
+    port = _free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(200):
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    try:
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_paused_redis_is_a_bounded_miss(own_redis):
+    url, proc = own_redis
+    cache = ResponseCache.from_url(url, timeout=0.3, cooldown=0)
+    cache.store(chat("hi"), reply("hello"))
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert cache.lookup(chat("hi")) is None
+        cache.store(chat("other"), reply("x"))
+        assert time.monotonic() - start < 3      # today: 5 s per call, then an exception
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert cache.stats()["errors"]["l1.lookup"] == 1
+    assert cache.lookup(chat("hi"))["_cache"] == "l1"   # back when Redis is
+
+
+def test_killed_redis_is_a_miss(own_redis, caplog):
+    url, proc = own_redis
+    cache = ResponseCache.from_url(url, timeout=0.3)
+    cache.store(chat("hi"), reply("hello"))
+    proc.kill()
+    proc.wait(timeout=10)
+    start = time.monotonic()
+    assert cache.lookup(chat("hi")) is None
+    cache.store(chat("hi"), reply("hello"))
+    assert time.monotonic() - start < 3
+    assert cache.stats()["errors"] == {"l1.lookup": 1, "l1.store": 1}
+    assert "response cache" in caplog.text            # logged for the operator
+
+
+def test_redis_url_password_is_never_shown():
+    with pytest.raises(Exception) as err:
+        ResponseCache.from_url(f"redis://:hunter2@127.0.0.1:{_free_port()}/0", timeout=0.2)
+    assert "hunter2" not in str(err.value)
+
+
+LOCKER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_sqlite_locked_by_another_process_is_bounded(tmp_path):
+    path = tmp_path / "c.db"
+    cache = ResponseCache.from_url(str(path), timeout=0.3)
+    cache.store(chat("hit"), reply("cached"))
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        start = time.monotonic()
+        writer = threading.Thread(target=cache.store, args=(chat("new"), reply("fresh")))
+        writer.start()                                  # waits for the lock (busy timeout)
+        time.sleep(0.05)
+        hit = cache.lookup(chat("hit"))                 # today: queued behind the writer, ~30 s
+        writer.join(10)
+        assert time.monotonic() - start < 3 and not writer.is_alive()
+        assert hit is None or hit["_cache"] == "l1"   # None if the writer held the connection past 0.3 s
+    finally:
+        locker.kill()
+        locker.wait()
+    assert cache.stats()["errors"].get("l1.store") == 1
+
+
+# --- which model answered ----------------------------------------------------------------
+
+def _checkpoint_dir(d: Path, weights: bytes = b"\x01" * 4096) -> Path:
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"hidden_size": 32}')
+    (d / "tokenizer.json").write_text('{"model": {}}')
+    header = json.dumps({"w": {"dtype": "U8", "shape": [len(weights)], "data_offsets": [0, len(weights)]}})
+    (d / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header.encode() + weights)
+    return d
+
+
+def _rewrite_keeping_stat(f: Path, data: bytes) -> None:
+    st = f.stat()
+    with open(f, "r+b") as fh:
+        fh.write(data)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_ino == st.st_ino and f.stat().st_size == st.st_size
+
+
+@pytest.mark.parametrize("full_hash_max", [fingerprint.FULL_HASH_MAX, 64])  # whole files; stat + samples
+def test_fingerprint_follows_content_not_the_directory(tmp_path, full_hash_max):
+    fp = lambda d: fingerprint.checkpoint_fingerprint(d, full_hash_max)  # noqa: E731
+    d = _checkpoint_dir(tmp_path / "run")
+    before = fp(d)
+    assert fp(d) == before
+    (d / "notes.md").write_text("not a model file")
+    (d / "responses.db").write_bytes(b"cache")
+    assert fp(d) == before                         # only what the model is loaded from
+    weights = d / "model.safetensors"
+    _rewrite_keeping_stat(weights, weights.read_bytes()[:-4096] + b"\x02" * 4096)
+    rewritten = fp(d)
+    assert rewritten != before                     # same size, mtime and inode: still seen
+    moved = d.rename(tmp_path / "elsewhere")
+    assert fp(moved) == rewritten                  # the directory's name plays no part
+    (moved / "config.json").write_text('{"hidden_size": 64}')
+    assert fp(moved) != before
+
+
+def test_model_fingerprint_without_a_directory_hashes_the_tensors():
+    import torch
+
+    model = torch.nn.Linear(4, 4)
+    before = fingerprint.model_fingerprint(model)
+    assert fingerprint.model_fingerprint(model) == before
+    with torch.no_grad():
+        model.weight[0, 0] += 1
+    assert fingerprint.model_fingerprint(model) != before
+
+
+def test_serve_cache_options(tmp_path):
+    from nanoseek.cli.serve import build_cache
+
+    cache = build_cache(str(tmp_path / "c.db"), False, 0.9, 0, 100, 0.2)
+    assert cache.l1.timeout == 0.2
+    with pytest.raises(ValueError, match="timeout"):
+        build_cache("memory", False, 0.9, 0, 100, 0)
+
+
+@pytest.mark.parametrize("a, b", [("1e999999999", "1e999999998"), ("9" * 5000, "9" * 4999 + "8"),
+                                  ("1" * 40 + ".5", "1" * 40 + ".50"),
+                                  ("123456789012345678901234567890123", "123456789012345678901234567890124")])
+def test_critical_numbers_are_exact_and_cheap(a, b):
+    start = time.monotonic()
+    assert critical.signature(a) != critical.signature(b) or a.rstrip("0") == b.rstrip("0")
+    assert critical.signature(a + " mg") == critical.signature(a + " milligrams")
+    assert time.monotonic() - start < 1
+
+
+def test_a_bad_request_does_not_switch_the_cache_off_for_everyone(semantic_cache):
+    """An exception from one request's data (here the embedder's) is a miss for it alone;
+    only the store failing (OSError, SQLite, Redis) bypasses a level for a while."""
+    cache = semantic_cache()
+    cache.store(chat(PARIS), reply("Paris."))
+    real = cache.embedder
+
+    def choke(text):
+        if "choke" in text:
+            raise ValueError("cannot embed this")
+        return real(text)
+    cache.embedder = choke
+    assert cache.lookup(chat("choke on this")) is None
+    assert cache.lookup(chat(PARAPHRASE))["_cache"] == "l2"
+    assert cache.stats()["errors"] == {"l2.lookup": 1} and cache.stats()["bypassed"] == 0

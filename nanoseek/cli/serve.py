@@ -25,16 +25,19 @@ def _engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len, specula
     return kw
 
 
-def build_cache(url: str, semantic: bool, threshold: float, ttl: float, size: int):
-    """The response caches (L1 where `url` says, L2 when `semantic`), or None for "off".
-    L3 is the engine's prefix cache, always on."""
+def build_cache(url: str, semantic: bool, threshold: float, ttl: float, size: int, timeout: float = 0.5):
+    """The response caches (L1 where `url` says, L2 when `semantic`, its model loaded now so
+    the first request does not wait for it), or None for "off". L3 is the engine's prefix
+    cache, always on. `timeout`: seconds a SQLite/Redis call may take before it is a miss."""
     if url == "off":
         if semantic:
             raise ValueError("--semantic-cache needs an L1 cache: drop --cache off")
         return None
     from nanoseek.serve.cache import ResponseCache
-    return ResponseCache.from_url(url, semantic=semantic, threshold=threshold, ttl=ttl or None,
-                                  max_entries=size)
+    cache = ResponseCache.from_url(url, semantic=semantic, threshold=threshold, ttl=ttl or None,
+                                   max_entries=size, timeout=timeout)
+    cache.warm()
+    return cache
 
 
 def serve(
@@ -71,6 +74,12 @@ def serve(
     cache_threshold: float = typer.Option(0.9, min=0.0, max=1.0, help="L2's cosine similarity for a hit"),
     cache_ttl: float = typer.Option(3600.0, min=0.0, help="seconds a cached response lives (0: no expiry)"),
     cache_size: int = typer.Option(10000, min=1, help="cached responses kept at most (oldest go first)"),
+    cache_scope: str = typer.Option("key", help="whose cached answers a request may get: key (only those "
+                                                "of its own API key) | shared (every caller's); without "
+                                                "--api-key there is one scope"),
+    cache_timeout: float = typer.Option(0.5, min=0.001, help="seconds a SQLite/Redis cache call may take; "
+                                                             "past it (or on any cache failure) the "
+                                                             "request is served without the cache"),
 ):
     """Serve a checkpoint with an OpenAI-compatible API: /v1/chat/completions, /v1/completions
     (SSE streaming), /v1/models, /health, /metrics."""
@@ -79,19 +88,21 @@ def serve(
 
     from nanoseek.engine import AsyncLLM
     from nanoseek.serve.app import create_app
+    from nanoseek.serve.cache.urls import redact
     check_device(device)
     if threads:
         torch.set_num_threads(threads)
     llm = AsyncLLM(path, device=device, **_engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len,
                                                       speculative))
     keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
-    response_cache = build_cache(cache, semantic_cache, cache_threshold, cache_ttl, cache_size)
+    response_cache = build_cache(cache, semantic_cache, cache_threshold, cache_ttl, cache_size, cache_timeout)
     app = create_app(llm, model_name or Path(path).resolve().name, api_keys=keys, max_queue=max_queue,
                      max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
-                     response_cache=response_cache)
+                     response_cache=response_cache, cache_scope=cache_scope, checkpoint=path)
     typer.echo(f"serving {path} as {app.state.model_name!r} on http://{host}:{port}/v1"
                + (" (API key required)" if keys else "")
-               + (f"; response cache: {cache}" + (" + semantic" if semantic_cache else "")
+               + (f"; response cache: {redact(cache)}" + (" + semantic" if semantic_cache else "")
+                  + f", scope: {cache_scope if keys else 'shared (no API keys)'}"
                   if response_cache is not None else "; no response cache"), err=True)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                   timeout_graceful_shutdown=shutdown_timeout)).run()

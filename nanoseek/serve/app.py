@@ -15,16 +15,17 @@ The response-cache seam: `app.state.response_cache` is None or an object with
 be a coroutine; a plain function runs in a worker thread, since SQLite, Redis and the
 semantic index block) — `nanoseek serve --cache` builds serve/cache's `ResponseCache`. `key`
 is the normalised request (params.cache_key: endpoint, model, messages or prompt, every
-sampling field); a hit is the stored response dict plus a top-level `"_cache"` ("l1" exact,
-"l2" semantic), which the server strips, counts in
-`nanoseek_response_cache_hits_total{level=...}`, and serves under a fresh id (replayed
-as chunks when the client streams). Only completions that finished cleanly are stored.
+sampling field, the caller's scope and the checkpoint's fingerprint); calls go through
+serve/cache/seam.py, which bounds them and turns any failure into a miss; a hit is the
+stored response dict plus a top-level `"_cache"` ("l1" exact, "l2" semantic), which the
+server strips, counts in `nanoseek_response_cache_hits_total{level=...}`, and serves under
+a fresh id (replayed as chunks when the client streams). Only completions that finished
+cleanly are stored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 from contextlib import asynccontextmanager
 
@@ -35,12 +36,12 @@ from starlette.concurrency import run_in_threadpool
 
 from nanoseek.serve import errors, page
 from nanoseek.serve.admission import Admission
+from nanoseek.serve.cache.seam import CacheSeam
 from nanoseek.serve.errors import APIError, internal_error, sse_error
 from nanoseek.serve.generation import failed, generate
 from nanoseek.serve.guards import ApiKeys, BodyLimit
 from nanoseek.serve.metrics import CountRequests, ServerMetrics
-from nanoseek.serve.params import (cache_key, chat_params, chat_prompt, check_context, completion_params,
-                                   completion_prompts)
+from nanoseek.serve.params import chat_params, chat_prompt, check_context, completion_params, completion_prompts
 from nanoseek.serve.prompt_limit import PromptLimit, chat_chars, completion_chars, prompt_count
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from nanoseek.serve.responses import ChatFormatter, CompletionFormatter, Formatter, replay_chunks
@@ -52,10 +53,14 @@ DONE = "data: [DONE]\n\n"
 
 def create_app(llm, model_name: str, *, api_keys: list[str] | None = None, max_queue: int = 256,
                max_body_bytes: int = 4 << 20, max_prompt_chars: int | None = None, response_cache=None,
-               drain_timeout_s: float = 5.0) -> FastAPI:
+               drain_timeout_s: float = 5.0, cache_scope: str = "key", checkpoint=None,
+               cache_timeout_s: float = 10.0) -> FastAPI:
     """llm: an `AsyncLLM`. max_queue: completions that may wait beyond the engine's
     max_num_seqs before a request gets 429. max_prompt_chars: None for the most that can
-    fit the context (prompt_limit.py)."""
+    fit the context (prompt_limit.py). cache_scope "key" (each API key its own cached
+    answers) or "shared"; checkpoint: the directory llm was loaded from, fingerprinted
+    into every cache key (None: the model's tensors are hashed instead); cache_timeout_s:
+    the most one cache call may take (serve/cache/seam.py)."""
     app = FastAPI(title="nanoseek", lifespan=_lifespan)
     engine = llm.engine
     st = app.state
@@ -66,6 +71,8 @@ def create_app(llm, model_name: str, *, api_keys: list[str] | None = None, max_q
     st.metrics = ServerMetrics(engine)
     st.metrics.in_flight.set_function(lambda: st.admission.in_flight)
     st.response_cache, st.drain_timeout_s = response_cache, drain_timeout_s
+    st.cache_seam = CacheSeam(st, api_keys=bool(api_keys), scope=cache_scope, checkpoint=checkpoint,
+                              timeout_s=cache_timeout_s)
     errors.install(app)
     _routes(app)
     app.add_middleware(ApiKeys, keys=api_keys or [])
@@ -159,20 +166,12 @@ def _usage_opts(req) -> tuple[bool, bool]:
     return (bool(o and o.include_usage), bool(o and o.continuous_usage_stats))
 
 
-async def _call(fn, *args):
-    """A cache method: awaited if it is a coroutine function, else run in a worker thread
-    (a Redis round trip or an embedding must not stall every stream on the event loop)."""
-    if inspect.iscoroutinefunction(fn):
-        return await fn(*args)
-    return await run_in_threadpool(fn, *args)
-
-
 # ----------------------------------------------------------------- respond
 async def respond(request: Request, kind: str, req, prompts: list[list[int]], params, fmt: Formatter):
     st = request.app.state
-    key = cache_key(kind, req) if st.response_cache is not None else None
+    key = await st.cache_seam.key(request, kind, req)
     if key is not None:
-        hit = await _call(st.response_cache.lookup, key)
+        hit = await st.cache_seam.lookup(key)  # a failing cache is a miss (seam.py)
         if hit is not None:
             return _cached(st, hit, fmt, req.stream)
         st.metrics.cache_misses.inc()
@@ -190,7 +189,7 @@ async def respond(request: Request, kind: str, req, prompts: list[list[int]], pa
         raise err
     body = fmt.response(outs)
     if key is not None and all(c.finish_reason in ("stop", "length") for c in outs.values()):
-        await _call(st.response_cache.store, key, body)
+        await st.cache_seam.store(key, body)  # never raises: the answer is not lost
     return JSONResponse(body)
 
 
@@ -229,7 +228,7 @@ async def _sse(st, updates, fmt: Formatter, key: dict | None):
             if fmt.include_usage:
                 yield f"data: {json.dumps(fmt.usage_chunk())}\n\n"
             if key is not None and all(c.finish_reason in ("stop", "length") for c in outs.values()):
-                await _call(st.response_cache.store, key, fmt.response(outs))
+                await st.cache_seam.store(key, fmt.response(outs))  # never raises: [DONE] follows
     except APIError as e:
         yield sse_error(e)
     except Exception as e:  # noqa: BLE001 - our bug, mid-stream: an error event and [DONE], no detail

@@ -2,9 +2,9 @@
 hand-formatted), on a registry of its own so two servers in one process never collide.
 
 Counted by the request path: requests by endpoint and status, prompt and generated
-tokens, response-cache hits (by level: l1 exact, l2 semantic) and misses; the latencies
-a user feels as histograms — time to first token, time per output token after the first
-(TPOT), end to end. Read from the engine at scrape time (`LLMEngine.stats()`): requests
+tokens, response-cache hits (by level: l1 exact, l2 semantic), misses and failures (served
+as misses); the latencies a user feels as histograms — time to first token, time per
+output token after the first (TPOT), end to end. Read from the engine at scrape time (`LLMEngine.stats()`): requests
 running and waiting, KV-cache blocks used and their share, prefix-cache queries and hits
 (the "L3" cache), preemptions.
 
@@ -68,7 +68,15 @@ class ServerMetrics:
                                   ["level"], registry=r)
         self.cache_misses = Counter("nanoseek_response_cache_misses",
                                     "cacheable requests the response cache did not hold", registry=r)
+        self.cache_errors = Counter("nanoseek_response_cache_errors",
+                                    "response-cache calls that failed and were served as a miss or "
+                                    "not stored, by level (l1, l2; seam: the call as a whole) and op",
+                                    ["layer", "op"], registry=r)
         r.register(EngineCollector(engine))
+
+    def cache_error(self, layer: str, op: str) -> None:
+        """`ResponseCache(on_error=...)`: a level that failed (lookup or store)."""
+        self.cache_errors.labels(layer=layer, op=op).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -101,11 +101,14 @@ def check_context(prompt: list[int], params: SamplingParams, max_model_len: int,
 
 
 # -------------------------------------------------------------------- cache
-def cache_key(kind: str, req: SamplingFields) -> dict | None:
+def cache_key(kind: str, req: SamplingFields, scope: str, checkpoint: str) -> dict | None:
     """The normalised request, or None when its output is not reproducible (sampled with no
-    seed): only deterministic requests may be served from a cache."""
+    seed): only deterministic requests may be served from a cache. `scope` names whose
+    answers it may get (cache.keys.caller_scope: the API key's hash, or "shared") and
+    `checkpoint` which weights answer (cache.fingerprint): both are part of the key, so
+    neither another caller's entry nor an old model's can match."""
     if req.seed is None and (req.temperature is None or req.temperature > 0):  # default temperature: 1
         return None
     key = req.model_dump(exclude=NOT_IN_KEY)
-    key["endpoint"] = kind
+    key.update(endpoint=kind, scope=scope, checkpoint=checkpoint)
     return key

