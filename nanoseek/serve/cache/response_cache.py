@@ -12,8 +12,8 @@ that changes the answer, nothing that does not) and the response dict it sent:
 Only deterministic requests (keys.cacheable) are looked up or stored. `on_event(level, hit)`
 fires for every level a lookup consults, so Prometheus can count hits and misses per level.
 A level that fails is a miss (failsafe.py): `lookup` and `store` never raise for a broken
-Redis or SQLite; `on_error(level, op)` fires instead, and the level is bypassed for
-`cooldown` seconds. An L2 candidate is served only when the question's critical tokens
+Redis or SQLite; `on_error(level, op)` fires instead, and when the backend itself failed
+that operation is bypassed for `cooldown` seconds. An L2 candidate is served only when the question's critical tokens
 (numbers, units, negations, ordering words, names: critical.py) equal the cached one's.
 Calls are thread-safe; the memory store costs microseconds, SQLite/Redis a round trip
 (each bounded by `timeout`), and L2 an embedding (~10 ms on a CPU): an async server calls it
