@@ -352,3 +352,39 @@ def test_agent_says_at_start_up_that_scripts_are_not_isolated(no_isolation, opt_
     else:
         assert first.startswith("python tool disabled:") and "--unisolated-python" in first
         assert "error: the python sandbox cannot isolate scripts here" in res.stdout
+
+
+IPC_PROBE = """import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    r = getattr(libc, name)(*args)
+    print(name, errno.errorcode.get(ctypes.get_errno(), "OK") if r < 0 else "OK")
+call("shmget", 0x5eed, 1 << 20, 0o1666)
+call("msgget", 0x5eee, 0o1666)
+call("semget", 0x5eef, 1, 0o1666)
+call("shmat", 0, None, 0)
+call("mq_open", b"/nanoseek-probe", 0o100 | 2, 0o666, None)
+"""
+
+
+def _host_ipc_keys():
+    keys = set()
+    for f in ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem"):
+        if os.path.exists(f):
+            keys |= {int(line.split()[0]) for line in open(f).read().splitlines()[1:] if line.split()}
+    return keys
+
+
+@pytest.mark.parametrize("mode", ["isolated", "unisolated"])
+def test_system_v_ipc_and_message_queues_are_refused(mode, monkeypatch):
+    """A segment or queue made by one script outlived it on the host, for the next run."""
+    if mode == "isolated" and not ISOLATED:
+        pytest.skip(WHY_NOT)
+    if mode == "unisolated":
+        monkeypatch.setattr(sandbox, "isolation", lambda: (False, "simulated: unshare refused"))
+    r = run_python(IPC_PROBE, FAST, allow_unisolated=True)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.split() == ["shmget", "EPERM", "msgget", "EPERM", "semget", "EPERM",
+                                "shmat", "EPERM", "mq_open", "EPERM"], r.stdout
+    assert not {0x5eed, 0x5eee, 0x5eef} & _host_ipc_keys()
+    assert not os.path.exists("/dev/mqueue/nanoseek-probe")

@@ -5,17 +5,19 @@ What contains the code (on Linux, as root, where `unshare` works — this projec
 - wall time: the process group is killed after `wall_s`; CPU time: RLIMIT_CPU;
 - memory: RLIMIT_AS (an allocation past it raises MemoryError); files: RLIMIT_FSIZE caps
   every file written, stdout and stderr included; processes: RLIMIT_NPROC;
-- namespaces (`unshare --net --pid --mount --fork --kill-child --mount-proc`): a new
+- namespaces (`unshare --net --pid --mount --ipc --uts --fork --kill-child --mount-proc`): a new
   network namespace with no interface up, so no connection leaves it, not even to
   127.0.0.1; a new PID namespace with its own /proc, so the host's processes are not even
   visible and killing its first process kills every process the code started; a new mount
   namespace in which every mount is read-only (`/run/lock` and the other world-writable
   directories included) except fresh 64 MiB tmpfs over /tmp, /var/tmp and /dev/shm; the
-  code's directory is /tmp/work on that tmpfs;
+  code's directory is /tmp/work on that tmpfs; new IPC and UTS namespaces, so no System V
+  IPC object or message queue is shared with the host or outlives the run;
 - the code runs as `nobody` (root ignores RLIMIT_NPROC and file permissions), with
   no_new_privs (set-uid binaries gain nothing) and a seccomp filter (seccomp.py) that
   refuses what a script has no use for: unix and other non-IP sockets, new namespaces,
-  mount, ptrace and reading other processes' memory, keyrings, bpf, perf, io_uring, setsid.
+  mount, ptrace and reading other processes' memory, keyrings, bpf, perf, io_uring, setsid,
+  System V IPC and POSIX message queues.
 
 All this is set up by sandbox_boot.py, the namespaces' first process, just before the
 script is exec'd. An interpreter that lives under /tmp (a virtualenv there) is bound back
@@ -197,7 +199,8 @@ def _execute(code: str, limits: SandboxLimits, python: str, isolated: bool) -> S
                    "binds": _binds(python) if isolated else [], "seccomp": seccomp.machine() is not None}
             argv = [sys.executable, "-I", str(BOOT), json.dumps(cfg)]
             if isolated:
-                argv = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"] + argv
+                argv = ["unshare", "--net", "--pid", "--mount", "--ipc", "--uts", "--fork", "--kill-child",
+                        "--mount-proc"] + argv
             return _run(argv, work, logs, limits, pass_fds=(status.fileno(),) if isolated else ())
 
 

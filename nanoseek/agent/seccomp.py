@@ -25,6 +25,10 @@ Refused with EPERM (Python raises PermissionError), and why:
 - setsid, setpgid: every process the script starts stays in its process group, so killing
   the group kills them all (what contains daemons where there is no PID namespace).
 - kill(-1, ...): signalling every process of the same user.
+- System V IPC (shmget, semget, msgget and their operations) and POSIX message queues
+  (mq_open ...): their objects outlive the process and, without an IPC namespace (the
+  unisolated mode), are the host's: a segment or queue made by one script was read by the
+  next run and stayed on the host. (multiprocessing's semaphores use /dev/shm, not these.)
 - what only root does (module loading, kexec, reboot, swapon/off, acct, quotactl, syslog,
   iopl/ioperm, open_by_handle_at, name_to_handle_at): refused even if root is regained.
 
@@ -72,6 +76,11 @@ _NUMBERS = {
     "swapon": (167, 224), "swapoff": (168, 225), "acct": (163, 89), "quotactl": (179, 60),
     "syslog": (103, 116), "iopl": (172, None), "ioperm": (173, None),
     "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264),
+    "shmget": (29, 194), "shmat": (30, 196), "shmctl": (31, 195), "shmdt": (67, 197),
+    "semget": (64, 190), "semop": (65, 193), "semctl": (66, 191), "semtimedop": (220, 192),
+    "msgget": (68, 186), "msgsnd": (69, 189), "msgrcv": (70, 188), "msgctl": (71, 187),
+    "mq_open": (240, 180), "mq_unlink": (241, 181), "mq_timedsend": (242, 182),
+    "mq_timedreceive": (243, 183), "mq_notify": (244, 184), "mq_getsetattr": (245, 185),
 }
 _CHECKED = ("socket", "socketpair", "clone", "clone3", "kill")   # by their arguments, below
 DENIED = tuple(n for n in _NUMBERS if n not in _CHECKED)
