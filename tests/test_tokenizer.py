@@ -66,3 +66,31 @@ def test_bad_inputs():
         train_tokenizer(["", ""], vocab_size=512)
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         load_tokenizer("/nonexistent-dir")
+
+
+def test_encoding_a_long_text_in_a_thread_lets_the_main_thread_run(tok_dir):
+    """The server tokenises prompts in a worker thread to keep its event loop running; that
+    only helps if encoding releases the GIL (tokenizers' `encode` does not, `encode_batch`
+    does). A heartbeat in this thread must keep ticking while a 2 MiB text is encoded."""
+    import threading
+    import time
+
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tok_dir)
+    text = "the quick brown fox jumps over 12345 lazy dogs. " * 44_000
+    for encode in (tok.encode, tok.encode_text):
+        worker = threading.Thread(target=encode, args=(text,))
+        gaps, last = [], time.perf_counter()
+        worker.start()
+        while worker.is_alive():
+            time.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        worker.join()
+        # holding the GIL, the encode is one gap as long as the whole call; a loaded
+        # machine stretches single gaps, never to half of a multi-second encode
+        assert len(gaps) >= 10, f"{encode.__name__}: the heartbeat ticked {len(gaps)} times"
+        assert max(gaps) < 0.5 * sum(gaps), (f"{encode.__name__} held the GIL for "
+                                             f"{max(gaps):.2f} of {sum(gaps):.2f} s")
