@@ -70,11 +70,11 @@ def write_traces(task, n: int, seed: int, path: Path) -> list[dict]:
 def build_init(init: Path, convs: list[dict], args) -> None:
     """A BPE fitted to the traces and a random model sized for them, as SFT's --init."""
     import torch
-    from nanoseek.chat_template import render_chat
-    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.text.chat_template import render_chat
+    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.config.presets import preset
     from nanoseek.model import CausalLM
-    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import save_tokenizer, train_tokenizer
     tok = train_tokenizer((render_chat(c) for c in convs[:500]), vocab_size=384)
     cfg = preset("tiny", vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                  moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers,
@@ -132,7 +132,7 @@ def with_tool(url: str, task, ex) -> tuple[bool, dict]:
 
 def bare(client, tokenizer, ex) -> tuple[bool, str]:
     """The product written directly: no tool offered, the prompt ends in <answer>."""
-    from nanoseek.chat_template import render_chat
+    from nanoseek.text.chat_template import render_chat
     question = ex.prompt.split(". ")[0] + ". Give the result in <answer></answer>."
     text = render_chat([{"role": "system", "content": BARE_SYSTEM}, {"role": "user", "content": question}],
                        add_generation_prompt=True) + "<answer>"

@@ -77,7 +77,7 @@ def corpus_text() -> str:
 
 def corpus_tokens(checkpoint: str | None) -> torch.Tensor:
     """The corpus as bytes, or through the checkpoint's own tokenizer when it has one."""
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.text.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(Path(checkpoint)) if checkpoint else None
     ids = tok.encode(corpus_text()) if tok else list(corpus_text().encode("utf-8"))
     return torch.tensor(ids, dtype=torch.long)

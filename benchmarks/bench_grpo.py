@@ -32,7 +32,7 @@ import torch
 
 from common import emit, json_only_stdout, log
 import nanoseek
-from nanoseek.chat_template import render_chat
+from nanoseek.text.chat_template import render_chat
 from nanoseek.data.tasks import load_task
 from nanoseek.train.pretrain import setup_threads
 
@@ -43,7 +43,7 @@ def make_checkpoint(root: Path, init: str | None) -> Path:
     from nanoseek.config import preset
     from nanoseek.data import default_corpus
     from nanoseek.model import CausalLM
-    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import save_tokenizer, train_tokenizer
     torch.manual_seed(0)
     out = root / "init"
     nanoseek.save_pretrained(CausalLM(preset("tiny")).eval(), out)

@@ -32,7 +32,7 @@ from bench_engine import corpus_tokens, train_small_model  # noqa: E402
 from common import emit, json_only_stdout, log  # noqa: E402
 import nanoseek  # noqa: E402
 from nanoseek.engine import LLM, SamplingParams  # noqa: E402
-from nanoseek.engine.precision import cast_model  # noqa: E402
+from nanoseek.engine.dtype import cast_model  # noqa: E402
 from nanoseek.quant.fp8 import quant_error  # noqa: E402
 from nanoseek.quant.model import model_bytes, quantization_backend, quantize_model_fp8  # noqa: E402
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from common import emit, json_only_stdout, log
-from nanoseek.rl_report import run_summary, write_rl_report
+from nanoseek.reports.rl_report import run_summary, write_rl_report
 
 
 def run(algo: str, a, out: Path) -> dict:

@@ -45,11 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_checkpoint(out: Path) -> None:
     import torch
 
-    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.config import preset
     from nanoseek.data import load_corpus
     from nanoseek.model import CausalLM
-    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import save_tokenizer, train_tokenizer
     torch.manual_seed(0)
     cfg = preset("tiny", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                  num_hidden_layers=3, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=16,

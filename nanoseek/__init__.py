@@ -17,7 +17,7 @@ def __getattr__(name: str):
 def from_pretrained(path, dtype=None, device=None, quantization=None):
     """Load an HF-format DeepSeek checkpoint directory (nanoseek-, transformers- or DeepSeek-written);
     quantization="fp8" keeps attention and FFN/expert weights in FP8 (FP8Linear)."""
-    from nanoseek.checkpoint import from_pretrained as _load
+    from nanoseek.checkpoint.hf import from_pretrained as _load
     return _load(path, dtype=dtype, device=device, quantization=quantization)
 
 
@@ -25,7 +25,7 @@ def save_pretrained(model, path, dtype=None) -> None:
     """Write `model` as an HF-format checkpoint directory (config.json + safetensors) that
     transformers, vLLM and SGLang load. Saving lives with the checkpoint code, not in the
     model: the model knows nothing of files."""
-    from nanoseek.checkpoint import save_pretrained as _save
+    from nanoseek.checkpoint.hf import save_pretrained as _save
     _save(model, path, dtype=dtype)
 
 

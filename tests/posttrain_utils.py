@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import save_pretrained
+from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.model import CausalLM
 from tests.train_utils import micro_config, small_corpus
 
@@ -26,7 +26,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def make_init(path: Path, seed: int = 0, **config) -> Path:
     """A randomly initialised micro model and a byte-level BPE trained on a little text
     (the prompts and answers included), saved as a checkpoint directory."""
-    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import save_tokenizer, train_tokenizer
     texts = small_corpus(20) + [p + " " + r for p, r in PAIRS] * 5
     tok = train_tokenizer(texts, vocab_size=384)
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@ guards, the token budget, image parts and the CLI."""
 import json
 
 from nanoseek.agent import Agent, ContextBudget, Guards
-from nanoseek.chat_template import render_chat
+from nanoseek.text.chat_template import render_chat
 from tests.agent_mock import mock_endpoint, native_model, repeating_model, text_model
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from nanoseek.chat_template import render_chat
+from nanoseek.text.chat_template import render_chat
 from tests.conftest import tiny_config
 from tests.test_server import Live, make_app
 
@@ -47,10 +47,10 @@ def memorize(model, ids: list[int], steps: int = 300) -> float:
 @pytest.fixture(scope="module")
 def caller(tmp_path_factory):
     """A checkpoint that, greedily, calls calculator(123 * 456) and then reports its output."""
-    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.data import load_corpus
     from nanoseek.model import CausalLM
-    from nanoseek.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("caller")
     tok = train_tokenizer(load_corpus()[:40], 300)

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from nanoseek.agent.tool_parser import parse_tool_call_ids, parse_tool_calls
-from nanoseek.chat_template import render_chat
-from nanoseek.special_tokens import EOS
+from nanoseek.text.chat_template import render_chat
+from nanoseek.text.special_tokens import EOS
 
 
 def fn_call(name, args):
@@ -75,7 +75,7 @@ def test_truncated_and_malformed_calls_are_named():
 @pytest.fixture(scope="module")
 def tokenizer():
     from nanoseek.data import load_corpus
-    from nanoseek.tokenizer import train_tokenizer
+    from nanoseek.text.tokenizer import train_tokenizer
     return train_tokenizer(load_corpus()[:40], 400)
 
 

@@ -3,12 +3,12 @@ packing keeps every conversation whole, bad rows are named by file and line."""
 
 import pytest
 
-from nanoseek.chat_template import chat_segments, render_chat
+from nanoseek.text.chat_template import chat_segments, render_chat
 from nanoseek.data.chat import (ChatDataError, chat_windows, encode_chat, pack, read_conversations,
                                 shift_labels)
 from nanoseek.data.preferences import encode_pairs, read_pairs
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.tokenizer import load_tokenizer
+from nanoseek.text.tokenizer import load_tokenizer
 from tests.posttrain_utils import make_init, write_jsonl
 
 TOOL_CHAT = [

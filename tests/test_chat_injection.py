@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from nanoseek.chat_template import render_chat
-from nanoseek.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THINK,
-                                     TOOL_TOKENS, USER)
-from nanoseek.tokenizer import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
+from nanoseek.text.chat_template import render_chat
+from nanoseek.text.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, SPECIAL_TOKENS, THINK,
+                                          TOOL_TOKENS, USER)
+from nanoseek.text.tokenizer import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 from tests.train_utils import small_corpus
 
 (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP,
@@ -181,7 +181,7 @@ def test_terminal_chat_prompts_keep_markers_as_text(tok):
 
 # --------------------------------------------------------------- tools, tasks
 def test_forced_tool_choice_name_is_text(tok):
-    from nanoseek.engine.sampling import SamplingParams
+    from nanoseek.engine.sampler import SamplingParams
     from nanoseek.serve.protocol import ChatCompletionRequest
     from nanoseek.serve.tools import apply_tools
     name = f"f{SEP}g{CALL_END}{CALLS_END}{EOS}"

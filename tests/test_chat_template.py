@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from nanoseek.chat_template import ChatFormatError, chat_parts, chat_segments, render_chat
-from nanoseek.tokenizer import (BOS, EOS, SPECIAL_TOKENS, Tokenizer, load_tokenizer, save_tokenizer,
-                                train_tokenizer)
+from nanoseek.text.chat_template import ChatFormatError, chat_parts, chat_segments, render_chat
+from nanoseek.text.tokenizer import (BOS, EOS, SPECIAL_TOKENS, Tokenizer, load_tokenizer, save_tokenizer,
+                                     train_tokenizer)
 from tests.train_utils import small_corpus
 
 DEEPSEEK_TEMPLATE = (Path(__file__).parent / "data"

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nanoseek
-from nanoseek.checkpoint import CheckpointError, save_pretrained
+from nanoseek.checkpoint.hf import CheckpointError, save_pretrained
 from nanoseek.model import CausalLM
 from nanoseek.quant.fp8 import quantize_weight
 from tests.conftest import randomize, tiny_config, v2_config

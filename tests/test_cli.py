@@ -43,9 +43,9 @@ def invoke(*args, **kw):
 def ckpt(tmp_path_factory):
     """A tiny checkpoint (vocab 300) with a trained byte-level BPE tokenizer."""
     from nanoseek.data import load_corpus
-    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.model import CausalLM
-    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import save_tokenizer, train_tokenizer
     d = tmp_path_factory.mktemp("ckpt")
     save_pretrained(CausalLM(tiny_config(vocab_size=300)), d)
     save_tokenizer(train_tokenizer(load_corpus()[:40], 300), d)
@@ -249,7 +249,7 @@ def test_generate_prompts_file_stdin_and_text_output(ckpt, tmp_path):
 
 
 def test_generate_chat_template(ckpt):
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.text.tokenizer import load_tokenizer
     tok = load_tokenizer(ckpt)
     want = tok.apply_chat_template([{"role": "user", "content": "Hi there"}], add_generation_prompt=True,
                                    tokenize=False)
@@ -361,18 +361,18 @@ def test_post_training_passes_precision_and_compile(monkeypatch, command, module
 
 
 def test_speedruns_pass_precision(monkeypatch):
-    _capture(monkeypatch, "nanoseek.speedrun", "speedrun")
+    _capture(monkeypatch, "nanoseek.recipes.speedrun", "speedrun")
     r = invoke("speedrun", "--precision", "fp32", "--compile", "off")
     assert isinstance(r.exception, Called)
     assert {k: r.exception.args[1][k] for k in ("precision", "compile")} == {"precision": "fp32", "compile": "off"}
     assert "precision" not in invoke("speedrun").exception.args[1]  # not given: the speedrun's auto
-    _capture(monkeypatch, "nanoseek.speedrun_rl", "speedrun_rl")
+    _capture(monkeypatch, "nanoseek.recipes.speedrun_rl", "speedrun_rl")
     r = invoke("speedrun-rl", "--precision", "fp32")
     assert r.exception.args[1]["precision"] == "fp32" and r.exception.args[1]["compile"] == "auto"
 
 
 def test_speedrun_resume_keeps_the_runs_precision(monkeypatch):
-    _capture(monkeypatch, "nanoseek.speedrun", "speedrun")
+    _capture(monkeypatch, "nanoseek.recipes.speedrun", "speedrun")
     r = invoke("speedrun", "--resume", "--precision", "fp32")
     assert "precision" not in r.exception.args[1]
     assert "ignoring --precision" in r.stderr

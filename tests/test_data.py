@@ -6,7 +6,7 @@ import torch
 
 from nanoseek.data import CorpusError, TokenArrays, build_token_arrays, default_corpus, load_corpus
 from nanoseek.data.tokenized import split_documents
-from nanoseek.tokenizer import train_tokenizer
+from nanoseek.text.tokenizer import train_tokenizer
 from tests.train_utils import small_corpus
 
 
@@ -102,7 +102,7 @@ def test_truncated_array_is_an_error(tmp_path, tok):
 
 
 def test_unigram_baseline_is_near_entropy(tmp_path, tok):
-    from nanoseek.tokenizer import token_byte_lengths
+    from nanoseek.text.tokenizer import token_byte_lengths
     data = build_token_arrays(small_corpus(60), tok, tmp_path)
     base = data.unigram_baseline(32, token_byte_lengths(tok))
     assert 3.0 < base["unigram_loss"] < np.log(len(tok))
@@ -118,7 +118,7 @@ def test_single_document_trains_and_holds_out_its_tail(tmp_path, tok, seed):
     data = build_token_arrays([doc], tok, tmp_path, val_fraction=0.1, seed=seed)
     assert data.meta["train_docs"] == 1 and data.meta["val_docs"] == 0
     assert len(data.train) > 0 and len(data.val) > 0
-    from nanoseek.tokenizer import token_byte_lengths
+    from nanoseek.text.tokenizer import token_byte_lengths
     lengths = token_byte_lengths(tok)
     assert data.meta["val_bytes"] == sum(lengths[int(t)] for t in data.val) > 0
 

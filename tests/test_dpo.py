@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from nanoseek.cli import app
 from nanoseek.data.preferences import encode_pairs, read_pairs
 from nanoseek.model import CausalLM
-from nanoseek.tokenizer import load_tokenizer
+from nanoseek.text.tokenizer import load_tokenizer
 from nanoseek.train.dpo import (DPOConfig, PairSampling, dpo, dpo_loss, dpo_train_config,
                                 frozen_copy, make_loss, sample_pairs, sequence_logps)
 from nanoseek.train.lora import LoraSettings, add_lora
@@ -72,7 +72,7 @@ def test_padding_columns_are_not_counted():
 
 
 def test_the_reference_gets_no_gradient(init, pairs_file):
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.checkpoint.hf import from_pretrained
     policy = from_pretrained(init).train()
     reference = frozen_copy(policy)
     batch = encode_pairs(read_pairs(pairs_file), load_tokenizer(init), 64)

@@ -12,8 +12,8 @@ import torch
 import nanoseek
 from nanoseek.engine import LLM, AsyncLLM, SamplingParams
 from nanoseek.engine.outputs import IncrementalDetokenizer
-from nanoseek.tokenizer import Tokenizer
-from nanoseek.engine.sampling import filtered_logits, sample_token
+from nanoseek.text.tokenizer import Tokenizer
+from nanoseek.engine.sampler import filtered_logits, sample_token
 from tests.test_engine import prompts, reference_greedy, tiny_model
 
 
@@ -65,8 +65,8 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
 def test_batched_draw_equals_each_row_alone_and_skips_empty_intervals():
     """sample_batch draws every row at once (grouped by params); each row must get what it
     gets alone from the same generator state, and a zero-probability token never comes."""
-    from nanoseek.engine.sampling import sample_batch
-    from nanoseek.sampling import inverse_cdf
+    from nanoseek.engine.sampler import sample_batch
+    from nanoseek.model.sampling import inverse_cdf
     torch.manual_seed(0)
     logits = torch.randn(6, 50)
     params = [SamplingParams(temperature=t, top_k=k, logprobs=lp)
@@ -80,7 +80,7 @@ def test_batched_draw_equals_each_row_alone_and_skips_empty_intervals():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(3, -1)
     edges = torch.tensor([0.0, 0.5 - 1e-7, 1 - 2 ** -24])
     assert inverse_cdf(probs, edges).tolist() == [1, 1, 3]
-    from nanoseek.engine.sampling import finite_rows
+    from nanoseek.engine.sampler import finite_rows
     rows = torch.tensor([[3e38, 3e38, 0.0], [1.0, float("nan"), 0.0], [0.0, float("-inf"), 1.0], [1.0, 2.0, 3.0]])
     assert finite_rows(rows) == [True, False, False, True]  # the first row's sum overflows
 

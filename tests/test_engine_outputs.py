@@ -6,7 +6,7 @@ import pytest
 
 from nanoseek.engine import SamplingParams
 from nanoseek.engine.outputs import IncrementalDetokenizer
-from nanoseek.tokenizer import TOOL_TOKENS, Tokenizer, train_tokenizer
+from nanoseek.text.tokenizer import TOOL_TOKENS, Tokenizer, train_tokenizer
 from tests.train_utils import small_corpus
 
 TEXTS = [

@@ -9,11 +9,11 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import nanoseek
-from nanoseek.checkpoint import CheckpointError, save_pretrained
+from nanoseek.checkpoint.hf import CheckpointError, save_pretrained
 from nanoseek.cli import app
 from nanoseek.config import preset
 from nanoseek.model import CausalLM
-from nanoseek.quant.convert import convert, is_quantised
+from nanoseek.checkpoint.convert import convert, is_quantised
 from nanoseek.quant.fp8 import (FP8, FP8_MAX, FP8Linear, dequantize_activation, dequantize_weight,
                                 fp8_gemm_emulated, fp8_gemm_scaled_mm, quant_error,
                                 quantize_activation, quantize_weight, weight_quant_error)

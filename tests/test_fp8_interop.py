@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nanoseek
-from nanoseek.checkpoint import CheckpointError, checkpoint_files, read_tensors
+from nanoseek.checkpoint.hf import CheckpointError, checkpoint_files, read_tensors
 from nanoseek.model import CausalLM
-from nanoseek.quant.convert import SIDE_FILES, convert
-from nanoseek.tokenizer import TOKENIZER_FILES
+from nanoseek.checkpoint.convert import SIDE_FILES, convert
+from nanoseek.text.tokenizer import TOKENIZER_FILES
 from tests.conftest import randomize, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

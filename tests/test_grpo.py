@@ -11,7 +11,7 @@ import torch
 import nanoseek
 from nanoseek.data.tasks import TASKS, Example, Task
 from nanoseek.model import CausalLM
-from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+from nanoseek.text.tokenizer import save_tokenizer, train_tokenizer
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.rewards import Reward
 from nanoseek.train.rl_config import RLConfig, rl_train_config
@@ -167,7 +167,7 @@ def test_cli_grpo(init_dir, tmp_path):
 
 
 def test_rl_report_compares_runs(init_dir, vowels, tmp_path):
-    from nanoseek.rl_report import run_summary, write_rl_report
+    from nanoseek.reports.rl_report import run_summary, write_rl_report
     runs = {}
     for algo in ("grpo", "ppo"):
         runs[algo.upper()] = tmp_path / algo

@@ -89,15 +89,15 @@ def test_no_import_cycle():
 def test_model_knows_nothing_of_files():
     """The model package never imports the checkpoint code, even lazily."""
     bad = {m: sorted(d) for m, d in GRAPH.items() if m.startswith("nanoseek.model")
-           and any(x.startswith("nanoseek.checkpoint") for x in d)}
+           and any(x.startswith("nanoseek.checkpoint.hf") for x in d)}
     assert bad == {}
 
 
 def test_graph_sees_lazy_imports():
     """The reader above would catch a function-level import (guards the test itself)."""
-    src = "def f():\n    from nanoseek.checkpoint import save_pretrained\n"
+    src = "def f():\n    from nanoseek.checkpoint.hf import save_pretrained\n"
     names = {n.module for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)}
-    assert names == {"nanoseek.checkpoint"}
+    assert names == {"nanoseek.checkpoint.hf"}
 
 
 def test_every_module_imports_in_a_fresh_interpreter():
@@ -105,7 +105,7 @@ def test_every_module_imports_in_a_fresh_interpreter():
     mods = sorted(m for m in MODULES if not m.endswith("__main__"))
     code = ("import importlib, sys\n"
             "import nanoseek.model\n"
-            "assert not any(m.startswith('nanoseek.checkpoint') for m in sys.modules), 'model imported checkpoint'\n"
+            "assert not any(m.startswith('nanoseek.checkpoint.hf') for m in sys.modules), 'model imported checkpoint'\n"
             f"for m in {mods!r}: importlib.import_module(m)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
     assert r.returncode == 0, r.stderr[-2000:]

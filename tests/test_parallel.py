@@ -150,7 +150,7 @@ def test_nproc_is_dropped_from_the_relaunched_command():
 
 
 def test_report_shows_the_placement_of_a_distributed_run():
-    from nanoseek.parallel.report import parallel_section
+    from nanoseek.reports.distributed import parallel_section
     row = {"step": 1, "elapsed": 1.0, "grad_norm": 2.0, "ranks_per_token": 1.5, "ranks_per_token_max": 2,
            "ranks_bound": 2, "a2a_remote_slots": 100, "a2a_bytes": 38400, "load_per_rank": [120, 80],
            "a2a_s": 0.1, "expert_grad_norm_max": 0.3, "expert_grad_norm_mean": 0.1, "expert_grad_norm_min": 0.0}
@@ -170,7 +170,7 @@ def test_nanoseek_pretrain_nproc_2_runs_under_torchrun(tmp_path):
     import json
     import subprocess
     import sys
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.checkpoint.hf import from_pretrained
     from tests.train_utils import write_corpus
     corpus = write_corpus(tmp_path / "c.txt", 40)
     out = tmp_path / "run"

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_speedrun_smoke(tmp_path):
-    from nanoseek.speedrun import speedrun
+    from nanoseek.recipes.speedrun import speedrun
     path = speedrun("smoke", tmp_path, minutes=5, max_steps=3, progress=False, log=lambda *_: None,
                     threads=1, eval_tokens=1024, warmup_steps=1)
     text = path.read_text()

@@ -105,7 +105,7 @@ def _overwrite_in_place(target, source):
 def test_weights_replaced_in_place_miss_after_restart(tmp_path):
     import torch
 
-    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.model import CausalLM
     from tests.conftest import tiny_config
 

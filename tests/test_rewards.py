@@ -9,7 +9,7 @@ import pytest
 from nanoseek.data.tasks import load_task
 from nanoseek.data.tasks.arithmetic import make_example
 from nanoseek.train.eval import pass_at_k
-from nanoseek.special_tokens import EOS
+from nanoseek.text.special_tokens import EOS
 from nanoseek.train.rewards import (Rewarder, answer_of, check_equation, format_reward,
                                     numeric_accuracy, overlong_penalty, text_accuracy)
 

@@ -101,7 +101,7 @@ def test_overwrite_deletes_only_the_runs_own_files(tmp_path, corpus):
 
 # ---------------------------------------------------------- 2. speedrun
 def test_speedrun_never_deletes_what_is_not_its_own(tmp_path, corpus):
-    from nanoseek.speedrun import speedrun
+    from nanoseek.recipes.speedrun import speedrun
     other = tmp_path / "mine"  # a pretrain run with the user's files in it
     pretrain(other, _settings(corpus), **QUIET)
     (other / "notes.md").write_text("keep me\n")
@@ -118,7 +118,7 @@ def test_speedrun_never_deletes_what_is_not_its_own(tmp_path, corpus):
 
 
 def test_a_speedrun_is_replaced_or_resumed_only_when_asked(tmp_path):
-    from nanoseek.speedrun import check_speedrun_dir
+    from nanoseek.recipes.speedrun import check_speedrun_dir
     from nanoseek.train.run_dir import remove_own_files
     out = tmp_path / "speedrun"
     (out / "data").mkdir(parents=True)
@@ -144,7 +144,7 @@ def test_a_stale_tokenizer_never_wins(tmp_path, corpus):
     """A failed run left a 272-token tokenizer.json: a new run uses --tokenizer (or trains
     its own); a resumed run uses exactly the run's own, whatever --tokenizer says."""
     from nanoseek.data import load_corpus
-    from nanoseek.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
     from nanoseek.train.config import settings_to_dict
     docs = load_corpus([corpus])
     given = tmp_path / "given"
@@ -320,7 +320,7 @@ def test_library_train_config_limits(tmp_path, corpus, field, value, words):
 
 
 def test_library_data_and_sample_limits(tmp_path, corpus):
-    from nanoseek.speedrun import speedrun
+    from nanoseek.recipes.speedrun import speedrun
     bad = [PretrainConfig(micro_config(), TrainConfig(), DataConfig(val_fraction=0.0)),
            PretrainConfig(micro_config(), TrainConfig(), sample_tokens=256)]
     for cfg, word in zip(bad, ("val_fraction", "sample_tokens")):

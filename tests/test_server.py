@@ -32,10 +32,10 @@ HI = [{"role": "user", "content": "Hello there"}]
 
 def tiny_checkpoint(d: Path) -> Path:
     """A tiny checkpoint (vocab 300, context 256) with a byte-level BPE tokenizer, in `d`."""
-    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.data import load_corpus
     from nanoseek.model import CausalLM
-    from nanoseek.tokenizer import save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import save_tokenizer, train_tokenizer
     import torch
     torch.manual_seed(0)
     save_pretrained(CausalLM(tiny_config(vocab_size=300, num_nextn_predict_layers=0)), d)
@@ -143,7 +143,7 @@ def test_models_and_health(live):
 
 
 def test_chat_matches_the_offline_engine(live, ckpt):
-    from nanoseek.chat_template import render_chat
+    from nanoseek.text.chat_template import render_chat
     from nanoseek.engine import LLM, SamplingParams
     r = live.client().chat.completions.create(model=MODEL, messages=HI, max_tokens=8, temperature=0, n=2,
                                               logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})

@@ -9,14 +9,14 @@ import json
 
 import pytest
 
-from nanoseek.chat_template import render_chat
+from nanoseek.text.chat_template import render_chat
 from nanoseek.engine.outputs import CompletionOutput
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sampler import SamplingParams
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.protocol import ChatCompletionRequest
 from nanoseek.serve.responses import ChatFormatter, replay_chunks
 from nanoseek.serve.tools import apply_tools
-from nanoseek.special_tokens import EOS, TOOL_TOKENS
+from nanoseek.text.special_tokens import EOS, TOOL_TOKENS
 
 CALLS_BEGIN = TOOL_TOKENS[0]
 CALC = {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}
@@ -27,7 +27,7 @@ HI = [{"role": "user", "content": "What is 123 * 456?"}]
 @pytest.fixture(scope="module")
 def tok():
     from nanoseek.data import load_corpus
-    from nanoseek.tokenizer import Tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import Tokenizer, train_tokenizer
     return Tokenizer.of(train_tokenizer(load_corpus()[:20], 300))
 
 

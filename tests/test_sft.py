@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nanoseek.checkpoint import from_pretrained
+from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.cli import app
 from nanoseek.data.chat import encode_chat
-from nanoseek.tokenizer import load_tokenizer
+from nanoseek.text.tokenizer import load_tokenizer
 from nanoseek.train.loop import read_metrics
 from nanoseek.train.sft import SFTConfig, sft, sft_train_config
 from tests.posttrain_utils import PAIRS, make_init, write_jsonl

@@ -14,8 +14,8 @@ from nanoseek.data.tasks import load_task
 from nanoseek.data.tasks.prompting import encode_chat
 from nanoseek.engine import LLM
 from nanoseek.model import CausalLM
-from nanoseek.special_tokens import BOS, EOS
-from nanoseek.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
+from nanoseek.text.special_tokens import BOS, EOS
+from nanoseek.text.tokenizer import Tokenizer, save_tokenizer, train_tokenizer
 from tests.train_utils import micro_config, small_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from nanoseek.chat_template import chat_segments
+from nanoseek.text.chat_template import chat_segments
 from nanoseek.data.tasks import TASKS, TaskError, load_task
 from nanoseek.data.tasks.tool_use import run_calculator
-from nanoseek.special_tokens import TOOL_TOKENS
+from nanoseek.text.special_tokens import TOOL_TOKENS
 
 BUILTIN = [("arithmetic", {"digits": 3}), ("arithmetic", {"digits": 1}), ("countdown", {}),
            ("tool_use", {})]

@@ -1,7 +1,7 @@
 import pytest
 
-from nanoseek.tokenizer import (BOS, EOS, PAD, SPECIAL_TOKENS, TokenizerError, load_tokenizer,
-                                save_tokenizer, token_byte_lengths, train_tokenizer)
+from nanoseek.text.tokenizer import (BOS, EOS, PAD, SPECIAL_TOKENS, TokenizerError, load_tokenizer,
+                                     save_tokenizer, token_byte_lengths, train_tokenizer)
 from tests.train_utils import small_corpus
 
 
@@ -75,7 +75,7 @@ def test_encoding_a_long_text_in_a_thread_lets_the_main_thread_run(tok_dir):
     import threading
     import time
 
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tok_dir)
     text = "the quick brown fox jumps over 12345 lazy dogs. " * 44_000

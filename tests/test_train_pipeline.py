@@ -54,7 +54,7 @@ def test_metrics_and_run_summary(run_dir):
 
 
 def test_report_is_written(run_dir):
-    from nanoseek.report import write_report
+    from nanoseek.reports.run_report import write_report
     path = write_report(run_dir)
     text = path.read_text()
     for needle in ("unigram baseline", "parameters, activated", "MFU", "tokens seen",

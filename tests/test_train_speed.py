@@ -7,7 +7,7 @@ import torch
 from nanoseek.config import preset
 from nanoseek.model import CausalLM
 from nanoseek.model.moe import Gate
-from nanoseek.speedrun import SPEEDRUN_DEFAULT_STEPS, SPEEDRUN_STEPS, default_steps
+from nanoseek.recipes.speedrun import SPEEDRUN_DEFAULT_STEPS, SPEEDRUN_STEPS, default_steps
 from nanoseek.train import precision as prec
 from nanoseek.train.compile import compile_blocks, compiled_blocks, resolve_compile
 from nanoseek.train.loop import TrainConfig, read_metrics

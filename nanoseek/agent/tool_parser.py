@@ -1,6 +1,6 @@
 """DeepSeek-V3's tool calls, read back from what the model wrote.
 
-The chat template (nanoseek/chat_template.py) writes a tool-call turn as
+The chat template (nanoseek/text/chat_template.py) writes a tool-call turn as
 
     {text}<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}
     ```json
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from nanoseek.special_tokens import BOS, EOS, TOOL_TOKENS
+from nanoseek.text.special_tokens import BOS, EOS, TOOL_TOKENS
 
 (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
  *_OUTPUT_MARKERS) = TOOL_TOKENS
@@ -79,8 +79,8 @@ def _parse_one(chunk: str, call_id: str) -> tuple[dict | None, str | None]:
 
 def parse_tool_call_ids(token_ids: list[int], tokenizer, id_prefix: str = "call_") -> ParsedToolCalls:
     """The same from token ids: decoded with the special tokens kept, whatever the
-    engine's `skip_special_tokens` was. `tokenizer`: anything `nanoseek.tokenizer.Tokenizer.of`
+    engine's `skip_special_tokens` was. `tokenizer`: anything `nanoseek.text.tokenizer.Tokenizer.of`
     accepts (a transformers tokenizer, a `tokenizers.Tokenizer`, nanoseek's wrapper)."""
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.text.tokenizer import Tokenizer
     text = Tokenizer.of(tokenizer).decode(list(token_ids), skip_special_tokens=False)
     return parse_tool_calls(text, id_prefix)

@@ -5,7 +5,7 @@ Each event is one JSON line: `task`, `thought` (the model's text beside its call
 remarks: a fallback to the text protocol, observations shortened for the token budget,
 memories recalled), `answer` and `stop`. The file is appended and flushed at every event,
 so a run that is killed still leaves its trajectory. `messages` keeps the conversation in
-OpenAI's format, ready for `nanoseek.chat_template.chat_segments`, which marks the tool
+OpenAI's format, ready for `nanoseek.text.chat_template.chat_segments`, which marks the tool
 outputs the loop injected as untrained.
 """
 

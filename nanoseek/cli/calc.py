@@ -259,7 +259,7 @@ def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory
     (which dequantises on load)."""
     from dataclasses import asdict
 
-    from nanoseek.quant.convert import convert
+    from nanoseek.checkpoint.convert import convert
     if fp8 == dequant:
         raise typer.BadParameter("give exactly one of --fp8 or --dequant")
     r = convert(src, dst, "fp8" if fp8 else "dequant", dtype, progress=not as_json, overwrite=overwrite)

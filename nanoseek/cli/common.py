@@ -25,9 +25,9 @@ USER_ERROR_EXIT = 2
 # check never imports torch for a calculator's error
 USER_ERRORS = {
     "nanoseek.config": ("ConfigError",),
-    "nanoseek.checkpoint": ("CheckpointError",),
+    "nanoseek.checkpoint.hf": ("CheckpointError",),
     "nanoseek.data.corpus": ("CorpusError",),
-    "nanoseek.tokenizer": ("TokenizerError",),
+    "nanoseek.text.tokenizer": ("TokenizerError",),
     "nanoseek.train.pretrain": ("RunError",),
 }
 _debug = False

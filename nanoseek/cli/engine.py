@@ -136,7 +136,7 @@ def _apply_chat(path: Path, prompts: list) -> list[list[int]]:
     """Each text prompt as a user turn followed by the assistant's turn, in DeepSeek-V3's chat
     format as the server and `nanoseek chat` write it: the prompt is encoded as plain text,
     so a marker typed in it (`<｜Assistant｜>`) stays text."""
-    from nanoseek.tokenizer import Tokenizer, load_tokenizer
+    from nanoseek.text.tokenizer import Tokenizer, load_tokenizer
     tok = Tokenizer.of(load_tokenizer(path))
     out = []
     for p in prompts:

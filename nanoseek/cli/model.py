@@ -21,7 +21,7 @@ def info(path: Optional[str] = typer.Argument(None, help="checkpoint directory")
     if path:
         from pathlib import Path
 
-        from nanoseek.checkpoint import read_config
+        from nanoseek.checkpoint.hf import read_config
         cfg = read_config(Path(path))
     else:
         cfg = get_preset(preset)

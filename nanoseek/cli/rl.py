@@ -90,7 +90,7 @@ def speedrun_rl(
     """SFT on 2-digit addition until a held-out accuracy threshold -> GRPO -> held-out
     evaluation of both on the same problems -> report with reward/accuracy curves and a
     before/after table. From --base (e.g. runs/speedrun), or pretraining first."""
-    from nanoseek.speedrun_rl import speedrun_rl as run
+    from nanoseek.recipes.speedrun_rl import speedrun_rl as run
     run(name, root, base, pretrain_minutes, sft_minutes, grpo_steps, grpo_minutes, threshold, eval_n,
         threads, overwrite, log=typer.echo, precision=precision, compile=compile)
 

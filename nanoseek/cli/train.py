@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from nanoseek.cli.common import compile_option, precision_given, precision_option
-from nanoseek.special_tokens import SPECIAL_TOKENS
+from nanoseek.text.special_tokens import SPECIAL_TOKENS
 
 
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -44,7 +44,7 @@ def tokenizer_train(
     """Train a byte-level BPE (digits split one by one) with DeepSeek's special tokens and
     chat template; transformers.AutoTokenizer loads the result."""
     from nanoseek.data import load_corpus
-    from nanoseek.tokenizer import TOKENIZER_FILES, save_tokenizer, train_tokenizer
+    from nanoseek.text.tokenizer import TOKENIZER_FILES, save_tokenizer, train_tokenizer
     there = [f for f in TOKENIZER_FILES if (out / f).exists()]
     if there and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(there)}; pass --overwrite to "
@@ -224,7 +224,7 @@ def speedrun(
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
     pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most)."""
-    from nanoseek.speedrun import speedrun as run_speedrun
+    from nanoseek.recipes.speedrun import speedrun as run_speedrun
     given = precision_given(resume, precision=precision, compile=compile)
     try:
         run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads,
@@ -236,7 +236,7 @@ def speedrun(
 
 def report(run_dir: Path = typer.Argument(..., help="run directory (with run.json and metrics.jsonl)")):
     """(Re)write a run's report.md and plots from its metrics, even mid-run."""
-    from nanoseek.report import write_report
+    from nanoseek.reports.run_report import write_report
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"{run_dir}: no run.json (not a run directory)")
     typer.echo(str(write_report(run_dir)))

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.chat_template import ChatFormatError, chat_parts
+from nanoseek.text.chat_template import ChatFormatError, chat_parts
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.text.tokenizer import Tokenizer
 
 
 class ChatDataError(ValueError):

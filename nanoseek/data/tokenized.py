@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.atomic import atomic_write, atomic_write_text
+from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
 from nanoseek.data.corpus import CorpusError
 
 
@@ -46,7 +46,7 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
 
 def token_bytes(ids: np.ndarray, tokenizer) -> int:
     """UTF-8 bytes of the text tokens among `ids` (special tokens have none)."""
-    from nanoseek.tokenizer import token_byte_lengths
+    from nanoseek.text.tokenizer import token_byte_lengths
 
     lengths = np.asarray(token_byte_lengths(tokenizer), dtype=np.int64)
     return int(lengths[np.asarray(ids, dtype=np.int64)].sum()) if len(ids) else 0

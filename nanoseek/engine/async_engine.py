@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from nanoseek.engine.engine import EngineConfig, LLMEngine
 from nanoseek.engine.llm import load_model
 from nanoseek.engine.outputs import RequestOutput, request_output
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sampler import SamplingParams
 from nanoseek.quant.model import log_backend
 
 

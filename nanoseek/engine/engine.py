@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from nanoseek.engine.block_manager import BlockManager
 from nanoseek.engine.cache import PagedLatentCache, budget_bytes
 from nanoseek.engine.outputs import IncrementalDetokenizer
-from nanoseek.engine.precision import activation_dtype
+from nanoseek.engine.dtype import activation_dtype
 from nanoseek.engine.runner import ModelRunner
-from nanoseek.engine.sampling import SamplingParams, make_generator
+from nanoseek.engine.sampler import SamplingParams, make_generator
 from nanoseek.engine.scheduler import Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.spec import SpecStats
 from nanoseek.engine.spec_policy import SpecPolicy
 from nanoseek.model import CausalLM
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.text.tokenizer import Tokenizer
 
 
 @dataclass

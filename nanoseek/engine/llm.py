@@ -12,20 +12,20 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import from_pretrained
+from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.engine.engine import EngineConfig, LLMEngine
 from nanoseek.engine.outputs import RequestOutput, request_output
-from nanoseek.engine.precision import cast_model, resolve_dtype
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.dtype import cast_model, resolve_dtype
+from nanoseek.engine.sampler import SamplingParams
 from nanoseek.engine.sequence import Sequence
 from nanoseek.model import CausalLM
 from nanoseek.quant.model import check_quantization, log_backend, quantize_model_fp8
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.text.tokenizer import Tokenizer
 
 
 def load_model(path_or_model, dtype=None, device=None, quantization: str | None = None) -> tuple[CausalLM, object]:
     """A CausalLM (and the checkpoint directory's tokenizer, if any), in `dtype` (see
-    engine/precision.py) and with FP8 projection weights when quantization="fp8". A model
+    engine/dtype.py) and with FP8 projection weights when quantization="fp8". A model
     object is converted in place, as Module.to does."""
     check_quantization(quantization)
     target = None if device is None else torch.device(device)
@@ -49,7 +49,7 @@ def load_model(path_or_model, dtype=None, device=None, quantization: str | None 
 
 class LLM:
     """Offline batched generation over the engine. `model` is a checkpoint directory or a
-    CausalLM; `tokenizer` overrides the directory's (a `nanoseek.tokenizer.Tokenizer`, a
+    CausalLM; `tokenizer` overrides the directory's (a `nanoseek.text.tokenizer.Tokenizer`, a
     transformers tokenizer or a `tokenizers.Tokenizer`).
     dtype: "float32" | "bfloat16" | "float16" | "auto" (the checkpoint's torch_dtype) or a
     torch dtype; None keeps the model's (fp32 for a checkpoint). The latent cache takes it

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sampler import SamplingParams
 
 
 class IncrementalDetokenizer:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from nanoseek.engine.cache import BatchView, PagedLatentCache
-from nanoseek.engine.sampling import Sample, sample_batch
+from nanoseek.engine.sampler import Sample, sample_batch
 from nanoseek.engine.sequence import Sequence, SeqOutput
 from nanoseek.engine.spec import MTPSpeculator
 from nanoseek.engine.spec_policy import SpecPolicy

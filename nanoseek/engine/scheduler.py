@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from nanoseek.engine.block_manager import BlockManager
-from nanoseek.engine.sampling import Sample
+from nanoseek.engine.sampler import Sample
 from nanoseek.engine.sequence import Sequence, SeqOutput, Status
 
 

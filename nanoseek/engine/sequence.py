@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.engine.sampling import Sample, SamplingParams
+from nanoseek.engine.sampler import Sample, SamplingParams
 
 _arrivals = itertools.count()
 

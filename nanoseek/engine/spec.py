@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.engine.cache import BatchView
-from nanoseek.engine.sampling import Sample, sample_batch
+from nanoseek.engine.sampler import Sample, sample_batch
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.spec_policy import SpecPolicy
 

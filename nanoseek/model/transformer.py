@@ -20,7 +20,7 @@ from nanoseek.model.moe import Gate, MoE
 from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
-from nanoseek.sampling import sample_logits
+from nanoseek.model.sampling import sample_logits
 
 IGNORE_INDEX = -100
 
@@ -162,7 +162,7 @@ class CausalLM(nn.Module):
                  top_k: int | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Prompts of one length [B,S] -> [B, S + new]; greedy when temperature == 0 (the
-        engine's sampler, `nanoseek.sampling`).
+        engine's sampler, `nanoseek.model.sampling`).
         Prefill decompresses; every later token attends over the latent cache (absorbed).
         Rows that produced eos keep emitting eos."""
         B, S = input_ids.shape

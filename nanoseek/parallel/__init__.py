@@ -18,8 +18,8 @@ different tokens and exchange them with all-to-all):
                        what a step's dispatch actually cost;
   * runtime.py         `Parallel`: what the training loop asks of the processes (global
                        target counts, summed metrics and loads, the global gradient norm);
-  * checkpoint.py      sharded checkpoints with torch.distributed.checkpoint, resumable on
-                       another number of processes, consolidated into an HF directory;
+  * sharded_state.py   the training state sharded with torch.distributed.checkpoint, resumable
+                       on another number of processes, consolidated into an HF directory;
   * rl.py              GRPO's data parallelism: each rank its share of the prompts and rollouts;
   * launch.py          `nanoseek pretrain|sft|grpo --nproc N` (starts torchrun) and the entries.
 """

@@ -1,6 +1,6 @@
 """FP8 weights in the model, not only in files: swap the projection Linears for FP8Linear.
 
-The same tensors DeepSeek-V3's release stores in FP8 (nanoseek/quant/convert.py): every
+The same tensors DeepSeek-V3's release stores in FP8 (nanoseek/checkpoint/convert.py): every
 Linear of attention (q/kv down- and up-projections, o_proj) and of the FFNs (the dense
 MLP, the shared and the routed experts), in the main layers and in the MTP module's block.
 The router gate, embeddings, norms, lm_head and MTP's eh_proj stay in high precision.

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nanoseek.chat_template import render_chat
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.text.chat_template import render_chat
+from nanoseek.text.tokenizer import Tokenizer
 
 HELP = "commands: /reset (forget the history), /system TEXT (set the system prompt), /exit"
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator
 
 from nanoseek.engine.outputs import CompletionOutput
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.engine.sampler import SamplingParams
 from nanoseek.serve.errors import APIError, internal_error
 
 

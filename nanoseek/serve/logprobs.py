@@ -1,5 +1,5 @@
 """Log-probabilities in OpenAI's two shapes, from the engine's per-token `{token id: logprob}`
-dicts (the sampled token's raw log-prob plus the top n; engine/sampling.py).
+dicts (the sampled token's raw log-prob plus the top n; engine/sampler.py).
 
 Chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob",
 "bytes"}, ...]}]}`. Completions (legacy): parallel lists `tokens`, `token_logprobs`,

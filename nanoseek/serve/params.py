@@ -4,18 +4,18 @@ names the field, before the request is admitted (the engine's own checks stay as
 
 The prompt is tokenised by the server (not by the engine) so that the context check, the
 usage counts and the cache key all see the same ids. A chat is written in DeepSeek-V3's
-format (`nanoseek.chat_template`), which begins with its own BOS; `Tokenizer.encode_chat`
+format (`nanoseek.text.chat_template`), which begins with its own BOS; `Tokenizer.encode_chat`
 encodes its markers as special ids and every message's content as plain text, so a marker
 typed in a message (`<｜User｜>`, `<｜tool▁outputs▁begin｜>`) cannot forge a turn.
 """
 
 from __future__ import annotations
 
-from nanoseek.chat_template import ChatFormatError
-from nanoseek.engine.sampling import SamplingParams
+from nanoseek.text.chat_template import ChatFormatError
+from nanoseek.engine.sampler import SamplingParams
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.text.tokenizer import Tokenizer
 
 # fields that change nothing in the output: left out of the cache key
 NOT_IN_KEY = {"stream", "stream_options", "user"}

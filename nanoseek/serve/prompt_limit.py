@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.text.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

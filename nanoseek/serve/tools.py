@@ -1,5 +1,5 @@
 """`tools` and `tool_choice` on /v1/chat/completions, for models that write DeepSeek-V3's
-tool-call markers (nanoseek/chat_template.py defines them; nanoseek/agent/tool_parser.py
+tool-call markers (nanoseek/text/chat_template.py defines them; nanoseek/agent/tool_parser.py
 reads them back).
 
 What each `tool_choice` does (the model always decides what it writes; the server only
@@ -34,11 +34,11 @@ import uuid
 from dataclasses import dataclass, replace
 
 from nanoseek.agent.tool_parser import TOOL_CALLS_BEGIN, parse_tool_call_ids
-from nanoseek.chat_template import Part, call_opening_parts
+from nanoseek.text.chat_template import Part, call_opening_parts
 from nanoseek.serve.errors import APIError
 from nanoseek.serve.protocol import ChatCompletionRequest
-from nanoseek.special_tokens import EOS
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.text.special_tokens import EOS
+from nanoseek.text.tokenizer import Tokenizer
 
 
 def tool_choice_of(req: ChatCompletionRequest) -> str | None:

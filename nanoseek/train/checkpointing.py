@@ -4,7 +4,7 @@
 the model's tensors (buffers included: the router biases of the aux-loss-free update),
 the optimizer and gradient-scaler state, the step (which is also the data position, see
 data/tokenized.py), tokens seen, elapsed time and every RNG state. It is written to a
-temporary file, fsynced and renamed over the old one (`nanoseek.atomic.atomic_write`),
+temporary file, fsynced and renamed over the old one (`nanoseek.checkpoint.atomic.atomic_write`),
 so at every instant the file on disk is a complete checkpoint: the previous one or the
 new one. Leftover temporary files of an interrupted write are deleted on resume.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.atomic import atomic_write
+from nanoseek.checkpoint.atomic import atomic_write
 
 STATE_FILE = "train_state.pt"
 

@@ -161,7 +161,7 @@ def sample_pairs(init: str, task, sampling: PairSampling, seed: int, log=print) 
     differ in correctness or reward."""
     from nanoseek.data.chat import encode_chat
     from nanoseek.engine import LLM, SamplingParams
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(init)
     examples = task.examples("train", sampling.prompts, seed)
@@ -194,7 +194,7 @@ def load_pairs(config: DPOConfig, out_dir: Path, log=print) -> list[dict]:
         return read_pairs(out_dir / PAIRS_FILE)
     pairs = sample_pairs(config.init, load_task_lazily(config.task, **config.task_options), config.sampling,
                          config.train.seed, log)
-    from nanoseek.atomic import atomic_write_text
+    from nanoseek.checkpoint.atomic import atomic_write_text
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / PAIRS_FILE, "".join(json.dumps(p) + "\n" for p in pairs))
     return read_pairs(out_dir / PAIRS_FILE)

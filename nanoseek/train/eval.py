@@ -37,9 +37,9 @@ def make_evaluate(data, byte_lengths: list[int], seq_len: int, max_tokens: int |
 
 def evaluate_checkpoint(run_dir: str | Path, seq_len: int) -> dict:
     """Reload the saved checkpoint from disk and score the whole validation split."""
-    from nanoseek.checkpoint import from_pretrained
+    from nanoseek.checkpoint.hf import from_pretrained
     from nanoseek.data.tokenized import TokenArrays
-    from nanoseek.tokenizer import load_tokenizer, token_byte_lengths
+    from nanoseek.text.tokenizer import load_tokenizer, token_byte_lengths
 
     run_dir = Path(run_dir)
     model = from_pretrained(run_dir).eval()

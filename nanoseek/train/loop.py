@@ -284,7 +284,7 @@ class Trainer:
         uses train_state.pt, so a kill between the two loses nothing. Sharded runs (several
         processes, or resumed from one) save with torch.distributed.checkpoint instead."""
         if self.sharded:
-            from nanoseek.parallel import checkpoint as sharded
+            from nanoseek.parallel import sharded_state as sharded
             sharded.save(self)
             self.saved_step = self.step
             return
@@ -296,7 +296,7 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from train_state.pt if there is one (or from the sharded checkpoint of a
         multi-process run, on any number of processes); drop metrics logged after it."""
-        from nanoseek.parallel import checkpoint as sharded
+        from nanoseek.parallel import sharded_state as sharded
         if self.sharded or sharded.exists(self.out_dir):
             self.sharded = True
             if not sharded.resume(self):

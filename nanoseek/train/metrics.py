@@ -73,7 +73,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only records up to `step` (the resumed checkpoint); rewritten atomically."""
-    from nanoseek.atomic import atomic_write_text
+    from nanoseek.checkpoint.atomic import atomic_write_text
 
     if not path.exists():
         return

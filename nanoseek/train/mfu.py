@@ -84,7 +84,7 @@ def _measure(device, dtype, n, repeats, key) -> float:
 
 
 def _store(key: str, value: float) -> None:
-    from nanoseek.atomic import atomic_write_text
+    from nanoseek.checkpoint.atomic import atomic_write_text
 
     try:
         CACHE.parent.mkdir(parents=True, exist_ok=True)

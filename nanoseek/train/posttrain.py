@@ -25,8 +25,8 @@ from nanoseek.train.pretrain import RunError
 
 def load_init(init: str | Path, device: torch.device):
     """The starting checkpoint (fp32) and its tokenizer."""
-    from nanoseek.checkpoint import from_pretrained
-    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.text.tokenizer import load_tokenizer
 
     init = Path(init)
     if not (init / "tokenizer.json").exists():
@@ -64,8 +64,8 @@ def base_model(model):
 
 def checkpoint_writer(out_dir: Path, init: str | Path, lora: LoraSettings):
     """on_checkpoint for the Trainer: the full model, or the adapter, plus the tokenizer."""
-    from nanoseek.checkpoint import save_pretrained
-    from nanoseek.tokenizer import copy_tokenizer
+    from nanoseek.checkpoint.hf import save_pretrained
+    from nanoseek.text.tokenizer import copy_tokenizer
 
     def write(model, step: int) -> None:
         if lora.enabled:
@@ -85,7 +85,7 @@ def merge_into(out_dir: Path, init: str | Path) -> None:
 def holds_run(out_dir: Path) -> bool:
     """Whether `out_dir` holds a checkpoint to resume: train_state.pt, or the sharded
     checkpoint of a run on several processes."""
-    from nanoseek.parallel import checkpoint as sharded
+    from nanoseek.parallel import sharded_state as sharded
     return (out_dir / STATE_FILE).exists() or sharded.exists(out_dir)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint import save_pretrained
+from nanoseek.checkpoint.hf import save_pretrained
 from nanoseek.config import ModelConfig
 from nanoseek.train.config import settings_to_dict
 from nanoseek.train.eval import make_evaluate
@@ -73,8 +73,8 @@ def prepare_data(out_dir: Path, cfg: ModelConfig, data: DataConfig, seed: int, l
     see run_dir.py) and uses `data.tokenizer`, or trains one on the training split."""
     from nanoseek.data import build_token_arrays, load_corpus
     from nanoseek.data.tokenized import split_documents
-    from nanoseek.tokenizer import (copy_tokenizer, load_tokenizer, save_tokenizer,
-                                    train_tokenizer)
+    from nanoseek.text.tokenizer import (copy_tokenizer, load_tokenizer, save_tokenizer,
+                                         train_tokenizer)
 
     docs = load_corpus(data.paths or None, data.text_field)
     if not fresh and (out_dir / "tokenizer.json").exists():
@@ -239,7 +239,7 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
                   adapt: bool, parallel=None) -> tuple[Trainer, dict]:
     """The model (seeded), its measured facts for run.json, and the loop wired to the data."""
     from nanoseek.model import CausalLM
-    from nanoseek.tokenizer import token_byte_lengths
+    from nanoseek.text.tokenizer import token_byte_lengths
     from nanoseek.calc.params import count_params
     from nanoseek.train.mfu import flops_per_token, measure_peak_flops
     from nanoseek.train.precision import peak_dtype
@@ -314,7 +314,7 @@ def moe_layer_names(model) -> list[str]:
 
 
 def write_run(out_dir: Path, run: dict) -> None:
-    from nanoseek.atomic import atomic_write_text
+    from nanoseek.checkpoint.atomic import atomic_write_text
 
     atomic_write_text(out_dir / "run.json", json.dumps(run, indent=2, default=str) + "\n")
 

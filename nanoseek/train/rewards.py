@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, NamedTuple
 
-from nanoseek.special_tokens import END_THINK, EOS, THINK
+from nanoseek.text.special_tokens import END_THINK, EOS, THINK
 
 ANSWER, END_ANSWER = "<answer>", "</answer>"
 R1_TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)

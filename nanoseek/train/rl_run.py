@@ -22,8 +22,8 @@ from nanoseek.train.rl_config import RLConfig
 
 
 def load_policy(init: str | Path, device=None):
-    from nanoseek.checkpoint import from_pretrained
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.text.tokenizer import Tokenizer
     init = Path(init)
     if not (init / "config.json").exists():
         raise FileNotFoundError(f"--init {init}: not a checkpoint directory (no config.json)")
@@ -57,9 +57,9 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
     """(trainer, stage) for `cfg`: the policy from cfg.init, a frozen reference copy when
     beta > 0, a critic for PPO, the engine over the live policy. rank_device: this rank's
     device under torchrun (None: one process); parallel: its ParallelConfig."""
-    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.data.tasks import load_task
-    from nanoseek.tokenizer import copy_tokenizer
+    from nanoseek.text.tokenizer import copy_tokenizer
     from nanoseek.train.grpo import RLStage, RLTrainer
 
     torch.manual_seed(cfg.train.seed)

@@ -20,11 +20,11 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from nanoseek.chat_template import Part, render_chat, tool_output_parts
+from nanoseek.text.chat_template import Part, render_chat, tool_output_parts
 from nanoseek.data.tasks.arithmetic import OPS, apply, draw_problem
 from nanoseek.data.tasks.base import Example, Task, TaskError, make_rewarder, no_options_left
 from nanoseek.data.tasks.prompting import encode_chat, fit_context
-from nanoseek.special_tokens import END_THINK, EOS, THINK, TOOL_TOKENS
+from nanoseek.text.special_tokens import END_THINK, EOS, THINK, TOOL_TOKENS
 from nanoseek.train.rewards import (ANSWER, END_ANSWER, ExpressionError, evaluate_expression,
                                     numeric_accuracy, strip_eos, tagged)
 

@@ -8,7 +8,7 @@ learnable at tiny scale. Ids 0/1/2 are bos/eos/pad, matching the `tiny` preset.
 
 Chats are encoded by `Tokenizer.encode_chat`: the template's markers as their ids, every
 message's content as plain text (`Tokenizer.encode_text`), so a special-token string typed
-in a message never becomes a special token (nanoseek/chat_template.py says why and where this
+in a message never becomes a special token (nanoseek/text/chat_template.py says why and where this
 differs from transformers' `apply_chat_template`).
 """
 
@@ -22,9 +22,9 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from nanoseek.chat_template import CHAT_TEMPLATE, Part, chat_parts  # DeepSeek-V3's format
-from nanoseek.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, PAD, SPECIAL_TOKENS,  # noqa: F401
-                                     THINK, TOOL_TOKENS, USER)
+from nanoseek.text.chat_template import CHAT_TEMPLATE, Part, chat_parts  # DeepSeek-V3's format
+from nanoseek.text.special_tokens import (ASSISTANT, BOS, END_THINK, EOS, PAD, SPECIAL_TOKENS,  # noqa: F401
+                                          THINK, TOOL_TOKENS, USER)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")

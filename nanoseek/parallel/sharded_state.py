@@ -110,7 +110,7 @@ def consolidated_model(ckpt: str | Path, config):
 def consolidate(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write RUN/checkpoint as a plain HF directory (config.json + safetensors) into
     out_dir (default: the run directory itself)."""
-    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.train.run_settings import read_settings
 
     run_dir = Path(run_dir)

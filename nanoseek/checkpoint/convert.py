@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nanoseek.atomic import atomic_write, atomic_write_text
-from nanoseek.checkpoint import (INDEX_FILE, CheckpointError, checkpoint_files, read_config,
-                                 read_tensors)
+from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
+from nanoseek.checkpoint.hf import (INDEX_FILE, CheckpointError, checkpoint_files, read_config,
+                                    read_tensors)
 from nanoseek.quant.fp8 import dequantize_weight, quant_error, quantize_weight
 
 QUANTISED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight$")

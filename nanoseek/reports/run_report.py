@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nanoseek.atomic import atomic_write, atomic_write_text
+from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
 from nanoseek.train.metrics import read_metrics
 
 
@@ -122,7 +122,7 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
     if load_png:
         L.append(f"![expert load]({load_png})\n")
     L.append(f"![learning rate]({lr_png})\n")
-    from nanoseek.parallel.report import parallel_section
+    from nanoseek.reports.distributed import parallel_section
     L += parallel_section(run, train)  # empty unless several processes trained the run
     L += validation_section(evals) + samples_section(samples) + data_section(run)
     L += configuration_section(run) + [METHOD_NOTES]

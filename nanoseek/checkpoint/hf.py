@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nanoseek.atomic import atomic_write, atomic_write_text
+from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.moe import MoE
 from nanoseek.model.rope import RotaryEmbedding

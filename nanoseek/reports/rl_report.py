@@ -10,8 +10,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from nanoseek.atomic import atomic_write_text
-from nanoseek.report import _plot
+from nanoseek.checkpoint.atomic import atomic_write_text
+from nanoseek.reports.run_report import _plot
 from nanoseek.train.metrics import read_metrics
 
 

@@ -101,7 +101,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
     GRPO's updates; the rollouts run in the engine's fp32)."""
     import torch
     from nanoseek.data.tasks import load_task
-    from nanoseek.speedrun import speedrun
+    from nanoseek.recipes.speedrun import speedrun
     from nanoseek.train.eval import evaluate_task
 
     t_start = time.perf_counter()
@@ -146,7 +146,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
 
 def report(out: Path, base, sft: dict, grpo: dict, before: dict, after: dict, eval_n: int,
            total: float, threshold: float, pretrain_s: float | None, threads: str = "") -> Path:
-    from nanoseek.rl_report import write_rl_report
+    from nanoseek.reports.rl_report import write_rl_report
     pct = lambda x: f"{100 * x:.1f} %"  # noqa: E731
     extra = {"task": f"arithmetic {RL_TASK} (column-by-column demonstrations, R1 answer format)",
              "pretrained checkpoint": str(base),

@@ -1,7 +1,7 @@
 """Sampling parameters and the per-request sampler.
 
 The knobs carry vLLM's names so a vLLM user can bring their `SamplingParams` over as is.
-The filters and the draw are `nanoseek.sampling`'s (the one sampler, shared with
+The filters and the draw are `nanoseek.model.sampling`'s (the one sampler, shared with
 `CausalLM.generate`). Log-probabilities are those of the *raw* model distribution
 (log_softmax of the logits, before any filter), which is what vLLM returns by default.
 A row of non-finite logits (NaN/inf: broken weights, an overflow) is not sampled: its
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from nanoseek.sampling import filter_logits, inverse_cdf, is_greedy, uniforms
+from nanoseek.model.sampling import filter_logits, inverse_cdf, is_greedy, uniforms
 
 
 @dataclass
@@ -104,7 +104,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[Sample]:
     """logits [N, V] -> N samples, batched: one argmax for the greedy rows, one filter and
     softmax per distinct (temperature, top_k, top_p, min_p), one inverse-CDF draw
-    (nanoseek.sampling.inverse_cdf) from one uniform per row by its own generator, one log_softmax
+    (nanoseek.model.sampling.inverse_cdf) from one uniform per row by its own generator, one log_softmax
     for the rows that want log-probs. A row with a NaN or inf logit gets an error Sample."""
     finite = finite_rows(logits)
     rows = [i for i in range(len(params)) if finite[i]]

@@ -41,7 +41,7 @@ import json
 import re
 from typing import NamedTuple
 
-from nanoseek.special_tokens import ASSISTANT, BOS, END_THINK, EOS, THINK, TOOL_TOKENS, USER
+from nanoseek.text.special_tokens import ASSISTANT, BOS, END_THINK, EOS, THINK, TOOL_TOKENS, USER
 
 (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
  TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END) = TOOL_TOKENS
@@ -66,7 +66,7 @@ class Part(NamedTuple):
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The conversation as DeepSeek-V3's template writes it: a string to read or to compare
     with transformers' template. Never tokenise it with special-token parsing (a marker typed
-    in content would become a marker): `nanoseek.tokenizer.Tokenizer.encode_chat` encodes
+    in content would become a marker): `nanoseek.text.tokenizer.Tokenizer.encode_chat` encodes
     `chat_parts` instead."""
     return "".join(p.text for p in chat_parts(messages, add_generation_prompt))
 

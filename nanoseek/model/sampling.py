@@ -1,7 +1,7 @@
 """Turning logits into tokens: temperature, top-k, top-p, min-p, and the draw itself.
 
 One sampler for the package: `CausalLM.generate` and the engine's per-request sampler
-(`engine/sampling.py`, which adds vLLM's `SamplingParams` and log-probs) both call these.
+(`engine/sampler.py`, which adds vLLM's `SamplingParams` and log-probs) both call these.
 It lives at the package root because the model may not import the engine. Order of the
 filters (as in vLLM): temperature, then top-k, top-p and min-p on the scaled distribution.
 """

@@ -96,7 +96,7 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float |
 
 def _speedrun(out: Path, minutes, max_steps, progress, log, threads, resume, overwrite,
               train_overrides, t_start) -> Path:
-    from nanoseek.report import write_report
+    from nanoseek.reports.run_report import write_report
     from nanoseek.train.eval import evaluate_checkpoint
     from nanoseek.train.pretrain import PretrainConfig, pretrain, write_run
 
