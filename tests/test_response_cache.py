@@ -763,3 +763,43 @@ def test_a_bad_request_does_not_switch_the_cache_off_for_everyone(semantic_cache
     assert cache.lookup(chat("choke on this")) is None
     assert cache.lookup(chat(PARAPHRASE))["_cache"] == "l2"
     assert cache.stats()["errors"] == {"l2.lookup": 1} and cache.stats()["bypassed"] == 0
+
+
+# near neighbours at the default threshold (cosines 0.90-0.99 with MiniLM) that the
+# first critical-token rules let through: identifiers, paths, who-to-whom, weekdays in
+# lower case, patient groups, animals, empty/full
+NEAR_BUT_DIFFERENT = [
+    ("How do I delete my_table in postgres?", "How do I delete your_table in postgres?"),
+    ("Explain chmod 777 on /etc", "Explain chmod 777 on /home"),
+    ("Should I sue him?", "Should he sue me?"),
+    ("Does she owe me money?", "Do I owe her money?"),
+    ("Is the stock market open on saturday?", "Is the stock market open on sunday?"),
+    ("What is the dosage of amoxicillin for a child?", "What is the dosage of amoxicillin for an adult?"),
+    ("What is the dose of paracetamol for an infant?", "What is the dose of paracetamol for an adult?"),
+    ("Is it safe for my dog to eat chocolate?", "Is it safe for my cat to eat chocolate?"),
+    ("Can I take this medicine on an empty stomach?", "Can I take this medicine on a full stomach?"),
+    ("What does git push --force do?", "What does git push --force-with-lease do?"),
+]
+
+
+@pytest.mark.parametrize("a, b", NEAR_BUT_DIFFERENT)
+def test_critical_tokens_tell_apart_identifiers_persons_and_groups(a, b):
+    assert critical.signature(a) != critical.signature(b)
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Explain what a hash table is.", "Can you explain what a hash table is?"),
+    ("How do I undo the last git commit?", "How can I undo my last git commit?"),
+    ("What is the speed of light in km/s?", "What is the speed of light in km/s, roughly?"),
+    ("e.g. a list", "e.g. a list, please"),
+])
+def test_one_person_abbreviations_and_units_are_not_critical(a, b):
+    assert critical.signature(a) == critical.signature(b)
+
+
+def test_near_but_different_questions_miss_l2(semantic_cache):
+    cache = semantic_cache()
+    for a, b in NEAR_BUT_DIFFERENT:
+        cache.clear()
+        cache.store(chat(a), reply(a))
+        assert cache.lookup(chat(b)) is None, (a, b)

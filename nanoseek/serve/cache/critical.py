@@ -24,9 +24,15 @@ miss. Each token is written in one canonical spelling, so paraphrases still matc
 - operators: `+` = plus, `-` = minus, `*` = times, `/`, `^`, `<`, `>`, square root; and
   what `than` compares with ("cats smarter than dogs" is not "dogs smarter than cats");
 - names: a capitalised word that does not start a sentence (`Paris`, `July`, `French`), and
-  languages and formats typed in lower case (`python`, `json`, `spanish`).
+  languages and formats typed in lower case (`python`, `json`, `spanish`), weekdays and
+  months (`sunday`), common animals (`dog`, `cat`);
+- patient groups (child = infant = kids, teen, adult, elderly, pregnant), empty / full;
+- code, verbatim: paths, file names, identifiers, flags, URLs, addresses (`/etc`,
+  `config.yaml`, `my_table`, `--force`, `bob@example.com`);
+- grammatical persons in order of first mention when two or more take part ("Should I sue
+  him?" is not "Should he sue me?"); one alone is phrasing ("Can you explain ...").
 
-Within each kind (numbers, units, negations, names, the rest) the order counts: "Is 3 more
+Within each kind (numbers, units, negations, names, code, persons, the rest) the order counts: "Is 3 more
 than 5?" is not "Is 5 more than 3?", "USD to EUR" not "EUR to USD"; across kinds it does
 not, so "sort descending: 3, 1, 2" still matches "sort 3, 1, 2 in descending order".
 
@@ -65,7 +71,11 @@ LEXICON = set("""python java javascript typescript rust ruby php perl kotlin swi
     mongodb redis json yaml toml xml csv html css markdown latex pdf docx xlsx png jpeg jpg svg
     linux windows macos ios android numpy pandas pytorch tensorflow react vue angular django
     flask english french german spanish italian portuguese chinese mandarin japanese korean
-    russian arabic hindi dutch swedish polish turkish greek hebrew latin""".split())
+    russian arabic hindi dutch swedish polish turkish greek hebrew latin
+    january february march april june july august september october november december
+    monday tuesday wednesday thursday friday saturday sunday
+    dog dogs puppy puppies cat cats kitten kittens horse horses cow cows pig pigs rabbit rabbits
+    bird birds parrot parrots fish hamster hamsters""".split())  # "may": also a verb
 NT_WORDS = {"dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "cant", "couldnt",
             "shouldnt", "wouldnt", "wont", "hasnt", "havent", "hadnt", "mustnt", "neednt", "aint"}
 
@@ -125,7 +135,7 @@ _POLES = {
     "health:yes": "healthy", "health:no": "unhealthy",
     "sign:pos": "positive", "sign:neg": "negative",
     "freq:always": "always", "freq:often": "usually often frequently mostly",
-    "freq:some": "sometimes occasionally", "freq:rare": "rarely seldom hardly",
+    "freq:some": "sometimes occasionally", "freq:rare": "rarely seldom hardly barely scarcely",
     "q:all": "all every each both", "q:some": "some", "q:only": "only solely exclusively",
     "day:yesterday": "yesterday", "day:today": "today tonight", "day:tomorrow": "tomorrow",
     "era:past": "past", "era:future": "future",
@@ -145,11 +155,24 @@ _POLES = {
     "len:long": "long detailed elaborate thorough thoroughly lengthy",
     "sex:male": "male men man boy boys", "sex:female": "female women woman girl girls",
     "vis:public": "public", "vis:private": "private",
+    "fill:empty": "empty", "fill:full": "full",
+    "do:undo": "undo", "do:redo": "redo",
+    "who:child": "child children kid kids infant infants baby babies toddler toddlers newborn "
+                 "newborns paediatric pediatric",
+    "who:teen": "teen teens teenager teenagers adolescent adolescents",
+    "who:adult": "adult adults grown-up grown-ups",
+    "who:elderly": "elderly senior seniors geriatric",
+    "who:pregnant": "pregnant pregnancy", "who:nursing": "breastfeeding lactating",
     "sync:sync": "sync synchronous synchronously", "sync:async": "async asynchronous asynchronously",
     "op:+": "plus sum", "op:-": "minus subtract subtracted", "op:*": "times multiply multiplied",
     "op:/": "divide divided quotient", "op:^": "power squared cubed", "op:sqrt": "sqrt root",
 }
 POLAR = {w: label for label, words in _POLES.items() for w in words.split()}
+# who does what to whom: "Should I sue him?" is not "Should he sue me?" (cosine 0.966)
+_PERSONS = {"per:i": "i me my mine myself", "per:you": "you your yours yourself yourselves",
+            "per:he": "he him his himself", "per:she": "she her hers herself",
+            "per:we": "we us our ours ourselves", "per:they": "they them their theirs themselves"}
+PERSONS = {w: label for label, words in _PERSONS.items() for w in words.split()}
 
 SYMBOLS = {"+": "op:+", "-": "op:-", "−": "op:-", "*": "op:*", "×": "op:*", "/": "op:/",
            "÷": "op:/", "^": "op:^", "<": "cmp:lt", ">": "cmp:gt", "≤": "cmp:le", "≥": "cmp:ge",
@@ -159,7 +182,7 @@ SYMBOLS = {"+": "op:+", "-": "op:-", "−": "op:-", "*": "op:*", "×": "op:*", "
 CURRENCY = {"$", "€", "£", "¥", "₹"}
 SWITCH_VERBS = {"turn", "turns", "turned", "turning", "switch", "switched", "switching", "power",
                 "powered", "toggle", "toggled", "log", "logged", "sign", "signed"}
-KINDS = ("num", "unit", "not", "name", "word")
+KINDS = ("num", "unit", "not", "name", "word", "code", "per")
 
 # units: always critical (strong), or only right after a number (weak: also a plain word)
 _UNITS = {
@@ -219,6 +242,18 @@ _TOKEN = re.compile(r"""
 """, re.VERBOSE)
 
 
+_CODE = re.compile(r"\w[_/\\.:@=#]\w|^[/~\\]\w|^--?[^\W\d]|`|\*\*|_|\w\(|\w\[|::|->|=>|==")
+_NUMERIC = re.compile(r"[\d.,:/eE+\-%$€£]+")
+_ABBREVIATION = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]?")
+_CODE_STRIP = ".,;:!?()[]{}<>\"'“”‘’«»"
+
+
+def _units_per(chunk: str) -> bool:
+    """km/s, mg/kg: units, read as such by the unit rules."""
+    parts = chunk.lower().split("/")
+    return len(parts) > 1 and all(p in UNITS or p in WEAK_UNITS or p in _UNITS for p in parts)
+
+
 class Token(NamedTuple):
     kind: str      # num | word | sym
     value: str     # canonical: a number's normal form, a word lower-cased
@@ -232,8 +267,31 @@ def signature(text: str) -> tuple[tuple[str, ...], ...]:
     (numbers, units, negations, names, other words): "Sort descending: 3, 1, 2" and "Sort
     3, 1, 2 in descending order" match, "Is 3 greater than 5?" and "Is 5 greater than 3?"
     do not."""
-    flat = _flat(text)
+    flat = _flat(text) + _code(text)
+    flat = [t for t in flat if not t.startswith("per:")] + _persons(flat)
     return tuple(tuple(t for t in flat if _kind(t) == kind) for kind in KINDS)
+
+
+def _persons(flat: list[str]) -> list[str]:
+    """The grammatical persons in order of first mention, when at least two take part
+    ("I ... him" vs "he ... me"); one person alone ("Can you explain", "my iPhone") is
+    how a paraphrase is phrased, not what it asks."""
+    seen = list(dict.fromkeys(t for t in flat if t.startswith("per:")))
+    return seen if len(seen) >= 2 else []
+
+
+def _code(text: str) -> list[str]:
+    """Paths, file names, identifiers, flags, URLs and addresses, verbatim: `my_table` and
+    `your_table` embed at cosine 0.991, `/etc` and `/home` at 0.894, and a hit there serves
+    an answer about another object. Plain numbers (3/4, 9:30, 2.5) are left to `num`,
+    abbreviations (e.g., U.S.) are not code."""
+    out = []
+    for chunk in unicodedata.normalize("NFKC", text).split():
+        chunk = chunk.strip(_CODE_STRIP)
+        if (chunk and _CODE.search(chunk) and not _NUMERIC.fullmatch(chunk)
+                and not _ABBREVIATION.fullmatch(chunk) and not _units_per(chunk)):
+            out.append(f"code:{chunk}")
+    return out
 
 
 def _kind(token: str) -> str:
@@ -381,6 +439,8 @@ def _word(toks: list[Token], i: int) -> list[str]:
         return [WEAK_UNITS[w]]
     if w in UNITS:
         return [UNITS[w]]
+    if w in PERSONS and not (len(t.raw) > 1 and t.raw.isupper()):   # "US" is a country
+        return [PERSONS[w]]
     if w in POLAR:
         return [POLAR[w]]
     if w in NEGATABLE:
