@@ -371,7 +371,8 @@ def _host_ipc_keys():
     keys = set()
     for f in ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem"):
         if os.path.exists(f):
-            keys |= {int(line.split()[0]) for line in open(f).read().splitlines()[1:] if line.split()}
+            with open(f) as lines:
+                keys |= {int(line.split()[0]) for line in list(lines)[1:] if line.split()}
     return keys
 
 
