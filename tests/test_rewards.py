@@ -219,3 +219,12 @@ def test_text_answers_that_are_numbers_must_be_numbers():
     assert text_accuracy(r1("x", " paris "), "Paris") == 1.0
     assert text_accuracy("<think>\nParis\n</think>", "Paris") == 0.0
     assert text_accuracy(r1("x", "Paris") + " no, Rome", "Paris") == 0.0
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("0,042", "42"), ("00,042", "42"), ("0,042", "0.042"), ("0,000,042", "42"),
+])
+def test_a_leading_zero_group_is_not_thousands(given, expected):
+    """"0,042" is 0.042 with a decimal comma: reading it as 42 paid a wrong answer."""
+    assert numeric_accuracy(r1("r", given), expected) == 0.0
+    assert text_accuracy(r1("r", given), expected) == 0.0

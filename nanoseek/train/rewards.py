@@ -46,10 +46,11 @@ from nanoseek.text.special_tokens import END_THINK, EOS, THINK
 ANSWER, END_ANSWER = "<answer>", "</answer>"
 R1_TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
 MAX_ANSWER_CHARS = 200  # longer answers are not parsed (math-verify on huge input is slow)
-# One number, ASCII digits: an integer (thousands grouped by commas or not) or decimal, a/b,
+# One number, ASCII digits: an integer (thousands grouped by commas, the first group not
+# starting with 0: "0,042" is a decimal comma, not 42; or not grouped) or decimal, a/b,
 # or \frac{a}{b}; a sign in front ("+", "-", or U+2212, the minus sign of typeset text).
 _NUMBER = re.compile(r"(?P<sign>[-+\u2212]?)(?:"
-                     r"(?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?P<dec>\.[0-9]*)?|(?P<bare>\.[0-9]+)"
+                     r"(?P<int>[1-9][0-9]{0,2}(?:,[0-9]{3})+|[0-9]+)(?P<dec>\.[0-9]*)?|(?P<bare>\.[0-9]+)"
                      r"|(?P<num>[0-9]+)/(?P<den>[0-9]+)|\\[dt]?frac\{(?P<fnum>[0-9]+)\}\{(?P<fden>[0-9]+)\})")
 # The wrappers math-verify reads a number out of (nested at most a few deep).
 _WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("\\boxed{", "}"))
