@@ -334,3 +334,26 @@ def test_no_value_of_any_field_is_a_500(srv, path):
                 assert r.status_code < 500, (field, value, r.text)
                 if r.status_code == 400:
                     assert (r.json()["error"]["param"] or "").startswith(field), (field, value, r.text)
+
+
+@pytest.mark.parametrize("path,fields,param", [
+    (CHAT, {"messages": HI, "stop": ["a" * 100_000]}, "stop"),
+    (COMP, {"prompt": "x", "stop": "b" * 257}, "stop"),
+    (CHAT, {"messages": HI, "logit_bias": {"1": 100}}, "logit_bias"),
+    (CHAT, {"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"messages": HI, "response_format": "json"}, "response_format"),
+    (COMP, {"prompt": "x", "logit_bias": {"7": -100}}, "logit_bias"),
+])
+def test_long_stops_and_unimplemented_output_fields_are_400s(srv, path, fields, param):
+    """A 100,000-character stop string made the engine redo O(text x stop) work at every
+    token (27 ms a token for one stop at 20,000 characters of output); logit_bias and a JSON
+    response_format were silently ignored, so the client got output it had not asked for."""
+    r = send(srv, path, {"model": MODEL, "max_tokens": 2, **fields})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+def test_neutral_logit_bias_and_text_response_format_are_accepted(srv):
+    r = send(srv, CHAT, {"model": MODEL, "messages": HI, "max_tokens": 2, "logit_bias": {},
+                         "response_format": {"type": "text"}, "stop": ["s" * 256]})
+    assert r.status_code == 200, r.text

@@ -26,6 +26,12 @@ def sampling_params(req: SamplingFields, max_tokens: int | None, logprobs: int |
         if getattr(req, name):
             raise APIError(400, f"{name}: not supported by nanoseek's sampler (use 0)", param=name,
                            code="unsupported_value")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias: not supported by nanoseek's sampler (leave it out)",
+                       param="logit_bias", code="unsupported_value")
+    if req.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "response_format: only {\"type\": \"text\"} is supported (no JSON mode "
+                            "or schema-constrained decoding)", param="response_format", code="unsupported_value")
     return SamplingParams(
         n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,

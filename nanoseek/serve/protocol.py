@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # the engine re-checks every stop's prefixes at each token
 INT64 = 2 ** 63
 SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a valid pair: what is left is lone
 
@@ -111,6 +112,10 @@ class SamplingFields(_Lenient):
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=INT64)]] = Field(default_factory=list, max_length=1024)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # OpenAI fields the sampler does not implement: refused when they would change the
+    # output (params.sampling_params), never silently ignored
+    logit_bias: Optional[dict[str, Union[int, float]]] = None
+    response_format: Optional[dict] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -127,8 +132,10 @@ class SamplingFields(_Lenient):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: at most 4 non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            # a long stop string costs the engine work at every generated token
+            raise ValueError(f"stop: at most {MAX_STOPS} non-empty strings of at most "
+                             f"{MAX_STOP_CHARS} characters")
         return stops
 
 
