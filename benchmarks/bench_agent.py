@@ -8,7 +8,7 @@ the same model answering directly.
 1. Traces: `load_task("tool_use", digits=3, ops="*")`'s train split, as chat JSONL (think,
    call calculator({"expression": "a * b"}), read its output, answer in <answer></answer>).
 2. A byte-level BPE (digits one per token) and a randomly initialised small DeepSeek-V3
-   (MLA; dense MLPs unless --moe-layers) are SFT'd on them with `nanoseek.train.sft` (assistant tokens only; the tool's
+   (MLA; dense MLPs unless --moe-layers) are SFT'd on them with `nanoseek.train.posttrain.sft` (assistant tokens only; the tool's
    output is never a target), for --train-seconds.
 3. The SFT'd checkpoint is served by nanoseek's OpenAI-compatible server (in this process),
    and the task's test split (problems never trained on) is asked twice:
@@ -87,7 +87,7 @@ def build_init(init: Path, convs: list[dict], args) -> None:
 
 
 def train(run: Path, init: Path, data: Path, args) -> dict:
-    from nanoseek.train.sft import SFTConfig, sft, sft_train_config
+    from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
     config = SFTConfig(init=str(init), data=[str(data)], epochs=100.0, val_fraction=0.02, train=sft_train_config(
         max_steps=100_000, batch_size=args.batch_size, seq_len=256, lr=args.lr, warmup_steps=20,
         time_limit=args.train_seconds, save_every=0, log_every=50, seed=args.seed + 1))
@@ -122,7 +122,7 @@ def with_tool(url: str, task, ex) -> tuple[bool, dict]:
     next prompt holds the turn as the model wrote it."""
     from nanoseek.agent import Agent, Guards
     from nanoseek.agent.tools.calculator import calculator_tool
-    from nanoseek.train.rewards import numeric_accuracy
+    from nanoseek.data.tasks.rewards import numeric_accuracy
     agent = Agent(url, MODEL, [calculator_tool()], mode="native", system=task.system, echo=None,
                   guards=Guards(max_steps=3), max_tokens=96, extra_body={"skip_special_tokens": False})
     traj = agent.run(ex.prompt)

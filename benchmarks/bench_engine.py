@@ -13,7 +13,7 @@ exactly the same tokens), all arriving together, greedy.
     Output tokens/s counts only the tokens each request asked for.
 
 Precision: each side runs in fp32, and in bf16 too where the CPU has fast bf16
-(train/precision.py decides; `--precisions fp32,bf16` forces both); the fastest of each
+(train/numerics/precision.py decides; `--precisions fp32,bf16` forces both); the fastest of each
 side is compared and both precisions are printed. MTP runs in nanoseek's best precision.
 
 MTP speculation decides per step whether to draft (engine/spec_policy.py: only while the
@@ -57,7 +57,7 @@ from nanoseek.engine import LLM, SamplingParams  # noqa: E402
 from nanoseek.engine.spec_policy import SpecPolicy  # noqa: E402
 from nanoseek.engine.cache import PagedLatentCache  # noqa: E402
 from nanoseek.model import CausalLM  # noqa: E402
-from nanoseek.train.precision import fast_bf16  # noqa: E402
+from nanoseek.train.numerics.precision import fast_bf16  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -52,9 +52,9 @@ def make_checkpoint(root: Path, init: str | None) -> Path:
 
 
 def nanoseek_steps(init: Path, root: Path, a) -> list[float]:
-    from nanoseek.train.metrics import read_metrics
-    from nanoseek.train.rl_config import RLConfig, rl_train_config
-    from nanoseek.train.rl_run import rl
+    from nanoseek.train.run.metrics import read_metrics
+    from nanoseek.train.rl.config import RLConfig, rl_train_config
+    from nanoseek.train.rl.run import rl
     cfg = RLConfig(init=str(init), task_options={"digits": 2},
                    train=rl_train_config(max_steps=a.steps + 1, batch_size=a.prompts, lr=1e-6,
                                          warmup_steps=0, eval_every=0, save_every=a.steps + 1),
@@ -74,7 +74,7 @@ def trl_steps(init: Path, root: Path, a) -> list[float]:
                                "answer": ex.answer} for ex in examples])
 
     def reward(prompts, completions, answer, **kw):
-        from nanoseek.train.rewards import numeric_accuracy
+        from nanoseek.data.tasks.rewards import numeric_accuracy
         return [numeric_accuracy(c, ans) for c, ans in zip(completions, answer)]
 
     model = load_hf(init, transformers)

@@ -2,9 +2,9 @@
 transformers' DeepseekV3ForCausalLM: same config, same weights, same batch, one process.
 
 Each side runs in its best precision: fp32, and bf16 where the device has fast bf16
-(train/precision.py decides; `--precisions fp32,bf16` forces both); the precision of each
+(train/numerics/precision.py decides; `--precisions fp32,bf16` forces both); the precision of each
 side is printed. Both keep fp32 master weights and optimizer state. nanoseek's bf16 is its
-training loop's: bf16 weight copies refreshed each step (train/bf16_weights.py);
+training loop's: bf16 weight copies refreshed each step (train/numerics/bf16_weights.py);
 transformers' is autocast, as its Trainer runs `bf16=True`. For a fair reading,
 `transformers_bf16_copies_tok_s` also times transformers' fastest experts implementation
 with nanoseek's copies (information only, not the baseline: transformers does not ship
@@ -18,7 +18,7 @@ alternate round by round and the median step time of each is used, so that load 
 other processes on a shared machine hits both alike.
 
 MFU = model FLOPs per token (6 x activated matmul parameters + causal attention, from
-nanoseek.calc via nanoseek/train/mfu.py) x tokens/s / this machine's measured matmul peak.
+nanoseek.calc via nanoseek/train/numerics/mfu.py) x tokens/s / this machine's measured matmul peak.
 
     python benchmarks/bench_train.py [--preset tiny] [--batch 8] [--seq 256] [--steps 6]
                                      [--precisions auto|fp32,bf16] [--json]
@@ -41,10 +41,10 @@ from common import emit, json_only_stdout, log, transformers_variants  # noqa: E
 import nanoseek  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.model import CausalLM  # noqa: E402
-from nanoseek.train.bf16_weights import BF16Weights, compute_precision  # noqa: E402
+from nanoseek.train.numerics.bf16_weights import BF16Weights, compute_precision  # noqa: E402
 from nanoseek.train.loop import param_groups  # noqa: E402
-from nanoseek.train.mfu import flops_per_token, measure_peak_flops  # noqa: E402
-from nanoseek.train.precision import fast_bf16, peak_dtype  # noqa: E402
+from nanoseek.train.numerics.mfu import flops_per_token, measure_peak_flops  # noqa: E402
+from nanoseek.train.numerics.precision import fast_bf16, peak_dtype  # noqa: E402
 from nanoseek.train.pretrain import setup_threads  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""bf16 weight copies with fp32 masters (train/bf16_weights.py), and the MoE's padded expert
+"""bf16 weight copies with fp32 masters (train/numerics/bf16_weights.py), and the MoE's padded expert
 slices in bf16 (model/moe.py `pad_slots`)."""
 
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 import nanoseek.model.moe as moe_module
 from nanoseek.model import CausalLM
 from nanoseek.model.moe import MoE, padded_rows
-from nanoseek.train.bf16_weights import BF16Weights
+from nanoseek.train.numerics.bf16_weights import BF16Weights
 from tests.test_train_loop import _trainer
 from tests.train_utils import micro_config
 

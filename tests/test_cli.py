@@ -348,9 +348,9 @@ def _train_config(result):
 
 
 @pytest.mark.parametrize("command, module, name", [
-    (["sft", "--init", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.sft", "sft"),
-    (["dpo", "--init", "x", "--out", "y"], "nanoseek.train.dpo", "dpo"),
-    (["grpo", "--init", "x", "--out", "y"], "nanoseek.train.rl_run", "rl"),
+    (["sft", "--init", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.posttrain.sft", "sft"),
+    (["dpo", "--init", "x", "--out", "y"], "nanoseek.train.posttrain.dpo", "dpo"),
+    (["grpo", "--init", "x", "--out", "y"], "nanoseek.train.rl.run", "rl"),
 ], ids=["sft", "dpo", "grpo"])
 def test_post_training_passes_precision_and_compile(monkeypatch, command, module, name):
     _capture(monkeypatch, module, name)
@@ -379,9 +379,9 @@ def test_speedrun_resume_keeps_the_runs_precision(monkeypatch):
 
 
 @pytest.mark.parametrize("command, module, name", [
-    (["sft", "--init", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.sft", "sft"),
-    (["dpo", "--init", "x", "--out", "y"], "nanoseek.train.dpo", "dpo"),
-    (["grpo", "--out", "y"], "nanoseek.train.rl_run", "rl"),
+    (["sft", "--init", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.posttrain.sft", "sft"),
+    (["dpo", "--init", "x", "--out", "y"], "nanoseek.train.posttrain.dpo", "dpo"),
+    (["grpo", "--out", "y"], "nanoseek.train.rl.run", "rl"),
 ], ids=["sft", "dpo", "grpo"])
 def test_post_training_resume_says_it_ignores_precision(monkeypatch, command, module, name):
     _capture(monkeypatch, module, name)
@@ -391,7 +391,7 @@ def test_post_training_resume_says_it_ignores_precision(monkeypatch, command, mo
 
 
 def test_dpo_passes_task_options(monkeypatch):
-    _capture(monkeypatch, "nanoseek.train.dpo", "dpo")
+    _capture(monkeypatch, "nanoseek.train.posttrain.dpo", "dpo")
     r = invoke("dpo", "--init", "x", "--out", "y", "--task", "arithmetic", "--pairs-from-sampling",
                "--option", "digits=2", "--option", "ops=+")
     settings = next(a for a in r.exception.args[0] if hasattr(a, "task_options"))

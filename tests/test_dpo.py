@@ -14,9 +14,9 @@ from nanoseek.cli import app
 from nanoseek.data.preferences import encode_pairs, read_pairs
 from nanoseek.model import CausalLM
 from nanoseek.text.tokenizer import load_tokenizer
-from nanoseek.train.dpo import (DPOConfig, PairSampling, dpo, dpo_loss, dpo_train_config,
-                                frozen_copy, make_loss, sample_pairs, sequence_logps)
-from nanoseek.train.lora import LoraSettings, add_lora
+from nanoseek.train.posttrain.dpo import (DPOConfig, PairSampling, dpo, dpo_loss, dpo_train_config,
+                                          frozen_copy, make_loss, sample_pairs, sequence_logps)
+from nanoseek.train.posttrain.lora import LoraSettings, add_lora
 from nanoseek.train.targets import StepTargets
 from tests.posttrain_utils import PAIRS, make_init, write_jsonl
 from tests.train_utils import micro_config

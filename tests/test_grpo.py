@@ -12,10 +12,10 @@ import nanoseek
 from nanoseek.data.tasks import TASKS, Example, Task
 from nanoseek.model import CausalLM
 from nanoseek.text.tokenizer import save_tokenizer, train_tokenizer
-from nanoseek.train.metrics import read_metrics
-from nanoseek.train.rewards import Reward
-from nanoseek.train.rl_config import RLConfig, rl_train_config
-from nanoseek.train.rl_run import rl
+from nanoseek.train.run.metrics import read_metrics
+from nanoseek.data.tasks.rewards import Reward
+from nanoseek.train.rl.config import RLConfig, rl_train_config
+from nanoseek.train.rl.run import rl
 from tests.train_utils import micro_config, small_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")

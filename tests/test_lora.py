@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.cli import app
 from nanoseek.model import CausalLM
-from nanoseek.train.lora import LoraSettings, add_lora, load_adapter, save_adapter
-from nanoseek.train.sft import SFTConfig, sft, sft_train_config
+from nanoseek.train.posttrain.lora import LoraSettings, add_lora, load_adapter, save_adapter
+from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
 from tests.posttrain_utils import PAIRS, make_init, write_jsonl
 from tests.train_utils import micro_config
 

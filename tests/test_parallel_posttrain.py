@@ -38,14 +38,14 @@ def quiet(*a, **k):
 
 # ---------------------------------------------------------------------------- SFT
 def sft_config(init, data):
-    from nanoseek.train.sft import SFTConfig, sft_train_config
+    from nanoseek.train.posttrain.sft import SFTConfig, sft_train_config
     return SFTConfig(init=str(init), data=[str(data)],
                      train=sft_train_config(max_steps=3, batch_size=2, grad_accum=2, seq_len=64,
                                             lr=1e-2, warmup_steps=0, save_every=3))
 
 
 def sft_case(out: Path, init, data, layout=None) -> dict:
-    from nanoseek.train.sft import sft
+    from nanoseek.train.posttrain.sft import sft
     run = sft(out, sft_config(init, data), progress=False, log=quiet, parallel=layout)
     return {"before": run["loss_before"], "after": run["loss_after"]}
 
@@ -55,7 +55,7 @@ def fake_rollouts(llm, task, examples, group_size, params, seed):
     """Completion k of prompt i is drawn from seed + i*G + k alone: 1-8 tokens, a reward in
     [0, 1); the prompts asked for are recorded."""
     from nanoseek.data.tasks.prompting import encode_chat
-    from nanoseek.train.rollout import Rollouts
+    from nanoseek.train.rl.rollout import Rollouts
     SEEN.extend(ex.prompt for ex in examples)
     r = Rollouts([], [], [], [], torch.zeros(0))
     for i, ex in enumerate(examples):
@@ -80,7 +80,7 @@ def sampler(fn):
     """The GRPO stage samples with `fn` (and records the prompts in SEEN), on test_grpo's
     vowels task (registered for the block only: other tests list the real tasks)."""
     from nanoseek.data.tasks import TASKS
-    from nanoseek.train import grpo
+    from nanoseek.train.rl import grpo
     from tests.test_grpo import Vowels
     real = grpo.sample_rollouts
     grpo.sample_rollouts, TASKS["vowels"] = fn, Vowels
@@ -93,7 +93,7 @@ def sampler(fn):
 
 
 def recording(llm, task, examples, group_size, params, seed):
-    from nanoseek.train.rollout import sample_rollouts
+    from nanoseek.train.rl.rollout import sample_rollouts
     SEEN.extend(ex.prompt for ex in examples)
     return sample_rollouts(llm, task, examples, group_size, params, seed)
 
@@ -105,7 +105,7 @@ def grpo_config(init, **kw):
 
 def grpo_fixed_case(out: Path, init, rank_device, **kw) -> dict:
     """Two steps on fixed rollouts; the metrics, the first step's gradients, the prompts."""
-    from nanoseek.train.rl_run import build
+    from nanoseek.train.rl.run import build
     with sampler(fake_rollouts):
         trainer, _ = build(out, grpo_config(init, **kw), progress=False, rank_device=rank_device)
         grads, step = {}, trainer.optimizer.step
@@ -121,7 +121,7 @@ def grpo_fixed_case(out: Path, init, rank_device, **kw) -> dict:
 
 def grpo_real_case(out: Path, init) -> dict:
     """`rl` itself, the engine sampling: two steps, evaluation, checkpoint."""
-    from nanoseek.train import rl_run
+    from nanoseek.train.rl import run as rl_run
     built, build = [], rl_run.build
     rl_run.build = lambda *a, **k: built.append(build(*a, **k)) or built[-1]
     try:
@@ -159,7 +159,7 @@ def two_ranks(files):
 
 
 def train_records(out: Path) -> list[dict]:
-    from nanoseek.train.metrics import read_metrics
+    from nanoseek.train.run.metrics import read_metrics
     return [r for r in read_metrics(out) if r["kind"] == "train"]
 
 

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.cli import app
 from nanoseek.model import CausalLM
-from nanoseek.train.lora import LORA_TARGETS, LoraSettings, add_lora, load_adapter, save_adapter
-from nanoseek.train.qlora import (ABSMAX_BLOCK, ABSMAX_CODE_HALF_GAP, NF4_BLOCK, NF4_MAX_REL_ERROR,
-                                  dequantized, nf4_error_bound, nf4_linear, quantize_base)
-from nanoseek.train.sft import SFTConfig, sft, sft_train_config
+from nanoseek.train.posttrain.lora import LORA_TARGETS, LoraSettings, add_lora, load_adapter, save_adapter
+from nanoseek.train.posttrain.qlora import (ABSMAX_BLOCK, ABSMAX_CODE_HALF_GAP, NF4_BLOCK, NF4_MAX_REL_ERROR,
+                                            dequantized, nf4_error_bound, nf4_linear, quantize_base)
+from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
 from tests.posttrain_utils import PAIRS, make_init, write_jsonl
 from tests.train_utils import micro_config
 
@@ -181,7 +181,7 @@ def test_qlora_merge_and_unload_requantises_within_the_bound():
 
 
 def test_qlora_merge_to_fp32_matches_the_adapter_model():
-    from nanoseek.train.qlora import merge_dequantized
+    from nanoseek.train.posttrain.qlora import merge_dequantized
     model = _qlora_model()
     x = torch.randint(3, 384, (2, 16))
     with torch.no_grad():

@@ -24,7 +24,7 @@ def test_speedrun_smoke(tmp_path):
     assert (tmp_path / "smoke" / "tokenizer.json").exists()
     # a second speedrun is refused; --resume continues (here: re-evaluates, re-reports),
     # --overwrite replaces only the speedrun's own files; a foreign directory is never deleted
-    from nanoseek.train.run_dir import RunError
+    from nanoseek.train.run.run_dir import RunError
     (tmp_path / "smoke" / "notes.txt").write_text("mine")
     quiet = dict(progress=False, log=lambda *_: None, threads=1, eval_tokens=1024)
     with pytest.raises(RunError, match="finished at step 3.*--resume.*--overwrite"):

@@ -166,7 +166,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, corpus, reference):
 
 
 def test_interrupted_writes_leave_the_last_good_state(tmp_path):
-    from nanoseek.train.checkpointing import load_state, save_state
+    from nanoseek.train.run.train_state import load_state, save_state
     save_state(tmp_path, {"step": 3})
     (tmp_path / ".train_state.pt.k9x.tmp").write_bytes(b"\x80half a pickle")  # killed mid-write
     (tmp_path / ".model.safetensors.abc.tmp").write_bytes(b"partial")
@@ -182,7 +182,7 @@ def test_run_settings_round_trip_through_run_json_on_resume(tmp_path, corpus):
     from what the resuming call passed, except the run length it may extend."""
     from nanoseek.train.config import settings_from_dict, settings_to_dict
     from nanoseek.train.loop import Trainer
-    from nanoseek.train.run_settings import read_settings
+    from nanoseek.train.run.run_settings import read_settings
     from nanoseek.train.schedule import SCHEDULES
 
     first = PretrainConfig(micro_config(router_z_loss_coef=0.001),
@@ -217,7 +217,7 @@ def test_run_settings_round_trip_through_run_json_on_resume(tmp_path, corpus):
 def test_runs_saved_before_settings_existed_still_resume(tmp_path, corpus):
     """A run.json of the earlier layout (model_config, train_config, data_paths) is read."""
     from nanoseek.train.config import settings_to_dict
-    from nanoseek.train.run_settings import DEFAULT_SOURCE, read_settings
+    from nanoseek.train.run.run_settings import DEFAULT_SOURCE, read_settings
 
     cfg = _settings(5, corpus, val_fraction=0.2)
     d = settings_to_dict(cfg)

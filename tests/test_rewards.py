@@ -10,8 +10,8 @@ from nanoseek.data.tasks import load_task
 from nanoseek.data.tasks.arithmetic import make_example
 from nanoseek.train.eval import pass_at_k
 from nanoseek.text.special_tokens import EOS
-from nanoseek.train.rewards import (Rewarder, answer_of, check_equation, format_reward,
-                                    numeric_accuracy, overlong_penalty, text_accuracy)
+from nanoseek.data.tasks.rewards import (Rewarder, answer_of, check_equation, format_reward,
+                                         numeric_accuracy, overlong_penalty, text_accuracy)
 
 
 def r1(think, answer):
@@ -127,7 +127,7 @@ def test_pass_at_k_checks_its_arguments():
 def test_integer_fast_path_agrees_with_math_verify():
     """Integers on both sides skip math-verify's sympy parse; the verdict must not change."""
     from math_verify import parse, verify
-    from nanoseek.train.rewards import math_equal
+    from nanoseek.data.tasks.rewards import math_equal
     pairs = [("7", "7"), ("007", "7"), ("+7", "7"), ("-0", "0"), ("12", "13"), ("-7", "7"),
              ("123456789", "123456789"), ("99", "-99")]
     for given, expected in pairs:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.train.rl_objectives import (clipped_surrogate, clipped_value_loss,
+from nanoseek.train.rl.objectives import (clipped_surrogate, clipped_value_loss,
                                           equal_reward_groups, gae, group_advantages, k3_kl,
                                           kl_penalty, normalise, whiten)
-from nanoseek.train.rollout import pack, spread
+from nanoseek.train.rl.rollout import pack, spread
 
 
 def test_group_advantages_by_hand():
@@ -268,7 +268,7 @@ def test_defaults_that_differ_from_trl_are_exactly_the_listed_ones():
     """Every RLConfig option named as in TRL's GRPOConfig has TRL's default, or is listed in
     DIFFERS_FROM_TRL with TRL's actual default (and so is the learning rate)."""
     import dataclasses
-    from nanoseek.train.rl_config import DIFFERS_FROM_TRL, RLConfig
+    from nanoseek.train.rl.config import DIFFERS_FROM_TRL, RLConfig
     trl = trl_grpo_defaults()
     assert trl["use_bias_correction_kl"] is True and trl["loss_type"] == "dapo"
     cfg = RLConfig(init="x")
@@ -282,7 +282,7 @@ def test_defaults_that_differ_from_trl_are_exactly_the_listed_ones():
 
 
 def test_bias_correction_is_a_grpo_option():
-    from nanoseek.train.rl_config import RLConfig
+    from nanoseek.train.rl.config import RLConfig
     RLConfig(init="x", use_bias_correction_kl=True).validate()
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
         RLConfig(init="x", algo="ppo", use_bias_correction_kl=True).validate()

@@ -119,7 +119,7 @@ def test_speedrun_never_deletes_what_is_not_its_own(tmp_path, corpus):
 
 def test_a_speedrun_is_replaced_or_resumed_only_when_asked(tmp_path):
     from nanoseek.recipes.speedrun import check_speedrun_dir
-    from nanoseek.train.run_dir import remove_own_files
+    from nanoseek.train.run.run_dir import remove_own_files
     out = tmp_path / "speedrun"
     (out / "data").mkdir(parents=True)
     (out / "run.json").write_text(json.dumps({"nanoseek": "speedrun", "settings": {}}))
@@ -172,9 +172,9 @@ def test_a_stale_tokenizer_never_wins(tmp_path, corpus):
 
 # ----------------------------------------------------------------- 4. lock
 def test_one_process_per_run_directory(tmp_path, corpus):
-    from nanoseek.train.run_lock import run_lock
+    from nanoseek.train.run.run_lock import run_lock
     out = tmp_path / "run"
-    code = ("import sys, time\nfrom nanoseek.train.run_lock import run_lock\n"
+    code = ("import sys, time\nfrom nanoseek.train.run.run_lock import run_lock\n"
             "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -348,7 +348,7 @@ def test_tokenizer_train_never_replaces_a_tokenizer_unasked(tmp_path):
 
 def test_overwrite_removes_a_multi_process_runs_shards_too(tmp_path):
     """A sharded checkpoint left behind would be what the next --resume loads."""
-    from nanoseek.train.run_dir import remove_own_files, trained_steps
+    from nanoseek.train.run.run_dir import remove_own_files, trained_steps
     (tmp_path / "run.json").write_text('{"nanoseek": "pretrain"}')
     (tmp_path / "checkpoint" / "step").mkdir(parents=True)
     (tmp_path / "checkpoint" / ".metadata").write_text("x")

@@ -12,7 +12,7 @@ from nanoseek.cli import app
 from nanoseek.data.chat import encode_chat
 from nanoseek.text.tokenizer import load_tokenizer
 from nanoseek.train.loop import read_metrics
-from nanoseek.train.sft import SFTConfig, sft, sft_train_config
+from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
 from tests.posttrain_utils import PAIRS, make_init, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,7 +91,7 @@ def test_task_options_reach_the_task():
     """`sft --task arithmetic --option digits=1`: the demonstrations are 1-digit problems."""
     import re
 
-    from nanoseek.train.sft import SFTConfig, conversations_of
+    from nanoseek.train.posttrain.sft import SFTConfig, conversations_of
     convs = conversations_of(SFTConfig(init="unused", task="arithmetic", task_examples=20,
                                        task_options={"digits": 1, "ops": "+"}))
     numbers = [int(n) for c in convs for n in re.findall(r"\d+", c[-2]["content"].split("\n")[0])]

@@ -1,4 +1,4 @@
-"""The shared-prefix layout (train/shared_prefix.py) gives the padded layout's log-probs and
+"""The shared-prefix layout (train/rl/shared_prefix.py) gives the padded layout's log-probs and
 gradients: each completion token sees the same context at the same positions."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nanoseek.model import CausalLM
-from nanoseek.train.rollout import pack, token_logprobs
-from nanoseek.train.shared_prefix import pack_shared_prefix, plan_rows, shared_prefix_logprobs
+from nanoseek.train.rl.rollout import pack, token_logprobs
+from nanoseek.train.rl.shared_prefix import pack_shared_prefix, plan_rows, shared_prefix_logprobs
 from tests.train_utils import micro_config
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from nanoseek.recipes.speedrun_rl import prepare_dir, speedrun_rl
-from nanoseek.train.run_dir import RunError
+from nanoseek.train.run.run_dir import RunError
 from tests.posttrain_utils import make_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -166,7 +166,7 @@ def test_bad_options_are_named(tmp_path):
 
 
 def test_thread_tuner_switches_to_the_faster_count():
-    from nanoseek.train.threads import ThreadTuner
+    from nanoseek.train.numerics.threads import ThreadTuner
     before = torch.get_num_threads()
     try:
         tuner = ThreadTuner(max_threads=2, every=5)

@@ -67,7 +67,7 @@ def test_report_is_written(run_dir):
 def test_activated_params_count_only_chosen_experts():
     from nanoseek.model import CausalLM
     from nanoseek.calc.params import count_params
-    from nanoseek.train.mfu import flops_per_token
+    from nanoseek.train.numerics.mfu import flops_per_token
     cfg = micro_config()
     m = CausalLM(cfg)
     p = count_params(m.config).summary()
@@ -86,7 +86,7 @@ def test_tiny_preset_counts_follow_calc():
     from nanoseek.cli.common import load_config
     from nanoseek.model import CausalLM
     from nanoseek.calc.params import count_params
-    from nanoseek.train.mfu import flops_per_token
+    from nanoseek.train.numerics.mfu import flops_per_token
     m = CausalLM(load_config("tiny", None))
     p = count_params(m.config).summary()
     assert (p["total"], p["activated"], p["mtp"], p["mtp_activated"]) == (8_223_744, 3_046_400, 1_934_784, 558_528)
@@ -131,7 +131,7 @@ def test_cli_eval_scores_the_saved_checkpoint(run_dir):
 
 def test_pretrain_reuses_the_cached_peak(tmp_path, monkeypatch):
     """The peak is measured once and cached; a run does not measure it again."""
-    from nanoseek.train import mfu
+    from nanoseek.train.numerics import mfu
     monkeypatch.setattr(mfu, "CACHE", tmp_path / "peak_flops.json")
     torch.set_num_threads(1)
     from nanoseek.train.pretrain import default_device, setup_threads

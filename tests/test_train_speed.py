@@ -8,8 +8,8 @@ from nanoseek.config import preset
 from nanoseek.model import CausalLM
 from nanoseek.model.moe import Gate
 from nanoseek.recipes.speedrun import SPEEDRUN_DEFAULT_STEPS, SPEEDRUN_STEPS, default_steps
-from nanoseek.train import precision as prec
-from nanoseek.train.compile import compile_blocks, compiled_blocks, resolve_compile
+from nanoseek.train.numerics import precision as prec
+from nanoseek.train.numerics.compile import compile_blocks, compiled_blocks, resolve_compile
 from nanoseek.train.loop import TrainConfig, read_metrics
 from nanoseek.train.pretrain import default_device
 from tests.test_train_loop import _trainer
@@ -105,7 +105,7 @@ def test_auto_bf16_on_a_cpu_only_for_wide_enough_models(monkeypatch, hidden, exp
 
 
 def test_hidden_size_is_read_from_the_model_or_its_policy():
-    from nanoseek.train.ppo import ActorCritic
+    from nanoseek.train.rl.ppo import ActorCritic
     model = CausalLM(micro_config())
     assert prec.hidden_size_of(model) == model.config.hidden_size
     assert prec.hidden_size_of(ActorCritic(model)) == model.config.hidden_size

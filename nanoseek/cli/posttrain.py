@@ -14,7 +14,7 @@ LORA_TARGETS_HELP = ("comma-separated linears to adapt (default: all of q_a_proj
 
 
 def _lora(lora: bool, qlora: bool, r: int, alpha: float, targets: Optional[str]):
-    from nanoseek.train.lora import LORA_TARGETS, LoraSettings
+    from nanoseek.train.posttrain.lora import LORA_TARGETS, LoraSettings
     if not (lora or qlora):
         return LoraSettings()
     names = [t.strip() for t in targets.split(",") if t.strip()] if targets else list(LORA_TARGETS)
@@ -70,7 +70,7 @@ def sft(
         raise typer.BadParameter("--ep/--tp split the model over processes: give --nproc N "
                                  "(or launch with torchrun)", param_hint="--ep/--tp")
     from nanoseek.cli.common import task_options
-    from nanoseek.train.sft import SFTConfig, sft as run_sft, sft_train_config
+    from nanoseek.train.posttrain.sft import SFTConfig, sft as run_sft, sft_train_config
     settings = SFTConfig(
         init=str(init), data=[str(p) for p in data or []], task=task, task_examples=task_examples,
         task_options=task_options(option or []),
@@ -122,7 +122,7 @@ def dpo(
     """Direct Preference Optimization (sigmoid loss against a frozen reference) on
     preference pairs from a file or sampled on a task."""
     from nanoseek.cli.common import task_options
-    from nanoseek.train.dpo import DPOConfig, PairSampling, dpo as run_dpo, dpo_train_config
+    from nanoseek.train.posttrain.dpo import DPOConfig, PairSampling, dpo as run_dpo, dpo_train_config
     if task and not pairs_from_sampling:
         raise typer.BadParameter("--task needs --pairs-from-sampling (DPO learns from pairs)")
     settings = DPOConfig(
@@ -146,7 +146,7 @@ def merge_lora(
         adapter: Path = typer.Option(..., "--adapter", help="directory with adapter_config.json + adapter_model.safetensors"),
         out: Path = typer.Option(..., "--out", help="where to write the merged checkpoint")):
     """Fold a LoRA adapter into its base: a plain checkpoint for `generate` and `serve`."""
-    from nanoseek.train.lora import merge_lora as merge
+    from nanoseek.train.posttrain.lora import merge_lora as merge
     typer.echo(f"merged -> {merge(base, adapter, out)}")
 
 

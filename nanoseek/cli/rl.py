@@ -49,8 +49,8 @@ def grpo(
     if nproc > 1 and not launch.under_torchrun():
         raise typer.Exit(launch.relaunch(nproc, "grpo"))
     from nanoseek.cli.common import task_options
-    from nanoseek.train.rl_config import RLConfig, rl_train_config
-    from nanoseek.train.rl_run import rl
+    from nanoseek.train.rl.config import RLConfig, rl_train_config
+    from nanoseek.train.rl.run import rl
     if init is None and not resume:
         raise typer.BadParameter("--init is required (the checkpoint to start from)")
     train = rl_train_config(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,

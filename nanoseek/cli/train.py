@@ -151,7 +151,7 @@ def _given_flags(ctx: typer.Context) -> list[str]:
 
 def _warn_ignored(ctx: typer.Context, out: Path) -> None:
     """One line naming each flag that --resume ignores (and the run's own value)."""
-    from nanoseek.train.run_settings import read_settings
+    from nanoseek.train.run.run_settings import read_settings
     ignored = [n for n in _given_flags(ctx) if n not in RESUME_FLAGS]
     if not ignored:
         return
@@ -180,7 +180,7 @@ def _exit_on_signal(e: BaseException, resume_command: str) -> None:
     """Interrupted (a checkpoint was saved) or Aborted (a second signal): one line on
     stderr and exit 128 + signal; anything else is left to the caller."""
     from nanoseek.parallel import launch
-    from nanoseek.train.signals import Aborted, Interrupted
+    from nanoseek.train.run.signals import Aborted, Interrupted
     if isinstance(e, Interrupted):
         hint = f"; continue with: {resume_command}" if e.step else ""
         if launch.is_main():  # one line, not one per rank
@@ -281,7 +281,7 @@ def _eval_task(run_dir, task, options, n, k, samples, temperature, max_tokens, s
 
 def peak(remeasure: bool = typer.Option(False, help="measure again (keeps the higher figure)")):
     """This machine's measured matmul peak (the denominator of MFU)."""
-    from nanoseek.train.mfu import measure_peak_flops
+    from nanoseek.train.numerics.mfu import measure_peak_flops
     from nanoseek.train.pretrain import default_device, setup_threads
     setup_threads()
     f = measure_peak_flops(default_device(), remeasure=remeasure)

@@ -111,8 +111,8 @@ class MLA(nn.Module):
 
     def absorbable(self) -> bool:
         """Absorption reads W_UKV as a dense matrix (wkv_b): a plain Linear or an FP8Linear.
-        A wrapped kv_b_proj (LoRA adapters, a 4-bit NF4 weight: train/lora.py,
-        train/qlora.py) computes W_UKV c_KV only through its forward, so decode then
+        A wrapped kv_b_proj (LoRA adapters, a 4-bit NF4 weight: train/posttrain/lora.py,
+        train/posttrain/qlora.py) computes W_UKV c_KV only through its forward, so decode then
         decompresses the cached latents instead (same result)."""
         return type(self.kv_b_proj) is nn.Linear or hasattr(self.kv_b_proj, "dequantized_weight")
 

@@ -26,7 +26,7 @@ from nanoseek.model.mlp import MLP
 
 
 class Gate(nn.Module):
-    runs_in_fp32 = True  # bf16 training keeps the router's weight fp32 (train/bf16_weights.py)
+    runs_in_fp32 = True  # bf16 training keeps the router's weight fp32 (train/numerics/bf16_weights.py)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

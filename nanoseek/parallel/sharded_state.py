@@ -1,4 +1,5 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), and their consolidation.
+"""The training state sharded with torch.distributed.checkpoint (DCP), and its consolidation
+into a model (`nanoseek.train.run.consolidate` writes that as an HF directory).
 
 Every rank writes its own shards (FSDP's dense shards, TP's, its own routed experts) into
 `RUN/checkpoint/`; the keys are the model's fully qualified names and the optimizer state is
@@ -105,20 +106,3 @@ def consolidated_model(ckpt: str | Path, config):
     dcp.load({"model": sd}, checkpoint_id=Path(ckpt), no_dist=True)
     model.load_state_dict(sd)
     return model
-
-
-def consolidate(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write RUN/checkpoint as a plain HF directory (config.json + safetensors) into
-    out_dir (default: the run directory itself)."""
-    from nanoseek.checkpoint.hf import save_pretrained
-    from nanoseek.train.run_settings import read_settings
-
-    run_dir = Path(run_dir)
-    settings = read_settings(run_dir)
-    if settings is None:
-        raise FileNotFoundError(f"{run_dir}: no run.json, cannot tell the model's config")
-    if not exists(run_dir):
-        raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR}: no sharded checkpoint")
-    out = Path(out_dir or run_dir)
-    save_pretrained(consolidated_model(run_dir / CHECKPOINT_DIR, settings.model), out)
-    return out

@@ -27,7 +27,7 @@ SPEEDRUN_TRAIN = dict(batch_size=8, seq_len=256, grad_accum=1, lr=3e-3, warmup_s
 
 # Steps by the precision the run trains in: bf16 buys tokens, and the speedrun spends them
 # on more steps in the same wall time. Measured on the 2-core AMD EPYC with avx512_bf16:
-# a bf16 step (weight copies, train/bf16_weights.py) ran 1.28-1.32x an fp32 one, so 380
+# a bf16 step (weight copies, train/numerics/bf16_weights.py) ran 1.28-1.32x an fp32 one, so 380
 # bf16 steps take about the time of 300 fp32 ones (fresh clones: 163 s for 300 bf16 steps,
 # against 204 s for 300 fp32). Validation bits per byte, one thread: 300 bf16 steps 1.5448,
 # 380 1.5165 (seed 1337, the speedrun's); with seed 1, whose split holds other validation
@@ -40,7 +40,7 @@ def default_steps(precision: str, hidden_size: int) -> tuple[int, str]:
     """(max_steps, precision) for a new speedrun: the precision `auto` (or the one asked
     for) resolves to for a model this wide on this device (the Trainer's own choice), and
     the steps it buys."""
-    from nanoseek.train.precision import choose_precision
+    from nanoseek.train.numerics.precision import choose_precision
     from nanoseek.train.pretrain import default_device
     chosen, _ = choose_precision(precision, default_device(), hidden_size)
     return SPEEDRUN_STEPS.get(chosen, SPEEDRUN_DEFAULT_STEPS), chosen
@@ -56,8 +56,8 @@ def check_speedrun_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """runs/NAME may hold only a speedrun of ours, and is reused only when asked: --resume
     continues it, --overwrite replaces it (deleting only its own files: run_dir.py). A
     directory that is not a speedrun (another run, anything else) is never touched."""
-    from nanoseek.train.run_dir import (RunError, entries, listing, progress_of, run_kind,
-                                        trained_steps)
+    from nanoseek.train.run.run_dir import (RunError, entries, listing, progress_of, run_kind,
+                                            trained_steps)
 
     kind = run_kind(out)
     if out.exists() and not out.is_dir():
@@ -80,7 +80,7 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float |
     """Run every stage; returns the path of report.md. minutes / max_steps / threads: None
     = 7 / 300 (380 in bf16: SPEEDRUN_STEPS) / 0 (adaptive) for a new speedrun, the run's
     own on resume."""
-    from nanoseek.train.run_lock import check_unlocked, run_lock
+    from nanoseek.train.run.run_lock import check_unlocked, run_lock
 
     t_start = time.perf_counter()
     out = Path(root) / name

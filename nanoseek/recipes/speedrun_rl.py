@@ -26,7 +26,7 @@ MARKER = {"nanoseek": "speedrun-rl"}
 def prepare_dir(out: Path, overwrite: bool) -> None:
     """runs/NAME is created, or replaced when it holds an RL speedrun and --overwrite is
     given (only its own entries are deleted); anything else there is refused, untouched."""
-    from nanoseek.train.run_dir import RunError, entries, listing
+    from nanoseek.train.run.run_dir import RunError, entries, listing
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} is a file; choose another --name")
     names = entries(out) if out.exists() else []
@@ -56,7 +56,7 @@ def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: i
     """SFT on the task's demonstrations, evaluated every 10 steps on `eval_n` held-out
     problems, stopped at `threshold` accuracy (or the time budget). `train`: more
     TrainConfig fields (precision, compile)."""
-    from nanoseek.train.sft import SFTConfig, sft, sft_train_config
+    from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
     cfg = SFTConfig(init=str(base), task="arithmetic", task_options=dict(RL_TASK), task_examples=4000,
                     epochs=100.0, eval_task_n=eval_n, stop_at_accuracy=threshold,
                     train=sft_train_config(max_steps=2000, batch_size=16, seq_len=256, lr=2e-3,
@@ -78,8 +78,8 @@ def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int
     5e-4 (or 3e-4 with 8 prompts a step) collapsed within 20-30 steps; at 16 prompts a step
     the held-out accuracy swung by 10 points between evaluations, at 32 it climbed more
     steadily (the packed update, shared_prefix.py, pays for the second 16)."""
-    from nanoseek.train.rl_config import RLConfig, rl_train_config
-    from nanoseek.train.rl_run import rl
+    from nanoseek.train.rl.config import RLConfig, rl_train_config
+    from nanoseek.train.rl.run import rl
     cfg = RLConfig(init=str(sft_dir), task="arithmetic", task_options=dict(RL_TASK),
                    train=rl_train_config(max_steps=steps, batch_size=32, lr=2e-4, warmup_steps=10,
                                          eval_every=10, save_every=20, time_limit=minutes * 60, **train),
@@ -95,7 +95,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
                 log=print, stage_eval_n: int = 200, precision: str = "auto", compile: str = "auto") -> Path:
     """Every stage; returns the report's path. `base`: a pretrained checkpoint to start
     from (e.g. runs/speedrun) instead of pretraining here. `threads` for SFT and GRPO: 0 =
-    adaptive (all cores, one when that is faster on a crowded machine: train/threads.py).
+    adaptive (all cores, one when that is faster on a crowded machine: train/numerics/threads.py).
     `stage_eval_n`: held-out problems of the evaluations inside SFT and GRPO. `precision`,
     `compile`: every training stage's (TrainConfig: pretraining when there is no `base`, SFT,
     GRPO's updates; the rollouts run in the engine's fp32)."""
@@ -186,5 +186,5 @@ def pretraining_seconds(base: Path) -> float | None:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    from nanoseek.train.metrics import read_metrics
+    from nanoseek.train.run.metrics import read_metrics
     return read_metrics(run_dir)

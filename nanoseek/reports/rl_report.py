@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nanoseek.checkpoint.atomic import atomic_write_text
 from nanoseek.reports.run_report import _plot
-from nanoseek.train.metrics import read_metrics
+from nanoseek.train.run.metrics import read_metrics
 
 
 def run_summary(run_dir: Path) -> dict:

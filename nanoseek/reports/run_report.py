@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
-from nanoseek.train.metrics import read_metrics
+from nanoseek.train.run.metrics import read_metrics
 
 
 def _fmt(x, digits=4) -> str:
@@ -191,7 +191,7 @@ def samples_section(samples: list[dict]) -> list[str]:
 
 
 def data_section(run: dict) -> list[str]:
-    from nanoseek.train.run_settings import DEFAULT_SOURCE, settings_of
+    from nanoseek.train.run.run_settings import DEFAULT_SOURCE, settings_of
 
     d = run["data"]
     sources = settings_of(run)["data"].get("paths") or [DEFAULT_SOURCE]
@@ -205,7 +205,7 @@ def data_section(run: dict) -> list[str]:
 
 
 def configuration_section(run: dict) -> list[str]:
-    from nanoseek.train.run_settings import settings_of
+    from nanoseek.train.run.run_settings import settings_of
 
     settings = settings_of(run)
     mc = {k: v for k, v in settings["model"].items() if k not in ("architectures",)}

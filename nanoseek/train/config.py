@@ -36,8 +36,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto: bf16 autocast where bf16 is fast (train/precision.py), else fp32
-    compile: str = "auto"  # torch.compile of the blocks: auto | off | on (train/compile.py)
+    precision: str = "auto"  # auto: bf16 autocast where bf16 is fast (train/numerics/precision.py), else fp32
+    compile: str = "auto"  # torch.compile of the blocks: auto | off | on (train/numerics/compile.py)
     eval_every: int = 100  # 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation (0 = all)
     save_every: int = 100  # 0 = only at the end

@@ -56,7 +56,7 @@ def evaluate_checkpoint(run_dir: str | Path, seq_len: int) -> dict:
 def evaluate_run(run_dir: str | Path, seq_len: int | None = None) -> dict:
     """`nanoseek eval`: a pretraining run's checkpoint on its held-out split, in windows of
     `seq_len` tokens (default: the run's own training length, 256 without run.json)."""
-    from nanoseek.train.run_settings import read_settings
+    from nanoseek.train.run.run_settings import read_settings
 
     run_dir = Path(run_dir)
     if not (run_dir / "data" / "meta.json").exists():

@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanoseek.train import checkpointing
-from nanoseek.train.bf16_weights import BF16Weights, compute_precision
+from nanoseek.train.run import train_state
+from nanoseek.train.numerics.bf16_weights import BF16Weights, compute_precision
 from nanoseek.train.config import PRECISIONS, TrainConfig
-from nanoseek.train.compile import compile_blocks, resolve_compile
-from nanoseek.train.metrics import (METRICS_FILE, IntervalMeans, append, read_metrics,
-                                    truncate_metrics)
+from nanoseek.train.numerics.compile import compile_blocks, resolve_compile
+from nanoseek.train.run.metrics import (METRICS_FILE, IntervalMeans, append, read_metrics,
+                                        truncate_metrics)
 from nanoseek.train.schedule import lr_at
-from nanoseek.train.precision import choose_precision, hidden_size_of
+from nanoseek.train.numerics.precision import choose_precision, hidden_size_of
 from nanoseek.train.targets import StepTargets, count_targets, step_targets
 
 __all__ = ["METRICS_FILE", "PRECISIONS", "StepTargets", "TrainConfig", "Trainer", "max_violation",
@@ -47,7 +47,7 @@ __all__ = ["METRICS_FILE", "PRECISIONS", "StepTargets", "TrainConfig", "Trainer"
 
 def resolve_precision(precision: str, device: torch.device, hidden_size: int | None = None) -> str:
     """`auto` -> bf16 where the device multiplies bf16 fast (on a CPU, for a model at least
-    CPU_BF16_MIN_HIDDEN wide), else fp32: the Trainer's choice (train/precision.py)."""
+    CPU_BF16_MIN_HIDDEN wide), else fp32: the Trainer's choice (train/numerics/precision.py)."""
     return choose_precision(precision, device, hidden_size)[0]
 
 
@@ -131,15 +131,15 @@ class Trainer:
         self.update_router_biases, self.trainable_state_only = update_router_biases, trainable_state_only
         self.tuner = None
         if adapt_threads and next(model.parameters()).device.type == "cpu":
-            from nanoseek.train.threads import ThreadTuner
+            from nanoseek.train.numerics.threads import ThreadTuner
             self.tuner = ThreadTuner(torch.get_num_threads())
         self.device = next(model.parameters()).device
         self.precision, self.precision_reason = choose_precision(cfg.precision, self.device,
                                                                  hidden_size_of(model))
         self.compiled, self.compile_reason = resolve_compile(cfg.compile, self.device)
-        if self.compiled:  # in place: same module code, same state-dict names (train/compile.py)
+        if self.compiled:  # in place: same module code, same state-dict names (train/numerics/compile.py)
             compile_blocks(model)
-        # bf16 on one process: bf16 weight copies, not autocast (train/bf16_weights.py says
+        # bf16 on one process: bf16 weight copies, not autocast (train/numerics/bf16_weights.py says
         # why); several processes keep autocast (tensor parallelism holds DTensor weights,
         # and the copies were not measured there)
         self.bf16_copies = (BF16Weights(model) if self.precision == "bf16" and parallel is None
@@ -150,7 +150,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.stopped_early = False
-        self.stop_signal: int | None = None  # set by request_stop (train/signals.py)
+        self.stop_signal: int | None = None  # set by request_stop (train/run/signals.py)
         self.saved_step: int | None = None  # the step of the last save() in this process
 
     def request_stop(self, signum: int) -> None:
@@ -259,14 +259,14 @@ class Trainer:
     def loop_state(self) -> dict:
         """Everything but the model and optimizer tensors."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "scaler": self.scaler.state_dict(), "rng": checkpointing.rng_state(),
+                "scaler": self.scaler.state_dict(), "rng": train_state.rng_state(),
                 "train_config": dataclasses.asdict(self.cfg), "stopped_early": self.stopped_early,
                 "target_reached": self.target_reached}
 
     def load_loop_state(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
         self.target_reached = state.get("target_reached")
-        checkpointing.set_rng_state(state["rng"])
+        train_state.set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         self.saved_step = self.step
 
@@ -290,7 +290,7 @@ class Trainer:
             return
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.model, self.step)
-        checkpointing.save_state(self.out_dir, self.state_dict())
+        train_state.save_state(self.out_dir, self.state_dict())
         self.saved_step = self.step
 
     def resume(self) -> bool:
@@ -306,7 +306,7 @@ class Trainer:
             if self._is_main():
                 truncate_metrics(self.out_dir / METRICS_FILE, self.step)
             return True
-        state = checkpointing.load_state(self.out_dir)
+        state = train_state.load_state(self.out_dir)
         if state is None:
             return False
         self.model.load_state_dict(state["model"], strict=not self.trainable_state_only)

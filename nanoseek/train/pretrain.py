@@ -23,12 +23,12 @@ from nanoseek.config import ModelConfig
 from nanoseek.train.config import settings_to_dict
 from nanoseek.train.eval import make_evaluate
 from nanoseek.train.loop import Trainer
-from nanoseek.train.run_dir import (MARKER, RunError, check_run_dir,  # noqa: F401 (RunError: API)
+from nanoseek.train.run.run_dir import (MARKER, RunError, check_run_dir,  # noqa: F401 (RunError: API)
                                     read_run_json, remove_own_files, run_kind)
-from nanoseek.train.run_lock import check_unlocked, run_lock
-from nanoseek.train.run_settings import (DataConfig, PretrainConfig,  # noqa: F401 (DataConfig: API)
+from nanoseek.train.run.run_lock import check_unlocked, run_lock
+from nanoseek.train.run.run_settings import (DataConfig, PretrainConfig,  # noqa: F401 (DataConfig: API)
                                          read_settings, with_overrides)
-from nanoseek.train.signals import Interrupted, stop_on_signals
+from nanoseek.train.run.signals import Interrupted, stop_on_signals
 
 SAMPLE_PROMPTS = ("The for statement", "A function definition", "Exceptions are")
 
@@ -136,7 +136,7 @@ def pretrain(out_dir: str | Path, config: PretrainConfig, resume: bool = False,
     The directory is locked for the call (run_lock.py). SIGINT / SIGTERM stop at the next
     step with a checkpoint and raise `Interrupted` (signals.py).
     threads: None = every core; 0 = adapt between every core and one while training (see
-    train/threads.py: on a crowded machine one thread can be several times faster).
+    train/numerics/threads.py: on a crowded machine one thread can be several times faster).
     parallel: a nanoseek.parallel.ParallelConfig (ep, tp, pp) for a run under torchrun; the
     run is distributed whenever torchrun started more than one process."""
     from nanoseek.parallel import launch
@@ -241,8 +241,8 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     from nanoseek.model import CausalLM
     from nanoseek.text.tokenizer import token_byte_lengths
     from nanoseek.calc.params import count_params
-    from nanoseek.train.mfu import flops_per_token, measure_peak_flops
-    from nanoseek.train.precision import peak_dtype
+    from nanoseek.train.numerics.mfu import flops_per_token, measure_peak_flops
+    from nanoseek.train.numerics.precision import peak_dtype
 
     cfg, tcfg = config.model, config.train
     byte_lengths = token_byte_lengths(tok) + [0] * (cfg.vocab_size - len(tok))

@@ -16,7 +16,7 @@ import random
 
 from nanoseek.data.tasks.base import (FORMAT_HINT, Example, Task, TaskError, make_rewarder,
                                       no_options_left)
-from nanoseek.train.rewards import numeric_accuracy, r1_response
+from nanoseek.data.tasks.rewards import numeric_accuracy, r1_response
 
 OPS = "+-*"
 

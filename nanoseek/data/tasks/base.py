@@ -13,7 +13,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
-from nanoseek.train.rewards import Reward, Rewarder
+from nanoseek.data.tasks.rewards import Reward, Rewarder
 
 SPLITS = ("train", "test")
 FORMAT_HINT = "Reason in <think></think>, then give the {what} in <answer></answer>."

@@ -17,7 +17,7 @@ import random
 
 from nanoseek.data.tasks.base import (FORMAT_HINT, Example, Task, TaskError, make_rewarder,
                                       no_options_left)
-from nanoseek.train.rewards import equation_accuracy, r1_response
+from nanoseek.data.tasks.rewards import equation_accuracy, r1_response
 
 
 class Countdown(Task):

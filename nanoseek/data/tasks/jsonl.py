@@ -18,7 +18,7 @@ from pathlib import Path
 
 from nanoseek.data.tasks.base import (SPLITS, Example, Task, TaskError, check_split,
                                       make_rewarder, no_options_left, seeded_rng, split_of)
-from nanoseek.train.rewards import load_reward, text_accuracy
+from nanoseek.data.tasks.rewards import load_reward, text_accuracy
 
 FIELDS = ("prompt", "answer", "response", "split")
 

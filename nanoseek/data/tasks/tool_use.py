@@ -25,8 +25,8 @@ from nanoseek.data.tasks.arithmetic import OPS, apply, draw_problem
 from nanoseek.data.tasks.base import Example, Task, TaskError, make_rewarder, no_options_left
 from nanoseek.data.tasks.prompting import encode_chat, fit_context
 from nanoseek.text.special_tokens import END_THINK, EOS, THINK, TOOL_TOKENS
-from nanoseek.train.rewards import (ANSWER, END_ANSWER, ExpressionError, evaluate_expression,
-                                    numeric_accuracy, strip_eos, tagged)
+from nanoseek.data.tasks.rewards import (ANSWER, END_ANSWER, ExpressionError, evaluate_expression,
+                                         numeric_accuracy, strip_eos, tagged)
 
 (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP,
  OUTPUTS_BEGIN, OUTPUTS_END, OUTPUT_BEGIN, OUTPUT_END) = TOOL_TOKENS

@@ -72,7 +72,7 @@ def listing(names: list[str], most: int = 6) -> str:
 
 def trained_steps(out: Path) -> int:
     """The last step the run logged or saved (0: it never trained a step)."""
-    from nanoseek.train.metrics import read_metrics
+    from nanoseek.train.run.metrics import read_metrics
 
     steps = [r.get("step", 0) for r in read_metrics(out) if r.get("kind") == "train"]
     saved = (out / "train_state.pt").exists() or (out / "checkpoint").is_dir()
@@ -81,7 +81,7 @@ def trained_steps(out: Path) -> int:
 
 def progress_of(out: Path) -> str:
     """'finished at step N' / 'stopped at step N' / 'no step trained', for messages."""
-    from nanoseek.train.metrics import read_metrics
+    from nanoseek.train.run.metrics import read_metrics
 
     run = read_run_json(out) or {}
     if isinstance(run.get("summary"), dict) and "steps" in run["summary"]:

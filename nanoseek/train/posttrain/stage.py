@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.train.checkpointing import STATE_FILE
+from nanoseek.train.run.train_state import STATE_FILE
 from nanoseek.train.config import settings_from_dict, settings_to_dict
-from nanoseek.train.lora import ADAPTER_DIR, LoraSettings, add_lora, save_adapter
+from nanoseek.train.posttrain.lora import ADAPTER_DIR, LoraSettings, add_lora, save_adapter
 from nanoseek.train.pretrain import RunError
 
 
@@ -44,7 +44,7 @@ def with_adapters(model, lora: LoraSettings, probe: torch.Tensor, log=print):
     report = None
     total = sum(p.numel() for p in model.parameters())  # before 4-bit packing halves numel
     if lora.qlora:
-        from nanoseek.train.qlora import logits_error, quantize_base
+        from nanoseek.train.posttrain.qlora import logits_error, quantize_base
         reference = copy.deepcopy(model).eval()
         report = quantize_base(model, lora.targets)
         report.logits_max_abs_error, report.logits_rel_error = logits_error(reference, model.eval(), probe)
@@ -78,7 +78,7 @@ def checkpoint_writer(out_dir: Path, init: str | Path, lora: LoraSettings):
 
 def merge_into(out_dir: Path, init: str | Path) -> None:
     """Merge the run's adapter into the fp32 init and write it into the run directory."""
-    from nanoseek.train.lora import merge_lora
+    from nanoseek.train.posttrain.lora import merge_lora
     merge_lora(init, out_dir / ADAPTER_DIR, out_dir)
 
 

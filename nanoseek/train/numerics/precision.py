@@ -14,7 +14,7 @@ a model at least `CPU_BF16_MIN_HIDDEN` wide. Measured on a 2-core AMD EPYC with 
 8 x 256 tokens, 2 threads), fp32 and one bf16 variant alternating steps in one process,
 median:
 - bf16 autocast: 1.03x (casts per operator);
-- bf16 weight copies (train/bf16_weights.py): 1.01x. oneDNN builds a bf16 kernel for every
+- bf16 weight copies (train/numerics/bf16_weights.py): 1.01x. oneDNN builds a bf16 kernel for every
   new matmul shape, and the MoE's expert loads change every step;
 - weight copies with the expert slices padded to a few lengths (model/moe.py
   `padded_rows`): 1.32x (3,981 against 3,006 tok/s; 1.28x in an earlier pair).

@@ -15,7 +15,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from nanoseek.train.run_dir import LOCK_FILE, RunError
+from nanoseek.train.run.run_dir import LOCK_FILE, RunError
 
 try:
     import fcntl

@@ -22,9 +22,9 @@ from torch import nn
 
 from nanoseek.model.cache import PaddedRows
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.train.rl_objectives import (clipped_surrogate, clipped_value_loss, gae,
+from nanoseek.train.rl.objectives import (clipped_surrogate, clipped_value_loss, gae,
                                           normalise, whiten)
-from nanoseek.train.rollout import token_logprobs
+from nanoseek.train.rl.rollout import token_logprobs
 
 
 class ActorCritic(nn.Module):

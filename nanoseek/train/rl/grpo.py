@@ -24,7 +24,7 @@ first pass). Watch `reward`, `accuracy` and the held-out evaluation instead.
 Resuming: the Trainer's checkpoint (weights, optimizer, RNG, step); a rollout is
 regenerated from its step's seed, so a resumed run samples what the first run would have.
 
-Under torchrun (`nanoseek grpo --nproc N`, or `torchrun ... -m nanoseek.train.grpo`) each
+Under torchrun (`nanoseek grpo --nproc N`, or `torchrun ... -m nanoseek.train.rl.grpo`) each
 data-parallel rank samples its own share of the step's prompts with its own engine over
 its own (replicated) copy of the policy; see nanoseek/parallel/rl.py for what is split
 and what stays global.
@@ -40,12 +40,12 @@ import torch
 from nanoseek.engine import LLM, SamplingParams
 from nanoseek.parallel.rl import gather_scores, max_over, mean_over, share
 from nanoseek.train.loop import StepTargets, Trainer
-from nanoseek.train.rl_config import RLConfig
-from nanoseek.train.rl_objectives import (clipped_surrogate, equal_reward_groups,
+from nanoseek.train.rl.config import RLConfig
+from nanoseek.train.rl.objectives import (clipped_surrogate, equal_reward_groups,
                                           group_advantages, kl_penalty, normalise)
-from nanoseek.train.rollout import (Rollouts, pack, sample_rollouts, spread, stats_of,
-                                    token_logprobs)
-from nanoseek.train.shared_prefix import pack_shared_prefix, shared_prefix_logprobs
+from nanoseek.train.rl.rollout import (Rollouts, pack, sample_rollouts, spread, stats_of,
+                                       token_logprobs)
+from nanoseek.train.rl.shared_prefix import pack_shared_prefix, shared_prefix_logprobs
 
 
 def peak_rss_mb() -> float:
@@ -108,7 +108,7 @@ class RLStage:
         chunks = torch.arange(len(ro)).tensor_split(cfg.train.grad_accum)
         batches = [self.make_micro(ro, adv, idx.tolist()) for idx in chunks]
         if cfg.algo == "ppo":
-            from nanoseek.train.ppo import ppo_prepare
+            from nanoseek.train.rl.ppo import ppo_prepare
             ppo_prepare(self, batches)
         batches[0]["stats"] = stats
         return batches
@@ -156,7 +156,7 @@ class RLStage:
 
     def loss_fn(self, model, batch: dict, targets) -> tuple[torch.Tensor, dict]:
         if self.cfg.algo == "ppo":
-            from nanoseek.train.ppo import ppo_loss
+            from nanoseek.train.rl.ppo import ppo_loss
             return ppo_loss(self, model, batch, targets)
         return grpo_loss(self.cfg, self.policy, batch, targets, self.max_len)
 
@@ -225,7 +225,7 @@ class RLTrainer(Trainer):
         return m
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.grpo ARGS
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.rl.grpo ARGS
     import runpy  # == nanoseek grpo ARGS
     import sys
     sys.argv = ["nanoseek", "grpo", *sys.argv[1:]]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.train.config import settings_from_dict, settings_to_dict
-from nanoseek.train.rl_config import RLConfig
+from nanoseek.train.rl.config import RLConfig
 
 
 def load_policy(init: str | Path, device=None):
@@ -39,7 +39,7 @@ def data_parallel(policy, cfg: RLConfig, layout, device):
     import dataclasses
 
     from nanoseek.parallel import ParallelConfig
-    from nanoseek.train.posttrain import data_parallel as stage_parallel
+    from nanoseek.train.posttrain.stage import data_parallel as stage_parallel
     layout = layout or ParallelConfig()
     if (layout.ep, layout.tp, layout.pp) != (1, 1, 1):
         raise ValueError(f"RL under torchrun is data parallel only (got ep={layout.ep}, "
@@ -60,7 +60,7 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
     from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.data.tasks import load_task
     from nanoseek.text.tokenizer import copy_tokenizer
-    from nanoseek.train.grpo import RLStage, RLTrainer
+    from nanoseek.train.rl.grpo import RLStage, RLTrainer
 
     torch.manual_seed(cfg.train.seed)
     policy, tok = load_policy(cfg.init, rank_device)
@@ -70,7 +70,7 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
     model = policy
     if cfg.algo == "ppo":
-        from nanoseek.train.ppo import ActorCritic
+        from nanoseek.train.rl.ppo import ActorCritic
         model = ActorCritic(policy)
     task = load_task(cfg.task, **cfg.task_options)
     stage = RLStage(cfg, model, policy, tok, task, ref, parallel=par)
@@ -102,7 +102,7 @@ def rl(out_dir: str | Path, cfg: RLConfig, resume: bool = False, progress: bool 
 def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_device,
         parallel, adapt_threads: bool = False) -> dict:
     from nanoseek.parallel.launch import is_main
-    from nanoseek.train.posttrain import holds_run
+    from nanoseek.train.posttrain.stage import holds_run
     from nanoseek.train.pretrain import write_run
 
     if resume and (out_dir / "run.json").exists():
@@ -136,5 +136,5 @@ def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_de
 
 
 def _metrics(out_dir: Path) -> list[dict]:
-    from nanoseek.train.metrics import read_metrics
+    from nanoseek.train.run.metrics import read_metrics
     return read_metrics(out_dir)

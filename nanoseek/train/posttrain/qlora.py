@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from nanoseek.train.lora import target_names
+from nanoseek.train.posttrain.lora import target_names
 
 NF4_BLOCK = 64
 ABSMAX_BLOCK = 256  # double quantisation: block absmax values per 8-bit group (one fp32 s2 each)

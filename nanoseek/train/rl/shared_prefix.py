@@ -30,7 +30,7 @@ import torch
 
 from nanoseek.model.cache import PaddedRows
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.train.rollout import target_logprobs
+from nanoseek.train.rl.rollout import target_logprobs
 
 # A packed row holds at most this many tokens (or one prompt and its longest completion,
 # if longer): attention runs dense over a row, so very long rows would cost more than

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.rl_objectives import LOSS_TYPES, SCALE_REWARDS
+from nanoseek.train.rl.objectives import LOSS_TYPES, SCALE_REWARDS
 
 ALGOS = ("grpo", "ppo")
 

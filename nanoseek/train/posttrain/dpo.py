@@ -31,10 +31,10 @@ from nanoseek.data.preferences import PairBatch, encode_pairs, read_pairs
 from nanoseek.model.cache import PaddedRows
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.lora import LoraSettings
+from nanoseek.train.posttrain.lora import LoraSettings
 from nanoseek.train.loop import Trainer
-from nanoseek.train.posttrain import (base_model, checkpoint_writer, load_task_lazily, merge_into,
-                                      start_stage, with_adapters, write_run)
+from nanoseek.train.posttrain.stage import (base_model, checkpoint_writer, load_task_lazily, merge_into,
+                                            start_stage, with_adapters, write_run)
 from nanoseek.train.pretrain import RunError
 
 PAIRS_FILE = "pairs.jsonl"

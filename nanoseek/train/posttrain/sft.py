@@ -9,7 +9,7 @@ same however the masks spread them. Full fine-tuning or LoRA/QLoRA (`SFTConfig.l
 The run directory resumes (`--resume`) like a pretraining run: train_state.pt, run.json,
 metrics.jsonl.
 
-Under torchrun (`nanoseek sft --nproc N`, or `torchrun ... -m nanoseek.train.sft`) the
+Under torchrun (`nanoseek sft --nproc N`, or `torchrun ... -m nanoseek.train.posttrain.sft`) the
 run is pretraining's distributed one (nanoseek/parallel/): `batch_size` stays the global
 micro-batch and each data-parallel rank trains on its rows of it, the assistant tokens
 counted over every rank (so the summed gradient is the one-process gradient); FSDP2 for
@@ -28,11 +28,11 @@ import torch
 
 from nanoseek.data.chat import ChatWindows, chat_windows, read_conversations
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.lora import LoraSettings
+from nanoseek.train.posttrain.lora import LoraSettings
 from nanoseek.train.loop import Trainer
-from nanoseek.train.posttrain import (base_model, checkpoint_writer, data_parallel,
-                                      load_task_lazily, merge_into, start_stage, with_adapters,
-                                      write_run)
+from nanoseek.train.posttrain.stage import (base_model, checkpoint_writer, data_parallel,
+                                            load_task_lazily, merge_into, start_stage, with_adapters,
+                                            write_run)
 from nanoseek.train.pretrain import pretrain_loss
 
 
@@ -236,7 +236,7 @@ def build_trainer(model, config: SFTConfig, data: ChatWindows, val: ChatWindows 
                    parallel=parallel, adapt_threads=adapt_threads)
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.sft ARGS
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m nanoseek.train.posttrain.sft ARGS
     import runpy  # == nanoseek sft ARGS
     import sys
     sys.argv = ["nanoseek", "sft", *sys.argv[1:]]
