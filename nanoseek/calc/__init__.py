@@ -1,4 +1,6 @@
-"""Calculators that read only configs: parameters, KV-cache memory, FLOPs, serving capacity."""
+"""Calculators that read only configs: parameters, KV-cache memory, FLOPs, serving capacity;
+and arithmetic expressions without eval (arithmetic.py: the agent's calculator tool, the
+rewards' checker of an answer)."""
 
 from nanoseek.calc.capacity import Assumptions, CapacityPlan, plan_capacity
 from nanoseek.calc.flops import FlopsReport, attention_flops_per_token, flops_report

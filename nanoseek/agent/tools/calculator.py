@@ -1,238 +1,28 @@
-"""Arithmetic without `eval`: the expression's syntax tree is walked, and only numbers,
-operators and a few math functions are allowed.
-
-Integers are exact up to MAX_DIGITS (10,000) decimal digits: every number (a literal, an
-intermediate value, the result) is checked against 10**10000 exactly, and printed whole
-(through `decimal`, so Python's 4,300-digit int-to-str limit, a process-wide setting left
-as it is, does not apply; literals past it are read the same way). `/` stays exact when it
-divides evenly. Work is bounded before it is done: a power, a product, a factorial or a
-`round` to negative digits whose result certainly exceeds the bound is refused without
-being computed (`round(1, -10**8)` is 0 without computing 10**100000000), so each step
-costs at most about a 66,000-bit operation; the expression is at most MAX_EXPRESSION_CHARS
-long, which bounds the number of steps (the slowest expression tried, 25,000 characters of
-`gcd(9**10000,7**10000)+...`, took 2.4 s on a shared 2-core AMD EPYC VM). Floats must stay
-finite. The tool also runs in a
-child process killed at its timeout (`Tool.isolate`), in case some C path was missed.
+"""The calculator tool: arithmetic without `eval`, by nanoseek/calc/arithmetic.py (the
+syntax tree walked, only numbers, operators and a few math functions allowed; integers
+exact up to MAX_DIGITS (10,000) decimal digits and printed whole; work bounded before it
+is done; the expression at most MAX_EXPRESSION_CHARS long). The tool also runs in a child
+process killed at its timeout (`Tool.isolate`), in case some C path was missed.
 """
 
 from __future__ import annotations
 
-import ast
-import decimal
-import math
-import operator
-import re
-from dataclasses import dataclass
-
 from nanoseek.agent.tools.base import Tool, ToolError
-
-MAX_DIGITS = 10_000
-MAX_EXPRESSION_CHARS = 25_000       # room for two 10,000-digit operands
-LIMIT = 10 ** MAX_DIGITS            # every integer's absolute value stays below this
-MAX_BITS = LIMIT.bit_length()       # an integer with more bits is certainly too large
-FUNCTIONS = {"abs": abs, "round": round, "min": min, "max": max, "sqrt": math.sqrt,
-             "exp": math.exp, "log": math.log, "log10": math.log10, "sin": math.sin,
-             "cos": math.cos, "tan": math.tan, "floor": math.floor, "ceil": math.ceil,
-             "factorial": math.factorial, "gcd": math.gcd}
-CONSTANTS = {"pi": math.pi, "e": math.e}
-BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-          ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-ALLOWED = "numbers, + - * / // % **, parentheses, " + ", ".join([*FUNCTIONS, *CONSTANTS])
-LONG_LITERAL = re.compile(r"(?<![\w.])[0-9][0-9_]{99,}(?![\w.])")   # 100+ characters
-DECIMAL_LITERAL = re.compile(r"0+(_0+)*|[1-9][0-9]*(_[0-9]+)*")       # Python's own syntax
-
-
-class _TooLarge(Exception):
-    """A result over the bound: the message names what was refused."""
-
-
-@dataclass
-class _Source:
-    text: str                       # what ast.parse read (long literals as names)
-    names: dict[str, int]           # those names' values
-    prefix: str = "_n"              # the names' prefix, one the expression does not contain
-
-    def show(self, node: ast.AST, width: int = 120) -> str:
-        """The node as the model wrote it (long literals as "<N-digit number>"), cut to width."""
-        text = ast.get_source_segment(self.text, node) or type(node).__name__
-        if self.names:
-            text = re.sub(re.escape(self.prefix) + r"[0-9]+", self._described, text)
-        return _short(" ".join(text.split()), width)
-
-    def _described(self, m: re.Match) -> str:
-        value = self.names.get(m.group())
-        return m.group() if value is None else f"<{len(format_number(value))}-digit number>"
+from nanoseek.calc import arithmetic
+from nanoseek.calc.arithmetic import ALLOWED, MAX_DIGITS, MAX_EXPRESSION_CHARS, format_number  # noqa: F401
 
 
 def evaluate(expression: str) -> int | float:
     """The value of an arithmetic expression; ToolError names what is not allowed."""
-    if not isinstance(expression, str):
-        raise ToolError(f"calculator: the expression must be a string, got {type(expression).__name__}")
-    if len(expression) > MAX_EXPRESSION_CHARS:
-        raise ToolError(f"calculator: the expression has {len(expression):,} characters; "
-                        f"at most {MAX_EXPRESSION_CHARS:,}")
-    source = _read_long_literals(expression.strip())
     try:
-        tree = ast.parse(source.text, mode="eval")
-    except SyntaxError as e:
-        raise ToolError(f"calculator: {_short(expression)!r} is not an expression ({e.msg}); "
-                        f"allowed: {ALLOWED}") from None
-    except (RecursionError, MemoryError):
-        raise ToolError("calculator: the expression is nested too deeply; split it into "
-                        "several calls") from None
-    try:
-        return _eval(tree.body, source)
-    except ZeroDivisionError:
-        raise ToolError(f"calculator: division by zero in {_short(expression)!r}") from None
-
-
-def format_number(value: int | float) -> str:
-    """The value as text; integers whole, whatever `sys.get_int_max_str_digits()` is."""
-    return str(decimal.Decimal(value)) if isinstance(value, int) else repr(value)
+        return arithmetic.evaluate(expression)
+    except arithmetic.ExpressionError as e:
+        raise ToolError(f"calculator: {e}") from None
 
 
 def calculate(expression: str) -> str:
     """The tool's function: module-level, so that a spawned child process can import it."""
     return format_number(evaluate(expression))
-
-
-def _read_long_literals(expression: str) -> _Source:
-    """Long decimal integer literals, replaced by names and read through `decimal`:
-    `ast.parse` would refuse those over the int-str limit (4,300 digits by default)."""
-    names: dict[str, int] = {}
-    prefix = "_n"
-    while prefix in expression:                   # the model cannot name a literal itself
-        prefix += "_"
-
-    def replace(m: re.Match) -> str:
-        if not DECIMAL_LITERAL.fullmatch(m.group()):
-            return m.group()                      # malformed: ast.parse reports it
-        text = m.group().replace("_", "")
-        if len(text) > MAX_DIGITS:
-            raise ToolError(f"calculator: a number with {len(text):,} digits is too large; "
-                            f"numbers have at most {MAX_DIGITS:,} digits")
-        name = f"{prefix}{len(names)}"
-        names[name] = int(decimal.Decimal(text))
-        return name
-
-    return _Source(LONG_LITERAL.sub(replace, expression), names, prefix)
-
-
-# --------------------------------------------------------------------- the walk
-def _eval(root: ast.AST, src: _Source):
-    """Post-order walk with an explicit stack: long chains (`1+1+...+1`) cost no recursion."""
-    values: list = []
-    stack: list[tuple[ast.AST, bool]] = [(root, False)]
-    while stack:
-        node, ready = stack.pop()
-        kids = _operands(node, src)
-        if not ready:
-            stack.append((node, True))
-            stack.extend((k, False) for k in reversed(kids))
-            continue
-        args = values[len(values) - len(kids):]
-        del values[len(values) - len(kids):]
-        values.append(_step(node, args, src))
-    return values[0]
-
-
-def _operands(node: ast.AST, src: _Source) -> list[ast.AST]:
-    """The nodes `node` is computed from; ToolError if `node` is not allowed at all."""
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return []
-    if isinstance(node, ast.Name) and (node.id in CONSTANTS or node.id in src.names):
-        return []
-    if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY:
-        return [node.operand]
-    if isinstance(node, ast.BinOp) and (type(node.op) in BINARY or isinstance(node.op, (ast.Pow, ast.Div))):
-        return [node.left, node.right]
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS
-            and not node.keywords and not any(isinstance(a, ast.Starred) for a in node.args)):
-        return list(node.args)
-    raise ToolError(f"calculator: {src.show(node)!r} is not allowed; allowed: {ALLOWED}")
-
-
-def _step(node: ast.AST, args: list, src: _Source):
-    """One node's value from its operands' values, checked against the bounds."""
-    try:
-        value = _compute(node, args, src.names)
-    except _TooLarge as e:
-        raise ToolError(f"calculator: {src.show(node)} is too large: {e}") from None
-    except (OverflowError, ValueError, TypeError) as e:
-        raise ToolError(f"calculator: {src.show(node)}: {e}") from None
-    if type(value) is int and abs(value) >= LIMIT:
-        raise ToolError(f"calculator: {src.show(node)} is too large: {_over()}")
-    if type(value) is float and not math.isfinite(value):
-        raise ToolError(f"calculator: {src.show(node)} overflows a float (the result is not finite)")
-    if type(value) not in (int, float):
-        raise ToolError(f"calculator: {src.show(node)} is not a real number ({type(value).__name__})")
-    return value
-
-
-def _compute(node: ast.AST, args: list, names: dict):
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.Name):
-        return CONSTANTS[node.id] if node.id in CONSTANTS else names[node.id]
-    if isinstance(node, ast.UnaryOp):
-        return UNARY[type(node.op)](args[0])
-    if isinstance(node, ast.BinOp):
-        return _binary(node.op, *args)
-    return _call(node.func.id, args)
-
-
-def _binary(op: ast.operator, a, b):
-    if isinstance(op, ast.Pow):
-        return _power(a, b)
-    if isinstance(op, ast.Div):
-        return a // b if type(a) is int and type(b) is int and b and a % b == 0 else a / b
-    if isinstance(op, ast.Mult) and type(a) is int and type(b) is int and a and b:
-        if a.bit_length() + b.bit_length() - 1 > MAX_BITS:     # the product has at least this many
-            raise _TooLarge(_over())
-    return BINARY[type(op)](a, b)
-
-
-def _power(a, b):
-    """a ** b, refused when |a| >= 2 and a ** b has certainly more than MAX_BITS bits."""
-    if type(a) is int and type(b) is int and b > 0 and abs(a) > 1:
-        if b > MAX_BITS or b * (abs(a).bit_length() - 1) + 1 > MAX_BITS:
-            raise _TooLarge(_over())
-    return a ** b
-
-
-def _call(name: str, args: list):
-    if name == "factorial":
-        return _factorial(*args)
-    if name == "round":
-        return _round(*args)
-    return FUNCTIONS[name](*args)
-
-
-def _factorial(n):
-    if type(n) is not int:
-        raise TypeError(f"factorial takes an integer, not {type(n).__name__}")
-    if n > 100_000 or (n > 1 and math.lgamma(n + 1) / math.log(10) > MAX_DIGITS + 1):
-        raise _TooLarge(_over())
-    return math.factorial(n)
-
-
-def _round(x, ndigits=None):
-    """round(); an integer rounded to more than MAX_DIGITS negative digits is 0 (|x| is
-    below 10**MAX_DIGITS), found without computing 10**-ndigits as Python would."""
-    if ndigits is not None and type(ndigits) is not int:
-        raise TypeError(f"round's ndigits must be an integer, not {type(ndigits).__name__}")
-    if type(x) is int and ndigits is not None and -ndigits > MAX_DIGITS:
-        return 0
-    return round(x) if ndigits is None else round(x, ndigits)
-
-
-def _over() -> str:
-    return f"the result would have more than {MAX_DIGITS:,} digits (the calculator's limit)"
-
-
-def _short(text: str, width: int = 120) -> str:
-    return text if len(text) <= width else text[:width - 5] + " ..."
 
 
 def calculator_tool() -> Tool:

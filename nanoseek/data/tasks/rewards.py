@@ -33,7 +33,6 @@ A completion is expected in R1's shape, exactly once each:
 
 from __future__ import annotations
 
-import ast
 import importlib
 import re
 import threading
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, NamedTuple
 
+from nanoseek.calc.arithmetic import ExpressionError, evaluate_exact
 from nanoseek.text.special_tokens import END_THINK, EOS, THINK
 
 ANSWER, END_ANSWER = "<answer>", "</answer>"
@@ -62,10 +62,6 @@ class Reward:
     total: float
     components: dict[str, float] = field(default_factory=dict)
     correct: bool = False
-
-
-class ExpressionError(ValueError):
-    """An expression that is not plain arithmetic on integers, or breaks a rule."""
 
 
 # ----------------------------------------------------------------------------- the shape
@@ -221,42 +217,15 @@ def text_accuracy(completion: str, expected: str) -> float:
 
 
 # ----------------------------------------------------------------------------- equations
-_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
-
-
 def evaluate_expression(text: str, exact_division: bool = True,
                         allow_negation: bool = False) -> tuple[Fraction, list[int]]:
     """Value (exact) and the integers used, of `+ - * /` arithmetic on non-negative
-    integers, read with `ast` (nothing is executed). `×` and `÷` are accepted."""
+    integers, read with `ast` (nothing is executed; calc/arithmetic.py's exact mode).
+    `×` and `÷` are accepted."""
     text = text.replace("×", "*").replace("÷", "/").replace("−", "-")
     if len(text) > MAX_ANSWER_CHARS:
         raise ExpressionError(f"expression of {len(text)} characters (at most {MAX_ANSWER_CHARS})")
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        raise ExpressionError(f"not an arithmetic expression: {text!r} ({type(e).__name__})")
-    numbers: list[int] = []
-    return _value(tree.body, numbers, exact_division, allow_negation), numbers
-
-
-def _value(node, numbers: list[int], exact: bool, negation: bool) -> Fraction:
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        numbers.append(node.value)
-        return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and negation:
-        return -_value(node.operand, numbers, exact, negation)
-    if not (isinstance(node, ast.BinOp) and type(node.op) in _OPS):
-        raise ExpressionError(f"{ast.unparse(node)!r}: only integers and + - * / are allowed")
-    left = _value(node.left, numbers, exact, negation)
-    right = _value(node.right, numbers, exact, negation)
-    op = type(node.op)
-    if op is ast.Div:
-        if right == 0:
-            raise ExpressionError(f"{ast.unparse(node)!r}: division by zero")
-        if exact and (left / right).denominator != 1:
-            raise ExpressionError(f"{ast.unparse(node)!r}: division is not exact")
-        return left / right
-    return left + right if op is ast.Add else left - right if op is ast.Sub else left * right
+    return evaluate_exact(text, exact_division, allow_negation)
 
 
 def check_equation(expression: str, numbers: list[int], target: int) -> str | None:
