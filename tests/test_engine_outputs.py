@@ -91,3 +91,16 @@ def test_held_back_stop_prefix_and_half_characters():
         assert detok.add(t) is None
         seen.append(detok.output_text(finished=False))
     assert seen == ["ab", "ab", "ab深", "ab深", "ab深", "ab深cXY"]  # half 深 held, then "c", "cX" held
+
+
+def test_stop_strings_are_bounded():
+    """The held-back-tail check costs O(len(stop)^2) a token: a 100,000-character stop given
+    through the Python API stalled every token; it is refused with the bound named."""
+    import pytest
+
+    from nanoseek.engine.sampler import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
+
+    SamplingParams(stop=["x" * MAX_STOP_CHARS] * MAX_STOPS)
+    for stop in (["y" * 100_000], ["z"] * (MAX_STOPS + 1)):
+        with pytest.raises(ValueError, match="stop.*at most"):
+            SamplingParams(stop=stop)

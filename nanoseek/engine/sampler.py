@@ -18,6 +18,9 @@ import torch
 from nanoseek.model.sampling import filter_logits, inverse_cdf, is_greedy, uniforms
 
 
+MAX_STOPS, MAX_STOP_CHARS = 64, 4096
+
+
 @dataclass
 class SamplingParams:
     n: int = 1                    # completions per prompt (LLM.generate; sample k uses seed + k)
@@ -55,6 +58,10 @@ class SamplingParams:
              "max_tokens", "must be an integer >= 1, or None (up to the context)"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be >= 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+            # the detokeniser checks every stop string's prefixes against the text's tail at
+            # each token, in time quadratic in a stop string's length
+            (len(self.stop) <= MAX_STOPS and all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+             f"must be at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters"),
         ]
         for ok, name, why in checks:
             if not ok:
