@@ -10,8 +10,9 @@ from nanoseek.data.tasks import load_task
 from nanoseek.data.tasks.arithmetic import make_example
 from nanoseek.train.eval import pass_at_k
 from nanoseek.text.special_tokens import EOS
-from nanoseek.data.tasks.rewards import (Rewarder, answer_of, check_equation, format_reward,
-                                         numeric_accuracy, overlong_penalty, text_accuracy)
+from nanoseek.data.tasks.rewards import (ExpressionError, Rewarder, answer_of, check_equation,
+                                         evaluate_expression, format_reward, numeric_accuracy,
+                                         overlong_penalty, text_accuracy)
 
 
 def r1(think, answer):
@@ -228,3 +229,13 @@ def test_a_leading_zero_group_is_not_thousands(given, expected):
     """"0,042" is 0.042 with a decimal comma: reading it as 42 paid a wrong answer."""
     assert numeric_accuracy(r1("r", given), expected) == 0.0
     assert text_accuracy(r1("r", given), expected) == 0.0
+
+
+@pytest.mark.parametrize("expression", ["(7 + 12) * 5 # done", "(7 + 12) * 0x5", "(7 + 1_2) * 5",
+                                        "(7 + 12) * 5\n#", "(7+12)*5;"])
+def test_exact_arithmetic_reads_arithmetic_only(expression):
+    """Python's syntax is wider than arithmetic: a comment, a hex or underscored literal in
+    an answer is not an equation the task asked for."""
+    with pytest.raises(ExpressionError, match="only integers"):
+        evaluate_expression(expression)
+    assert evaluate_expression("(7 + 12) * 5")[0] == 95

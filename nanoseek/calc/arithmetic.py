@@ -47,6 +47,7 @@ ALLOWED = "numbers, + - * / // % **, parentheses, " + ", ".join([*FUNCTIONS, *CO
 EXACT_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
              ast.Div: operator.truediv}
 LONG_LITERAL = re.compile(r"(?<![\w.])[0-9][0-9_]{99,}(?![\w.])")   # 100+ characters
+EXACT_CHARS = re.compile(r"[0-9+\-*/()\s]+")                           # evaluate_exact's alphabet
 DECIMAL_LITERAL = re.compile(r"0+(_0+)*|[1-9][0-9]*(_[0-9]+)*")       # Python's own syntax
 
 
@@ -251,6 +252,9 @@ def evaluate_exact(text: str, exact_division: bool = True,
     exact_division, a division that leaves a remainder is an error."""
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ExpressionError(f"expression of {len(text)} characters (at most {MAX_EXPRESSION_CHARS})")
+    if stray := EXACT_CHARS.sub("", text):
+        # Python's syntax reads more than arithmetic: a comment (`# ...`), `0x1f`, `1_2`
+        raise ExpressionError(f"{stray[:20]!r} in {text[:80]!r}: only integers and + - * / are allowed")
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
