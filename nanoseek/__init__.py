@@ -17,14 +17,13 @@ def __getattr__(name: str):
 def from_pretrained(path, dtype=None, device=None, quantization=None):
     """Load an HF-format DeepSeek checkpoint directory (nanoseek-, transformers- or DeepSeek-written);
     quantization="fp8" keeps attention and FFN/expert weights in FP8 (FP8Linear)."""
-    from nanoseek.checkpoint.hf import from_pretrained as _load
-    return _load(path, dtype=dtype, device=device, quantization=quantization)
+    from nanoseek.model import CausalLM
+    return CausalLM.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
 
 
 def save_pretrained(model, path, dtype=None) -> None:
     """Write `model` as an HF-format checkpoint directory (config.json + safetensors) that
-    transformers, vLLM and SGLang load. Saving lives with the checkpoint code, not in the
-    model: the model knows nothing of files."""
+    transformers, vLLM and SGLang load (= `model.save_pretrained(path, dtype=dtype)`)."""
     from nanoseek.checkpoint.hf import save_pretrained as _save
     _save(model, path, dtype=dtype)
 

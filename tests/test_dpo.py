@@ -72,7 +72,7 @@ def test_padding_columns_are_not_counted():
 
 
 def test_the_reference_gets_no_gradient(init, pairs_file):
-    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek import from_pretrained
     policy = from_pretrained(init).train()
     reference = frozen_copy(policy)
     batch = encode_pairs(read_pairs(pairs_file), load_tokenizer(init), 64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nanoseek.checkpoint.hf import from_pretrained
+from nanoseek import from_pretrained
 from nanoseek.cli import app
 from nanoseek.model import CausalLM
 from nanoseek.train.posttrain.lora import LoraSettings, add_lora, load_adapter, save_adapter

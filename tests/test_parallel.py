@@ -170,7 +170,7 @@ def test_nanoseek_pretrain_nproc_2_runs_under_torchrun(tmp_path):
     import json
     import subprocess
     import sys
-    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek import from_pretrained
     from tests.train_utils import write_corpus
     corpus = write_corpus(tmp_path / "c.txt", 40)
     out = tmp_path / "run"

@@ -47,7 +47,7 @@ def test_save_on_two_resume_on_two_and_on_one(tmp_path, reference):
                 assert got[step][k] == pytest.approx(ref[2 + step][k], rel=1e-5), (step, k)
     # the HF directory rank 0 consolidated is exactly the 2-rank model after step 2, every
     # expert in it (each rank held half), and close to the single-process one
-    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek import from_pretrained
     hf = from_pretrained(tmp_path / "hf").state_dict()
     sharded = {**on_two[1][1], **on_two[0][1]}
     assert set(hf) == set(state_at_2) == set(sharded)

@@ -164,7 +164,7 @@ def train_records(out: Path) -> list[dict]:
 
 
 def test_sft_on_two_ranks_equals_one_process(files, two_ranks, tmp_path):
-    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek import from_pretrained
     init, data, tmp = files
     ref = sft_case(tmp_path / "one", init, data)
     ref_train = train_records(tmp_path / "one")
@@ -211,7 +211,7 @@ def test_grpo_on_two_ranks_equals_one_process_on_a_fixed_rollout(files, two_rank
 
 
 def test_grpo_run_on_two_ranks_keeps_the_ranks_identical(files, two_ranks):
-    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek import from_pretrained
     _, _, tmp = files
     a, b = (r["grpo_real"] for r in two_ranks)
     assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])

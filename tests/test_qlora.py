@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from nanoseek.checkpoint.hf import from_pretrained
+from nanoseek import from_pretrained
 from nanoseek.cli import app
 from nanoseek.model import CausalLM
 from nanoseek.train.posttrain.lora import LORA_TARGETS, LoraSettings, add_lora, load_adapter, save_adapter

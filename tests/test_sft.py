@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nanoseek.checkpoint.hf import from_pretrained
+from nanoseek import from_pretrained
 from nanoseek.cli import app
 from nanoseek.data.chat import encode_chat
 from nanoseek.text.tokenizer import load_tokenizer

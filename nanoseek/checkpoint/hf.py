@@ -9,6 +9,10 @@ SGLang read them there). FP8 weights (float8_e4m3fn, or float8_e5m2 with the sam
 FP8Linear modules with quantization="fp8"; any other dtype beside a scale is refused.
 
 Every failure names the file and the tensor, and every file is written atomically.
+
+The model class is handed in (`CausalLM.from_pretrained` calls `load_pretrained(cls, ...)`;
+`save_pretrained` takes the model): this module imports nothing of nanoseek.model, so the
+model may import it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.model.moe import MoE
-from nanoseek.model.rope import RotaryEmbedding
-from nanoseek.model.transformer import CausalLM
 from nanoseek.quant.fp8 import FP8, FP8_DTYPES, dequantize_weight, quantize_weight
 from nanoseek.quant.model import check_quantization, quantize_model_fp8
 
@@ -59,7 +61,7 @@ def from_hf_name(name: str, cfg: ModelConfig) -> str | None:
 
 
 # ------------------------------------------------------------------------- save
-def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors under checkpoint names, contiguous and unshared."""
     cfg = model.config
     out = {}
@@ -76,13 +78,14 @@ def hf_state_dict(model: CausalLM, dtype: torch.dtype | None = None) -> dict[str
     return out
 
 
-def _empty_shared_experts(model: CausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _empty_shared_experts(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """With n_shared_experts 0, transformers (whose config takes no null) still builds a
     shared-expert MLP of width 0 and reports its weights MISSING unless the checkpoint has
     them: write them as it does, empty. Loading skips them again."""
     D, out = model.config.hidden_size, {}
+    moe = {id(m) for m in model.moe_layers()}
     for name, m in model.named_modules():
-        if isinstance(m, MoE) and m.shared_experts is None:
+        if id(m) in moe and m.shared_experts is None:
             for proj, shape in (("gate_proj", (0, D)), ("up_proj", (0, D)), ("down_proj", (D, 0))):
                 key = to_hf_name(f"{name}.shared_experts.{proj}.weight", model.config)
                 out[key] = torch.empty(shape, dtype=dtype)
@@ -99,9 +102,10 @@ def _keep_fp32(name: str) -> bool:
     return name.endswith("gate.weight") and ".mlp.gate." in name or name.endswith("e_score_correction_bias")
 
 
-def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None,
+def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 4 << 30) -> None:
-    """Write config.json and safetensors shards (with an index when there are several)."""
+    """Write config.json and safetensors shards (with an index when there are several):
+    `model` is a CausalLM (its `.config`, its state dict under nanoseek's names)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model, dtype)
@@ -237,9 +241,9 @@ def _get(f, file: Path, name: str) -> torch.Tensor:
         raise CheckpointError(f"{file}: tensor {name!r} cannot be read, truncated file? ({e})") from None
 
 
-def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None, quantization: str | None = None) -> CausalLM:
-    """Load a checkpoint directory (nanoseek-, transformers- or DeepSeek-written).
+def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None, quantization: str | None = None):
+    """A `cls` (CausalLM) from a checkpoint directory (nanoseek-, transformers- or DeepSeek-written).
     quantization="fp8": the projection Linears become FP8Linear modules (nanoseek/quant/
     model.py); an FP8 checkpoint's codes and scales are kept as stored, high-precision
     weights are quantised as they are read. Without it FP8 weights are dequantised."""
@@ -251,7 +255,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     weight_map = checkpoint_files(path)
     cfg = _drop_absent_mtp(cfg, weight_map, path)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = cls(cfg)
     if quantization == "fp8":
         quantize_model_fp8(model)  # on meta: the structure only
     expected = {n: p for n, p in model.state_dict().items()}
@@ -280,7 +284,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path}: tensor {to_hf_name(missing[0], cfg)!r} is missing"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     model.load_state_dict(loaded, assign=True, strict=True)
-    _materialise_buffers(model, device)
+    model.materialise_buffers(device)
     return model.eval()
 
 
@@ -320,9 +324,3 @@ def _drop_absent_mtp(cfg: ModelConfig, weight_map: dict[str, str], path: Path) -
                   "the checkpoint has no MTP weights; loading without MTP", stacklevel=3)
     return cfg.replace(num_nextn_predict_layers=0)
 
-
-def _materialise_buffers(model: CausalLM, device) -> None:
-    """Non-persistent buffers were built on the meta device: recreate them."""
-    model.rotary = RotaryEmbedding(model.config, model.config.qk_rope_head_dim).to(device or "cpu")
-    for m in model.moe_layers():
-        m.tokens_per_expert = torch.zeros(m.n_experts, device=device or "cpu")

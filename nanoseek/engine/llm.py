@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.checkpoint.hf import from_pretrained
 from nanoseek.engine.engine import EngineConfig, LLMEngine
 from nanoseek.engine.outputs import RequestOutput, request_output
 from nanoseek.engine.dtype import cast_model, resolve_dtype
@@ -43,7 +42,7 @@ def load_model(path_or_model, dtype=None, device=None, quantization: str | None 
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
     dtype = resolve_dtype(dtype, path, target or torch.device("cpu"))
-    model = from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+    model = CausalLM.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
     return model, Tokenizer.from_dir(path)
 
 

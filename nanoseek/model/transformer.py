@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.checkpoint import hf
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.cache import Cache, ContiguousCache
@@ -51,6 +52,26 @@ class CausalLM(nn.Module):
         self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(cfg, cfg.qk_rope_head_dim)
         self.apply(self._init_weights)
+
+    # ------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None,
+                        quantization: str | None = None) -> CausalLM:
+        """Load an HF-format checkpoint directory (nanoseek-, transformers- or
+        DeepSeek-written; nanoseek/checkpoint/hf.py). quantization="fp8" keeps attention and
+        FFN/expert weights in FP8 (FP8Linear)."""
+        return hf.load_pretrained(cls, path, dtype=dtype, device=device, quantization=quantization)
+
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30) -> None:
+        """Write config.json + safetensors shards that transformers, vLLM and SGLang load."""
+        hf.save_pretrained(self, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+    def materialise_buffers(self, device=None) -> None:
+        """Recreate the non-persistent buffers (the rotary tables, the experts' load
+        counters), which a model built on the meta device, as loading does, lacks."""
+        self.rotary = RotaryEmbedding(self.config, self.config.qk_rope_head_dim).to(device or "cpu")
+        for m in self.moe_layers():
+            m.tokens_per_expert = torch.zeros(m.n_experts, device=device or "cpu")
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

@@ -37,12 +37,12 @@ def make_evaluate(data, byte_lengths: list[int], seq_len: int, max_tokens: int |
 
 def evaluate_checkpoint(run_dir: str | Path, seq_len: int) -> dict:
     """Reload the saved checkpoint from disk and score the whole validation split."""
-    from nanoseek.checkpoint.hf import from_pretrained
     from nanoseek.data.tokenized import TokenArrays
+    from nanoseek.model import CausalLM
     from nanoseek.text.tokenizer import load_tokenizer, token_byte_lengths
 
     run_dir = Path(run_dir)
-    model = from_pretrained(run_dir).eval()
+    model = CausalLM.from_pretrained(run_dir).eval()
     if not 1 <= seq_len <= model.config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len}: must be in [1, {model.config.max_position_embeddings}] "
                          f"(the model's max_position_embeddings)")

@@ -107,10 +107,11 @@ def merge_lora(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pat
     A QLoRA adapter is merged into the full-precision weights its 4-bit base was quantised
     from (W + B A, where training saw Ŵ + B A: the logits then differ from the adapter
     model's by about the NF4 base's own error; `qlora.merge_dequantized` gives Ŵ + B A)."""
-    from nanoseek.checkpoint.hf import from_pretrained, save_pretrained
+    from nanoseek.checkpoint.hf import save_pretrained
+    from nanoseek.model import CausalLM
     from nanoseek.text.tokenizer import copy_tokenizer
 
-    merged = load_adapter(from_pretrained(base_dir), adapter_dir).merge_and_unload()
+    merged = load_adapter(CausalLM.from_pretrained(base_dir), adapter_dir).merge_and_unload()
     save_pretrained(merged, out_dir)
     copy_tokenizer(base_dir, out_dir)
     return Path(out_dir)

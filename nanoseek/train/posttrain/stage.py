@@ -25,14 +25,14 @@ from nanoseek.train.pretrain import RunError
 
 def load_init(init: str | Path, device: torch.device):
     """The starting checkpoint (fp32) and its tokenizer."""
-    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.model import CausalLM
     from nanoseek.text.tokenizer import load_tokenizer
 
     init = Path(init)
     if not (init / "tokenizer.json").exists():
         raise RunError(f"--init {init}: no tokenizer.json; post-training needs the tokenizer the "
                        "model was trained with (a pretraining run directory has one)")
-    model = from_pretrained(init, dtype=torch.float32, device=device)
+    model = CausalLM.from_pretrained(init, dtype=torch.float32, device=device)
     return model, load_tokenizer(init)
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.parallel.single import SingleProcess
 from nanoseek.train.config import settings_from_dict, settings_to_dict
 from nanoseek.train.rl.config import RLConfig
 
 
 def load_policy(init: str | Path, device=None):
-    from nanoseek.checkpoint.hf import from_pretrained
+    from nanoseek.model import CausalLM
     from nanoseek.text.tokenizer import Tokenizer
     init = Path(init)
     if not (init / "config.json").exists():
@@ -30,7 +31,7 @@ def load_policy(init: str | Path, device=None):
     tok = Tokenizer.from_dir(init)
     if tok is None:
         raise FileNotFoundError(f"--init {init}: no tokenizer.json (RL prompts with chat text)")
-    return from_pretrained(init, dtype=torch.float32, device=device), tok
+    return CausalLM.from_pretrained(init, dtype=torch.float32, device=device), tok
 
 
 def data_parallel(policy, cfg: RLConfig, layout, device):
@@ -64,7 +65,7 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
 
     torch.manual_seed(cfg.train.seed)
     policy, tok = load_policy(cfg.init, rank_device)
-    par = data_parallel(policy, cfg, parallel, rank_device) if rank_device is not None else None
+    par = data_parallel(policy, cfg, parallel, rank_device) if rank_device is not None else SingleProcess()
     ref = None
     if cfg.beta > 0:
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -116,7 +117,7 @@ def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_de
     trainer, stage = build(out_dir, cfg, progress, rank_device, parallel, adapt_threads)
     run = {"stage": cfg.algo, "settings": settings_to_dict(cfg), "precision": trainer.precision,
            "precision_reason": trainer.precision_reason}
-    if stage.par is not None:
+    if stage.par.distributed:
         run["parallel"] = {"dp": stage.dp, "replicate": True}
     resumed = resume and trainer.resume()
     if is_main():
