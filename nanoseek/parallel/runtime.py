@@ -31,6 +31,8 @@ from nanoseek.parallel.tensor_parallel import apply_tp
 
 
 class Parallel:
+    distributed = True  # the training state is saved sharded (DCP); one process: single.py
+
     def __init__(self, model: nn.Module, cfg: ParallelConfig, device: torch.device):
         world = dist.get_world_size()
         cfg.validate(world, model.config.n_routed_experts)
@@ -57,6 +59,11 @@ class Parallel:
         self.model, self.device = model, device
         self.expert_grad_stats: dict = {}
         self.pp, self.pipeline = cfg.pp, None  # built at the first step (it needs grad_accum)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (its share of a batch's rows)."""
+        return self.meshes.local_rank("dp")
 
     # ------------------------------------------------------- pipeline parallel
     def owns(self, name: str) -> bool:

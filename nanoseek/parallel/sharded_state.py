@@ -1,5 +1,5 @@
 """The training state sharded with torch.distributed.checkpoint (DCP), and its consolidation
-into a model (`nanoseek.train.run.consolidate` writes that as an HF directory).
+into a model (`consolidated_model`).
 
 Every rank writes its own shards (FSDP's dense shards, TP's, its own routed experts) into
 `RUN/checkpoint/`; the keys are the model's fully qualified names and the optimizer state is
@@ -52,8 +52,7 @@ def _states(trainer) -> tuple[dict, dict, dict]:
     pipeline parallel a rank holds the whole model but trains only its stage: the rest is
     stale there and stays out of the checkpoint."""
     msd, osd = get_state_dict(trainer.model, trainer.optimizer, options=StateDictOptions(strict=True))
-    par = trainer.parallel
-    owns = par.owns if par is not None else (lambda name: True)
+    owns = trainer.parallel.owns  # a Parallel, or a SingleProcess that owns everything
     mine = {"model": {k: v for k, v in msd.items() if owns(k)},
             "optimizer": {k: v for k, v in osd["state"].items() if owns(k)}}
     return msd, osd, mine

@@ -69,10 +69,6 @@ class TrainConfig:
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         need(self.compile in COMPILE_MODES, "compile", f"must be one of {COMPILE_MODES}")
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.grad_accum
-
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoseek.parallel.single import SingleProcess
 from nanoseek.train.run import train_state
 from nanoseek.train.numerics.bf16_weights import BF16Weights, compute_precision
 from nanoseek.train.config import PRECISIONS, TrainConfig
@@ -116,11 +117,12 @@ class Trainer:
         held-out accuracy), checked after every evaluation; the run saves and ends there, and
         a resume of it trains no further step."""
         cfg.validate()
-        # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes
-        self.parallel, self.sharded = parallel, parallel is not None  # sharded: DCP checkpoints
-        if parallel is not None:
-            loss_fn, count_targets = parallel.wrap_loss(loss_fn), parallel.wrap_count(count_targets)
-            progress, adapt_threads = progress and parallel.is_main, False
+        # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes; on
+        # one, a SingleProcess, whose every answer is the process's own (parallel/single.py)
+        self.parallel = parallel = parallel or SingleProcess()
+        self.sharded = parallel.distributed  # sharded: DCP checkpoints
+        loss_fn, count_targets = parallel.wrap_loss(loss_fn), parallel.wrap_count(count_targets)
+        progress, adapt_threads = progress and parallel.is_main, adapt_threads and not parallel.distributed
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
         self.next_batch, self.loss_fn, self.count_targets = next_batch, loss_fn, count_targets
         self.evaluate, self.sample, self.on_checkpoint = evaluate, sample, on_checkpoint
@@ -142,7 +144,7 @@ class Trainer:
         # bf16 on one process: bf16 weight copies, not autocast (train/numerics/bf16_weights.py says
         # why); several processes keep autocast (tensor parallelism holds DTensor weights,
         # and the copies were not measured there)
-        self.bf16_copies = (BF16Weights(model) if self.precision == "bf16" and parallel is None
+        self.bf16_copies = (BF16Weights(model) if self.precision == "bf16" and not parallel.distributed
                             else None)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
@@ -186,7 +188,7 @@ class Trainer:
         batches = [self.next_batch(self.step, micro) for micro in range(self.cfg.grad_accum)]
         targets = step_targets(batches, self.count_targets)
         sums: dict[str, Any] = {}
-        if self.parallel is not None and self.parallel.pp > 1:  # 1F1B over the micro-batches
+        if self.parallel.pp > 1:  # 1F1B over the micro-batches
             sums = self.parallel.pipeline_step(batches, targets)
         else:
             for batch in batches:
@@ -194,18 +196,16 @@ class Trainer:
                     loss, logs = self.loss_fn(model, batch, targets)
                 self.scaler.scale(loss).backward()
                 _add_shares(sums, {"loss": loss, **logs})
-        if self.parallel is not None:  # gradients, logged values and loads summed over ranks
-            sums = self.parallel.after_backward(model, sums)
+        sums = self.parallel.after_backward(model, sums)  # gradients, logged values and loads summed over ranks
         grad_norm = self._optimizer_step()
         loads = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
         if self.update_router_biases and hasattr(model, "update_router_biases"):
             model.update_router_biases()  # counts were summed over every micro-batch
         tokens = sum(self.tokens_in(b) for b in batches)
-        if self.parallel is not None:  # every DP rank's (GRPO's completions differ in length)
-            tokens = self.parallel.global_count(tokens)
+        tokens = self.parallel.global_count(tokens)  # every DP rank's (GRPO's completions differ in length)
         self.step += 1
         self.tokens_seen += tokens
-        extra = self.parallel.step_metrics() if self.parallel is not None else {}
+        extra = self.parallel.step_metrics()
         return {**sums, "grad_norm": grad_norm, "max_violation": violations(loads), **extra,
                 "lr": lr, "step_tokens": tokens}
 
@@ -213,13 +213,7 @@ class Trainer:
         """Unscale, clip, step, zero; returns the gradient norm before clipping (a tensor)."""
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.parallel is not None:
-            grad_norm = self.parallel.clip_grad_norm_(params, self.cfg.grad_clip)
-        elif self.cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        grad_norm = self.parallel.clip_grad_norm_(params, self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -319,7 +313,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- metrics
     def _is_main(self) -> bool:
-        return self.parallel is None or self.parallel.is_main
+        return self.parallel.is_main
 
     def log(self, record: dict) -> None:
         if self._is_main():  # one writer of metrics.jsonl
@@ -366,16 +360,14 @@ class Trainer:
             threads = self.tuner.before_step(self.step) if self.tuner else None
             t0 = time.perf_counter()
             m = self.train_step()
-            if self.parallel is not None:  # a signal on any rank stops every rank here
-                self.stop_signal = self.parallel.agree_stop(self.stop_signal)
+            self.stop_signal = self.parallel.agree_stop(self.stop_signal)  # a signal on any rank stops all
             lr, step_tokens = m.pop("lr"), m.pop("step_tokens")
             interval.add(m)
             due = (self.step % self.cfg.log_every == 0 or self.step >= stop
                    or self.stop_signal is not None)  # a stop logs the steps it saves
             means = interval.read() if due else None  # the interval's one device sync
             dt = time.perf_counter() - t0
-            if self.parallel is not None:  # one clock for every rank: they stop together
-                dt = self.parallel.agree(dt)
+            dt = self.parallel.agree(dt)  # one clock for every rank: they stop together
             if self.tuner:
                 self.tuner.after_step(dt)
             self.elapsed += dt
@@ -437,6 +429,8 @@ class Trainer:
             if bar is not None and "val_loss" in ev:
                 bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}"
                           + (f" val_bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
+            if bar is not None and "accuracy" in ev:  # a task's held-out accuracy (SFT --eval-n, GRPO)
+                bar.write(f"step {step}: held-out accuracy {ev['accuracy']:.3f}")
             self.target_reached = self.stop_when(ev) if self.stop_when and not last else None
             if self.target_reached:
                 last = True

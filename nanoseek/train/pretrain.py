@@ -238,9 +238,10 @@ def check_sample_length(tok, config: PretrainConfig) -> None:
 def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, progress: bool,
                   adapt: bool, parallel=None) -> tuple[Trainer, dict]:
     """The model (seeded), its measured facts for run.json, and the loop wired to the data."""
-    from nanoseek.model import CausalLM
-    from nanoseek.text.tokenizer import token_byte_lengths
     from nanoseek.calc.params import count_params
+    from nanoseek.model import CausalLM
+    from nanoseek.parallel.single import runtime_for
+    from nanoseek.text.tokenizer import token_byte_lengths
     from nanoseek.train.numerics.mfu import flops_per_token, measure_peak_flops
     from nanoseek.train.numerics.precision import peak_dtype
 
@@ -249,21 +250,20 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
     torch.manual_seed(tcfg.seed)
     model = CausalLM(cfg).to(device)
     fpt = flops_per_token(model, tcfg.seq_len)
-    par = None  # batch_size is the global micro-batch: each DP rank takes its slice of it,
-    if parallel is not None:  # so a run resumed on another number of processes trains alike
-        from nanoseek.parallel.runtime import Parallel
-        par = Parallel(model, parallel, device)
-        if tcfg.batch_size % par.dp:
-            raise ValueError(f"training option 'batch_size': {tcfg.batch_size} sequences cannot "
-                             f"be split over {par.dp} data-parallel ranks (use a multiple of {par.dp})")
+    # batch_size is the global micro-batch: each DP rank takes its slice of it, so a run
+    # resumed on another number of processes trains alike
+    par = runtime_for(model, parallel, device)
+    if tcfg.batch_size % par.dp:
+        raise ValueError(f"training option 'batch_size': {tcfg.batch_size} sequences cannot "
+                         f"be split over {par.dp} data-parallel ranks (use a multiple of {par.dp})")
 
     def next_batch(step, micro):
         batch = data.batch(step, micro, tcfg.batch_size, tcfg.seq_len, tcfg.seed)
-        return tuple(t.to(device) for t in (par.local_rows(batch) if par else batch))
+        return tuple(t.to(device) for t in par.local_rows(batch))
     # no samples under TP (the absorbed decode path is not split); no evaluation or samples
     # under PP (the forward is the schedule's; a rank holds only its stage up to date)
-    sample_tokens = config.sample_tokens if par is None or (par.tp == 1 and par.pp == 1) else 0
-    pipelined = par is not None and par.pp > 1
+    sample_tokens = config.sample_tokens if par.tp == 1 and par.pp == 1 else 0
+    pipelined = par.pp > 1
     trainer = Trainer(
         model, tcfg, out_dir, next_batch=next_batch,
         loss_fn=pretrain_loss, count_targets=lambda batch: model.loss_targets(batch[1]),
@@ -285,7 +285,7 @@ def build_trainer(out_dir: Path, config: PretrainConfig, tok, data, device, prog
            "precision_reason": trainer.precision_reason, "compile": trainer.compiled,
            "compile_reason": trainer.compile_reason, "data": data.meta,
            **data.unigram_baseline(tcfg.seq_len, byte_lengths, tcfg.eval_tokens or None)}
-    if par is not None:
+    if par.distributed:
         run["parallel"] = {"world": par.dp * par.tp * par.pp, "dp": par.dp, "ep": par.ep, "tp": par.tp,
                            "pp": par.pp, "replicate": par.replicate,
                            "backend": torch.distributed.get_backend()}

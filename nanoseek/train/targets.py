@@ -31,15 +31,6 @@ class StepTargets:
     micro_batches: int
 
 
-def mask_targets(labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Labels with IGNORE_INDEX wherever `loss_mask` is false (e.g. everything but the
-    assistant's tokens in SFT)."""
-    if loss_mask.shape != labels.shape:
-        raise ValueError(f"loss mask has shape {tuple(loss_mask.shape)}, labels "
-                         f"{tuple(labels.shape)}: they must match")
-    return labels.masked_fill(~loss_mask.bool(), IGNORE_INDEX)
-
-
 def count_targets(batch: Any) -> torch.Tensor:
     """The default count: labels (batch[1] of an (inputs, labels, ...) batch) that are not
     IGNORE_INDEX."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.data.chat import ChatWindows, chat_windows, read_conversations
+from nanoseek.parallel.single import SingleProcess
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.posttrain.lora import LoraSettings
 from nanoseek.train.loop import Trainer
@@ -151,7 +152,7 @@ def _sft(out_dir: Path, config: SFTConfig, resume: bool, max_steps: int | None, 
         config.train.max_steps = steps_for(data, config)
     torch.manual_seed(config.train.seed)  # the adapters' initial A, and the run after
     model, nf4 = with_adapters(model, config.lora, data.inputs[:2].to(device), log)
-    par = None
+    par = SingleProcess()
     if rank_device is not None:  # every rank evaluates the whole of (val or data) below
         if config.eval_task_n:
             raise ValueError("--eval-n (held-out task accuracy through the engine) runs in one "
@@ -165,7 +166,7 @@ def _sft(out_dir: Path, config: SFTConfig, resume: bool, max_steps: int | None, 
     log(f"SFT: {data.meta['conversations']} conversations in {len(data)} windows of "
         f"{config.train.seq_len} ({data.meta['targets']:,} assistant tokens), "
         f"{config.train.max_steps} steps; loss on assistant tokens {before:.4f}")
-    layout = {"parallel": {"dp": par.dp, "ep": par.ep, "tp": par.tp}} if par is not None else {}
+    layout = {"parallel": {"dp": par.dp, "ep": par.ep, "tp": par.tp}} if par.distributed else {}
     run = write_run(out_dir, config, data=data.meta, loss_before=before,
                     nf4=None if nf4 is None else vars(nf4), precision=trainer.precision,
                     precision_reason=trainer.precision_reason, **layout)
@@ -211,12 +212,13 @@ def build_trainer(model, config: SFTConfig, data: ChatWindows, val: ChatWindows 
     """parallel: the run's `Parallel` under torchrun (each DP rank takes its rows of a
     micro-batch); tok: the tokenizer, for the engine of --eval-n."""
     t, lora = config.train, config.lora.enabled
+    parallel = parallel or SingleProcess()
     net = base_model(model)
     on_task = task_accuracy(config, net, tok) if config.eval_task_n else None
 
     def next_batch(step, micro):
         batch = data.batch(step * t.grad_accum + micro, t.batch_size, t.seed)
-        return tuple(x.to(device) for x in (parallel.local_rows(batch) if parallel else batch))
+        return tuple(x.to(device) for x in parallel.local_rows(batch))
 
     def evaluate(m):
         out = {"val_loss": masked_loss(net, val, t.batch_size, device)} if val else {}

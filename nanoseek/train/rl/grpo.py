@@ -39,6 +39,7 @@ import torch
 
 from nanoseek.engine import LLM, SamplingParams
 from nanoseek.parallel.rl import gather_scores, max_over, mean_over, share
+from nanoseek.parallel.single import SingleProcess
 from nanoseek.train.loop import StepTargets, Trainer
 from nanoseek.train.rl.config import RLConfig
 from nanoseek.train.rl.objectives import (clipped_surrogate, equal_reward_groups,
@@ -62,8 +63,8 @@ class RLStage:
         samples its share of the prompts)."""
         self.cfg, self.model, self.policy, self.task, self.ref = cfg, model, policy, task, ref
         self.device = device or next(policy.parameters()).device
-        self.par = parallel
-        self.dp, self.dp_rank = (parallel.dp, parallel.meshes.local_rank("dp")) if parallel else (1, 0)
+        self.par = parallel or SingleProcess()
+        self.dp, self.dp_rank = self.par.dp, self.par.dp_rank
         n = cfg.train.batch_size // self.dp * cfg.num_generations
         self.llm = LLM(policy, tokenizer=tokenizer, max_num_seqs=max(n, cfg.eval_n),
                        max_num_batched_tokens=4096, speculative=False)
