@@ -132,12 +132,8 @@ def run_nanoseek(model, reqs, speculative: bool, always_draft: bool = False, **e
     # the timed run must not hit the warm-up's prefixes, nor count its forwards/preemptions
     engine = llm.engine
     engine.reset_prefix_cache()
-    engine.spec_stats.drafted = engine.spec_stats.accepted = 0
-    if engine.runner.spec is not None:  # nor start paused by the warm-up's few drafts
-        engine.runner.spec.policy = SpecPolicy(max_batch=engine.runner.spec.policy.max_batch,
-                                               **({"min_acceptance": 0.0} if always_draft else {}))
-    engine.runner.forwards = engine.scheduler.num_preemptions = 0
-    engine.block_manager.hits = engine.block_manager.queries = 0
+    engine.reset_stats(SpecPolicy(max_batch=engine.config.spec_max_batch,  # nor start paused by
+                                  **({"min_acceptance": 0.0} if always_draft else {})))  # its drafts
     t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -146,8 +142,8 @@ def run_nanoseek(model, reqs, speculative: bool, always_draft: bool = False, **e
     return dict(seconds=dt, cpu_seconds=cpu, tokens=tokens,
                 main_layers_bytes_per_token=sum(t[0, 0].numel() * t.element_size()
                                                 for t in cache.kv[:llm.engine.model.config.num_hidden_layers]),
-                spec=llm.engine.spec_stats.as_dict(), forwards=llm.engine.runner.forwards,
-                preemptions=llm.engine.scheduler.num_preemptions)
+                spec=llm.engine.spec_stats.as_dict(), forwards=llm.engine.stats()["forwards"],
+                preemptions=llm.engine.stats()["preemptions"])
 
 
 def alternate(model, sides: dict, repeats: int) -> dict:

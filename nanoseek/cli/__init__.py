@@ -16,9 +16,29 @@ app = typer.Typer(cls=CliGroup, help="nanoseek: the DeepSeek-V3 stack — model,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 
+def version() -> str:
+    """The installed distribution's version (its metadata), else the source tree's
+    nanoseek.__version__; reads no module that imports torch."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("nanoseek")
+    except PackageNotFoundError:
+        import nanoseek
+        return nanoseek.__version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"nanoseek {version()}")
+        raise typer.Exit()
+
+
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", envvar="NANOSEEK_DEBUG",
-                                    help="show the traceback of an error (also NANOSEEK_DEBUG=1)")) -> None:
+                                    help="show the traceback of an error (also NANOSEEK_DEBUG=1)"),
+         show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                           help="print nanoseek's version and exit")) -> None:
     """nanoseek: the DeepSeek-V3 stack — model, training, engine, calculators."""
     set_debug(debug)
 

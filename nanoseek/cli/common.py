@@ -210,6 +210,22 @@ def precision_given(resume: bool, **options) -> dict:
     return given
 
 
+# --dtype and --quantization of the commands that load a checkpoint into the engine
+# (generate, serve, chat): engine/dtype.py and quant/model.py check the values
+ENGINE_DTYPE_HELP = ("weights, activations and latent cache: float32, bfloat16, float16, or auto (the "
+                     "checkpoint's torch_dtype); the router stays fp32")
+QUANTIZATION_HELP = "fp8: attention and FFN/expert weights held in FP8 (128x128 blocks) and run through FP8Linear"
+
+
+def dtype_option(default: str = "float32"):
+    """--dtype of an engine command (a bad value: one ValueError line from engine/dtype.py)."""
+    return typer.Option(default, "--dtype", help=ENGINE_DTYPE_HELP)
+
+
+def quantization_option():
+    return typer.Option(None, "--quantization", "-q", help=QUANTIZATION_HELP)
+
+
 def task_options(pairs: list[str]) -> dict:
     """KEY=VALUE -> {KEY: VALUE}, values read as JSON when they are (3, 0.5, null), else text."""
     import json

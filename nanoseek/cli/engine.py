@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import check_device, check_utf8
+from nanoseek.cli.common import check_device, check_utf8, dtype_option, quantization_option
 
 
 def _ids(text: str, flag: str) -> list[int]:
@@ -22,6 +22,49 @@ def _ids(text: str, flag: str) -> list[int]:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
         raise typer.BadParameter(f"{flag} {text!r}: expected integers separated by commas") from None
+
+
+# ------------------------------------------------ options generate, serve and chat share
+def speculative_option():
+    return typer.Option(None, "--speculative/--no-speculative",
+                        help="MTP speculative decoding [default: on when the checkpoint has MTP layers]")
+
+
+def kv_cache_memory_option():
+    return typer.Option(None, "--kv-cache-memory", help="KV-cache budget: bytes (e.g. 512MiB, 2e9) or a fraction "
+                                                        "of free memory [default: 0.9 on a GPU, 0.05 on CPU]")
+
+
+def block_size_option():
+    return typer.Option(16, "--block-size", min=1, help="tokens per cache block")
+
+
+def max_num_seqs_option():
+    return typer.Option(64, "--max-num-seqs", min=1, help="requests the engine runs together")
+
+
+def max_model_len_option():
+    return typer.Option(None, "--max-model-len", min=1, help="longest prompt + output [default: the model's context]")
+
+
+def device_option():
+    return typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda")
+
+
+def threads_option():
+    return typer.Option(None, "--threads", min=1, help="CPU threads for torch [default: torch's choice; 1 is "
+                                                       "often fastest for tiny models or on a busy machine]")
+
+
+def engine_kw(kv_cache_memory, block_size: int, max_num_seqs: int, max_model_len, speculative,
+              max_num_batched_tokens: int | None = None) -> dict:
+    """EngineConfig's fields from the shared options; a step's token budget defaults to
+    512, or max_num_seqs when larger (every running request decodes in one step)."""
+    kw = dict(kv_cache_memory=kv_cache_memory, block_size=block_size, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max_num_batched_tokens or max(512, max_num_seqs), speculative=speculative)
+    if max_model_len is not None:
+        kw["max_model_len"] = max_model_len
+    return kw
 
 
 def generate(
@@ -48,19 +91,15 @@ def generate(
     logprobs: Optional[int] = typer.Option(None, "--logprobs", min=0,
                                            help="log-probabilities of each sampled token and of the K most likely"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per completion on stdout, nothing else"),
-    speculative: bool = typer.Option(None, "--speculative/--no-speculative",
-                                     help="MTP speculative decoding (default: on when the checkpoint has MTP layers)"),
-    kv_cache_memory: str = typer.Option(None, help="KV-cache budget: bytes (e.g. 512MiB, 2e9) or a fraction of "
-                                                   "free memory [default: 0.9 on a GPU, 0.05 on CPU]"),
-    block_size: int = typer.Option(16, min=1, help="tokens per cache block"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
-    dtype: str = typer.Option("float32", help="weights, activations and latent cache: float32, bfloat16, "
-                                              "float16, or auto (the checkpoint's torch_dtype); the router "
-                                              "stays fp32"),
-    quantization: Optional[str] = typer.Option(None, help="fp8: attention and FFN/expert weights held in FP8 "
-                                                           "(128x128 blocks) and run through FP8Linear"),
-    threads: int = typer.Option(None, min=1, help="CPU threads for torch (default: torch's choice; 1 is often "
-                                                  "fastest for tiny models or on a busy machine)"),
+    speculative: Optional[bool] = speculative_option(),
+    kv_cache_memory: Optional[str] = kv_cache_memory_option(),
+    block_size: int = block_size_option(),
+    max_num_seqs: int = max_num_seqs_option(),
+    max_model_len: Optional[int] = max_model_len_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    quantization: Optional[str] = quantization_option(),
+    threads: Optional[int] = threads_option(),
 ):
     """Generate from a checkpoint with the paged-latent-cache engine. One prompt streams its
     text as it is produced; several run as one continuously batched load and print in input
@@ -76,8 +115,8 @@ def generate(
                             max_tokens=max_tokens, stop=stop or None,
                             stop_token_ids=_ids(stop_token_ids, "--stop-token-ids"),
                             ignore_eos=ignore_eos, logprobs=logprobs)
-    llm = LLM(path, device=device, dtype=dtype, quantization=quantization, kv_cache_memory=kv_cache_memory,
-              block_size=block_size, speculative=speculative)  # a bad dtype/quantization: one ValueError line
+    llm = LLM(path, device=device, dtype=dtype, quantization=quantization,  # a bad value: one ValueError line
+              **engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len, speculative))
     if llm.quantization_backend is not None:
         from rich.console import Console
         Console(stderr=True).print(f"[dim]FP8 weights, GEMM: {llm.quantization_backend}[/dim]")

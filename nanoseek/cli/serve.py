@@ -14,21 +14,15 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import check_device, check_utf8
-
-
-def _engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len, speculative) -> dict:
-    kw = dict(kv_cache_memory=kv_cache_memory, block_size=block_size, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max(512, max_num_seqs), speculative=speculative)
-    if max_model_len is not None:
-        kw["max_model_len"] = max_model_len
-    return kw
+from nanoseek.cli.common import check_device, check_utf8, dtype_option, quantization_option
+from nanoseek.cli.engine import (block_size_option, device_option, engine_kw, kv_cache_memory_option,
+                                 max_model_len_option, max_num_seqs_option, speculative_option, threads_option)
 
 
 def build_cache(url: str, semantic: bool, threshold: float, ttl: float, size: int, timeout: float = 0.5):
     """The response caches (L1 where `url` says, L2 when `semantic`, its model loaded now so
     the first request does not wait for it), or None for "off". L3 is the engine's prefix
-    cache, always on. `timeout`: seconds a SQLite/Redis call may take before it is a miss."""
+    cache (--enable-prefix-caching, on by default). `timeout`: seconds a SQLite/Redis call may take before it is a miss."""
     if url == "off":
         if semantic:
             raise ValueError("--semantic-cache needs an L1 cache: drop --cache off")
@@ -44,7 +38,9 @@ def serve(
     path: str = typer.Argument(..., help="checkpoint directory (config.json + safetensors + tokenizer.json)"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
-    model_name: Optional[str] = typer.Option(None, help="the model id clients send [default: the directory's name]"),
+    model_name: Optional[str] = typer.Option(None, "--served-model-name", "--model-name",
+                                             help="the model id /v1/models reports and requests must name "
+                                                  "(vLLM's --served-model-name) [default: the directory's name]"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="NANOSEEK_API_KEY",
                                           help="require 'Authorization: Bearer KEY' on /v1 (comma-separated for "
                                                "several keys; also NANOSEEK_API_KEY)"),
@@ -56,16 +52,23 @@ def serve(
                                                    "the longest token, the most that can fit]"),
     shutdown_timeout: float = typer.Option(10.0, min=0, help="seconds in-flight requests get to finish on "
                                                              "SIGTERM/SIGINT before they are cancelled"),
-    max_num_seqs: int = typer.Option(64, min=1, help="requests the engine runs together"),
-    max_model_len: Optional[int] = typer.Option(None, min=1, help="longest prompt + output [default: the model's]"),
-    kv_cache_memory: Optional[str] = typer.Option(None, help="KV-cache budget: bytes (e.g. 512MiB) or a fraction "
-                                                             "of free memory"),
-    block_size: int = typer.Option(16, min=1, help="tokens per cache block"),
-    speculative: bool = typer.Option(None, "--speculative/--no-speculative", help="MTP speculative decoding "
-                                                                                 "[default: on with MTP layers]"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch"),
+    max_num_seqs: int = max_num_seqs_option(),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, min=1, help="tokens one engine step runs at most "
+                                                         "(decodes + prefill chunks) [default: 512, or "
+                                                         "--max-num-seqs when larger]"),
+    max_model_len: Optional[int] = max_model_len_option(),
+    kv_cache_memory: Optional[str] = kv_cache_memory_option(),
+    block_size: int = block_size_option(),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching",
+                                               help="reuse the latent cache of a prompt prefix seen before "
+                                                    "(the L3 cache)"),
+    speculative: Optional[bool] = speculative_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    quantization: Optional[str] = quantization_option(),
+    threads: Optional[int] = threads_option(),
     log_level: str = typer.Option("info", help="uvicorn's log level (warning: no access log)"),
+    uvicorn_log_level: Optional[str] = typer.Option(None, hidden=True, help="vLLM's name for --log-level"),
     cache: str = typer.Option("memory", help="L1 exact-match response cache for deterministic requests "
                                              "(temperature 0 or a seed): memory | sqlite:///FILE.db | "
                                              "redis://HOST:PORT/DB | off"),
@@ -90,10 +93,13 @@ def serve(
     from nanoseek.serve.app import create_app
     from nanoseek.serve.cache.urls import redact
     check_device(device)
+    log_level = uvicorn_log_level or log_level
     if threads:
         torch.set_num_threads(threads)
-    llm = AsyncLLM(path, device=device, **_engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len,
-                                                      speculative))
+    llm = AsyncLLM(path, device=device, dtype=dtype, quantization=quantization,
+                   enable_prefix_caching=enable_prefix_caching,
+                   **engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len, speculative,
+                               max_num_batched_tokens))
     keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
     response_cache = build_cache(cache, semantic_cache, cache_threshold, cache_ttl, cache_size, cache_timeout)
     app = create_app(llm, model_name or Path(path).resolve().name, api_keys=keys, max_queue=max_queue,
@@ -115,8 +121,10 @@ def chat(
     temperature: float = typer.Option(0.7, min=0.0, help="0 = greedy"),
     top_p: float = typer.Option(0.95, help="nucleus sampling mass"),
     seed: Optional[int] = typer.Option(None, help="seed of the first answer (answer k uses seed + k)"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cpu or cuda"),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch"),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+    quantization: Optional[str] = quantization_option(),
+    threads: Optional[int] = threads_option(),
 ):
     """Talk to a checkpoint in the terminal, answers streaming, history kept.
 
@@ -128,7 +136,7 @@ def chat(
     check_device(device)
     if threads:
         torch.set_num_threads(threads)
-    engine = LLM(path, device=device).engine
+    engine = LLM(path, device=device, dtype=dtype, quantization=quantization).engine
     if engine.tokenizer is None:
         raise ValueError(f"{path}: no tokenizer.json; chat needs one (train one with `nanoseek tokenizer train`)")
     convo, tty = Conversation(system=system), sys.stdin.isatty()
@@ -163,7 +171,7 @@ def _lines(tty: bool):
 def _answer(engine, convo, line: str, params) -> str:
     """Stream one answer to stdout; forget the oldest exchanges if the history outgrew the context."""
     from nanoseek.engine.outputs import stable_text
-    limit = engine.scheduler.max_model_len
+    limit = engine.max_model_len
     while True:
         ids = convo.prompt_ids(engine.tokenizer, line)
         if len(ids) + params.max_tokens <= limit or not convo.forget_oldest():

@@ -49,6 +49,11 @@ class AsyncLLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + output one request may have (LLMEngine.max_model_len)."""
+        return self.engine.max_model_len
+
     # ------------------------------------------------------------------- public
     async def generate(self, prompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:

@@ -111,6 +111,23 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + output one request may have: the model's context (or
+        EngineConfig.max_model_len), capped by what the KV cache holds."""
+        return self.scheduler.max_model_len
+
+    def reset_stats(self, spec_policy: SpecPolicy | None = None) -> None:
+        """Zero the counters `stats()` reports (forwards, preemptions, prefix-cache hits and
+        queries, MTP drafts) and restart the drafting policy (`spec_policy`, or a fresh one
+        like the current), so that a measurement after a warm-up counts only itself."""
+        self.runner.forwards = self.scheduler.num_preemptions = 0
+        self.block_manager.hits = self.block_manager.queries = 0
+        spec = self.runner.spec
+        if spec is not None:
+            spec.stats.drafted = spec.stats.accepted = 0
+            spec.policy = spec_policy or SpecPolicy(max_batch=spec.policy.max_batch)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block's hash. Call after changing the model's weights (e.g.
         between GRPO updates): cached latents were computed by the old weights."""

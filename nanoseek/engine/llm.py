@@ -4,10 +4,12 @@
     llm = LLM("runs/speedrun")
     for out in llm.generate(["The meaning of"], SamplingParams(temperature=0, max_tokens=32)):
         print(out.outputs[0].text)
+    llm.chat([{"role": "user", "content": "Hi"}])  # a conversation, in the chat format
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -40,10 +42,35 @@ def load_model(path_or_model, dtype=None, device=None, quantization: str | None 
         return model, None
     path = Path(path_or_model)
     if not (path / "config.json").exists():
+        check_not_adapter(path)
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
     dtype = resolve_dtype(dtype, path, target or torch.device("cpu"))
     model = CausalLM.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
     return model, Tokenizer.from_dir(path)
+
+
+def check_not_adapter(path: Path) -> None:
+    """A LoRA adapter (adapter_config.json, or a LoRA run directory's adapter/) holds no base
+    weights: say in one line how to make a checkpoint of it, rather than "no config.json"."""
+    adapter = next((d for d in (path, path / "adapter") if (d / "adapter_config.json").exists()), None)
+    if adapter is None:
+        return
+    base = (_read_key(adapter / "adapter_config.json", "base_model_name_or_path")
+            or _read_key(path / "run.json", "settings", "init"))  # a LoRA run directory's init
+    raise ValueError(f"{path}: an unmerged LoRA adapter, not a checkpoint; merge it into its base "
+                     f"first: nanoseek merge-lora --base {base or 'BASE_CHECKPOINT'} --adapter {adapter} "
+                     f"--out MERGED_DIR (or train with --merge), then use MERGED_DIR")
+
+
+def _read_key(file: Path, *keys: str):
+    """file's JSON value at keys, or None (no file, not JSON, no such key)."""
+    try:
+        value = json.loads(file.read_text())
+        for k in keys:
+            value = value[k]
+        return value if isinstance(value, str) and value else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class LLM:
@@ -66,6 +93,11 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest prompt + output one request may have (LLMEngine.max_model_len)."""
+        return self.engine.max_model_len
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -109,6 +141,21 @@ class LLM:
                 out.outputs.append(comp)
             outs.append(out)
         return outs
+
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """vLLM's `LLM.chat`: `messages` is one conversation (a list of {"role", "content"}
+        dicts, OpenAI's roles and tool calls included) or a list of them; each is rendered in
+        DeepSeek-V3's chat format by `Tokenizer.encode_chat` (content always text, never
+        special tokens: what the server and `nanoseek chat` send) and generated as `generate`
+        does. One RequestOutput per conversation, in order; its text is the assistant's reply."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (tokenizer.json); this checkpoint has none")
+        conversations = [messages] if not messages or isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.encode_chat(list(c), add_generation_prompt=add_generation_prompt)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
 
 def _as_prompt_list(prompts) -> list:

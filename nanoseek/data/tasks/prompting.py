@@ -27,7 +27,7 @@ def generate_texts(llm, conversations: list[list[dict]], params) -> list[list[st
 def fit_context(llm, ids: list[int], params):
     """`params` with max_tokens cut to what the model's context leaves after the prompt
     (a task's budget may exceed a tiny model's max_position_embeddings)."""
-    limit = llm.engine.scheduler.max_model_len
+    limit = llm.max_model_len
     room = limit - len(ids)
     if room < 1:
         raise ValueError(f"a prompt of {len(ids)} tokens leaves no room in the model's "

@@ -91,7 +91,7 @@ class ToolUse(Task):
                  for ex in examples for k in range(params.n)]
         for round_ in range(self.max_rounds):
             for c in convs:  # a conversation that has filled the context ends here
-                c.done = c.done or len(c.ids) >= llm.engine.scheduler.max_model_len
+                c.done = c.done or len(c.ids) >= llm.max_model_len
             active = [c for c in convs if not c.done]
             if not active:
                 break
