@@ -4,7 +4,7 @@ packing keeps every conversation whole, bad rows are named by file and line."""
 import pytest
 
 from nanoseek.text.chat_template import chat_segments, render_chat
-from nanoseek.data.chat import (ChatDataError, chat_windows, encode_chat, pack, read_conversations,
+from nanoseek.data.chat import (ChatDataError, chat_windows, encode_with_mask, pack, read_conversations,
                                 shift_labels)
 from nanoseek.data.preferences import encode_pairs, read_pairs
 from nanoseek.model.transformer import IGNORE_INDEX
@@ -44,7 +44,7 @@ def _target_text(tok, ids, labels):
 
 
 def test_labels_are_exactly_the_assistant_spans_of_a_tool_conversation(tok):
-    ids, trained = encode_chat(TOOL_CHAT, tok)
+    ids, trained = encode_with_mask(TOOL_CHAT, tok)
     # tokenising piece by piece gives the ids of the whole rendered text
     assert ids == tok(render_chat(TOOL_CHAT), add_special_tokens=False)["input_ids"]
     x, y = shift_labels(ids, trained)

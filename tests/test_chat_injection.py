@@ -70,13 +70,13 @@ def check(tok, msgs, ids, benign_ids):
 
 # ------------------------------------------------------------------- encoders
 def _tasks(tok, msgs):
-    from nanoseek.data.tasks.prompting import encode_chat
-    return encode_chat(Tokenizer.of(tok), msgs)
+    from nanoseek.data.tasks.prompting import prompt_ids
+    return prompt_ids(Tokenizer.of(tok), msgs)
 
 
 def _sft(tok, msgs):
-    from nanoseek.data.chat import encode_chat
-    return encode_chat(msgs, tok, add_generation_prompt=True)[0]
+    from nanoseek.data.chat import encode_with_mask
+    return encode_with_mask(msgs, tok, add_generation_prompt=True)[0]
 
 
 def _server(tok, msgs):
@@ -214,12 +214,12 @@ def test_tool_use_rollout_outputs_cannot_close_the_block(tok):
 
 def test_task_prompts_from_a_jsonl_file_stay_text(tok, tmp_path):
     from nanoseek.data.tasks import load_task
-    from nanoseek.data.tasks.prompting import encode_chat
+    from nanoseek.data.tasks.prompting import prompt_ids
     f = tmp_path / "t.jsonl"
     f.write_text(json.dumps({"prompt": ATTACK, "answer": "1"}) + "\n")
     task = load_task(f, test_fraction=0.0)
     (ex,) = task.examples("train", 1)
-    ids = encode_chat(Tokenizer.of(tok), task.prompt_messages(ex))
+    ids = prompt_ids(Tokenizer.of(tok), task.prompt_messages(ex))
     assert special_counts(tok, ids)[USER] == 1 and special_counts(tok, ids)[ASSISTANT] == 1
 
 

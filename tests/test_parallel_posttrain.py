@@ -54,12 +54,12 @@ def sft_case(out: Path, init, data, layout=None) -> dict:
 def fake_rollouts(llm, task, examples, group_size, params, seed):
     """Completion k of prompt i is drawn from seed + i*G + k alone: 1-8 tokens, a reward in
     [0, 1); the prompts asked for are recorded."""
-    from nanoseek.data.tasks.prompting import encode_chat
+    from nanoseek.data.tasks.prompting import prompt_ids
     from nanoseek.train.rl.rollout import Rollouts
     SEEN.extend(ex.prompt for ex in examples)
     r = Rollouts([], [], [], [], torch.zeros(0))
     for i, ex in enumerate(examples):
-        ids = encode_chat(llm.tokenizer, task.prompt_messages(ex))
+        ids = prompt_ids(llm.tokenizer, task.prompt_messages(ex))
         for k in range(group_size):
             g = torch.Generator().manual_seed(seed + i * group_size + k)
             n = int(torch.randint(1, 9, (1,), generator=g))

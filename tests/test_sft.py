@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from nanoseek import from_pretrained
 from nanoseek.cli import app
-from nanoseek.data.chat import encode_chat
+from nanoseek.data.chat import encode_with_mask
 from nanoseek.text.tokenizer import load_tokenizer
 from nanoseek.train.loop import read_metrics
 from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
@@ -31,7 +31,7 @@ def data(tmp_path_factory):
 
 def greedy_answer(run_dir, prompt: str, max_new_tokens: int = 8) -> str:
     model, tok = from_pretrained(run_dir), load_tokenizer(run_dir)
-    ids, _ = encode_chat([{"role": "user", "content": prompt}], tok, add_generation_prompt=True)
+    ids, _ = encode_with_mask([{"role": "user", "content": prompt}], tok, add_generation_prompt=True)
     out = model.generate(torch.tensor([ids]), max_new_tokens, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 

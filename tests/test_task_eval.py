@@ -11,7 +11,7 @@ import torch
 import nanoseek
 from nanoseek.cli import app
 from nanoseek.data.tasks import load_task
-from nanoseek.data.tasks.prompting import encode_chat
+from nanoseek.data.tasks.prompting import prompt_ids
 from nanoseek.engine import LLM
 from nanoseek.model import CausalLM
 from nanoseek.text.special_tokens import BOS, EOS
@@ -36,7 +36,7 @@ def checkpoint(tmp_path_factory, tokenizer):
 
 
 def test_prompt_has_one_bos(tokenizer):
-    ids = encode_chat(Tokenizer.of(tokenizer), [{"role": "user", "content": "Compute 1 + 2."}])
+    ids = prompt_ids(Tokenizer.of(tokenizer), [{"role": "user", "content": "Compute 1 + 2."}])
     bos = tokenizer.convert_tokens_to_ids(BOS)
     assert ids[0] == bos and ids.count(bos) == 1
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<｜Assistant｜>")

@@ -86,7 +86,7 @@ def read_conversations(paths) -> list[list[dict]]:
 
 
 # ----------------------------------------------------------------- encoding
-def encode_chat(messages: list[dict], tokenizer, where: str = "conversation",
+def encode_with_mask(messages: list[dict], tokenizer, where: str = "conversation",
                 add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether the assistant wrote it
     (`Tokenizer.encode_parts`: BOS once, the markers as ids, content as text, so a marker
@@ -165,7 +165,7 @@ def chat_windows(conversations: list[list[dict]], tokenizer, seq_len: int,
     """Conversations -> packed windows with assistant-only labels."""
     examples = []
     for i, msgs in enumerate(conversations):
-        ids, trained = encode_chat(msgs, tokenizer, where=f"conversation {i}")
+        ids, trained = encode_with_mask(msgs, tokenizer, where=f"conversation {i}")
         x, y = shift_labels(ids, trained)
         if all(t == IGNORE_INDEX for t in y):
             raise ChatDataError(f"conversation {i}: the assistant's turns are empty, nothing to learn")

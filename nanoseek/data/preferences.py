@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.data.chat import ChatDataError, encode_chat, read_jsonl, shift_labels
+from nanoseek.data.chat import ChatDataError, encode_with_mask, read_jsonl, shift_labels
 from nanoseek.model.transformer import IGNORE_INDEX
 
 
@@ -85,7 +85,7 @@ def encode_pairs(rows: list[dict], tokenizer, max_len: int) -> PairBatch:
         where = row.get("_where", f"pair {i}")
         prompt = prompt_messages(row, where)
         for key in seqs:
-            ids, trained = encode_chat(prompt + [completion_message(row, key, where)], tokenizer, where)
+            ids, trained = encode_with_mask(prompt + [completion_message(row, key, where)], tokenizer, where)
             x, y = shift_labels(ids, trained)
             if len(x) > max_len:
                 raise ChatDataError(f"{where}: prompt + {key} is {len(x)} tokens, more than "

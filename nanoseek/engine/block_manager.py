@@ -25,7 +25,7 @@ def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 @dataclass
-class Block:
+class CacheBlock:
     block_id: int
     ref_count: int = 0
     hash: int | None = None
@@ -38,7 +38,7 @@ class BlockManager:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = [CacheBlock(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
         self.hits = self.queries = 0      # prefix-cache blocks hit / looked up

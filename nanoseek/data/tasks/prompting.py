@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 
-def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the rendered conversation (a nanoseek `Tokenizer`), bos included once."""
     if tokenizer is None:
         raise ValueError("the model has no tokenizer (tokenizer.json): tasks prompt with text")
@@ -19,7 +19,7 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
 def generate_texts(llm, conversations: list[list[dict]], params) -> list[list[str]]:
     """params.n completions per conversation, special tokens kept (eos is not text)."""
     params = replace(params, skip_special_tokens=False)
-    prompts = [encode_chat(llm.tokenizer, msgs) for msgs in conversations]
+    prompts = [prompt_ids(llm.tokenizer, msgs) for msgs in conversations]
     outs = llm.generate(prompts, [fit_context(llm, ids, params) for ids in prompts], use_tqdm=False)
     return [[c.text for c in out.outputs] for out in outs]
 

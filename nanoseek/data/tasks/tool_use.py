@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from nanoseek.text.chat_template import Part, render_chat, tool_output_parts
 from nanoseek.data.tasks.arithmetic import OPS, apply, draw_problem
 from nanoseek.data.tasks.base import Example, Task, TaskError, make_rewarder, no_options_left
-from nanoseek.data.tasks.prompting import encode_chat, fit_context
+from nanoseek.data.tasks.prompting import prompt_ids, fit_context
 from nanoseek.text.special_tokens import END_THINK, EOS, THINK, TOOL_TOKENS
 from nanoseek.data.tasks.rewards import (ANSWER, END_ANSWER, ExpressionError, evaluate_expression,
                                          numeric_accuracy, strip_eos, tagged)
@@ -86,7 +86,7 @@ class ToolUse(Task):
         and let the model go on (up to `max_rounds` turns). Completions are the text after
         the prompt, tool outputs included, as `example.response` is."""
         params = replace(params, skip_special_tokens=False)
-        convs = [_Conversation(encode_chat(llm.tokenizer, self.prompt_messages(ex)),
+        convs = [_Conversation(prompt_ids(llm.tokenizer, self.prompt_messages(ex)),
                                replace(params, n=1, seed=None if params.seed is None else params.seed + k))
                  for ex in examples for k in range(params.n)]
         for round_ in range(self.max_rounds):

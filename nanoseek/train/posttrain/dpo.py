@@ -159,13 +159,13 @@ def sample_pairs(init: str, task, sampling: PairSampling, seed: int, log=print) 
     """Pairs from the starting model's own samples on the task's training prompts, scored
     by the task's reward: (correct, reward) best as chosen, worst as rejected, when they
     differ in correctness or reward."""
-    from nanoseek.data.chat import encode_chat
+    from nanoseek.data.chat import encode_with_mask
     from nanoseek.engine import LLM, SamplingParams
     from nanoseek.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(init)
     examples = task.examples("train", sampling.prompts, seed)
-    prompts = [{"prompt_token_ids": encode_chat(task.prompt_messages(ex), tok,
+    prompts = [{"prompt_token_ids": encode_with_mask(task.prompt_messages(ex), tok,
                                                 add_generation_prompt=True)[0]} for ex in examples]
     params = SamplingParams(n=sampling.samples, temperature=sampling.temperature,
                             max_tokens=sampling.max_tokens, seed=seed)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from nanoseek.data.tasks.prompting import encode_chat, fit_context
+from nanoseek.data.tasks.prompting import prompt_ids, fit_context
 from nanoseek.model.transformer import IGNORE_INDEX
 
 
@@ -76,7 +76,7 @@ def sample_rollouts(llm, task, examples, group_size: int, params, seed: int) -> 
     max_tokens), reproducible from `seed`; the engine's prefix cache is dropped first."""
     t0 = time.perf_counter()
     llm.engine.reset_prefix_cache()
-    prompts = [encode_chat(llm.tokenizer, task.prompt_messages(ex)) for ex in examples]
+    prompts = [prompt_ids(llm.tokenizer, task.prompt_messages(ex)) for ex in examples]
     base = replace(params, n=group_size, logprobs=0, skip_special_tokens=False)
     plist = [fit_context(llm, ids, replace(base, seed=seed + i * group_size))
              for i, ids in enumerate(prompts)]
