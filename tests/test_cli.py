@@ -311,14 +311,15 @@ def test_help_reflows_docstrings():
 
 
 # --------------------------------------------------------------- --precision, --compile
-TRAINING_COMMANDS = [["pretrain", "--out", "x"], ["sft", "--init", "x", "--out", "y"],
-                     ["dpo", "--init", "x", "--out", "y"], ["grpo", "--init", "x", "--out", "y"],
+TRAINING_COMMANDS = [["pretrain", "--out", "x"], ["sft", "--model", "x", "--out", "y"],
+                     ["dpo", "--model", "x", "--out", "y"], ["grpo", "--model", "x", "--out", "y"],
                      ["speedrun"], ["speedrun-rl"]]
 
 
 @pytest.mark.parametrize("command", TRAINING_COMMANDS, ids=lambda c: c[0])
 def test_training_commands_check_precision_and_compile(command):
-    assert_user_error(invoke(*command, "--precision", "bf32"), "--precision", "bf32", "fp32 | bf16")
+    assert_user_error(invoke(*command, "--precision", "bf32"), "--precision", "bf32",
+                      "auto | float32 (fp32) | bfloat16 (bf16) | float16 (fp16)")
     assert_user_error(invoke(*command, "--compile", "yes"), "--compile", "yes")
 
 
@@ -348,9 +349,9 @@ def _train_config(result):
 
 
 @pytest.mark.parametrize("command, module, name", [
-    (["sft", "--init", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.posttrain.sft", "sft"),
-    (["dpo", "--init", "x", "--out", "y"], "nanoseek.train.posttrain.dpo", "dpo"),
-    (["grpo", "--init", "x", "--out", "y"], "nanoseek.train.rl.run", "rl"),
+    (["sft", "--model", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.posttrain.sft", "sft"),
+    (["dpo", "--model", "x", "--out", "y"], "nanoseek.train.posttrain.dpo", "dpo"),
+    (["grpo", "--model", "x", "--out", "y"], "nanoseek.train.rl.run", "rl"),
 ], ids=["sft", "dpo", "grpo"])
 def test_post_training_passes_precision_and_compile(monkeypatch, command, module, name):
     _capture(monkeypatch, module, name)
@@ -379,8 +380,8 @@ def test_speedrun_resume_keeps_the_runs_precision(monkeypatch):
 
 
 @pytest.mark.parametrize("command, module, name", [
-    (["sft", "--init", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.posttrain.sft", "sft"),
-    (["dpo", "--init", "x", "--out", "y"], "nanoseek.train.posttrain.dpo", "dpo"),
+    (["sft", "--model", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.posttrain.sft", "sft"),
+    (["dpo", "--model", "x", "--out", "y"], "nanoseek.train.posttrain.dpo", "dpo"),
     (["grpo", "--out", "y"], "nanoseek.train.rl.run", "rl"),
 ], ids=["sft", "dpo", "grpo"])
 def test_post_training_resume_says_it_ignores_precision(monkeypatch, command, module, name):
@@ -392,7 +393,100 @@ def test_post_training_resume_says_it_ignores_precision(monkeypatch, command, mo
 
 def test_dpo_passes_task_options(monkeypatch):
     _capture(monkeypatch, "nanoseek.train.posttrain.dpo", "dpo")
-    r = invoke("dpo", "--init", "x", "--out", "y", "--task", "arithmetic", "--pairs-from-sampling",
+    r = invoke("dpo", "--model", "x", "--out", "y", "--task", "arithmetic", "--pairs-from-sampling",
                "--option", "digits=2", "--option", "ops=+")
     settings = next(a for a in r.exception.args[0] if hasattr(a, "task_options"))
     assert settings.task_options == {"digits": 2, "ops": "+"}
+
+
+# --------------------------------------------------------------- one vocabulary
+def _commands(group=None, path=()):
+    """Every leaf command of the app, with its path (`calc kv`...)."""
+    import typer
+    group = group or typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, (*path, name))
+        else:
+            yield " ".join((*path, name)), cmd
+
+
+def test_every_option_of_every_command_has_help():
+    missing = [f"{path} {p.name}" for path, cmd in _commands() for p in cmd.params
+               if not (getattr(p, "help", None) or "").strip()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("value, stored", [("bf16", "bf16"), ("bfloat16", "bf16"), ("FLOAT32", "fp32"),
+                                           ("fp16", "fp16"), ("auto", "auto")])
+def test_precision_takes_the_dtype_names_and_their_aliases(monkeypatch, value, stored):
+    _capture(monkeypatch, "nanoseek.train.posttrain.sft", "sft")
+    r = invoke("sft", "--model", "x", "--out", "y", "--task", "arithmetic", "--precision", value)
+    assert _train_config(r).precision == stored
+
+
+def test_calculators_take_the_same_dtype_names():
+    r = invoke("calc", "kv", "--preset", "tiny", "--dtype", "bfloat16", "--dtype", "fp8", "--json")
+    assert r.exit_code == 0, r.output
+    assert {row["dtype"] for row in json.loads(r.stdout)["rows"]} == {"bf16", "fp8"}
+    r = invoke("plan", "capacity", "--preset", "tiny", "--qps", "1", "--prompt-tokens", "10",
+               "--output-tokens", "10", "--weight-dtype", "float16", "--kv-dtype", "fp8", "--json")
+    assert (json.loads(r.stdout)["assumptions"]["weight_dtype"], json.loads(r.stdout)["assumptions"]["kv_dtype"]) \
+        == ("fp16", "fp8")
+    assert_user_error(invoke("calc", "kv", "--preset", "tiny", "--dtype", "int4"), "--dtype", "int4", "fp8")
+    assert_user_error(invoke("convert", "a", "--out", "b", "--dtype", "fp8"), "--dtype", "float32 (fp32)")
+
+
+def test_engine_dtype_words(ckpt):
+    r = invoke("generate", ckpt, "--prompt-ids", "1", "--max-tokens", "1", "--json", "--dtype", "fp32")
+    assert r.exit_code == 0, r.output
+    assert_user_error(invoke("generate", ckpt, "--prompt-ids", "1", "--dtype", "fp8"), "--dtype", "fp8",
+                      "auto | float32 (fp32)")
+    assert_user_error(invoke("generate", ckpt, "--prompt-ids", "1", "--quantization", "int8"),
+                      "--quantization", "int8", "fp8")
+
+
+def test_old_spellings_still_work_with_a_note(monkeypatch):
+    _capture(monkeypatch, "nanoseek.train.posttrain.sft", "sft")
+    r = invoke("sft", "--init", "x", "--out", "y", "--task", "arithmetic")
+    settings = next(a for a in r.exception.args[0] if hasattr(a, "init"))
+    assert settings.init == "x" and "note: --init is deprecated; use --model" in r.stderr
+    assert_user_error(invoke("sft", "--out", "y", "--task", "arithmetic"), "--model is required")
+    _capture(monkeypatch, "nanoseek.train.rl.run", "rl")
+    r = invoke("grpo", "--init", "x", "--out", "y")
+    assert next(a for a in r.exception.args[0] if hasattr(a, "init")).init == "x"
+    _capture(monkeypatch, "nanoseek.train.posttrain.lora", "merge_lora")
+    r = invoke("merge-lora", "--base", "b", "--adapter", "a", "--out", "o")
+    assert str(r.exception.args[0][0]) == "b" and "use --model" in r.stderr
+    _capture(monkeypatch, "nanoseek.recipes.speedrun_rl", "speedrun_rl")
+    r = invoke("speedrun-rl", "--base", "b", "--out", "runs2/x")
+    assert [str(a) for a in r.exception.args[0][:3]] == ["x", "runs2", "b"]
+
+
+def test_convert_reads_src_and_writes_out(monkeypatch):
+    _capture(monkeypatch, "nanoseek.checkpoint.convert", "convert")
+    r = invoke("convert", "src", "--out", "dst", "--quantization", "fp8", "--dtype", "float16")
+    assert r.exception.args[0][:4] == ("src", "dst", "fp8", "fp16") and r.stderr == ""
+    r = invoke("convert", "src", "dst", "--fp8")  # the old spelling
+    assert r.exception.args[0][:3] == ("src", "dst", "fp8") and r.stderr.count("note:") == 2
+    assert_user_error(invoke("convert", "src", "--quantization", "fp8"), "--out is required")
+
+
+def test_eval_num_problems_and_its_old_spelling(monkeypatch):
+    seen = []
+    monkeypatch.setattr("nanoseek.cli.train._eval_task", lambda run_dir, task, options, n, *a: seen.append(n))
+    invoke("eval", "x", "--task", "arithmetic", "--num-problems", "7")
+    r = invoke("eval", "x", "--task", "arithmetic", "--n", "9")
+    assert seen == [7, 9] and "--num-problems" in r.stderr
+
+
+def test_torchrun_commands_share_the_parallel_flags():
+    """pretrain, sft and grpo run under torchrun: the same flags with the same help."""
+    flags = {}
+    for path, cmd in _commands():
+        if path in ("pretrain", "sft", "grpo"):
+            flags[path] = {p.name: p.help for p in cmd.params if p.name in ("ep", "tp", "pp")}
+            assert "nproc" in {p.name for p in cmd.params}
+    assert flags["pretrain"] == flags["sft"] == flags["grpo"] and len(flags["pretrain"]) == 3
+    for command in (["sft", "--model", "x", "--out", "y", "--task", "arithmetic"], ["grpo", "--model", "x", "--out", "y"]):
+        assert_user_error(invoke(*command, "--tp", "2"), "--nproc")

@@ -182,6 +182,6 @@ def test_cli_convert(tiny_ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     assert "dequantised" in r.stdout
     r = CliRunner().invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x")])
-    assert r.exit_code != 0 and "--fp8 or --dequant" in r.output
+    assert r.exit_code != 0 and "--quantization fp8 or --dequant" in r.output
     r = CliRunner().invoke(app, ["convert", str(tmp_path / "fp8"), str(tmp_path / "y"), "--fp8"])
     assert r.exit_code != 0 and "already an FP8" in r.output

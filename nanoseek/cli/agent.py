@@ -33,7 +33,7 @@ def agent_cmd(
     tool_timeout: float = typer.Option(60.0, help="seconds per tool call"),
     timeout: float = typer.Option(600.0, help="seconds for the whole run"),
     budget: Optional[int] = typer.Option(None, help="token budget for the conversation (old observations shortened)"),
-    temperature: float = typer.Option(0.0),
+    temperature: float = typer.Option(0.0, help="sampling temperature of the model's replies (0 = greedy)"),
     max_tokens: Optional[int] = typer.Option(None, help="tokens per model reply"),
     unisolated_python: bool = typer.Option(
         False, "--unisolated-python",

@@ -8,7 +8,10 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import print_tables
+from nanoseek.cli.common import (STORAGE_DTYPES, deprecated_option, dtype_callback, dtype_words, pick,
+                                  print_tables)
+
+CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")  # convert: the tensors not in FP8
 
 PRESET_HELP = "preset name: tiny, deepseek-v2-lite, deepseek-v2, deepseek-v3"
 CONFIG_HELP = "a config.json, or a checkpoint directory holding one"
@@ -94,7 +97,8 @@ def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
            config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
            batch: int = typer.Option(1, min=1, help="sequences in the batch"),
            seq_len: int = typer.Option(4096, min=1, help="tokens per sequence"),
-           dtype: list[str] = typer.Option(["fp32", "bf16", "fp8"], help="cache dtypes (repeatable): fp32, bf16, fp16, fp8"),
+           dtype: list[str] = typer.Option(["fp32", "bf16", "fp8"], callback=dtype_callback(STORAGE_DTYPES, short=True),
+                                           help=f"cache dtypes (repeatable): {dtype_words(STORAGE_DTYPES)}"),
            gqa: Optional[list[int]] = typer.Option(None, help="GQA key/value head counts to show (repeatable; default 8, or the largest divisor of the head count below it)"),
            mtp: bool = typer.Option(False, help="count the MTP modules' layers too"),
            as_json: bool = typer.Option(False, "--json", help="print JSON only")):
@@ -166,8 +170,10 @@ def capacity_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
                  gpu_tflops: Optional[float] = typer.Option(None, help="custom GPU: dense BF16 TFLOP/s"),
                  gpu_fp8_tflops: Optional[float] = typer.Option(None, help="custom GPU: dense FP8 TFLOP/s"),
                  gpus_per_node: int = typer.Option(8, help="custom GPU: GPUs per node"),
-                 weight_dtype: str = typer.Option("bf16", help="bf16, fp16, fp32 or fp8 (V3's release layout)"),
-                 kv_dtype: str = typer.Option("bf16", help="bf16, fp16, fp32 or fp8"),
+                 weight_dtype: str = typer.Option("bf16", callback=dtype_callback(STORAGE_DTYPES, short=True),
+                                                  help=f"{dtype_words(STORAGE_DTYPES)} (fp8: V3's release layout)"),
+                 kv_dtype: str = typer.Option("bf16", callback=dtype_callback(STORAGE_DTYPES, short=True),
+                                              help=dtype_words(STORAGE_DTYPES)),
                  ttft_ms: float = typer.Option(2000.0, help="time-to-first-token target"),
                  tpot_ms: float = typer.Option(50.0, help="time-per-output-token target"),
                  mfu: float = typer.Option(0.4, help="fraction of peak FLOP/s reached"),
@@ -246,13 +252,18 @@ def _plan_table(p):
 
 # -------------------------------------------------------------------- convert
 def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory"),
-                dst: str = typer.Argument(..., help="destination directory (new or empty)"),
-                fp8: bool = typer.Option(False, "--fp8", help="quantise to FP8 (E4M3, 128x128 blocks, weight_scale_inv)"),
+                dst: Optional[str] = typer.Argument(None, hidden=True, help="deprecated: use --out"),
+                out: Optional[str] = typer.Option(None, "--out", help="destination directory, new or empty (required)"),
+                quantization: Optional[str] = typer.Option(None, "--quantization", "-q", callback=dtype_callback(("fp8",)),
+                                                           help="fp8: quantise the weights to FP8 (E4M3, 128x128 blocks, weight_scale_inv)"),
+                fp8: bool = deprecated_option(False, "--fp8", "--quantization fp8"),
                 dequant: bool = typer.Option(False, "--dequant", help="dequantise an FP8 checkpoint"),
-                dtype: str = typer.Option("bf16", help="dtype of the tensors not in FP8: bf16, fp16, fp32"),
+                dtype: str = typer.Option("bf16", callback=dtype_callback(CHECKPOINT_DTYPES, short=True),
+                                          help=f"dtype of the tensors not in FP8: {dtype_words(CHECKPOINT_DTYPES)}"),
                 overwrite: bool = typer.Option(False, help="write into a non-empty DST"),
                 as_json: bool = typer.Option(False, "--json", help="print JSON only")):
-    """Convert a checkpoint between BF16 and FP8 (DeepSeek-V3's weight_scale_inv layout).
+    """Convert a checkpoint between BF16 and FP8: `nanoseek convert SRC --out DST
+    --quantization fp8`, or `--dequant` back (DeepSeek-V3's weight_scale_inv layout).
 
     FP8 covers the Linear weights of attention and of the FFNs/experts; embeddings, head,
     norms and router stay in high precision. The result loads with nanoseek.from_pretrained
@@ -260,8 +271,14 @@ def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory
     from dataclasses import asdict
 
     from nanoseek.checkpoint.convert import convert
+    fp8 = fp8 or quantization == "fp8"
+    if dst is not None:
+        typer.echo("note: the positional DST is deprecated; use --out DST", err=True)
+    dst = pick(out, dst, "--out", "DST")
+    if dst is None:
+        raise ValueError("--out is required (the directory to write)")
     if fp8 == dequant:
-        raise typer.BadParameter("give exactly one of --fp8 or --dequant")
+        raise typer.BadParameter("give exactly one of --quantization fp8 or --dequant")
     r = convert(src, dst, "fp8" if fp8 else "dequant", dtype, progress=not as_json, overwrite=overwrite)
     _emit(as_json, asdict(r), _convert_table(src, dst, fp8, dtype, r))
 

@@ -169,12 +169,57 @@ def load_config(preset_name: str | None = None, config_path: str | None = None):
     return preset(preset_name) if preset_name else ModelConfig.from_json(config_path)
 
 
+# ------------------------------------------------------------------- dtypes
+# One dtype vocabulary for every command: torch's and vLLM's names (auto, float32, bfloat16,
+# float16) with the short forms fp32, bf16, fp16 accepted everywhere as aliases. fp8 is a
+# value only where a command computes with it as a storage format (calc kv, plan capacity);
+# FP8 weights are `--quantization fp8`. Each command lists the names it allows.
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_LONG = {short: long for long, short in DTYPE_SHORT.items()}
+PRECISION_DTYPES = ("auto", "float32", "bfloat16", "float16")  # training: --precision
+ENGINE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # generate, serve, chat: --dtype
+STORAGE_DTYPES = ("float32", "bfloat16", "float16", "fp8")  # calc kv, plan capacity
+QUANTIZATIONS = ("fp8",)
+
+
+def dtype_words(allowed: tuple[str, ...]) -> str:
+    """'auto | float32 (fp32) | ...': the names a command allows, each with its alias."""
+    return " | ".join(f"{a} ({DTYPE_SHORT[a]})" if a in DTYPE_SHORT else a for a in allowed)
+
+
+def parse_dtype(value: str, allowed: tuple[str, ...], short: bool = False) -> str:
+    """`value` (a name or its alias, any case) as its canonical name, or as the short form
+    with `short` (what training's settings and the calculators store); else a ValueError
+    naming the allowed values."""
+    name = str(value).strip().lower()
+    name = DTYPE_LONG.get(name, name)
+    if name not in allowed:
+        raise ValueError(f"{value!r} is not one of {dtype_words(allowed)}")
+    return DTYPE_SHORT.get(name, name) if short else name
+
+
+def dtype_callback(allowed: tuple[str, ...], short: bool = False):
+    """A typer callback for a dtype option (one value or a repeated one): click's one-line
+    error names the option, the value and the allowed names."""
+    def check(value):
+        if value is None:
+            return None
+        try:
+            if isinstance(value, (list, tuple)):
+                return [parse_dtype(v, allowed, short) for v in value]
+            return parse_dtype(value, allowed, short)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    return check
+
+
 # --precision and --compile: the same choices for every training command (train/config.py
 # PRECISIONS, COMPILE_MODES; repeated here so that `--help` does not import torch)
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_CHOICES = ("auto", "off", "on")
-PRECISION_HELP = ("auto (bf16 where the device has fast bf16: CUDA with bf16, a CPU with "
-                  "AMX/AVX512-BF16; else fp32) | fp32 | bf16 | fp16 (with a gradient scaler)")
+PRECISION_HELP = ("compute precision: auto (bf16 where the device has fast bf16: CUDA with bf16, a CPU "
+                  "with AMX/AVX512-BF16; else fp32) | float32 (fp32) | bfloat16 (bf16) | float16 (fp16, "
+                  "with a gradient scaler)")
 COMPILE_HELP = "torch.compile of the blocks: auto (off: it does not pay on CPU; not measured on CUDA) | on | off"
 
 
@@ -189,7 +234,7 @@ def choice(values: tuple[str, ...]):
 
 def precision_option(default: str | None = None):
     """--precision for a training command; None = auto (or the run's own, on --resume)."""
-    return typer.Option(default, "--precision", callback=choice(PRECISION_CHOICES),
+    return typer.Option(default, "--precision", callback=dtype_callback(PRECISION_DTYPES, short=True),
                         help=PRECISION_HELP + ("" if default else " [default: auto]"))
 
 
@@ -212,18 +257,39 @@ def precision_given(resume: bool, **options) -> dict:
 
 # --dtype and --quantization of the commands that load a checkpoint into the engine
 # (generate, serve, chat): engine/dtype.py and quant/model.py check the values
-ENGINE_DTYPE_HELP = ("weights, activations and latent cache: float32, bfloat16, float16, or auto (the "
-                     "checkpoint's torch_dtype); the router stays fp32")
+ENGINE_DTYPE_HELP = (f"weights, activations and latent cache: {dtype_words(ENGINE_DTYPES)}; auto: the "
+                     "checkpoint's torch_dtype; the router stays fp32")
 QUANTIZATION_HELP = "fp8: attention and FFN/expert weights held in FP8 (128x128 blocks) and run through FP8Linear"
 
 
 def dtype_option(default: str = "float32"):
     """--dtype of an engine command (a bad value: one ValueError line from engine/dtype.py)."""
-    return typer.Option(default, "--dtype", help=ENGINE_DTYPE_HELP)
+    return typer.Option(default, "--dtype", callback=dtype_callback(ENGINE_DTYPES), help=ENGINE_DTYPE_HELP)
 
 
 def quantization_option():
-    return typer.Option(None, "--quantization", "-q", help=QUANTIZATION_HELP)
+    return typer.Option(None, "--quantization", "-q", callback=dtype_callback(QUANTIZATIONS),
+                        help=QUANTIZATION_HELP)
+
+
+# ------------------------------------------------------ deprecated spellings
+def deprecated_option(default, old: str, new: str, **kw):
+    """A hidden old spelling of `new` that keeps scripts working and says, once, on stderr
+    that it is deprecated (`pick` then merges it with the new option)."""
+    def note(value):
+        if value not in (None, False, [], ()):
+            typer.echo(f"note: {old} is deprecated; use {new}", err=True)
+        return value
+    return typer.Option(default, old, hidden=True, callback=note, help=f"deprecated: use {new}", **kw)
+
+
+def pick(new_value, old_value, new: str, old: str):
+    """The value of an option given under its new or its old (deprecated) name, not both."""
+    if old_value not in (None, False, [], ()):
+        if new_value not in (None, False, [], ()) and new_value != old_value:
+            raise typer.BadParameter(f"give {new} (or its old spelling {old}), not both")
+        return old_value
+    return new_value
 
 
 def task_options(pairs: list[str]) -> dict:

@@ -7,7 +7,11 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import compile_option, precision_given, precision_option
+from nanoseek.cli import launch_options as parallel
+from nanoseek.cli.common import compile_option, deprecated_option, pick, precision_given, precision_option
+from nanoseek.cli.run_config import config_option
+from nanoseek.cli.settings import option
+from nanoseek.train.config import TrainConfig
 
 LORA_TARGETS_HELP = ("comma-separated linears to adapt (default: all of q_a_proj, q_b_proj, "
                      "q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj, down_proj)")
@@ -26,25 +30,35 @@ def _train(**kw):
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def _start(model: Optional[Path], init: Optional[Path], required: bool = True) -> Optional[Path]:
+    """--model, or its old spelling --init."""
+    start = pick(model, init, "--model", "--init")
+    if start is None and required:
+        raise ValueError("--model is required (the checkpoint to start from)")
+    return start
+
+
 def sft(
-        init: Path = typer.Option(..., "--init", help="checkpoint + tokenizer to start from (e.g. a pretraining run)"),
+        config: Optional[Path] = config_option(),
+        model: Optional[Path] = typer.Option(None, "--model", help="checkpoint + tokenizer to start from (e.g. a pretraining run) (required)"),
+        init: Optional[Path] = deprecated_option(None, "--init", "--model"),
         out: Path = typer.Option(..., "--out", help="run directory: the fine-tuned checkpoint (or adapter) + tokenizer"),
         data: Optional[list[Path]] = typer.Option(None, "--data", help="JSONL: {\"messages\": [...]} or {\"prompt\", \"response\"} rows (repeat)"),
         task: Optional[str] = typer.Option(None, "--task", help="train on a task's demonstrations instead"),
         task_examples: int = typer.Option(1000, min=1, help="task examples to train on"),
         option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=2"),
         epochs: float = typer.Option(3.0, help="passes over the data (sets --max-steps when not given)"),
-        max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: from --epochs)"),
+        max_steps: Optional[int] = option(TrainConfig, "max_steps", None, default_note="from --epochs"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
-        batch_size: Optional[int] = typer.Option(None, min=1, help="windows per micro-batch [8]"),
-        seq_len: Optional[int] = typer.Option(None, min=1, help="tokens per window [256]"),
-        grad_accum: Optional[int] = typer.Option(None, min=1, help="micro-batches per step [1]"),
-        lr: Optional[float] = typer.Option(None, help="peak learning rate [5e-4; 2e-3 suits LoRA]"),
-        warmup_steps: Optional[int] = typer.Option(None, min=0, help="warm-up steps [10]"),
-        save_every: Optional[int] = typer.Option(None, min=0, help="steps between checkpoints [100]"),
+        batch_size: Optional[int] = option(TrainConfig, "batch_size", None, help="windows per micro-batch", default_note="8"),
+        seq_len: Optional[int] = option(TrainConfig, "seq_len", None, help="tokens per window", default_note="256"),
+        grad_accum: Optional[int] = option(TrainConfig, "grad_accum", None, default_note="1"),
+        lr: Optional[float] = option(TrainConfig, "lr", None, default_note="5e-4; 2e-3 suits LoRA"),
+        warmup_steps: Optional[int] = option(TrainConfig, "warmup_steps", None, default_note="10"),
+        save_every: Optional[int] = option(TrainConfig, "save_every", None, default_note="100"),
         no_packing: bool = typer.Option(False, "--no-packing", help="one conversation per window"),
         val_fraction: float = typer.Option(0.0, help="share of conversations held out for val_loss"),
-        eval_every: Optional[int] = typer.Option(None, min=0, help="steps between evaluations (val_loss, --eval-n accuracy) [0: at the end]"),
+        eval_every: Optional[int] = option(TrainConfig, "eval_every", None, help="steps between evaluations (val_loss, --eval-n accuracy; 0 = at the end only)", default_note="0"),
         eval_n: int = typer.Option(0, min=0, help="--task: held-out problems solved greedily at each evaluation (accuracy, format)"),
         stop_at_accuracy: Optional[float] = typer.Option(None, help="--task: stop once the held-out accuracy reaches this (needs --eval-n, --eval-every)"),
         lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (peft) over the frozen model"),
@@ -53,23 +67,21 @@ def sft(
         lora_alpha: float = typer.Option(16.0, help="LoRA alpha (scale alpha / r)"),
         lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
         merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
-        seed: Optional[int] = typer.Option(None, help="data order and held-out split [1337]"),
+        seed: Optional[int] = option(TrainConfig, "seed", None, help="data order and held-out split", default_note="1337"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
-        nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (each data-parallel rank trains on its rows of --batch-size)"),
-        ep: int = typer.Option(1, min=1, help="expert-parallel size (with --nproc; divides the data-parallel size)"),
-        tp: int = typer.Option(1, min=1, help="tensor-parallel size (with --nproc)"),
+        nproc: int = parallel.nproc_option("each data-parallel rank trains on its rows of --batch-size"),
+        ep: int = parallel.ep_option(),
+        tp: int = parallel.tp_option(),
+        pp: int = parallel.pp_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Supervised fine-tuning on chat data: DeepSeek-V3's chat template, loss on the
     assistant's tokens only, packing; full, LoRA or QLoRA; resumable; on several
     processes with --nproc."""
-    from nanoseek.parallel import ParallelConfig, launch
-    if nproc > 1 and not launch.under_torchrun():
-        raise typer.Exit(launch.relaunch(nproc, "sft"))
-    if (ep, tp) != (1, 1) and not launch.under_torchrun():
-        raise typer.BadParameter("--ep/--tp split the model over processes: give --nproc N "
-                                 "(or launch with torchrun)", param_hint="--ep/--tp")
+    parallel.launch("sft", nproc, ep, tp, pp)
+    init = _start(model, init)
     from nanoseek.cli.common import task_options
+    from nanoseek.parallel import ParallelConfig, launch
     from nanoseek.train.posttrain.sft import SFTConfig, sft as run_sft, sft_train_config
     settings = SFTConfig(
         init=str(init), data=[str(p) for p in data or []], task=task, task_examples=task_examples,
@@ -82,14 +94,16 @@ def sft(
                                         save_every=save_every, eval_every=eval_every, seed=seed,
                                         **precision_given(resume, precision=precision, compile=compile))))
     run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress,
-                  parallel=ParallelConfig(ep=ep, tp=tp))
+                  parallel=ParallelConfig(ep=ep, tp=tp, pp=pp))
     if launch.is_main():
         typer.echo(f"done: {run['summary']['steps']} steps; loss on assistant tokens "
                    f"{run['loss_before']:.4f} -> {run['loss_after']:.4f} -> {out}")
 
 
 def dpo(
-        init: Path = typer.Option(..., "--init", help="checkpoint + tokenizer to start from (e.g. an SFT run)"),
+        config: Optional[Path] = config_option(),
+        model: Optional[Path] = typer.Option(None, "--model", help="checkpoint + tokenizer to start from (e.g. an SFT run) (required)"),
+        init: Optional[Path] = deprecated_option(None, "--init", "--model"),
         out: Path = typer.Option(..., "--out", help="run directory"),
         data: Optional[list[Path]] = typer.Option(None, "--data", help="JSONL pairs: {\"prompt\" | \"messages\", \"chosen\", \"rejected\"} (repeat)"),
         task: Optional[str] = typer.Option(None, "--task", help="sample pairs on this task (with --pairs-from-sampling)"),
@@ -101,21 +115,21 @@ def dpo(
         max_tokens: int = typer.Option(64, min=1, help="tokens per sampled completion"),
         beta: float = typer.Option(0.1, help="DPO beta: how far the policy may move from the reference"),
         epochs: float = typer.Option(3.0, help="passes over the pairs (sets --max-steps when not given)"),
-        max_steps: Optional[int] = typer.Option(None, min=1, help="optimizer steps (default: from --epochs)"),
+        max_steps: Optional[int] = option(TrainConfig, "max_steps", None, default_note="from --epochs"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
-        batch_size: Optional[int] = typer.Option(None, min=1, help="pairs per micro-batch [8]"),
-        seq_len: Optional[int] = typer.Option(None, min=1, help="longest prompt + completion [256]"),
-        grad_accum: Optional[int] = typer.Option(None, min=1, help="micro-batches per step [1]"),
-        lr: Optional[float] = typer.Option(None, help="peak learning rate [1e-4]"),
-        warmup_steps: Optional[int] = typer.Option(None, min=0, help="warm-up steps [5]"),
-        save_every: Optional[int] = typer.Option(None, min=0, help="steps between checkpoints [100]"),
+        batch_size: Optional[int] = option(TrainConfig, "batch_size", None, help="pairs per micro-batch", default_note="8"),
+        seq_len: Optional[int] = option(TrainConfig, "seq_len", None, help="longest prompt + completion", default_note="256"),
+        grad_accum: Optional[int] = option(TrainConfig, "grad_accum", None, default_note="1"),
+        lr: Optional[float] = option(TrainConfig, "lr", None, default_note="1e-4"),
+        warmup_steps: Optional[int] = option(TrainConfig, "warmup_steps", None, default_note="5"),
+        save_every: Optional[int] = option(TrainConfig, "save_every", None, default_note="100"),
         lora: bool = typer.Option(False, "--lora", help="LoRA adapters; the reference is the base with adapters off"),
         qlora: bool = typer.Option(False, "--qlora", help="LoRA over a 4-bit NF4 base"),
         lora_r: int = typer.Option(8, min=1, help="LoRA rank"),
         lora_alpha: float = typer.Option(16.0, help="LoRA alpha"),
         lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
         merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
-        seed: Optional[int] = typer.Option(None, help="pair order and sampling seed [1337]"),
+        seed: Optional[int] = option(TrainConfig, "seed", None, help="pair order and sampling seed", default_note="1337"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
@@ -123,6 +137,7 @@ def dpo(
     preference pairs from a file or sampled on a task."""
     from nanoseek.cli.common import task_options
     from nanoseek.train.posttrain.dpo import DPOConfig, PairSampling, dpo as run_dpo, dpo_train_config
+    init = _start(model, init)
     if task and not pairs_from_sampling:
         raise typer.BadParameter("--task needs --pairs-from-sampling (DPO learns from pairs)")
     settings = DPOConfig(
@@ -142,11 +157,13 @@ def dpo(
 
 
 def merge_lora(
-        base: Path = typer.Option(..., "--base", help="the checkpoint the adapter was trained on"),
+        model: Optional[Path] = typer.Option(None, "--model", help="the base checkpoint the adapter was trained on (required)"),
+        base: Optional[Path] = deprecated_option(None, "--base", "--model"),
         adapter: Path = typer.Option(..., "--adapter", help="directory with adapter_config.json + adapter_model.safetensors"),
         out: Path = typer.Option(..., "--out", help="where to write the merged checkpoint")):
     """Fold a LoRA adapter into its base: a plain checkpoint for `generate` and `serve`."""
     from nanoseek.train.posttrain.lora import merge_lora as merge
+    base = _start(model, base)
     typer.echo(f"merged -> {merge(base, adapter, out)}")
 
 

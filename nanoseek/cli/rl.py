@@ -8,21 +8,27 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import compile_option, precision_given, precision_option
+from nanoseek.cli import launch_options as parallel
+from nanoseek.cli.common import compile_option, deprecated_option, pick, precision_given, precision_option
+from nanoseek.cli.run_config import config_option
+from nanoseek.cli.settings import option
+from nanoseek.train.config import TrainConfig
 
 
 def grpo(
+        config: Optional[Path] = config_option(),
         out: Path = typer.Option(..., "--out", help="run directory (becomes the policy's HF checkpoint)"),
-        init: Optional[Path] = typer.Option(None, "--init", help="starting checkpoint, e.g. an SFT run (not needed with --resume)"),
+        model: Optional[Path] = typer.Option(None, "--model", help="starting checkpoint, e.g. an SFT run (not needed with --resume)"),
+        init: Optional[Path] = deprecated_option(None, "--init", "--model"),
         task: str = typer.Option("arithmetic", "--task", help="arithmetic | countdown | FILE.jsonl"),
         option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=2"),
         algo: str = typer.Option("grpo", help="grpo | ppo (a critic + GAE, for comparison)"),
-        max_steps: int = typer.Option(100, min=1, help="optimizer steps"),
-        batch_size: int = typer.Option(16, min=1, help="prompts per rollout"),
+        max_steps: int = option(TrainConfig, "max_steps", 100),
+        batch_size: int = option(TrainConfig, "batch_size", 16, help="prompts per rollout"),
         num_generations: int = typer.Option(8, min=1, help="G: completions per prompt"),
-        grad_accum: int = typer.Option(1, min=1, help="micro-batches per optimizer step"),
-        lr: float = typer.Option(3e-4, help="learning rate (<= 3e-4 on tiny models: see README)"),
-        warmup_steps: int = typer.Option(10, min=0),
+        grad_accum: int = option(TrainConfig, "grad_accum", 1),
+        lr: float = option(TrainConfig, "lr", 3e-4, help="learning rate (<= 3e-4 on tiny models: see README)"),
+        warmup_steps: int = option(TrainConfig, "warmup_steps", 10),
         temperature: float = typer.Option(1.0, help="sampling temperature of the rollouts"),
         max_completion_length: Optional[int] = typer.Option(None, min=1, help="default: the task's budget"),
         loss_type: str = typer.Option("grpo", help="grpo | bnpo | dr_grpo | dapo (TRL's meanings; TRL's default: dapo)"),
@@ -32,27 +38,30 @@ def grpo(
         beta: float = typer.Option(0.02, help="k3 KL weight (0: no reference model is loaded)"),
         use_bias_correction_kl: bool = typer.Option(False, "--use-bias-correction-kl", help="weigh the KL term by pi/pi_old (TRL's option; its default is on)"),
         num_iterations: int = typer.Option(1, min=1, help="optimizer passes per rollout batch"),
-        mask_truncated_completions: bool = typer.Option(False, "--mask-truncated-completions"),
+        mask_truncated_completions: bool = typer.Option(False, "--mask-truncated-completions", help="completions cut at the length limit (no eos) add nothing to the loss"),
         drop_equal_groups: bool = typer.Option(False, "--drop-equal-groups", help="drop groups whose rewards are all equal"),
-        eval_every: int = typer.Option(25, min=0, help="steps between held-out evaluations (0 = at the end)"),
+        eval_every: int = option(TrainConfig, "eval_every", 25, help="steps between held-out evaluations (0 = at the end only)"),
         eval_n: int = typer.Option(200, min=1, help="held-out problems per evaluation"),
-        save_every: int = typer.Option(25, min=0),
-        seed: int = typer.Option(1337),
+        save_every: int = option(TrainConfig, "save_every", 25, help="steps between checkpoints (0 = at the end only; a multiple of --num-iterations)"),
+        seed: int = option(TrainConfig, "seed"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
-        nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches under torchrun; each rank samples its share of --batch-size prompts (data parallel, weights replicated)"),
-        no_progress: bool = typer.Option(False, "--no-progress")):
+        nproc: int = parallel.nproc_option("each rank samples its share of --batch-size prompts; RL runs data parallel, weights replicated"),
+        ep: int = parallel.ep_option(),
+        tp: int = parallel.tp_option(),
+        pp: int = parallel.pp_option(),
+        no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """GRPO (or PPO) on a verifiable task with rollouts from nanoseek's engine; logs reward,
     accuracy, KL, clip fraction, lengths and rollout/update time to metrics.jsonl."""
-    from nanoseek.parallel import launch
-    if nproc > 1 and not launch.under_torchrun():
-        raise typer.Exit(launch.relaunch(nproc, "grpo"))
+    parallel.launch("grpo", nproc, ep, tp, pp)
     from nanoseek.cli.common import task_options
+    from nanoseek.parallel import ParallelConfig, launch
     from nanoseek.train.rl.config import RLConfig, rl_train_config
     from nanoseek.train.rl.run import rl
+    init = pick(model, init, "--model", "--init")
     if init is None and not resume:
-        raise typer.BadParameter("--init is required (the checkpoint to start from)")
+        raise ValueError("--model is required (the checkpoint to start from)")
     train = rl_train_config(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                             lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
                             save_every=save_every or max_steps * num_iterations, seed=seed,
@@ -65,7 +74,9 @@ def grpo(
                    num_iterations=num_iterations,
                    mask_truncated_completions=mask_truncated_completions,
                    drop_equal_groups=drop_equal_groups, eval_n=eval_n)
-    run = rl(out, cfg, resume=resume, progress=not no_progress, log=typer.echo)
+    layout = ParallelConfig(ep=ep, tp=tp, pp=pp) if (ep, tp, pp) != (1, 1, 1) else None
+    run = rl(out, cfg, resume=resume, progress=not no_progress, log=typer.echo,
+             **({"parallel": layout} if layout else {}))
     if not launch.is_main():
         return
     s, start, end = run["summary"], run["start_eval"] or {}, run["final_eval"] or {}
@@ -74,10 +85,13 @@ def grpo(
 
 
 def speedrun_rl(
-        name: str = typer.Option("speedrun-rl", help="run name: writes runs/NAME/report.md"),
+        config: Optional[Path] = config_option(),
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: ROOT/NAME, i.e. runs/speedrun-rl)"),
+        name: str = typer.Option("speedrun-rl", help="run name: writes ROOT/NAME/report.md"),
         root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
-        base: Optional[Path] = typer.Option(None, help="a pretrained checkpoint (e.g. runs/speedrun) instead of pretraining"),
-        pretrain_minutes: float = typer.Option(3.0, help="pretraining budget (without --base)"),
+        model: Optional[Path] = typer.Option(None, "--model", help="a pretrained checkpoint (e.g. runs/speedrun) instead of pretraining"),
+        base: Optional[Path] = deprecated_option(None, "--base", "--model"),
+        pretrain_minutes: float = typer.Option(3.0, help="pretraining budget (without --model)"),
         sft_minutes: float = typer.Option(8.0, help="SFT budget (it stops earlier at --threshold)"),
         grpo_steps: int = typer.Option(100, min=1, help="GRPO steps (32 prompts x 8 completions each)"),
         grpo_minutes: float = typer.Option(8.0, help="GRPO time budget (it stops earlier after --grpo-steps)"),
@@ -91,6 +105,9 @@ def speedrun_rl(
     evaluation of both on the same problems -> report with reward/accuracy curves and a
     before/after table. From --base (e.g. runs/speedrun), or pretraining first."""
     from nanoseek.recipes.speedrun_rl import speedrun_rl as run
+    base = pick(model, base, "--model", "--base")
+    if out is not None:
+        root, name = out.parent, out.name
     run(name, root, base, pretrain_minutes, sft_minutes, grpo_steps, grpo_minutes, threshold, eval_n,
         threads, overwrite, log=typer.echo, precision=precision, compile=compile)
 

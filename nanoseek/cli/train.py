@@ -8,8 +8,14 @@ from typing import Optional
 
 import typer
 
-from nanoseek.cli.common import compile_option, precision_given, precision_option
+from nanoseek.cli import launch_options as parallel
+from nanoseek.cli.common import compile_option, deprecated_option, precision_given, precision_option
+from nanoseek.cli.run_config import CONFIG_HELP, config_option
+from nanoseek.cli.run_config import apply as apply_run_config
+from nanoseek.cli.settings import option
 from nanoseek.text.special_tokens import SPECIAL_TOKENS
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.run.run_settings import PRETRAIN_DEFAULTS, DataConfig, PretrainConfig, pretrain_train_config
 
 
 def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -61,63 +67,71 @@ RESUME_FLAGS = {"out", "resume", "overwrite", "max_steps", "time_limit", "data",
                 "threads", "no_progress", "nproc", "ep", "tp", "pp"}  # launch layout: any on resume
 
 
+def _pretrain_config(ctx: typer.Context, path: Optional[Path]) -> Optional[Path]:
+    """--config run.toml; a .json file is the old spelling of --model-config (a model's
+    config.json), kept working with a note."""
+    if path is not None and path.suffix.lower() == ".json":
+        typer.echo("note: --config FILE.json (a model config) is deprecated; use --model-config FILE.json", err=True)
+        ctx.default_map = {**(ctx.default_map or {}), "model_config": path}
+        return None
+    return apply_run_config(ctx, path)
+
+
 def pretrain(
         ctx: typer.Context,
+        config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=_pretrain_config, help=CONFIG_HELP),
         out: Path = typer.Option(..., "--out", help="run directory (becomes an HF checkpoint), e.g. runs/NAME"),
-        preset: str = typer.Option("tiny", help="model preset (ignored with --config)"),
-        config: Optional[Path] = typer.Option(None, "--config", help="model config.json (HF DeepseekV3 fields)"),
-        data: Optional[list[Path]] = typer.Option(None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
-        text_field: str = typer.Option("text", help="column holding the text in .jsonl/.parquet files"),
-        tokenizer: Optional[Path] = typer.Option(None, help="directory with a trained tokenizer (default: train one on the data)"),
-        max_steps: Optional[int] = typer.Option(None, callback=POSITIVE, help="optimizer steps, >= 1 (default 1000; with --resume, the run's own)"),
+        preset: str = typer.Option("tiny", help="model preset (ignored with --model-config)"),
+        model_config: Optional[Path] = typer.Option(None, "--model-config", help="model config.json (HF DeepseekV3 fields) instead of --preset"),
+        data: Optional[list[Path]] = option(DataConfig, "paths", None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
+        text_field: str = option(DataConfig, "text_field"),
+        tokenizer: Optional[Path] = option(DataConfig, "tokenizer", None, "--tokenizer"),
+        max_steps: Optional[int] = option(TrainConfig, "max_steps", None, default_note="1000; with --resume, the run's own"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint, with its own settings"),
         overwrite: bool = typer.Option(False, "--overwrite", help="start the run in --out over (deletes only the files a run writes), or add a run beside other files"),
-        batch_size: int = typer.Option(8, callback=POSITIVE, help="sequences per micro-batch (>= 1)"),
-        seq_len: int = typer.Option(256, callback=POSITIVE, help="tokens per sequence (at most the model's max_position_embeddings)"),
-        grad_accum: int = typer.Option(1, callback=POSITIVE, help="micro-batches per optimizer step (>= 1)"),
-        lr: float = typer.Option(3e-3, callback=_range(0, 1, lo_open=True), help="peak learning rate, in (0, 1]"),
-        warmup_steps: int = typer.Option(30, callback=COUNT, help="linear warm-up steps (>= 0)"),
-        schedule: str = typer.Option("cosine", help="cosine | wsd | constant"),
-        weight_decay: float = typer.Option(0.1, callback=COUNT, help="AdamW decoupled weight decay (matrices only, >= 0)"),
-        grad_clip: float = typer.Option(1.0, callback=COUNT, help="gradient-norm clipping (0 = off)"),
+        batch_size: int = option(TrainConfig, "batch_size", PRETRAIN_DEFAULTS["batch_size"]),
+        seq_len: int = option(TrainConfig, "seq_len"),
+        grad_accum: int = option(TrainConfig, "grad_accum"),
+        lr: float = option(TrainConfig, "lr"),
+        warmup_steps: int = option(TrainConfig, "warmup_steps", PRETRAIN_DEFAULTS["warmup_steps"]),
+        schedule: str = option(TrainConfig, "schedule"),
+        weight_decay: float = option(TrainConfig, "weight_decay"),
+        grad_clip: float = option(TrainConfig, "grad_clip"),
         precision: str = precision_option("auto"),
         compile: str = compile_option("auto"),
         router_z_loss: Optional[float] = typer.Option(None, callback=COUNT, help="router z-loss coefficient (overrides the config, >= 0)"),
-        eval_every: int = typer.Option(100, callback=COUNT, help="steps between validations (0 = at the end only)"),
-        eval_tokens: int = typer.Option(0, callback=COUNT, help="validation tokens per evaluation (0 = all)"),
-        save_every: int = typer.Option(100, callback=COUNT, help="steps between checkpoints (0 = at the end only; Ctrl-C saves too)"),
-        sample_every: int = typer.Option(0, callback=COUNT, help="steps between samples (0 = at the end only)"),
-        sample_tokens: int = typer.Option(48, callback=COUNT, help="tokens per sample (0 = no samples)"),
-        time_limit: Optional[float] = typer.Option(None, callback=COUNT, help="stop after this many seconds of training (0 = none; with --resume, the run's own unless given)"),
-        seed: int = typer.Option(1337, callback=COUNT, help="random seed (>= 0)"),
-        val_fraction: float = typer.Option(0.1, callback=_range(0, 1, lo_open=True, hi_open=True), help="share of documents held out for validation, in (0, 1)"),
+        eval_every: int = option(TrainConfig, "eval_every"),
+        eval_tokens: int = option(TrainConfig, "eval_tokens", PRETRAIN_DEFAULTS["eval_tokens"]),
+        save_every: int = option(TrainConfig, "save_every"),
+        sample_every: int = option(TrainConfig, "sample_every"),
+        sample_tokens: int = option(PretrainConfig, "sample_tokens"),
+        time_limit: Optional[float] = option(TrainConfig, "time_limit", None, default_note="0; with --resume, the run's own"),
+        seed: int = option(TrainConfig, "seed"),
+        val_fraction: float = option(DataConfig, "val_fraction"),
         threads: Optional[int] = typer.Option(None, callback=_range(0, 4096), help="torch threads (default: all cores, on --resume the run's own; 0 = adapt between all cores and one while training)"),
-        nproc: int = typer.Option(1, min=1, help="processes on this machine: >1 relaunches the command under torchrun (batch-size stays the global micro-batch, split over data-parallel ranks)"),
-        ep: int = typer.Option(1, min=1, help="expert-parallel size: each rank keeps n_routed_experts/ep experts (divides the data-parallel size)"),
-        tp: int = typer.Option(1, min=1, help="tensor-parallel size (MLA heads and the dense FFN split over tp ranks)"),
-        pp: int = typer.Option(1, min=1, help="pipeline stages (1F1B; needs grad-accum >= pp); composes with dp/ep/tp: processes = pp x dp x tp, and DP replicates the weights under PP"),
+        nproc: int = parallel.nproc_option("batch-size stays the global micro-batch, split over data-parallel ranks"),
+        ep: int = parallel.ep_option(),
+        tp: int = parallel.tp_option(),
+        pp: int = parallel.pp_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
     cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
     checkpoints. The run directory loads with transformers' AutoModelForCausalLM."""
-    from nanoseek.parallel import ParallelConfig, launch
-    if nproc > 1 and not launch.under_torchrun():
-        raise typer.Exit(launch.relaunch(nproc, "pretrain"))
+    parallel.launch("pretrain", nproc, ep, tp, pp)
     from nanoseek.cli.common import load_config
-    from nanoseek.train.config import TrainConfig
-    from nanoseek.train.pretrain import DataConfig, PretrainConfig
+    from nanoseek.parallel import ParallelConfig, launch
     from nanoseek.train.pretrain import pretrain as run_pretrain
-    cfg = load_config(None if config else preset, config)
+    cfg = load_config(None if model_config else preset, model_config)
     if router_z_loss is not None:
         cfg = cfg.replace(router_z_loss_coef=router_z_loss)
     settings = PretrainConfig(
         model=cfg,
-        train=TrainConfig(max_steps=1000 if max_steps is None else max_steps, batch_size=batch_size,
-                          seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-                          schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
-                          precision=precision, compile=compile, eval_every=eval_every, eval_tokens=eval_tokens,
-                          save_every=save_every, sample_every=sample_every,
-                          time_limit=time_limit or 0.0, seed=seed),
+        train=pretrain_train_config(
+            **({} if max_steps is None else {"max_steps": max_steps}), batch_size=batch_size,
+            seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+            schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
+            precision=precision, compile=compile, eval_every=eval_every, eval_tokens=eval_tokens,
+            save_every=save_every, sample_every=sample_every, time_limit=time_limit or 0.0, seed=seed),
         data=DataConfig(paths=data or [], text_field=text_field, val_fraction=val_fraction,
                         tokenizer=tokenizer),
         sample_tokens=sample_tokens)
@@ -125,9 +139,6 @@ def pretrain(
     given = {"train.max_steps": max_steps, "train.time_limit": time_limit,
              "data.paths": settings.data.paths or None,
              "data.text_field": text_field if data else None}
-    if (ep, tp, pp) != (1, 1, 1) and not launch.under_torchrun():
-        raise typer.BadParameter("--ep/--tp/--pp split the model over processes: give --nproc N "
-                                 "(or launch with torchrun)", param_hint="--ep/--tp/--pp")
     if resume and launch.is_main():
         _warn_ignored(ctx, out)
     steps_before = _finished_steps(out) if resume else None
@@ -144,9 +155,10 @@ def pretrain(
 
 
 def _given_flags(ctx: typer.Context) -> list[str]:
-    """The parameters set on the command line (or by environment), not by default."""
-    return [name for name in ctx.params
-            if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")]
+    """The parameters set on the command line, by environment or by a --config file, not
+    by default."""
+    return [name for name in ctx.params if name != "config" and getattr(
+        ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT", "DEFAULT_MAP")]
 
 
 def _warn_ignored(ctx: typer.Context, out: Path) -> None:
@@ -212,7 +224,9 @@ def _done_line(out: Path, s: dict, steps_before: int | None) -> str:
 
 
 def speedrun(
-        name: str = typer.Option("speedrun", help="run name: writes runs/NAME/report.md"),
+        config: Optional[Path] = config_option(),
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: ROOT/NAME, i.e. runs/speedrun)"),
+        name: str = typer.Option("speedrun", help="run name: writes ROOT/NAME/report.md"),
         root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
         minutes: Optional[float] = typer.Option(None, callback=_range(0, 7 * 24 * 60, lo_open=True), help="training time budget in minutes, > 0 (default 7; with --resume, the run's own)"),
         max_steps: Optional[int] = typer.Option(None, callback=POSITIVE, help="training steps if time allows, >= 1 (default 300 in fp32, 380 in bf16, which buys them in the same time; with --resume, the run's own)"),
@@ -225,6 +239,8 @@ def speedrun(
     """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
     pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most)."""
     from nanoseek.recipes.speedrun import speedrun as run_speedrun
+    if out is not None:
+        root, name = out.parent, out.name
     given = precision_given(resume, precision=precision, compile=compile)
     try:
         run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads,
@@ -246,7 +262,8 @@ def eval_(run_dir: Path = typer.Argument(..., help="run directory (checkpoint + 
           seq_len: Optional[int] = typer.Option(None, min=1, help="window length (default: the run's own seq_len)"),
           task: Optional[str] = typer.Option(None, "--task", help="score held-out accuracy on a task instead: arithmetic | countdown | tool_use | FILE.jsonl"),
           option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=3"),
-          n: int = typer.Option(200, "--n", min=1, help="held-out problems (with --task)"),
+          num_problems: int = typer.Option(200, "--num-problems", min=1, help="held-out problems (with --task)"),
+          n: Optional[int] = deprecated_option(None, "--n", "--num-problems", min=1),
           k: int = typer.Option(4, "--k", min=0, help="pass@k from sampled completions (0 = greedy only)"),
           samples: Optional[int] = typer.Option(None, "--samples", min=1, help="completions per problem for pass@k (default k)"),
           temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="sampling temperature for pass@k"),
@@ -255,6 +272,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="run directory (checkpoint + 
           as_json: bool = typer.Option(False, "--json", help="print the full result as JSON")):
     """Validation loss and bits per byte of a saved checkpoint on its run's held-out split;
     with --task, held-out task accuracy (greedy) and pass@k (sampled) through the engine."""
+    n = num_problems if n is None else n  # --n: the old spelling
     if task is not None:
         return _eval_task(run_dir, task, option or [], n, k, samples, temperature, max_tokens, seed, as_json)
     from nanoseek.train.eval import evaluate_run

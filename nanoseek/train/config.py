@@ -10,11 +10,11 @@ with is exactly what the run was started with.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+from nanoseek.train.fields import check_settings, setting
 from nanoseek.train.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -23,59 +23,42 @@ COMPILE_MODES = ("auto", "off", "on")
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch
-    seq_len: int = 256
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | wsd | constant
-    decay_frac: float = 0.2  # WSD: fraction of steps spent decaying
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto: bf16 autocast where bf16 is fast (train/numerics/precision.py), else fp32
-    compile: str = "auto"  # torch.compile of the blocks: auto | off | on (train/numerics/compile.py)
-    eval_every: int = 100  # 0 = only at the end
-    eval_tokens: int = 65536  # validation tokens per evaluation (0 = all)
-    save_every: int = 100  # 0 = only at the end
-    sample_every: int = 0  # 0 = only at the end
-    log_every: int = 1  # steps per metrics line (its values are the means over those steps)
-    seed: int = 1337
-    time_limit: float = 0.0  # seconds of training, then stop (0 = none); the schedule
-    # then follows max(step / max_steps, elapsed / time_limit), so it is not bit-reproducible
+    """The loop's settings. Each field's help and limits live in its `setting(...)`: the
+    CLI's flags and run.toml files are built from and checked against them (fields.py)."""
+    max_steps: int = setting(1000, help="optimizer steps", lo=1, integer=True)
+    batch_size: int = setting(16, help="sequences per micro-batch", lo=1, integer=True)
+    seq_len: int = setting(256, help="tokens per sequence (at most the model's max_position_embeddings)",
+                           lo=1, integer=True)
+    grad_accum: int = setting(1, help="micro-batches per optimizer step", lo=1, integer=True)
+    lr: float = setting(3e-3, help="peak learning rate", lo=0, hi=1, lo_open=True)
+    min_lr_ratio: float = setting(0.1, help="final learning rate as a fraction of the peak", lo=0, hi=1)
+    warmup_steps: int = setting(50, help="linear warm-up steps", lo=0, integer=True)
+    schedule: str = setting("cosine", help="learning-rate schedule", choices=SCHEDULES)
+    decay_frac: float = setting(0.2, help="WSD: fraction of the steps spent decaying", lo=0, hi=1)
+    weight_decay: float = setting(0.1, help="AdamW decoupled weight decay (matrices only)", lo=0)
+    beta1: float = setting(0.9, help="AdamW beta1", lo=0, hi=1, hi_open=True)
+    beta2: float = setting(0.95, help="AdamW beta2", lo=0, hi=1, hi_open=True)
+    grad_clip: float = setting(1.0, help="gradient-norm clipping (0 = off)", lo=0)
+    # auto: bf16 autocast where bf16 is fast (train/numerics/precision.py), else fp32
+    precision: str = setting("auto", help="compute precision", choices=PRECISIONS)
+    # torch.compile of the blocks (train/numerics/compile.py)
+    compile: str = setting("auto", help="torch.compile of the blocks", choices=COMPILE_MODES)
+    eval_every: int = setting(100, help="steps between evaluations (0 = at the end only)", lo=0, integer=True)
+    eval_tokens: int = setting(65536, help="validation tokens per evaluation (0 = all)", lo=0, integer=True)
+    save_every: int = setting(100, help="steps between checkpoints (0 = at the end only; Ctrl-C saves too)",
+                              lo=0, integer=True)
+    sample_every: int = setting(0, help="steps between samples (0 = at the end only)", lo=0, integer=True)
+    log_every: int = setting(1, help="steps per metrics line (its values are the means over those steps)",
+                             lo=1, integer=True)
+    seed: int = setting(1337, help="random seed", lo=0, integer=True)
+    # the schedule then follows max(step / max_steps, elapsed / time_limit), so it is not
+    # bit-reproducible
+    time_limit: float = setting(0.0, help="stop after this many seconds of training (0 = none)", lo=0)
 
     def validate(self) -> None:
         """Every field in its range (no value silently stands for another): a ValueError
         naming the field, the limit and the value."""
-        def need(cond, name, msg):
-            if not cond:
-                raise ValueError(f"training option '{name}': {msg}, got {getattr(self, name)!r}")
-        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every"):
-            need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be an integer >= 1")
-        for name in ("warmup_steps", "eval_every", "eval_tokens", "save_every", "sample_every", "seed"):
-            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an integer >= 0")
-        need(_finite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0")
-        for name in ("min_lr_ratio", "decay_frac"):
-            need(_finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1, name, "must lie in [0, 1]")
-        for name in ("beta1", "beta2"):
-            need(_finite(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "must lie in [0, 1)")
-        for name in ("weight_decay", "grad_clip", "time_limit"):
-            need(_finite(getattr(self, name)) and getattr(self, name) >= 0, name,
-                 "must be a finite number >= 0 (0 = off)")
-        need(self.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}")
-        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
-        need(self.compile in COMPILE_MODES, "compile", f"must be one of {COMPILE_MODES}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        check_settings(self, "training")
 
 
 def settings_to_dict(settings: Any) -> dict:

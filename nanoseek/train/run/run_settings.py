@@ -14,26 +14,38 @@ from pathlib import Path
 
 from nanoseek.config import ModelConfig
 from nanoseek.train.config import TrainConfig, settings_from_dict
+from nanoseek.train.fields import check_settings, setting
 
 DEFAULT_SOURCE = "<pydoc_data.topics>"
 
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # files or directories; [] = the embedded corpus
-    text_field: str = "text"  # column holding the text in .jsonl/.parquet files
-    val_fraction: float = 0.1  # share of documents held out for validation
-    tokenizer: str | None = None  # a trained tokenizer's directory (None: train one on the data)
+    paths: list[str] = setting(help=".txt/.jsonl/.parquet files or directories; [] = the embedded "
+                               "pydoc corpus", default_factory=list)
+    text_field: str = setting("text", help="column holding the text in .jsonl/.parquet files")
+    val_fraction: float = setting(0.1, help="share of documents held out for validation (a validation "
+                                  "split is needed and so is a training one)",
+                                  lo=0, hi=1, lo_open=True, hi_open=True)
+    tokenizer: str | None = setting(None, help="a trained tokenizer's directory (default: train one on "
+                                    "the data)")
 
     def __post_init__(self):
         self.paths = [str(p) for p in self.paths or []]
         self.tokenizer = str(self.tokenizer) if self.tokenizer else None
 
     def validate(self) -> None:
-        v = self.val_fraction
-        if not (isinstance(v, (int, float)) and 0 < v < 1):  # NaN fails too
-            raise ValueError(f"data option 'val_fraction': must lie in (0, 1) (a validation "
-                             f"split is needed and so is a training one), got {v!r}")
+        check_settings(self, "data")
+
+
+# `nanoseek pretrain`'s loop settings where they differ from TrainConfig's (a smaller batch and
+# warm-up for the tiny preset on a CPU; every validation token). A Python caller's
+# PretrainConfig(model) keeps TrainConfig's own defaults.
+PRETRAIN_DEFAULTS = dict(max_steps=1000, batch_size=8, warmup_steps=30, eval_tokens=0)
+
+
+def pretrain_train_config(**kw) -> TrainConfig:
+    return TrainConfig(**{**PRETRAIN_DEFAULTS, **kw})
 
 
 @dataclass
@@ -43,7 +55,7 @@ class PretrainConfig:
     model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    sample_tokens: int = 48  # tokens per sample (0 = no samples)
+    sample_tokens: int = setting(48, help="tokens per sample (0 = no samples)", lo=0, integer=True)
 
     def validate(self) -> None:
         """Every setting in its range, before anything is written (see TrainConfig.validate)."""
