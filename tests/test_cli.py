@@ -343,7 +343,7 @@ def _capture(monkeypatch, module: str, name: str):
 
 
 def _train_config(result):
-    (args, kw), = [result.exception.args]
+    (args, _), = [result.exception.args]
     settings = next(a for a in args if hasattr(a, "train"))
     return settings.train
 

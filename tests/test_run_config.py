@@ -14,7 +14,7 @@ def _toml(tmp_path, text: str):
 
 
 def _pretrain_settings(result):
-    (args, kw), = [result.exception.args]
+    (args, _), = [result.exception.args]
     return args[1]
 
 
