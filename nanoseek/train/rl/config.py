@@ -1,5 +1,5 @@
 """Settings of an RL run (`nanoseek grpo`), with TRL GRPOTrainer's option names, each
-meaning what it means in TRL 1.16 (loss_type: see rl_objectives.normalise).
+meaning what it means in TRL 1.16 (loss_type: see objectives.normalise).
 
 Defaults that differ from TRL's are listed in DIFFERS_FROM_TRL (name: (TRL's default, why));
 tests/test_rl_objectives.py reads TRL's GRPOConfig and fails on any other difference.

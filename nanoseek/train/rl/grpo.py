@@ -10,7 +10,7 @@ group-normalised advantages. Each optimizer step is one pass over that batch (sp
 
     L = -Σ_i Σ_t [min(ρ_it Â_i, clip(ρ_it, 1-ε, 1+ε_high) Â_i) - β KL_k3(π_θ || π_ref)_it] / norm
 
-(rl_objectives.py: the normalisation is `loss_type`'s, as in TRL; with
+(objectives.py: the normalisation is `loss_type`'s, as in TRL; with
 `use_bias_correction_kl` the KL term is weighted by ρ_it as well). The old-policy
 log-probs of ρ are the first pass's own: that pass runs on exactly the weights that
 sampled (one optimizer step per pass), so its log-probs *are* π_old, computed at training
@@ -19,7 +19,7 @@ them. The
 engine's sampled log-probs are kept and compared (`logp_mismatch`, temperature 1): they
 agree to float rounding, which is what makes this substitution exact.
 
-Why the logged loss sits near 0: see rl_objectives.py (zero-mean advantages, ratio 1 on the
+Why the logged loss sits near 0: see objectives.py (zero-mean advantages, ratio 1 on the
 first pass). Watch `reward`, `accuracy` and the held-out evaluation instead.
 Resuming: the Trainer's checkpoint (weights, optimizer, RNG, step); a rollout is
 regenerated from its step's seed, so a resumed run samples what the first run would have.
