@@ -52,17 +52,18 @@ def is_rl_speedrun(out: Path) -> bool:
 
 
 def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: int, log,
-              adapt_threads: bool = False, **train) -> dict:
+              adapt_threads: bool = False, progress: bool = False, **train) -> dict:
     """SFT on the task's demonstrations, evaluated every 10 steps on `eval_n` held-out
     problems, stopped at `threshold` accuracy (or the time budget). `train`: more
-    TrainConfig fields (precision, compile)."""
+    TrainConfig fields (precision, compile). progress: the loop's bar on stderr (its total
+    is the step cap; the accuracy threshold or the time budget ends it sooner)."""
     from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
     cfg = SFTConfig(init=str(base), task="arithmetic", task_options=dict(RL_TASK), task_examples=4000,
                     epochs=100.0, eval_task_n=eval_n, stop_at_accuracy=threshold,
                     train=sft_train_config(max_steps=2000, batch_size=16, seq_len=256, lr=2e-3,
                                            warmup_steps=20, schedule="constant", eval_every=10,
                                            save_every=0, time_limit=minutes * 60, **train))
-    run = sft(out, cfg, progress=False, log=lambda *a: None, adapt_threads=adapt_threads)
+    run = sft(out, cfg, progress=progress, log=lambda *a: None, adapt_threads=adapt_threads)
     evals = [r for r in _metrics(out) if r.get("kind") == "eval"]
     acc = evals[-1]["accuracy"] if evals else 0.0
     log(f"      SFT stopped at step {run['summary']['steps']}: held-out accuracy {acc:.3f} "
@@ -72,7 +73,7 @@ def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: i
 
 
 def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int,
-               adapt_threads: bool = False, **train) -> dict:
+               adapt_threads: bool = False, progress: bool = False, **train) -> dict:
     """GRPO: 32 prompts x G=8 per step, lr 2e-4 after 10 warm-up steps, k3 KL (beta 0.02).
     Measured from a 38 % SFT checkpoint (README): lr 2e-4 gained, 3e-4 gained less, and
     5e-4 (or 3e-4 with 8 prompts a step) collapsed within 20-30 steps; at 16 prompts a step
@@ -84,7 +85,7 @@ def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int
                    train=rl_train_config(max_steps=steps, batch_size=32, lr=2e-4, warmup_steps=10,
                                          eval_every=10, save_every=20, time_limit=minutes * 60, **train),
                    num_generations=8, beta=0.02, eval_n=eval_n, max_completion_length=64)
-    run = rl(out, cfg, progress=False, log=lambda *a: None, adapt_threads=adapt_threads)
+    run = rl(out, cfg, progress=progress, log=lambda *a: None, adapt_threads=adapt_threads)
     return {**run["summary"], "precision": run["precision"]}
 
 
@@ -92,13 +93,15 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
                 pretrain_minutes: float = 3.0, sft_minutes: float = 8.0, grpo_steps: int = 100,
                 grpo_minutes: float = 8.0,
                 threshold: float = 0.3, eval_n: int = 400, threads: int = 0, overwrite: bool = False,
-                log=print, stage_eval_n: int = 200, precision: str = "auto", compile: str = "auto") -> Path:
+                log=print, stage_eval_n: int = 200, precision: str = "auto", compile: str = "auto",
+                progress: bool = True) -> Path:
     """Every stage; returns the report's path. `base`: a pretrained checkpoint to start
     from (e.g. runs/speedrun) instead of pretraining here. `threads` for SFT and GRPO: 0 =
     adaptive (all cores, one when that is faster on a crowded machine: train/numerics/threads.py).
     `stage_eval_n`: held-out problems of the evaluations inside SFT and GRPO. `precision`,
     `compile`: every training stage's (TrainConfig: pretraining when there is no `base`, SFT,
-    GRPO's updates; the rollouts run in the engine's fp32)."""
+    GRPO's updates; the rollouts run in the engine's fp32). `progress`: every training
+    stage's bar on stderr (the stage lines go to `log`)."""
     import torch
     from nanoseek.data.tasks import load_task
     from nanoseek.recipes.speedrun import speedrun
@@ -111,7 +114,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
     given_base = base is not None
     if base is None:
         log(f"[1/5] tokenizer + pretraining ({pretrain_minutes:g} min)")
-        speedrun("pretrain", out, minutes=pretrain_minutes, progress=False, log=lambda *a: None,
+        speedrun("pretrain", out, minutes=pretrain_minutes, progress=progress, log=lambda *a: None,
                  precision=precision, compile=compile)
         base = out / "pretrain"
     else:
@@ -124,7 +127,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
         torch.set_num_threads(threads)
     log(f"[2/5] SFT on {RL_TASK} demonstrations until held-out accuracy >= {threshold:.0%} "
         f"(at most {sft_minutes:g} min)")
-    stage_train = dict(precision=precision, compile=compile)
+    stage_train = dict(precision=precision, compile=compile, progress=progress)
     sft = sft_stage(Path(base), out / "sft", threshold, sft_minutes, stage_eval_n, log, adapt, **stage_train)
     log(f"[3/5] GRPO from the SFT checkpoint: {grpo_steps} steps (at most {grpo_minutes:g} min)")
     grpo = grpo_stage(out / "sft", out / "grpo", grpo_steps, grpo_minutes, stage_eval_n, adapt, **stage_train)

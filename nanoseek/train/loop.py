@@ -23,6 +23,7 @@ progress bar, and atomic checkpoints that a `kill -9` cannot corrupt.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +86,12 @@ def max_violation(load: torch.Tensor) -> float:
 
 def _moe_layers(model: nn.Module) -> list:
     return model.moe_layers() if hasattr(model, "moe_layers") else []
+
+
+def _say(bar, message: str) -> None:
+    """A line above the progress bar, on stderr with the bar (tqdm.write's default is
+    stdout, which a pipe or --json output would receive)."""
+    bar.write(message, file=sys.stderr)
 
 
 def _add_shares(sums: dict, logs: dict) -> None:
@@ -345,7 +352,7 @@ class Trainer:
         self.log({"kind": "compile", "step": self.step, "first_step_seconds": round(seconds, 3)})
         msg = f"torch.compile: first step (cold compile included) took {seconds:.1f}s"
         if bar is not None:
-            bar.write(msg)
+            _say(bar, msg)
 
     # --------------------------------------------------------------------- fit
     def fit(self, until: int | None = None) -> dict:
@@ -427,15 +434,15 @@ class Trainer:
             ev = self.run_eval()
             self.log({"kind": "eval", "step": step, "tokens": self.tokens_seen, **ev})
             if bar is not None and "val_loss" in ev:
-                bar.write(f"step {step}: val_loss {ev['val_loss']:.4f}"
+                _say(bar, f"step {step}: val_loss {ev['val_loss']:.4f}"
                           + (f" val_bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""))
             if bar is not None and "accuracy" in ev:  # a task's held-out accuracy (SFT --eval-n, GRPO)
-                bar.write(f"step {step}: held-out accuracy {ev['accuracy']:.3f}")
+                _say(bar, f"step {step}: held-out accuracy {ev['accuracy']:.3f}")
             self.target_reached = self.stop_when(ev) if self.stop_when and not last else None
             if self.target_reached:
                 last = True
                 if bar is not None:
-                    bar.write(f"step {step}: stopping, {self.target_reached}")
+                    _say(bar, f"step {step}: stopping, {self.target_reached}")
         pause = step >= stop and not last
         if self.sample is not None and (last or (cfg.sample_every and step % cfg.sample_every == 0)):
             self.log({"kind": "sample", "step": step, "samples": self.run_sample()})

@@ -155,10 +155,11 @@ def preference_stats(policy, reference, pairs: PairBatch, beta: float, batch_siz
 
 
 # -------------------------------------------------------------- the pairs
-def sample_pairs(init: str, task, sampling: PairSampling, seed: int, log=print) -> list[dict]:
+def sample_pairs(init: str, task, sampling: PairSampling, seed: int, log=print,
+                 progress: bool = False) -> list[dict]:
     """Pairs from the starting model's own samples on the task's training prompts, scored
     by the task's reward: (correct, reward) best as chosen, worst as rejected, when they
-    differ in correctness or reward."""
+    differ in correctness or reward. progress: a bar of the requests done, on stderr."""
     from nanoseek.data.chat import encode_with_mask
     from nanoseek.engine import LLM, SamplingParams
     from nanoseek.text.tokenizer import load_tokenizer
@@ -169,7 +170,7 @@ def sample_pairs(init: str, task, sampling: PairSampling, seed: int, log=print) 
                                                 add_generation_prompt=True)[0]} for ex in examples]
     params = SamplingParams(n=sampling.samples, temperature=sampling.temperature,
                             max_tokens=sampling.max_tokens, seed=seed)
-    outputs = LLM(init).generate(prompts, params, use_tqdm=False)
+    outputs = LLM(init).generate(prompts, params, use_tqdm=progress)
     pairs = []
     for ex, out in zip(examples, outputs):
         scored = sorted(((task.reward(ex, c.text), c.text) for c in out.outputs),
@@ -185,7 +186,7 @@ def sample_pairs(init: str, task, sampling: PairSampling, seed: int, log=print) 
     return pairs
 
 
-def load_pairs(config: DPOConfig, out_dir: Path, log=print) -> list[dict]:
+def load_pairs(config: DPOConfig, out_dir: Path, log=print, progress: bool = False) -> list[dict]:
     """The run's pairs: the files given, or pairs.jsonl of this run (sampled once, so a
     resumed run trains on the same pairs), or freshly sampled ones written there."""
     if config.data:
@@ -193,7 +194,7 @@ def load_pairs(config: DPOConfig, out_dir: Path, log=print) -> list[dict]:
     if (out_dir / PAIRS_FILE).exists():
         return read_pairs(out_dir / PAIRS_FILE)
     pairs = sample_pairs(config.init, load_task_lazily(config.task, **config.task_options), config.sampling,
-                         config.train.seed, log)
+                         config.train.seed, log, progress)
     from nanoseek.checkpoint.atomic import atomic_write_text
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / PAIRS_FILE, "".join(json.dumps(p) + "\n" for p in pairs))
@@ -206,7 +207,7 @@ def dpo(out_dir: str | Path, config: DPOConfig, resume: bool = False, max_steps:
     """Run (or resume) DPO into `out_dir`; returns run.json's content."""
     out_dir = Path(out_dir)
     config, device, model, tok = start_stage(out_dir, config, resume, max_steps)
-    pairs = encode_pairs(load_pairs(config, out_dir, log), tok, config.train.seq_len)
+    pairs = encode_pairs(load_pairs(config, out_dir, log, progress), tok, config.train.seq_len)
     t = config.train
     if not t.max_steps:
         t.max_steps = max(1, math.ceil(config.epochs * len(pairs) / (t.batch_size * t.grad_accum)))
