@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all speedrun bench clean
+.PHONY: setup test test-all lint speedrun bench bench-docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,14 +26,26 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+# ruff with the rules in pyproject.toml (correctness, not style); CI runs it before `make test`
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 # pretraining (runs/speedrun), then SFT -> GRPO -> held-out evaluation from it (runs/speedrun-rl);
 # a rerun replaces the previous speedruns (only their own files)
 speedrun: $(STAMP)
 	$(VENV)/bin/nanoseek speedrun --overwrite
-	$(VENV)/bin/nanoseek speedrun-rl --base runs/speedrun --overwrite
+	$(VENV)/bin/nanoseek speedrun-rl --model runs/speedrun --overwrite
 
+# every benchmark that needs no checkpoint (bench_rl_algos needs --init: run it with
+# `benchmarks/write_results.py --run "bench_rl_algos --init DIR"`), each output kept in
+# docs/benchmarks/NAME.json, then docs/benchmarks.md rewritten from them; BENCHES=... picks some
+BENCHES ?= bench_model bench_train bench_parallel bench_precision bench_engine bench_grpo bench_agent load_server
 bench: $(STAMP)
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/write_results.py --run $(BENCHES)
+
+# docs/benchmarks.md again from the kept outputs, without running anything
+bench-docs: $(STAMP)
+	$(PY) benchmarks/write_results.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
     results = evaluate(root / "sft", task, task.examples("test", args.eval, args.seed), args.concurrency)
     results.update(n=args.eval, sft_loss_before=run["loss_before"], sft_loss_after=run["loss_after"],
                    sft_steps=run["summary"].get("steps"), train_s=t1 - t0, eval_s=time.perf_counter() - t1)
-    emit(results, args.json, out)
+    emit(results, args.json, out, settings=vars(args))
     return results
 
 

@@ -84,7 +84,8 @@ def corpus_tokens(checkpoint: str | None) -> torch.Tensor:
 
 
 def train_small_model(data: torch.Tensor, seconds: float, seed: int = 0) -> CausalLM:
-    """A byte-level MLA+MoE+MTP model, trained with model.loss + AdamW for `seconds`."""
+    """A byte-level MLA+MoE+MTP model, trained with model.loss + AdamW for `seconds`; its
+    `train_steps` says how far that got (MTP acceptance means little after a few steps)."""
     torch.manual_seed(seed)
     cfg = preset("tiny", vocab_size=256, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
                  num_hidden_layers=3, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64,
@@ -111,6 +112,7 @@ def train_small_model(data: torch.Tensor, seconds: float, seed: int = 0) -> Caus
         bar.n = min(int(elapsed), int(seconds))
         bar.set_postfix(step=step, lm=f"{out.lm_loss.item():.3f}", mtp=f"{out.mtp_loss.item():.3f}")
     bar.close()
+    model.train_steps = step
     return model.eval()
 
 
@@ -320,10 +322,11 @@ def main() -> None:
     r["output_tokens"] = n_out
     r["nanoseek_preemptions"] = plain["preemptions"]
     r["torch_threads"] = torch.get_num_threads()
+    r["train_steps"] = getattr(model, "train_steps", None)  # None: served --checkpoint
     for (impl, name, pr), (dt, _, _) in hf.items():
         r[f"transformers_tok_s[{impl},{name},{pr}]"] = n_out / dt
     assert PagedLatentCache.bytes_per_token(cfg, L, DTYPES[our_prec]) == r["nanoseek_kv_bytes_per_token"]
-    emit(r, args.json, out, skip_prefix="transformers_tok_s[")
+    emit(r, args.json, out, skip_prefix="transformers_tok_s[", settings=vars(args))
 
 
 if __name__ == "__main__":

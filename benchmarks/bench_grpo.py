@@ -137,7 +137,7 @@ def main() -> None:
         log(f"TRL GRPOTrainer: {theirs:.2f} s/step")
     res = {"ratio": theirs / ours, "nanoseek_steps_per_min": 60 / ours, "trl_steps_per_min": 60 / theirs,
            "prompts": a.prompts, "G": a.G, "max_len": a.max_len, "steps": a.steps, "threads": torch.get_num_threads()}
-    emit(res, a.json, out)
+    emit(res, a.json, out, settings=vars(a))
 
 
 if __name__ == "__main__":

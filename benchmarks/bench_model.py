@@ -92,7 +92,7 @@ def main() -> None:
     results["decompressed_kv_bytes_per_token"] = decompressed
     results["cache_reduction"] = decompressed / latent
     results["torch_threads"] = torch.get_num_threads()
-    emit(results, args.json, out)
+    emit(results, args.json, out, settings=vars(args))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def main():
           "a2a_share": ep["a2a_s"] / ep["step_s"], "efficiency_dp": tok_s_dp / (2 * tok_s_1),
           "tok_s_2_dp": tok_s_dp, "tok_s_1_all_cores": tokens / one_all["step_s"],
           "cores": args.cores, "preset": args.preset, "batch": args.batch, "seq": args.seq},
-         args.json, out)
+         args.json, out, settings=vars(args))
 
 
 if __name__ == "__main__":

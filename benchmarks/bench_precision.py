@@ -118,7 +118,7 @@ def main() -> None:
     out = json_only_stdout(args.json)
     torch.set_num_threads(args.threads)
     if args.timing_hidden:
-        emit(timing_only(args), args.json, out)
+        emit(timing_only(args), args.json, out, settings=vars(args))
         return
     data = corpus_tokens(args.checkpoint)
     split = int(0.9 * len(data))
@@ -129,6 +129,7 @@ def main() -> None:
     models = {k: variant(model, d, q, args.device).eval() for k, (d, q) in VARIANTS.items()}
     res = {f"{k}_bytes": model_bytes(m) for k, m in models.items()}
     res["fp8_backend"] = quantization_backend(models["fp8"], args.device)
+    res["train_steps"] = getattr(model, "train_steps", None)  # None: --checkpoint
     g = torch.Generator().manual_seed(0)
     held = data[split:]
     starts = torch.randint(0, len(held) - 129, (8,), generator=g).tolist()
@@ -146,7 +147,7 @@ def main() -> None:
             ref = tokens
         else:
             res[f"{name}_greedy_prefix_agreement"], res[f"{name}_greedy_sequence_match"] = agreement(ref, tokens)
-    emit(res, args.json, out)
+    emit(res, args.json, out, settings=vars(args))
 
 
 if __name__ == "__main__":

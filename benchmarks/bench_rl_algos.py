@@ -58,7 +58,7 @@ def main() -> None:
           "grpo_step_s": g["step_s"], "ppo_step_s": q["step_s"],
           "grpo_peak_rss_mb": g["peak_rss_mb"], "ppo_peak_rss_mb": q["peak_rss_mb"],
           "grpo_reward_last": g["reward_last"], "ppo_reward_last": q["reward_last"],
-          "steps": a.steps}, a.json, stdout)
+          "steps": a.steps}, a.json, stdout, settings=vars(a))
 
 
 if __name__ == "__main__":

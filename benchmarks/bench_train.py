@@ -173,7 +173,7 @@ def main() -> None:
         "peak_gflops": peaks[our_prec] / 1e9,
         "batch": args.batch, "seq": args.seq, "threads": threads,
     }
-    emit(results, args.json, out)
+    emit(results, args.json, out, settings=vars(args))
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def main() -> None:
     results = summarise(recs, wall, base, leaked)
     log(f"server: {results['tok_s']:.0f} tok/s, TTFT p50 {results['p50_ttft_ms']:.0f} ms, "
         f"TPOT p50 {results['p50_tpot_ms']:.1f} ms, {results['hung_up']} hung up")
-    emit(results, args.json, out)
+    emit(results, args.json, out, settings=vars(args))
 
 
 if __name__ == "__main__":
