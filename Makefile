@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all lint speedrun bench bench-docs clean
+.PHONY: setup test test-all speedrun bench bench-docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,15 +26,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
-# ruff with the rules in pyproject.toml (correctness, not style); CI runs it before `make test`
-lint: $(STAMP)
-	$(PY) -m ruff check .
-
 # pretraining (runs/speedrun), then SFT -> GRPO -> held-out evaluation from it (runs/speedrun-rl);
 # a rerun replaces the previous speedruns (only their own files)
 speedrun: $(STAMP)
 	$(VENV)/bin/nanoseek speedrun --overwrite
-	$(VENV)/bin/nanoseek speedrun-rl --model runs/speedrun --overwrite
+	$(VENV)/bin/nanoseek speedrun-rl --base runs/speedrun --overwrite
 
 # every benchmark that needs no checkpoint (bench_rl_algos needs --init: run it with
 # `benchmarks/write_results.py --run "bench_rl_algos --init DIR"`), each output kept in
