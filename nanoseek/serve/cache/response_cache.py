@@ -28,7 +28,8 @@ import time
 
 from . import critical, keys
 from .failsafe import FAILED, Breaker
-from .urls import DEFAULT_TIMEOUT, open_store
+from .stores import open_store
+from .urls import DEFAULT_TIMEOUT
 
 LEVEL = "_cache"  # the key a hit carries, naming the level that answered
 
