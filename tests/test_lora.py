@@ -86,7 +86,7 @@ def test_lora_sft_trains_adapters_resumes_and_merges(tmp_path):
     sft(tmp_path / "parts", cfg(4), **quiet)
     sft(tmp_path / "parts", cfg(4), resume=True, max_steps=8, **quiet)
     runner = CliRunner()
-    r = runner.invoke(app, ["merge-lora", "--base", str(init), "--adapter", str(tmp_path / "parts"),
+    r = runner.invoke(app, ["merge-lora", "--model", str(init), "--adapter", str(tmp_path / "parts"),
                             "--out", str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output
     a, b = from_pretrained(tmp_path / "whole"), from_pretrained(tmp_path / "merged")
@@ -94,5 +94,5 @@ def test_lora_sft_trains_adapters_resumes_and_merges(tmp_path):
     with torch.no_grad():
         assert (a(x) - b(x)).abs().max() <= 1e-5
         assert (a(x) - from_pretrained(init)(x)).abs().max() > 1e-3
-    r = runner.invoke(app, ["merge-lora", "--base", str(init), "--adapter", str(init), "--out", str(tmp_path / "m2")])
+    r = runner.invoke(app, ["merge-lora", "--model", str(init), "--adapter", str(init), "--out", str(tmp_path / "m2")])
     assert r.exit_code == 2 and "no adapter_config.json" in r.output

@@ -231,7 +231,7 @@ def test_qlora_sft_adapter_loads_and_merges_with_merge_lora(tmp_path):
     reloaded = load_adapter(base, tmp_path / "run").eval()
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     assert any(isinstance(m, LoraLinear4bit) for m in reloaded.modules())
-    r = CliRunner().invoke(app, ["merge-lora", "--base", str(init), "--adapter", str(tmp_path / "run"),
+    r = CliRunner().invoke(app, ["merge-lora", "--model", str(init), "--adapter", str(tmp_path / "run"),
                                  "--out", str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output
     merged = from_pretrained(tmp_path / "merged")

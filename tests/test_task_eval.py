@@ -59,11 +59,11 @@ def test_evaluate_task_on_a_random_model(checkpoint, task):
 def test_cli_eval_task(checkpoint):
     from typer.testing import CliRunner
     res = CliRunner().invoke(app, ["eval", str(checkpoint), "--task", "arithmetic", "--option", "digits=2",
-                                   "--n", "2", "--k", "2", "--max-tokens", "4", "--json"])
+                                   "--num-problems", "2", "--k", "2", "--max-tokens", "4", "--json"])
     assert res.exit_code == 0, res.output
     ev = json.loads(res.output)
     assert ev["task"] == "arithmetic" and ev["n"] == 2 and "pass@2" in ev
-    res = CliRunner().invoke(app, ["eval", str(checkpoint), "--task", "nosuch", "--n", "2"])
+    res = CliRunner().invoke(app, ["eval", str(checkpoint), "--task", "nosuch", "--num-problems", "2"])
     assert res.exit_code != 0 and "unknown task 'nosuch'" in res.output
 
 
