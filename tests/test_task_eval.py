@@ -72,7 +72,7 @@ class ScriptedLLM:
 
     def __init__(self, tokenizer, replies):
         self.tokenizer, self.replies, self.prompts = Tokenizer.of(tokenizer), list(replies), []
-        self.engine = SimpleNamespace(scheduler=SimpleNamespace(max_model_len=4096))
+        self.max_model_len = 4096
 
     def generate(self, prompts, params, use_tqdm=False):
         out = []
