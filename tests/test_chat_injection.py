@@ -161,7 +161,7 @@ def test_terminal_chat_prompts_keep_markers_as_text(tok):
 
     class Engine:
         tokenizer = Tokenizer.of(tok)
-        scheduler = SimpleNamespace(max_model_len=10_000)
+        max_model_len = 10_000
 
         def add_request(self, ids, params):
             sent.append(ids)
