@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-all speedrun bench bench-docs clean
+.PHONY: setup test test-all lint speedrun bench bench-docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff with the rules in pyproject.toml (correctness, not style); CI runs it before `make test`
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # pretraining (runs/speedrun), then SFT -> GRPO -> held-out evaluation from it (runs/speedrun-rl);
 # a rerun replaces the previous speedruns (only their own files)

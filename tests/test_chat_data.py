@@ -104,7 +104,7 @@ def test_preference_pairs_label_only_the_completions(tmp_path, tok):
         {"messages": [{"role": "user", "content": "hi"}], "chosen": {"role": "assistant", "content": "hello"},
          "rejected": "go away"}])
     pairs = encode_pairs(read_pairs(path), tok, max_len=64)
-    (xc, yc), (xr, yr) = pairs.chosen, pairs.rejected
+    (xc, yc), (_, yr) = pairs.chosen, pairs.rejected
     targets = [tok.decode([t for t in row if t != IGNORE_INDEX], skip_special_tokens=False) for row in yc.tolist()]
     assert targets == ["4<｜end▁of▁sentence｜>", "hello<｜end▁of▁sentence｜>"]
     assert tok.decode([t for t in yr[1].tolist() if t != IGNORE_INDEX], skip_special_tokens=True) == "go away"

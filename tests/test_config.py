@@ -1,7 +1,6 @@
 """ModelConfig reads the published DeepSeek configs, writes transformers-readable JSON,
 and rejects unknown or contradictory fields by name."""
 
-import json
 from pathlib import Path
 
 import pytest

@@ -16,7 +16,7 @@ from nanoseek.cli import app
 from nanoseek.engine import LLM, SamplingParams
 from nanoseek.engine.dtype import cast_model
 from nanoseek.checkpoint.convert import convert
-from nanoseek.quant.fp8 import FP8, FP8Linear, dequantize_weight, quant_error, quantize_weight
+from nanoseek.quant.fp8 import FP8, FP8Linear, dequantize_weight, quant_error
 from nanoseek.quant.model import fp8_modules, model_bytes, quantization_backend, quantize_model_fp8
 from tests.test_engine import prompts, tiny_model
 

@@ -57,9 +57,7 @@ def reference(tmp_path_factory, corpus):
 
 
 def test_resumed_curve_equals_uninterrupted(tmp_path, corpus, reference):
-    from nanoseek.model import CausalLM
     from nanoseek.train.loop import Trainer
-    from nanoseek.train import pretrain as P
 
     out = tmp_path / "run"
     # first leg: stop at step 7 (a checkpoint from the pause; the schedule still plans 12)

@@ -29,7 +29,6 @@ def run_dir(tmp_path_factory):
 
 def test_run_dir_is_a_transformers_checkpoint(run_dir):
     import transformers
-    from nanoseek.model import CausalLM
     tok = transformers.AutoTokenizer.from_pretrained(str(run_dir))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir)).eval()
     ours = nanoseek.from_pretrained(run_dir).eval()

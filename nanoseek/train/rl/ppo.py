@@ -22,8 +22,7 @@ from torch import nn
 
 from nanoseek.model.cache import PaddedRows
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.train.rl.objectives import (clipped_surrogate, clipped_value_loss, gae,
-                                          normalise, whiten)
+from nanoseek.train.rl.objectives import clipped_surrogate, clipped_value_loss, gae, normalise
 from nanoseek.train.rl.rollout import token_logprobs
 
 
