@@ -34,7 +34,7 @@ lint: $(STAMP)
 # a rerun replaces the previous speedruns (only their own files)
 speedrun: $(STAMP)
 	$(VENV)/bin/nanoseek speedrun --overwrite
-	$(VENV)/bin/nanoseek speedrun-rl --base runs/speedrun --overwrite
+	$(VENV)/bin/nanoseek speedrun-rl --model runs/speedrun --overwrite
 
 # every benchmark that needs no checkpoint (bench_rl_algos needs --init: run it with
 # `benchmarks/write_results.py --run "bench_rl_algos --init DIR"`), each output kept in

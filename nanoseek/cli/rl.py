@@ -27,7 +27,7 @@ def grpo(
         batch_size: int = option(TrainConfig, "batch_size", 16, help="prompts per rollout"),
         num_generations: int = typer.Option(8, min=1, help="G: completions per prompt"),
         grad_accum: int = option(TrainConfig, "grad_accum", 1),
-        lr: float = option(TrainConfig, "lr", 3e-4, help="learning rate (<= 3e-4 on tiny models: see README)"),
+        lr: float = option(TrainConfig, "lr", 3e-4, help="learning rate (<= 3e-4 on tiny models: see docs/rl.md)"),
         warmup_steps: int = option(TrainConfig, "warmup_steps", 10),
         temperature: float = typer.Option(1.0, help="sampling temperature of the rollouts"),
         max_completion_length: Optional[int] = typer.Option(None, min=1, help="default: the task's budget"),

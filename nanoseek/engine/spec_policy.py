@@ -4,7 +4,7 @@ A speculative step costs more than a plain one: the main model runs 2 tokens per
 (more distinct experts, larger matmuls) and the MTP block runs after it. It yields 1 + a
 tokens per request, a = acceptance. Measured on the 2-core CPU (one thread, the
 benchmark's 3-layer byte model, CPU time per decode step, median of 100, load average
-~4; README "Inference engine"): a drafting step costs 1.61x a plain one at 1 request,
+~4; docs/engine.md): a drafting step costs 1.61x a plain one at 1 request,
 1.65 at 2, 1.66 at 4 and 8, 1.73 at 16, 1.78 at 32, 1.90 at 64. So drafting pays only
 above an acceptance of ~0.6-0.7 up to 16 requests (a ≈ 0.8-0.85 gains 1.04-1.15x
 there) and needs ~0.9 at 64. Most of the extra is the MTP block itself (~1.1 of a

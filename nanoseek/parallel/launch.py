@@ -4,7 +4,7 @@
 (one machine, `--standalone` rendezvous); `torchrun ... -m nanoseek.train.pretrain ARGS`
 (`-m nanoseek.train.posttrain.sft`, `-m nanoseek.train.rl.grpo`, or `torchrun ... -m nanoseek
 COMMAND ARGS`) is the same thing started by hand, which is how a multi-node run starts (see
-the README: --nnodes, --node-rank, --rdzv-endpoint). Under torchrun, a stage joins the
+docs/distributed.md: --nnodes, --node-rank, --rdzv-endpoint). Under torchrun, a stage joins the
 process group, lays the model out on the mesh, lets rank 0 alone prepare the data and write
 run.json, the metrics and the checkpoints' consolidated HF copy.
 """

@@ -16,10 +16,10 @@ from pathlib import Path
 from nanoseek.config import preset
 from nanoseek.train.loop import TrainConfig
 
-# The speedrun's training recipe, sized on a 2-core CPU (see README "Training"). Weight
+# The speedrun's training recipe, sized on a 2-core CPU (docs/training.md). Weight
 # decay 0.3: the run makes ~6 passes over its 104k training tokens, and stronger decay
 # generalises better (validation 1.5452 and 1.5520 bits per byte against 1.5551 with 0.1,
-# quiet VM, adaptive threads, same steps; 0.5: 1.5475; lr 2e-3: 1.5518; both: 1.5571).
+# idle 2-core CPU, adaptive threads, same steps; 0.5: 1.5475; lr 2e-3: 1.5518; both: 1.5571).
 SPEEDRUN_TRAIN = dict(batch_size=8, seq_len=256, grad_accum=1, lr=3e-3, warmup_steps=30,
                       schedule="cosine", min_lr_ratio=0.1, weight_decay=0.3, grad_clip=1.0,
                       eval_every=50, eval_tokens=0, save_every=100, sample_every=0, seed=1337)

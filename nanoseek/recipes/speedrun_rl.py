@@ -75,7 +75,7 @@ def sft_stage(base: Path, out: Path, threshold: float, minutes: float, eval_n: i
 def grpo_stage(sft_dir: Path, out: Path, steps: int, minutes: float, eval_n: int,
                adapt_threads: bool = False, progress: bool = False, **train) -> dict:
     """GRPO: 32 prompts x G=8 per step, lr 2e-4 after 10 warm-up steps, k3 KL (beta 0.02).
-    Measured from a 38 % SFT checkpoint (README): lr 2e-4 gained, 3e-4 gained less, and
+    Measured from a 38 % SFT checkpoint (docs/rl.md): lr 2e-4 gained, 3e-4 gained less, and
     5e-4 (or 3e-4 with 8 prompts a step) collapsed within 20-30 steps; at 16 prompts a step
     the held-out accuracy swung by 10 points between evaluations, at 32 it climbed more
     steadily (the packed update, shared_prefix.py, pays for the second 16)."""

@@ -9,7 +9,7 @@ whole process group, or `ChildDied` when it ended without a result.
 
 On Linux the child is forked: nothing is pickled on the way in, closures work, and the
 cost is the fork itself, which grows with the parent's mappings and resident memory (see
-README for measurements); the child is reaped in the background once its result is read,
+docs/agent.md for measurements); the child is reaped in the background once its result is read,
 so its exit does not add to the call. The forked child runs only `fn` and leaves with `os._exit` (no atexit handlers,
 no flushing of buffers it shares with the parent, garbage collection off), so a lock that
 another thread of the parent held at the fork matters only if `fn` itself takes it, and

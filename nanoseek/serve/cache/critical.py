@@ -38,7 +38,7 @@ not, so "sort descending: 3, 1, 2" still matches "sort 3, 1, 2 in descending ord
 
 A miss costs one generation; a wrong hit serves another question's answer, so the rules
 lean strict. tests/data/semantic_cache_pairs.json holds the paraphrases and adversarial
-pairs the README's hit rates were measured on.
+pairs the hit rates in docs/serving.md were measured on.
 """
 
 from __future__ import annotations

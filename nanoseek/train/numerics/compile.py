@@ -7,7 +7,7 @@ MoE's dispatch splits tokens by data-dependent counts (`.tolist()`), which break
 there: attention, the norms and the expert MLPs compile, the routing glue stays eager.
 
 `auto` compiles only where it pays after its compile time. Measured on the 2-core CPU
-(tiny preset, 8 x 256 tokens, torch 2.13; see README "Training"): the cold compile costs
+(tiny preset, 8 x 256 tokens, torch 2.13; docs/training.md): the cold compile costs
 about a minute and a compiled step gains under 10 %, so within a 7-minute speedrun it
 cannot win back its cold start: `auto` is off on CPU. On CUDA it is not measured here, so
 `auto` stays off there too (pass `--compile on`). The cold compile happens inside the first

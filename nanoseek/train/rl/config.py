@@ -19,7 +19,7 @@ DIFFERS_FROM_TRL = {
     "beta": (0.0, "0.02: DeepSeekMath's k3 KL to the starting (SFT) model"),
     "loss_type": ("dapo", "'grpo': DeepSeekMath's per-sequence mean"),
     "use_bias_correction_kl": (True, "False: DeepSeekMath's plain k3 term, which the RL "
-                               "speedrun's figures in README.md were measured with"),
+                               "speedrun's figures in docs/rl.md were measured with"),
     "max_completion_length": (512, "None: the task's own generation budget"),
     "learning_rate": (1e-6, "train.lr 3e-4 with warm-up: stable for models of a few million "
                       "parameters on CPU, where lr 1e-3 destroyed the policy in ten steps"),
