@@ -52,7 +52,7 @@ def with_adapters(model, lora: LoraSettings, probe: torch.Tensor, log=print):
         log(report.describe())
     model = add_lora(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(model.peft_config['default'].target_modules)}: "
+    log(f"LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(sorted(model.peft_config['default'].target_modules))}: "
         f"{trainable:,} trainable parameters ({trainable / total:.1%} of the model's {total:,})")
     return model, report
 
