@@ -1,4 +1,4 @@
-"""RL commands: `nanoseek grpo --init SFT_DIR --task arithmetic --out DIR [--algo ppo]`, and
+"""RL commands: `nanoseek grpo --model SFT_DIR --task arithmetic --out DIR [--algo ppo]`, and
 `nanoseek speedrun-rl` (pretraining -> SFT -> GRPO -> held-out evaluation -> report)."""
 
 from __future__ import annotations

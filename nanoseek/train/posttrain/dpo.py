@@ -3,7 +3,7 @@
     L = -log σ(β [(log π(c|x) - log π_ref(c|x)) - (log π(r|x) - log π_ref(r|x))])
 
 log π(y|x) is the sum of the completion's token log-probs (prompt tokens excluded, its eos
-included); π_ref is the frozen starting model: a copy of --init that gets no gradient, or,
+included); π_ref is the frozen starting model: a copy of --model that gets no gradient, or,
 with LoRA, the same network with its adapters switched off (no second copy in memory).
 β (r_θ = β log π/π_ref is the implicit reward) sets how far the policy may move from the
 reference. Logged: the loss, the implicit rewards of chosen and rejected, their margin

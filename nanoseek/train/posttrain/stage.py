@@ -1,7 +1,7 @@
 """What the post-training stages (SFT, DPO) share: the model they start from, LoRA/QLoRA on
 top of it, what a checkpoint of theirs is, and their run directory's settings.
 
-A stage starts from `--init DIR`, a checkpoint with its tokenizer (a pretraining run, an
+A stage starts from `--model DIR`, a checkpoint with its tokenizer (a pretraining run, an
 SFT run...). Full fine-tuning trains every weight and saves a plain checkpoint; with LoRA
 the base stays frozen and the run directory holds peft's adapter files in `adapter/` (and,
 with `merge`, the merged checkpoint beside it: a separate folder, since loaders that read
@@ -30,7 +30,7 @@ def load_init(init: str | Path, device: torch.device):
 
     init = Path(init)
     if not (init / "tokenizer.json").exists():
-        raise RunError(f"--init {init}: no tokenizer.json; post-training needs the tokenizer the "
+        raise RunError(f"--model {init}: no tokenizer.json; post-training needs the tokenizer the "
                        "model was trained with (a pretraining run directory has one)")
     model = CausalLM.from_pretrained(init, dtype=torch.float32, device=device)
     return model, load_tokenizer(init)

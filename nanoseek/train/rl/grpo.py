@@ -1,5 +1,5 @@
 """GRPO (DeepSeekMath): reinforcement learning from a rule-based reward, rollouts by
-nanoseek's own engine, on the shared training loop. `nanoseek grpo --init SFT_DIR --task
+nanoseek's own engine, on the shared training loop. `nanoseek grpo --model SFT_DIR --task
 arithmetic --out DIR`.
 
 One rollout per `num_iterations` optimizer steps: `train.batch_size` prompts x G
