@@ -240,6 +240,23 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _start_redis(binary: str) -> tuple[str, subprocess.Popen]:
+    """A redis-server on a free loopback port, answering pings (up to 10 s)."""
+    import redis
+
+    port = _free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(200):
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return url, proc
+
+
 @pytest.fixture(scope="module")
 def redis_url():
     """CI's server (NANOSEEK_TEST_REDIS_URL), else a private redis-server on a free port."""
@@ -250,18 +267,7 @@ def redis_url():
     if binary is None:
         pytest.skip("no Redis: NANOSEEK_TEST_REDIS_URL is unset and redis-server is not on PATH")
     pytest.importorskip("redis", reason="the 'redis' client package is not installed")
-    import redis
-
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
+    url, proc = _start_redis(binary)
     try:
         yield url
     finally:
@@ -595,18 +601,7 @@ def own_redis():
     if binary is None:
         pytest.skip("redis-server is not on PATH")
     pytest.importorskip("redis")
-    import redis
-
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(200):
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
+    url, proc = _start_redis(binary)
     try:
         yield url, proc
     finally:
