@@ -97,3 +97,37 @@ def test_python_callers_meet_the_same_limits():
     assert_user_error(invoke("pretrain", "--out", "x", "--lr", "2"), "--lr", "> 0 and <= 1")
     from nanoseek.cli.settings import option_help
     assert option_help(TrainConfig, "lr") in invoke("pretrain", "--help", env={"COLUMNS": "400"}).output
+
+
+@pytest.mark.parametrize("command, flag, toml_value, py_value, settings, what", [
+    ("grpo", "--temperature", "0", 0.0, "nanoseek.train.rl.config:RLConfig", "must be a finite number > 0"),
+    ("grpo", "--algo", '"x"', "x", "nanoseek.train.rl.config:RLConfig", "must be one of grpo | ppo"),
+    ("sft", "--val-fraction", "1", 1.0, "nanoseek.train.posttrain.settings:SFTConfig",
+     "must be a finite number in [0, 1)"),
+    ("dpo", "--beta", "0", 0.0, "nanoseek.train.posttrain.settings:DPOConfig", "must be a finite number > 0"),
+])
+def test_stage_settings_meet_one_rule_from_a_flag_a_file_and_python(tmp_path, command, flag, toml_value,
+                                                                     py_value, settings, what):
+    """The RL, SFT and DPO flags are built from their dataclass fields: the same limit in
+    the same words whether the value comes from a flag, a run.toml or Python."""
+    import importlib
+    import re
+    key = flag[2:].replace("-", "_")
+    assert_user_error(invoke(command, "--out", "x", "--model", "m", flag, str(py_value)), flag, what)
+    cfg = _toml(tmp_path, f"{key} = {toml_value}\n")
+    assert_user_error(invoke(command, "--config", cfg, "--out", "x", "--model", "m"), flag, what, str(cfg))
+    module, name = settings.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    data = {} if command == "grpo" else {"data": ["d.jsonl"]}
+    with pytest.raises(ValueError, match=re.escape(f"'{key}': {what}")):
+        cls(init="m", **data, **{key: py_value}).validate()
+
+
+def test_lora_flags_come_from_lora_settings():
+    """--lora-r keeps its CLI default 8 (LoraSettings.r = 0 means no adapters), and --lora
+    with r = 0 is refused rather than silently training the full model."""
+    assert_user_error(invoke("sft", "--out", "x", "--model", "m", "--data", "d.jsonl", "--lora", "--lora-r", "0"),
+                      "--lora-r must be >= 1")
+    from nanoseek.train.posttrain.settings import LoraSettings
+    with pytest.raises(ValueError, match="'r': must be an integer >= 0, got -1"):
+        LoraSettings(r=-1).validate()

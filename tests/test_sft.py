@@ -109,7 +109,7 @@ def test_eval_n_logs_task_accuracy_and_stop_at_accuracy_needs_what_it_reads(tmp_
     assert [r["step"] for r in evals] == [1, 2]
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["format"] <= 1 for r in evals)
     for bad, msg in [(dict(stop_at_accuracy=0.5), "needs --task, --eval-n > 0"),
-                     (dict(eval_task_n=3, stop_at_accuracy=1.5), r"must be in \(0, 1\]")]:
+                     (dict(eval_task_n=3, stop_at_accuracy=1.5), "'stop_at_accuracy': must be a finite number > 0 and <= 1")]:
         with pytest.raises(ValueError, match=msg):
             SFTConfig(init="x", task="arithmetic", train=sft_train_config(eval_every=5), **bad).validate()
     with pytest.raises(ValueError, match="--eval-n measures a task"):

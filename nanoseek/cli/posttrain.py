@@ -10,17 +10,18 @@ import typer
 from nanoseek.cli import launch_options as parallel
 from nanoseek.cli.common import compile_option, deprecated_option, pick, precision_given, precision_option
 from nanoseek.cli.run_config import config_option
-from nanoseek.cli.settings import option
+from nanoseek.cli.settings import FROM_FIELD, option
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.posttrain.settings import LORA_TARGETS, DPOConfig, LoraSettings, PairSampling, SFTConfig
 
-LORA_TARGETS_HELP = ("comma-separated linears to adapt (default: all of q_a_proj, q_b_proj, "
-                     "q_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj, down_proj)")
+ALL_TARGETS = f"all of {', '.join(LORA_TARGETS)}"
 
 
 def _lora(lora: bool, qlora: bool, r: int, alpha: float, targets: Optional[str]):
-    from nanoseek.train.posttrain.lora import LORA_TARGETS, LoraSettings
     if not (lora or qlora):
         return LoraSettings()
+    if r < 1:  # r = 0 is LoraSettings' "no adapters", which --lora asks for
+        raise typer.BadParameter(f"--lora-r must be >= 1 with --lora or --qlora, got {r}")
     names = [t.strip() for t in targets.split(",") if t.strip()] if targets else list(LORA_TARGETS)
     return LoraSettings(r=r, alpha=alpha, targets=names, qlora=qlora)
 
@@ -43,11 +44,11 @@ def sft(
         model: Optional[Path] = typer.Option(None, "--model", help="checkpoint + tokenizer to start from (e.g. a pretraining run) (required)"),
         init: Optional[Path] = deprecated_option(None, "--init", "--model"),
         out: Path = typer.Option(..., "--out", help="run directory: the fine-tuned checkpoint (or adapter) + tokenizer"),
-        data: Optional[list[Path]] = typer.Option(None, "--data", help="JSONL: {\"messages\": [...]} or {\"prompt\", \"response\"} rows (repeat)"),
-        task: Optional[str] = typer.Option(None, "--task", help="train on a task's demonstrations instead"),
-        task_examples: int = typer.Option(1000, min=1, help="task examples to train on"),
+        data: Optional[list[Path]] = option(SFTConfig, "data", None, "--data"),
+        task: Optional[str] = option(SFTConfig, "task", None, "--task"),
+        task_examples: int = option(SFTConfig, "task_examples"),
         option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=2"),
-        epochs: float = typer.Option(3.0, help="passes over the data (sets --max-steps when not given)"),
+        epochs: float = option(SFTConfig, "epochs"),
         max_steps: Optional[int] = option(TrainConfig, "max_steps", None, default_note="from --epochs"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
         batch_size: Optional[int] = option(TrainConfig, "batch_size", None, help="windows per micro-batch", default_note="8"),
@@ -57,16 +58,16 @@ def sft(
         warmup_steps: Optional[int] = option(TrainConfig, "warmup_steps", None, default_note="10"),
         save_every: Optional[int] = option(TrainConfig, "save_every", None, default_note="100"),
         no_packing: bool = typer.Option(False, "--no-packing", help="one conversation per window"),
-        val_fraction: float = typer.Option(0.0, help="share of conversations held out for val_loss"),
+        val_fraction: float = option(SFTConfig, "val_fraction"),
         eval_every: Optional[int] = option(TrainConfig, "eval_every", None, help="steps between evaluations (val_loss, --eval-n accuracy; 0 = at the end only)", default_note="0"),
-        eval_n: int = typer.Option(0, min=0, help="--task: held-out problems solved greedily at each evaluation (accuracy, format)"),
-        stop_at_accuracy: Optional[float] = typer.Option(None, help="--task: stop once the held-out accuracy reaches this (needs --eval-n, --eval-every)"),
+        eval_n: int = option(SFTConfig, "eval_task_n", FROM_FIELD, "--eval-n"),
+        stop_at_accuracy: Optional[float] = option(SFTConfig, "stop_at_accuracy"),
         lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (peft) over the frozen model"),
-        qlora: bool = typer.Option(False, "--qlora", help="LoRA over a base stored in 4-bit NF4 (bitsandbytes)"),
-        lora_r: int = typer.Option(8, min=1, help="LoRA rank"),
-        lora_alpha: float = typer.Option(16.0, help="LoRA alpha (scale alpha / r)"),
-        lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
-        merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
+        qlora: bool = option(LoraSettings, "qlora", FROM_FIELD, "--qlora"),
+        lora_r: int = option(LoraSettings, "r", 8, "--lora-r"),
+        lora_alpha: float = option(LoraSettings, "alpha", FROM_FIELD, "--lora-alpha"),
+        lora_targets: Optional[str] = option(LoraSettings, "targets", None, "--lora-targets", default_note=ALL_TARGETS),
+        merge: bool = option(SFTConfig, "merge", FROM_FIELD, "--merge"),
         seed: Optional[int] = option(TrainConfig, "seed", None, help="data order and held-out split", default_note="1337"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
@@ -82,7 +83,7 @@ def sft(
     init = _start(model, init)
     from nanoseek.cli.common import task_options
     from nanoseek.parallel import ParallelConfig, launch
-    from nanoseek.train.posttrain.sft import SFTConfig, sft as run_sft, sft_train_config
+    from nanoseek.train.posttrain.sft import sft as run_sft, sft_train_config
     settings = SFTConfig(
         init=str(init), data=[str(p) for p in data or []], task=task, task_examples=task_examples,
         task_options=task_options(option or []),
@@ -105,16 +106,16 @@ def dpo(
         model: Optional[Path] = typer.Option(None, "--model", help="checkpoint + tokenizer to start from (e.g. an SFT run) (required)"),
         init: Optional[Path] = deprecated_option(None, "--init", "--model"),
         out: Path = typer.Option(..., "--out", help="run directory"),
-        data: Optional[list[Path]] = typer.Option(None, "--data", help="JSONL pairs: {\"prompt\" | \"messages\", \"chosen\", \"rejected\"} (repeat)"),
-        task: Optional[str] = typer.Option(None, "--task", help="sample pairs on this task (with --pairs-from-sampling)"),
+        data: Optional[list[Path]] = option(DPOConfig, "data", None, "--data"),
+        task: Optional[str] = option(DPOConfig, "task", None, "--task"),
         option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=2"),
         pairs_from_sampling: bool = typer.Option(False, "--pairs-from-sampling", help="build pairs from the init model's samples scored by the task's reward"),
-        prompts: int = typer.Option(64, min=1, help="task prompts to sample on"),
-        samples: int = typer.Option(4, min=2, help="completions per prompt"),
-        temperature: float = typer.Option(1.0, min=0.0, help="sampling temperature"),
-        max_tokens: int = typer.Option(64, min=1, help="tokens per sampled completion"),
-        beta: float = typer.Option(0.1, help="DPO beta: how far the policy may move from the reference"),
-        epochs: float = typer.Option(3.0, help="passes over the pairs (sets --max-steps when not given)"),
+        prompts: int = option(PairSampling, "prompts"),
+        samples: int = option(PairSampling, "samples"),
+        temperature: float = option(PairSampling, "temperature"),
+        max_tokens: int = option(PairSampling, "max_tokens"),
+        beta: float = option(DPOConfig, "beta"),
+        epochs: float = option(DPOConfig, "epochs"),
         max_steps: Optional[int] = option(TrainConfig, "max_steps", None, default_note="from --epochs"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
         batch_size: Optional[int] = option(TrainConfig, "batch_size", None, help="pairs per micro-batch", default_note="8"),
@@ -124,11 +125,11 @@ def dpo(
         warmup_steps: Optional[int] = option(TrainConfig, "warmup_steps", None, default_note="5"),
         save_every: Optional[int] = option(TrainConfig, "save_every", None, default_note="100"),
         lora: bool = typer.Option(False, "--lora", help="LoRA adapters; the reference is the base with adapters off"),
-        qlora: bool = typer.Option(False, "--qlora", help="LoRA over a 4-bit NF4 base"),
-        lora_r: int = typer.Option(8, min=1, help="LoRA rank"),
-        lora_alpha: float = typer.Option(16.0, help="LoRA alpha"),
-        lora_targets: Optional[str] = typer.Option(None, help=LORA_TARGETS_HELP),
-        merge: bool = typer.Option(False, "--merge", help="LoRA: also write the merged checkpoint into --out"),
+        qlora: bool = option(LoraSettings, "qlora", FROM_FIELD, "--qlora"),
+        lora_r: int = option(LoraSettings, "r", 8, "--lora-r"),
+        lora_alpha: float = option(LoraSettings, "alpha", FROM_FIELD, "--lora-alpha"),
+        lora_targets: Optional[str] = option(LoraSettings, "targets", None, "--lora-targets", default_note=ALL_TARGETS),
+        merge: bool = option(DPOConfig, "merge", FROM_FIELD, "--merge"),
         seed: Optional[int] = option(TrainConfig, "seed", None, help="pair order and sampling seed", default_note="1337"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
@@ -136,7 +137,7 @@ def dpo(
     """Direct Preference Optimization (sigmoid loss against a frozen reference) on
     preference pairs from a file or sampled on a task."""
     from nanoseek.cli.common import task_options
-    from nanoseek.train.posttrain.dpo import DPOConfig, PairSampling, dpo as run_dpo, dpo_train_config
+    from nanoseek.train.posttrain.dpo import dpo as run_dpo, dpo_train_config
     init = _start(model, init)
     if task and not pairs_from_sampling:
         raise typer.BadParameter("--task needs --pairs-from-sampling (DPO learns from pairs)")

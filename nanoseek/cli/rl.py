@@ -11,8 +11,9 @@ import typer
 from nanoseek.cli import launch_options as parallel
 from nanoseek.cli.common import compile_option, deprecated_option, pick, precision_given, precision_option
 from nanoseek.cli.run_config import config_option
-from nanoseek.cli.settings import option
+from nanoseek.cli.settings import FROM_FIELD, option
 from nanoseek.train.config import TrainConfig
+from nanoseek.train.rl.config import RLConfig
 
 
 def grpo(
@@ -20,28 +21,28 @@ def grpo(
         out: Path = typer.Option(..., "--out", help="run directory (becomes the policy's HF checkpoint)"),
         model: Optional[Path] = typer.Option(None, "--model", help="starting checkpoint, e.g. an SFT run (not needed with --resume)"),
         init: Optional[Path] = deprecated_option(None, "--init", "--model"),
-        task: str = typer.Option("arithmetic", "--task", help="arithmetic | countdown | FILE.jsonl"),
+        task: str = option(RLConfig, "task", FROM_FIELD, "--task"),
         option: Optional[list[str]] = typer.Option(None, "--option", help="task option KEY=VALUE (repeat), e.g. digits=2"),
-        algo: str = typer.Option("grpo", help="grpo | ppo (a critic + GAE, for comparison)"),
+        algo: str = option(RLConfig, "algo"),
         max_steps: int = option(TrainConfig, "max_steps", 100),
         batch_size: int = option(TrainConfig, "batch_size", 16, help="prompts per rollout"),
-        num_generations: int = typer.Option(8, min=1, help="G: completions per prompt"),
+        num_generations: int = option(RLConfig, "num_generations"),
         grad_accum: int = option(TrainConfig, "grad_accum", 1),
         lr: float = option(TrainConfig, "lr", 3e-4, help="learning rate (<= 3e-4 on tiny models: see docs/rl.md)"),
         warmup_steps: int = option(TrainConfig, "warmup_steps", 10),
-        temperature: float = typer.Option(1.0, help="sampling temperature of the rollouts"),
-        max_completion_length: Optional[int] = typer.Option(None, min=1, help="default: the task's budget"),
-        loss_type: str = typer.Option("grpo", help="grpo | bnpo | dr_grpo | dapo (TRL's meanings; TRL's default: dapo)"),
-        scale_rewards: str = typer.Option("group", help="group | batch | none"),
-        epsilon: float = typer.Option(0.2, help="clip range (lower side)"),
-        epsilon_high: Optional[float] = typer.Option(None, help="upper clip (DAPO clip-higher; default epsilon)"),
-        beta: float = typer.Option(0.02, help="k3 KL weight (0: no reference model is loaded)"),
-        use_bias_correction_kl: bool = typer.Option(False, "--use-bias-correction-kl", help="weigh the KL term by pi/pi_old (TRL's option; its default is on)"),
-        num_iterations: int = typer.Option(1, min=1, help="optimizer passes per rollout batch"),
-        mask_truncated_completions: bool = typer.Option(False, "--mask-truncated-completions", help="completions cut at the length limit (no eos) add nothing to the loss"),
-        drop_equal_groups: bool = typer.Option(False, "--drop-equal-groups", help="drop groups whose rewards are all equal"),
+        temperature: float = option(RLConfig, "temperature"),
+        max_completion_length: Optional[int] = option(RLConfig, "max_completion_length"),
+        loss_type: str = option(RLConfig, "loss_type"),
+        scale_rewards: str = option(RLConfig, "scale_rewards"),
+        epsilon: float = option(RLConfig, "epsilon"),
+        epsilon_high: Optional[float] = option(RLConfig, "epsilon_high"),
+        beta: float = option(RLConfig, "beta"),
+        use_bias_correction_kl: bool = option(RLConfig, "use_bias_correction_kl", FROM_FIELD, "--use-bias-correction-kl"),
+        num_iterations: int = option(RLConfig, "num_iterations"),
+        mask_truncated_completions: bool = option(RLConfig, "mask_truncated_completions", FROM_FIELD, "--mask-truncated-completions"),
+        drop_equal_groups: bool = option(RLConfig, "drop_equal_groups", FROM_FIELD, "--drop-equal-groups"),
         eval_every: int = option(TrainConfig, "eval_every", 25, help="steps between held-out evaluations (0 = at the end only)"),
-        eval_n: int = typer.Option(200, min=1, help="held-out problems per evaluation"),
+        eval_n: int = option(RLConfig, "eval_n"),
         save_every: int = option(TrainConfig, "save_every", 25, help="steps between checkpoints (0 = at the end only; a multiple of --num-iterations)"),
         seed: int = option(TrainConfig, "seed"),
         precision: Optional[str] = precision_option(),
@@ -57,7 +58,7 @@ def grpo(
     parallel.launch("grpo", nproc, ep, tp, pp)
     from nanoseek.cli.common import task_options
     from nanoseek.parallel import ParallelConfig, launch
-    from nanoseek.train.rl.config import RLConfig, rl_train_config
+    from nanoseek.train.rl.config import rl_train_config
     from nanoseek.train.rl.run import rl
     init = pick(model, init, "--model", "--init")
     if init is None and not resume:

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,54 +29,13 @@ import torch.nn.functional as F
 from nanoseek.data.preferences import PairBatch, encode_pairs, read_pairs
 from nanoseek.model.cache import PaddedRows
 from nanoseek.model.transformer import IGNORE_INDEX
-from nanoseek.train.config import TrainConfig
-from nanoseek.train.posttrain.lora import LoraSettings
+from nanoseek.train.posttrain.settings import DPOConfig, PairSampling, dpo_train_config  # noqa: F401 (re-exported)
 from nanoseek.train.loop import Trainer
 from nanoseek.train.posttrain.stage import (base_model, checkpoint_writer, load_task_lazily, merge_into,
                                             start_stage, with_adapters, write_run)
 from nanoseek.train.pretrain import RunError
 
 PAIRS_FILE = "pairs.jsonl"
-
-
-def dpo_train_config(**kw) -> TrainConfig:
-    """Small-model DPO defaults: batch = pairs per micro-batch; a gentle rate (the policy
-    starts at the reference and β keeps it near)."""
-    base = dict(max_steps=0, batch_size=8, seq_len=256, lr=1e-4, warmup_steps=5,
-                weight_decay=0.0, eval_every=0, save_every=100, min_lr_ratio=0.1)
-    return TrainConfig(**{**base, **kw})
-
-
-@dataclass
-class PairSampling:
-    """--pairs-from-sampling: completions per prompt from the starting model."""
-    prompts: int = 64
-    samples: int = 4
-    temperature: float = 1.0
-    max_tokens: int = 64
-
-
-@dataclass
-class DPOConfig:
-    init: str
-    data: list[str] = field(default_factory=list)  # pairs JSONL files
-    task: str | None = None                      # or pairs sampled on a task's prompts
-    task_options: dict = field(default_factory=dict)  # the task's options (--option digits=2)
-    sampling: PairSampling = field(default_factory=PairSampling)
-    beta: float = 0.1
-    epochs: float = 3.0                          # sets train.max_steps when that is 0
-    merge: bool = False
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=dpo_train_config)
-
-    def validate(self) -> None:
-        if bool(self.data) == bool(self.task):
-            raise ValueError("give exactly one of --data pairs.jsonl or --task NAME --pairs-from-sampling")
-        if not self.beta > 0:
-            raise ValueError(f"--beta must be positive, got {self.beta}")
-        if self.merge and not self.lora.enabled:
-            raise ValueError("--merge merges LoRA adapters: give --lora")
-        self.lora.validate()
 
 
 # ------------------------------------------------------------------ the loss

@@ -17,40 +17,14 @@ B A into W for a plain checkpoint that the engine serves.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-LORA_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
-                "gate_proj", "up_proj", "down_proj")
+from nanoseek.train.posttrain.settings import LORA_TARGETS, LoraSettings  # noqa: F401 (re-exported)
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 ADAPTER_DIR = "adapter"  # where a LoRA run keeps them, inside its run directory
-
-
-@dataclass
-class LoraSettings:
-    """r = 0: no adapters (full fine-tuning). qlora: the frozen base's targeted linears are
-    stored in 4-bit NF4 (see qlora.py)."""
-    r: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    qlora: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.r > 0
-
-    def validate(self) -> None:
-        if self.r < 0:
-            raise ValueError(f"LoRA option 'r': must be >= 0, got {self.r}")
-        if self.qlora and not self.r:
-            raise ValueError("--qlora trains LoRA adapters over a 4-bit base: give --lora-r > 0")
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown:
-            raise ValueError(f"--lora-targets: unknown module name(s) {unknown}; the model's "
-                             f"linears are {list(LORA_TARGETS)}")
 
 
 def target_names(model: nn.Module, targets) -> list[str]:

@@ -21,62 +21,18 @@ LoRA stays single-process (peft's wrapper is not sharded), and so does pipeline 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from nanoseek.data.chat import ChatWindows, chat_windows, read_conversations
 from nanoseek.parallel.single import SingleProcess
-from nanoseek.train.config import TrainConfig
-from nanoseek.train.posttrain.lora import LoraSettings
+from nanoseek.train.posttrain.settings import SFTConfig, sft_train_config  # noqa: F401 (re-exported)
 from nanoseek.train.loop import Trainer
 from nanoseek.train.posttrain.stage import (base_model, checkpoint_writer, data_parallel,
                                             load_task_lazily, merge_into, start_stage, with_adapters,
                                             write_run)
 from nanoseek.train.pretrain import pretrain_loss
-
-
-def sft_train_config(**kw) -> TrainConfig:
-    """Small-model SFT defaults: a lower peak rate than pretraining (3e-3) since the model
-    already knows the language, short warm-up, no decay on a run this short."""
-    base = dict(max_steps=0, batch_size=8, seq_len=256, lr=5e-4, warmup_steps=10,
-                weight_decay=0.0, eval_every=0, save_every=100, min_lr_ratio=0.1)
-    return TrainConfig(**{**base, **kw})
-
-
-@dataclass
-class SFTConfig:
-    init: str                                    # checkpoint + tokenizer to start from
-    data: list[str] = field(default_factory=list)  # JSONL files (messages | prompt/response)
-    task: str | None = None                      # or a task's demonstrations
-    task_examples: int = 1000                    # how many of the task's train examples
-    task_options: dict = field(default_factory=dict)  # e.g. {"digits": 2} (load_task's options)
-    epochs: float = 3.0                          # sets train.max_steps when that is 0
-    packing: bool = True                         # several conversations per window
-    val_fraction: float = 0.0                    # conversations held out for val_loss
-    eval_task_n: int = 0                         # --task: held-out problems solved greedily at each evaluation
-    stop_at_accuracy: float | None = None        # --task: stop once that held-out accuracy is reached
-    merge: bool = False                          # LoRA: also write the merged checkpoint
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    train: TrainConfig = field(default_factory=sft_train_config)
-
-    def validate(self) -> None:
-        if bool(self.data) == bool(self.task):
-            raise ValueError("give exactly one of --data FILE or --task NAME")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.merge and not self.lora.enabled:
-            raise ValueError("--merge merges LoRA adapters: give --lora")
-        if self.eval_task_n and not self.task:
-            raise ValueError("--eval-n measures a task's held-out accuracy: give --task")
-        if self.stop_at_accuracy is not None:
-            if not (self.task and self.eval_task_n and self.train.eval_every):
-                raise ValueError("--stop-at-accuracy needs --task, --eval-n > 0 and --eval-every > 0 "
-                                 "(the accuracy it stops on is measured at each evaluation)")
-            if not 0 < self.stop_at_accuracy <= 1:
-                raise ValueError(f"--stop-at-accuracy must be in (0, 1], got {self.stop_at_accuracy}")
-        self.lora.validate()
 
 
 def conversations_of(config: SFTConfig) -> list[list[dict]]:

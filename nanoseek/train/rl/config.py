@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nanoseek.train.config import TrainConfig
-from nanoseek.train.rl.objectives import LOSS_TYPES, SCALE_REWARDS
+from nanoseek.train.fields import check_settings, setting
 
 ALGOS = ("grpo", "ppo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # objectives.normalise's meanings
+SCALE_REWARDS = ("group", "batch", "none")        # objectives.group_advantages' scalings
 
 # name: (TRL 1.16's default, why nanoseek's differs)
 DIFFERS_FROM_TRL = {
@@ -35,43 +37,45 @@ def rl_train_config(**kw) -> TrainConfig:
 
 @dataclass
 class RLConfig:
+    """Each field's default, limits and help live in its `setting(...)`: `nanoseek grpo`
+    builds its flags from them (cli/rl.py) and `validate` checks against the same limits
+    (train/fields.py). This module imports no torch, so building the flags stays instant."""
     init: str                             # the starting checkpoint (an SFT run's directory)
-    task: str = "arithmetic"              # a task name or a .jsonl file (load_task)
+    task: str = setting("arithmetic", help="arithmetic | countdown | FILE.jsonl")
     task_options: dict = field(default_factory=dict)
-    algo: str = "grpo"                    # grpo | ppo (a critic, GAE: for comparison)
+    algo: str = setting("grpo", help="algorithm (ppo: a critic + GAE, for comparison)", choices=ALGOS)
     train: TrainConfig = field(default_factory=rl_train_config)  # batch_size: prompts per step
-    num_generations: int = 8              # G: completions per prompt
-    temperature: float = 1.0
-    max_completion_length: int | None = None  # default: the task's generation budget
-    loss_type: str = "grpo"               # grpo | bnpo | dr_grpo | dapo
-    scale_rewards: str = "group"          # group | batch | none
-    epsilon: float = 0.2                  # the clip's lower side (and upper, without epsilon_high)
-    epsilon_high: float | None = None     # DAPO's clip-higher
-    beta: float = 0.02                    # k3 KL weight; 0 loads no reference model
-    use_bias_correction_kl: bool = False  # weigh the KL term by π_θ/π_old (TRL: True)
-    num_iterations: int = 1               # optimizer passes over each rollout batch (μ)
-    mask_truncated_completions: bool = False  # completions without eos teach nothing
-    drop_equal_groups: bool = False       # drop groups whose G rewards are all equal
-    eval_n: int = 200                     # held-out problems per evaluation (greedy)
-    gamma: float = 1.0                    # PPO: discount
-    lam: float = 0.95                     # PPO: GAE λ
-    vf_coef: float = 0.5                  # PPO: value-loss weight
-    cliprange_value: float = 0.2          # PPO: value clip
+    num_generations: int = setting(8, help="G: completions per prompt", lo=1, integer=True)
+    temperature: float = setting(1.0, help="sampling temperature of the rollouts (0 would be greedy)",
+                                 lo=0, lo_open=True)
+    max_completion_length: int | None = setting(None, help="tokens per completion (default: the task's budget)",
+                                                lo=1, integer=True, optional=True)
+    loss_type: str = setting("grpo", help="loss normalisation (TRL's meanings; TRL's default: dapo)",
+                             choices=LOSS_TYPES)
+    scale_rewards: str = setting("group", help="advantage scaling", choices=SCALE_REWARDS)
+    epsilon: float = setting(0.2, help="clip range (lower side; the upper too without --epsilon-high)",
+                             lo=0, lo_open=True)
+    epsilon_high: float | None = setting(None, help="upper clip (DAPO clip-higher; default epsilon)",
+                                         lo=0, lo_open=True, optional=True)
+    beta: float = setting(0.02, help="k3 KL weight (0: no reference model is loaded)", lo=0)
+    use_bias_correction_kl: bool = setting(False, help="weigh the KL term by pi/pi_old (TRL's option; its default is on)")
+    num_iterations: int = setting(1, help="optimizer passes per rollout batch", lo=1, integer=True)
+    mask_truncated_completions: bool = setting(
+        False, help="completions cut at the length limit (no eos) add nothing to the loss")
+    drop_equal_groups: bool = setting(False, help="drop groups whose rewards are all equal")
+    eval_n: int = setting(200, help="held-out problems per evaluation", lo=1, integer=True)
+    gamma: float = setting(1.0, help="PPO: discount", lo=0, hi=1)
+    lam: float = setting(0.95, help="PPO: GAE lambda", lo=0, hi=1)
+    vf_coef: float = setting(0.5, help="PPO: value-loss weight", lo=0)
+    cliprange_value: float = setting(0.2, help="PPO: value clip", lo=0, lo_open=True)
 
     def validate(self) -> None:
         def need(cond, name, msg):
             if not cond:
                 raise ValueError(f"RL option '{name}': {msg}")
-        need(self.algo in ALGOS, "algo", f"must be one of {ALGOS}, got {self.algo!r}")
-        need(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        need(self.scale_rewards in SCALE_REWARDS, "scale_rewards",
-             f"must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        check_settings(self, "RL")
         need(self.num_generations >= 2 or self.algo == "ppo", "num_generations",
              f"GRPO needs >= 2 completions per prompt to compare, got {self.num_generations}")
-        need(self.num_iterations >= 1, "num_iterations", "must be >= 1")
-        need(self.temperature > 0, "temperature", "must be > 0 (sampling; 0 would be greedy)")
-        need(self.epsilon > 0, "epsilon", "must be > 0")
-        need(self.beta >= 0, "beta", "must be >= 0")
         need(not (self.use_bias_correction_kl and self.algo == "ppo"), "use_bias_correction_kl",
              "weighs GRPO's k3 term; PPO puts its KL in the per-token reward (set algo=grpo)")
         need(self.train.batch_size * self.num_generations >= self.train.grad_accum, "grad_accum",

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
+from nanoseek.train.rl.config import LOSS_TYPES, SCALE_REWARDS  # the settings' names
+
 STD_EPS = 1e-4  # TRL's: a group of equal rewards gets advantage 0, not 0/0
 
 
