@@ -1,6 +1,10 @@
-"""ModelConfig: one dataclass for DeepSeek-V2, V2-Lite, V3 and nanoseek's own models, and its checks.
+"""ModelConfig: one dataclass for DeepSeek-V2, V2-Lite, V3, V3.2, V4 and nanoseek's own models, and its checks.
 
-Field names are the Hugging Face `DeepseekV3Config` names, so the `config.json` of a
+`arch` picks the family: "v3" (V2 and V3: MLA + DeepSeekMoE), "v32" (V3 plus DeepSeek Sparse
+Attention's lightning indexer in every MLA layer) or "v4" (hybrid sliding / compressed sparse /
+heavily compressed shared-KV attention, manifold-constrained hyper-connections, hash-routed
+and sqrtsoftplus MoE). Field names are the Hugging Face `DeepseekV3Config`, `DeepseekV32Config`
+and `DeepseekV4Config` names, so the `config.json` of a
 published DeepSeek checkpoint, one written by transformers 5 (`rope_parameters`) and one
 written by nanoseek all read the same way (hf_json.py translates). Fields that only nanoseek
 uses (training weights, the attention baseline) are written beside them; transformers
@@ -20,7 +24,12 @@ from nanoseek.config import hf_json
 from nanoseek.config.errors import ConfigError
 
 ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
-SCORING_FUNCS = ("sigmoid", "softmax")
+ARCHS = ("v3", "v32", "v4")
+SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
+SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+V4_LAYER_TYPES = (SLIDING, CSA, HCA)
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
+INDEXER_MODES = ("sparse", "dense")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 
 # The rope_scaling keys nanoseek implements (transformers' YaRN keys, rope_theta aside: that
@@ -35,6 +44,7 @@ def _is_number(v: Any) -> bool:
 
 @dataclass
 class ModelConfig:
+    arch: str = "v3"  # "v3" (V2/V3), "v32" (V3.2), "v4"
     # --- sizes
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -80,11 +90,50 @@ class ModelConfig:
     # --- attention baseline (nanoseek): mla | mha | gqa | mqa
     attention_type: str = "mla"
     num_key_value_heads: int | None = None  # for gqa
+    # --- lightning indexer (V3.2 DSA; V4's CSA layers)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    indexer_mode: str = "sparse"  # "dense": V3.2's dense warm-up (only the indexer learns)
+    indexer_loss_coef: float = 1.0  # weight of the indexer's KL loss (nanoseek)
+    # --- V4 attention: shared-KV MQA over a sliding window, plus compressed entries
+    head_dim: int = 512  # the one KV head's size; RoPE on its last qk_rope_head_dim
+    o_groups: int = 8  # grouped low-rank output projection: groups g ...
+    o_lora_rank: int = 1024  # ... and each group's rank d_g
+    sliding_window: int = 128
+    layer_types: list[str] | None = None  # per layer: sliding / CSA / HCA (V4)
+    compress_rate_csa: int = 4  # m
+    compress_rate_hca: int = 128  # m'
+    compress_rope_theta: float = 160000.0  # RoPE base of the compressed layers
+    mtp_layer_type: str = SLIDING  # attention kind of V4's MTP block
+    # --- V4 manifold-constrained hyper-connections
+    hc_mult: int = 4  # n residual streams
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # --- V4 MoE
+    mlp_layer_types: list[str] | None = None  # per layer: "hash_moe" / "moe" (V4)
+    swiglu_limit: float = 0.0  # clamp of the routed experts' SwiGLU inputs; 0 = none
 
     def __post_init__(self) -> None:
         if self.n_shared_experts is None:  # transformers' configs take an int; 0 means none
             self.n_shared_experts = 0
+        if self.arch == "v4":
+            self._fill_v4_schedules()
         self.validate()
+
+    def _fill_v4_schedules(self) -> None:
+        """V4 routes top-k over all experts in every layer: the V3 fields for expert groups and
+        leading dense layers take their no-op values (n_group 1, topk_group 1,
+        first_k_dense_replace 0, noaux_tc). Default schedules (transformers'): attention 2 HCA
+        then CSA/HCA interleaved; MoE 3 hash layers then learned ones. Lists are copied."""
+        self.n_group, self.topk_group, self.first_k_dense_replace = 1, 1, 0
+        self.topk_method = "noaux_tc"
+        n = self.num_hidden_layers
+        if self.layer_types is None:
+            self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(n - 3, 0)
+        self.layer_types, self.mlp_layer_types = list(self.layer_types), list(self.mlp_layer_types)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -92,12 +141,38 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def is_v32(self) -> bool:
+        return self.arch == "v32"
+
+    @property
+    def is_v4(self) -> bool:
+        return self.arch == "v4"
+
+    @property
     def is_moe(self) -> bool:
         return bool(self.n_routed_experts)
 
     def is_moe_layer(self, layer_id: int) -> bool:
-        """Layers below first_k_dense_replace are dense; MTP layers follow the same rule."""
-        return self.is_moe and layer_id >= self.first_k_dense_replace
+        """Layers below first_k_dense_replace are dense; MTP layers follow the same rule.
+        Every V4 layer is MoE."""
+        return self.is_moe and (self.is_v4 or layer_id >= self.first_k_dense_replace)
+
+    def layer_type(self, layer_id: int) -> str:
+        """V4: the attention kind of layer `layer_id` (an MTP block past the main layers
+        takes mtp_layer_type)."""
+        if layer_id >= self.num_hidden_layers:
+            return self.mtp_layer_type
+        return self.layer_types[layer_id]
+
+    def compress_rate(self, layer_type: str) -> int:
+        """Tokens folded into one compressed entry: m for CSA, m' for HCA, 0 for sliding."""
+        return {CSA: self.compress_rate_csa, HCA: self.compress_rate_hca}.get(layer_type, 0)
+
+    def is_hash_layer(self, layer_id: int) -> bool:
+        """V4: a hash-routed MoE layer (experts from a frozen token-id table). MTP blocks
+        route with a learned gate."""
+        return (self.is_v4 and layer_id < self.num_hidden_layers
+                and self.mlp_layer_types[layer_id] == "hash_moe")
 
     @property
     def kv_heads(self) -> int:
@@ -125,6 +200,7 @@ class ModelConfig:
              f"RoPE rotates pairs, so it must be even, got {self.qk_rope_head_dim}")
         need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank",
              f"must be null or positive, got {self.q_lora_rank!r}")
+        need(self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
         need(self.attention_type in ATTENTION_TYPES, "attention_type",
              f"must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
         if self.attention_type == "gqa":
@@ -136,15 +212,69 @@ class ModelConfig:
              f"must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
         need(self.topk_method in TOPK_METHODS, "topk_method",
              f"must be one of {TOPK_METHODS}, got {self.topk_method!r}")
-        need((self.topk_method == "noaux_tc") == (self.scoring_func == "sigmoid"), "topk_method",
+        need((self.topk_method == "noaux_tc") == (self.scoring_func in ("sigmoid", "sqrtsoftplus")),
+             "topk_method",
              f"{self.topk_method!r} does not go with scoring_func={self.scoring_func!r} "
-             "(noaux_tc is V3's sigmoid routing; greedy/group_limited_greedy are V2's softmax)")
+             "(noaux_tc is V3's sigmoid and V4's sqrtsoftplus routing; greedy/group_limited_greedy "
+             "are V2's softmax)")
         need(0 <= self.first_k_dense_replace, "first_k_dense_replace", "must be >= 0")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
         if self.is_moe:
             self._validate_moe(need)
         if self.rope_scaling is not None:
             self._validate_rope_scaling(need)
+        if self.arch in ("v32", "v4"):
+            self._validate_indexer(need)
+        if self.arch == "v4":
+            self._validate_v4(need)
+        else:
+            need(self.layer_types is None and self.mlp_layer_types is None, "layer_types",
+                 f"layer_types / mlp_layer_types are V4 schedules; arch is {self.arch!r}")
+
+    def _validate_indexer(self, need) -> None:
+        for name in ("index_n_heads", "index_head_dim", "index_topk"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
+                 f"must be a positive integer, got {v!r}")
+        need(self.attention_type == "mla", "attention_type",
+             f"arch {self.arch!r} has its own attention; attention_type must stay 'mla'")
+        need(self.q_lora_rank is not None, "q_lora_rank",
+             f"arch {self.arch!r}: the indexer's queries come from the q-LoRA latent, so q_lora_rank "
+             "must be set")
+        need(self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
+             f"must hold the rope part (qk_rope_head_dim={self.qk_rope_head_dim}), got {self.index_head_dim}")
+        need(self.indexer_mode in INDEXER_MODES, "indexer_mode",
+             f"must be one of {INDEXER_MODES}, got {self.indexer_mode!r}")
+        need(_is_number(self.indexer_loss_coef) and self.indexer_loss_coef >= 0, "indexer_loss_coef",
+             f"must be a number >= 0, got {self.indexer_loss_coef!r}")
+
+    def _validate_v4(self, need) -> None:
+        n = self.num_hidden_layers
+        for name in ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_rate_csa",
+                     "compress_rate_hca", "hc_mult", "hc_sinkhorn_iters"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
+                 f"must be a positive integer, got {v!r}")
+        need(self.qk_rope_head_dim <= self.head_dim, "qk_rope_head_dim",
+             f"the rope slice ({self.qk_rope_head_dim}) must fit in head_dim={self.head_dim}")
+        need((self.num_attention_heads * self.head_dim) % self.o_groups == 0, "o_groups",
+             f"num_attention_heads*head_dim={self.num_attention_heads * self.head_dim} is not "
+             f"divisible by o_groups={self.o_groups}")
+        for name in ("compress_rate_csa", "compress_rate_hca"):
+            need(getattr(self, name) >= 2, name, f"a compression rate folds >= 2 tokens, got {getattr(self, name)}")
+        for name, allowed in (("layer_types", V4_LAYER_TYPES), ("mlp_layer_types", V4_MLP_LAYER_TYPES)):
+            types = getattr(self, name)
+            need(isinstance(types, list) and len(types) == n, name,
+                 f"needs one entry per layer ({n}), got {types!r}")
+            bad = sorted({t for t in types if t not in allowed})
+            need(not bad, name, f"entries must be in {allowed}, got {bad}")
+        need(self.mtp_layer_type in V4_LAYER_TYPES, "mtp_layer_type",
+             f"must be one of {V4_LAYER_TYPES}, got {self.mtp_layer_type!r}")
+        need(self.is_moe, "n_routed_experts", "every V4 layer is MoE: n_routed_experts must be set")
+        need(self.q_lora_rank is not None, "q_lora_rank", "V4's queries go through q-LoRA: must be set")
+        need(_is_number(self.swiglu_limit) and self.swiglu_limit >= 0, "swiglu_limit",
+             f"must be a number >= 0 (0 = no clamp), got {self.swiglu_limit!r}")
+        need(_is_number(self.hc_eps) and self.hc_eps > 0, "hc_eps", f"must be > 0, got {self.hc_eps!r}")
 
     def _validate_moe(self, need) -> None:
         E, k = self.n_routed_experts, self.num_experts_per_tok
@@ -216,7 +346,7 @@ class ModelConfig:
     @property
     def architecture(self) -> tuple[str, str]:
         """(architectures[0], model_type) this config is saved under (see hf_json)."""
-        return hf_json.architecture(self.attention_type, self.topk_method)
+        return hf_json.architecture(self.attention_type, self.topk_method, self.arch)
 
     def to_dict(self) -> dict[str, Any]:
         """The HF layout (hf_json.to_hf) plus nanoseek's training fields."""
