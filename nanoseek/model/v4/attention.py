@@ -12,4 +12,160 @@ Interface (what the V4 block calls):
 
 The layer builds its own rotary tables from `positions` (sliding layers: rope_theta;
 CSA/HCA layers: compress_rope_theta with YaRN), so the block passes positions, not tables.
+RoPE reads `positions`; the masks count tokens (the cache's length + arange(S)), which is
+the same thing for every caller nanoseek has.
+
+One layer, three kinds (cfg.layer_type(layer_id)):
+    queries   c^Q_t = RMSNorm(W^DQ h_t),  q_{t,h} = RMSNorm_unweighted(W^UQ_h c^Q_t)
+    K = V     kv_t = RMSNorm(W^KV h_t)              one head shared by all heads (MQA)
+    RoPE      on the last qk_rope_head_dim channels of q and kv (model/v4/rope.py)
+    keys      the last n_win tokens, t - n_win < s <= t         (every kind: sliding branch)
+              + HCA: every compressed entry closed before t     (compressor, m' tokens each)
+              + CSA: the indexer's top-k of those entries       (compressor.indexer, m each)
+    sinks     o_{t,h} = Σ_s exp(z_{t,h,s}) kv_s / (exp(sink_h) + Σ_s exp(z_{t,h,s})),
+              z = q·k / sqrt(head_dim): a learned per-head logit that takes probability mass
+              and no value (gpt-oss-style attention sink)
+    output    o ← RoPE^{-1}_t(o) on the rope slice (K = V carried the keys' rotation), then
+              the grouped low-rank projection: heads in o_groups groups, each group's
+              H·head_dim/g channels -> o_lora_rank (o_a_proj, block-diagonal), then all
+              g·o_lora_rank -> hidden (o_b_proj).
+
+Parameter names are transformers' (q_a_proj, q_a_norm, q_b_proj, kv_proj, kv_norm, o_a_proj,
+o_b_proj, sinks, compressor.*), which the checkpoint code maps to DeepSeek's (wq_a, q_norm,
+wq_b, wkv, kv_norm, wo_a, wo_b, attn_sink, compressor.wkv/wgate/ape/norm, indexer.*).
+
+Where DeepSeek's reference differs and nanoseek follows it: nothing in the fp32 math; the
+reference's FP8 simulation of the window keys' non-rope channels (act_quant, QAT) and the
+indexer's FP4 simulation and Hadamard rotation are left out, as in transformers.
 """
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.config.model_config import CSA, HCA, SLIDING
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.v4.cache import V4LayerState, advance, layer_state
+from nanoseek.model.v4.compressor import Compressor, visible_entries
+from nanoseek.model.v4.indexer import Indexer
+from nanoseek.model.v4.rope import V4Rotary, rope_tail
+
+
+class GroupedLinear(nn.Linear):
+    """Block-diagonal W^{O,a}: group g's H·d/g channels -> its own d_g (report §2.3.1,
+    "Grouped Output Projection"). weight [g·d_g, H·d/g], group g's rows g·d_g ... (g+1)·d_g."""
+
+    def __init__(self, in_per_group: int, out_features: int, groups: int):
+        super().__init__(in_per_group, out_features, bias=False)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., g, H·d/g] -> [..., g, d_g]."""
+        w = self.weight.view(self.groups, -1, self.in_features)
+        return torch.einsum("...gi,gri->...gr", x, w)
+
+
+def head_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) per head, no weight (V4's query normalisation)."""
+    return (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def sliding_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[S, T] bool: key s is in query t's window, t - window < s <= t."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+class V4Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id, self.layer_type = layer_id, cfg.layer_type(layer_id)
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.window, self.eps, self.o_groups = cfg.sliding_window, cfg.rms_norm_eps, cfg.o_groups
+        dim, H, D = cfg.hidden_size, self.n_heads, self.head_dim
+        self.q_a_proj = nn.Linear(dim, cfg.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * D, bias=False)
+        self.kv_proj = nn.Linear(dim, D, bias=False)
+        self.kv_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.o_a_proj = GroupedLinear(H * D // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, cfg.o_groups)
+        self.o_b_proj = nn.Linear(cfg.o_groups * cfg.o_lora_rank, dim, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(H))
+        self.softmax_scale = D ** -0.5
+        self.rotary = V4Rotary(cfg, "main" if self.layer_type == SLIDING else "compress")
+        rate = cfg.compress_rate(self.layer_type)
+        self.compressor = None
+        if self.layer_type == HCA:
+            self.compressor = Compressor(cfg, rate, D, overlap=False)
+        elif self.layer_type == CSA:
+            self.compressor = Compressor(cfg, rate, D, overlap=True, indexer=Indexer(cfg))
+
+    # ------------------------------------------------------------------ branches
+    def sliding_keys(self, kv: torch.Tensor, start: int, state: V4LayerState | None):
+        """This call's K=V after the state's window: keys [B, T, D] and their mask [S, T]."""
+        S = kv.shape[1]
+        keys = kv if state is None or state.window is None else torch.cat([state.window, kv], dim=1)
+        q_pos = torch.arange(start, start + S, device=kv.device)
+        k_pos = torch.arange(start + S - keys.shape[1], start + S, device=kv.device)
+        if state is not None:
+            state.keep_window(keys, self.window)
+        return keys, sliding_mask(q_pos, k_pos, self.window)
+
+    def compressed_keys(self, x, q_residual, freqs_cis, start: int, state: V4LayerState | None):
+        """Compressed entries [B, N, D], the mask of those each query reads [B, S, N], and for
+        CSA the indexer's scores and candidates (for its loss)."""
+        B, S, _ = x.shape
+        q_pos = torch.arange(start, start + S, device=x.device)
+        c = self.compressor
+        entries = c.compress(x, self.rotary, state.compressor("compressor") if state else None)
+        if self.layer_type == HCA:
+            return entries, visible_entries(q_pos, entries.shape[1], c.rate).expand(B, -1, -1), None
+        # The indexer learns only from its own loss: its inputs are cut from the graph.
+        scores, chosen = c.indexer(x.detach(), q_residual.detach(), freqs_cis, self.rotary, q_pos,
+                                   state.compressor("indexer") if state else None)
+        return entries, chosen, (scores, chosen)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Probabilities [B, S, H, T] of q [B, S, H, D] over keys [B, T, D] under mask
+        [B, S, T] (or [S, T]), the sink's share left out of the sum to 1."""
+        B, S, H, _ = q.shape
+        scores = torch.einsum("bshd,btd->bsht", q, keys).float() * self.softmax_scale
+        scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
+        sink = self.sinks.float().view(1, 1, H, 1).expand(B, S, H, 1)
+        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1, keepdim=True)
+        return torch.exp(scores - lse).to(q.dtype)
+
+    # ------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        B, S, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        state = layer_state(cache, self.layer_id, S)
+        start = state.length if state is not None else 0
+        freqs_cis = self.rotary(positions)  # [B, S, r/2]
+
+        q_residual = self.q_a_norm(self.q_a_proj(x))
+        q = head_rms_norm(self.q_b_proj(q_residual).view(B, S, H, D), self.eps)
+        q = rope_tail(q, freqs_cis)
+        kv = rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(2), freqs_cis).squeeze(2)
+
+        keys, mask = self.sliding_keys(kv, start, state)
+        n_window, indexed = keys.shape[1], None
+        mask = mask.expand(B, -1, -1)
+        if self.compressor is not None:
+            entries, chosen, indexed = self.compressed_keys(x, q_residual, freqs_cis, start, state)
+            keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, chosen], dim=-1)
+        probs = self.attend(q, keys, mask)
+        if indexed is not None:
+            indexer, (scores, chosen) = self.compressor.indexer, indexed
+            indexer.indexer_loss = None
+            if self.training:
+                indexer.set_loss(scores, probs[..., n_window:].sum(2), chosen)
+        if state is not None:
+            advance(cache, self.layer_id, state, S)
+
+        o = torch.einsum("bsht,btd->bshd", probs, keys)
+        o = rope_tail(o, freqs_cis, inverse=True)
+        o = self.o_a_proj(o.reshape(B, S, self.o_groups, -1)).flatten(2)
+        return self.o_b_proj(o)
