@@ -11,6 +11,15 @@ Routing, V2: softmax scores; `greedy` top-k, or `group_limited_greedy` (group sc
 group's max). No bias. The gating weights are the chosen scores either normalised (when
 `norm_topk_prob`) or times `routed_scaling_factor`, never both, as in DeepSeek-V2's code.
 
+Routing, V4 (§2.1): s = sqrt(softplus(W_g h)) ("sqrtsoftplus"), chosen with s + b as V3 but
+over all experts (no groups); weights normalised and scaled as V3. The first layers
+(`mlp_layer_types` "hash_moe") choose by a frozen table instead, experts = tid2eid[token id]
+(Roller et al.'s hash layers): no bias and nothing for the balance loss to move, but the
+chosen experts are still weighted by the learned gate's normalised, scaled s. V4's experts,
+routed and shared, clamp their SwiGLU inputs (`swiglu_limit`, mlp.py). DeepSeek's reference
+clamps the shared expert too (MoE.__init__: Expert(..., swiglu_limit=args.swiglu_limit)), as
+transformers 5.25's DeepseekV4MLP does (earlier transformers did not: its issue #46018).
+
 Dispatch sorts token-slots by expert, runs every expert once on its contiguous slice
 (skipping experts that got no tokens) and scatter-adds the weighted outputs back.
 """
@@ -28,25 +37,37 @@ from nanoseek.model.mlp import MLP
 class Gate(nn.Module):
     runs_in_fp32 = True  # bf16 training keeps the router's weight fp32 (train/numerics/bf16_weights.py)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int | None = None):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
         self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
         self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.layer_id = layer_id
+        self.hash = layer_id is not None and cfg.is_hash_layer(layer_id)
         self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
-        if self.topk_method == "noaux_tc":
+        if self.hash:  # frozen token id -> experts table; a checkpoint's, or _init_weights'
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.top_k, dtype=torch.long))
+            self.e_score_correction_bias = None
+        elif self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None):
         """x [N, D] -> weights [N, k] (fp32), indices [N, k], scores [N, E], logits [N, E].
-        The router runs in fp32 whatever the activation dtype, as DeepSeek does; autocast
-        is switched off here, or it would run this linear in bf16 despite the casts."""
+        input_ids [N] (hash layers only) pick the experts. The router runs in fp32 whatever
+        the activation dtype, as DeepSeek does; autocast is switched off here, or it would
+        run this linear in bf16 despite the casts."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        scores = self._score(logits)
+        if self.hash:
+            if input_ids is None:
+                raise ValueError(f"hash-routed MoE layer {self.layer_id}: the experts come from "
+                                 "tid2eid[input_ids], and no input_ids were given")
+            indices = self.tid2eid[input_ids.reshape(-1)]
+            return self._gating_weights(scores.gather(1, indices)), indices, scores, logits
         choice = scores.detach()
         if self.e_score_correction_bias is not None:
             choice = choice + self.e_score_correction_bias
@@ -55,15 +76,26 @@ class Gate(nn.Module):
         indices = choice.topk(self.top_k, dim=-1)[1]
         return self._gating_weights(scores.gather(1, indices)), indices, scores, logits
 
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        """s = σ(z) (V3), softmax(z) (V2), or sqrt(softplus(z)) (V4: positive, unbounded
+        above, and growing like sqrt(z) rather than saturating as σ does)."""
+        if self.scoring_func == "sigmoid":
+            return logits.sigmoid()
+        if self.scoring_func == "sqrtsoftplus":
+            return F.softplus(logits).sqrt()
+        return logits.softmax(dim=-1)
+
     def _gating_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        """V3 (noaux_tc) normalises the chosen sigmoid scores when `norm_topk_prob` and always
-        multiplies by `routed_scaling_factor`. V2 does one or the other: with `norm_topk_prob`
-        (and k > 1) the chosen softmax scores are normalised to sum to 1 and *not* scaled,
-        otherwise they are scaled (DeepSeek-V2's modeling_deepseek.py, MoEGate.forward)."""
-        if not (self.norm_topk_prob and (self.scoring_func == "sigmoid" or self.top_k > 1)):
+        """V3 (noaux_tc) and V4 normalise the chosen sigmoid / sqrtsoftplus scores when
+        `norm_topk_prob` and always multiply by `routed_scaling_factor`. V2 does one or the
+        other: with `norm_topk_prob` (and k > 1) the chosen softmax scores are normalised to
+        sum to 1 and *not* scaled, otherwise they are scaled (DeepSeek-V2's
+        modeling_deepseek.py, MoEGate.forward)."""
+        per_token = self.scoring_func != "softmax"  # scores not normalised over the experts
+        if not (self.norm_topk_prob and (per_token or self.top_k > 1)):
             return weights * self.route_scale
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale if self.scoring_func == "sigmoid" else weights
+        return weights * self.route_scale if per_token else weights
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Mask (-inf) every expert outside the topk_group best groups."""
@@ -98,14 +130,17 @@ def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_expe
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int | None = None):
+        """layer_id: the block's index, which V4 needs to know whether its router hashes."""
         super().__init__()
         self.cfg = cfg
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
-        self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+        self.gate = Gate(cfg, layer_id)
+        self.is_hash = self.gate.hash
+        limit = cfg.swiglu_limit
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size, limit)
                                      for _ in range(self.n_experts))
-        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, limit)
                                if cfg.n_shared_experts else None)
         # Tokens routed to each expert since the last bias update (the step's load). Counted
         # in training mode only, like BatchNorm's running statistics: evaluation, sampling and
@@ -113,18 +148,24 @@ class MoE(nn.Module):
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, D]. token_mask [B, S] (True = a real token; None = all are): padding is
         routed and computed like any token, but left out of the load that moves the bias
         and of the balance and z-losses (padding tokens are alike, so they would all load
-        the same experts)."""
+        the same experts). input_ids [B, S]: the tokens, which a hash layer routes by.
+        A hash layer's load is counted (for the logs) but it has no balance or z-loss:
+        its choice is fixed, and the bias update skips it (no bias)."""
         shape = x.shape
         if token_mask is not None and token_mask.shape != shape[:-1]:
             raise ValueError(f"MoE token_mask: shape {tuple(token_mask.shape)} does not match the "
                              f"tokens {tuple(shape[:-1])} (a padded layout's cache reached a layer "
                              "that sees other positions, e.g. an MTP module)")
+        if input_ids is not None and input_ids.shape != shape[:-1]:
+            raise ValueError(f"MoE input_ids: shape {tuple(input_ids.shape)} does not match the "
+                             f"tokens {tuple(shape[:-1])}")
         flat = x.reshape(-1, shape[-1])
-        weights, indices, scores, logits = self.gate(flat)
+        weights, indices, scores, logits = self.gate(flat, input_ids)
         y = self.dispatch(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
@@ -133,7 +174,8 @@ class MoE(nn.Module):
             with torch.no_grad():
                 counted = indices if real is None else indices[real]
                 self.tokens_per_expert += torch.bincount(counted.flatten(), minlength=self.n_experts)
-        self.aux_loss = self._aux_loss(scores, indices, logits, shape[0], real) if self.training else None
+        learned = self.training and not self.is_hash
+        self.aux_loss = self._aux_loss(scores, indices, logits, shape[0], real) if learned else None
         return y.view(shape)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,9 @@
 Module names mirror the Hugging Face DeepseekV3 layout (`model.embed_tokens`,
 `model.layers.N.*`, `model.norm`, `lm_head`) so a state dict maps 1:1 onto a checkpoint;
 only the MTP modules are renamed (`mtp.k` <-> `model.layers.{num_hidden_layers + k}`).
+A V4 config (`cfg.is_v4`) builds DeepSeek-V4's stack instead (model/v4/: hyper-connected
+streams, hybrid attention, hash and learned MoE; names as transformers' DeepseekV4 keeps them in
+memory, `model.hc_head.*`, `model.layers.N.attn_hc.*`, ...) and V4's MTP blocks (model/v4/mtp.py).
 """
 
 from __future__ import annotations
@@ -22,16 +25,27 @@ from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.sampling import sample_logits
+from nanoseek.model.v4.hyper_connections import HyperConnection, HyperHead
 
 IGNORE_INDEX = -100
 
 
+def hash_table(cfg: ModelConfig, layer_id: int) -> torch.Tensor:
+    """tid2eid [vocab_size, k] for a hash layer born in nanoseek: each token id gets k distinct
+    experts drawn uniformly, from a generator seeded by the layer, so the table is the same
+    on every rank and every run (it is frozen: never trained, saved with the weights)."""
+    g = torch.Generator().manual_seed(0x7E1D + layer_id)
+    noise = torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g)
+    return noise.topk(cfg.num_experts_per_tok, dim=-1)[1]
+
+
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # what to backpropagate: lm + λ·mtp + balance
+    loss: torch.Tensor  # what to backpropagate: lm + λ·mtp + balance + coef·indexer
     lm_loss: torch.Tensor
     mtp_loss: torch.Tensor | None
     aux_loss: torch.Tensor | None  # sequence-wise balance loss (+ z-loss), α included
+    indexer_loss: torch.Tensor | None = None  # the indexers' own losses (V3.2/V4), coef not included
 
 
 class DeepseekModel(nn.Module):
@@ -46,11 +60,16 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.model = DeepseekModel(cfg)
+        if cfg.is_v4:  # TEMP lazy until model/v4/attention.py lands
+            from nanoseek.model.v4.mtp import MTPBlock
+            from nanoseek.model.v4.transformer import DeepseekV4Model
+        self.model = DeepseekV4Model(cfg) if cfg.is_v4 else DeepseekModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         L = cfg.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
-        self.rotary = RotaryEmbedding(cfg, cfg.qk_rope_head_dim)
+        mtp_cls = MTPBlock if cfg.is_v4 else MTPLayer
+        self.mtp = nn.ModuleList(mtp_cls(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
+        # V4's attention layers build their own rotary tables (two bases, partial rope)
+        self.rotary = None if cfg.is_v4 else RotaryEmbedding(cfg, cfg.qk_rope_head_dim)
         self.apply(self._init_weights)
 
     # ------------------------------------------------------------ checkpoints
@@ -68,15 +87,38 @@ class CausalLM(nn.Module):
 
     def materialise_buffers(self, device=None) -> None:
         """Recreate the non-persistent buffers (the rotary tables, the experts' load
-        counters), which a model built on the meta device, as loading does, lacks."""
-        self.rotary = RotaryEmbedding(self.config, self.config.qk_rope_head_dim).to(device or "cpu")
+        counters), which a model built on the meta device, as loading does, lacks. A V4
+        submodule holding such buffers (its attention's rotary tables) recreates its own
+        through a `materialise_buffers(device)` method of its own."""
+        if self.rotary is not None:
+            self.rotary = RotaryEmbedding(self.config, self.config.qk_rope_head_dim).to(device or "cpu")
         for m in self.moe_layers():
             m.tokens_per_expert = torch.zeros(m.n_experts, device=device or "cpu")
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "materialise_buffers", None)):
+                m.materialise_buffers(device)
 
     def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) for the linears, embeddings and routers; V4's (as
+        transformers' DeepseekV4PreTrainedModel): mHC fn normal, base 0, scale 1, so comb
+        starts near uniform and pre/post near σ(0); attention sinks and the compressors'
+        position biases 0; a hash layer's tid2eid a fixed random table (hash_table)."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, Gate) and module.hash and not module.tid2eid.is_meta:
+            module.tid2eid.copy_(hash_table(self.config, module.layer_id))
+        if isinstance(module, HyperConnection):
+            nn.init.normal_(module.fn, mean=0.0, std=std)
+            nn.init.zeros_(module.base)
+            nn.init.ones_(module.scale)
+        if isinstance(module, HyperHead):
+            nn.init.normal_(module.hc_fn, mean=0.0, std=std)
+            nn.init.zeros_(module.hc_base)
+            nn.init.ones_(module.hc_scale)
+        for name in ("sinks", "position_bias"):
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                nn.init.zeros_(getattr(module, name))
 
     # ------------------------------------------------------------------ forward
     def positions_for(self, input_ids: torch.Tensor, cache: Cache | None) -> torch.Tensor:
@@ -86,14 +128,25 @@ class CausalLM(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                cache: Cache | None = None) -> torch.Tensor:
-        """input_ids [B,S] -> final normed hidden states [B,S,D] (h^0 of the MTP modules)."""
+        """input_ids [B,S] -> final normed hidden states [B,S,D] (h^0 of V3's MTP modules)."""
+        return self.trunk(input_ids, positions, cache)[0]
+
+    def trunk(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+              cache: Cache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B,S] -> (h [B,S,D] what lm_head reads, what the first MTP module reads):
+        V3 feeds its MTP the same h; V4 feeds its MTP the last block's residual streams
+        [B,S,hc_mult,D], from before the HyperHead (DeepSeek's MTPBlock)."""
         if positions is None:
             positions = self.positions_for(input_ids, cache)
+        if self.config.is_v4:
+            streams = self.model.streams(input_ids, positions, cache)
+            return self.model.head(streams), streams
         freqs_cis = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, freqs_cis, cache)
-        return self.model.norm(x)
+        h = self.model.norm(x)
+        return h, h
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: Cache | None = None) -> torch.Tensor:
@@ -102,11 +155,18 @@ class CausalLM(nn.Module):
 
     def mtp_hidden(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
                    positions: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """MTP module k (0-based): h_prev [B,S,D] at positions, tokens one further on -> h^k."""
-        return self.mtp[k](h_prev, self.model.embed_tokens(next_ids), self.rotary(positions), cache)
+        """MTP module k (0-based): h_prev [B,S,D] at positions, tokens one further on -> h^k.
+        V4: h_prev and h^k are residual streams [B,S,hc_mult,D] (`trunk`'s second output)."""
+        emb = self.model.embed_tokens(next_ids)
+        if self.config.is_v4:
+            return self.mtp[k](h_prev, emb, positions, cache, next_ids)
+        return self.mtp[k](h_prev, emb, self.rotary(positions), cache)
 
     def mtp_logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
-        """The shared head after MTP module k's own norm (apply it only to rows you need)."""
+        """The shared head after MTP module k's own norm (apply it only to rows you need);
+        V4: after its own HyperHead and norm."""
+        if self.config.is_v4:
+            return self.lm_head(self.mtp[k].head(h))
         return self.lm_head(self.mtp[k].shared_head.norm(h))
 
     def mtp_forward(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor,
@@ -135,18 +195,22 @@ class CausalLM(nn.Module):
             them over micro-batches (torchtitan's rule);
           * the balance and z-losses are means over a batch's sequences and tokens (the router
             sees masked tokens too), so each micro-batch's takes 1 / `num_batches`: the step's
-            is their mean over the micro-batches."""
+            is their mean over the micro-batches;
+          * the indexers' losses (V3.2's and V4's lightning indexers, each module's
+            `indexer_loss`, set by its training forward) are means too: summed over the
+            modules, 1 / `num_batches` each micro-batch, weighted by `indexer_loss_coef`."""
         if num_targets is None:
             num_targets = self.loss_targets(labels)
         B, S = input_ids.shape
+        self._clear_indexer_losses()
         positions = self.positions_for(input_ids, None)
-        h = self.hidden(input_ids, positions)
+        h, x = self.trunk(input_ids, positions)
         lm_loss = self._ce_sum(self.lm_head(h), labels) / num_targets[0].clamp(min=1)
         mtp_losses = []
         for k in range(1, len(self.mtp) + 1):
             if S - k <= 0:
                 break
-            h, logits = self.mtp_forward(k - 1, h[:, :S - k], input_ids[:, k:], positions[:, :S - k])
+            x, logits = self.mtp_forward(k - 1, x[:, :S - k], input_ids[:, k:], positions[:, :S - k])
             mtp_losses.append(self._ce_sum(logits, labels[:, k:]) / num_targets[k].clamp(min=1))
         loss = lm_loss
         mtp_loss = torch.stack(mtp_losses).mean() if mtp_losses else None
@@ -156,7 +220,18 @@ class CausalLM(nn.Module):
         aux_loss = torch.stack(aux).sum() / num_batches if aux else None
         if aux_loss is not None:
             loss = loss + aux_loss
-        return LossOutput(loss, lm_loss, mtp_loss, aux_loss)
+        idx = [m.indexer_loss for m in self.modules() if getattr(m, "indexer_loss", None) is not None]
+        indexer_loss = torch.stack(idx).sum() / num_batches if idx else None
+        if indexer_loss is not None:
+            loss = loss + self.config.indexer_loss_coef * indexer_loss
+        return LossOutput(loss, lm_loss, mtp_loss, aux_loss, indexer_loss)
+
+    def _clear_indexer_losses(self) -> None:
+        """Forget the indexer losses of earlier forwards (an evaluation-mode forward sets none,
+        and must not be charged a training forward's)."""
+        for m in self.modules():
+            if getattr(m, "indexer_loss", None) is not None:
+                m.indexer_loss = None
 
     @staticmethod
     def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -172,10 +247,18 @@ class CausalLM(nn.Module):
         return [m.tokens_per_expert.clone() for m in self.moe_layers()]
 
     def update_router_biases(self, gamma: float | None = None) -> None:
-        """The aux-loss-free bias update for every MoE layer (call after optimizer.step)."""
+        """The aux-loss-free bias update for every MoE layer (call after optimizer.step).
+        V4's hash layers have no bias: their load counters are only reset."""
         gamma = self.config.bias_update_speed if gamma is None else gamma
         for m in self.moe_layers():
             m.update_bias(gamma)
+
+    def comb_error(self) -> float | None:
+        """V4: the largest distance from doubly stochastic (max |row or column sum - 1|) of
+        any mHC comb matrix in the last training forward; None for V3 or before one."""
+        errs = [m.comb_error for m in self.modules()
+                if isinstance(m, HyperConnection) and m.comb_error is not None]
+        return float(torch.stack(errs).max()) if errs else None
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
