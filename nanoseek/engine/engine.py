@@ -51,6 +51,11 @@ class LLMEngine:
         self.config = config = config or EngineConfig(**kw)
         self.model, self.tokenizer = model.eval(), Tokenizer.of(tokenizer)
         cfg = model.config
+        if cfg.arch != "v3":
+            raise NotImplementedError(
+                f"the engine's paged cache holds MLA latents only; a DeepSeek-{'V3.2' if cfg.is_v32 else 'V4'} "
+                f"model (arch {cfg.arch!r}) needs its indexer keys / windowed and compressed caches, "
+                "which the engine does not page yet. Generate with CausalLM.generate instead.")
         self.device = next(model.parameters()).device
         has_mtp = len(model.mtp) > 0
         if config.speculative and not has_mtp:
