@@ -19,7 +19,8 @@ One layer, three kinds (cfg.layer_type(layer_id)):
     queries   c^Q_t = RMSNorm(W^DQ h_t),  q_{t,h} = RMSNorm_unweighted(W^UQ_h c^Q_t)
     K = V     kv_t = RMSNorm(W^KV h_t)              one head shared by all heads (MQA)
     RoPE      on the last qk_rope_head_dim channels of q and kv (model/v4/rope.py)
-    keys      the last n_win tokens, t - n_win < s <= t         (every kind: sliding branch)
+    keys      the last n_win tokens, t - n_win < s <= t         (every kind: sliding branch,
+                                                                  computed in query blocks)
               + HCA: every compressed entry closed before t     (compressor, m' tokens each)
               + CSA: the indexer's top-k of those entries       (compressor.indexer, m each)
     sinks     o_{t,h} = Σ_s exp(z_{t,h,s}) kv_s / (exp(sink_h) + Σ_s exp(z_{t,h,s})),
@@ -31,17 +32,22 @@ One layer, three kinds (cfg.layer_type(layer_id)):
               g·o_lora_rank -> hidden (o_b_proj).
 
 Parameter names are transformers' (q_a_proj, q_a_norm, q_b_proj, kv_proj, kv_norm, o_a_proj,
-o_b_proj, sinks, compressor.*), which the checkpoint code maps to DeepSeek's (wq_a, q_norm,
-wq_b, wkv, kv_norm, wo_a, wo_b, attn_sink, compressor.wkv/wgate/ape/norm, indexer.*).
+o_b_proj, sinks, compressor.{kv_proj, gate_proj, position_bias, kv_norm}, compressor.indexer.
+{same, q_b_proj, scorer.weights_proj}), which the checkpoint code maps to DeepSeek's (attn.wq_a,
+q_norm, wq_b, wkv, kv_norm, wo_a, wo_b, attn_sink, compressor.{wkv, wgate, ape, norm},
+indexer.{compressor.*, wq_b, weights_proj}).
 
-Where DeepSeek's reference differs and nanoseek follows it: nothing in the fp32 math; the
-reference's FP8 simulation of the window keys' non-rope channels (act_quant, QAT) and the
-indexer's FP4 simulation and Hadamard rotation are left out, as in transformers.
+DeepSeek's reference and transformers compute the same fp32 function. Left out, as in
+transformers: the reference's FP8 simulation of the window keys' non-rope channels and FP4
+simulation + Hadamard rotation of the indexer's q and k (quantisation-aware training; the
+rotation leaves q·k unchanged). Top-k ties go to the earlier entry here (model/v4/indexer.py);
+both references use an unordered topk.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
@@ -72,12 +78,6 @@ def head_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def sliding_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """[S, T] bool: key s is in query t's window, t - window < s <= t."""
-    diff = q_pos[:, None] - k_pos[None, :]
-    return (diff >= 0) & (diff < window)
-
-
 class V4Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -103,19 +103,32 @@ class V4Attention(nn.Module):
             self.compressor = Compressor(cfg, rate, D, overlap=True, indexer=Indexer(cfg))
 
     # ------------------------------------------------------------------ branches
-    def sliding_keys(self, kv: torch.Tensor, start: int, state: V4LayerState | None):
-        """This call's K=V after the state's window: keys [B, T, D] and their mask [S, T]."""
-        S = kv.shape[1]
+    def sliding_blocks(self, kv: torch.Tensor, state: V4LayerState | None):
+        """The sliding branch's keys in blocks of queries: [B, nb, 2w-1, D] and mask [S, 2w-1].
+
+        Queries go in blocks of w = n_win; block b (queries bw ... bw+w-1) can only reach the
+        2w-1 keys ending at its last query, so a forward costs S·(2w-1) scores, not S². The
+        keys are the state's last tokens (P <= w-1 of them) then this call's, front-padded to
+        w-1 and end-padded to whole blocks: block b's keys are padded[bw : bw+2w-1], and
+        query q of a block sees key k of its block iff q <= k <= q + w - 1 (and k is real)."""
+        B, S, D = kv.shape
+        w = self.window
         keys = kv if state is None or state.window is None else torch.cat([state.window, kv], dim=1)
-        q_pos = torch.arange(start, start + S, device=kv.device)
-        k_pos = torch.arange(start + S - keys.shape[1], start + S, device=kv.device)
         if state is not None:
-            state.keep_window(keys, self.window)
-        return keys, sliding_mask(q_pos, k_pos, self.window)
+            state.keep_window(keys, w)
+        P, nb = keys.shape[1] - S, -(-S // w)
+        padded = F.pad(keys, (0, 0, w - 1 - P, nb * w - S))
+        blocks = padded.unfold(1, 2 * w - 1, w).transpose(-1, -2)  # [B, nb, 2w-1, D]
+        qi = torch.arange(nb * w, device=kv.device)[:, None]  # query, padded to whole blocks
+        kj = torch.arange(2 * w - 1, device=kv.device)[None, :]  # key within its block
+        at = qi - qi % w + kj  # the key's index in `padded`
+        real = (at >= w - 1 - P) & (at < w - 1 + S)
+        band = (kj >= qi % w) & (kj <= qi % w + w - 1)
+        return blocks, (band & real)[:S]
 
     def compressed_keys(self, x, q_residual, freqs_cis, start: int, state: V4LayerState | None):
         """Compressed entries [B, N, D], the mask of those each query reads [B, S, N], and for
-        CSA the indexer's scores and candidates (for its loss)."""
+        CSA the indexer's scores (for its loss)."""
         B, S, _ = x.shape
         q_pos = torch.arange(start, start + S, device=x.device)
         c = self.compressor
@@ -125,17 +138,29 @@ class V4Attention(nn.Module):
         # The indexer learns only from its own loss: its inputs are cut from the graph.
         scores, chosen = c.indexer(x.detach(), q_residual.detach(), freqs_cis, self.rotary, q_pos,
                                    state.compressor("indexer") if state else None)
-        return entries, chosen, (scores, chosen)
+        return entries, chosen, scores
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Probabilities [B, S, H, T] of q [B, S, H, D] over keys [B, T, D] under mask
-        [B, S, T] (or [S, T]), the sink's share left out of the sum to 1."""
-        B, S, H, _ = q.shape
-        scores = torch.einsum("bshd,btd->bsht", q, keys).float() * self.softmax_scale
-        scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
+    def attend(self, q, blocks, window_mask, entries=None, entry_mask=None):
+        """o_{t,h} = Σ_s softmax_s([z_{t,h,s} ; sink_h]) · kv_s over the window's keys (blocks,
+        window_mask [S, 2w-1]) and the compressed entries [B, N, D] under entry_mask [B, S, N].
+        Returns o [B, S, H, D] and the probabilities on the entries [B, S, H, N] (or None)."""
+        B, S, H, D = q.shape
+        nb, w = blocks.shape[1], self.window
+        qb = F.pad(q, (0, 0, 0, 0, 0, nb * w - S)).view(B, nb, w, H, D)
+        z = torch.einsum("bnqhd,bnkd->bnqhk", qb, blocks).reshape(B, nb * w, H, -1)[:, :S]
+        parts = [z.float().masked_fill(~window_mask[:, None, :], float("-inf"))]
+        if entries is not None:
+            zc = torch.einsum("bshd,bnd->bshn", q, entries).float()
+            parts.append(zc.masked_fill(~entry_mask.unsqueeze(-2), float("-inf")))
+        z = torch.cat(parts, dim=-1) * self.softmax_scale
         sink = self.sinks.float().view(1, 1, H, 1).expand(B, S, H, 1)
-        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1, keepdim=True)
-        return torch.exp(scores - lse).to(q.dtype)
+        probs = torch.cat([z, sink], dim=-1).softmax(dim=-1)[..., :-1].to(q.dtype)
+        pw, pc = probs.split([2 * w - 1, probs.shape[-1] - 2 * w + 1], dim=-1)
+        pw = F.pad(pw, (0, 0, 0, 0, 0, nb * w - S)).view(B, nb, w, H, -1)
+        o = torch.einsum("bnqhk,bnkd->bnqhd", pw, blocks).reshape(B, nb * w, H, D)[:, :S]
+        if entries is None:
+            return o, None
+        return o + torch.einsum("bshn,bnd->bshd", pc, entries), pc
 
     # ------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
@@ -150,22 +175,20 @@ class V4Attention(nn.Module):
         q = rope_tail(q, freqs_cis)
         kv = rope_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(2), freqs_cis).squeeze(2)
 
-        keys, mask = self.sliding_keys(kv, start, state)
-        n_window, indexed = keys.shape[1], None
-        mask = mask.expand(B, -1, -1)
-        if self.compressor is not None:
-            entries, chosen, indexed = self.compressed_keys(x, q_residual, freqs_cis, start, state)
-            keys, mask = torch.cat([keys, entries], dim=1), torch.cat([mask, chosen], dim=-1)
-        probs = self.attend(q, keys, mask)
-        if indexed is not None:
-            indexer, (scores, chosen) = self.compressor.indexer, indexed
-            indexer.indexer_loss = None
-            if self.training:
-                indexer.set_loss(scores, probs[..., n_window:].sum(2), chosen)
+        blocks, window_mask = self.sliding_blocks(kv, state)
+        if self.compressor is None:
+            o, _ = self.attend(q, blocks, window_mask)
+        else:
+            entries, chosen, index_scores = self.compressed_keys(x, q_residual, freqs_cis, start, state)
+            o, p_entries = self.attend(q, blocks, window_mask, entries, chosen)
+            if index_scores is not None:
+                indexer = self.compressor.indexer
+                indexer.indexer_loss = None
+                if self.training:
+                    indexer.set_loss(index_scores, p_entries.sum(2), chosen)
         if state is not None:
             advance(cache, self.layer_id, state, S)
 
-        o = torch.einsum("bsht,btd->bshd", probs, keys)
         o = rope_tail(o, freqs_cis, inverse=True)
         o = self.o_a_proj(o.reshape(B, S, self.o_groups, -1)).flatten(2)
         return self.o_b_proj(o)

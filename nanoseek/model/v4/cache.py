@@ -64,8 +64,8 @@ class V4LayerState:
 
     def keep_window(self, keys: torch.Tensor, window: int) -> None:
         """Keep the last window - 1 of keys [B, T, d]: what the next query sees besides itself."""
-        keep = window - 1
-        self.window = keys[:, max(keys.shape[1] - keep, 0):]
+        keep = window - 1  # cloned: a view would keep the whole prompt's keys alive
+        self.window = keys[:, max(keys.shape[1] - keep, 0):].clone()
 
     def nbytes(self) -> int:
         ts = ([self.window] if self.window is not None else [])

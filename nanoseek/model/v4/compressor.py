@@ -71,7 +71,7 @@ class Compressor(nn.Module):
                 score = torch.cat([state.pending_score, score], dim=1)
         n = kv.shape[1] // m
         if state is not None:
-            state.pending_kv, state.pending_score = kv[:, n * m:], score[:, n * m:]
+            state.pending_kv, state.pending_score = kv[:, n * m:].clone(), score[:, n * m:].clone()
         kv = kv[:, :n * m].view(B, n, m, kv.shape[-1])
         score = score[:, :n * m].view(B, n, m, score.shape[-1]) + self.position_bias
         if self.overlap:
@@ -96,5 +96,5 @@ class Compressor(nn.Module):
         prev_kv = torch.cat([first_kv, kv[:, :-1, :, :d]], dim=1)[:, :n]
         prev_score = torch.cat([first_score, score[:, :-1, :, :d]], dim=1)[:, :n]
         if state is not None and n > 0:
-            state.overlap_kv, state.overlap_score = kv[:, -1, :, :d], score[:, -1, :, :d]
+            state.overlap_kv, state.overlap_score = kv[:, -1, :, :d].clone(), score[:, -1, :, :d].clone()
         return torch.cat([prev_kv, kv[..., d:]], dim=2), torch.cat([prev_score, score[..., d:]], dim=2)
