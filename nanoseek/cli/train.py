@@ -36,6 +36,17 @@ def _range(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
     return check
 
 
+def _preset_help() -> str:
+    """--preset's help: what each CPU preset trains, then the published shapes."""
+    from nanoseek.config import PRESETS
+    published = ", ".join(p for p in PRESETS if not p.startswith("tiny"))
+    return ("model preset (ignored with --model-config): tiny = DeepSeek-V3 in miniature (MLA, "
+            "DeepSeekMoE, MTP); tiny-v32 = DeepSeek-V3.2 (tiny + a lightning indexer and top-k "
+            "sparse attention in every MLA layer, trained by its KL loss); tiny-v4 = DeepSeek-V4 "
+            "(sliding-window, compressed sparse (CSA) and heavily compressed (HCA) attention, "
+            f"mHC residual streams, hash-routed and learned MoE, MTP); published shapes: {published}")
+
+
 COUNT = _range(0)  # a count where 0 means off / only at the end, as each flag's help says
 POSITIVE = _range(1)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the bytes + DeepSeek's special tokens
@@ -81,8 +92,8 @@ def pretrain(
         ctx: typer.Context,
         config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=_pretrain_config, help=CONFIG_HELP),
         out: Path = typer.Option(..., "--out", help="run directory (becomes an HF checkpoint), e.g. runs/NAME"),
-        preset: str = typer.Option("tiny", help="model preset (ignored with --model-config)"),
-        model_config: Optional[Path] = typer.Option(None, "--model-config", help="model config.json (HF DeepseekV3 fields) instead of --preset"),
+        preset: str = typer.Option("tiny", help=_preset_help()),
+        model_config: Optional[Path] = typer.Option(None, "--model-config", help="model config.json (transformers' DeepseekV3, DeepseekV32 or DeepseekV4 fields) instead of --preset"),
         data: Optional[list[Path]] = option(DataConfig, "paths", None, "--data", help=".txt/.jsonl/.parquet files or directories (repeat); default: the embedded pydoc corpus"),
         text_field: str = option(DataConfig, "text_field"),
         tokenizer: Optional[Path] = option(DataConfig, "tokenizer", None, "--tokenizer"),
@@ -114,9 +125,12 @@ def pretrain(
         tp: int = parallel.tp_option(),
         pp: int = parallel.pp_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
-    """Pretrain a DeepSeek-V3-style model: tokenizer, token arrays, AdamW with warm-up +
-    cosine/WSD, MTP and balance losses, the aux-loss-free bias update, atomic resumable
-    checkpoints. The run directory loads with transformers' AutoModelForCausalLM."""
+    """Pretrain a DeepSeek-V3, V3.2 or V4 model (--preset tiny, tiny-v32, tiny-v4):
+    tokenizer, token arrays, AdamW with warm-up + cosine/WSD, MTP and balance losses (and
+    V3.2/V4's indexer KL), the aux-loss-free bias update, atomic resumable checkpoints.
+    metrics.jsonl logs the indexer KL, the hash layers' load and the mHC comb matrix's
+    distance from doubly stochastic where the model has them. The run directory loads with
+    transformers' AutoModelForCausalLM."""
     parallel.launch("pretrain", nproc, ep, tp, pp)
     from nanoseek.cli.common import load_config
     from nanoseek.parallel import ParallelConfig, launch
@@ -226,25 +240,32 @@ def _done_line(out: Path, s: dict, steps_before: int | None) -> str:
 def speedrun(
         config: Optional[Path] = config_option(),
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: ROOT/NAME, i.e. runs/speedrun)"),
-        name: str = typer.Option("speedrun", help="run name: writes ROOT/NAME/report.md"),
+        name: Optional[str] = typer.Option(None, help="run name: writes ROOT/NAME/report.md (default: speedrun for --preset tiny, speedrun-PRESET for the others)"),
         root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
         minutes: Optional[float] = typer.Option(None, callback=_range(0, 7 * 24 * 60, lo_open=True), help="training time budget in minutes, > 0 (default 7; with --resume, the run's own)"),
         max_steps: Optional[int] = typer.Option(None, callback=POSITIVE, help="training steps if time allows, >= 1 (default 300 in fp32, 380 in bf16, which buys them in the same time; with --resume, the run's own)"),
         threads: Optional[int] = typer.Option(None, callback=_range(0, 4096), help="torch threads (default 0 = adapt between all cores and one while training: on a crowded machine one thread can be faster; with --resume, the run's own)"),
         resume: bool = typer.Option(False, "--resume", help="continue the speedrun in runs/NAME (e.g. after Ctrl-C)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace the speedrun in runs/NAME (deletes only its own files)"),
+        preset: str = typer.Option("tiny", help="tiny (DeepSeek-V3), tiny-v32 (V3.2) or tiny-v4 (V4): the same pipeline, recipe and time budget on each architecture (see `nanoseek pretrain --help`); with --resume, the run's own"),
+        compare: Optional[Path] = typer.Option(None, "--compare", help="a V3 speedrun (directory, run.json or report.md) whose validation bits per byte the report sets beside this run's (default for tiny-v32/tiny-v4: ROOT/speedrun, if it holds one)"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
-    pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most)."""
+    pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most).
+    --preset tiny-v4 (or tiny-v32) trains DeepSeek-V4 (V3.2) in the same time budget and
+    compares its validation bits per byte with the V3 speedrun's."""
+    from nanoseek.recipes.speedrun import default_name
     from nanoseek.recipes.speedrun import speedrun as run_speedrun
     if out is not None:
         root, name = out.parent, out.name
+    name = name or default_name(preset)
     given = precision_given(resume, precision=precision, compile=compile)
     try:
         run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads,
-                     resume=resume, overwrite=overwrite, **given)
+                     resume=resume, overwrite=overwrite, preset_name=preset, compare=compare,
+                     **given)
     except BaseException as e:
         _exit_on_signal(e, f"nanoseek speedrun --root {root} --name {name} --resume")
         raise

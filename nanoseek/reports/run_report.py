@@ -115,7 +115,8 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
     loss_png = plot_loss(run_dir, train, evals, run)
     load_png = plot_expert_load(run_dir, train, run.get("moe_layers", []))
     lr_png = plot_lr(run_dir, train)
-    rows = headline_rows(run, train, evals) + list({**run.get("report_extra", {}), **(extra or {})}.items())
+    rows = (headline_rows(run, train, evals) + arch_rows(run, train)
+            + list({**run.get("report_extra", {}), **(extra or {})}.items()))
     L = [f"# {title or 'nanoseek run'}: {run_dir.name}\n", "## Headline\n", "| metric | value |\n|---|---|"]
     L += [f"| {k} | {v} |" for k, v in rows]
     L += ["", "## Curves\n", f"![loss]({loss_png})\n"]
@@ -124,6 +125,7 @@ def write_report(run_dir: str | Path, title: str | None = None, extra: dict | No
     L.append(f"![learning rate]({lr_png})\n")
     from nanoseek.reports.distributed import parallel_section
     L += parallel_section(run, train)  # empty unless several processes trained the run
+    L += comparison_section(run.get("comparison"))
     L += validation_section(evals) + samples_section(samples) + data_section(run)
     L += configuration_section(run) + [METHOD_NOTES]
     path = run_dir / "report.md"
@@ -173,6 +175,67 @@ def _balance(run: dict, train: list[dict]) -> str:
     mean_viol = [sum(r["max_violation"][j] for r in tail) / len(tail) for j in range(len(last_viol))]
     return ", ".join(f"{n}: {v:.3f}" for n, v in zip(run.get("moe_layers") or range(len(mean_viol)),
                                                      mean_viol)) or "n/a"
+
+
+def arch_rows(run: dict, train: list[dict]) -> list[tuple[str, str]]:
+    """V3.2's and V4's own metrics (train/numerics/arch_metrics.py), for a run that logged
+    them: where each started (the first logged interval) and where it ended (the mean of
+    the last 10 % of the records). A V3 run has none of them and gets no row."""
+    tail = train[-max(1, len(train) // 10):]
+    rows = []
+
+    def series(key):
+        return [r[key] for r in train if r.get(key) is not None]
+
+    def mean(rs, key):
+        xs = [r[key] for r in rs if r.get(key) is not None]
+        return sum(xs) / len(xs) if xs else None
+    if series("indexer_kl"):
+        rows.append(("indexer KL to the main attention, mean over layers: first -> last 10 %",
+                     f"{series('indexer_kl')[0]:.4f} -> {mean(tail, 'indexer_kl'):.4f}"))
+    if series("indexer_loss"):
+        rows.append(("indexer loss in the objective (coef x sum over layers), last 10 %",
+                     _fmt(mean(tail, "indexer_loss"))))
+    if series("hash_max_load"):
+        names = [n for n in run.get("moe_layers", []) if n.endswith("(hash)")]
+        n = len(train[-1]["hash_max_load"])
+        loads = [sum(r["hash_max_load"][j] for r in tail) / len(tail) for j in range(n)]
+        rows.append(("hash-routed layers: busiest expert's load / mean load, last 10 %",
+                     ", ".join(f"{names[j] if j < len(names) else f'hash layer {j}'}: {v:.3f}"
+                               for j, v in enumerate(loads))))
+    if series("mhc_comb_error"):
+        errs = series("mhc_comb_error")
+        rows.append(("mHC comb: max |row or column sum - 1| (distance from doubly stochastic): "
+                     "largest logged / last 10 %", f"{max(errs):.2e} / {mean(tail, 'mhc_comb_error'):.2e}"))
+    return rows
+
+
+def comparison_section(c: dict | None) -> list[str]:
+    """This speedrun's validation bits per byte beside the V3 speedrun's (recipes/speedrun.py
+    `comparison`), or a plain statement that there was none to compare with."""
+    if not c:
+        return []
+    me, base = c["this"], c.get("baseline")
+    L = ["## Against the V3 speedrun\n"]
+    if base is None:
+        return L + [f"No V3 speedrun was found to compare with (looked in {', '.join(c['looked_in'])}); "
+                    "run `nanoseek speedrun` beside this run, or pass `--compare RUN_DIR`.\n"]
+    if base.get("val_bpb") is None:
+        return L + [f"{base['dir']} holds no validation bits per byte to compare with.\n"]
+    delta = me["val_bpb"] - base["val_bpb"]
+    L += ["| | this run | V3 speedrun |\n|---|---|---|",
+          f"| preset | {me['preset']} | {base['preset']} ({base['dir']}) |",
+          f"| validation bits per byte (reloaded checkpoint) | {me['val_bpb']:.4f} | {base['val_bpb']:.4f} |",
+          f"| optimizer steps | {_fmt(me['steps'])} | {_fmt(base['steps'])} |",
+          f"| tokens seen | {_fmt(me['tokens'])} | {_fmt(base['tokens'])} |",
+          f"| training time (s) | {_fmt(me['train_s'], 1)} | {_fmt(base['train_s'], 1)} |",
+          f"| wall time, all stages (s) | {_fmt(me['wall_s'], 0)} | {_fmt(base['wall_s'], 0)} |", ""]
+    verdict = "lower (better)" if delta < 0 else "higher (worse)" if delta > 0 else "equal"
+    L.append(f"Bits per byte {delta:+.4f}: {verdict} than the V3 speedrun's, "
+             + ("on the same validation bytes." if base.get("same_validation_bytes") else
+                "but the two runs scored different validation bytes (another corpus, seed or "
+                "val_fraction), so the figures are not strictly comparable.") + "\n")
+    return L
 
 
 def validation_section(evals: list[dict]) -> list[str]:

@@ -15,7 +15,8 @@ The loop owns the rest: AdamW with decoupled weight decay (none on norms, biases
 embeddings), warm-up + cosine / WSD, gradient accumulation, clipping, bf16 autocast where
 the device has it (fp16 with a gradient scaler as an option), the MoE's aux-loss-free
 bias update after every optimizer step (loads counted over the whole step, all
-micro-batches, in training mode only), the expert-load metrics, periodic evaluation and
+micro-batches, in training mode only), the expert-load metrics and those of V3.2's indexer
+and V4's hash layers and hyper-connections (train/numerics/arch_metrics.py), periodic evaluation and
 samples, metrics as JSON lines (read from the device once per logging interval), a
 progress bar, and atomic checkpoints that a `kill -9` cannot corrupt.
 """
@@ -34,6 +35,7 @@ from torch import nn
 
 from nanoseek.parallel.single import SingleProcess
 from nanoseek.train.run import train_state
+from nanoseek.train.numerics.arch_metrics import ArchMetrics, progress_fields
 from nanoseek.train.numerics.bf16_weights import BF16Weights, compute_precision
 from nanoseek.train.config import PRECISIONS, TrainConfig
 from nanoseek.train.numerics.compile import compile_blocks, resolve_compile
@@ -143,6 +145,7 @@ class Trainer:
             from nanoseek.train.numerics.threads import ThreadTuner
             self.tuner = ThreadTuner(torch.get_num_threads())
         self.device = next(model.parameters()).device
+        self.arch_metrics = ArchMetrics(model)  # empty for a V3 model: its records keep their fields
         self.precision, self.precision_reason = choose_precision(cfg.precision, self.device,
                                                                  hidden_size_of(model))
         self.compiled, self.compile_reason = resolve_compile(cfg.compile, self.device)
@@ -195,6 +198,7 @@ class Trainer:
         batches = [self.next_batch(self.step, micro) for micro in range(self.cfg.grad_accum)]
         targets = step_targets(batches, self.count_targets)
         sums: dict[str, Any] = {}
+        share = 1.0 / (len(batches) * self.parallel.dp)  # the arch metrics' mean over the step's micro-batches
         if self.parallel.pp > 1:  # 1F1B over the micro-batches
             sums = self.parallel.pipeline_step(batches, targets)
         else:
@@ -202,10 +206,11 @@ class Trainer:
                 with self.precision_context():
                     loss, logs = self.loss_fn(model, batch, targets)
                 self.scaler.scale(loss).backward()
-                _add_shares(sums, {"loss": loss, **logs})
+                _add_shares(sums, {"loss": loss, **logs, **self.arch_metrics.forward_shares(share)})
         sums = self.parallel.after_backward(model, sums)  # gradients, logged values and loads summed over ranks
         grad_norm = self._optimizer_step()
         loads = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
+        sums.update(self.arch_metrics.step())  # the hash layers' loads, before the bias update clears them
         if self.update_router_biases and hasattr(model, "update_router_biases"):
             model.update_router_biases()  # counts were summed over every micro-batch
         tokens = sum(self.tokens_in(b) for b in batches)
@@ -337,6 +342,8 @@ class Trainer:
         rec = {"kind": "train", "step": self.step, "tokens": self.tokens_seen,
                "elapsed": round(self.elapsed, 3), "tok_s": round(tok_s, 1), **means, "lr": lr}
         rec["max_violation"] = [round(v, 4) for v in rec.get("max_violation", [])]
+        if "hash_max_load" in rec:
+            rec["hash_max_load"] = [round(v, 4) for v in rec["hash_max_load"]]
         if self.tuner:
             rec["threads"] = threads
         mfu = self.mfu(tok_s)
@@ -344,7 +351,8 @@ class Trainer:
             rec["mfu"] = mfu
         self.log(rec)
         if bar is not None:
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                            **progress_fields(rec))
 
     def _log_compile(self, seconds: float, bar) -> None:
         """The first compiled step holds the cold compile: say how long it took (it counts

@@ -45,12 +45,16 @@ def default_device() -> torch.device:
 
 
 def pretrain_loss(model, batch, targets):
-    """The pretraining objective: next-token CE + λ·MTP + balance (+ z-loss), all inside
-    model.loss, as this micro-batch's share of the step (see CausalLM.loss for the rule
-    each term follows); the parts are logged separately."""
+    """The pretraining objective: next-token CE + λ·MTP + balance (+ z-loss) (+ V3.2's and
+    V4's indexer loss), all inside model.loss, as this micro-batch's share of the step (see
+    CausalLM.loss for the rule each term follows); the parts are logged separately, the
+    indexer's only for a model that has one (a V3 run's records keep their fields)."""
     x, y = batch
     out = model.loss(x, y, num_targets=targets.count, num_batches=targets.micro_batches)
-    return out.loss, {"lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
+    logs = {"lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "aux_loss": out.aux_loss}
+    if getattr(out, "indexer_loss", None) is not None:
+        logs["indexer_loss"] = out.indexer_loss
+    return out.loss, logs
 
 
 def make_sampler(tokenizer, device, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48, seed: int = 0):
@@ -303,13 +307,15 @@ def describe(run: dict) -> str:
 
 
 def moe_layer_names(model) -> list[str]:
-    """Checkpoint-style names of the MoE layers, in model.moe_layers() order."""
+    """Checkpoint-style names of the MoE layers, in model.moe_layers() order; V4's
+    hash-routed layers say so (their load is the token-id table's, not the router's)."""
     L = model.config.num_hidden_layers
     names = []
     for name, m in model.named_modules():
         if type(m).__name__ == "MoE":
             parts = name.split(".")
-            names.append(f"layer {parts[2]}" if parts[0] == "model" else f"MTP {parts[1]} (layer {L + int(parts[1])})")
+            names.append((f"layer {parts[2]}" if parts[0] == "model" else f"MTP {parts[1]} (layer {L + int(parts[1])})")
+                         + (" (hash)" if getattr(m, "is_hash", False) else ""))
     return names
 
 
