@@ -199,6 +199,13 @@ def test_indexer_loss_is_the_kl_to_the_attention(mode):
     indexer.loss_coef = 1.0
     indexer.set_loss(scores, attention, candidates)
     assert off > 0 and off == pytest.approx(2 * indexer.indexer_loss.item())
+    assert indexer.kl.item() == pytest.approx(indexer.indexer_loss.item())
+    # padding queries (token_mask False) are left out of the mean
+    real = torch.arange(30)[None] < 18
+    indexer.set_loss(scores, attention, candidates, token_mask=real)
+    padded = indexer.indexer_loss.item()
+    indexer.set_loss(scores[:, :18], attention[:, :18], candidates[:, :18])
+    assert padded == pytest.approx(indexer.indexer_loss.item())
 
 
 def run_in_chunks(attn: V4Attention, x: torch.Tensor, sizes: list[int]):

@@ -183,9 +183,9 @@ class V4Attention(nn.Module):
             o, p_entries = self.attend(q, blocks, window_mask, entries, chosen)
             if index_scores is not None:
                 indexer = self.compressor.indexer
-                indexer.indexer_loss = None
+                indexer.indexer_loss = indexer.kl = None
                 if self.training:
-                    indexer.set_loss(index_scores, p_entries.sum(2), chosen)
+                    indexer.set_loss(index_scores, p_entries.sum(2), chosen, getattr(cache, "token_mask", None))
         if state is not None:
             advance(cache, self.layer_id, state, S)
 

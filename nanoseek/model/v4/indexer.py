@@ -23,8 +23,8 @@ attention reads all of them) and the selected top-k in sparse training. The inde
 are detached (V3.2: "the indexer input is detached from the computational graph"), so L^I
 trains only the indexer and the language-model loss only the rest. The loss is set, times
 cfg.indexer_loss_coef, on `indexer_loss` during a training forward (None otherwise), the
-convention of V3.2's indexer (model/dsa.py). nanoseek averages over queries that see at least
-one entry (the paper writes a sum over t).
+convention of V3.2's indexer (model/dsa.py), and like it nanoseek divides the paper's Σ_t by
+the number of query tokens (a query that sees no entry yet counts 0), padding left out.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class Indexer(Compressor):
         self.mode, self.loss_coef = cfg.indexer_mode, cfg.indexer_loss_coef
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.scorer = IndexerScorer(cfg)
-        self.indexer_loss: torch.Tensor | None = None
+        self.indexer_loss: torch.Tensor | None = None  # coef · L^I of the last training forward
+        self.kl: torch.Tensor | None = None  # L^I alone, detached, to log
 
     def forward(self, x: torch.Tensor, q_residual: torch.Tensor, freqs_cis: torch.Tensor,
                 rotary: V4Rotary, q_pos: torch.Tensor, state: CompressorState | None):
@@ -87,16 +88,28 @@ class Indexer(Compressor):
         top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :self.topk]
         return torch.zeros_like(visible).scatter(-1, top, True) & visible
 
-    def set_loss(self, scores: torch.Tensor, attention: torch.Tensor, candidates: torch.Tensor) -> None:
-        """indexer_loss = coef · mean_t KL(p_t ‖ Softmax(I_t)) over S_t (see the module docstring).
-        attention [B, S, N]: the main attention's probabilities on the entries, summed over heads."""
-        rows = candidates.any(-1, keepdim=True)  # queries that see an entry
-        p = attention.detach().float().masked_fill(~candidates, 0)
-        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-        # Rows without candidates get finite logits, so no NaN reaches the backward pass.
-        logits = scores.masked_fill(~candidates, float("-inf")).masked_fill(~rows, 0)
-        log_q = F.log_softmax(logits, dim=-1).masked_fill(~candidates, 0)
-        kl = (torch.xlogy(p, p) - p * log_q).sum(-1)  # [B, S]
-        rows = rows.squeeze(-1)
-        loss = kl[rows].mean() if rows.any() else 0 * log_q.sum()
+    def set_loss(self, scores: torch.Tensor, attention: torch.Tensor, candidates: torch.Tensor,
+                 token_mask: torch.Tensor | None = None) -> None:
+        """indexer_loss = coef · mean_t KL(p_t ‖ Softmax(I_t)) over S_t (module docstring); `kl`
+        keeps the loss without the coefficient, detached, to log. attention [B, S, N]: the main
+        attention's probabilities on the entries, summed over heads; token_mask [B, S] (True =
+        a real token) leaves padding queries out."""
+        kl = entry_kl_divergence(scores, attention.detach(), candidates)
+        if token_mask is None:
+            loss = kl.mean()
+        else:
+            loss = (kl * token_mask).sum() / token_mask.sum().clamp(min=1)
+        self.kl = loss.detach()
         self.indexer_loss = self.loss_coef * loss
+
+
+def entry_kl_divergence(scores: torch.Tensor, attention: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """KL(p_t ‖ Softmax(I_t)) per query [B, S] over its candidates [B, S, N]: p_t = attention
+    [B, S, N] L1-normalised over them. A query with no candidate (t < m - 1) scores 0."""
+    rows = candidates.any(-1, keepdim=True)
+    p = attention.float().masked_fill(~candidates, 0)
+    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    # Rows without candidates get finite logits, so no NaN reaches the backward pass.
+    logits = scores.masked_fill(~candidates, float("-inf")).masked_fill(~rows, 0)
+    log_q = F.log_softmax(logits, dim=-1).masked_fill(~candidates, 0)
+    return (torch.xlogy(p, p) - p * log_q).sum(-1)
