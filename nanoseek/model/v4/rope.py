@@ -1,9 +1,8 @@
 """V4's two rotary embeddings on the last qk_rope_head_dim dims of a head, and the inverse rotation.
 
 V4 rotates only the trailing `qk_rope_head_dim` channels of each 512-wide head ([nope | rope],
-DeepSeek's `x[..., -rd:]`), in consecutive pairs as V3 does. There are two tables (report
-§2.3.4, "Partial Rotary Positional Embedding"; DeepSeek's reference builds `freqs_cis` per
-layer):
+DeepSeek's `x[..., -rd:]`), in consecutive pairs as V3 does (the report's partial RoPE, §2.3).
+There are two tables (DeepSeek's reference builds `freqs_cis` per layer):
   * "main":     θ_j = rope_theta^(-2j/d), no YaRN. The sliding-window-only layers use it.
   * "compress": θ_j = compress_rope_theta^(-2j/d), blended by YaRN when the config says so,
                 with cos/sin left unscaled (attention_factor 1.0: the reference multiplies by
