@@ -13,6 +13,12 @@ Three ways to compute the same thing:
              directly over the cached c_KV and k_pe (kv_lora_rank + qk_rope_head_dim numbers
              per token) and nothing per-head is ever materialised for the past;
   * "naive"  a reference written out with an explicit softmax, for the tests.
+
+DeepSeek-V3.2 (cfg.arch == "v32") adds DeepSeek Sparse Attention: a lightning indexer
+(model/dsa.py) scores the cached tokens for every query and each path attends only to the
+top-k of them, S_t, by masking the rest. The indexer's keys are cached as a third tensor
+beside c_KV and k_pe. In the dense warm-up (indexer_mode "dense") attention stays dense
+and the indexer only learns.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.cache import Cache
+from nanoseek.model.dsa import LightningIndexer, causal_mask
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rotary_emb, softmax_scale
 
@@ -47,19 +54,30 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_head_dim, dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)
+        self.indexer = LightningIndexer(cfg) if cfg.is_v32 else None
+        self.dense_attention = cfg.indexer_mode == "dense"  # V3.2's dense warm-up
 
     # ------------------------------------------------------------- projections
     def project(self, x: torch.Tensor, freqs_cis: torch.Tensor):
         """x [B,S,D] -> q_nope [B,S,H,nope], q_pe [B,S,H,rope], c_kv [B,S,r], k_pe [B,S,rope]."""
-        B, S, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return *self.queries(self.q_latent(x), freqs_cis), *self.kv_latents(x, freqs_cis)
+
+    def q_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """c_Q = RMSNorm(W_DQ h) [B,S,q_lora_rank] (the indexer reads it too), or h without q-LoRA."""
+        return x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+
+    def queries(self, c_q: torch.Tensor, freqs_cis: torch.Tensor):
+        B, S, _ = c_q.shape
+        q = self.q_proj(c_q) if self.q_lora_rank is None else self.q_b_proj(c_q)
         q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_head_dim).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rotary_emb(q_pe, freqs_cis)
+        return q_nope, apply_rotary_emb(q_pe, freqs_cis)
+
+    def kv_latents(self, x: torch.Tensor, freqs_cis: torch.Tensor):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)
-        return q_nope, q_pe, c_kv, k_pe
+        return c_kv, k_pe
 
     def decompress(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
         """Latents [B,T,r], [B,T,rope] -> per-head k [B,T,H,qk_head_dim], v [B,T,H,v_head_dim]."""
@@ -91,6 +109,14 @@ class MLA(nn.Module):
         probs = self._softmax(scores, mask, q.dtype)
         return torch.einsum("bsht,bthd->bshd", probs, v)
 
+    @torch.no_grad()
+    def attention_probs(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """The main attention's softmax [B,S,H,T] in fp32: the indexer's (detached) target."""
+        k, _ = self.decompress(c_kv, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        scores = torch.einsum("bshd,bthd->bsht", q, k).float() * self.softmax_scale
+        return self._softmax(scores, mask, torch.float32)
+
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         wkv_b = self.wkv_b(c_kv.dtype).view(self.n_heads, -1, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, :self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
@@ -121,19 +147,47 @@ class MLA(nn.Module):
         """scores [B,S,H,T] in fp32; mask [B,S,T] or None (causal, S == T)."""
         if mask is None:
             S, T = scores.shape[1], scores.shape[-1]
-            mask = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)[None]
+            mask = causal_mask(S, T, scores.device)
         scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
         return scores.softmax(dim=-1).to(dtype)
 
+    def select_tokens(self, x, c_q, freqs_cis, index_k, mask):
+        """DSA's fine-grained token selection -> (I [B,S,T], the attention's mask): S_t, the
+        top-k keys of each query; the mask as given (None = causal) in the dense warm-up or
+        while T <= index_topk."""
+        S, T = x.shape[1], index_k.shape[1]
+        allowed = self._allowed(mask, S, T, x.device)
+        scores = self.indexer(x, c_q, freqs_cis, index_k, allowed)
+        if self.dense_attention or self.indexer.index_topk >= T:
+            return scores, mask
+        return scores, self.indexer.select(scores, allowed)
+
+    @staticmethod
+    def _allowed(mask: torch.Tensor | None, S: int, T: int, device) -> torch.Tensor:
+        return causal_mask(S, T, device) if mask is None else mask
+
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, cache: Cache | None = None):
         B, S, _ = x.shape
-        q_nope, q_pe, c_kv, k_pe = self.project(x, freqs_cis)
+        c_q = self.q_latent(x)
+        q_nope, q_pe = self.queries(c_q, freqs_cis)
+        new = self.kv_latents(x, freqs_cis)
+        if self.indexer is not None:
+            new = (*new, self.indexer.keys(x, freqs_cis))
         mask = None
         if cache is not None:
-            (c_kv, k_pe), mask = cache.update(self.layer_id, c_kv, k_pe)
+            new, mask = cache.update(self.layer_id, *new)
+        c_kv, k_pe = new[:2]
+        if self.indexer is not None:
+            index_scores, mask = self.select_tokens(x, c_q, freqs_cis, new[2], mask)
         impl = "absorb" if cache is not None and cache.absorb and self.absorbable() else self.impl
         attend = {"sdpa": self.attend_sdpa, "naive": self.attend_naive, "absorb": self.attend_absorbed}[impl]
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)
+        if self.indexer is not None:
+            self.indexer.indexer_loss = self.indexer.kl = None
+            if self.training:
+                probs = self.attention_probs(q_nope, q_pe, c_kv, k_pe, mask)
+                self.indexer.learn(index_scores, probs, self._allowed(mask, S, c_kv.shape[1], x.device),
+                                   getattr(cache, "token_mask", None))
         return self.o_proj(out.reshape(B, S, -1))
 
 
