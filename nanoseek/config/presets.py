@@ -91,14 +91,16 @@ PRESETS["deepseek-v4-pro"] = dict(
     layer_types=_alternate(61, [_HCA, _HCA], _HCA, _CSA),
     mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 58)
 # CPU presets in which every new piece occurs, with windows small enough that a 200-token
-# sequence crosses many of them.
-PRESETS["tiny-v32"] = dict(PRESETS["tiny"], arch="v32", index_n_heads=4, index_head_dim=32,
+# sequence crosses many of them. The indexers get 16 (V3.2) and 8 (V4) heads: a score
+# Σ_h w·ReLU(q·k) is exactly 0 when every head's q·k <= 0, and with few heads such ties at the
+# top-k cut-off are common enough that the selection becomes a matter of tie-breaking.
+PRESETS["tiny-v32"] = dict(PRESETS["tiny"], arch="v32", index_n_heads=16, index_head_dim=32,
                            index_topk=64)
 PRESETS["tiny-v4"] = dict(
     arch="v4", vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
     head_dim=64, qk_rope_head_dim=16, q_lora_rank=128, o_groups=2, o_lora_rank=64,
     sliding_window=16, compress_rate_csa=4, compress_rate_hca=16, compress_rope_theta=160000.0,
-    layer_types=[_SW, _CSA, _HCA, _CSA], mtp_layer_type=_SW, index_n_heads=4, index_head_dim=32,
+    layer_types=[_SW, _CSA, _HCA, _CSA], mtp_layer_type=_SW, index_n_heads=8, index_head_dim=32,
     index_topk=16, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6,
     mlp_layer_types=["hash_moe", "moe", "moe", "moe"], n_routed_experts=16, n_shared_experts=1,
     num_experts_per_tok=2, moe_intermediate_size=128, intermediate_size=128,

@@ -134,8 +134,10 @@ def indexer_kl_divergence(scores: torch.Tensor, probs: torch.Tensor, allowed: to
     return (torch.xlogy(p, p) - p * log_q).sum(-1)
 
 
-def indexers(model: nn.Module) -> list[LightningIndexer]:
-    return [m for m in model.modules() if isinstance(m, LightningIndexer)]
+def indexers(model: nn.Module) -> list[nn.Module]:
+    """Every lightning indexer of the model: V3.2's (LightningIndexer) and V4's CSA indexers
+    (model/v4/indexer.py), which keep the same `indexer_loss` / `kl` attributes."""
+    return [m for m in model.modules() if hasattr(m, "indexer_loss") and hasattr(m, "kl")]
 
 
 def indexer_loss(model: nn.Module) -> torch.Tensor | None:

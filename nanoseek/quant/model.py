@@ -3,7 +3,10 @@
 The same tensors DeepSeek-V3's release stores in FP8 (nanoseek/checkpoint/convert.py): every
 Linear of attention (q/kv down- and up-projections, o_proj) and of the FFNs (the dense
 MLP, the shared and the routed experts), in the main layers and in the MTP module's block.
-The router gate, embeddings, norms, lm_head and MTP's eh_proj stay in high precision.
+The router gate, embeddings, norms, lm_head and MTP's eh_proj stay in high precision, and so
+do the projections DeepSeek's V3.2 / V4 releases keep in BF16: the indexers' weights_proj and
+V4's compressor projections (kv_proj, gate_proj); V4's grouped o_a_proj (a block-diagonal
+Linear subclass) is left as it is.
 Each swapped Linear becomes an FP8Linear holding E4M3 codes plus one FP32 scale per
 128x128 block, so the weights stay FP8 in memory; inputs are quantised per 1x128 tile on
 the fly (DeepSeek-V3 §3.3).
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # Module names (state-dict style: `model.layers.3.mlp.experts.7.up_proj`, `mtp.0.self_attn.o_proj`).
 FP8_MODULE = re.compile(r"(^|\.)(self_attn|mlp)\.(.+\.)?\w+_proj(_with_mqa)?$")
+HIGH_PRECISION = re.compile(r"(indexer\.(scorer\.)?weights_proj|compressor\.(indexer\.)?(kv_proj|gate_proj))$")
 QUANTIZATIONS = ("fp8",)
 
 
@@ -40,7 +44,7 @@ def fp8_targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear, str]]
     for name, parent in model.named_modules():
         for attr, child in parent.named_children():
             full = f"{name}.{attr}" if name else attr
-            if (isinstance(child, nn.Linear) and FP8_MODULE.search(full)
+            if (type(child) is nn.Linear and FP8_MODULE.search(full) and not HIGH_PRECISION.search(full)
                     and child.weight.numel() > 0 and child.bias is None):
                 out.append((parent, attr, child, full))
     return out
