@@ -230,7 +230,7 @@ def test_prefill_then_token_by_token_equals_full_forward(kind):
     inc, cache = run_in_chunks(attn, x, [23] + [1] * 47)
     assert (inc - full).abs().max().item() <= TOL
     # the window keeps n_win - 1 tokens; the compressor an open window (< m tokens) and its entries
-    state = cache.v4_states[KINDS.index(kind)]
+    state = cache.states[KINDS.index(kind)]
     assert state.window.shape[1] == cfg.sliding_window - 1
     if kind != SLIDING:
         rate = cfg.compress_rate(kind)

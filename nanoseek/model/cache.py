@@ -56,6 +56,7 @@ class ContiguousCache:
         self.batch_size, self.max_len, self.absorb = batch_size, max_len, absorb
         self.layers: dict[int, list[torch.Tensor]] = {}
         self.lengths: dict[int, int] = {}  # tokens stored per layer
+        self.states: dict[int, object] = {}  # per-layer state kept besides tensors (V4)
 
     @property
     def length(self) -> int:
@@ -77,7 +78,16 @@ class ContiguousCache:
         mask = q_pos[:, None] >= torch.arange(T, device=new[0].device)[None, :]
         return tuple(buf[:, :T] for buf in stored), mask.expand(B, S, T)
 
+    def state(self, layer_id: int, make):
+        """The state a layer keeps besides the stored tensors (V4's sliding window, compressor
+        buffers and compressed entries: model/v4/cache.py), made by `make()` on first use."""
+        if layer_id not in self.states:
+            self.states[layer_id] = make()
+        return self.states[layer_id]
+
     def nbytes(self) -> int:
-        """Bytes held for the tokens stored so far (what a token costs, times tokens)."""
-        return sum(buf[:, :self.lengths[layer]].numel() * buf.element_size()
-                   for layer, bufs in self.layers.items() for buf in bufs)
+        """Bytes held for the tokens stored so far (what a token costs, times tokens), the
+        layers' own states included."""
+        return (sum(buf[:, :self.lengths[layer]].numel() * buf.element_size()
+                    for layer, bufs in self.layers.items() for buf in bufs)
+                + sum(s.nbytes() for s in self.states.values()))

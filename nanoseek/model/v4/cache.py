@@ -82,7 +82,7 @@ def layer_state(cache, layer_id: int, new_tokens: int) -> V4LayerState | None:
     if callable(hook):
         state = hook(layer_id)
     elif isinstance(cache, ContiguousCache):
-        state = cache.__dict__.setdefault("v4_states", {}).setdefault(layer_id, V4LayerState())
+        state = cache.state(layer_id, V4LayerState)
     else:
         raise TypeError(f"V4 attention keeps its own per-layer state; {type(cache).__name__} has no "
                         "v4_state(layer_id) (use ContiguousCache, or give the cache that hook)")
@@ -102,4 +102,4 @@ def advance(cache, layer_id: int, state: V4LayerState, new_tokens: int) -> None:
 
 def v4_nbytes(cache) -> int:
     """Bytes the V4 layer states attached to `cache` hold."""
-    return sum(s.nbytes() for s in getattr(cache, "v4_states", {}).values())
+    return sum(s.nbytes() for s in getattr(cache, "states", {}).values() if isinstance(s, V4LayerState))
