@@ -188,6 +188,9 @@ def test_loss_parts_and_what_learns():
     assert out.mtp_loss is not None and out.aux_loss is not None and out.indexer_loss is not None
     expected = out.lm_loss + cfg.mtp_loss_weight * out.mtp_loss + out.aux_loss + out.indexer_loss
     assert torch.allclose(out.loss, expected)
+    csa = [layer.self_attn.compressor.indexer for layer in model.model.layers
+           if layer.self_attn.layer_type == "compressed_sparse_attention"]
+    assert len(csa) == 2 and torch.allclose(out.indexer_loss, sum(i.indexer_loss for i in csa))
     load = torch.bincount(hash_moe.gate.tid2eid[ids].flatten(), minlength=cfg.n_routed_experts)
     assert torch.equal(hash_moe.tokens_per_expert, load.float())
     out.loss.backward()

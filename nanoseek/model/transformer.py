@@ -26,6 +26,8 @@ from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
 from nanoseek.model.sampling import sample_logits
 from nanoseek.model.v4.hyper_connections import HyperConnection, HyperHead
+from nanoseek.model.v4.mtp import MTPBlock
+from nanoseek.model.v4.transformer import DeepseekV4Model
 
 IGNORE_INDEX = -100
 
@@ -41,11 +43,11 @@ def hash_table(cfg: ModelConfig, layer_id: int) -> torch.Tensor:
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # what to backpropagate: lm + λ·mtp + balance + coef·indexer
+    loss: torch.Tensor  # what to backpropagate: lm + λ·mtp + balance + indexer
     lm_loss: torch.Tensor
     mtp_loss: torch.Tensor | None
     aux_loss: torch.Tensor | None  # sequence-wise balance loss (+ z-loss), α included
-    indexer_loss: torch.Tensor | None = None  # the indexers' own losses (V3.2/V4), coef not included
+    indexer_loss: torch.Tensor | None = None  # the indexers' KL losses (V3.2/V4), coef included
 
 
 class DeepseekModel(nn.Module):
@@ -60,9 +62,6 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        if cfg.is_v4:  # TEMP lazy until model/v4/attention.py lands
-            from nanoseek.model.v4.mtp import MTPBlock
-            from nanoseek.model.v4.transformer import DeepseekV4Model
         self.model = DeepseekV4Model(cfg) if cfg.is_v4 else DeepseekModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         L = cfg.num_hidden_layers
@@ -197,8 +196,8 @@ class CausalLM(nn.Module):
             sees masked tokens too), so each micro-batch's takes 1 / `num_batches`: the step's
             is their mean over the micro-batches;
           * the indexers' losses (V3.2's and V4's lightning indexers, each module's
-            `indexer_loss`, set by its training forward) are means too: summed over the
-            modules, 1 / `num_batches` each micro-batch, weighted by `indexer_loss_coef`."""
+            `indexer_loss`, set by its training forward, `indexer_loss_coef` included) are
+            means too: summed over the modules, 1 / `num_batches` each micro-batch."""
         if num_targets is None:
             num_targets = self.loss_targets(labels)
         B, S = input_ids.shape
@@ -223,7 +222,7 @@ class CausalLM(nn.Module):
         idx = [m.indexer_loss for m in self.modules() if getattr(m, "indexer_loss", None) is not None]
         indexer_loss = torch.stack(idx).sum() / num_batches if idx else None
         if indexer_loss is not None:
-            loss = loss + self.config.indexer_loss_coef * indexer_loss
+            loss = loss + indexer_loss
         return LossOutput(loss, lm_loss, mtp_loss, aux_loss, indexer_loss)
 
     def _clear_indexer_losses(self) -> None:
