@@ -66,7 +66,7 @@ class Gate(nn.Module):
             if input_ids is None:
                 raise ValueError(f"hash-routed MoE layer {self.layer_id}: the experts come from "
                                  "tid2eid[input_ids], and no input_ids were given")
-            indices = self.tid2eid[input_ids.reshape(-1)]
+            indices = self.tid2eid[input_ids.reshape(-1)].long()  # DeepSeek ships it int32
             return self._gating_weights(scores.gather(1, indices)), indices, scores, logits
         choice = scores.detach()
         if self.e_score_correction_bias is not None:

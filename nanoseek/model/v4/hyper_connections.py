@@ -59,6 +59,7 @@ def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 
 class HyperConnection(nn.Module):
     """The pre/post/comb mixings around one sub-layer (a block has attn_hc and ffn_hc)."""
+    runs_in_fp32 = True  # fp32 parameters in bf16 training too, as DeepSeek keeps them
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -94,6 +95,7 @@ class HyperConnection(nn.Module):
 
 class HyperHead(nn.Module):
     """The last collapse of the streams, before the final norm: x = Σ_i (σ(α p̃_i + b_i) + ε) X_i."""
+    runs_in_fp32 = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
