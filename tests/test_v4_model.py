@@ -10,8 +10,8 @@ import transformers
 from nanoseek.config.presets import preset
 from nanoseek.model.cache import ContiguousCache
 from nanoseek.model.mlp import MLP
-from nanoseek.model.moe import Gate
-from nanoseek.model.transformer import CausalLM, hash_table
+from nanoseek.model.moe import Gate, hash_table
+from nanoseek.model.transformer import CausalLM
 from nanoseek.model.v4.hyper_connections import HyperConnection, doubly_stochastic_error, sinkhorn
 from tests.conftest import randomize
 

@@ -109,6 +109,15 @@ class Gate(nn.Module):
         return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
 
 
+def hash_table(cfg: ModelConfig, layer_id: int) -> torch.Tensor:
+    """tid2eid [vocab_size, k] for a hash layer born in nanoseek: each token id gets k distinct
+    experts drawn uniformly, from a generator seeded by the layer, so the table is the same
+    on every rank and every run (it is frozen: never trained, saved with the weights)."""
+    g = torch.Generator().manual_seed(0x7E1D + layer_id)
+    noise = torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g)
+    return noise.topk(cfg.num_experts_per_tok, dim=-1)[1]
+
+
 def balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_experts: int,
                  token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sequence-wise balance loss of V3 (Eq. 17-20), without α:

@@ -20,7 +20,7 @@ from nanoseek.checkpoint import hf
 from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.cache import Cache, ContiguousCache
-from nanoseek.model.moe import Gate, MoE
+from nanoseek.model.moe import Gate, MoE, hash_table
 from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
@@ -30,15 +30,6 @@ from nanoseek.model.v4.mtp import MTPBlock
 from nanoseek.model.v4.transformer import DeepseekV4Model
 
 IGNORE_INDEX = -100
-
-
-def hash_table(cfg: ModelConfig, layer_id: int) -> torch.Tensor:
-    """tid2eid [vocab_size, k] for a hash layer born in nanoseek: each token id gets k distinct
-    experts drawn uniformly, from a generator seeded by the layer, so the table is the same
-    on every rank and every run (it is frozen: never trained, saved with the weights)."""
-    g = torch.Generator().manual_seed(0x7E1D + layer_id)
-    noise = torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g)
-    return noise.topk(cfg.num_experts_per_tok, dim=-1)[1]
 
 
 @dataclass
