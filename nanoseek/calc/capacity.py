@@ -17,8 +17,16 @@ The model (every assumption is a field of `Assumptions` and is printed):
     the GPU has FP8 tensor cores); and one prompt's prefill must fit the TTFT target on
     the whole deployment (tensor + expert parallel);
   * GPUs = ceil of the largest need; nodes = ceil(GPUs / gpus_per_node).
+V3.2 and V4 hold more than a latent per token and read less than all of it: their cache is
+counted term by term at the request's full length (kv.cache_terms: V3.2's indexer keys, V4's
+window, compressed entries, compressed indexer keys and open compressor windows), and a
+decode step reads every indexer key but only the top-k selected entries (kv.kv_read_bytes);
+`kv_bytes_per_token` is then that cache divided by prompt + output.
 FP8 weights follow DeepSeek-V3's checkpoint: the Linear weights of attention and the FFNs
-in FP8 plus one FP32 scale per 128x128 block; embeddings, head, norms and router in BF16.
+in FP8 plus one FP32 scale per 128x128 block; embeddings, head, norms and router in BF16
+(V3.2's indexer projections in FP8 too). V4's checkpoint keeps its routed experts in FP4
+(E2M1, one UE8M0 scale per 32 weights: 0.5 + 1/32 bytes), so fp8 means that layout for V4
+(V4-Flash: 160 GB); its compressors and mHC mappings are counted in BF16.
 """
 
 from __future__ import annotations
@@ -28,12 +36,13 @@ from dataclasses import asdict, dataclass
 
 from nanoseek.calc.flops import decode_flops_per_token, prefill_flops_per_token
 from nanoseek.calc.gpus import GPU
-from nanoseek.calc.kv import DTYPE_BYTES, check_dtype, kv_bytes_per_token
-from nanoseek.calc.params import block_params, count_params, ffn_params
+from nanoseek.calc.kv import DTYPE_BYTES, check_dtype, kv_bytes_per_token, kv_cache_bytes, kv_read_bytes, uniform_dtypes
+from nanoseek.calc.params import block_params, count_params, ffn_params, mtp_extra_params
 from nanoseek.config import ConfigError, ModelConfig
 
-QUANTISED = ("attention", "dense_ffn", "shared_experts", "routed_experts")  # FP8 in V3's release
+QUANTISED = ("attention", "indexer", "dense_ffn", "shared_experts", "routed_experts")  # FP8 in V3's release
 FP8_BLOCK_SCALE = 4 / (128 * 128)  # bytes of FP32 scale per weight
+FP4_BYTES = 0.5 + 1 / 32  # E2M1 plus one UE8M0 scale per 32 weights (V4's routed experts)
 
 
 @dataclass
@@ -64,22 +73,24 @@ class Assumptions:
         check_dtype(self.kv_dtype)
 
 
-def param_bytes(parts: dict[str, float], dtype: str) -> float:
-    """Bytes of a by-component parameter count stored in `dtype` (FP8 as in V3's release)."""
+def param_bytes(parts: dict[str, float], dtype: str, fp4_experts: bool = False) -> float:
+    """Bytes of a by-component parameter count stored in `dtype` (FP8 as in V3's release;
+    with fp4_experts, the routed experts in FP4 as in V4's)."""
     if dtype != "fp8":
         return sum(parts.values()) * DTYPE_BYTES[dtype]
-    q = sum(v for c, v in parts.items() if c in QUANTISED)
-    return q * (1 + FP8_BLOCK_SCALE) + (sum(parts.values()) - q) * DTYPE_BYTES["bf16"]
+    fp4 = parts.get("routed_experts", 0) if fp4_experts else 0
+    q = sum(v for c, v in parts.items() if c in QUANTISED) - fp4
+    rest = sum(parts.values()) - q - fp4
+    return fp4 * FP4_BYTES + q * (1 + FP8_BLOCK_SCALE) + rest * DTYPE_BYTES["bf16"]
 
 
 def weight_bytes(cfg: ModelConfig, dtype: str, include_mtp: bool = False) -> float:
-    total = param_bytes(count_params(cfg).total, dtype)
+    total = param_bytes(count_params(cfg).total, dtype, cfg.is_v4)
     if include_mtp:  # each module's own weights; it shares the embedding and head
-        D = cfg.hidden_size
         for k in range(cfg.num_nextn_predict_layers):
             block, _ = block_params(cfg, cfg.num_hidden_layers + k)
-            extra = {"eh_proj": 2 * D * D, "mtp_norms": 3 * D}  # BF16 in V3's release
-            total += param_bytes({**block, **extra}, dtype)
+            extra = {"eh_proj_and_norms": mtp_extra_params(cfg)}  # BF16 in V3's release
+            total += param_bytes({**block, **extra}, dtype, cfg.is_v4)
     return total
 
 
@@ -97,7 +108,19 @@ def weight_bytes_read_per_step(cfg: ModelConfig, dtype: str, batch: float) -> fl
         moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
         touched = expected_experts_touched(cfg.n_routed_experts, cfg.num_experts_per_tok, max(batch, 1))
         parts["routed_experts"] = moe_layers * touched * ffn_params(cfg.hidden_size, cfg.moe_intermediate_size)
-    return param_bytes(parts, dtype)
+    return param_bytes(parts, dtype, cfg.is_v4)
+
+
+def kv_per_request(cfg: ModelConfig, a: Assumptions) -> tuple[float, float, float]:
+    """(bytes per token, bytes held at full length, bytes one decode step reads at the mean
+    context prompt + output/2) of one request's cache."""
+    P, O = a.prompt_tokens, a.output_tokens
+    if not (cfg.is_v32 or cfg.is_v4):
+        tok = kv_bytes_per_token(cfg, dtype=a.kv_dtype, include_mtp=a.include_mtp)
+        return tok, (P + O) * tok, (P + O / 2) * tok
+    dt = uniform_dtypes(a.kv_dtype)
+    held = kv_cache_bytes(cfg, P + O, dt, a.include_mtp)
+    return held / (P + O), held, kv_read_bytes(cfg, math.floor(P + O / 2), dt, a.include_mtp)
 
 
 @dataclass
@@ -107,7 +130,7 @@ class CapacityPlan:
     latency_s: float
     concurrency: float
     weights_bytes: float
-    kv_bytes_per_token: int
+    kv_bytes_per_token: float  # V3.2/V4: the full-length cache / (prompt + output)
     kv_bytes: float  # all in-flight requests at full length
     decode_bytes_per_step: float
     decode_weight_bytes_per_step: float
@@ -139,14 +162,14 @@ def plan_capacity(cfg: ModelConfig, gpu: GPU, a: Assumptions) -> CapacityPlan:
     latency = a.ttft_ms / 1e3 + O * a.tpot_ms / 1e3
     C = a.qps * latency
     w = weight_bytes(cfg, a.weight_dtype, a.include_mtp)
-    kv_tok = kv_bytes_per_token(cfg, dtype=a.kv_dtype, include_mtp=a.include_mtp)
-    kv = C * (P + O) * kv_tok
+    kv_tok, seq_kv, read_kv = kv_per_request(cfg, a)
+    kv = C * seq_kv
     mem = gpu.mem_gb * 1e9
     n_mem = (w + kv) / (mem * a.mem_util)
 
     avg_ctx = P + O / 2
     step_w = weight_bytes_read_per_step(cfg, a.weight_dtype, C)
-    step_kv = C * avg_ctx * kv_tok
+    step_kv = C * read_kv
     bw = gpu.bw_tbs * 1e12 * a.bw_util
     n_bw = (step_w + step_kv) / (bw * a.tpot_ms / 1e3)
 

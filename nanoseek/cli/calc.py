@@ -1,4 +1,4 @@
-"""Calculator and FP8 commands: `nanoseek calc params|kv|flops`, `nanoseek plan capacity`,
+"""Calculator and FP8 commands: `nanoseek calc params|kv|flops|compare`, `nanoseek plan capacity`,
 `nanoseek convert`. Each prints a rich table, or JSON alone on stdout with --json."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from nanoseek.cli.common import (STORAGE_DTYPES, deprecated_option, dtype_callba
 
 CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")  # convert: the tensors not in FP8
 
-PRESET_HELP = "preset name: tiny, deepseek-v2-lite, deepseek-v2, deepseek-v3"
+PRESET_HELP = ("preset name: tiny, deepseek-v2-lite, deepseek-v2, deepseek-v3, deepseek-v3.2, "
+               "deepseek-v4-flash, deepseek-v4-pro, tiny-v32, tiny-v4")
 CONFIG_HELP = "a config.json, or a checkpoint directory holding one"
 
 
@@ -71,7 +72,7 @@ def params_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     """Total and activated parameters by component, computed from the config (no model is
     built). Activated excludes the embedding table (a lookup) and the routed experts a
     token is not sent to; the MTP module is reported apart, as DeepSeek-V3 does."""
-    from nanoseek.calc.params import COMPONENTS, count_params
+    from nanoseek.calc.params import COMPONENTS, V3_COMPONENTS, count_params
     cfg = _config(preset, config)
     pc = count_params(cfg)
     name = preset or config
@@ -79,14 +80,16 @@ def params_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
                caption="activated = what one token computes with: no embedding lookup, "
                        f"{cfg.num_experts_per_tok or 0} of {cfg.n_routed_experts or 0} routed experts")
     for c in COMPONENTS:
-        t.add_row(c, _count(pc.total[c]), _count(pc.activated[c]), f"{pc.total[c]:,}")
+        if pc.total[c] or (c in V3_COMPONENTS and not cfg.is_v4):
+            t.add_row(c, _count(pc.total[c]), _count(pc.activated[c]), f"{pc.total[c]:,}")
     t.add_section()
     t.add_row("main model", _count(pc.main_total), _count(pc.main_activated), f"{pc.main_total:,}")
     if cfg.num_nextn_predict_layers:
         t.add_row(f"MTP ({cfg.num_nextn_predict_layers} module)", _count(pc.mtp), _count(pc.mtp_activated),
                   f"{pc.mtp:,}")
-        t.add_row("MTP + its embedding/head copies", _count(pc.mtp_with_copies), "",
-                  f"{pc.mtp_with_copies:,}")
+        if pc.mtp_with_copies != pc.mtp:
+            t.add_row("MTP + its embedding/head copies", _count(pc.mtp_with_copies), "",
+                      f"{pc.mtp_with_copies:,}")
         t.add_row("main + MTP (as in the checkpoint)", _count(pc.main_total + pc.mtp_with_copies), "",
                   f"{pc.main_total + pc.mtp_with_copies:,}")
     _emit(as_json, {"name": name, **pc.to_dict()}, t)
@@ -103,9 +106,13 @@ def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
            mtp: bool = typer.Option(False, help="count the MTP modules' layers too"),
            as_json: bool = typer.Option(False, "--json", help="print JSON only")):
     """KV-cache bytes per token and for batch x seq_len, for MHA, GQA, MQA and MLA built from
-    the same config (same head sizes), with ratios. FP8 adds one FP32 scale per 128 values."""
+    the same config (same head sizes), with ratios. FP8 adds one FP32 scale per 128 values.
+    V3.2 and V4: what each cache holds at seq_len (latent, indexer keys, window, compressed
+    entries, open compressor windows), in each dtype and in DeepSeek's serving formats."""
     from nanoseek.calc.kv import kv_report
     cfg = _config(preset, config)
+    if cfg.is_v32 or cfg.is_v4:
+        return _hybrid_kv(cfg, preset or config, batch, seq_len, dtype, mtp, as_json)
     rep = kv_report(cfg, batch, seq_len, dtype, gqa, mtp)
     t = _table(f"KV cache: {preset or config}, {rep['layers']} layers, batch {batch} x {seq_len} tokens",
                "attention", "dtype", "values/layer", "bytes/layer", "per token",
@@ -122,6 +129,29 @@ def kv_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
                   f"{r['bytes_per_token_layer']:,}", _bytes(r["bytes_per_token"]), _bytes(r["total_bytes"]),
                   f"{r['vs_mla']:.2f}", f"{r['vs_mha']:.4f}")
     _emit(as_json, {"name": preset or config, **rep}, t)
+
+
+def _hybrid_kv(cfg, name, batch, seq_len, dtypes, mtp, as_json):
+    from nanoseek.calc.kv import hybrid_kv_report
+    rep = hybrid_kv_report(cfg, batch, seq_len, dtypes, mtp)
+    t = _table(f"KV cache: {name} ({cfg.arch}), {rep['layers']} layers, batch {batch} x {seq_len:,} tokens",
+               "cache", "format", "layers", "rows/layer", "values", "bytes/row", "per sequence",
+               caption="rows/layer at this length: the window saturates at sliding_window, compressed "
+                       "rows grow as L/m, an open compressor window is fixed (FP32, as DeepSeek keeps "
+                       "it); deepseek = the formats DeepSeek serves in: " + "; ".join(
+                           f"{k}: {v}" for k, v in rep["formats"].items()
+                           if any(term["fmt"] == k for sch in rep["schemes"] for term in sch["terms"]))
+               + "; 1 GB = 1e9 bytes")
+    for i, sch in enumerate(rep["schemes"]):
+        if i:
+            t.add_section()
+        for term in sch["terms"]:
+            t.add_row(term["name"], term["fmt"], str(term["layers"]), f"{term['entries']:,}", f"{term['values']:,}",
+                      f"{term['row_bytes']:,}", _bytes(term["bytes"]))
+        batch_note = f" (x{batch}: {_bytes(sch['total_bytes'])})" if batch > 1 else ""
+        t.add_row(f"[bold]all, {sch['dtypes']['name']}: {_bytes(sch['bytes_per_token'])} / token[/bold]",
+                  "", "", "", "", "", f"[bold]{_bytes(sch['sequence_bytes'])}[/bold]{batch_note}")
+    _emit(as_json, {"name": name, **rep}, t)
 
 
 # ---------------------------------------------------------------------- flops
@@ -154,7 +184,60 @@ def flops_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     t.add_row(f"decode forward / token at ctx {r.decode_ctx}", _flops(r.decode_forward))
     if r.decode_forward_absorbed is not None:
         t.add_row(f"decode forward / token at ctx {r.decode_ctx}, MLA absorbed", _flops(r.decode_forward_absorbed))
-    _emit(as_json, {"name": preset or config, **to_dict(r)}, t)
+    parts = {}
+    if cfg.is_v32 or cfg.is_v4:
+        from nanoseek.calc.flops import token_flops
+        parts = token_flops(cfg, r.decode_ctx, include_mtp=mtp)
+        for k, v in parts.items():
+            if v:
+                t.add_row(f"  of which {k}", _flops(v))
+    _emit(as_json, {"name": preset or config, **to_dict(r), "decode_parts": parts}, t)
+
+
+# -------------------------------------------------------------------- compare
+def compare_cmd(ctx: int = typer.Option(1 << 20, min=1, help="context length of the comparison (default 1,048,576 = 1M)"),
+                plot: Optional[str] = typer.Option(None, help="also write a PNG of KV bytes against context length here"),
+                as_json: bool = typer.Option(False, "--json", help="print JSON only")):
+    """DeepSeek-V3, V3.2, V4-Flash and V4-Pro at one context: parameters, KV cache and FLOPs
+    of one generated token, as fractions of V3.2's beside the V4 report's (27 % / 10 % for
+    Pro, 10 % / 7 % for Flash at 1M tokens)."""
+    from nanoseek.calc.compare import BASELINE, compare_report, plot_kv
+    rep = compare_report(ctx)
+    if plot:
+        rep["plot"] = plot_kv(plot, ctx)
+    _emit(as_json, rep, *_compare_tables(rep, BASELINE))
+
+
+def _round(n: float) -> str:
+    """A published count as it is written: 671B, 1.6T."""
+    return f"{n / 1e12:g}T" if n >= 1e12 else f"{n / 1e9:g}B"
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _compare_tables(rep, base):
+    ctx = rep["context"]
+    a = _table(f"DeepSeek V3 -> V4 at {ctx:,} tokens", "model", "params", "activated", "published",
+               "KV / sequence", "KV / token", "FLOPs / token",
+               caption="params: main model (MTP apart), activated without the embedding lookup; KV: one "
+                       "sequence in DeepSeek's serving formats (FP8 with BF16 RoPE dims; indexer keys FP8 "
+                       "in V3.2, FP4 in V4); FLOPs: one generated token at this context, multiply-add = 2")
+    b = _table(f"against {base} (ours | the V4 report's)", "model", "KV", "KV, all BF16", "KV published",
+               "FLOPs", "FLOPs, FP8 units", "FLOPs published",
+               caption="FP8 units weigh each FLOP by its precision (FP8 1, BF16 2, FP4 1/2; V4's indexer "
+                       "runs in FP4, V3.2's in FP8): the report's 10 % for V4-Flash needs it, since its "
+                       "matmuls and indexer alone are 10 % of V3.2's plain FLOPs")
+    for r in rep["rows"]:
+        pub = r["published"] or {}
+        a.add_row(r["name"], _count(r["total"]), _count(r["activated"]),
+                  f"{_round(pub['total'])} / {_round(pub['activated'])}" if "total" in pub else "",
+                  _bytes(r["kv_bytes"]), _bytes(r["kv_bytes"] / ctx), _flops(r["flops"]))
+        b.add_row(r["name"], _pct(r["kv_ratio"]), _pct(r["kv_ratio_bf16"]),
+                  _pct(pub["kv"]) if "kv" in pub else "", _pct(r["flops_ratio"]), _pct(r["flops_ratio_fp8"]),
+                  _pct(pub["flops"]) if "flops" in pub else "")
+    return a, b
 
 
 # ------------------------------------------------------------------- capacity
@@ -296,11 +379,12 @@ def _convert_table(src, dst, fp8: bool, dtype: str, r):
 
 
 def register(app: typer.Typer) -> None:
-    calc = typer.Typer(help="Calculators that read only a config: parameters, KV cache, FLOPs.",
+    calc = typer.Typer(help="Calculators that read only a config: parameters, KV cache, FLOPs, V3 -> V4.",
                        no_args_is_help=True)
     calc.command("params")(params_cmd)
     calc.command("kv")(kv_cmd)
     calc.command("flops")(flops_cmd)
+    calc.command("compare")(compare_cmd)
     app.add_typer(calc, name="calc")
     plan = typer.Typer(help="Deployment planning: GPUs and nodes for a traffic shape.", no_args_is_help=True)
     plan.command("capacity")(capacity_cmd)
