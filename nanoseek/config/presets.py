@@ -76,8 +76,9 @@ _V4_COMMON = dict(
     max_position_embeddings=1048576, mtp_layer_type=_SW, bos_token_id=0, eos_token_id=1,
     aux_loss_alpha=0.0001)
 # V4-Flash: two sliding-window layers, then CSA and HCA alternating (DeepSeek's compress_ratios
-# 0, 0, 4, 128, 4, 128, ...); V4-Pro: transformers' default schedule, two HCA layers then
-# HCA and CSA alternating. Three hash-routed MoE layers first in both.
+# 0, 0, 4, 128, 4, 128, ...); V4-Pro: two HCA layers, then CSA and HCA alternating (128, 128,
+# 4, 128, 4, ...: 30 CSA, 31 HCA; transformers' default schedule starts the alternation with
+# HCA instead). Three hash-routed MoE layers first in both.
 PRESETS["deepseek-v4-flash"] = dict(
     _V4_COMMON, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, q_lora_rank=1024,
     o_groups=8, o_lora_rank=1024, index_topk=512, n_routed_experts=256, moe_intermediate_size=2048,
@@ -88,7 +89,7 @@ PRESETS["deepseek-v4-pro"] = dict(
     _V4_COMMON, hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536,
     o_groups=16, o_lora_rank=1024, index_topk=1024, n_routed_experts=384, moe_intermediate_size=3072,
     intermediate_size=3072, routed_scaling_factor=2.5,
-    layer_types=_alternate(61, [_HCA, _HCA], _HCA, _CSA),
+    layer_types=_alternate(61, [_HCA, _HCA], _CSA, _HCA),
     mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 58)
 # CPU presets in which every new piece occurs, with windows small enough that a 200-token
 # sequence crosses many of them. The indexers get 16 (V3.2) and 8 (V4) heads: a score
