@@ -1,12 +1,21 @@
 """Hugging Face-format checkpoints, both directions.
 
 A checkpoint is a directory with `config.json` and one or several `*.safetensors` files
-(sharded ones listed in `model.safetensors.index.json`). Names are the DeepseekV3 layout;
-MTP module k is stored as `model.layers.{num_hidden_layers + k}`, with copies of the
-shared `embed_tokens` and `shared_head.head` beside it as in DeepSeek's release (vLLM and
-SGLang read them there). FP8 weights (float8_e4m3fn, or float8_e5m2 with the same
-128x128 block scales) with `weight_scale_inv` are dequantised on load, or kept as FP8 in
-FP8Linear modules with quantization="fp8"; any other dtype beside a scale is refused.
+(sharded ones listed in `model.safetensors.index.json`). Names are the DeepseekV3 layout
+(V3.2 adds the indexer's); MTP module k is stored as `model.layers.{num_hidden_layers + k}`,
+with copies of the shared `embed_tokens` and `shared_head.head` beside it as in DeepSeek's
+release (vLLM and SGLang read them there). V4's names, in DeepSeek's and transformers'
+spellings, are in names.py.
+
+Quantised weights are dequantised on load, exactly:
+  - FP8 (float8_e4m3fn, or float8_e5m2 with the same 128x128 block scales) beside
+    `weight_scale_inv` (V3, V3.2: FP32 scales, powers of two under scale_fmt "ue8m0"), or
+    kept as FP8 in FP8Linear modules with quantization="fp8";
+  - V4's `<name>.scale` beside `<name>.weight`: FP8 E4M3 with one UE8M0 (float8_e8m0fnu) or
+    FP32 scale per 128x128 block, and the routed experts' packed FP4 E2M1 (int8 or
+    float4_e2m1fn_x2, two per byte) with one UE8M0 scale per 32 inputs (quant/fp4.py).
+Any other dtype or scale layout is refused in one line naming the tensor and its format, and
+so is a `quantization_config` that promises another format.
 
 Every failure names the file and the tensor, and every file is written atomically.
 
@@ -28,36 +37,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nanoseek.checkpoint import names
 from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.quant.fp4 import FP4_X2, PACKED_DTYPES, dequantize_fp4
 from nanoseek.quant.fp8 import FP8, FP8_DTYPES, dequantize_weight, quantize_weight
 from nanoseek.quant.model import check_quantization, quantize_model_fp8
 
-ARCHITECTURES = {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "NanoseekForCausalLM"}
+ARCHITECTURES = {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "NanoseekForCausalLM",
+                 "DeepseekV32ForCausalLM", "DeepseekV4ForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
-MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")  # copies of shared tensors
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-_MTP = re.compile(r"^mtp\.(\d+)\.(.*)$")
+# What a config.json's quantization_config may say: DeepSeek's FP8 blocks (V3, V3.2, V4) and
+# V4's FP4 experts. Any other value is a format nanoseek does not read.
+QUANT_CONFIG = {"quant_method": ("fp8",), "fmt": ("e4m3",), "activation_scheme": ("dynamic",),
+                "weight_block_size": ([128, 128],), "scale_fmt": (None, "ue8m0"),
+                "expert_dtype": (None, "fp4", "fp8"), "scale_dtype": (None, "fp32", "fp8")}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing something, has a wrong shape, or cannot be read."""
-
-
-# ------------------------------------------------------------------------ names
-def to_hf_name(name: str, cfg: ModelConfig) -> str:
-    m = _MTP.match(name)
-    return f"model.layers.{cfg.num_hidden_layers + int(m[1])}.{m[2]}" if m else name
-
-
-def from_hf_name(name: str, cfg: ModelConfig) -> str | None:
-    """Checkpoint name -> state-dict name; None for copies of shared tensors."""
-    m = _LAYER.match(name)
-    if m and int(m[1]) >= cfg.num_hidden_layers:
-        if m[2] in MTP_SHARED:
-            return None
-        return f"mtp.{int(m[1]) - cfg.num_hidden_layers}.{m[2]}"
-    return name
 
 
 # ------------------------------------------------------------------------- save
@@ -69,7 +67,12 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[st
         t = t.detach()
         if dtype is not None and t.is_floating_point() and not _keep_fp32(name) and not _is_fp8_part(name, t):
             t = t.to(dtype)
-        out[to_hf_name(name, cfg)] = t.contiguous().clone()
+        try:
+            out[names.to_disk(name, cfg)] = t.contiguous().clone()
+        except names.UnknownTensor as e:
+            raise CheckpointError(str(e)) from None
+    if cfg.is_v4:  # DeepSeek's V4 MTP block shares embed and head: no copies in its release
+        return out
     for k in range(len(model.mtp)):
         prefix = f"model.layers.{cfg.num_hidden_layers + k}."
         out[prefix + "embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
@@ -87,7 +90,7 @@ def _empty_shared_experts(model: nn.Module, dtype: torch.dtype) -> dict[str, tor
     for name, m in model.named_modules():
         if id(m) in moe and m.shared_experts is None:
             for proj, shape in (("gate_proj", (0, D)), ("up_proj", (0, D)), ("down_proj", (D, 0))):
-                key = to_hf_name(f"{name}.shared_experts.{proj}.weight", model.config)
+                key = names.to_disk(f"{name}.shared_experts.{proj}.weight", model.config)
                 out[key] = torch.empty(shape, dtype=dtype)
     return out
 
@@ -97,9 +100,16 @@ def _is_fp8_part(name: str, t: torch.Tensor) -> bool:
     return t.dtype in FP8_DTYPES or name.endswith("_scale_inv")
 
 
+# V4 tensors DeepSeek's release and transformers keep in fp32: the mHC mixing weights, the
+# attention sinks and the compressors' positional biases.
+_V4_FP32 = re.compile(r"(\.(attn_hc|ffn_hc)\.|hc_head\.|\.sinks$|\.position_bias$)")
+
+
 def _keep_fp32(name: str) -> bool:
-    """The router stays in fp32 (as transformers keeps it), whatever the weights' dtype."""
-    return name.endswith("gate.weight") and ".mlp.gate." in name or name.endswith("e_score_correction_bias")
+    """The router stays in fp32 (as transformers keeps it), whatever the weights' dtype, and
+    so do V4's mHC weights, sinks and compressor position biases."""
+    return (name.endswith("gate.weight") and ".mlp.gate." in name or name.endswith("e_score_correction_bias")
+            or _V4_FP32.search(name) is not None)
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -150,10 +160,25 @@ def read_config(path: Path) -> ModelConfig:
     if unknown:
         raise CheckpointError(f"{cfg_path}: unknown architecture {unknown[0]!r}; nanoseek loads "
                               f"{sorted(ARCHITECTURES)}")
+    check_quantization_config(raw, cfg_path)
     try:
         return ModelConfig.from_dict(raw, source=str(cfg_path))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def check_quantization_config(raw: dict, cfg_path: Path) -> None:
+    """Refuse, in one line, a quantization_config (or V4's top-level expert_dtype) that names
+    a format nanoseek does not dequantise. The tensors' dtypes and scales are checked again
+    as they are read: the config only says what to expect."""
+    qc = dict(raw.get("quantization_config") or {})
+    if raw.get("expert_dtype") is not None:
+        qc.setdefault("expert_dtype", raw["expert_dtype"])
+    for key, value in qc.items():
+        if key in QUANT_CONFIG and value not in QUANT_CONFIG[key]:
+            raise CheckpointError(f"{cfg_path}: quantization_config.{key} = {value!r}: nanoseek reads "
+                                  "DeepSeek's FP8 (e4m3, 128x128 blocks, fp32 or ue8m0 scales, dynamic "
+                                  "activations) and V4's FP4 experts only")
 
 
 def checkpoint_files(path: Path) -> dict[str, str]:
@@ -187,51 +212,72 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: cannot be read as safetensors, truncated or corrupt? ({e})") from None
 
 
+def scale_name(name: str, weight_map: dict[str, str]) -> str | None:
+    """The scale stored beside a quantised weight: `<name>_scale_inv` (DeepSeek-V3, V3.2) or,
+    for `<x>.weight`, `<x>.scale` (DeepSeek-V4); None if neither is there."""
+    if name + "_scale_inv" in weight_map:
+        return name + "_scale_inv"
+    if name.endswith(".weight") and (v4 := name.removesuffix("weight") + "scale") in weight_map:
+        return v4
+    return None
+
+
+def is_scale(name: str, weight_map: dict[str, str]) -> bool:
+    """A quantisation scale (read with its weight), not a tensor of the model: V4's
+    `hc_attn_scale` and transformers' `attn_hc.scale` have no `.weight` beside them."""
+    return name.endswith("_scale_inv") or (name.endswith(".scale")
+                                           and name.removesuffix("scale") + "weight" in weight_map)
+
+
 def read_tensors(path: Path, weight_map: dict[str, str], keep_fp8=None):
-    """Yield (checkpoint name, tensor, file) with FP8 weights dequantised to fp32, except the
-    E4M3 weights `keep_fp8(name)` selects: those come as stored, each followed by its
-    `<name>_scale_inv` (a model with FP8Linear modules takes both as they are)."""
+    """Yield (checkpoint name, tensor, file) with quantised weights dequantised to fp32, except
+    the E4M3 weights `keep_fp8(name)` selects: those come as stored, each followed by its
+    scales as FP32 under `<name>_scale_inv` (a model with FP8Linear modules takes both)."""
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         by_file.setdefault(fname, []).append(name)
-    for fname, names in sorted(by_file.items()):
+    for fname, names_ in sorted(by_file.items()):
         f = _open(path / fname)
-        for name in sorted(names):
-            if name.endswith("_scale_inv"):
+        for name in sorted(names_):
+            if is_scale(name, weight_map):
                 continue
             t = _get(f, path / fname, name)
-            if t.dtype in FP8_DTYPES or name + "_scale_inv" in weight_map:
-                scale, scale_file = _scale_of(path, fname, f, name, t, weight_map)
+            if t.dtype in FP8_DTYPES or t.dtype == FP4_X2 or scale_name(name, weight_map) is not None:
+                scale, scale_file, sname = _scale_of(path, fname, f, name, t, weight_map)
                 if t.dtype == FP8 and keep_fp8 is not None and keep_fp8(name):
                     yield name, t, path / fname
-                    yield name + "_scale_inv", scale, scale_file
+                    yield name + "_scale_inv", scale.float(), scale_file
                     continue
                 try:
-                    t = dequantize_weight(t, scale)
+                    t = dequantize_fp4(t, scale) if t.dtype in PACKED_DTYPES else dequantize_weight(t, scale)
                 except ValueError as e:
-                    raise CheckpointError(f"{scale_file}: tensor {name + '_scale_inv'!r}: {e}") from None
+                    raise CheckpointError(f"{scale_file}: tensor {sname!r}: {e}") from None
             yield name, t, path / fname
 
 
 def _scale_of(path: Path, fname: str, f, name: str, t: torch.Tensor,
-              weight_map: dict[str, str]) -> tuple[torch.Tensor, Path]:
-    """A block-quantised weight's `_scale_inv` and its file. Codes of any dtype but the FP8
-    ones are refused: read as numbers they would be silently wrong (transformers, for one,
-    reads int8 beside a scale as packed FP4)."""
-    scale_name = name + "_scale_inv"
-    if t.dtype not in FP8_DTYPES:
+              weight_map: dict[str, str]) -> tuple[torch.Tensor, Path, str]:
+    """A quantised weight's scales, their file and name. FP8 codes take `_scale_inv` or
+    V4's `.scale`; packed FP4 codes (int8, float4_e2m1fn_x2) only V4's `.scale`. Codes of
+    any other dtype are refused: read as numbers they would be silently wrong (transformers,
+    for one, reads int8 beside any scale as packed FP4)."""
+    sname = scale_name(name, weight_map)
+    if sname is None:
+        v4 = f" or {name.removesuffix('weight') + 'scale'!r}" if name.endswith(".weight") else ""
+        raise CheckpointError(f"{path / fname}: tensor {name!r} is quantised ({t.dtype}) but its "
+                              f"scales are missing ({name + '_scale_inv'!r}{v4})")
+    fp4 = t.dtype in PACKED_DTYPES and sname.endswith(".scale")
+    if t.dtype not in FP8_DTYPES and not fp4:
         raise CheckpointError(f"{path / fname}: tensor {name!r} has dtype {t.dtype} beside "
-                              f"{scale_name!r}; nanoseek dequantises block-scaled "
-                              f"{' and '.join(str(d) for d in FP8_DTYPES)} only")
-    if scale_name not in weight_map:
-        raise CheckpointError(f"{path / fname}: tensor {name!r} is FP8 ({t.dtype}) but "
-                              f"{scale_name!r} is missing")
-    scale_file = path / weight_map[scale_name]
-    scale = _get(f if scale_file == path / fname else _open(scale_file), scale_file, scale_name)
+                              f"{sname!r}; nanoseek dequantises block-scaled "
+                              f"{' and '.join(str(d) for d in FP8_DTYPES)}, and packed FP4 "
+                              "(int8 or float4_e2m1fn_x2) beside a V4 `.scale`, only")
+    scale_file = path / weight_map[sname]
+    scale = _get(f if scale_file == path / fname else _open(scale_file), scale_file, sname)
     if not scale.is_floating_point():  # e.g. uint8 E8M0 exponents: not nanoseek's format
-        raise CheckpointError(f"{scale_file}: tensor {scale_name!r} has dtype {scale.dtype}; "
-                              "expected floating-point block scales")
-    return scale.float(), scale_file
+        raise CheckpointError(f"{scale_file}: tensor {sname!r} has dtype {scale.dtype}; "
+                              "expected floating-point block scales (float32 or float8_e8m0fnu)")
+    return scale, scale_file, sname
 
 
 def _get(f, file: Path, name: str) -> torch.Tensor:
@@ -261,27 +307,30 @@ def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = No
     expected = {n: p for n, p in model.state_dict().items()}
 
     def wants_fp8(name: str) -> bool:
-        ref = expected.get(from_hf_name(name, cfg) or "")
+        ref = expected.get(names.from_disk(name, cfg) or "")
         return ref is not None and ref.dtype == FP8
 
     loaded: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # state-dict name -> the checkpoint tensor it came from
     for name, t, file in read_tensors(path, weight_map, keep_fp8=wants_fp8):
-        key = from_hf_name(name, cfg)
-        if key is None:
-            continue
-        if key not in expected:
-            if t.numel() == 0:  # transformers' empty shared experts when n_shared_experts is 0
-                continue
-            raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of a model with "
-                                  f"this config.json)")
-        if tuple(t.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, expected "
-                                  f"{tuple(expected[key].shape)} from config.json")
-        _check_finite(t, name, file)
-        loaded.update(_placed(key, t, expected[key].dtype, dtype, device or "cpu"))
+        for key, part in names.from_disk_tensors(name, t, cfg):
+            if key not in expected:
+                if part.numel() == 0:  # transformers' empty shared experts when n_shared_experts is 0
+                    continue
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} (not part of a model with "
+                                      f"this config.json)")
+            if key in source:
+                raise CheckpointError(f"{file}: tensor {name!r} gives {key!r}, which "
+                                      f"{source[key]!r} already gave (two spellings of one tensor)")
+            if tuple(part.shape) != tuple(expected[key].shape):
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(part.shape)}, expected "
+                                      f"{tuple(expected[key].shape)} from config.json")
+            _check_finite(part, name, file)
+            source[key] = name
+            loaded.update(_placed(key, part, expected[key].dtype, dtype, device or "cpu"))
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        raise CheckpointError(f"{path}: tensor {to_hf_name(missing[0], cfg)!r} is missing"
+        raise CheckpointError(f"{path}: tensor {names.to_disk(missing[0], cfg)!r} is missing"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     model.load_state_dict(loaded, assign=True, strict=True)
     model.materialise_buffers(device)
@@ -292,7 +341,10 @@ def _placed(key: str, t: torch.Tensor, model_dtype: torch.dtype, dtype: torch.dt
             device) -> dict[str, torch.Tensor]:
     """The tensor(s) a checkpoint tensor becomes in the model: FP8 codes and block scales
     as stored (a high-precision weight an FP8Linear wants is quantised here), the router
-    in fp32, everything else in `dtype` (default: the model's)."""
+    in fp32, integer tables (V4's tid2eid) in the model's integer dtype, everything else
+    in `dtype` (default: the model's)."""
+    if not model_dtype.is_floating_point:
+        return {key: t.to(device=device, dtype=model_dtype)}
     if model_dtype == FP8 and t.dtype != FP8:
         q, s = quantize_weight(t)
         return {key: q.to(device), key + "_scale_inv": s.to(device)}
@@ -317,8 +369,7 @@ def _drop_absent_mtp(cfg: ModelConfig, weight_map: dict[str, str], path: Path) -
     checkpoint without MTP rather than fail. A partial MTP layer is still an error."""
     if cfg.num_nextn_predict_layers == 0:
         return cfg
-    prefix = f"model.layers.{cfg.num_hidden_layers}."
-    if any(n.startswith(prefix) for n in weight_map):
+    if any(names.is_mtp_name(n, cfg) for n in weight_map):
         return cfg
     warnings.warn(f"{path}: config.json declares {cfg.num_nextn_predict_layers} MTP layer(s) but "
                   "the checkpoint has no MTP weights; loading without MTP", stacklevel=3)

@@ -3,6 +3,11 @@
 Weights are quantised per 128x128 block: each block gets one FP32 scale, and the
 checkpoint stores its inverse as `<name>_scale_inv` of shape [ceil(M/128), ceil(N/128)],
 so that  weight ≈ fp8_weight.float() * scale_inv  block by block.
+
+DeepSeek-V3.1/V3.2 (`scale_fmt: "ue8m0"`) round each block scale up to a power of two, still
+stored as FP32; DeepSeek-V4 stores the same blocks' scales as UE8M0 bytes (float8_e8m0fnu,
+2^(e-127)) under `<name>.scale`. A power of two times an E4M3 code is exact in FP32, so
+`dequantize_weight` reads all three alike.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ FP8 = torch.float8_e4m3fn
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = torch.finfo(FP8).max  # 448
 BLOCK = 128
+E8M0 = torch.float8_e8m0fnu  # UE8M0: an unsigned 8-bit exponent, value 2^(e - 127)
 
 
 def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
@@ -26,20 +32,35 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
     return padded.view(Mb, block, Nb, block), M, N
 
 
-def quantize_weight(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [M,N] -> (fp8 weight [M,N], scale_inv [Mb,Nb] fp32) with per-block absmax scaling."""
+def ue8m0_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The smallest power of two s with amax / s <= qmax (DeepSeek's ue8m0 kernels round
+    scales up, so nothing clips); an all-zero group gets 1."""
+    amax = amax.float()
+    s = torch.exp2(torch.ceil(torch.log2(amax / qmax)))
+    return torch.where(amax > 0, s, torch.ones_like(s))
+
+
+def quantize_weight(w: torch.Tensor, block: int = BLOCK,
+                    scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M,N] -> (fp8 weight [M,N], scale_inv [Mb,Nb] fp32) with per-block absmax scaling;
+    scale_fmt="ue8m0" rounds each scale up to a power of two (V3.1 and later)."""
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     blocks, M, N = _blocks(w.float(), block)
     Mb, Nb = blocks.shape[0], blocks.shape[2]
     # reduce over a contiguous last dim: much faster than amax(dim=(1, 3)) on the strided view
-    amax = blocks.permute(0, 2, 1, 3).reshape(Mb, Nb, -1).abs().amax(dim=-1).clamp(min=1e-12)
-    scale_inv = amax / FP8_MAX
+    amax = blocks.permute(0, 2, 1, 3).reshape(Mb, Nb, -1).abs().amax(dim=-1)
+    if scale_fmt == "ue8m0":
+        scale_inv = ue8m0_scale(amax, FP8_MAX)
+    else:
+        scale_inv = amax.clamp(min=1e-12) / FP8_MAX
     q = (blocks / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(blocks.shape[0] * block, -1)[:M, :N].contiguous(), scale_inv
 
 
 def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
                       block: int = BLOCK) -> torch.Tensor:
-    """fp8 [M,N] and scale_inv [Mb,Nb] -> weight [M,N] in `dtype`."""
+    """fp8 [M,N] and scale_inv [Mb,Nb] (FP32, or UE8M0 powers of two) -> weight [M,N] in `dtype`."""
     M, N = q.shape
     Mb, Nb = -(-M // block), -(-N // block)
     if tuple(scale_inv.shape) != (Mb, Nb):
