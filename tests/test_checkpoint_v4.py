@@ -429,3 +429,20 @@ def test_fp4_without_scales_is_refused(v4, release, tmp_path):
 def test_quantization_configs_of_other_formats_are_refused(v4, release, tmp_path, field, value):
     msg = _refusal(v4, release, tmp_path, lambda t: None, {**QUANT_CONFIG, field: value})
     assert f"quantization_config.{field}" in msg and repr(value) in msg
+
+
+def test_convert_dequantises_the_v4_release_and_refuses_fp8_for_v4(v4, release, tmp_path):
+    """`nanoseek convert --dequant` reads V4's `.scale` layout (FP8 UE8M0 and FP4 experts) and
+    writes plain tensors that load as the quantised checkpoint does; --fp8 refuses V4."""
+    from nanoseek.checkpoint.convert import convert
+
+    _, tensors, want = release
+    src = write_checkpoint(tmp_path / "q", v4, tensors, QUANT_CONFIG)
+    report = convert(src, tmp_path / "bf", to="dequant", dtype="fp32", progress=False)
+    assert report.quantised == len(want)
+    raw = json.loads((tmp_path / "bf" / "config.json").read_text())
+    assert "quantization_config" not in raw
+    a, b = ns_load(src).state_dict(), ns_load(tmp_path / "bf").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="DeepSeek-V4"):
+        convert(tmp_path / "bf", tmp_path / "f8", to="fp8", progress=False)

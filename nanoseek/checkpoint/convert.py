@@ -7,6 +7,11 @@ head, the norms, the router (`mlp.gate.weight`, `e_score_correction_bias`) and t
 module's `eh_proj` stay in higher precision, as in the release. `nanoseek.from_pretrained`
 dequantises such a checkpoint on load; transformers, vLLM and SGLang read the same layout.
 
+`--dequant` also reads DeepSeek-V4's release (E4M3 weights beside `<x>.scale` in UE8M0, routed
+experts in FP4 E2M1 with one UE8M0 scale per 32 inputs: checkpoint/hf.py dequantises them all).
+`--fp8` writes DeepSeek-V3's layout only: a V4 model, whose release uses another one, is
+refused.
+
 Conversion streams one shard at a time (the output keeps the input's sharding) and writes
 every file atomically, config.json last, so an interrupted run never leaves a directory
 that looks like a finished checkpoint.
@@ -24,8 +29,8 @@ import torch
 from safetensors.torch import save_file
 
 from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
-from nanoseek.checkpoint.hf import (INDEX_FILE, CheckpointError, checkpoint_files, read_config,
-                                    read_tensors)
+from nanoseek.checkpoint.hf import (INDEX_FILE, CheckpointError, checkpoint_files, is_scale,
+                                    read_config, read_tensors, scale_name)
 from nanoseek.quant.fp8 import dequantize_weight, quant_error, quantize_weight
 
 QUANTISED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight$")
@@ -72,7 +77,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
     by_file: dict[str, list[str]] = {}
     for name, fname in weight_map.items():
         by_file.setdefault(fname, []).append(name)
-    with _progress(progress, sum(not n.endswith("_scale_inv") for n in weight_map)) as advance:
+    with _progress(progress, sum(not is_scale(n, weight_map) for n in weight_map)) as advance:
         for fname, names in sorted(by_file.items()):
             out = _convert_file(src, names, weight_map, to, dtype, report, errors, advance)
             report.bytes_out += sum(v.numel() * v.element_size() for v in out.values())
@@ -93,14 +98,17 @@ def _check_source(src: Path, to: str, dtype: str) -> dict[str, str]:
         raise ValueError(f"to must be 'fp8' or 'dequant', got {to!r}")
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    read_config(src)  # a readable, valid config.json, or a clear error
+    cfg = read_config(src)  # a readable, valid config.json, or a clear error
     weight_map = checkpoint_files(src)
-    has_fp8 = any(n.endswith("_scale_inv") for n in weight_map)
+    has_fp8 = any(is_scale(n, weight_map) for n in weight_map)
     if to == "fp8" and has_fp8:
-        raise CheckpointError(f"{src}: already an FP8 checkpoint (it has *_scale_inv tensors); "
-                              "use --dequant to go back to BF16")
+        raise CheckpointError(f"{src}: already an FP8 checkpoint (it has *_scale_inv or .scale "
+                              "tensors); use --dequant to go back to BF16")
+    if to == "fp8" and cfg.is_v4:
+        raise CheckpointError(f"{src}: --fp8 writes DeepSeek-V3's FP8 layout; a DeepSeek-V4 model is "
+                              "released in another (UE8M0 .scale, FP4 experts), which convert does not write")
     if to == "dequant" and not has_fp8:
-        raise CheckpointError(f"{src}: no FP8 weights (no *_scale_inv tensors) to dequantise")
+        raise CheckpointError(f"{src}: no FP8 weights (no *_scale_inv or .scale tensors) to dequantise")
     return weight_map
 
 
@@ -110,8 +118,7 @@ def _convert_file(src: Path, names: list[str], weight_map: dict[str, str], to: s
     scales are stored), contiguous and ready to write; the report is updated as it goes."""
     out: dict[str, torch.Tensor] = {}
     wanted = {n: weight_map[n] for n in names}
-    wanted.update({n + "_scale_inv": weight_map[n + "_scale_inv"] for n in names
-                   if n + "_scale_inv" in weight_map})
+    wanted.update({sn: weight_map[sn] for n in names if (sn := scale_name(n, weight_map))})
     for name, t, _ in read_tensors(src, wanted):
         report.tensors += 1
         report.bytes_in += _source_bytes(name, t, weight_map)
@@ -125,7 +132,7 @@ def _convert_file(src: Path, names: list[str], weight_map: dict[str, str], to: s
             out[name], out[name + "_scale_inv"] = q, s
             report.quantised += 1
         else:
-            if to == "dequant" and name + "_scale_inv" in weight_map:
+            if to == "dequant" and scale_name(name, weight_map):
                 report.quantised += 1
             keep = ROUTER.search(name) is not None or not t.is_floating_point()
             out[name] = t if keep else t.to(DTYPES[dtype])
@@ -134,8 +141,9 @@ def _convert_file(src: Path, names: list[str], weight_map: dict[str, str], to: s
 
 
 def _source_bytes(name: str, t: torch.Tensor, weight_map: dict[str, str]) -> int:
-    """Bytes the tensor took in the source (FP8 + its scales when it came dequantised)."""
-    if name + "_scale_inv" in weight_map:
+    """Bytes the tensor took in the source (FP8 + its scales when it came dequantised; V4's
+    FP4 experts are counted as FP8 too, so their figure is about twice the file's)."""
+    if scale_name(name, weight_map):
         M, N = t.shape
         return M * N + 4 * (-(-M // 128)) * (-(-N // 128))
     return t.numel() * t.element_size()
@@ -184,7 +192,8 @@ def _write_config(src: Path, dst: Path, to: str, dtype: str) -> None:
         raw["quantization_config"] = dict(QUANTIZATION_CONFIG)
         raw["torch_dtype"] = "bfloat16" if dtype == "bf16" else str(DTYPES[dtype]).removeprefix("torch.")
     else:
-        raw.pop("quantization_config", None)
+        for key in ("quantization_config", "expert_dtype", "scale_fmt"):  # the last two: V4's
+            raw.pop(key, None)
         raw["torch_dtype"] = str(DTYPES[dtype]).removeprefix("torch.")
     atomic_write_text(dst / "config.json", json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
