@@ -1,0 +1,47 @@
+"""V3.2 and V4 beside the rest of nanoseek: the engine (which pages MLA latents only) refuses
+them with a clear error while CausalLM.generate serves them; FP8 quantisation of the model
+keeps what DeepSeek's releases keep in high precision."""
+
+import pytest
+import torch
+
+from nanoseek.config import preset
+from nanoseek.engine.engine import LLMEngine
+from nanoseek.model import CausalLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", ["tiny-v32", "tiny-v4"])
+def test_engine_refuses_new_architectures_and_generate_serves_them(name):
+    cfg = preset(name, vocab_size=64, num_hidden_layers=4 if name == "tiny-v4" else 2,
+                 hidden_size=64, moe_intermediate_size=32, intermediate_size=64)
+    model = CausalLM(cfg).eval()
+    with pytest.raises(NotImplementedError, match="CausalLM.generate"):
+        LLMEngine(model)
+    ids = torch.randint(3, 64, (2, 9))
+    out = model.generate(ids, max_new_tokens=5)
+    assert out.shape == (2, 14) and torch.equal(out[:, :9], ids)
+    # greedy decoding through the cache picks what the full forward picks
+    with torch.no_grad():
+        full = model(out[:, :-1])
+    assert torch.equal(full[:, 8:].argmax(-1), out[:, 9:])
+
+
+def test_fp8_model_keeps_the_v4_high_precision_parts_and_runs():
+    from nanoseek.quant.model import fp8_targets, quantize_model_fp8
+
+    cfg = preset("tiny-v4", vocab_size=64, hidden_size=128, moe_intermediate_size=32)
+    model = CausalLM(cfg).eval()
+    names = [full for *_, full in fp8_targets(model)]
+    assert any(n.endswith("self_attn.q_b_proj") for n in names)
+    assert any(n.endswith("compressor.indexer.q_b_proj") for n in names)
+    for kept in ("o_a_proj", "compressor.kv_proj", "compressor.gate_proj", "weights_proj",
+                 "compressor.indexer.kv_proj"):
+        assert not any(n.endswith(kept) for n in names), kept
+    ids = torch.randint(3, 64, (1, 40))
+    with torch.no_grad():
+        ref = model(ids)
+        quantize_model_fp8(model)
+        out = model(ids)
+    assert torch.isfinite(out).all() and out.shape == ref.shape
