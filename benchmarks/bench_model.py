@@ -5,7 +5,14 @@ Same config, same weights (nanoseek saves, transformers loads), same batch, one 
 transformers is timed with every experts implementation it offers on CPU and the fastest
 one is the baseline, so the ratio is against its best, not its default.
 
-    python benchmarks/bench_model.py [--preset tiny] [--batch 8] [--seq 256] [--steps 5] [--json]
+Each architecture is measured the same way: V3 on --preset (DeepseekV3ForCausalLM), V3.2 on
+tiny-v32 (DeepseekV32ForCausalLM) and V4 on tiny-v4 (DeepseekV4ForCausalLM), MTP off and the
+balance loss 0 so both sides backpropagate the same next-token loss. nanoseek's training
+forward also computes what trains V3.2's and V4's indexers (the main attention's
+distribution and the indexer KL; transformers trains no indexer) and its time includes it.
+The last line keeps V3's keys (ratio, nanoseek_tok_s, ...) and adds ratio_v32 and ratio_v4.
+
+    python benchmarks/bench_model.py [--preset tiny] [--archs v3,v32,v4] [--batch 8] [--seq 256] [--steps 5] [--json]
 """
 
 from __future__ import annotations
@@ -47,6 +54,30 @@ def hf_step(model, ids):
 
 
 
+ARCH_PRESETS = {"v32": "tiny-v32", "v4": "tiny-v4"}  # v3: --preset
+
+
+def throughput(cfg, ids, warmup: int, steps: int, label: str) -> dict:
+    """Forward + backward tokens/s of nanoseek and of transformers' fastest experts
+    implementation on the same weights; the model is returned for what follows."""
+    torch.manual_seed(0)
+    ours = CausalLM(cfg).train()
+    tokens = ids.shape[0] * (ids.shape[1] - 1)
+    hf_times = {}
+    with tempfile.TemporaryDirectory() as d:
+        nanoseek.save_pretrained(ours, d)
+        for impl, hf in transformers_variants(d, train=True):
+            hf_times[impl] = time_steps(hf_step(hf, ids), warmup, steps)
+            log(f"{label} transformers [{impl}]: {tokens / hf_times[impl]:,.0f} tok/s")
+            del hf
+    t_ours = time_steps(nanoseek_step(ours, ids), warmup, steps)
+    best = min(hf_times, key=hf_times.get)
+    log(f"{label} nanoseek: {tokens / t_ours:,.0f} tok/s, {hf_times[best] / t_ours:.2f}x transformers [{best}]")
+    return {"ratio": hf_times[best] / t_ours, "nanoseek_tok_s": tokens / t_ours,
+            "transformers_tok_s": tokens / hf_times[best], "transformers_experts_impl": best,
+            "model": ours}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -54,29 +85,30 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--archs", default="v3,v32,v4", help="comma-separated: v3 (--preset), v32 (tiny-v32), v4 (tiny-v4)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args()
     out = json_only_stdout(args.json)
+    archs = args.archs.split(",")
+    if not set(archs) <= {"v3", *ARCH_PRESETS}:
+        p.error(f"--archs: {args.archs!r}; choose among v3, v32, v4")
 
-    torch.manual_seed(0)
-    cfg = preset(args.preset, num_nextn_predict_layers=0, aux_loss_alpha=0.0)  # same loss as HF's
-    ours = CausalLM(cfg).train()
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
-    tokens = args.batch * args.seq
     results: dict[str, float | str] = {}
-    with tempfile.TemporaryDirectory() as d:
-        nanoseek.save_pretrained(ours, d)
-        hf_times = {}
-        for impl, hf in transformers_variants(d, train=True):
-            hf_times[impl] = time_steps(hf_step(hf, ids), args.warmup, args.steps)
-            log(f"transformers [{impl}]: {tokens / hf_times[impl]:,.0f} tok/s")
-            del hf
-    t_ours = time_steps(nanoseek_step(ours, ids), args.warmup, args.steps)
-    best_impl = min(hf_times, key=hf_times.get)
-    results["ratio"] = hf_times[best_impl] / t_ours
-    results["nanoseek_tok_s"] = tokens / t_ours
-    results["transformers_tok_s"] = tokens / hf_times[best_impl]
-    results["transformers_experts_impl"] = best_impl
+    same_loss = dict(num_nextn_predict_layers=0, aux_loss_alpha=0.0)  # the loss HF computes
+    cfg = preset(args.preset, **same_loss)
+    torch.manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
+    ours, per_arch = None, {}
+    if "v3" in archs:
+        r = throughput(cfg, ids, args.warmup, args.steps, "v3")
+        ours = r.pop("model")
+        results.update(r)
+    for arch in (a for a in ("v32", "v4") if a in archs):  # their tok/s go to the log (stderr)
+        cfg_a = preset(ARCH_PRESETS[arch], **same_loss)
+        per_arch[f"ratio_{arch}"] = throughput(cfg_a, ids % cfg_a.vocab_size, args.warmup, args.steps, arch)["ratio"]
+    if ours is None:
+        emit({**per_arch, "torch_threads": torch.get_num_threads()}, args.json, out, settings=vars(args))
+        return
 
     # cache: what nanoseek holds per token against a decompressed per-head K/V cache
     ours.eval()
@@ -92,6 +124,7 @@ def main() -> None:
     results["decompressed_kv_bytes_per_token"] = decompressed
     results["cache_reduction"] = decompressed / latent
     results["torch_threads"] = torch.get_num_threads()
+    results.update(per_arch)
     emit(results, args.json, out, settings=vars(args))
 
 
