@@ -351,8 +351,8 @@ class Trainer:
             rec["mfu"] = mfu
         self.log(rec)
         if bar is not None:
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
-                            **progress_fields(rec))
+            bar.set_postfix(ordered_dict={"loss": f"{rec['loss']:.3f}", "lr": f"{lr:.2e}",  # kwargs would be sorted
+                                          "tok_s": f"{tok_s:,.0f}", **progress_fields(rec)})
 
     def _log_compile(self, seconds: float, bar) -> None:
         """The first compiled step holds the cold compile: say how long it took (it counts
