@@ -39,7 +39,7 @@ speedrun: $(STAMP)
 # every benchmark that needs no checkpoint (bench_rl_algos needs --init: run it with
 # `benchmarks/write_results.py --run "bench_rl_algos --init DIR"`), each output kept in
 # docs/benchmarks/NAME.json, then docs/benchmarks.md rewritten from them; BENCHES=... picks some
-BENCHES ?= bench_model bench_train bench_parallel bench_precision bench_engine bench_grpo bench_agent load_server
+BENCHES ?= bench_model bench_memory_v4 bench_train bench_parallel bench_precision bench_engine bench_grpo bench_agent load_server
 bench: $(STAMP)
 	$(PY) benchmarks/write_results.py --run $(BENCHES)
 

@@ -29,7 +29,13 @@ class Goal:
 
 
 GOALS: dict[str, tuple[Goal, ...]] = {
-    "bench_model": (Goal("ratio", ">=", 1.5, "forward + backward tokens/s over transformers' fastest"),),
+    "bench_model": (
+        Goal("ratio", ">=", 1.5, "forward + backward tokens/s over transformers' fastest"),
+        Goal("ratio_v32", ">=", 1.5, "V3.2 (tiny-v32) forward + backward tokens/s over transformers' fastest"),
+        Goal("ratio_v4", ">=", 1.5, "V4 (tiny-v4) forward + backward tokens/s over transformers' fastest"),
+    ),
+    "bench_memory_v4": (Goal("ratio", ">=", 1.0,
+                             "transformers' peak RSS over nanoseek's, a 4k-token tiny-v4 forward"),),
     "bench_train": (Goal("ratio", ">=", 1.5, "full training step tokens/s over transformers' fastest"),),
     "bench_engine": (
         Goal("ratio", ">=", 4.0, "engine output tokens/s over transformers' best `generate`"),

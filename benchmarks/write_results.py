@@ -33,7 +33,7 @@ RAW_DIR = ROOT / "docs" / "benchmarks"
 PAGE = ROOT / "docs" / "benchmarks.md"
 META = ("benchmark", "command", "settings", "machine")
 # the page's order: the model, training, scaling, inference, RL, agent, serving
-ORDER = ("bench_model", "bench_train", "bench_parallel", "bench_precision", "bench_engine",
+ORDER = ("bench_model", "bench_memory_v4", "bench_train", "bench_parallel", "bench_precision", "bench_engine",
          "bench_grpo", "bench_rl_algos", "bench_agent", "load_server")
 
 

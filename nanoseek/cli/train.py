@@ -125,9 +125,9 @@ def pretrain(
         tp: int = parallel.tp_option(),
         pp: int = parallel.pp_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
-    """Pretrain a DeepSeek-V3, V3.2 or V4 model (--preset tiny, tiny-v32, tiny-v4):
-    tokenizer, token arrays, AdamW with warm-up + cosine/WSD, MTP and balance losses (and
-    V3.2/V4's indexer KL), the aux-loss-free bias update, atomic resumable checkpoints.
+    """Pretrain a V3, V3.2 or V4 model (--preset tiny, tiny-v32, tiny-v4) with AdamW,
+    warm-up + cosine/WSD: tokenizer, token arrays, MTP and balance losses (and V3.2/V4's
+    indexer KL), the aux-loss-free bias update, atomic resumable checkpoints.
     metrics.jsonl logs the indexer KL, the hash layers' load and the mHC comb matrix's
     distance from doubly stochastic where the model has them. The run directory loads with
     transformers' AutoModelForCausalLM."""
