@@ -115,3 +115,29 @@ def test_v3_config_json_is_unchanged_by_the_new_fields():
 
 def test_v4_preset_list():
     assert {"deepseek-v3.2", "deepseek-v4-flash", "deepseek-v4-pro", "tiny-v32", "tiny-v4"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name,change,field", [
+    ("tiny", dict(swiglu_limit=5.0), "swiglu_limit"),
+    ("tiny", dict(hc_mult=2), "hc_mult"),
+    ("tiny", dict(index_topk=8), "index_topk"),
+    ("tiny-v32", dict(sliding_window=64), "sliding_window"),
+    ("tiny-v4", dict(n_group=4), "n_group"),
+    ("tiny-v4", dict(first_k_dense_replace=1), "first_k_dense_replace"),
+    ("tiny-v4", dict(scoring_func="softmax", topk_method="greedy"), "topk_method|scoring_func"),
+    ("tiny-v4", dict(n_shared_experts=0), "n_shared_experts"),
+    ("tiny-v4", dict(norm_topk_prob=False), "norm_topk_prob"),
+    ("tiny-v4", dict(sliding_window=4), "sliding_window"),
+])
+def test_fields_another_arch_would_drop_or_ignore_are_refused(name, change, field):
+    """Nothing set on a config is silently lost on save or overridden: a V4 field on a V3 model,
+    a V3 routing field V4 has no use for, a V4 shape transformers cannot build, a window that
+    leaves tokens no branch sees."""
+    with pytest.raises(ConfigError, match=field):
+        preset(name, **change)
+
+
+def test_v3_defaults_of_v4_no_op_fields_are_accepted():
+    cfg = preset("tiny-v4", n_group=8, topk_group=4, first_k_dense_replace=3)  # V3's defaults
+    assert (cfg.n_group, cfg.topk_group, cfg.first_k_dense_replace) == (1, 1, 0)
+    assert preset("tiny-v4", scoring_func="sigmoid").scoring_func == "sigmoid"

@@ -56,6 +56,8 @@ def from_hf(d: dict[str, Any], known: set[str], source: str = "config") -> dict[
         _fold_v32(d, source)
     elif arch == "v4":
         _fold_v4(d, source)
+    else:
+        d.pop("head_dim", None)  # transformers' DeepseekV3Config: qk_rope_head_dim again
     for key, want in REQUIRED_VALUES.items():
         if key in d and d[key] != want and d[key] is not None:
             raise ConfigError(f"{source}: config field '{key}' is {d[key]!r}; nanoseek "

@@ -30,6 +30,9 @@ SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily
 V4_LAYER_TYPES = (SLIDING, CSA, HCA)
 V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
 INDEXER_MODES = ("sparse", "dense")
+# V3 fields with no meaning in V4: (name, V3's default, the V4 value they take)
+V4_NO_OPS = (("n_group", 8, 1), ("topk_group", 4, 1), ("first_k_dense_replace", 3, 0),
+             ("topk_method", "noaux_tc", "noaux_tc"))
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 
 # The rope_scaling keys nanoseek implements (transformers' YaRN keys, rope_theta aside: that
@@ -112,7 +115,7 @@ class ModelConfig:
     hc_eps: float = 1e-6
     # --- V4 MoE
     mlp_layer_types: list[str] | None = None  # per layer: "hash_moe" / "moe" (V4)
-    swiglu_limit: float = 0.0  # clamp of the routed experts' SwiGLU inputs; 0 = none
+    swiglu_limit: float = 0.0  # clamp of the experts' SwiGLU inputs (routed and shared); 0 = none
 
     def __post_init__(self) -> None:
         if self.n_shared_experts is None:  # transformers' configs take an int; 0 means none
@@ -126,8 +129,12 @@ class ModelConfig:
         leading dense layers take their no-op values (n_group 1, topk_group 1,
         first_k_dense_replace 0, noaux_tc). Default schedules (transformers'): attention 2 HCA
         then CSA/HCA interleaved; MoE 3 hash layers then learned ones. Lists are copied."""
-        self.n_group, self.topk_group, self.first_k_dense_replace = 1, 1, 0
-        self.topk_method = "noaux_tc"
+        for name, v3_default, v4 in V4_NO_OPS:
+            value = getattr(self, name)
+            if value not in (v3_default, v4):
+                raise ConfigError(f"config field '{name}': {value!r} has no meaning in DeepSeek-V4, "
+                                  f"which routes over all experts in every layer (leave it out, or {v4!r})")
+            setattr(self, name, v4)
         n = self.num_hidden_layers
         if self.layer_types is None:
             self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
@@ -201,6 +208,10 @@ class ModelConfig:
         need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank",
              f"must be null or positive, got {self.q_lora_rank!r}")
         need(self.arch in ARCHS, "arch", f"must be one of {ARCHS}, got {self.arch!r}")
+        self._refuse_other_archs_fields(need)
+        if self.arch == "v4":
+            need(self.scoring_func in ("sqrtsoftplus", "sigmoid"), "scoring_func",
+                 f"V4 scores experts with sqrtsoftplus (or sigmoid), got {self.scoring_func!r}")
         need(self.attention_type in ATTENTION_TYPES, "attention_type",
              f"must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
         if self.attention_type == "gqa":
@@ -230,6 +241,22 @@ class ModelConfig:
         else:
             need(self.layer_types is None and self.mlp_layer_types is None, "layer_types",
                  f"layer_types / mlp_layer_types are V4 schedules; arch is {self.arch!r}")
+
+    def _refuse_other_archs_fields(self, need) -> None:
+        """A V4 field (or an indexer field) set on a model of another arch would be dropped from
+        its config.json, or change the model without being saved: refused, never ignored."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        v4_fields = ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_rate_csa",
+                     "compress_rate_hca", "compress_rope_theta", "mtp_layer_type", "hc_mult",
+                     "hc_sinkhorn_iters", "hc_eps", "swiglu_limit")
+        indexer_fields = ("index_n_heads", "index_head_dim", "index_topk", "indexer_mode",
+                          "indexer_loss_coef")
+        own = {"v3": (), "v32": indexer_fields, "v4": v4_fields + indexer_fields}[self.arch]
+        for name in v4_fields + indexer_fields:
+            if name not in own:
+                need(getattr(self, name) == defaults[name], name,
+                     f"is a {'V4' if name in v4_fields else 'V3.2/V4 indexer'} field; arch "
+                     f"{self.arch!r} has no use for it (got {getattr(self, name)!r})")
 
     def _validate_indexer(self, need) -> None:
         for name in ("index_n_heads", "index_head_dim", "index_topk"):
@@ -271,6 +298,14 @@ class ModelConfig:
         need(self.mtp_layer_type in V4_LAYER_TYPES, "mtp_layer_type",
              f"must be one of {V4_LAYER_TYPES}, got {self.mtp_layer_type!r}")
         need(self.is_moe, "n_routed_experts", "every V4 layer is MoE: n_routed_experts must be set")
+        need(self.n_shared_experts == 1, "n_shared_experts",
+             f"V4 has one shared expert (transformers' DeepseekV4 builds exactly one), got {self.n_shared_experts}")
+        need(self.norm_topk_prob, "norm_topk_prob",
+             "V4 normalises the chosen experts' weights (transformers' DeepseekV4 always does)")
+        widest = max((self.compress_rate(t) for t in self.layer_types + [self.mtp_layer_type]), default=0)
+        need(self.sliding_window >= widest - 1, "sliding_window",
+             f"must reach back over a compressor's open window (>= {widest - 1} for rate {widest}): "
+             f"otherwise tokens older than the window but not yet compressed are seen by no one")
         need(self.q_lora_rank is not None, "q_lora_rank", "V4's queries go through q-LoRA: must be set")
         need(_is_number(self.swiglu_limit) and self.swiglu_limit >= 0, "swiglu_limit",
              f"must be a number >= 0 (0 = no clamp), got {self.swiglu_limit!r}")
