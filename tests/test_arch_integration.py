@@ -17,7 +17,7 @@ def test_engine_refuses_new_architectures_and_generate_serves_them(name):
     cfg = preset(name, vocab_size=64, num_hidden_layers=4 if name == "tiny-v4" else 2,
                  hidden_size=64, moe_intermediate_size=32, intermediate_size=64)
     model = CausalLM(cfg).eval()
-    with pytest.raises(NotImplementedError, match="CausalLM.generate"):
+    with pytest.raises(ValueError, match="CausalLM.generate"):
         LLMEngine(model)
     ids = torch.randint(3, 64, (2, 9))
     out = model.generate(ids, max_new_tokens=5)
@@ -45,3 +45,15 @@ def test_fp8_model_keeps_the_v4_high_precision_parts_and_runs():
         quantize_model_fp8(model)
         out = model(ids)
     assert torch.isfinite(out).all() and out.shape == ref.shape
+
+
+def test_generate_cli_refuses_a_v4_checkpoint_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+
+    cfg = preset("tiny-v4", vocab_size=64, hidden_size=64, moe_intermediate_size=32)
+    CausalLM(cfg).save_pretrained(tmp_path / "v4")
+    r = CliRunner().invoke(app, ["generate", str(tmp_path / "v4"), "--prompt-ids", "1,2,3"])
+    assert r.exit_code == 2, r.output
+    assert "error:" in r.output and "CausalLM.generate" in r.output and "Traceback" not in r.output

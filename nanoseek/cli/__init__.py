@@ -12,7 +12,7 @@ import typer
 from nanoseek.cli import agent, calc, engine, model, posttrain, rl, serve, train
 from nanoseek.cli.common import CliGroup, set_debug
 
-app = typer.Typer(cls=CliGroup, help="nanoseek: the DeepSeek-V3 stack — model, training, engine, calculators.",
+app = typer.Typer(cls=CliGroup, help="nanoseek: the DeepSeek stack (V2, V3, V3.2, V4) — model, training, engine, calculators.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 

@@ -239,7 +239,7 @@ def _done_line(out: Path, s: dict, steps_before: int | None) -> str:
 
 def speedrun(
         config: Optional[Path] = config_option(),
-        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: ROOT/NAME, i.e. runs/speedrun)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default: ROOT/NAME, i.e. runs/speedrun, or runs/speedrun-PRESET for another --preset)"),
         name: Optional[str] = typer.Option(None, help="run name: writes ROOT/NAME/report.md (default: speedrun for --preset tiny, speedrun-PRESET for the others)"),
         root: Path = typer.Option(Path("runs"), help="parent directory of runs"),
         minutes: Optional[float] = typer.Option(None, callback=_range(0, 7 * 24 * 60, lo_open=True), help="training time budget in minutes, > 0 (default 7; with --resume, the run's own)"),
@@ -247,8 +247,8 @@ def speedrun(
         threads: Optional[int] = typer.Option(None, callback=_range(0, 4096), help="torch threads (default 0 = adapt between all cores and one while training: on a crowded machine one thread can be faster; with --resume, the run's own)"),
         resume: bool = typer.Option(False, "--resume", help="continue the speedrun in runs/NAME (e.g. after Ctrl-C)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace the speedrun in runs/NAME (deletes only its own files)"),
-        preset: str = typer.Option("tiny", help="tiny (DeepSeek-V3), tiny-v32 (V3.2) or tiny-v4 (V4): the same pipeline, recipe and time budget on each architecture (see `nanoseek pretrain --help`); with --resume, the run's own"),
-        compare: Optional[Path] = typer.Option(None, "--compare", help="a V3 speedrun (directory, run.json or report.md) whose validation bits per byte the report sets beside this run's (default for tiny-v32/tiny-v4: ROOT/speedrun, if it holds one)"),
+        preset: str = typer.Option("tiny", help="tiny (DeepSeek-V3), tiny-v32 (V3.2) or tiny-v4 (V4): the same pipeline, recipe and time budget on each architecture (see `nanoseek pretrain --help`); it also picks the run directory (runs/speedrun-PRESET), so resume a V4 speedrun with --preset tiny-v4 --resume"),
+        compare: Optional[Path] = typer.Option(None, "--compare", help="a finished V3 speedrun (directory, run.json or report.md) whose validation bits per byte the report sets beside this run's (default for tiny-v32/tiny-v4: ROOT/speedrun, else the newest V3 speedrun in ROOT)"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):

@@ -51,8 +51,8 @@ class LLMEngine:
         self.config = config = config or EngineConfig(**kw)
         self.model, self.tokenizer = model.eval(), Tokenizer.of(tokenizer)
         cfg = model.config
-        if cfg.arch != "v3":
-            raise NotImplementedError(
+        if cfg.arch != "v3":  # a ValueError: the CLI's one-line user error, not a traceback
+            raise ValueError(
                 f"the engine's paged cache holds MLA latents only; a DeepSeek-{'V3.2' if cfg.is_v32 else 'V4'} "
                 f"model (arch {cfg.arch!r}) needs its indexer keys / windowed and compressed caches, "
                 "which the engine does not page yet. Generate with CausalLM.generate instead.")

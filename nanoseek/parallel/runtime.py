@@ -36,6 +36,10 @@ class Parallel:
     def __init__(self, model: nn.Module, cfg: ParallelConfig, device: torch.device):
         world = dist.get_world_size()
         cfg.validate(world, model.config.n_routed_experts)
+        if model.config.arch != "v3" and (cfg.tp > 1 or cfg.pp > 1):
+            raise ValueError(f"tensor and pipeline parallelism split V3's attention and stages; a "
+                             f"DeepSeek-{'V3.2' if model.config.is_v32 else 'V4'} model (arch "
+                             f"{model.config.arch!r}) is not split that way yet: use --tp 1 --pp 1")
         self.cfg, self.meshes = cfg, build_meshes(cfg, device)
         self.rank, self.is_main = dist.get_rank(), dist.get_rank() == 0
         self.dp, self.ep, self.tp = cfg.dp(world), cfg.ep, cfg.tp

@@ -110,6 +110,8 @@ def speedrun(name: str = "speedrun", root: str | Path = "runs", minutes: float |
         raise ValueError(f"speedrun option 'preset': {preset_name!r} is not a speedrun preset; "
                          f"choose one of {', '.join(SPEEDRUN_PRESETS)} (the others are too big "
                          "for minutes on a CPU: use `nanoseek pretrain --preset`)")
+    if compare is not None:  # before minutes of training, not after them
+        check_compare(out, compare)
     check_unlocked(out)
     check_speedrun_dir(out, resume, overwrite)
     with run_lock(out):  # held through pretraining, evaluation and the report
@@ -194,6 +196,16 @@ def baseline_for(out: Path, compare: str | Path | None) -> tuple[Path | None, li
                     key=lambda d: (d / "run.json").stat().st_mtime, reverse=True) if root.is_dir() else []
     looked.append(f"{root}/*")
     return (others[0] if others else None), looked
+
+
+def check_compare(out: Path, compare: str | Path) -> None:
+    """--compare must name a finished V3 speedrun other than this run: refused up front."""
+    run_dir, _ = baseline_for(out, compare)
+    if run_dir.resolve() == out.resolve():
+        raise ValueError(f"speedrun option 'compare': {compare} is this run itself; give the V3 "
+                         "speedrun to compare with")
+    if not _is_v3_speedrun(run_dir):
+        raise ValueError(f"speedrun option 'compare': {compare} is not a finished V3 (tiny) speedrun")
 
 
 def _is_v3_speedrun(run_dir: Path) -> bool:
