@@ -158,7 +158,7 @@ def _hybrid_kv(cfg, name, batch, seq_len, dtypes, mtp, as_json):
 def flops_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
               config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
               seq_len: int = typer.Option(4096, min=1, help="training sequence length (causal: average context seq_len/2)"),
-              tokens: float = typer.Option(14.8e12, help="training tokens (V3: 14.8T)"),
+              tokens: float = typer.Option(14.8e12, help="training tokens for the training-compute row (default V3's 14.8T, whatever the preset)"),
               ctx: Optional[int] = typer.Option(None, min=1, help="context of one decode step (default: seq_len)"),
               mtp: bool = typer.Option(False, help="include the MTP modules (as V3's training does)"),
               as_json: bool = typer.Option(False, "--json", help="print JSON only")):
@@ -178,7 +178,7 @@ def flops_cmd(preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     t.add_row("backward / token (training)", _flops(r.backward_train))
     t.add_row("training / token (fwd + bwd)", _flops(r.train_per_token))
     t.add_section()
-    t.add_row(f"training compute, {_count(tokens)} tokens", _flops(r.train_total))
+    t.add_row(f"training compute, {_count(tokens)} tokens (--tokens)", _flops(r.train_total))
     t.add_row("  6N estimate (no attention)", _flops(r.six_n_total))
     t.add_section()
     t.add_row(f"decode forward / token at ctx {r.decode_ctx}", _flops(r.decode_forward))
@@ -303,7 +303,7 @@ def _assumptions_table(name, a, p):
     at.add_row("latency per request", f"TTFT + output x TPOT = {p.latency_s:.2f} s")
     at.add_row("concurrency", f"QPS x latency = {p.concurrency:,.1f} requests in flight")
     at.add_row("KV held", "every in-flight request at full length (prompt + output)")
-    at.add_row("decode reads", "touched weights (uniform routing) + KV at context prompt + output/2")
+    at.add_row("decode reads", "touched weights (uniform routing) + the KV a token reads at prompt + output/2")
     return at
 
 
@@ -338,19 +338,26 @@ def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory
                 dst: Optional[str] = typer.Argument(None, hidden=True, help="deprecated: use --out"),
                 out: Optional[str] = typer.Option(None, "--out", help="destination directory, new or empty (required)"),
                 quantization: Optional[str] = typer.Option(None, "--quantization", "-q", callback=dtype_callback(("fp8",)),
-                                                           help="fp8: quantise the weights to FP8 (E4M3, 128x128 blocks, weight_scale_inv)"),
+                                                           help="fp8: quantise the weights to FP8 (E4M3, 128x128 blocks, weight_scale_inv); V3/V3.2 only, V4 is refused"),
                 fp8: bool = deprecated_option(False, "--fp8", "--quantization fp8"),
-                dequant: bool = typer.Option(False, "--dequant", help="dequantise an FP8 checkpoint"),
+                dequant: bool = typer.Option(False, "--dequant", help="dequantise an FP8 checkpoint (V3's weight_scale_inv, or V4's .scale: FP8 with UE8M0 scales and FP4 experts)"),
                 dtype: str = typer.Option("bf16", callback=dtype_callback(CHECKPOINT_DTYPES, short=True),
                                           help=f"dtype of the tensors not in FP8: {dtype_words(CHECKPOINT_DTYPES)}"),
                 overwrite: bool = typer.Option(False, help="write into a non-empty DST"),
                 as_json: bool = typer.Option(False, "--json", help="print JSON only")):
     """Convert a checkpoint between BF16 and FP8: `nanoseek convert SRC --out DST
-    --quantization fp8`, or `--dequant` back (DeepSeek-V3's weight_scale_inv layout).
+    --quantization fp8`, or `--dequant` back.
 
-    FP8 covers the Linear weights of attention and of the FFNs/experts; embeddings, head,
-    norms and router stay in high precision. The result loads with nanoseek.from_pretrained
-    (which dequantises on load)."""
+    --quantization fp8 writes DeepSeek-V3's layout (E4M3 + weight_scale_inv per 128x128 block)
+    for V3 and V3.2: the Linear weights of attention (V3.2's indexer wq_b and wk too) and of
+    the FFNs/experts; embeddings, head, norms, router and the indexer's weights_proj stay in
+    high precision. It refuses a DeepSeek-V4 model, whose release layout it does not write.
+
+    --dequant reads V3's layout and also DeepSeek-V4's release: E4M3 weights beside a `.scale`
+    (UE8M0 or FP32, per 128x128 block) and FP4 (E2M1) routed experts with one UE8M0 scale per
+    32 inputs. What the model keeps in FP32 (router; V4's mHC weights, sinks, compressor
+    position biases) stays FP32 whatever --dtype says. The result loads with
+    nanoseek.from_pretrained (which dequantises on load)."""
     from dataclasses import asdict
 
     from nanoseek.checkpoint.convert import convert
