@@ -26,7 +26,9 @@ FP8 weights follow DeepSeek-V3's checkpoint: the Linear weights of attention and
 in FP8 plus one FP32 scale per 128x128 block; embeddings, head, norms and router in BF16
 (V3.2's indexer projections in FP8 too). V4's checkpoint keeps its routed experts in FP4
 (E2M1, one UE8M0 scale per 32 weights: 0.5 + 1/32 bytes), so fp8 means that layout for V4
-(V4-Flash: 160 GB); its compressors and mHC mappings are counted in BF16.
+(V4-Flash: 160 GB); its compressors and mHC mappings are counted in BF16. The indexer is
+counted as one FP8 component, although the releases keep its weights_proj (and, in V4, its own
+compressor) in BF16: an undercount of about 44M BF16-vs-FP8 bytes on V4-Flash's 160 GB.
 """
 
 from __future__ import annotations
