@@ -446,3 +446,152 @@ def test_convert_dequantises_the_v4_release_and_refuses_fp8_for_v4(v4, release, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointError, match="DeepSeek-V4"):
         convert(tmp_path / "bf", tmp_path / "f8", to="fp8", progress=False)
+
+
+# ------------------------------------------------------------------ review fixes
+def _header_dtypes(path) -> dict[str, torch.dtype]:
+    return {n: t.dtype for n, t in disk_tensors(path).items()}
+
+
+def test_convert_dequant_to_bf16_keeps_what_the_model_keeps_in_fp32(v4, release, tmp_path):
+    """DeepSeek's spelling of V4's FP32 tensors (router `ffn.gate.{weight,bias}`, mHC
+    `hc_*_{fn,base,scale}`, `attn_sink`, `compressor.ape`) stays FP32 under --dtype bf16;
+    the rest (norms included, as in DeepSeek's release) goes to bf16."""
+    from nanoseek.checkpoint.convert import convert
+
+    _, tensors, _ = release
+    src = write_checkpoint(tmp_path / "q", v4, tensors, QUANT_CONFIG)
+    convert(src, tmp_path / "bf", to="dequant", dtype="bf16", progress=False)
+    got = _header_dtypes(tmp_path / "bf")
+    fp32 = {n for n in got if n.endswith(("ffn.gate.weight", "ffn.gate.bias", "attn_sink", "compressor.ape"))
+            or "hc_" in n}
+    assert {n for n in fp32 if n.endswith("gate.bias")} and {n for n in fp32 if n.endswith(".ape")}
+    assert {n for n in fp32 if n.startswith("mtp.") and "hc_head" in n}
+    for n, dtype in got.items():
+        want = torch.int32 if n.endswith("tid2eid") else torch.float32 if n in fp32 else torch.bfloat16
+        assert dtype == want, n
+    ns_load(tmp_path / "bf")  # and it loads
+
+
+def _fp8_model(cfg):
+    from nanoseek.quant.model import quantize_model_fp8
+    return quantize_model_fp8(_realistic(CausalLM(cfg), cfg).eval())
+
+
+def test_fp8_model_saves_v3_quantization_config_and_transformers_reads_it(tmp_path):
+    """FP8Linear weights are saved as E4M3 codes + weight_scale_inv; without V3's
+    quantization_config transformers would read the codes as values."""
+    from tests.conftest import tiny_config
+    cfg = tiny_config(num_nextn_predict_layers=0, hidden_size=256, intermediate_size=384)
+    _fp8_model(cfg).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                          "weight_block_size": [128, 128]}
+    assert any(t.dtype == torch.float8_e4m3fn for t in disk_tensors(tmp_path).values())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert (logits(hf, ids) - logits(ns_load(tmp_path), ids)).abs().max() <= 1e-4
+
+
+def test_fp8_v32_model_saves_the_quantization_config(v32, tmp_path):
+    _fp8_model(v32).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    plain = tmp_path / "plain"
+    CausalLM(v32).save_pretrained(plain)  # no FP8 tensors, no quantization_config
+    assert "quantization_config" not in json.loads((plain / "config.json").read_text())
+
+
+def test_fp8_v4_model_is_refused_on_save(v4, tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        _fp8_model(v4).save_pretrained(tmp_path / "out")
+    assert "\n" not in str(e.value) and "V4" in str(e.value) and "FP8" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_transformers_default_fp8_config_scale_fmt_float_is_read(v4, release, tmp_path):
+    """FineGrainedFP8Config writes scale_fmt "float" (FP32 scales) by default."""
+    qc = json.loads(transformers.FineGrainedFP8Config().to_json_string())
+    assert qc["scale_fmt"] == "float"
+    _, tensors, want = release
+    state = ns_load(write_checkpoint(tmp_path / "q", v4, tensors, {**qc, "expert_dtype": "fp4"})).state_dict()
+    assert all(torch.equal(state[names.from_disk(n, v4)], w) for n, w in want.items())
+
+
+def test_convert_fp8_quantises_the_v32_indexer_as_deepseek_stores_it(v32, tmp_path):
+    """DeepSeek's V3.2 release: indexer wq_b and wk in FP8 (+ weight_scale_inv), weights_proj BF16."""
+    from nanoseek.checkpoint.convert import convert
+    model = _realistic(CausalLM(v32), v32).eval()
+    model.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "fp8", "fp8", dtype="fp32", progress=False)
+    got = disk_tensors(tmp_path / "fp8")
+    indexer = sorted(n for n in got if ".indexer." in n and n.endswith(".weight"))
+    assert indexer
+    for n in indexer:
+        fp8 = n.endswith(("indexer.wq_b.weight", "indexer.wk.weight"))
+        assert (got[n].dtype == torch.float8_e4m3fn) == fp8, n
+        assert (n + "_scale_inv" in got) == fp8, n
+    assert any(n.endswith("indexer.weights_proj.weight") for n in indexer)
+    state = ns_load(tmp_path / "fp8").state_dict()
+    for n in indexer:
+        if n.endswith("indexer.wk.weight"):
+            assert torch.equal(state[names.from_disk(n, v32)], dequantize_weight(got[n], got[n + "_scale_inv"]))
+
+
+@pytest.mark.parametrize("drop,named", [("layers.0.attn.attn_sink", "layers.0.attn.attn_sink"),
+                                        ("embed.weight", "embed.weight"),
+                                        ("layers.2.ffn.gate.bias", "layers.2.ffn.gate.bias")])
+def test_missing_v4_tensor_is_named_in_the_checkpoints_spelling(v4, release, tmp_path, drop, named):
+    msg = _refusal(v4, release, tmp_path, lambda t: t.pop(drop))
+    assert f"{named!r} is missing" in msg
+
+
+def test_missing_v4_tensor_in_transformers_spellings(v4, tmp_path):
+    tf = tf_v4(v4)
+    tf.save_pretrained(tmp_path / "saved")
+    tensors = disk_tensors(tmp_path / "saved")
+    del tensors["model.layers.0.attn.norm.weight"]
+    with pytest.raises(CheckpointError, match="'model.layers.0.attn.norm.weight' is missing"):
+        ns_load(write_checkpoint(tmp_path / "a", v4, tensors))
+    memory = {k: v for k, v in tf.state_dict().items() if k != "model.layers.1.mlp.experts.down_proj"}
+    with pytest.raises(CheckpointError, match="'model.layers.1.mlp.experts.down_proj' is missing"):
+        ns_load(write_checkpoint(tmp_path / "b", v4, memory))
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_int8_fp4_codes_without_scale_say_the_scale_is_missing(v4, release, tmp_path, declared):
+    qc = QUANT_CONFIG if declared else {k: v for k, v in QUANT_CONFIG.items() if k != "expert_dtype"}
+    msg = _refusal(v4, release, tmp_path, lambda t: t.pop(EXPERT + ".scale"), qc)
+    assert f"{EXPERT + '.scale'!r} is missing" in msg and EXPERT + ".weight" in msg
+
+
+@pytest.mark.parametrize("value", ["fp8", [1, 2], 3])
+def test_a_quantization_config_that_is_not_an_object_is_refused(v4, release, tmp_path, value):
+    msg = _refusal(v4, release, tmp_path, lambda t: None, value)
+    assert "config.json" in msg and "quantization_config" in msg and repr(value) in msg
+
+
+def test_v4_fp8_scale_of_the_wrong_shape_is_called_scale(v4, release, tmp_path):
+    def extra_row(t):
+        t[ATTN + ".scale"] = torch.cat([t[ATTN + ".scale"], t[ATTN + ".scale"][:1]])
+    msg = _refusal(v4, release, tmp_path, extra_row)
+    assert ATTN + ".scale" in msg and "scale has shape" in msg and "scale_inv" not in msg
+
+
+def test_convert_help_describes_v4():
+    from typer.testing import CliRunner
+    from nanoseek.cli import app
+    r = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    text = " ".join(r.output.replace("│", " ").split())
+    assert "V4" in text and ".scale" in text and "UE8M0" in text and "FP4" in text
+    assert "refuses a DeepSeek-V4" in text
+
+
+def test_convert_counts_the_bytes_the_source_stores(v4, release, tmp_path):
+    """FP4 experts (packed, half a byte a weight) and UE8M0 scales (one byte) as stored."""
+    from nanoseek.checkpoint.convert import convert
+    _, tensors, _ = release
+    src = write_checkpoint(tmp_path / "q", v4, tensors, QUANT_CONFIG)
+    report = convert(src, tmp_path / "bf", to="dequant", dtype="bf16", progress=False)
+    assert report.bytes_in == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert report.bytes_out == sum(t.numel() * t.element_size() for t in disk_tensors(tmp_path / "bf").values())

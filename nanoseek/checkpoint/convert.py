@@ -4,13 +4,17 @@ DeepSeek-V3 ships its weights in FP8 (E4M3): every Linear weight of attention an
 FFNs/experts is stored as `<name>.weight` in FP8 beside `<name>.weight_scale_inv`, one FP32
 per 128x128 block, with `quantization_config` in config.json. The embeddings, the output
 head, the norms, the router (`mlp.gate.weight`, `e_score_correction_bias`) and the MTP
-module's `eh_proj` stay in higher precision, as in the release. `nanoseek.from_pretrained`
-dequantises such a checkpoint on load; transformers, vLLM and SGLang read the same layout.
+module's `eh_proj` stay in higher precision, as in the release. DeepSeek-V3.2 adds its
+lightning indexer: `indexer.wq_b` and `indexer.wk` in FP8, `indexer.weights_proj` in BF16
+(and the LayerNorm `k_norm`). `nanoseek.from_pretrained` dequantises such a checkpoint on
+load; transformers, vLLM and SGLang read the same layout.
 
 `--dequant` also reads DeepSeek-V4's release (E4M3 weights beside `<x>.scale` in UE8M0, routed
 experts in FP4 E2M1 with one UE8M0 scale per 32 inputs: checkpoint/hf.py dequantises them all).
 `--fp8` writes DeepSeek-V3's layout only: a V4 model, whose release uses another one, is
-refused.
+refused. Whatever `--dtype` says, the tensors the model keeps in FP32 (hf.keep_fp32: the
+router and, for V4, the mHC weights, attention sinks and compressor position biases) keep
+their stored dtype: FP32 in DeepSeek's releases.
 
 Conversion streams one shard at a time (the output keeps the input's sharding) and writes
 every file atomically, config.json last, so an interrupted run never leaves a directory
@@ -29,14 +33,16 @@ import torch
 from safetensors.torch import save_file
 
 from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
-from nanoseek.checkpoint.hf import (INDEX_FILE, CheckpointError, checkpoint_files, is_scale,
-                                    read_config, read_tensors, scale_name)
+from nanoseek.checkpoint import names as ckpt_names
+from nanoseek.checkpoint.hf import (INDEX_FILE, V3_QUANTIZATION_CONFIG, CheckpointError, checkpoint_files,
+                                    is_scale, keep_fp32, read_config, read_tensors, scale_name)
+from nanoseek.config import ModelConfig
 from nanoseek.quant.fp8 import dequantize_weight, quant_error, quantize_weight
 
-QUANTISED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\..*_proj(_with_mqa)?\.weight$")
-ROUTER = re.compile(r"\.mlp\.gate\.(weight|e_score_correction_bias)$")
-QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                       "weight_block_size": [128, 128]}
+# attention's and the FFNs' projections, and V3.2's indexer wq_b and wk (stored FP8 by DeepSeek)
+QUANTISED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(.*_proj(_with_mqa)?|indexer\.(wq_b|wk))\.weight$")
+HIGH_PRECISION = re.compile(r"\.indexer\.weights_proj\.weight$")  # V3.2: BF16 in DeepSeek's release
+QUANTIZATION_CONFIG = V3_QUANTIZATION_CONFIG
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Tokenizer (fast and slow formats), chat template and generation files: what transformers'
 # save_pretrained writes beside a model, and what `nanoseek tokenizer train` writes.
@@ -46,9 +52,11 @@ SIDE_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
 
 
 def is_quantised(name: str, t: torch.Tensor) -> bool:
-    """The tensors DeepSeek-V3's release stores in FP8: 2-D Linear weights of attention and FFNs
-    (not the empty shared-expert weights of a model with n_shared_experts 0: nothing to scale)."""
-    return t.ndim == 2 and t.numel() > 0 and QUANTISED.match(name) is not None
+    """The tensors DeepSeek-V3's and V3.2's releases store in FP8: 2-D Linear weights of
+    attention (V3.2's indexer wq_b and wk included, its weights_proj not) and of the FFNs (not
+    the empty shared-expert weights of a model with n_shared_experts 0: nothing to scale)."""
+    return (t.ndim == 2 and t.numel() > 0 and QUANTISED.match(name) is not None
+            and HIGH_PRECISION.search(name) is None)
 
 
 @dataclass
@@ -70,7 +78,8 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
     """to="fp8": quantise a checkpoint; to="dequant": FP8 -> `dtype` (bf16 | fp16 | fp32).
     Tensors left in high precision are written in `dtype`, the router in its own dtype."""
     src, dst = Path(src), Path(dst)
-    weight_map = _check_source(src, to, dtype)
+    cfg, weight_map = _check_source(src, to, dtype)
+    stored = _stored_bytes(src, weight_map)
     _check_dst(src, dst, overwrite)
     dst.mkdir(parents=True, exist_ok=True)
     report, errors, out_map = ConvertReport(direction=to), [], {}
@@ -79,7 +88,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
         by_file.setdefault(fname, []).append(name)
     with _progress(progress, sum(not is_scale(n, weight_map) for n in weight_map)) as advance:
         for fname, names in sorted(by_file.items()):
-            out = _convert_file(src, names, weight_map, to, dtype, report, errors, advance)
+            out = _convert_file(src, cfg, names, weight_map, stored, to, dtype, report, errors, advance)
             report.bytes_out += sum(v.numel() * v.element_size() for v in out.values())
             atomic_write(dst / fname, lambda tmp, o=out: save_file(o, tmp, metadata={"format": "pt"}))
             out_map.update({n: fname for n in out})
@@ -92,8 +101,8 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
     return report
 
 
-def _check_source(src: Path, to: str, dtype: str) -> dict[str, str]:
-    """The source's weight map, after refusing a conversion that makes no sense for it."""
+def _check_source(src: Path, to: str, dtype: str) -> tuple[ModelConfig, dict[str, str]]:
+    """The source's config and weight map, after refusing a conversion that makes no sense for it."""
     if to not in ("fp8", "dequant"):
         raise ValueError(f"to must be 'fp8' or 'dequant', got {to!r}")
     if dtype not in DTYPES:
@@ -109,11 +118,12 @@ def _check_source(src: Path, to: str, dtype: str) -> dict[str, str]:
                               "released in another (UE8M0 .scale, FP4 experts), which convert does not write")
     if to == "dequant" and not has_fp8:
         raise CheckpointError(f"{src}: no FP8 weights (no *_scale_inv or .scale tensors) to dequantise")
-    return weight_map
+    return cfg, weight_map
 
 
-def _convert_file(src: Path, names: list[str], weight_map: dict[str, str], to: str, dtype: str,
-                  report: ConvertReport, errors: list[float], advance) -> dict[str, torch.Tensor]:
+def _convert_file(src: Path, cfg: ModelConfig, names: list[str], weight_map: dict[str, str],
+                  stored: dict[str, int], to: str, dtype: str, report: ConvertReport,
+                  errors: list[float], advance) -> dict[str, torch.Tensor]:
     """One source shard's tensors, converted (FP8 weights with their scales, wherever the
     scales are stored), contiguous and ready to write; the report is updated as it goes."""
     out: dict[str, torch.Tensor] = {}
@@ -121,7 +131,7 @@ def _convert_file(src: Path, names: list[str], weight_map: dict[str, str], to: s
     wanted.update({sn: weight_map[sn] for n in names if (sn := scale_name(n, weight_map))})
     for name, t, _ in read_tensors(src, wanted):
         report.tensors += 1
-        report.bytes_in += _source_bytes(name, t, weight_map)
+        report.bytes_in += stored[name] + stored.get(scale_name(name, weight_map) or "", 0)
         if to == "fp8" and is_quantised(name, t):
             q, s = quantize_weight(t)
             err = quant_error(t, dequantize_weight(q, s))
@@ -134,19 +144,33 @@ def _convert_file(src: Path, names: list[str], weight_map: dict[str, str], to: s
         else:
             if to == "dequant" and scale_name(name, weight_map):
                 report.quantised += 1
-            keep = ROUTER.search(name) is not None or not t.is_floating_point()
-            out[name] = t if keep else t.to(DTYPES[dtype])
+            out[name] = t if _stays(name, t, cfg) else t.to(DTYPES[dtype])
         advance()
     return {n: v.contiguous() for n, v in out.items()}
 
 
-def _source_bytes(name: str, t: torch.Tensor, weight_map: dict[str, str]) -> int:
-    """Bytes the tensor took in the source (FP8 + its scales when it came dequantised; V4's
-    FP4 experts are counted as FP8 too, so their figure is about twice the file's)."""
-    if scale_name(name, weight_map):
-        M, N = t.shape
-        return M * N + 4 * (-(-M // 128)) * (-(-N // 128))
-    return t.numel() * t.element_size()
+def _stays(name: str, t: torch.Tensor, cfg: ModelConfig) -> bool:
+    """Integer tables and what the model keeps in FP32 (hf.keep_fp32 of its state-dict name,
+    in whichever spelling the checkpoint has it) keep their dtype whatever --dtype says."""
+    if not t.is_floating_point():
+        return True
+    key = ckpt_names.from_disk(name, cfg)
+    return keep_fp32(key if key is not None else name)
+
+
+def _stored_bytes(src: Path, weight_map: dict[str, str]) -> dict[str, int]:
+    """Bytes each source tensor takes on disk, from the safetensors headers (its data_offsets),
+    so every stored dtype counts as it is: FP8 and UE8M0 scales one byte, FP4 half a byte."""
+    out = {}
+    for fname in sorted(set(weight_map.values())):
+        try:
+            with open(src / fname, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            out.update({n: v["data_offsets"][1] - v["data_offsets"][0]
+                        for n, v in header.items() if n != "__metadata__"})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{src / fname}: cannot read its safetensors header ({e})") from None
+    return out
 
 
 def _check_dst(src: Path, dst: Path, overwrite: bool) -> None:

@@ -15,7 +15,9 @@ Quantised weights are dequantised on load, exactly:
     FP32 scale per 128x128 block, and the routed experts' packed FP4 E2M1 (int8 or
     float4_e2m1fn_x2, two per byte) with one UE8M0 scale per 32 inputs (quant/fp4.py).
 Any other dtype or scale layout is refused in one line naming the tensor and its format, and
-so is a `quantization_config` that promises another format.
+so is a `quantization_config` that promises another format. A model holding FP8Linear weights
+is saved in V3's layout with V3's `quantization_config` (V4 refuses: its release layout is
+another, which nanoseek does not write).
 
 Every failure names the file and the tensor, and every file is written atomically.
 
@@ -48,10 +50,14 @@ ARCHITECTURES = {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "NanoseekForC
                  "DeepseekV32ForCausalLM", "DeepseekV4ForCausalLM"}
 INDEX_FILE = "model.safetensors.index.json"
 # What a config.json's quantization_config may say: DeepSeek's FP8 blocks (V3, V3.2, V4) and
-# V4's FP4 experts. Any other value is a format nanoseek does not read.
+# V4's FP4 experts. Any other value is a format nanoseek does not read. scale_fmt "float" is
+# what transformers' FineGrainedFP8Config writes by default: FP32 scales, V3's.
 QUANT_CONFIG = {"quant_method": ("fp8",), "fmt": ("e4m3",), "activation_scheme": ("dynamic",),
-                "weight_block_size": ([128, 128],), "scale_fmt": (None, "ue8m0"),
+                "weight_block_size": ([128, 128],), "scale_fmt": (None, "ue8m0", "float"),
                 "expert_dtype": (None, "fp4", "fp8"), "scale_dtype": (None, "fp32", "fp8")}
+# What DeepSeek-V3's config.json says of its FP8 weights; written with every FP8 checkpoint.
+V3_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                          "weight_block_size": [128, 128]}
 
 
 class CheckpointError(RuntimeError):
@@ -65,7 +71,7 @@ def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[st
     out = {}
     for name, t in model.state_dict().items():
         t = t.detach()
-        if dtype is not None and t.is_floating_point() and not _keep_fp32(name) and not _is_fp8_part(name, t):
+        if dtype is not None and t.is_floating_point() and not keep_fp32(name) and not _is_fp8_part(name, t):
             t = t.to(dtype)
         try:
             out[names.to_disk(name, cfg)] = t.contiguous().clone()
@@ -105,9 +111,10 @@ def _is_fp8_part(name: str, t: torch.Tensor) -> bool:
 _V4_FP32 = re.compile(r"(\.(attn_hc|ffn_hc)\.|hc_head\.|\.sinks$|\.position_bias$)")
 
 
-def _keep_fp32(name: str) -> bool:
+def keep_fp32(name: str) -> bool:
     """The router stays in fp32 (as transformers keeps it), whatever the weights' dtype, and
-    so do V4's mHC weights, sinks and compressor position biases."""
+    so do V4's mHC weights, sinks and compressor position biases. `name` is a state-dict
+    name (names.from_disk gives it for any checkpoint spelling)."""
     return (name.endswith("gate.weight") and ".mlp.gate." in name or name.endswith("e_score_correction_bias")
             or _V4_FP32.search(name) is not None)
 
@@ -115,8 +122,11 @@ def _keep_fp32(name: str) -> bool:
 def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
                     max_shard_bytes: int = 4 << 30) -> None:
     """Write config.json and safetensors shards (with an index when there are several):
-    `model` is a CausalLM (its `.config`, its state dict under nanoseek's names)."""
+    `model` is a CausalLM (its `.config`, its state dict under nanoseek's names). FP8Linear
+    weights are written as DeepSeek-V3 stores them (E4M3 codes + `weight_scale_inv`) with
+    V3's quantization_config, without which other loaders would read the codes as values."""
     path = Path(path)
+    fp8 = _holds_fp8(model, path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -143,7 +153,21 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
     cfg_dict = model.config.to_dict()
     if dtype is not None:
         cfg_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if fp8:
+        cfg_dict["quantization_config"] = dict(V3_QUANTIZATION_CONFIG)
     atomic_write_text(path / "config.json", json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+
+
+def _holds_fp8(model: nn.Module, path: Path) -> bool:
+    """Whether the model has FP8 weights to save; a V4 model with them is refused: DeepSeek's
+    V4 release stores FP8 beside UE8M0 `.scale`s and its routed experts in FP4, a layout
+    nanoseek reads but does not write, and V3's layout under V4's names is no release's."""
+    fp8 = any(t.dtype in FP8_DTYPES for t in model.state_dict().values())
+    if fp8 and model.config.is_v4:
+        raise CheckpointError(f"{path}: cannot save a DeepSeek-V4 model with FP8 weights (quantization="
+                              "'fp8'): nanoseek writes FP8 in DeepSeek-V3's layout only; load the "
+                              "model without quantization to save it in bf16 or fp32")
+    return fp8
 
 
 # ------------------------------------------------------------------------- load
@@ -171,14 +195,25 @@ def check_quantization_config(raw: dict, cfg_path: Path) -> None:
     """Refuse, in one line, a quantization_config (or V4's top-level expert_dtype) that names
     a format nanoseek does not dequantise. The tensors' dtypes and scales are checked again
     as they are read: the config only says what to expect."""
-    qc = dict(raw.get("quantization_config") or {})
-    if raw.get("expert_dtype") is not None:
-        qc.setdefault("expert_dtype", raw["expert_dtype"])
+    qc = quantization(raw, cfg_path)
     for key, value in qc.items():
         if key in QUANT_CONFIG and value not in QUANT_CONFIG[key]:
             raise CheckpointError(f"{cfg_path}: quantization_config.{key} = {value!r}: nanoseek reads "
                                   "DeepSeek's FP8 (e4m3, 128x128 blocks, fp32 or ue8m0 scales, dynamic "
                                   "activations) and V4's FP4 experts only")
+
+
+def quantization(raw: dict, cfg_path: Path) -> dict:
+    """config.json's quantization_config, with V4's top-level expert_dtype folded in (as
+    transformers does); a quantization_config that is not a JSON object is refused."""
+    qc = raw.get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{cfg_path}: quantization_config = {qc!r}: expected a JSON object "
+                              '(e.g. {"quant_method": "fp8", ...})')
+    qc = dict(qc)
+    if raw.get("expert_dtype") is not None:
+        qc.setdefault("expert_dtype", raw["expert_dtype"])
+    return qc
 
 
 def checkpoint_files(path: Path) -> dict[str, str]:
@@ -249,7 +284,8 @@ def read_tensors(path: Path, weight_map: dict[str, str], keep_fp8=None):
                     yield name + "_scale_inv", scale.float(), scale_file
                     continue
                 try:
-                    t = dequantize_fp4(t, scale) if t.dtype in PACKED_DTYPES else dequantize_weight(t, scale)
+                    t = (dequantize_fp4(t, scale) if t.dtype in PACKED_DTYPES else
+                         dequantize_weight(t, scale, scale_name="scale" if sname.endswith(".scale") else "scale_inv"))
                 except ValueError as e:
                     raise CheckpointError(f"{scale_file}: tensor {sname!r}: {e}") from None
             yield name, t, path / fname
@@ -298,6 +334,7 @@ def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = No
         raise CheckpointError(f"{path}: not a directory")
     check_quantization(quantization)
     cfg = read_config(path)
+    fp4 = _declares_fp4(path)
     weight_map = checkpoint_files(path)
     cfg = _drop_absent_mtp(cfg, weight_map, path)
     with torch.device("meta"):
@@ -322,6 +359,8 @@ def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = No
             if key in source:
                 raise CheckpointError(f"{file}: tensor {name!r} gives {key!r}, which "
                                       f"{source[key]!r} already gave (two spellings of one tensor)")
+            if expected[key].is_floating_point() and not part.is_floating_point():
+                raise CheckpointError(_unscaled_codes(file, name, part, expected[key], fp4))
             if tuple(part.shape) != tuple(expected[key].shape):
                 raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(part.shape)}, expected "
                                       f"{tuple(expected[key].shape)} from config.json")
@@ -330,11 +369,31 @@ def load_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = No
             loaded.update(_placed(key, part, expected[key].dtype, dtype, device or "cpu"))
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        raise CheckpointError(f"{path}: tensor {names.to_disk(missing[0], cfg)!r} is missing"
+        spelling = names.spelling(weight_map, cfg)
+        raise CheckpointError(f"{path}: tensor {names.to_disk(missing[0], cfg, spelling)!r} is missing"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     model.load_state_dict(loaded, assign=True, strict=True)
     model.materialise_buffers(device)
     return model.eval()
+
+
+def _declares_fp4(path: Path) -> bool:
+    """Whether config.json says the routed experts are FP4 (V4-Flash's expert_dtype)."""
+    raw = json.loads((path / "config.json").read_text())
+    return quantization(raw, path / "config.json").get("expert_dtype") == "fp4"
+
+
+def _unscaled_codes(file: Path, name: str, t: torch.Tensor, want: torch.Tensor, fp4: bool) -> str:
+    """Integer codes where the model has a floating-point weight: packed FP4 whose `.scale`
+    is missing when config.json says expert_dtype "fp4" or the int8 rows are half as wide as
+    the weight's (two codes per byte); any other integer tensor read as numbers would be wrong."""
+    half = t.ndim == 2 and want.ndim == 2 and t.shape[0] == want.shape[0] and 2 * t.shape[1] == want.shape[1]
+    if t.dtype in PACKED_DTYPES and (fp4 or half):
+        scale = repr(name.removesuffix("weight") + "scale") if name.endswith(".weight") else "its scales"
+        why = 'config.json says expert_dtype "fp4"' if fp4 else f"int8 {list(t.shape)} for a {list(want.shape)} weight"
+        return f"{file}: tensor {name!r} holds packed FP4 codes ({why}) but {scale} is missing"
+    return (f"{file}: tensor {name!r} has dtype {t.dtype} where the model has a {list(want.shape)} "
+            "floating-point weight (quantised codes need their scales beside them)")
 
 
 def _placed(key: str, t: torch.Tensor, model_dtype: torch.dtype, dtype: torch.dtype | None,
@@ -350,7 +409,7 @@ def _placed(key: str, t: torch.Tensor, model_dtype: torch.dtype, dtype: torch.dt
         return {key: q.to(device), key + "_scale_inv": s.to(device)}
     if model_dtype == FP8 or key.endswith("_scale_inv"):
         return {key: t.to(device=device, dtype=model_dtype)}
-    want = torch.float32 if _keep_fp32(key) else (dtype or model_dtype)
+    want = torch.float32 if keep_fp32(key) else (dtype or model_dtype)
     return {key: t.to(device=device, dtype=want)}
 
 

@@ -22,7 +22,8 @@ V4 (`DeepseekV4ForCausalLM`) is read in three spellings:
   - transformers' in-memory names, with the experts fused into `mlp.experts.gate_up_proj`
     [E, 2I, D] (gate rows first) and `mlp.experts.down_proj` [E, D, I].
 nanoseek writes the second spelling, so transformers loads it, and MTP in DeepSeek's (which
-transformers skips: `_keys_to_ignore_on_load_unexpected = mtp.*`).
+transformers skips: `_keys_to_ignore_on_load_unexpected = mtp.*`). A tensor missing from a
+checkpoint is named in the spelling that checkpoint uses (`spelling`, `to_disk(..., spelling)`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ _V4_MTP = re.compile(r"^(?:model\.)?mtp\.(\d+)\.(.*)$")
 _EXPERT = re.compile(r"^(mlp\.experts\.\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _DS_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_UNFUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
+SPELLINGS = ("deepseek", "transformers", "memory")  # V4's: release, save_pretrained, in-memory
 W = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 W_INV = {v: k for k, v in W.items()}
 
@@ -89,13 +92,22 @@ class UnknownTensor(ValueError):
 
 
 # ------------------------------------------------------------------ state dict -> disk
-def to_disk(name: str, cfg: ModelConfig) -> str:
-    """State-dict name -> the name nanoseek writes (`<x>_scale_inv` follows its weight)."""
+def to_disk(name: str, cfg: ModelConfig, spelling: str = "transformers") -> str:
+    """State-dict name -> its checkpoint name (`<x>_scale_inv` follows its weight): the one
+    nanoseek writes, or for V4 the one of another spelling (DeepSeek's release, transformers'
+    in-memory fused experts), to name a tensor a checkpoint of that spelling lacks."""
     if name.endswith("_scale_inv"):
-        return to_disk(name.removesuffix("_scale_inv"), cfg) + "_scale_inv"
+        return to_disk(name.removesuffix("_scale_inv"), cfg, spelling) + "_scale_inv"
     if not cfg.is_v4:
         m = _MTP.match(name)
         return f"model.layers.{cfg.num_hidden_layers + int(m[1])}.{m[2]}" if m else name
+    if spelling not in SPELLINGS:
+        raise ValueError(f"spelling must be one of {SPELLINGS}, got {spelling!r}")
+    if spelling == "deepseek" and not _MTP.match(name):
+        return _to_deepseek(name)
+    if spelling == "memory" and not _MTP.match(name):
+        m = _UNFUSED.match(name)
+        return name if m is None else f"{m[1]}.{'down_proj' if m[2] == 'down_proj' else 'gate_up_proj'}"
     if name == "lm_head.weight":
         return "head.weight"
     if name.startswith("model.") and not name.startswith("model.layers."):
@@ -106,6 +118,30 @@ def to_disk(name: str, cfg: ModelConfig) -> str:
     if m := _MTP.match(name):
         return f"mtp.{m[1]}.{_block_to_disk(m[2], V4_MTP, name)}"
     raise UnknownTensor(f"no V4 checkpoint name for state-dict tensor {name!r}")
+
+
+def _to_deepseek(name: str) -> str:
+    """A main-model state-dict name in DeepSeek's release spelling (its inference/model.py)."""
+    if name in V4_TOP:
+        return V4_TOP[name]
+    if m := _LAYER.match(name):
+        return f"layers.{m[1]}.{_block_to_disk(m[2], V4_BLOCK, name)}"
+    raise UnknownTensor(f"no V4 checkpoint name for state-dict tensor {name!r}")
+
+
+def spelling(disk_names, cfg: ModelConfig) -> str:
+    """Which V4 spelling a checkpoint's names are in, judged by its main model (MTP is always
+    DeepSeek's): "deepseek" (bare `layers.N.`, `embed.weight`), "memory" (transformers'
+    module names, `self_attn`/`mlp`, fused experts) or "transformers" (what its
+    save_pretrained writes). V3 and V3.2 have one spelling: "transformers"."""
+    if not cfg.is_v4:
+        return "transformers"
+    main = [n for n in disk_names if not _V4_MTP.match(n)]
+    if any(n.startswith("layers.") or (n in _FROM_DS_TOP and n != "head.weight") for n in main):  # both: head
+        return "deepseek"
+    if any(".self_attn." in n or ".mlp." in n for n in main):
+        return "memory"
+    return "transformers"
 
 
 def _block_to_disk(rel: str, table: dict[str, str], full: str) -> str:

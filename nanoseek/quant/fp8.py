@@ -59,12 +59,13 @@ def quantize_weight(w: torch.Tensor, block: int = BLOCK,
 
 
 def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
-                      block: int = BLOCK) -> torch.Tensor:
-    """fp8 [M,N] and scale_inv [Mb,Nb] (FP32, or UE8M0 powers of two) -> weight [M,N] in `dtype`."""
+                      block: int = BLOCK, scale_name: str = "scale_inv") -> torch.Tensor:
+    """fp8 [M,N] and scale_inv [Mb,Nb] (FP32, or UE8M0 powers of two) -> weight [M,N] in `dtype`.
+    `scale_name` is what a shape error calls the scales: V3's `weight_scale_inv` or V4's `scale`."""
     M, N = q.shape
     Mb, Nb = -(-M // block), -(-N // block)
     if tuple(scale_inv.shape) != (Mb, Nb):
-        raise ValueError(f"scale_inv has shape {tuple(scale_inv.shape)}; a [{M}, {N}] weight in "
+        raise ValueError(f"{scale_name} has shape {tuple(scale_inv.shape)}; a [{M}, {N}] weight in "
                          f"{block}x{block} blocks needs [{Mb}, {Nb}]")
     blocks, _, _ = _blocks(q.float(), block)  # [Mb, block, Nb, block]
     w = (blocks * scale_inv.float()[:, None, :, None]).view(Mb * block, Nb * block)
