@@ -6,10 +6,16 @@ layer for DeepSeek-V3 — and nothing per head. MTP modules get layers of their 
 (layer id num_hidden_layers + k). A sequence's tokens live in the blocks its block table
 names; block b, offset o holds token b * block_size + o.
 
+DeepSeek-V3.2 (cfg.arch "v32") adds, per token and layer, its lightning indexer's key
+k^I_s (index_head_dim numbers; V3.2 eq. 1), in a second tensor per layer
+[num_blocks, block_size, index_head_dim] beside the latents. Both are per token, so one
+block table and one block id address both: a block is allocated, shared by a prefix-cache
+hit, preempted and freed as one, and a cached prefix carries its indexer keys.
+
 `BatchView` implements the model's cache protocol (`nanoseek.model.cache.Cache`) for one
-forward over a batch of sequences of different lengths: it writes the new latents into
-their slots and gathers every sequence's latents into a padded [B, T_max, ...] tensor,
-with a [B, S, T_max] mask that encodes causality and padding at once.
+forward over a batch of sequences of different lengths: it writes the new latents (and
+indexer keys) into their slots and gathers every sequence's into padded [B, T_max, ...]
+tensors, with a [B, S, T_max] mask that encodes causality and padding at once.
 """
 
 from __future__ import annotations
@@ -59,20 +65,44 @@ def budget_bytes(kv_cache_memory: str | float | int, device: torch.device) -> in
 
 
 class PagedLatentCache:
+    """Per layer, the latents `kv[layer]` [num_blocks, block_size, kv_lora_rank + rope] and,
+    for V3.2, the indexer keys `index_k[layer]` [num_blocks, block_size, index_head_dim],
+    both in the cache dtype and addressed by the same block ids.
+
+    Why a second tensor per layer rather than one pool with a wider row: the two are read
+    differently. V3.2's decode scores *every* cached indexer key but needs the latents of
+    only the top-k tokens it picks (V3.2 eq. 2), so the keys must be gatherable without
+    dragging the latents along; and DeepSeek serves them in different formats (FlashMLA's
+    656-byte FP8 latent, FP8 indexer keys with one scale per 128: calc/kv.py
+    `deepseek_dtypes`), which one row cannot hold. A V3 cache is unchanged: `kv` alone."""
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, num_layers: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         if cfg.attention_type != "mla":
             raise ValueError(f"the paged latent cache needs MLA; this model has attention_type={cfg.attention_type!r}")
+        if cfg.is_v4:
+            raise ValueError("the paged latent cache holds one row per token; a DeepSeek-V4 model (arch 'v4') "
+                             "keeps sliding windows and compressed entries, which it does not page yet")
         self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        self.index_dim = self.index_head_dim(cfg)
         self.num_blocks, self.block_size, self.num_layers = num_blocks, block_size, num_layers
         # zeros, not empty: padded gathers read slots nobody wrote, and 0 * NaN would leak.
         self.kv = [torch.zeros(num_blocks, block_size, self.latent_dim, dtype=dtype, device=device)
                    for _ in range(num_layers)]
+        self.index_k = [torch.zeros(num_blocks, block_size, self.index_dim, dtype=dtype, device=device)
+                        for _ in range(num_layers if self.index_dim else 0)]
 
     @staticmethod
-    def bytes_per_token(cfg: ModelConfig, num_layers: int, dtype: torch.dtype) -> int:
-        return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * num_layers * torch.empty((), dtype=dtype).element_size()
+    def index_head_dim(cfg: ModelConfig) -> int:
+        """Numbers of indexer key cached per token and layer: index_head_dim for V3.2, else 0."""
+        return cfg.index_head_dim if cfg.is_v32 else 0
+
+    @classmethod
+    def bytes_per_token(cls, cfg: ModelConfig, num_layers: int, dtype: torch.dtype) -> int:
+        """(kv_lora_rank + qk_rope_head_dim [+ index_head_dim for V3.2]) · layers · bytes(dtype)."""
+        row = cfg.kv_lora_rank + cfg.qk_rope_head_dim + cls.index_head_dim(cfg)
+        return row * num_layers * torch.empty((), dtype=dtype).element_size()
 
     @classmethod
     def from_budget(cls, cfg: ModelConfig, budget: int, block_size: int, num_layers: int,
@@ -88,7 +118,14 @@ class PagedLatentCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv)
+        return sum(self.nbytes_by_kind().values())
+
+    def nbytes_by_kind(self) -> dict[str, int]:
+        """Bytes allocated per cache kind: "latent" (c_KV + k_pe), and "indexer" for V3.2."""
+        out = {"latent": sum(t.numel() * t.element_size() for t in self.kv)}
+        if self.index_k:
+            out["indexer"] = sum(t.numel() * t.element_size() for t in self.index_k)
+        return out
 
     @property
     def capacity_tokens(self) -> int:
@@ -141,11 +178,24 @@ class BatchView:
         view.mask = self.mask & (t[None, None, :] >= first_t[:, None, None])
         return view
 
-    def update(self, layer_id: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        kv = self.cache.kv[layer_id].view(-1, self.cache.latent_dim)
-        new = torch.cat([c_kv, k_pe], dim=-1)[self.valid_q]           # [N_new, r + rope]
-        kv.index_copy_(0, self.write_slots, new.to(kv.dtype))
+    def update(self, layer_id: int, c_kv: torch.Tensor, k_pe: torch.Tensor,
+               index_k: torch.Tensor | None = None):
+        """Write the new tokens' latents (and V3.2's indexer keys index_k [B, S, d_I]);
+        return every sequence's cached (c_KV, k_pe[, index_k]) [B, T_max, ...] and the mask."""
+        if (index_k is None) != (not self.cache.index_k):
+            raise ValueError(f"layer {layer_id}: the cache {'holds' if self.cache.index_k else 'has no'} indexer "
+                             f"keys but update got {'none' if index_k is None else 'index_k'}: a V3.2 model's "
+                             "MLA passes index_k and needs a cache built from its config")
+        latents = self._write_and_gather(self.cache.kv[layer_id], torch.cat([c_kv, k_pe], dim=-1))
+        out = latents.split([self.cache.kv_lora_rank, self.cache.rope_dim], dim=-1)
+        if index_k is not None:
+            out = (*out, self._write_and_gather(self.cache.index_k[layer_id], index_k))
+        return tuple(out), self.mask
+
+    def _write_and_gather(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """new [B, S, d] -> its real rows into their slots of pool [num_blocks, block_size, d];
+        returns every sequence's rows [B, T_max, d] in new's dtype."""
+        flat = pool.view(-1, pool.shape[-1])
+        flat.index_copy_(0, self.write_slots, new[self.valid_q].to(flat.dtype))
         B, T = self.read_slots.shape
-        latents = kv.index_select(0, self.read_slots.flatten()).view(B, T, -1).to(c_kv.dtype)
-        c_all, pe_all = latents.split([self.cache.kv_lora_rank, self.cache.rope_dim], dim=-1)
-        return (c_all, pe_all), self.mask
+        return flat.index_select(0, self.read_slots.flatten()).view(B, T, -1).to(new.dtype)

@@ -51,10 +51,10 @@ class LLMEngine:
         self.config = config = config or EngineConfig(**kw)
         self.model, self.tokenizer = model.eval(), Tokenizer.of(tokenizer)
         cfg = model.config
-        if cfg.arch != "v3":  # a ValueError: the CLI's one-line user error, not a traceback
+        if cfg.is_v4:  # a ValueError: the CLI's one-line user error, not a traceback
             raise ValueError(
-                f"the engine's paged cache holds MLA latents only; a DeepSeek-{'V3.2' if cfg.is_v32 else 'V4'} "
-                f"model (arch {cfg.arch!r}) needs its indexer keys / windowed and compressed caches, "
+                f"the engine's paged cache holds one row per token (MLA latents, V3.2's indexer keys); a "
+                f"DeepSeek-V4 model (arch {cfg.arch!r}) needs its windowed and compressed caches, "
                 "which the engine does not page yet. Generate with CausalLM.generate instead.")
         self.device = next(model.parameters()).device
         has_mtp = len(model.mtp) > 0
@@ -144,6 +144,7 @@ class LLMEngine:
         return {"running": len(sch.running), "waiting": len(sch.waiting),
                 "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_used,
                 "kv_cache_usage": bm.num_used / bm.num_blocks, "kv_cache_bytes": self.cache.nbytes,
+                "kv_cache_bytes_by_kind": self.cache.nbytes_by_kind(),
                 "prefix_cache_queries": bm.queries, "prefix_cache_hits": bm.hits,
                 "preemptions": sch.num_preemptions, "forwards": self.runner.forwards,
                 "spec_drafted": self.spec_stats.drafted, "spec_accepted": self.spec_stats.accepted}
