@@ -57,3 +57,16 @@ def test_generate_cli_refuses_a_v4_checkpoint_in_one_line(tmp_path):
     r = CliRunner().invoke(app, ["generate", str(tmp_path / "v4"), "--prompt-ids", "1,2,3"])
     assert r.exit_code == 2, r.output
     assert "error:" in r.output and "CausalLM.generate" in r.output and "Traceback" not in r.output
+
+
+def test_fp8_model_quantises_the_v32_indexer_projections_as_released():
+    from nanoseek.quant.model import fp8_targets, quantize_model_fp8
+
+    model = CausalLM(preset("tiny-v32", vocab_size=64)).eval()
+    names = [full for *_, full in fp8_targets(model)]
+    assert any(n.endswith("indexer.wq_b") for n in names) and any(n.endswith("indexer.wk") for n in names)
+    assert not any(n.endswith("indexer.weights_proj") for n in names)
+    ids = torch.randint(3, 64, (1, 80))
+    with torch.no_grad():
+        quantize_model_fp8(model)
+        assert torch.isfinite(model(ids)).all()

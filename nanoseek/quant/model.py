@@ -3,7 +3,8 @@
 The same tensors DeepSeek-V3's release stores in FP8 (nanoseek/checkpoint/convert.py): every
 Linear of attention (q/kv down- and up-projections, o_proj) and of the FFNs (the dense
 MLP, the shared and the routed experts), in the main layers and in the MTP module's block.
-The router gate, embeddings, norms, lm_head and MTP's eh_proj stay in high precision, and so
+V3.2's indexer projections wq_b and wk are FP8 too, as in its release. The router gate,
+embeddings, norms, lm_head and MTP's eh_proj stay in high precision, and so
 do the projections DeepSeek's V3.2 / V4 releases keep in BF16: the indexers' weights_proj and
 V4's compressor projections (kv_proj, gate_proj); V4's grouped o_a_proj (a block-diagonal
 Linear subclass) is left as it is.
@@ -25,7 +26,7 @@ from nanoseek.quant.fp8 import FP8Linear, quantize_weight
 log = logging.getLogger(__name__)
 
 # Module names (state-dict style: `model.layers.3.mlp.experts.7.up_proj`, `mtp.0.self_attn.o_proj`).
-FP8_MODULE = re.compile(r"(^|\.)(self_attn|mlp)\.(.+\.)?\w+_proj(_with_mqa)?$")
+FP8_MODULE = re.compile(r"(^|\.)(self_attn|mlp)\.((.+\.)?\w+_proj(_with_mqa)?|indexer\.(wq_b|wk))$")
 HIGH_PRECISION = re.compile(r"(indexer\.(scorer\.)?weights_proj|compressor\.(indexer\.)?(kv_proj|gate_proj))$")
 QUANTIZATIONS = ("fp8",)
 
