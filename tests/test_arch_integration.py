@@ -13,12 +13,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["tiny-v32", "tiny-v4"])
-def test_engine_refuses_new_architectures_and_generate_serves_them(name):
+def test_generate_serves_new_architectures_and_the_engine_refuses_v4(name):
     cfg = preset(name, vocab_size=64, num_hidden_layers=4 if name == "tiny-v4" else 2,
                  hidden_size=64, moe_intermediate_size=32, intermediate_size=64)
     model = CausalLM(cfg).eval()
-    with pytest.raises(ValueError, match="CausalLM.generate"):
-        LLMEngine(model)
+    if name == "tiny-v4":
+        with pytest.raises(ValueError, match="CausalLM.generate"):
+            LLMEngine(model)
     ids = torch.randint(3, 64, (2, 9))
     out = model.generate(ids, max_new_tokens=5)
     assert out.shape == (2, 14) and torch.equal(out[:, :9], ids)
