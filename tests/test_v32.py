@@ -267,6 +267,33 @@ def test_kl_is_the_papers_over_the_allowed_keys():
             torch.testing.assert_close(got[b, t], ref)
 
 
+def test_kl_of_a_query_without_allowed_keys_is_zero_with_a_finite_gradient():
+    """V4's first queries see no closed entry yet (the KL code is shared): such a row scores 0
+    and sends no NaN into the backward."""
+    scores = torch.randn(1, 3, 4, requires_grad=True)
+    allowed = torch.tensor([[[False] * 4, [True, False, False, False], [True, True, False, True]]])
+    kl = indexer_kl_divergence(scores, torch.rand(1, 3, 2, 4), allowed)
+    assert kl[0, 0] == 0 and kl[0, 1].abs() < 1e-6 and kl[0, 2] > 0
+    kl.sum().backward()
+    assert torch.isfinite(scores.grad).all() and scores.grad[0, 0].abs().max() == 0
+
+
+def test_the_warm_up_switch_is_the_indexers_mode():
+    """One switch, the indexer's `mode` (V4's CSA indexer reads the same attribute, through the
+    same `attends_all`): flipping it on a sparse model gives the dense-built model's logits."""
+    sparse = randomize(CausalLM(v32_config())).eval()
+    dense = CausalLM(v32_config(indexer_mode="dense")).eval()
+    dense.load_state_dict(sparse.state_dict())
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = dense(ids)
+        assert (sparse(ids) - want).abs().max() > 1e-3  # the top-8 binds at 40 tokens
+        for m in sparse.modules():
+            if isinstance(m, LightningIndexer):
+                m.mode = "dense"
+        assert torch.equal(sparse(ids), want)
+
+
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_a_few_steps_on_the_indexer_loss_lower_it(mode):
     """The dense warm-up as the paper runs it: the main model frozen, only the indexers

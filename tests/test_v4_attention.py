@@ -10,7 +10,6 @@ from nanoseek.config import ModelConfig
 from nanoseek.config.model_config import CSA, HCA, SLIDING
 from nanoseek.model.cache import ContiguousCache, PaddedRows
 from nanoseek.model.v4.attention import V4Attention
-from nanoseek.model.v4.cache import v4_nbytes
 from nanoseek.model.v4.compressor import visible_entries
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +81,7 @@ def assert_no_ties_at_the_cut(attn: V4Attention, x: torch.Tensor) -> None:
     with torch.no_grad():
         attn(x, positions(x.shape[0], 0, x.shape[1]))
     handle.remove()
-    top = seen[0].sort(dim=-1, descending=True).values[..., :attn.compressor.indexer.topk + 1]
+    top = seen[0].sort(dim=-1, descending=True).values[..., :attn.compressor.indexer.index_topk + 1]
     k, k1 = top[..., -2], top[..., -1]
     assert not ((k == k1) & (k1 > float("-inf"))).any()
 
@@ -188,23 +187,23 @@ def test_indexer_loss_is_the_kl_to_the_attention(mode):
     g = torch.Generator().manual_seed(0)
     visible = visible_entries(torch.arange(30), 7, 4)[None]
     candidates = visible & (torch.rand(1, 30, 7, generator=g) < 0.7)
-    attention = torch.rand(1, 30, 7, generator=g) + 0.1
-    p = attention * candidates
+    attention = torch.rand(1, 30, 3, 7, generator=g) + 0.1  # [B, S, heads, N]
+    p = attention.sum(2) * candidates
     matching = (p / p.sum(-1, keepdim=True).clamp_min(1e-30)).log() + 3.0
-    indexer.set_loss(matching, attention, candidates)
+    indexer.learn(matching, attention, candidates)
     assert abs(indexer.indexer_loss.item()) < 1e-5
     scores = torch.randn(1, 30, 7, generator=g)
-    indexer.set_loss(scores, attention, candidates)
+    indexer.learn(scores, attention, candidates)
     off = indexer.indexer_loss.item()
     indexer.loss_coef = 1.0
-    indexer.set_loss(scores, attention, candidates)
+    indexer.learn(scores, attention, candidates)
     assert off > 0 and off == pytest.approx(2 * indexer.indexer_loss.item())
     assert indexer.kl.item() == pytest.approx(indexer.indexer_loss.item())
     # padding queries (token_mask False) are left out of the mean
     real = torch.arange(30)[None] < 18
-    indexer.set_loss(scores, attention, candidates, token_mask=real)
+    indexer.learn(scores, attention, candidates, token_mask=real)
     padded = indexer.indexer_loss.item()
-    indexer.set_loss(scores[:, :18], attention[:, :18], candidates[:, :18])
+    indexer.learn(scores[:, :18], attention[:, :18], candidates[:, :18])
     assert padded == pytest.approx(indexer.indexer_loss.item())
 
 
@@ -236,7 +235,22 @@ def test_prefill_then_token_by_token_equals_full_forward(kind):
         rate = cfg.compress_rate(kind)
         comp = state.compressors["compressor"]
         assert comp.entries.shape[1] == 70 // rate and comp.pending_kv.shape[1] == 70 % rate
-    assert v4_nbytes(cache) > 0
+    assert cache.nbytes() == state_bytes(cfg, kind, batch=2, tokens=70)
+
+
+def state_bytes(cfg, kind: str, batch: int, tokens: int) -> int:
+    """What a V4 layer's state holds after `tokens` tokens, counted from its parts: the last
+    n_win - 1 keys; per compressor its entries, the open window's kv and gate logits (coff·d
+    each) and, overlapping (CSA), the last closed window's C^a half, kv and logits."""
+    def compressor(rate: int, d: int, overlap: bool) -> int:
+        coff = 2 if overlap else 1
+        return (tokens // rate) * d + 2 * (tokens % rate) * coff * d + (2 * rate * d if overlap else 0)
+    n = (cfg.sliding_window - 1) * cfg.head_dim
+    if kind != SLIDING:
+        n += compressor(cfg.compress_rate(kind), cfg.head_dim, kind == CSA)
+    if kind == CSA:
+        n += compressor(cfg.compress_rate(kind), cfg.index_head_dim, True)
+    return batch * n * 4  # fp32
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -280,3 +294,59 @@ def test_parameter_names_are_transformers():
         ours = set(V4Attention(cfg, i).state_dict())
         theirs = set(hf_v4.DeepseekV4Attention(conf, i).state_dict())
         assert ours == theirs, kind
+
+
+# ------------------------------------------------------------------------------- bf16
+def kept_fp32(module: torch.nn.Module) -> set[str]:
+    """Names of the parameters bf16 training keeps in fp32, as train/numerics/bf16_weights.py
+    reads them: those a module names in `fp32_parameters`, every own parameter of a module
+    with `runs_in_fp32`."""
+    ids = {id(m.get_parameter(n)) for m in module.modules() for n in getattr(m, "fp32_parameters", ())}
+    ids |= {id(p) for m in module.modules() if getattr(m, "runs_in_fp32", False)
+            for p in m.parameters(recurse=False)}
+    return {n for n, p in module.named_parameters() if id(p) in ids}
+
+
+def bf16_but_kept(module: torch.nn.Module) -> torch.nn.Module:
+    """The module as bf16 training runs it: bf16 weights, except those kept in fp32."""
+    kept = kept_fp32(module)
+    for name, p in module.named_parameters():
+        if name not in kept:
+            p.data = p.data.bfloat16()
+    return module
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_training_keeps_the_sinks_and_the_compressors_in_fp32(kind):
+    """DeepSeek keeps attn_sink and each compressor's wkv, wgate, ape and norm in fp32 (the
+    indexer's too; its wq_b and weights_proj are bf16)."""
+    compressor = {"kv_proj.weight", "gate_proj.weight", "position_bias", "kv_norm.weight"}
+    want = {"sinks"}
+    if kind != SLIDING:
+        want |= {f"compressor.{n}" for n in compressor}
+    if kind == CSA:
+        want |= {f"compressor.indexer.{n}" for n in compressor}
+    assert kept_fp32(V4Attention(v4_config(), KINDS.index(kind))) == want
+
+
+def test_bf16_layer_compresses_in_fp32_and_hands_the_indexer_an_fp32_target(monkeypatch):
+    """Under bf16 activations the compressors project x in fp32 with their fp32 weights, and
+    the indexer's KL target (the attention's probabilities on the entries) stays fp32."""
+    cfg = v4_config()
+    ref = layer(cfg, CSA)
+    attn = bf16_but_kept(layer(cfg, CSA)).train()
+    x = torch.randn(2, 40, cfg.hidden_size).bfloat16()
+    for name in ("compressor", "compressor.indexer"):
+        got, want = attn.get_submodule(name).project(x), ref.get_submodule(name).project(x.float())
+        assert all(g.dtype == torch.float32 and torch.equal(g, w) for g, w in zip(got, want)), name
+    indexer = attn.compressor.indexer
+    targets = []
+    learn = indexer.learn
+    monkeypatch.setattr(indexer, "learn", lambda s, probs, *a: (targets.append(probs), learn(s, probs, *a)))
+    out = attn(x, positions(2, 0, 40))
+    assert out.dtype == torch.bfloat16 and targets and targets[0].dtype == torch.float32
+    (out.float().square().mean() + indexer.indexer_loss).backward()
+    for name in kept_fp32(attn):
+        p = attn.get_parameter(name)
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name

@@ -211,15 +211,17 @@ def test_loss_parts_and_what_learns():
 
 
 def test_indexer_losses_are_summed_into_the_loss():
-    """Any module's `indexer_loss` counts, once per micro-batch share; stale ones from an
+    """Every indexer's `indexer_loss` counts, once per micro-batch share; stale ones from an
     earlier forward do not."""
     torch.manual_seed(0)
     model = randomize(CausalLM(v4_config(num_nextn_predict_layers=0))).eval()
     ids = batch(n=1, length=24, seed=6)
-    layer = model.model.layers[2]
-    layer.indexer_loss = torch.tensor(99.0)  # stale: cleared before the forward
+    attn = next(layer.self_attn for layer in model.model.layers
+                if layer.self_attn.layer_type == "compressed_sparse_attention")
+    attn.compressor.indexer.indexer_loss = torch.tensor(99.0)  # stale: cleared before the forward
     assert model.loss(ids, ids).indexer_loss is None
-    hook = layer.register_forward_hook(lambda m, i, o: setattr(m, "indexer_loss", torch.tensor(0.75)))
+    hook = attn.register_forward_hook(
+        lambda m, i, o: setattr(m.compressor.indexer, "indexer_loss", torch.tensor(0.75)))
     out = model.loss(ids, ids, num_batches=3)
     hook.remove()
     assert out.indexer_loss.item() == pytest.approx(0.25)
@@ -270,6 +272,28 @@ def test_sqrtsoftplus_gate_weights_and_bias():
     assert (idx2 == 3).any(-1).all()
     chosen2 = scores.gather(1, idx2)
     assert torch.allclose(w2, chosen2 / chosen2.sum(-1, keepdim=True) * cfg.routed_scaling_factor)
+
+
+def test_sqrtsoftplus_gradient_is_finite_for_very_negative_logits():
+    """Below z ≈ -103 softplus underflows to 0 in fp32, where sqrt's backward is infinite: the
+    router's gradient must stay finite, through the chosen weights (the expert with logit -120
+    unchosen) and through every score (the balance loss)."""
+    cfg = v4_config()
+    gate = Gate(cfg, layer_id=1)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(16, cfg.hidden_size)
+    x[:, 0] = 1.0
+    with torch.no_grad():  # expert 0's logit is -120 for every token
+        gate.weight[0] = 0.0
+        gate.weight[0, 0] = -120.0
+    w, idx, scores, logits = gate(x)
+    assert torch.equal(logits[:, 0], torch.full((16,), -120.0)) and not (idx == 0).any()
+    assert F.softplus(logits[:, 0]).eq(0).all()  # the underflow this is about
+    for loss in (w.sum(), scores.sum()):
+        gate.weight.grad = None
+        loss.backward(retain_graph=True)
+        assert torch.isfinite(gate.weight.grad).all()
+    assert torch.allclose(scores[:, 1:], F.softplus(logits[:, 1:]).sqrt())
 
 
 def test_hash_gate_routes_by_token_id_only():

@@ -55,7 +55,6 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_head_dim, dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)
         self.indexer = LightningIndexer(cfg) if cfg.is_v32 else None
-        self.dense_attention = cfg.indexer_mode == "dense"  # V3.2's dense warm-up
 
     # ------------------------------------------------------------- projections
     def project(self, x: torch.Tensor, freqs_cis: torch.Tensor):
@@ -158,7 +157,7 @@ class MLA(nn.Module):
         S, T = x.shape[1], index_k.shape[1]
         allowed = self._allowed(mask, S, T, x.device)
         scores = self.indexer(x, c_q, freqs_cis, index_k, allowed)
-        if self.dense_attention or self.indexer.index_topk >= T:
+        if self.indexer.attends_all(T):
             return scores, mask
         return scores, self.indexer.select(scores, allowed)
 

@@ -2,8 +2,11 @@
 
 An attention layer hands the cache what it computed for the new tokens and gets back
 everything the queries may attend to, plus a boolean mask. MLA hands over the latents
-(c_KV, k_pe); the MHA/GQA/MQA baselines hand over (k, v). The engine implements the same
-protocol over paged blocks (`nanoseek.engine`); `ContiguousCache` is the simple one used
+(c_KV, k_pe), and V3.2's MLA a third tensor, its lightning indexer's keys (model/dsa.py);
+the MHA/GQA/MQA baselines hand over (k, v). A V4 attention layer stores no per-token tensors
+this way: it keeps one state per layer (sliding window, compressor buffers, compressed
+entries; model/v4/cache.py) through `cache.state(layer_id, make)`. The engine implements the
+same protocol over paged blocks (`nanoseek.engine`); `ContiguousCache` is the simple one used
 by `CausalLM.generate`, the tests and the benchmarks.
 """
 

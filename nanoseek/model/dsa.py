@@ -26,7 +26,8 @@ The indexer's inputs (h and c_Q) are detached, so it learns only from L_I and th
 only from the LM loss (top-k selection passes no gradient either). nanoseek divides the
 paper's Σ_t by the number of query tokens, so `indexer_loss_coef` does not depend on batch
 or sequence length. The paper freezes the main model during the warm-up:
-`freeze_all_but_indexers`.
+`freeze_all_but_indexers`. V4's CSA indexer (model/v4/indexer.py) keeps this recipe and this
+code: both indexers train through `IndexerTraining`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,53 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return above | (tied & (tied.cumsum(-1) <= room))
 
 
-class LightningIndexer(nn.Module):
+class IndexerTraining:
+    """What V3.2's lightning indexer and V4's CSA indexer (model/v4/indexer.py) share: the
+    warm-up switch and the KL loss (module docstring). A mixin beside nn.Module; the indexer
+    calls `init_training(cfg)` in its __init__.
+
+    One switch, `mode` (cfg.indexer_mode): "dense" (the warm-up) lets every query read every
+    key it may see, and so does a row with no more than `index_topk` of them (`attends_all`);
+    otherwise attention reads the indexer's top-k, S_t."""
+
+    def init_training(self, cfg: ModelConfig) -> None:
+        self.mode, self.index_topk, self.loss_coef = cfg.indexer_mode, cfg.index_topk, cfg.indexer_loss_coef
+        self.indexer_loss: torch.Tensor | None = None  # coef · L_I of the last training forward
+        self.kl: torch.Tensor | None = None  # L_I without the coefficient, detached, for logging
+
+    def attends_all(self, n_keys: int) -> bool:
+        """Whether attention reads every key a query may see (no top-k selection)."""
+        return self.mode == "dense" or n_keys <= self.index_topk
+
+    def learn(self, scores: torch.Tensor, probs: torch.Tensor, allowed: torch.Tensor,
+              token_mask: torch.Tensor | None = None) -> None:
+        """Set `indexer_loss` = coef · mean_t KL(p_t || Softmax(I_t)) over the `allowed` keys
+        (every key a query may see in the dense warm-up, S_t in sparse training); probs
+        [B,S,H,T] is the main attention (the target, detached; fp32). token_mask [B,S] leaves
+        padding queries out."""
+        kl = indexer_kl_divergence(scores, probs.detach(), allowed)
+        if token_mask is None:
+            loss = kl.mean()
+        else:
+            loss = (kl * token_mask).sum() / token_mask.sum().clamp(min=1)
+        self.kl = loss.detach()
+        self.indexer_loss = self.loss_coef * loss
+
+
+def indexer_kl_divergence(scores: torch.Tensor, probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """KL(p_t || Softmax(I_t)) per query [B,S], both restricted to the allowed keys [B,S,T]:
+    p_t = Σ_heads probs [B,S,H,T], L1-normalised over the allowed keys. A query with no
+    allowed key (a V4 query before the first compressed entry closes) scores 0."""
+    rows = allowed.any(-1, keepdim=True)
+    p = probs.float().sum(2).masked_fill(~allowed, 0.0)
+    p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    # Rows without allowed keys get finite logits, so no NaN reaches the backward pass.
+    logits = scores.masked_fill(~allowed, float("-inf")).masked_fill(~rows, 0.0)
+    log_q = F.log_softmax(logits, dim=-1).masked_fill(~allowed, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum(-1)
+
+
+class LightningIndexer(IndexerTraining, nn.Module):
     """I_{t,s} for the queries against every cached key; names as transformers'
     DeepseekV32Indexer (`self_attn.indexer.wq_b`, `.wk`, `.k_norm`, `.weights_proj`)."""
 
@@ -74,15 +121,13 @@ class LightningIndexer(nn.Module):
         if cfg.q_lora_rank is None:
             raise ValueError("q_lora_rank is None: the lightning indexer reads MLA's q-LoRA latent c_Q")
         self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
-        self.rope_head_dim, self.index_topk = cfg.qk_rope_head_dim, cfg.index_topk
-        self.mode, self.loss_coef = cfg.indexer_mode, cfg.indexer_loss_coef
+        self.rope_head_dim = cfg.qk_rope_head_dim
+        self.init_training(cfg)
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.softmax_scale = self.head_dim ** -0.5
-        self.indexer_loss: torch.Tensor | None = None  # coef · L_I of the last training forward
-        self.kl: torch.Tensor | None = None  # L_I without the coefficient, detached, for logging
 
     def _rope(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         pe, nope = x.split([self.rope_head_dim, self.head_dim - self.rope_head_dim], dim=-1)
@@ -111,33 +156,11 @@ class LightningIndexer(nn.Module):
         k = min(self.index_topk, scores.shape[-1])
         return top_k_mask(scores, k) & mask
 
-    def learn(self, scores: torch.Tensor, probs: torch.Tensor, allowed: torch.Tensor,
-              token_mask: torch.Tensor | None = None) -> None:
-        """Set `indexer_loss` = coef · mean_t KL(p_t || Softmax(I_t)) over the `allowed` keys
-        (causal in the dense warm-up, S_t in sparse training); probs [B,S,H,T] is the main
-        attention (the target, detached). token_mask [B,S] leaves padding queries out."""
-        kl = indexer_kl_divergence(scores, probs.detach(), allowed)
-        if token_mask is None:
-            loss = kl.mean()
-        else:
-            loss = (kl * token_mask).sum() / token_mask.sum().clamp(min=1)
-        self.kl = loss.detach()
-        self.indexer_loss = self.loss_coef * loss
-
-
-def indexer_kl_divergence(scores: torch.Tensor, probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """KL(p_t || Softmax(I_t)) per query [B,S], both restricted to the allowed keys [B,S,T]:
-    p_t = Σ_heads probs [B,S,H,T], L1-normalised over the allowed keys."""
-    p = probs.float().sum(2).masked_fill(~allowed, 0.0)
-    p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
-    log_q = F.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).masked_fill(~allowed, 0.0)
-    return (torch.xlogy(p, p) - p * log_q).sum(-1)
-
 
 def indexers(model: nn.Module) -> list[nn.Module]:
     """Every lightning indexer of the model: V3.2's (LightningIndexer) and V4's CSA indexers
-    (model/v4/indexer.py), which keep the same `indexer_loss` / `kl` attributes."""
-    return [m for m in model.modules() if hasattr(m, "indexer_loss") and hasattr(m, "kl")]
+    (model/v4/indexer.py), both trained through IndexerTraining."""
+    return [m for m in model.modules() if isinstance(m, IndexerTraining)]
 
 
 def indexer_loss(model: nn.Module) -> torch.Tensor | None:

@@ -78,11 +78,17 @@ class Gate(nn.Module):
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         """s = σ(z) (V3), softmax(z) (V2), or sqrt(softplus(z)) (V4: positive, unbounded
-        above, and growing like sqrt(z) rather than saturating as σ does)."""
+        above, and growing like sqrt(z) rather than saturating as σ does).
+
+        sqrtsoftplus floors softplus at fp32's smallest normal number before the sqrt: below
+        z ≈ -103 softplus underflows to 0, and sqrt's backward, 1 / (2 sqrt(0)) = inf, times
+        the incoming gradient would make NaN (inf · 0 for an expert nobody chose, which the
+        balance loss still differentiates). The floor passes no gradient there; above
+        z ≈ -87 it changes nothing. Logits are fp32 here (forward)."""
         if self.scoring_func == "sigmoid":
             return logits.sigmoid()
         if self.scoring_func == "sqrtsoftplus":
-            return F.softplus(logits).sqrt()
+            return F.softplus(logits).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
         return logits.softmax(dim=-1)
 
     def _gating_weights(self, weights: torch.Tensor) -> torch.Tensor:
@@ -146,7 +152,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.gate = Gate(cfg, layer_id)
         self.is_hash = self.gate.hash
-        limit = cfg.swiglu_limit
+        limit = cfg.swiglu_limit  # V4 clamps the SwiGLU of every expert, the shared one too
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size, limit)
                                      for _ in range(self.n_experts))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, limit)

@@ -18,6 +18,7 @@ from torch import nn
 
 from nanoseek.checkpoint import hf
 from nanoseek.config import ModelConfig
+from nanoseek.model import dsa
 from nanoseek.model.block import Block
 from nanoseek.model.cache import Cache, ContiguousCache
 from nanoseek.model.moe import Gate, MoE, hash_table
@@ -77,16 +78,11 @@ class CausalLM(nn.Module):
 
     def materialise_buffers(self, device=None) -> None:
         """Recreate the non-persistent buffers (the rotary tables, the experts' load
-        counters), which a model built on the meta device, as loading does, lacks. A V4
-        submodule holding such buffers (its attention's rotary tables) recreates its own
-        through a `materialise_buffers(device)` method of its own."""
+        counters), which a model built on the meta device, as loading does, lacks."""
         if self.rotary is not None:
             self.rotary = RotaryEmbedding(self.config, self.config.qk_rope_head_dim).to(device or "cpu")
         for m in self.moe_layers():
             m.tokens_per_expert = torch.zeros(m.n_experts, device=device or "cpu")
-        for m in self.modules():
-            if m is not self and callable(getattr(m, "materialise_buffers", None)):
-                m.materialise_buffers(device)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) for the linears, embeddings and routers; V4's (as
@@ -210,18 +206,17 @@ class CausalLM(nn.Module):
         aux_loss = torch.stack(aux).sum() / num_batches if aux else None
         if aux_loss is not None:
             loss = loss + aux_loss
-        idx = [m.indexer_loss for m in self.modules() if getattr(m, "indexer_loss", None) is not None]
-        indexer_loss = torch.stack(idx).sum() / num_batches if idx else None
+        indexer_loss = dsa.indexer_loss(self)
         if indexer_loss is not None:
+            indexer_loss = indexer_loss / num_batches
             loss = loss + indexer_loss
         return LossOutput(loss, lm_loss, mtp_loss, aux_loss, indexer_loss)
 
     def _clear_indexer_losses(self) -> None:
         """Forget the indexer losses of earlier forwards (an evaluation-mode forward sets none,
         and must not be charged a training forward's)."""
-        for m in self.modules():
-            if getattr(m, "indexer_loss", None) is not None:
-                m.indexer_loss = None
+        for m in dsa.indexers(self):
+            m.indexer_loss = m.kl = None
 
     @staticmethod
     def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,10 @@ def head_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class V4Attention(nn.Module):
+    # bf16 training keeps the sinks fp32 (train/numerics/bf16_weights.py), as DeepSeek keeps
+    # attn_sink; the compressors name theirs (model/v4/compressor.py)
+    fp32_parameters = ("sinks",)
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id, self.layer_type = layer_id, cfg.layer_type(layer_id)
@@ -143,7 +147,8 @@ class V4Attention(nn.Module):
     def attend(self, q, blocks, window_mask, entries=None, entry_mask=None):
         """o_{t,h} = Σ_s softmax_s([z_{t,h,s} ; sink_h]) · kv_s over the window's keys (blocks,
         window_mask [S, 2w-1]) and the compressed entries [B, N, D] under entry_mask [B, S, N].
-        Returns o [B, S, H, D] and the probabilities on the entries [B, S, H, N] (or None)."""
+        Returns o [B, S, H, D] and the probabilities on the entries [B, S, H, N] in fp32 (the
+        indexer's KL target, as V3.2's MLA.attention_probs; None without entries)."""
         B, S, H, D = q.shape
         nb, w = blocks.shape[1], self.window
         qb = F.pad(q, (0, 0, 0, 0, 0, nb * w - S)).view(B, nb, w, H, D)
@@ -154,13 +159,13 @@ class V4Attention(nn.Module):
             parts.append(zc.masked_fill(~entry_mask.unsqueeze(-2), float("-inf")))
         z = torch.cat(parts, dim=-1) * self.softmax_scale
         sink = self.sinks.float().view(1, 1, H, 1).expand(B, S, H, 1)
-        probs = torch.cat([z, sink], dim=-1).softmax(dim=-1)[..., :-1].to(q.dtype)
-        pw, pc = probs.split([2 * w - 1, probs.shape[-1] - 2 * w + 1], dim=-1)
+        probs = torch.cat([z, sink], dim=-1).softmax(dim=-1)[..., :-1]  # fp32
+        pw, pc = probs.to(q.dtype).split([2 * w - 1, probs.shape[-1] - 2 * w + 1], dim=-1)
         pw = F.pad(pw, (0, 0, 0, 0, 0, nb * w - S)).view(B, nb, w, H, -1)
         o = torch.einsum("bnqhk,bnkd->bnqhd", pw, blocks).reshape(B, nb * w, H, D)[:, :S]
         if entries is None:
             return o, None
-        return o + torch.einsum("bshn,bnd->bshd", pc, entries), pc
+        return o + torch.einsum("bshn,bnd->bshd", pc, entries), probs[..., 2 * w - 1:]
 
     # ------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
@@ -185,7 +190,7 @@ class V4Attention(nn.Module):
                 indexer = self.compressor.indexer
                 indexer.indexer_loss = indexer.kl = None
                 if self.training:
-                    indexer.set_loss(index_scores, p_entries.sum(2), chosen, getattr(cache, "token_mask", None))
+                    indexer.learn(index_scores, p_entries, chosen, getattr(cache, "token_mask", None))
         if state is not None:
             advance(cache, self.layer_id, state, S)
 

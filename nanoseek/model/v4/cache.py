@@ -98,8 +98,3 @@ def advance(cache, layer_id: int, state: V4LayerState, new_tokens: int) -> None:
     state.length += new_tokens
     if isinstance(cache, ContiguousCache):
         cache.lengths[layer_id] = state.length
-
-
-def v4_nbytes(cache) -> int:
-    """Bytes the V4 layer states attached to `cache` hold."""
-    return sum(s.nbytes() for s in getattr(cache, "states", {}).values() if isinstance(s, V4LayerState))

@@ -21,8 +21,12 @@ Causality: entry w folds tokens up to (w+1)m - 1, so query t may read it only wh
 window still open wait in the cache (model/v4/cache.py) for the next call, and a full
 forward drops them (no query could read their entry anyway).
 
-Numerics: pooling runs in fp32, as DeepSeek's reference (which keeps W^KV, W^Z in fp32) and
-transformers do; the entry is cast back to the activation dtype after the norm.
+Numerics, as DeepSeek's reference: W^KV, W^Z, the position bias B and the norm's weight are
+kept in fp32 (bf16 training leaves them out of its bf16 copies: `fp32_parameters`), the
+projections read x in fp32, and the pooling and norm run in fp32; the entry is cast back to the
+activation dtype after the norm. transformers keeps B and the norm in fp32 too, but runs
+kv_proj and gate_proj in the model's dtype (its checkpoints' BF16) and pools in that dtype
+(only the softmax in fp32). The two agree in fp32.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class Compressor(nn.Module):
     """Gated pooling of `rate` tokens into one `head_dim` entry; `overlap` = CSA's two series.
     A CSA layer's compressor owns its lightning indexer (`indexer`, model/v4/indexer.py), so
     parameter names match the checkpoints' (self_attn.compressor.indexer.*)."""
+    # kept in fp32 under bf16 training (train/numerics/bf16_weights.py); an Indexer inherits
+    # the list, which names its own compressor's (its q_b_proj and scorer stay bf16, as DeepSeek's)
+    fp32_parameters = ("kv_proj.weight", "gate_proj.weight", "position_bias", "kv_norm.weight")
 
     def __init__(self, cfg: ModelConfig, rate: int, head_dim: int, overlap: bool,
                  indexer: nn.Module | None = None):
@@ -62,7 +69,7 @@ class Compressor(nn.Module):
     def compress(self, x: torch.Tensor, rotary: V4Rotary, state: CompressorState | None) -> torch.Tensor:
         """x [B, S, D] (the tokens after those `state` has seen) -> every entry so far [B, N, d]."""
         B, m = x.shape[0], self.rate
-        kv, score = self.kv_proj(x).float(), self.gate_proj(x).float()
+        kv, score = self.project(x)
         first = 0
         if state is not None:
             first = state.n_entries
@@ -81,6 +88,16 @@ class Compressor(nn.Module):
         freqs = rotary((first + torch.arange(n, device=x.device)) * m)  # [n, r/2]
         entries = rope_tail(entries.unsqueeze(2), freqs).squeeze(2)
         return entries if state is None else state.append_entries(entries)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """C = x W^KV and Z = x W^Z, returned in fp32. x is cast to the weights' dtype: fp32
+        as kept (a model cast whole to bf16 projects in bf16; a 4-bit QLoRA base, not floating
+        point, computes in x's dtype), with autocast off, which would otherwise run these
+        linears in bf16 whatever the weights."""
+        dtype = self.kv_proj.weight.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype) if dtype.is_floating_point else x
+            return self.kv_proj(x).float(), self.gate_proj(x).float()
 
     def overlap_windows(self, kv: torch.Tensor, score: torch.Tensor, state: CompressorState | None):
         """[B, n, m, 2d] -> [B, n, 2m, d]: window w's slots are window w-1's C^a then its own C^b.

@@ -21,19 +21,20 @@ same candidates, summed over heads and L1-normalised,
 where S_t is every entry query t may see in the dense warm-up (cfg.indexer_mode "dense": the
 attention reads all of them) and the selected top-k in sparse training. The indexer's inputs
 are detached (V3.2: "the indexer input is detached from the computational graph"), so L^I
-trains only the indexer and the language-model loss only the rest. The loss is set, times
-cfg.indexer_loss_coef, on `indexer_loss` during a training forward (None otherwise), the
-convention of V3.2's indexer (model/dsa.py), and like it nanoseek divides the paper's Σ_t by
-the number of query tokens (a query that sees no entry yet counts 0), padding left out.
+trains only the indexer and the language-model loss only the rest. The switch (indexer_mode)
+and the loss are V3.2's code (model/dsa.py `IndexerTraining`): the loss is set, times
+cfg.indexer_loss_coef, on `indexer_loss` during a training forward (None otherwise), and the
+paper's Σ_t is divided by the number of query tokens (a query that sees no entry yet counts 0),
+padding left out.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.dsa import IndexerTraining, top_k_mask
 from nanoseek.model.v4.cache import CompressorState
 from nanoseek.model.v4.compressor import Compressor, visible_entries
 from nanoseek.model.v4.rope import V4Rotary, rope_tail
@@ -55,17 +56,16 @@ class IndexerScorer(nn.Module):
         return torch.einsum("bshn,bsh->bsn", s, w)
 
 
-class Indexer(Compressor):
-    """Lightning indexer of a CSA layer: its own compressor (inherited) plus the query head."""
+class Indexer(IndexerTraining, Compressor):
+    """Lightning indexer of a CSA layer: its own compressor (inherited) plus the query head;
+    its switch and loss are V3.2's (IndexerTraining: `mode`, `index_topk`, `learn`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg, cfg.compress_rate_csa, cfg.index_head_dim, overlap=True)
-        self.n_heads, self.topk = cfg.index_n_heads, cfg.index_topk
-        self.mode, self.loss_coef = cfg.indexer_mode, cfg.indexer_loss_coef
+        self.n_heads = cfg.index_n_heads
+        self.init_training(cfg)
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.scorer = IndexerScorer(cfg)
-        self.indexer_loss: torch.Tensor | None = None  # coef · L^I of the last training forward
-        self.kl: torch.Tensor | None = None  # L^I alone, detached, to log
 
     def forward(self, x: torch.Tensor, q_residual: torch.Tensor, freqs_cis: torch.Tensor,
                 rotary: V4Rotary, q_pos: torch.Tensor, state: CompressorState | None):
@@ -82,34 +82,8 @@ class Indexer(Compressor):
         """The entries each query attends: all it may see (dense warm-up, or no more than
         index_topk of them), else the top index_topk by score among those (eq. 17).
         Ties (ReLU makes exact zeros common in small indexers) go to the earlier entry, so a
-        full forward and a cached one, which see different numbers of entries, agree."""
-        if self.mode == "dense" or scores.shape[-1] <= self.topk:
+        full forward and a cached one, which see different numbers of entries, agree: V3.2's
+        rule (model/dsa.py `top_k_mask`)."""
+        if self.attends_all(scores.shape[-1]):
             return visible
-        top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :self.topk]
-        return torch.zeros_like(visible).scatter(-1, top, True) & visible
-
-    def set_loss(self, scores: torch.Tensor, attention: torch.Tensor, candidates: torch.Tensor,
-                 token_mask: torch.Tensor | None = None) -> None:
-        """indexer_loss = coef · mean_t KL(p_t ‖ Softmax(I_t)) over S_t (module docstring); `kl`
-        keeps the loss without the coefficient, detached, to log. attention [B, S, N]: the main
-        attention's probabilities on the entries, summed over heads; token_mask [B, S] (True =
-        a real token) leaves padding queries out."""
-        kl = entry_kl_divergence(scores, attention.detach(), candidates)
-        if token_mask is None:
-            loss = kl.mean()
-        else:
-            loss = (kl * token_mask).sum() / token_mask.sum().clamp(min=1)
-        self.kl = loss.detach()
-        self.indexer_loss = self.loss_coef * loss
-
-
-def entry_kl_divergence(scores: torch.Tensor, attention: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """KL(p_t ‖ Softmax(I_t)) per query [B, S] over its candidates [B, S, N]: p_t = attention
-    [B, S, N] L1-normalised over them. A query with no candidate (t < m - 1) scores 0."""
-    rows = candidates.any(-1, keepdim=True)
-    p = attention.float().masked_fill(~candidates, 0)
-    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-    # Rows without candidates get finite logits, so no NaN reaches the backward pass.
-    logits = scores.masked_fill(~candidates, float("-inf")).masked_fill(~rows, 0)
-    log_q = F.log_softmax(logits, dim=-1).masked_fill(~candidates, 0)
-    return (torch.xlogy(p, p) - p * log_q).sum(-1)
+        return top_k_mask(scores, self.index_topk) & visible
