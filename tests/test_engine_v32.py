@@ -45,6 +45,7 @@ def hf_and_model():
     cfg = small_v32_config()
     d = {k: v for k, v in cfg.to_dict().items() if k not in ("architectures", "model_type")}
     hf = randomize(transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config(**d)).eval())
+    torch.manual_seed(0)  # the MTP layer's weights, whatever ran before this module
     model = CausalLM(cfg).eval()
     missing, unexpected = model.load_state_dict(
         {k: v for k, v in per_expert(hf.state_dict()).items() if v.numel() > 0}, strict=False)
@@ -163,6 +164,16 @@ def test_bf16_engine_pages_bf16_keys_and_follows_bf16_generate(model, load):
     ref = [bf16_model.generate(torch.tensor([p]), 1)[0, -1].item() for p in load]
     assert all(len(o) == N for o in outs)
     assert sum(o[0] == r for o, r in zip(outs, ref)) >= 6
+
+
+def test_fp8_weights_serve_as_generate_does(model, load):
+    """FP8 projection weights (the indexer's wq_b and wk included, as DeepSeek ships them):
+    the engine generates what the same quantised model's generate does."""
+    fp8 = copy.deepcopy(model)
+    llm = LLM(fp8, quantization="fp8", kv_cache_memory="4MiB", block_size=8, max_num_batched_tokens=24, max_num_seqs=4,
+              speculative=False)
+    assert type(fp8.model.layers[0].self_attn.indexer.wq_b).__name__ == "FP8Linear"
+    assert token_ids(llm.generate(load[:4], GREEDY, use_tqdm=False)) == generate_refs(fp8, load[:4])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
