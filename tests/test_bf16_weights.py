@@ -129,3 +129,31 @@ def test_padded_dispatch_gives_the_unpadded_numbers(monkeypatch, tokens):
     assert len(padded) == len(plain)
     for a, b in zip(padded, plain):
         assert torch.equal(a, b)
+
+
+def test_v4_keeps_sinks_compressors_and_mhc_in_fp32():
+    """DeepSeek-V4's fp32 parameters stay the masters inside the context: the mHC weights
+    (runs_in_fp32), the attention sinks and each compressor's kv_proj, gate_proj,
+    position_bias and kv_norm (fp32_parameters); a bf16 training step runs and their
+    gradients arrive in fp32."""
+    from nanoseek.config.presets import preset
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny-v4")).train()
+    masters = dict(model.named_parameters())
+    kept = (".sinks", ".compressor.kv_proj.weight", ".compressor.gate_proj.weight",
+            ".compressor.position_bias", ".compressor.kv_norm.weight", "indexer.kv_proj.weight",
+            "indexer.gate_proj.weight", "indexer.position_bias", "indexer.kv_norm.weight")
+    fp32 = {n for n in masters if n.endswith(kept) or "_hc." in n or "hc_head." in n
+            or (n.endswith("gate.weight") and ".mlp." in n)}
+    assert any(n.endswith(".sinks") for n in fp32) and any("indexer.kv_proj" in n for n in fp32)
+    copies = BF16Weights(model)
+    ids, labels = _batch(model.config, S=40)
+    with copies:
+        inside = dict(model.named_parameters())
+        model.loss(ids, labels).loss.backward()
+    for name, p in inside.items():
+        assert (p is masters[name]) == (name in fp32), name
+        assert p.dtype == (torch.float32 if name in fp32 else torch.bfloat16), name
+    for name in fp32:
+        g = masters[name].grad
+        assert g is None or (g.dtype == torch.float32 and torch.isfinite(g).all()), name

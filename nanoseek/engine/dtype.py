@@ -17,6 +17,7 @@ import torch
 
 from nanoseek.model import CausalLM
 from nanoseek.model.moe import Gate
+from nanoseek.model.precision import fp32_kept
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -53,16 +54,22 @@ def _checkpoint_dtype(path: Path) -> str:
 
 
 def cast_model(model: CausalLM, dtype: torch.dtype) -> CausalLM:
-    """model.to(dtype) in place, keeping the router and RoPE's frequencies in fp32 (FP8Linear
+    """model.to(dtype) in place, keeping the router, RoPE's frequencies and what the model
+    marks as fp32 (model/precision.py: V4's mHC, sinks, compressors) in fp32 (FP8Linear
     modules keep their codes and scales by themselves)."""
     keep = [(m, m.weight.data, m.e_score_correction_bias) for m in model.modules() if isinstance(m, Gate)]
-    rotary = model.rotary.inv_freq
+    kept = fp32_kept(model)
+    fp32 = [(p, p.data) for p in model.parameters() if id(p) in kept]
+    rotary = model.rotary.inv_freq if model.rotary is not None else None  # V4 builds its tables per call
     model.to(dtype)
     for gate, weight, bias in keep:
         gate.weight.data = weight.float()
         if bias is not None:
             gate.e_score_correction_bias = bias.float()
-    model.rotary.inv_freq = rotary
+    for p, data in fp32:
+        p.data = data.float()
+    if rotary is not None:
+        model.rotary.inv_freq = rotary
     return model
 
 

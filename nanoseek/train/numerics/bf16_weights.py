@@ -19,8 +19,10 @@ the optimizer, gradient clipping, checkpoints and `state_dict()` see only fp32, 
 trains (fp32 master weights, gradients and optimizer state).
 
 What stays fp32: the parameters of modules that set `runs_in_fp32 = True` (the MoE router,
-model/moe.py `Gate`), buffers (the router's bias), and anything the model itself computes
-in fp32 (RMSNorm's statistics, the softmax scores, the losses). Parameters that are not
+model/moe.py `Gate`; V4's mHC), the parameters a module names in `fp32_parameters` (names
+relative to it: V4's attention sinks, its compressors' projections, position biases and
+norms), buffers (the router's bias), and anything the model itself computes in fp32
+(RMSNorm's statistics, the softmax scores, the losses). Parameters that are not
 floating point (e.g. 4-bit quantised bases) are left as they are.
 """
 
@@ -31,6 +33,8 @@ import contextlib
 import torch
 from torch import nn
 
+from nanoseek.model.precision import fp32_kept
+
 
 class BF16Weights:
     """bf16 working copies of a model's fp32 parameters (see the module docstring)."""
@@ -40,10 +44,11 @@ class BF16Weights:
         self.copy_of: dict[int, nn.Parameter] = {}  # id(master) -> copy; tied ones share one
         self.masters: list[nn.Parameter] = []
         self.copies: list[nn.Parameter] = []
+        kept = fp32_kept(model)
         for module in model.modules():
-            if getattr(module, "runs_in_fp32", False):
-                continue
             for name, p in module.named_parameters(recurse=False):
+                if id(p) in kept:
+                    continue
                 if id(p) not in self.copy_of:  # a tied parameter met again reuses its copy
                     if not p.is_floating_point():
                         continue
