@@ -377,6 +377,8 @@ def test_metrics_count_requests_tokens_and_cache_hits(live):
     assert delta("nanoseek_time_to_first_token_seconds_count") == 2
     assert delta("nanoseek_e2e_request_latency_seconds_count") == 2
     assert m[("nanoseek_kv_cache_blocks_used", ())] == 0 and m[("nanoseek_kv_cache_blocks_total", ())] > 0
+    assert m[("nanoseek_kv_cache_bytes", (("kind", "latent"),))] > 0  # bytes per cache kind
+    assert m[("nanoseek_kv_cache_bytes_used", (("kind", "latent"),))] == 0
     for name in ("nanoseek_num_requests_waiting", "nanoseek_kv_cache_usage_ratio", "nanoseek_prefix_cache_hits_total",
                  "nanoseek_requests_in_flight", "nanoseek_time_per_output_token_seconds_count"):
         assert any(k[0] == name for k in m), name
