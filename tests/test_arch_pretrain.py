@@ -269,3 +269,42 @@ def test_speedrun_tiny_v4_end_to_end(tmp_path):
     # resumed without --preset: the run's own model, and the same comparison
     assert speedrun("speedrun-tiny-v4", tmp_path, resume=True, **small) == path
     assert json.loads((tmp_path / "speedrun-tiny-v4" / "run.json").read_text())["speedrun"]["preset"] == "tiny-v4"
+
+
+@pytest.mark.parametrize("name", ["tiny-v32", "tiny-v4"])
+def test_indexer_warm_up_trains_the_indexers_alone_then_everything(tmp_path, name):
+    """--indexer-warmup-steps N (V3.2 §2.1.1): the first N steps run the indexers dense and
+    move only their weights (the router biases held too); the steps after run sparse and
+    move everything. A model without an indexer refuses the option."""
+    from nanoseek.model import CausalLM
+    from nanoseek.model.dsa import indexer_parameters, indexers
+    from nanoseek.train.pretrain import pretrain_loss
+
+    torch.manual_seed(0)
+    model = CausalLM(preset(name, **SHRINK[name]))
+    batch = torch.randint(3, 384, (2, 33), generator=torch.Generator().manual_seed(1))
+    trainer = Trainer(model, TrainConfig(max_steps=3, batch_size=2, seq_len=32, indexer_warmup_steps=2,
+                                         warmup_steps=0, precision="fp32", compile="off"), tmp_path,
+                      next_batch=lambda step, micro: (batch[:, :-1], batch[:, 1:]),
+                      loss_fn=pretrain_loss, count_targets=lambda b: model.loss_targets(b[1]),
+                      progress=False)
+    indexer = {id(p) for p in indexer_parameters(model)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    biases = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()
+              if m.gate.e_score_correction_bias is not None]
+    for _ in range(2):
+        trainer.train_step()
+        assert all(m.mode == "dense" for m in indexers(model))
+    params = dict(model.named_parameters())
+    moved = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert moved and all(id(params[n]) in indexer for n in moved), sorted(moved)
+    assert all(torch.equal(a, m.gate.e_score_correction_bias) for a, m in
+               zip(biases, [m for m in model.moe_layers() if m.gate.e_score_correction_bias is not None]))
+    trainer.train_step()
+    assert all(m.mode == "sparse" for m in indexers(model))
+    moved = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert any(id(params[n]) not in indexer for n in moved)
+    v3 = CausalLM(preset("tiny", vocab_size=384, hidden_size=64))
+    with pytest.raises(ValueError, match="indexer_warmup_steps"):
+        Trainer(v3, TrainConfig(max_steps=1, indexer_warmup_steps=1), tmp_path, next_batch=None,
+                loss_fn=pretrain_loss, progress=False)

@@ -175,6 +175,17 @@ def indexer_kl(model: nn.Module) -> float | None:
     return torch.stack(kls).mean().item() if kls else None
 
 
+def set_indexer_mode(model: nn.Module, mode: str) -> None:
+    """Every indexer's switch: "dense" (the warm-up: attention reads every key) or "sparse"."""
+    for m in indexers(model):
+        m.mode = mode
+
+
+def indexer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every lightning indexer (what the dense warm-up trains)."""
+    return [p for m in indexers(model) for p in m.parameters()]
+
+
 def freeze_all_but_indexers(model: nn.Module) -> list[nn.Parameter]:
     """The dense warm-up's setting (V3.2 §2.1.1): every parameter frozen except the lightning
     indexers'. Returns the indexers' parameters (what the optimizer should hold)."""

@@ -33,6 +33,10 @@ class TrainConfig:
     lr: float = setting(3e-3, help="peak learning rate", lo=0, hi=1, lo_open=True)
     min_lr_ratio: float = setting(0.1, help="final learning rate as a fraction of the peak", lo=0, hi=1)
     warmup_steps: int = setting(50, help="linear warm-up steps", lo=0, integer=True)
+    # V3.2 §2.1.1 (model/dsa.py): the first steps train the lightning indexers alone
+    indexer_warmup_steps: int = setting(
+        0, help="V3.2/V4: first steps of the indexers' dense warm-up (attention dense, only the "
+        "indexers learn their KL, the rest frozen), then sparse training (0 = none)", lo=0, integer=True)
     schedule: str = setting("cosine", help="learning-rate schedule", choices=SCHEDULES)
     decay_frac: float = setting(0.2, help="WSD: fraction of the steps spent decaying", lo=0, hi=1)
     weight_decay: float = setting(0.1, help="AdamW decoupled weight decay (matrices only)", lo=0)

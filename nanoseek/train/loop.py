@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoseek.model.dsa import indexer_parameters, set_indexer_mode
 from nanoseek.parallel.single import SingleProcess
 from nanoseek.train.run import train_state
 from nanoseek.train.numerics.arch_metrics import ArchMetrics, progress_fields
@@ -126,6 +127,9 @@ class Trainer:
         held-out accuracy), checked after every evaluation; the run saves and ends there, and
         a resume of it trains no further step."""
         cfg.validate()
+        if cfg.indexer_warmup_steps and not indexer_parameters(model):
+            raise ValueError("training option 'indexer_warmup_steps': the model has no lightning "
+                             "indexer (V3.2 and V4 have one); set it to 0")
         # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes; on
         # one, a SingleProcess, whose every answer is the process's own (parallel/single.py)
         self.parallel = parallel = parallel or SingleProcess()
@@ -191,6 +195,7 @@ class Trainer:
         tensors (loss parts, grad_norm, max_violation per MoE layer), lr and step_tokens."""
         model = self.model
         model.train()
+        warming = self._indexer_warm_up()
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -208,10 +213,18 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 _add_shares(sums, {"loss": loss, **logs, **self.arch_metrics.forward_shares(share)})
         sums = self.parallel.after_backward(model, sums)  # gradients, logged values and loads summed over ranks
+        if warming:  # only the indexers learn: every other gradient is dropped (AdamW skips them)
+            indexer = {id(p) for p in indexer_parameters(model)}
+            for p in model.parameters():
+                if id(p) not in indexer:
+                    p.grad = None
         grad_norm = self._optimizer_step()
         loads = [m.tokens_per_expert.clone() for m in _moe_layers(model)]
         sums.update(self.arch_metrics.step())  # the hash layers' loads, before the bias update clears them
-        if self.update_router_biases and hasattr(model, "update_router_biases"):
+        if warming:  # the routers stay as they are too; their counts start again
+            for m in _moe_layers(model):
+                m.tokens_per_expert.zero_()
+        elif self.update_router_biases and hasattr(model, "update_router_biases"):
             model.update_router_biases()  # counts were summed over every micro-batch
         tokens = sum(self.tokens_in(b) for b in batches)
         tokens = self.parallel.global_count(tokens)  # every DP rank's (GRPO's completions differ in length)
@@ -220,6 +233,17 @@ class Trainer:
         extra = self.parallel.step_metrics()
         return {**sums, "grad_norm": grad_norm, "max_violation": violations(loads), **extra,
                 "lr": lr, "step_tokens": tokens}
+
+    def _indexer_warm_up(self) -> bool:
+        """V3.2's dense warm-up (§2.1.1): during the first `indexer_warmup_steps` steps the
+        lightning indexers run dense and learn alone (KL toward the main attention), the rest
+        of the model and its router biases held; after them, sparse training of everything.
+        Set from the step number, so a resumed run is in the stage it left."""
+        n = self.cfg.indexer_warmup_steps
+        if n == 0:
+            return False
+        set_indexer_mode(self.model, "dense" if self.step < n else "sparse")
+        return self.step < n
 
     def _optimizer_step(self) -> torch.Tensor:
         """Unscale, clip, step, zero; returns the gradient norm before clipping (a tensor)."""
