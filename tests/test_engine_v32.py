@@ -16,6 +16,7 @@ from nanoseek.engine import LLM, SamplingParams
 from nanoseek.engine.cache import BatchView, PagedLatentCache
 from nanoseek.engine.engine import LLMEngine
 from nanoseek.model import CausalLM
+from nanoseek.model.attention import MLA
 from nanoseek.model.dsa import LightningIndexer
 from tests.conftest import randomize
 from tests.test_engine import OracleDraftEngine, token_ids
@@ -213,6 +214,76 @@ def test_batch_view_pages_the_indexer_keys():
     assert flat[23].abs().sum() == 0  # the padding row wrote nothing
     with pytest.raises(ValueError, match="layer 0.*indexer keys.*update got none"):
         view.update(0, c_kv, k_pe)
+
+
+def test_gather_reads_the_top_k_latents_through_the_block_table():
+    """update_index_keys writes what update writes but returns only the indexer keys; gather
+    returns, for each query's positions, the rows update's full read has there."""
+    cfg = small_v32_config()
+    g = torch.Generator().manual_seed(0)
+    new = [torch.randn(2, 3, d, generator=g) for d in (32, 8, cfg.index_head_dim)]
+    caches, outs = [], []
+    for method in ("update", "update_index_keys"):
+        cache = PagedLatentCache(cfg, num_blocks=6, block_size=4, num_layers=1, dtype=torch.float32)
+        cache.kv[0].normal_(generator=torch.Generator().manual_seed(1))  # earlier tokens' latents
+        view = BatchView(cache, [[2, 5], [1]], starts=[5, 0], q_lens=[2, 3], absorb=True)
+        outs.append(getattr(view, method)(0, *new))
+        caches.append(cache)
+    (c_all, pe_all, ik_all), mask = outs[0]
+    (ik_only,), mask_only = outs[1]
+    assert torch.equal(caches[0].kv[0], caches[1].kv[0]) and torch.equal(caches[0].index_k[0], caches[1].index_k[0])
+    assert torch.equal(ik_only, ik_all) and torch.equal(mask_only, mask)
+    idx = torch.tensor([[[6, 0, 3], [5, 6, 1]], [[2, 0, 1], [0, 1, 2]]])
+    c_kv, k_pe = view.gather(0, idx)
+    assert c_kv.shape == (2, 2, 3, 32) and k_pe.shape == (2, 2, 3, 8)
+    for b in range(2):
+        for s in range(2):
+            assert torch.equal(c_kv[b, s], c_all[b, idx[b, s]]) and torch.equal(k_pe[b, s], pe_all[b, idx[b, s]])
+    assert c_kv[0, 0, 0].abs().sum() > 0 and torch.equal(c_kv[0, 1, 1], new[0][0, 1])
+
+
+def test_engine_decode_gathers_the_top_k_and_equals_the_masked_path(model, monkeypatch):
+    """Two sequences in scattered blocks, prefilled, then decoded one token per step and one
+    step of two rows (a speculative verification): each decode layer reads index_topk latents
+    per query through `gather`, never all of them through `update`, and the logits equal the
+    masked path's over every cached latent (fp32, to 1e-6 of the largest logit)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 256, (L,), generator=g).tolist() for L in (30, 21)]
+    steps = [[[t] for t in torch.randint(3, 256, (2,), generator=g).tolist()] for _ in range(3)]
+    steps.append([torch.randint(3, 256, (2,), generator=g).tolist(), [7]])  # rows of 2 and 1 (padding)
+    tables = [[7, 2, 9, 4, 11, 0, 5, 13], [1, 12, 3, 10, 6, 8]]
+    reads = []
+
+    def run():
+        cache = PagedLatentCache(cfg, num_blocks=14, block_size=4, num_layers=cfg.num_hidden_layers,
+                                 dtype=torch.float32)
+        starts, out = [0, 0], []
+        for rows, absorb in [(prompts, False)] + [(step, True) for step in steps]:
+            view = BatchView(cache, tables, starts, [len(r) for r in rows], absorb)
+            S = max(len(r) for r in rows)
+            ids = torch.tensor([r + [0] * (S - len(r)) for r in rows])
+            with torch.no_grad():
+                logits = model(ids, view.positions, view)
+            if absorb:
+                out.append(logits[0])  # sequence 0's rows are all real
+            starts = [st + len(r) for st, r in zip(starts, rows)]
+        return torch.cat(out)
+
+    full_update = BatchView.update
+    monkeypatch.setattr(BatchView, "update", lambda self, *a: (reads.append(("update", self.absorb)),
+                                                               full_update(self, *a))[1])
+    gather = BatchView.gather
+    monkeypatch.setattr(BatchView, "gather", lambda self, layer, idx: (reads.append(("gather", idx.shape[2])),
+                                                                      gather(self, layer, idx))[1])
+    gathered = run()
+    assert set(reads) == {("update", False), ("gather", TOPK)}
+    assert reads.count(("gather", TOPK)) == len(steps) * cfg.num_hidden_layers
+    with monkeypatch.context() as m:
+        m.setattr(MLA, "reads_top_k", lambda self, cache: False)
+        masked = run()
+    assert (gathered - masked).abs().max().item() <= 1e-6 * masked.abs().max().item()
+    assert masked.abs().max() > 0.5
 
 
 def test_v4_is_still_refused_with_its_reason():

@@ -11,7 +11,7 @@ from nanoseek.config import preset
 from nanoseek.model import CausalLM, ContiguousCache
 from nanoseek.model.attention import MLA
 from nanoseek.model.dsa import (LightningIndexer, apply_rotary_emb_half, freeze_all_but_indexers,
-                                indexer_kl, indexer_kl_divergence, indexer_loss, top_k_mask)
+                                indexer_kl, indexer_kl_divergence, indexer_loss, top_k_indices, top_k_mask)
 from tests.conftest import randomize, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,6 +151,68 @@ def test_top_k_ties_go_to_the_earliest_tokens_whatever_the_row_length():
     padded = torch.cat([scores, torch.full((1, 1, 5), float("-inf"))], dim=-1)
     assert torch.equal(top_k_mask(padded, 3)[..., :6], top_k_mask(scores, 3))
     assert top_k_mask(scores, 4).sum() == 4
+
+
+def test_top_k_indices_are_the_masks_positions_in_order():
+    """One selection for both paths: top_k_mask is top_k_indices scattered, ties (many: scores
+    from {0, 1, 2}) to the earliest tokens, -inf padding last, and a NaN score counts as -inf."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (2, 5, 30), generator=g).float()
+    scores[1, :, 20:] = float("-inf")
+    for k in (1, 7, 25, 30):
+        idx = top_k_indices(scores, k)
+        mask = top_k_mask(scores, k)
+        assert idx.shape == (2, 5, k) and (idx.diff(dim=-1) > 0).all()
+        assert torch.equal(torch.zeros_like(mask).scatter_(-1, idx, True), mask)
+        kth = scores.sort(-1, descending=True).values[..., k - 1:k]
+        assert ((scores > kth) <= mask).all() and (mask <= (scores >= kth)).all()
+        first_ties = (scores == kth) & ~mask  # every tie left out comes after every tie kept
+        last_kept = torch.where((scores == kth) & mask, torch.arange(30), -1).amax(-1, keepdim=True)
+        assert (torch.where(first_ties, torch.arange(30), 99) > last_kept).all()
+    nan = scores.clone()
+    nan[0, 0, 3] = float("nan")
+    assert top_k_indices(nan, 7)[0, 0].tolist() == top_k_indices(nan[0, 0].nan_to_num(float("-inf")), 7).tolist()
+
+
+def _masked_decode(monkeypatch):
+    """Decode as before the top-k gather: every cached latent, the top-k as a mask."""
+    monkeypatch.setattr(MLA, "reads_top_k", lambda self, cache: False)
+
+
+@pytest.mark.parametrize("index_n_heads,mode", [(16, "sparse"), (2, "sparse"), (16, "dense")])
+def test_cached_decode_gathers_the_top_k_and_equals_the_masked_path(index_n_heads, mode, monkeypatch):
+    """Token-by-token decode with a ContiguousCache reads k latents per query (index_topk once
+    the context is longer; every one before, and in the dense warm-up) and gives the logits
+    of the masked path over all T in fp32, to 1e-6 of the largest logit (2 indexer heads:
+    many ties at the top-k cut)."""
+    cfg = v32_config(index_n_heads=index_n_heads, indexer_mode=mode)
+    model = randomize(CausalLM(cfg)).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    read = []
+    attend = MLA.attend_top_k
+    monkeypatch.setattr(MLA, "attend_top_k", lambda self, q_nope, q_pe, c_kv, k_pe, valid: (
+        read.append((c_kv.shape[2], int(valid.sum(-1).max()))), attend(self, q_nope, q_pe, c_kv, k_pe, valid))[1])
+
+    def decode():
+        cache = ContiguousCache(2, 30, absorb=False)
+        with torch.no_grad():
+            out = [model(ids[:, :4], cache=cache)]
+            cache.absorb = True
+            out += [model(ids[:, t:t + 1], cache=cache) for t in range(4, 30)]
+        return torch.cat(out, dim=1)
+    gathered = decode()
+    with monkeypatch.context() as m:
+        _masked_decode(m)
+        masked = decode()
+    want = [(T, T) if mode == "dense" or T <= cfg.index_topk else (cfg.index_topk, cfg.index_topk)
+            for T in range(5, 31) for _ in range(cfg.num_hidden_layers)]
+    assert read == want
+    # Summing over k latents instead of T (zeros included) rounds differently: a few ulps
+    # (1.5e-6 at logits of 3.3 here); the dense warm-up, k = T, is bit-identical.
+    assert (gathered - masked).abs().max().item() <= 1e-6 * masked.abs().max().item()
+    assert masked.abs().max() > 0.5
+    if mode == "dense":
+        assert torch.equal(gathered, masked)
 
 
 def test_gradients_match_transformers_outside_the_indexer():

@@ -15,7 +15,11 @@ hit, preempted and freed as one, and a cached prefix carries its indexer keys.
 `BatchView` implements the model's cache protocol (`nanoseek.model.cache.Cache`) for one
 forward over a batch of sequences of different lengths: it writes the new latents (and
 indexer keys) into their slots and gathers every sequence's into padded [B, T_max, ...]
-tensors, with a [B, S, T_max] mask that encodes causality and padding at once.
+tensors, with a [B, S, T_max] mask that encodes causality and padding at once. V3.2's
+decode reads less (DeepSeek-V3.2 eq. 2: attention over the top-k S_t only):
+`update_index_keys` writes all three but gathers only the indexer keys, and `gather(layer,
+idx)` then reads the latents of each query's top-k positions through the block table, so
+a decode step moves B·S·k latent rows, not B·T_max.
 """
 
 from __future__ import annotations
@@ -182,20 +186,48 @@ class BatchView:
                index_k: torch.Tensor | None = None):
         """Write the new tokens' latents (and V3.2's indexer keys index_k [B, S, d_I]);
         return every sequence's cached (c_KV, k_pe[, index_k]) [B, T_max, ...] and the mask."""
-        if (index_k is None) != (not self.cache.index_k):
-            raise ValueError(f"layer {layer_id}: the cache {'holds' if self.cache.index_k else 'has no'} indexer "
-                             f"keys but update got {'none' if index_k is None else 'index_k'}: a V3.2 model's "
-                             "MLA passes index_k and needs a cache built from its config")
+        self._check_index_k(layer_id, index_k)
         latents = self._write_and_gather(self.cache.kv[layer_id], torch.cat([c_kv, k_pe], dim=-1))
         out = latents.split([self.cache.kv_lora_rank, self.cache.rope_dim], dim=-1)
         if index_k is not None:
             out = (*out, self._write_and_gather(self.cache.index_k[layer_id], index_k))
         return tuple(out), self.mask
 
-    def _write_and_gather(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def update_index_keys(self, layer_id: int, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                          index_k: torch.Tensor):
+        """V3.2 decode's write (MLA.top_k_latents): like `update`, but reads back only the
+        indexer keys ((index_k [B, T_max, d_I],), mask). The indexer scores every key; the
+        latents stay in their blocks until `gather` reads the top-k of each query."""
+        self._check_index_k(layer_id, index_k)
+        self._write(self.cache.kv[layer_id], torch.cat([c_kv, k_pe], dim=-1))
+        return (self._write_and_gather(self.cache.index_k[layer_id], index_k),), self.mask
+
+    def gather(self, layer_id: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx [B, S, k] positions in each sequence -> its latents c_KV [B, S, k, r] and
+        k_pe [B, S, k, rope], in the cache's dtype, read through the block table: position ->
+        slot (`read_slots`), slot -> row of `kv[layer_id]`, so only the k chosen rows of each
+        query move (vLLM's sparse MLA likewise turns its top-k positions into slots)."""
+        B, S, k = idx.shape
+        slots = torch.gather(self.read_slots, 1, idx.reshape(B, S * k))
+        flat = self.cache.kv[layer_id].view(-1, self.cache.latent_dim)
+        rows = flat.index_select(0, slots.flatten()).view(B, S, k, -1)
+        return tuple(rows.split([self.cache.kv_lora_rank, self.cache.rope_dim], dim=-1))
+
+    def _check_index_k(self, layer_id: int, index_k: torch.Tensor | None) -> None:
+        if (index_k is None) != (not self.cache.index_k):
+            raise ValueError(f"layer {layer_id}: the cache {'holds' if self.cache.index_k else 'has no'} indexer "
+                             f"keys but update got {'none' if index_k is None else 'index_k'}: a V3.2 model's "
+                             "MLA passes index_k and needs a cache built from its config")
+
+    def _write(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """new [B, S, d] -> its real rows into their slots of pool [num_blocks, block_size, d];
-        returns every sequence's rows [B, T_max, d] in new's dtype."""
+        returns the pool as rows [num_blocks * block_size, d]."""
         flat = pool.view(-1, pool.shape[-1])
         flat.index_copy_(0, self.write_slots, new[self.valid_q].to(flat.dtype))
+        return flat
+
+    def _write_and_gather(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """`_write`, then every sequence's rows [B, T_max, d] in new's dtype."""
+        flat = self._write(pool, new)
         B, T = self.read_slots.shape
         return flat.index_select(0, self.read_slots.flatten()).view(B, T, -1).to(new.dtype)

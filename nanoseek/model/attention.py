@@ -15,10 +15,12 @@ Three ways to compute the same thing:
   * "naive"  a reference written out with an explicit softmax, for the tests.
 
 DeepSeek-V3.2 (cfg.arch == "v32") adds DeepSeek Sparse Attention: a lightning indexer
-(model/dsa.py) scores the cached tokens for every query and each path attends only to the
-top-k of them, S_t, by masking the rest. The indexer's keys are cached as a third tensor
-beside c_KV and k_pe. In the dense warm-up (indexer_mode "dense") attention stays dense
-and the indexer only learns.
+(model/dsa.py) scores the cached tokens for every query and attention reads only the top-k
+of them, S_t. Training and prefill mask the rest (SDPA, naive); inference on the absorbed
+path (decode) gathers each query's k latents and attends over those alone (`attend_top_k`),
+so its cost per query stops growing with the context beyond the indexer's O(T) scores. The
+indexer's keys are cached as a third tensor beside c_KV and k_pe. In the dense warm-up
+(indexer_mode "dense") attention stays dense and the indexer only learns.
 """
 
 from __future__ import annotations
@@ -117,14 +119,32 @@ class MLA(nn.Module):
         return self._softmax(scores, mask, torch.float32)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        wkv_b = self.wkv_b(c_kv.dtype).view(self.n_heads, -1, self.kv_lora_rank)
-        w_uk, w_uv = wkv_b[:, :self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
+        w_uk, w_uv = self.absorbed_weights(c_kv.dtype)
         q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK absorbed into q
         scores = (torch.einsum("bshc,btc->bsht", q_latent, c_kv)
                   + torch.einsum("bshr,btr->bsht", q_pe, k_pe)).float() * self.softmax_scale
         probs = self._softmax(scores, mask, c_kv.dtype)
         o_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
         return torch.einsum("bshc,hdc->bshd", o_latent, w_uv)  # W_UV absorbed into the output
+
+    def attend_top_k(self, q_nope, q_pe, c_kv, k_pe, valid):
+        """The absorbed path over each query's own gathered keys (V3.2 decode): c_kv
+        [B,S,k,r], k_pe [B,S,k,rope], valid [B,S,k] -> [B,S,H,v]. Per query t,
+            u_t = W_UV Σ_{s∈S_t} softmax_s(q_t^C·c_s + q_t^R·k^R_s) c_s,  q_t^C = W_UK^T q_t^nope,
+        the same sum as `attend_absorbed` with the mask, over k latents instead of T."""
+        w_uk, w_uv = self.absorbed_weights(c_kv.dtype)
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        scores = (torch.einsum("bshc,bskc->bshk", q_latent, c_kv)
+                  + torch.einsum("bshr,bskr->bshk", q_pe, k_pe)).float() * self.softmax_scale
+        probs = self._softmax(scores, valid, c_kv.dtype)
+        o_latent = torch.einsum("bshk,bskc->bshc", probs, c_kv)
+        return torch.einsum("bshc,hdc->bshd", o_latent, w_uv)
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, r] and W_UV [H, v, r], the two halves of W_UKV, to fold into the
+        query and the output."""
+        wkv_b = self.wkv_b(dtype).view(self.n_heads, -1, self.kv_lora_rank)
+        return wkv_b[:, :self.qk_nope_head_dim], wkv_b[:, self.qk_nope_head_dim:]
 
     def wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
         """W_UKV as a matrix, for absorption. FP8 weights (an FP8Linear) are dequantised on
@@ -161,6 +181,35 @@ class MLA(nn.Module):
             return scores, mask
         return scores, self.indexer.select(scores, allowed)
 
+    def reads_top_k(self, cache: Cache | None) -> bool:
+        """Whether this forward gathers each query's top-k latents instead of masking all T:
+        V3.2 inference on the absorbed path, i.e. decode (the engine and `generate` prefill
+        with absorb=False: decompress and mask). Training keeps the mask: the indexer's KL
+        target needs the main attention over every key."""
+        return (self.indexer is not None and not self.training and cache is not None
+                and cache.absorb and self.absorbable())
+
+    def top_k_latents(self, x, c_q, freqs_cis, new, cache: Cache):
+        """Store the new tokens, score every cached indexer key, and read only the latents of
+        each query's top-k -> c_kv [B,S,k,r], k_pe [B,S,k,rope], valid [B,S,k].
+
+        A cache with `gather(layer_id, idx)` (the engine's paged BatchView) returns only the
+        indexer keys from `update_index_keys` and reads the chosen latents through its block
+        table, so no [B,T,r] tensor of every latent is built; any other cache (ContiguousCache)
+        returns views of all its latents from `update`, indexed here."""
+        paged = hasattr(cache, "gather")
+        if paged:
+            (index_k,), mask = cache.update_index_keys(self.layer_id, *new)
+        else:
+            (c_kv, k_pe, index_k), mask = cache.update(self.layer_id, *new)
+        allowed = self._allowed(mask, x.shape[1], index_k.shape[1], x.device)
+        idx, valid = self.indexer.top_k(self.indexer(x, c_q, freqs_cis, index_k, allowed), allowed)
+        if paged:
+            c_kv, k_pe = cache.gather(self.layer_id, idx)
+        else:
+            c_kv, k_pe = gather_rows(c_kv, idx), gather_rows(k_pe, idx)
+        return c_kv.to(x.dtype), k_pe.to(x.dtype), valid
+
     @staticmethod
     def _allowed(mask: torch.Tensor | None, S: int, T: int, device) -> torch.Tensor:
         return causal_mask(S, T, device) if mask is None else mask
@@ -172,6 +221,9 @@ class MLA(nn.Module):
         new = self.kv_latents(x, freqs_cis)
         if self.indexer is not None:
             new = (*new, self.indexer.keys(x, freqs_cis))
+        if self.reads_top_k(cache):
+            out = self.attend_top_k(q_nope, q_pe, *self.top_k_latents(x, c_q, freqs_cis, new, cache))
+            return self.o_proj(out.reshape(B, S, -1))
         mask = None
         if cache is not None:
             new, mask = cache.update(self.layer_id, *new)
@@ -188,6 +240,13 @@ class MLA(nn.Module):
                 self.indexer.learn(index_scores, probs, self._allowed(mask, S, c_kv.shape[1], x.device),
                                    getattr(cache, "token_mask", None))
         return self.o_proj(out.reshape(B, S, -1))
+
+
+def gather_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """rows [B,T,d], idx [B,S,k] positions -> [B,S,k,d]: each query's own rows."""
+    B, S, k = idx.shape
+    flat = idx.reshape(B, S * k, 1).expand(-1, -1, rows.shape[-1])
+    return rows.gather(1, flat).view(B, S, k, -1)
 
 
 class GQA(nn.Module):

@@ -52,18 +52,29 @@ def causal_mask(S: int, T: int, device) -> torch.Tensor:
     return torch.ones(S, T, dtype=torch.bool, device=device).tril(T - S)[None]
 
 
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores [B,S,T] -> [B,S,T] bool, True at the k highest scores of each row.
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [..., T] -> [..., k] long: the positions of the k highest scores of each row, in
+    ascending order (what decode gathers: V3.2 eq. 2's S_t).
 
     Ties at the k-th score go to the earliest tokens. torch.topk (the reference's and
     transformers' choice) leaves ties to the kernel, and a row scored during decoding then
     picks differently from the same row inside a full forward; ReLU makes exact ties (I = 0
-    when every head's q·k <= 0) common with few heads."""
+    when every head's q·k <= 0) common with few heads. Every row keeps exactly k positions,
+    so the chosen ones, read off in row-major order, reshape to [..., k]; a NaN score (a
+    broken model: its logits turn non-finite anyway) counts as -inf so that this holds."""
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     kth = scores.topk(k, dim=-1).values[..., -1:]
     above = scores > kth
     tied = scores == kth
     room = k - above.sum(-1, keepdim=True)
-    return above | (tied & (tied.cumsum(-1) <= room))
+    chosen = above | (tied & (tied.cumsum(-1) <= room))
+    return chosen.nonzero()[:, -1].view(*scores.shape[:-1], k)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B,S,T] -> [B,S,T] bool, True at `top_k_indices(scores, k)`: the masked
+    (prefill) and the gathered (decode) paths select through the one function."""
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top_k_indices(scores, k), True)
 
 
 class IndexerTraining:
@@ -155,6 +166,18 @@ class LightningIndexer(IndexerTraining, nn.Module):
         """S_t as a mask: the top min(index_topk, T) allowed keys of each query."""
         k = min(self.index_topk, scores.shape[-1])
         return top_k_mask(scores, k) & mask
+
+    def top_k(self, scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S_t as positions, for decode's gather: (idx [B,S,k] long, valid [B,S,k] bool).
+        k = min(index_topk, T), or T when attention reads every key (`attends_all`). A row
+        that may see fewer than k keys also gets forbidden positions (scored -inf), which
+        `valid` marks False: the set {idx | valid} is exactly `select`'s mask."""
+        B, S, T = scores.shape
+        if self.attends_all(T):
+            idx = torch.arange(T, device=scores.device).expand(B, S, T)
+        else:
+            idx = top_k_indices(scores, self.index_topk)
+        return idx, mask.expand(B, S, T).gather(-1, idx)
 
 
 def indexers(model: nn.Module) -> list[nn.Module]:
