@@ -21,6 +21,10 @@ class Cache(Protocol):
     absorb: bool  # True: MLA attends in latent space (decode); False: decompress (prefill)
     # optional: token_mask [B, S] bool, True = a real token, for a layout with padding
     # columns (`PaddedRows` below); the MoE leaves padding out of its load and losses
+    # optional, for V3.2's decode to read only the top-k latents (the engine's BatchView):
+    #   update_index_keys(layer_id, c_kv, k_pe, index_k) -> ((index_k_all,), mask): stores all
+    #       three, reads back the indexer keys alone;
+    #   gather(layer_id, idx [B,S,k]) -> (c_kv [B,S,k,r], k_pe [B,S,k,rope]): the chosen rows
 
     def update(self, layer_id: int, *new: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """Store new [B, S, ...] entries; return all [B, T, ...] entries and a [B, S, T]
