@@ -7,9 +7,9 @@ one is the baseline, so the ratio is against its best, not its default.
 
 Each architecture is measured the same way: V3 on --preset (DeepseekV3ForCausalLM), V3.2 on
 tiny-v32 (DeepseekV32ForCausalLM) and V4 on tiny-v4 (DeepseekV4ForCausalLM), MTP off and the
-balance loss 0 so both sides backpropagate the same next-token loss. nanoseek's training
-forward also computes what trains V3.2's and V4's indexers (the main attention's
-distribution and the indexer KL; transformers trains no indexer) and its time includes it.
+balance loss 0 and the indexers' KL weight 0 (transformers trains no indexer: its indexers
+run under no_grad), so both sides backpropagate the same next-token loss; with the weight 0
+nanoseek skips the indexer's training target too.
 The last line keeps V3's keys (ratio, nanoseek_tok_s, ...) and adds ratio_v32 and ratio_v4.
 
     python benchmarks/bench_model.py [--preset tiny] [--archs v3,v32,v4] [--batch 8] [--seq 256] [--steps 5] [--json]
@@ -104,7 +104,8 @@ def main() -> None:
         ours = r.pop("model")
         results.update(r)
     for arch in (a for a in ("v32", "v4") if a in archs):  # their tok/s go to the log (stderr)
-        cfg_a = preset(ARCH_PRESETS[arch], **same_loss)
+        # nor the indexers' KL: transformers' indexers do not train (torch.no_grad)
+        cfg_a = preset(ARCH_PRESETS[arch], **same_loss, indexer_loss_coef=0.0)
         per_arch[f"ratio_{arch}"] = throughput(cfg_a, ids % cfg_a.vocab_size, args.warmup, args.steps, arch)["ratio"]
     if ours is None:
         emit({**per_arch, "torch_threads": torch.get_num_threads()}, args.json, out, settings=vars(args))

@@ -376,3 +376,17 @@ def test_a_few_steps_on_the_indexer_loss_lower_it(mode):
         loss.backward()
         opt.step()
     assert kls[-1] < 0.8 * kls[0], kls
+
+
+def test_indexer_loss_coef_zero_computes_no_target():
+    """indexer_loss_coef 0: a training forward leaves no indexer loss (nor the main attention's
+    distribution it would need), and the model's loss has no indexer term."""
+    from nanoseek.config import preset
+    from nanoseek.model import CausalLM
+    from nanoseek.model.dsa import indexers
+
+    for name in ("tiny-v32", "tiny-v4"):
+        model = CausalLM(preset(name, vocab_size=64, hidden_size=64, indexer_loss_coef=0.0)).train()
+        ids = torch.randint(3, 64, (1, 65))
+        out = model.loss(ids[:, :-1], ids[:, 1:])
+        assert out.indexer_loss is None and all(m.indexer_loss is None for m in indexers(model))

@@ -235,7 +235,7 @@ class MLA(nn.Module):
         out = attend(q_nope, q_pe, c_kv, k_pe, mask)
         if self.indexer is not None:
             self.indexer.indexer_loss = self.indexer.kl = None
-            if self.training:
+            if self.training and self.indexer.loss_coef > 0:  # coef 0: no target to compute
                 probs = self.attention_probs(q_nope, q_pe, c_kv, k_pe, mask)
                 self.indexer.learn(index_scores, probs, self._allowed(mask, S, c_kv.shape[1], x.device),
                                    getattr(cache, "token_mask", None))

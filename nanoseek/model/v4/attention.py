@@ -189,7 +189,7 @@ class V4Attention(nn.Module):
             if index_scores is not None:
                 indexer = self.compressor.indexer
                 indexer.indexer_loss = indexer.kl = None
-                if self.training:
+                if self.training and indexer.loss_coef > 0:
                     indexer.learn(index_scores, p_entries, chosen, getattr(cache, "token_mask", None))
         if state is not None:
             advance(cache, self.layer_id, state, S)
