@@ -381,8 +381,6 @@ def test_a_few_steps_on_the_indexer_loss_lower_it(mode):
 def test_indexer_loss_coef_zero_computes_no_target():
     """indexer_loss_coef 0: a training forward leaves no indexer loss (nor the main attention's
     distribution it would need), and the model's loss has no indexer term."""
-    from nanoseek.config import preset
-    from nanoseek.model import CausalLM
     from nanoseek.model.dsa import indexers
 
     for name in ("tiny-v32", "tiny-v4"):
