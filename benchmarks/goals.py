@@ -45,6 +45,12 @@ GOALS: dict[str, tuple[Goal, ...]] = {
              "share of MTP drafts accepted, drafting always (a model of few `train_steps` repeats "
              "itself, which inflates it)"),
     ),
+    "bench_long_context": (
+        Goal("v4_vs_v3_decode_64k", ">=", 5.0,
+             "V3's decode ms/token over V4's, one stream at a 64k-token context (tiny models)"),
+        Goal("v4_vs_v3_kv_64k", ">=", 5.0,
+             "V3's cache bytes over V4's, one stream at a 64k-token context (tiny models)"),
+    ),
     "bench_grpo": (Goal("ratio", ">=", 3.0, "GRPO steps/min over TRL's GRPOTrainer"),),
     "bench_agent": (Goal("accuracy_with_tool", ">=", 0.9, "held-out products right with the calculator"),),
     "load_server": (
