@@ -213,7 +213,7 @@ def freeze_all_but_indexers(model: nn.Module) -> list[nn.Parameter]:
     """The dense warm-up's setting (V3.2 §2.1.1): every parameter frozen except the lightning
     indexers'. Returns the indexers' parameters (what the optimizer should hold)."""
     model.requires_grad_(False)
-    params = [p for m in indexers(model) for p in m.parameters()]
+    params = indexer_parameters(model)
     for p in params:
         p.requires_grad_(True)
     return params
