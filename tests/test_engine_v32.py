@@ -284,9 +284,3 @@ def test_engine_decode_gathers_the_top_k_and_equals_the_masked_path(model, monke
         masked = run()
     assert (gathered - masked).abs().max().item() <= 1e-6 * masked.abs().max().item()
     assert masked.abs().max() > 0.5
-
-
-def test_v4_is_still_refused_with_its_reason():
-    cfg = preset("tiny-v4", vocab_size=64, hidden_size=64, moe_intermediate_size=32)
-    with pytest.raises(ValueError, match="DeepSeek-V4.*windowed and compressed caches.*CausalLM.generate"):
-        LLMEngine(CausalLM(cfg).eval())

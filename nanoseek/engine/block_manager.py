@@ -110,6 +110,10 @@ class BlockManager:
         while len(seq.block_table) < self.blocks_for(num_tokens):
             seq.block_table.append(self._take_free())
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> None:
+        """Room for the tokens the next step computes, up to num_tokens in all, beyond the
+        blocks `allocate` and `grow` give: nothing here (a V4 manager adds its window blocks)."""
+
     def free_seq(self, seq: Sequence) -> None:
         """Drop the sequence's references. Tail blocks go first so that, under LRU, the
         prefix (the part other requests can share) survives longest."""

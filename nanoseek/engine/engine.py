@@ -24,6 +24,8 @@ from nanoseek.engine.scheduler import Scheduler
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.spec import SpecStats
 from nanoseek.engine.spec_policy import SpecPolicy
+from nanoseek.engine.v4_blocks import V4BlockManager, window_blocks_needed
+from nanoseek.engine.v4_cache import PagedV4Cache, aligned_block_size
 from nanoseek.model import CausalLM
 from nanoseek.text.tokenizer import Tokenizer
 
@@ -51,25 +53,26 @@ class LLMEngine:
         self.config = config = config or EngineConfig(**kw)
         self.model, self.tokenizer = model.eval(), Tokenizer.of(tokenizer)
         cfg = model.config
-        if cfg.is_v4:  # a ValueError: the CLI's one-line user error, not a traceback
-            raise ValueError(
-                f"the engine's paged cache holds one row per token (MLA latents, V3.2's indexer keys); a "
-                f"DeepSeek-V4 model (arch {cfg.arch!r}) needs its windowed and compressed caches, "
-                "which the engine does not page yet. Generate with CausalLM.generate instead.")
         self.device = next(model.parameters()).device
         has_mtp = len(model.mtp) > 0
         if config.speculative and not has_mtp:
             raise ValueError("speculative=True needs a checkpoint with MTP layers (num_nextn_predict_layers >= 1)")
-        self.speculative = has_mtp if config.speculative is None else config.speculative
+        if cfg.is_v4 and config.speculative:  # a ValueError: the CLI's one-line user error
+            raise ValueError("speculative decoding is not served for DeepSeek-V4 yet: a rejected draft would have "
+                             "to roll back the compressors' open windows; run with speculative=False")
+        self.speculative = (has_mtp and not cfg.is_v4) if config.speculative is None else config.speculative
         num_layers = cfg.num_hidden_layers + (1 if self.speculative else 0)
         dtype = activation_dtype(model)  # the cache follows the model: bf16 halves its bytes per token
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         # No point holding more blocks than max_num_seqs full-length sequences can use.
         enough = config.max_num_seqs * -(-max_len // config.block_size) + 1
         budget = budget_bytes(config.kv_cache_memory or (0.9 if self.device.type == "cuda" else 0.05), self.device)
-        self.cache = PagedLatentCache.from_budget(cfg, budget, config.block_size, num_layers, dtype, self.device,
-                                                  max_blocks=enough)
-        self.block_manager = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        if cfg.is_v4:
+            self.cache, self.block_manager = self._v4_cache(cfg, config, budget, dtype, max_len)
+        else:
+            self.cache = PagedLatentCache.from_budget(cfg, budget, config.block_size, num_layers, dtype, self.device,
+                                                      max_blocks=enough)
+            self.block_manager = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
         eos = set(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else
                   [] if cfg.eos_token_id is None else [cfg.eos_token_id])
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -77,6 +80,15 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, self.speculative, SpecPolicy(max_batch=config.spec_max_batch))
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
+
+    def _v4_cache(self, cfg, config: EngineConfig, budget: int, dtype, max_len: int):
+        """DeepSeek-V4's pools and two block spaces (engine/v4_cache.py, v4_blocks.py). The
+        block size is raised to a multiple of every compression rate if it is not one."""
+        bs = aligned_block_size(cfg, config.block_size)
+        windows = window_blocks_needed(cfg.sliding_window, bs, config.max_num_seqs, config.max_num_batched_tokens)
+        enough = config.max_num_seqs * -(-max_len // bs) + 1
+        cache = PagedV4Cache.from_budget(cfg, budget, bs, windows, dtype, self.device, max_blocks=enough)
+        return cache, V4BlockManager(cache.num_blocks, windows, bs, cfg.sliding_window, config.enable_prefix_caching)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -145,9 +157,20 @@ class LLMEngine:
                 "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_used,
                 "kv_cache_usage": bm.num_used / bm.num_blocks, "kv_cache_bytes": self.cache.nbytes,
                 "kv_cache_bytes_by_kind": self.cache.nbytes_by_kind(),
+                "kv_cache_bytes_used_by_kind": self.bytes_used_by_kind(),
                 "prefix_cache_queries": bm.queries, "prefix_cache_hits": bm.hits,
                 "preemptions": sch.num_preemptions, "forwards": self.runner.forwards,
                 "spec_drafted": self.spec_stats.drafted, "spec_accepted": self.spec_stats.accepted}
+
+    def bytes_used_by_kind(self) -> dict[str, int]:
+        """Bytes of the blocks requests hold, per cache kind. V4's window rows and carry are in
+        window blocks, its compressed entries and indexer keys in main blocks."""
+        bm, kinds = self.block_manager, self.cache.nbytes_by_kind()
+        if isinstance(bm, V4BlockManager):
+            share = {"window": bm.window.num_used / bm.window.num_blocks,
+                     "compressor_state": bm.window.num_used / bm.window.num_blocks}
+            return {k: int(v * share.get(k, bm.num_used / bm.num_blocks)) for k, v in kinds.items()}
+        return {k: int(v * bm.num_used / bm.num_blocks) for k, v in kinds.items()}
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[Sequence]:

@@ -15,17 +15,19 @@ what it found goes back as one `SeqOutput` per sequence, which the scheduler's
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from nanoseek.engine.cache import BatchView, PagedLatentCache
 from nanoseek.engine.sampler import Sample, sample_batch
 from nanoseek.engine.sequence import Sequence, SeqOutput
 from nanoseek.engine.spec import MTPSpeculator
 from nanoseek.engine.spec_policy import SpecPolicy
+from nanoseek.engine.v4_cache import PagedV4Cache, SeqView
 from nanoseek.model import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: PagedLatentCache, speculative: bool = False,
+    def __init__(self, model: CausalLM, cache: PagedLatentCache | PagedV4Cache, speculative: bool = False,
                  spec_policy: SpecPolicy | None = None):
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
@@ -49,7 +51,7 @@ class ModelRunner:
         seqs, chunks = [s for s, _ in items], [n for _, n in items]
         starts = [s.num_computed for s in seqs]
         h, _ = self._forward([s.tokens(st, st + n) for s, st, n in zip(seqs, starts, chunks)], starts,
-                             [s.block_table for s in seqs], absorb=False)
+                             [s.block_table for s in seqs], absorb=False, window_tables=[s.window_table for s in seqs])
         last = [b for b, (s, st, n) in enumerate(zip(seqs, starts, chunks)) if st + n == len(s)]
         samples: list[list[Sample]] = [[] for _ in items]  # a prompt whose last chunk ran samples a token
         if last:
@@ -64,7 +66,8 @@ class ModelRunner:
     def _decode(self, seqs: list[Sequence]) -> list[SeqOutput]:
         starts = [s.num_computed for s in seqs]
         inputs = [[s.last_token] + ([s.draft] if s.draft is not None else []) for s in seqs]
-        h, view = self._forward(inputs, starts, [s.block_table for s in seqs], absorb=True)
+        h, view = self._forward(inputs, starts, [s.block_table for s in seqs], absorb=True,
+                                window_tables=[s.window_table for s in seqs])
         if h.shape[1] == 1:
             samples = [[smp] for smp in self.sample(seqs, self.logits(h[:, 0]))]
         else:  # one head call for both rows; an accepted draft adds a second sample
@@ -100,11 +103,27 @@ class ModelRunner:
         return self._forward(inputs, starts, block_tables, absorb)[0]
 
     @torch.inference_mode()
-    def _forward(self, inputs, starts, block_tables, absorb) -> tuple[torch.Tensor, BatchView]:
+    def _forward(self, inputs, starts, block_tables, absorb, window_tables=None) -> tuple[torch.Tensor, BatchView]:
         """forward, and the cache view it ran with (MTP reuses a decode's)."""
+        if isinstance(self.cache, PagedV4Cache):
+            return self._forward_v4(inputs, starts, block_tables, window_tables), None
         view = BatchView(self.cache, block_tables, starts, [len(r) for r in inputs], absorb)
         self.forwards += 1
         return self.model.hidden(self._pad(inputs), view.positions, view), view
+
+    def _forward_v4(self, inputs, starts, block_tables, window_tables) -> torch.Tensor:
+        """DeepSeek-V4: one forward per sequence (a V4 layer's state has one length for the
+        whole batch: model/v4/cache.py), each over its own paged view; the hidden states are
+        right-padded into [B, S, D] as the batched path returns them."""
+        self.forwards += 1
+        S, hs = max(len(r) for r in inputs), []
+        for ids, start, table, window in zip(inputs, starts, block_tables, window_tables):
+            view = SeqView(self.cache, table, window, start, len(ids))
+            pos = torch.arange(start, start + len(ids), device=self.device)[None]
+            h = self.model.hidden(torch.tensor([ids], dtype=torch.long, device=self.device), pos, view)
+            view.commit()
+            hs.append(F.pad(h[0], (0, 0, 0, S - len(ids))))
+        return torch.stack(hs)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

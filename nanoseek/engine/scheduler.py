@@ -124,6 +124,7 @@ class Scheduler:
         for seq in self.running:
             if not seq.in_decode and budget > 0:
                 chunk = min(seq.num_pending, budget)
+                self.bm.reserve(seq, seq.num_computed + chunk)
                 batch.prefills.append((seq, chunk))
                 budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -137,6 +138,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             chunk = min(seq.num_pending, budget)
+            self.bm.reserve(seq, seq.num_computed + chunk)
             batch.prefills.append((seq, chunk))
             budget -= chunk
         return batch

@@ -38,6 +38,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     block_table: list[int] = field(default_factory=list)
+    window_table: list[int | None] = field(default_factory=list)  # V4: window blocks (engine/v4_blocks.py)
     num_computed: int = 0          # tokens whose latents are in the cache
     num_hashed_blocks: int = 0     # leading full blocks registered in the prefix cache
     num_cached_prompt_tokens: int = 0  # prefix-cache hit on (the last) admission

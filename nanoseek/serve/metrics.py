@@ -40,14 +40,14 @@ class EngineCollector:
                   ("kv_cache_usage_ratio", "share of KV-cache blocks held by requests", s["kv_cache_usage"])]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(f"nanoseek_{name}", doc, value=value)
-        # per cache kind (V3: the latent; V3.2: the latent and the indexer keys): the pool's
-        # bytes, and the share of them the held blocks use (every kind shares the block tables)
-        for name, doc, share in (("kv_cache_bytes", "KV-cache bytes allocated, per cache kind", 1.0),
-                                 ("kv_cache_bytes_used", "KV-cache bytes held by requests, per cache kind",
-                                  s["kv_cache_usage"])):
+        # per cache kind (V3: the latent; V3.2: the latent and the indexer keys; V4: window,
+        # compressed, indexer, compressor_state): the pools' bytes, and those of held blocks
+        for name, doc, key in (("kv_cache_bytes", "KV-cache bytes allocated, per cache kind", "kv_cache_bytes_by_kind"),
+                               ("kv_cache_bytes_used", "KV-cache bytes held by requests, per cache kind",
+                                "kv_cache_bytes_used_by_kind")):
             g = GaugeMetricFamily(f"nanoseek_{name}", doc, labels=["kind"])
-            for kind, nbytes in s["kv_cache_bytes_by_kind"].items():
-                g.add_metric([kind], nbytes * share)
+            for kind, nbytes in s[key].items():
+                g.add_metric([kind], nbytes)
             yield g
         counters = [("prefix_cache_queries", "full prompt blocks looked up in the prefix cache",
                      s["prefix_cache_queries"]),

@@ -43,8 +43,22 @@ class CompressorState:
         return 0 if self.entries is None else self.entries.shape[1]
 
     def append_entries(self, new: torch.Tensor) -> torch.Tensor:
+        """Keep new entries [B, n, d]; return every entry so far [B, N, d]."""
         self.entries = _cat(self.entries, new)
         return self.entries
+
+    def set_overlap(self, kv_a: torch.Tensor, score_a: torch.Tensor) -> None:
+        """CSA: the C^a halves [B, n, m, d] (and their gate logits + bias) of the windows this
+        call closed, in order; the next entry pools the last one. The engine's paged state
+        (engine/v4_cache.py) also files each block's last one with that block."""
+        self.overlap_kv, self.overlap_score = kv_a[:, -1].clone(), score_a[:, -1].clone()
+
+    def gather_entries(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [B, S, k] entry numbers -> those entries [B, S, k, d] (CSA's sparse decode reads
+        only the indexer's top-k; a paged cache reads them through its block table)."""
+        B, S, k = idx.shape
+        rows = torch.gather(self.entries, 1, idx.reshape(B, S * k, 1).expand(-1, -1, self.entries.shape[-1]))
+        return rows.view(B, S, k, -1)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.pending_kv, self.pending_score, self.overlap_kv,

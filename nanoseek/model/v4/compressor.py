@@ -66,8 +66,11 @@ class Compressor(nn.Module):
         if indexer is not None:  # CSA: the lightning indexer that picks this compressor's entries
             self.indexer = indexer
 
-    def compress(self, x: torch.Tensor, rotary: V4Rotary, state: CompressorState | None) -> torch.Tensor:
-        """x [B, S, D] (the tokens after those `state` has seen) -> every entry so far [B, N, d]."""
+    def compress(self, x: torch.Tensor, rotary: V4Rotary, state: CompressorState | None,
+                 read: bool = True) -> torch.Tensor | None:
+        """x [B, S, D] (the tokens after those `state` has seen) -> every entry so far [B, N, d].
+        read=False only files the new entries with `state` and returns None: CSA's sparse decode
+        reads just the top-k of them (`CompressorState.gather_entries`)."""
         B, m = x.shape[0], self.rate
         kv, score = self.project(x)
         first = 0
@@ -87,7 +90,10 @@ class Compressor(nn.Module):
         entries = self.kv_norm(pooled).to(x.dtype)
         freqs = rotary((first + torch.arange(n, device=x.device)) * m)  # [n, r/2]
         entries = rope_tail(entries.unsqueeze(2), freqs).squeeze(2)
-        return entries if state is None else state.append_entries(entries)
+        if state is None:
+            return entries
+        state.append_entries(entries)
+        return state.entries if read else None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """C = x W^KV and Z = x W^Z, returned in fp32. x is cast to the weights' dtype: fp32
@@ -113,5 +119,5 @@ class Compressor(nn.Module):
         prev_kv = torch.cat([first_kv, kv[:, :-1, :, :d]], dim=1)[:, :n]
         prev_score = torch.cat([first_score, score[:, :-1, :, :d]], dim=1)[:, :n]
         if state is not None and n > 0:
-            state.overlap_kv, state.overlap_score = kv[:, -1, :, :d].clone(), score[:, -1, :, :d].clone()
+            state.set_overlap(kv[..., :d], score[..., :d])
         return torch.cat([prev_kv, kv[..., d:]], dim=2), torch.cat([prev_score, score[..., d:]], dim=2)
