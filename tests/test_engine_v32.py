@@ -61,10 +61,11 @@ def model(hf_and_model):
 
 @pytest.fixture(scope="module")
 def load():
-    """8 prompts of 17..63 tokens: the longer ones take several 24-token prefill chunks, and
+    """32 prompts of 17..100 tokens: the longer ones take several 24-token prefill chunks, and
     the last four share a 40-token prefix (5 blocks of 8), so later ones hit the prefix cache."""
     g = torch.Generator().manual_seed(1)
-    own = [torch.randint(3, 256, (L,), generator=g).tolist() for L in (17, 25, 33, 63)]
+    lengths = [17, 25, 33, 63] + torch.randint(17, 101, (24,), generator=g).tolist()
+    own = [torch.randint(3, 256, (L,), generator=g).tolist() for L in lengths]
     shared = torch.randint(3, 256, (40,), generator=g).tolist()
     return own + [shared + torch.randint(3, 256, (L,), generator=g).tolist() for L in (1, 5, 9, 20)]
 
@@ -98,8 +99,8 @@ def test_the_references_agree_and_are_sparse(hf_and_model, load, refs):
 def test_greedy_equals_generate_with_chunks_and_prefix_hits(model, load, refs, speculative):
     llm = LLM(model, kv_cache_memory=2**22, block_size=8, max_num_batched_tokens=24, max_num_seqs=8,
               speculative=speculative)
-    first = llm.generate(load[:5], GREEDY, use_tqdm=False)  # the first shared-prefix prompt fills the cache
-    rest = llm.generate(load[5:], GREEDY, use_tqdm=False)
+    first = llm.generate(load[:-3], GREEDY, use_tqdm=False)  # the first shared-prefix prompt fills the cache
+    rest = llm.generate(load[-3:], GREEDY, use_tqdm=False)
     assert token_ids(first + rest) == refs
     assert max(len(p) for p in load) > 24  # a prompt longer than a step's token budget: chunked
     assert [o.num_cached_tokens for o in rest] == [40, 40, 40]
@@ -141,7 +142,8 @@ def test_accepted_and_rejected_drafts_keep_the_output(model, load, refs):
     one forward, the second row's top-k over a context that includes the draft) and the
     roll-back path both run, in a roomy and in a preempting cache."""
     cfg = model.config
-    tiny = PagedLatentCache.bytes_per_token(cfg, cfg.num_hidden_layers + 1, torch.float32) * 96
+    tiny = PagedLatentCache.bytes_per_token(cfg, cfg.num_hidden_layers + 1, torch.float32) * (
+        max(len(p) for p in load) + N + 16)
     for memory in (2**22, tiny):
         engine = OracleDraftEngine(model, None, kv_cache_memory=memory, block_size=4, max_num_batched_tokens=24,
                                    max_num_seqs=8, speculative=True)
