@@ -37,6 +37,21 @@ o_b_proj, sinks, compressor.{kv_proj, gate_proj, position_bias, kv_norm}, compre
 q_norm, wq_b, wkv, kv_norm, wo_a, wo_b, attn_sink, compressor.{wkv, wgate, ape, norm},
 indexer.{compressor.*, wq_b, weights_proj}).
 
+CSA reads the indexer's top-k in one of two ways, the same function (tests/test_v4_sparse_decode.py):
+  * masked (training, full forwards, the dense warm-up, no more entries than index_topk):
+    scores against every compressed entry [B, N, D], the unselected ones masked out (HCA
+    reads its entries this way always). Training needs it: the indexer's KL target is the
+    attention's probabilities on every candidate.
+  * sparse (a cached forward outside training, once a layer has more entries than
+    index_topk: decode and cached prefill, `reads_top_k`): the indexer hands each query its
+    top-k entry numbers [B, S, k] (ties to the earlier entry, model/dsa.py `top_k_indices`;
+    a query that sees fewer than k entries has the extra slots masked), the layer state's
+    `gather_entries` reads those entries [B, S, k, D] (a paged cache reads them through its
+    block table), and the softmax runs over window + k entries + sink (eq. 17). The cost
+    per query past the indexer's O(N) scores no longer grows with the context; the
+    compressor files the call's new entries with the state (`compress(read=False)`) and
+    hands back none, so no tensor of all the attention's entries is read.
+
 DeepSeek's reference and transformers compute the same fp32 function. Left out, as in
 transformers: the reference's FP8 simulation of the window keys' non-rope channels and FP4
 simulation + Hadamard rotation of the indexer's q and k (quantisation-aware training; the
@@ -130,32 +145,50 @@ class V4Attention(nn.Module):
         band = (kj >= qi % w) & (kj <= qi % w + w - 1)
         return blocks, (band & real)[:S]
 
+    def reads_top_k(self, state: V4LayerState | None, n_entries: int) -> bool:
+        """Whether this forward gathers each query's top-k entries instead of masking all
+        n_entries: a CSA layer under a cache, outside training, whose indexer selects (more
+        entries than index_topk, not the dense warm-up). Training keeps the mask: the
+        indexer's KL target needs the attention's probabilities on every candidate."""
+        return (self.layer_type == CSA and state is not None and not self.training
+                and not self.compressor.indexer.attends_all(n_entries))
+
     def compressed_keys(self, x, q_residual, freqs_cis, start: int, state: V4LayerState | None):
-        """Compressed entries [B, N, D], the mask of those each query reads [B, S, N], and for
-        CSA the indexer's scores (for its loss)."""
+        """The compressed entries the queries read, the mask of those each query reads, and for
+        CSA the indexer's scores (for its loss). Masked: every entry [B, N, D] and the mask
+        [B, S, N]. Sparse (`reads_top_k`): each query's top-k entries [B, S, k, D], read
+        through the state's `gather_entries`, and which of them it may see [B, S, k]."""
         B, S, _ = x.shape
         q_pos = torch.arange(start, start + S, device=x.device)
         c = self.compressor
-        entries = c.compress(x, self.rotary, state.compressor("compressor") if state else None)
+        cstate = state.compressor("compressor") if state else None
         if self.layer_type == HCA:
+            entries = c.compress(x, self.rotary, cstate)
             return entries, visible_entries(q_pos, entries.shape[1], c.rate).expand(B, -1, -1), None
-        # The indexer learns only from its own loss: its inputs are cut from the graph.
-        scores, chosen = c.indexer(x.detach(), q_residual.detach(), freqs_cis, self.rotary, q_pos,
-                                   state.compressor("indexer") if state else None)
-        return entries, chosen, scores
+        # The indexer learns only from its own loss: its inputs are cut from the graph. It
+        # compresses the same tokens at the same rate, so its N is the attention's.
+        scores, visible = c.indexer(x.detach(), q_residual.detach(), freqs_cis, self.rotary, q_pos,
+                                    state.compressor("indexer") if state else None)
+        if self.reads_top_k(state, scores.shape[-1]):
+            c.compress(x, self.rotary, cstate, read=False)  # files this call's entries, reads none
+            idx, valid = c.indexer.top_k(scores, visible)
+            return cstate.gather_entries(idx), valid, scores
+        return c.compress(x, self.rotary, cstate), c.indexer.select(scores, visible), scores
 
     def attend(self, q, blocks, window_mask, entries=None, entry_mask=None):
         """o_{t,h} = Σ_s softmax_s([z_{t,h,s} ; sink_h]) · kv_s over the window's keys (blocks,
-        window_mask [S, 2w-1]) and the compressed entries [B, N, D] under entry_mask [B, S, N].
-        Returns o [B, S, H, D] and the probabilities on the entries [B, S, H, N] in fp32 (the
-        indexer's KL target, as V3.2's MLA.attention_probs; None without entries)."""
+        window_mask [S, 2w-1]) and the compressed entries under entry_mask: every entry
+        [B, N, D] with a mask [B, S, N], or each query's own k [B, S, k, D] (sparse) with
+        [B, S, k]. Returns o [B, S, H, D] and the probabilities on the entries [B, S, H, N|k]
+        in fp32 (the indexer's KL target, as V3.2's MLA.attention_probs; None without entries)."""
         B, S, H, D = q.shape
         nb, w = blocks.shape[1], self.window
         qb = F.pad(q, (0, 0, 0, 0, 0, nb * w - S)).view(B, nb, w, H, D)
         z = torch.einsum("bnqhd,bnkd->bnqhk", qb, blocks).reshape(B, nb * w, H, -1)[:, :S]
         parts = [z.float().masked_fill(~window_mask[:, None, :], float("-inf"))]
         if entries is not None:
-            zc = torch.einsum("bshd,bnd->bshn", q, entries).float()
+            keys = "bskd" if entries.dim() == 4 else "bkd"  # each query's own, or shared by all
+            zc = torch.einsum(f"bshd,{keys}->bshk", q, entries).float()
             parts.append(zc.masked_fill(~entry_mask.unsqueeze(-2), float("-inf")))
         z = torch.cat(parts, dim=-1) * self.softmax_scale
         sink = self.sinks.float().view(1, 1, H, 1).expand(B, S, H, 1)
@@ -165,7 +198,7 @@ class V4Attention(nn.Module):
         o = torch.einsum("bnqhk,bnkd->bnqhd", pw, blocks).reshape(B, nb * w, H, D)[:, :S]
         if entries is None:
             return o, None
-        return o + torch.einsum("bshn,bnd->bshd", pc, entries), probs[..., 2 * w - 1:]
+        return o + torch.einsum(f"bshk,{keys}->bshd", pc, entries), probs[..., 2 * w - 1:]
 
     # ------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:

@@ -7,7 +7,8 @@ q-LoRA latent c^Q_t (shared with the main queries):
     w^I_{t,h} = (W^w h_t)_h · n_h^{-1/2}                              (scorer.weights_proj)
     I_{t,s}   = Σ_h w^I_{t,h} · ReLU(q^I_{t,h} · K^IComp_s) · c^{-1/2}   (eq. 15)
 over the entries query t may see ((s + 1)·m <= t + 1), and the attention reads the top
-index_topk of them (eq. 17).
+index_topk of them (eq. 17): as a mask over every entry (`select`, training and full forwards)
+or as each query's entry numbers (`top_k`, cached decoding, which gathers only those entries).
 
 DeepSeek's reference also applies a Hadamard rotation to q^I and K^IComp and simulates FP4 on
 them (quantisation-aware training of the indexer's QK path). The rotation is orthonormal, so
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.dsa import IndexerTraining, top_k_mask
+from nanoseek.model.dsa import IndexerTraining, top_k_indices, top_k_mask
 from nanoseek.model.v4.cache import CompressorState
 from nanoseek.model.v4.compressor import Compressor, visible_entries
 from nanoseek.model.v4.rope import V4Rotary, rope_tail
@@ -70,13 +71,14 @@ class Indexer(IndexerTraining, Compressor):
     def forward(self, x: torch.Tensor, q_residual: torch.Tensor, freqs_cis: torch.Tensor,
                 rotary: V4Rotary, q_pos: torch.Tensor, state: CompressorState | None):
         """x [B, S, D], q_residual [B, S, q_lora_rank], freqs_cis [B, S, r/2] (the queries'),
-        q_pos [S] -> (scores I [B, S, N], -inf where unseen; candidates S_t [B, S, N] bool)."""
+        q_pos [S] -> (scores I [B, S, N], -inf where unseen; visible [B, S, N] bool, the
+        entries each query may see). `select` or `top_k` turns them into S_t."""
         B, S, _ = x.shape
         keys = self.compress(x, rotary, state)
         q = rope_tail(self.q_b_proj(q_residual).view(B, S, self.n_heads, self.head_dim), freqs_cis)
         visible = visible_entries(q_pos, keys.shape[1], self.rate).expand(B, -1, -1)
         scores = self.scorer(q, keys, x).masked_fill(~visible, float("-inf"))
-        return scores, self.select(scores, visible)
+        return scores, visible
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """The entries each query attends: all it may see (dense warm-up, or no more than
@@ -87,3 +89,12 @@ class Indexer(IndexerTraining, Compressor):
         if self.attends_all(scores.shape[-1]):
             return visible
         return top_k_mask(scores, self.index_topk) & visible
+
+    def top_k(self, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S_t as entry numbers, for the sparse path that gathers them (only when attention does
+        not read every entry: not `attends_all`): (idx [B, S, k] long, ascending; valid
+        [B, S, k] bool), k = index_topk. A query that sees fewer than k entries also gets
+        unseen ones (scored -inf), which `valid` marks False, so {idx | valid} is exactly
+        `select`'s mask: the same tie rule (model/dsa.py `top_k_indices`)."""
+        idx = top_k_indices(scores, self.index_topk)
+        return idx, visible.gather(-1, idx)
