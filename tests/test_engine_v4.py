@@ -197,3 +197,22 @@ def test_fp8_weights_serve_as_generate_does(model, load):
     llm = LLM(fp8, quantization="fp8", **engine_kw())
     assert type(fp8.model.layers[1].self_attn.q_b_proj).__name__ == "FP8Linear"
     assert token_ids(llm.generate(load[:8], GREEDY, use_tqdm=False)) == generate_refs(fp8, load[:8])
+
+
+def test_a_decode_step_is_one_batched_forward(model, load, refs, monkeypatch):
+    """Every decoding sequence, each at its own length, goes through one forward per step
+    (model/v4/decode.py over engine/v4_decode.py's DecodeView), and the outputs stay equal."""
+    import nanoseek.model.v4.attention as attention
+    batches = []
+    real = attention.decode_attention
+
+    def spy(attn, x, positions, state):
+        batches.append(positions[:, 0].tolist())
+        return real(attn, x, positions, state)
+
+    monkeypatch.setattr(attention, "decode_attention", spy)
+    llm = LLM(model, **engine_kw(enable_prefix_caching=False))
+    assert token_ids(llm.generate(load[:8], GREEDY, use_tqdm=False)) == refs[:8]
+    layers = model.config.num_hidden_layers
+    assert max(len(b) for b in batches) == 8 and len(batches) % layers == 0
+    assert any(len(set(p % 16 for p in b)) > 4 for b in batches)  # rows at different offsets in their windows

@@ -23,6 +23,7 @@ from nanoseek.engine.sequence import Sequence, SeqOutput
 from nanoseek.engine.spec import MTPSpeculator
 from nanoseek.engine.spec_policy import SpecPolicy
 from nanoseek.engine.v4_cache import PagedV4Cache, SeqView
+from nanoseek.engine.v4_decode import DecodeView
 from nanoseek.model import CausalLM
 
 
@@ -112,10 +113,16 @@ class ModelRunner:
         return self.model.hidden(self._pad(inputs), view.positions, view), view
 
     def _forward_v4(self, inputs, starts, block_tables, window_tables) -> torch.Tensor:
-        """DeepSeek-V4: one forward per sequence (a V4 layer's state has one length for the
-        whole batch: model/v4/cache.py), each over its own paged view; the hidden states are
+        """DeepSeek-V4. A decode step (one token per sequence) is one batched forward over a
+        `DecodeView` (model/v4/decode.py computes a V4 layer for rows at different lengths).
+        Prefill chunks run one forward per sequence (a V4 layer's state has one length for the
+        whole batch: model/v4/cache.py), each over its own `SeqView`; the hidden states are
         right-padded into [B, S, D] as the batched path returns them."""
         self.forwards += 1
+        if all(len(r) == 1 for r in inputs) and all(st > 0 for st in starts):  # decode: one batched forward
+            view = DecodeView(self.cache, block_tables, window_tables, starts)
+            ids = torch.tensor(inputs, dtype=torch.long, device=self.device)
+            return self.model.hidden(ids, view.positions[:, None], view)
         S, hs = max(len(r) for r in inputs), []
         for ids, start, table, window in zip(inputs, starts, block_tables, window_tables):
             view = SeqView(self.cache, table, window, start, len(ids))

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in fp32 whatever the activation dtype (as DeepSeek and transformers do)."""
+"""RMSNorm, computed in fp32 whatever the activation dtype (as DeepSeek and transformers do); V4's unweighted per-head form."""
 
 import torch
 from torch import nn
@@ -15,3 +15,8 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def head_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) per head, no weight (V4's query normalisation)."""
+    return (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -67,9 +67,10 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.config.model_config import CSA, HCA, SLIDING
-from nanoseek.model.norm import RMSNorm
+from nanoseek.model.norm import RMSNorm, head_rms_norm
 from nanoseek.model.v4.cache import V4LayerState, advance, layer_state
 from nanoseek.model.v4.compressor import Compressor, visible_entries
+from nanoseek.model.v4.decode import decode_attention
 from nanoseek.model.v4.indexer import Indexer
 from nanoseek.model.v4.rope import V4Rotary, rope_tail
 
@@ -86,11 +87,6 @@ class GroupedLinear(nn.Linear):
         """x [..., g, H·d/g] -> [..., g, d_g]."""
         w = self.weight.view(self.groups, -1, self.in_features)
         return torch.einsum("...gi,gri->...gr", x, w)
-
-
-def head_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) per head, no weight (V4's query normalisation)."""
-    return (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class V4Attention(nn.Module):
@@ -205,6 +201,8 @@ class V4Attention(nn.Module):
         B, S, _ = x.shape
         H, D = self.n_heads, self.head_dim
         state = layer_state(cache, self.layer_id, S)
+        if getattr(state, "ragged", False):  # B sequences at B lengths, one token each (the engine's decode)
+            return decode_attention(self, x, positions, state)
         start = state.length if state is not None else 0
         freqs_cis = self.rotary(positions)  # [B, S, r/2]
 

@@ -44,7 +44,8 @@ class CompressorState:
 
     def append_entries(self, new: torch.Tensor) -> torch.Tensor:
         """Keep new entries [B, n, d]; return every entry so far [B, N, d]."""
-        self.entries = _cat(self.entries, new)
+        if new.shape[1] or self.entries is None:  # no copy of every entry on a call that closes none
+            self.entries = _cat(self.entries, new)
         return self.entries
 
     def set_overlap(self, kv_a: torch.Tensor, score_a: torch.Tensor) -> None:
