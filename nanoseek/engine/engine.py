@@ -59,7 +59,8 @@ class LLMEngine:
             raise ValueError("speculative=True needs a checkpoint with MTP layers (num_nextn_predict_layers >= 1)")
         if cfg.is_v4 and config.speculative:  # a ValueError: the CLI's one-line user error
             raise ValueError("speculative decoding is not served for DeepSeek-V4 yet: a rejected draft would have "
-                             "to roll back the compressors' open windows; run with speculative=False")
+                             "to roll back the compressors' open windows; leave it off (speculative=False, "
+                             "or --no-speculative on the command line)")
         self.speculative = (has_mtp and not cfg.is_v4) if config.speculative is None else config.speculative
         num_layers = cfg.num_hidden_layers + (1 if self.speculative else 0)
         dtype = activation_dtype(model)  # the cache follows the model: bf16 halves its bytes per token
