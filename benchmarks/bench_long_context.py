@@ -26,9 +26,9 @@ What the figures mean on this code (read docs/long-context.md):
     part linear in L is the indexer's, about as wide as tiny V3's whole MLA (4 heads over a
     64 + 16 latent), so the tiny models cannot show V3.2's saving (real V3.2: 64 x 128 FP8
     indexer against 128 heads over 512 + 64).
-  * V4's CSA layers score all L/m compressed entries with the indexer and attend over all of
-    them under the top-k mask (model/v4/attention.py `attend`: top-k is a mask, not a
-    gather), HCA layers over all L/m'; both are a quarter or less of V3's rows.
+  * V4's CSA layers score all L/m compressed entries with the indexer and attend over the
+    top-k it picks, gathered (model/v4/attention.py, `CompressorState.gather_entries`); HCA
+    layers attend over all L/m'; both are a quarter or less of V3's rows.
 
 Threads: one by default. On a shared 2-core machine two torch threads wait on each other at
 every op's barrier whenever another process holds a core: a V3 decode step measured 400 ms
