@@ -180,8 +180,6 @@ def test_a_real_v4_request_holds_what_calc_kv_counts():
     assert engine.bytes_used_by_kind() == expected
 
 
-@pytest.mark.xfail(strict=True, reason="LLMEngine.bytes_used_by_kind scales V4's pools by the float "
-                   "share used / total and truncates: 26624 * 35 * (9 / 35) = 239615.99..., one byte short")
 def test_v4_bytes_used_are_whole_blocks_for_any_count():
     """Bytes held are a whole number of blocks' bytes, whatever share of the pool is used:
     9 of 35 window blocks hold 9 blocks' carry, not a byte less."""

@@ -64,7 +64,7 @@ def test_past_the_context_is_a_400_while_a_running_request_finishes(ckpt):
                 r = complete(live, prompt, max_tokens)
                 err = r.json()["error"]
                 assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
-                assert f"context is {CONTEXT} tokens" in err["message"]
+                assert f"at most {CONTEXT} tokens a request" in err["message"]
                 assert f"prompt has {len(prompt)} and {max_tokens} tokens" in err["message"]
                 assert f"({len(prompt) + max_tokens} in all)" in err["message"]
             assert worker.is_alive() and len(engine.requests) == 1  # still held at the gate
@@ -90,7 +90,7 @@ def test_past_the_cache_is_a_400_naming_its_capacity(ckpt):
         assert models["data"][0]["max_model_len"] == CAPACITY
         r = complete(live, ids(100, 4))
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
-        assert f"context is {CAPACITY} tokens" in r.json()["error"]["message"]
+        assert f"at most {CAPACITY} tokens a request" in r.json()["error"]["message"]
         ok = complete(live, ids(CAPACITY - 4, 5))  # exactly what the cache holds, output included
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4, ok.text
     finally:

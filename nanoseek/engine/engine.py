@@ -167,11 +167,9 @@ class LLMEngine:
         """Bytes of the blocks requests hold, per cache kind. V4's window rows and carry are in
         window blocks, its compressed entries and indexer keys in main blocks."""
         bm, kinds = self.block_manager, self.cache.nbytes_by_kind()
-        if isinstance(bm, V4BlockManager):
-            share = {"window": bm.window.num_used / bm.window.num_blocks,
-                     "compressor_state": bm.window.num_used / bm.window.num_blocks}
-            return {k: int(v * share.get(k, bm.num_used / bm.num_blocks)) for k, v in kinds.items()}
-        return {k: int(v * bm.num_used / bm.num_blocks) for k, v in kinds.items()}
+        window = {"window", "compressor_state"} if isinstance(bm, V4BlockManager) else set()
+        spaces = {k: bm.window if k in window else bm for k in kinds}
+        return {k: v * spaces[k].num_used // spaces[k].num_blocks for k, v in kinds.items()}
 
     # ---------------------------------------------------------------------- step
     def step(self) -> list[Sequence]:

@@ -101,7 +101,8 @@ def check_context(prompt: list[int], params: SamplingParams, max_model_len: int,
     need = len(prompt) + (params.max_tokens or 1)
     if need > max_model_len:
         asked = f"{params.max_tokens} tokens to generate" if params.max_tokens else "at least 1 new token"
-        raise APIError(400, f"this model's context is {max_model_len} tokens; the prompt has {len(prompt)} and "
+        raise APIError(400, f"this server serves at most {max_model_len} tokens a request (the model's "
+                            f"context, or less if the KV cache holds less); the prompt has {len(prompt)} and "
                             f"{asked} were asked ({need} in all): shorten the {param} or lower max_tokens",
                        param=param, code="context_length_exceeded")
 
