@@ -1,7 +1,8 @@
 """DeepSeek-V4 through the paged engine: greedy outputs equal transformers' DeepseekV4ForCausalLM
 (and CausalLM.generate) for 32 prompts of mixed lengths, through chunked prefill that crosses
 windows mid-chunk, prefix-cache hits that end on a window boundary and mid-window, preemption
-and recompute, bf16 and FP8 weights; window blocks are released as the window slides."""
+and recompute, MTP speculation (accepted and rolled-back drafts), bf16 and FP8 weights; window
+blocks are released as the window slides."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from nanoseek.engine import LLM, SamplingParams
 from nanoseek.engine.engine import LLMEngine
 from nanoseek.engine.v4_blocks import window_span
 from nanoseek.engine.v4_cache import PagedV4Cache, aligned_block_size
+from nanoseek.engine.v4_decode import DecodeView
 from nanoseek.model import CausalLM
 from tests.conftest import randomize
-from tests.test_engine import token_ids
+from tests.test_engine import OracleDraftEngine, token_ids
 from tests.test_v4_model import hf_to_ours, random_tid2eid, v4_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,7 +81,9 @@ def test_generate_equals_transformers_and_is_sparse(hf_and_model, load, refs):
 
 
 def engine_kw(**kw):
-    return dict(kv_cache_memory=2**22, block_size=BS, max_num_batched_tokens=24, max_num_seqs=8, **kw)
+    """Small blocks and a 24-token step: chunked prefill; no speculation unless asked for."""
+    return {"kv_cache_memory": 2**22, "block_size": BS, "max_num_batched_tokens": 24, "max_num_seqs": 8,
+            "speculative": False, **kw}
 
 
 def test_greedy_equals_generate_with_chunked_prefill(model, load, refs):
@@ -166,16 +170,64 @@ def test_preemption_and_recompute_change_nothing(model, load, refs):
 
 
 def test_block_size_is_raised_to_a_window_boundary(model):
-    engine = LLMEngine(model, None, kv_cache_memory=2**22, block_size=6)
+    engine = LLMEngine(model, None, kv_cache_memory=2**22, block_size=6, speculative=False)
     assert aligned_block_size(model.config, 6) == 16 == engine.cache.block_size
     with pytest.raises(ValueError, match="multiple of every compression rate"):
         PagedV4Cache(model.config, 4, 4, 8, torch.float32)
 
 
-def test_speculation_is_refused_for_v4(model):
-    assert LLMEngine(model, None, kv_cache_memory=2**22).speculative is False
-    with pytest.raises(ValueError, match="speculative decoding is not served for DeepSeek-V4"):
-        LLMEngine(model, None, kv_cache_memory=2**22, speculative=True)
+@pytest.mark.parametrize("memory", [2**22, "tight"])
+def test_accepted_and_rejected_drafts_keep_the_output(model, load, refs, memory):
+    """MTP speculation (the MTP block is a sliding-window layer): drafts right two times in
+    three (OracleDraftEngine), so verification keeps two tokens from one forward or rolls the
+    draft back, also where the draft closes a compressor window (its entry and carry must not
+    survive a reject), in a roomy cache and one that preempts."""
+    if memory == "tight":
+        cfg = model.config
+        per = PagedV4Cache.block_bytes(cfg, BS, torch.float32, cfg.num_hidden_layers + 1)
+        windows = 8 * (window_span(cfg.sliding_window, BS) + 1) + 2
+        longest = max(len(p) for p in load) + N
+        memory = windows * (per["window"] + per["compressor_state"]) + (per["compressed"] + per["indexer"]) * (
+            -(-longest // BS) + 3)
+    engine = OracleDraftEngine(model, None, **{**engine_kw(speculative=True), "kv_cache_memory": memory})
+    assert engine.speculative and len(engine.cache.window) == model.config.num_hidden_layers + 1
+    engine.truth = {tuple(p): p + r for p, r in zip(load, refs)}
+    closing = []
+    real_commit = DecodeView.commit
+
+    def spy(view, keep):
+        ends = (view.starts + view.q_lens).tolist()
+        closing.extend(k < q and e % 4 == 0 for k, q, e in zip(keep, view.q_lens.tolist(), ends))
+        return real_commit(view, keep)
+
+    DecodeView.commit = spy
+    try:
+        seqs = [engine.add_request(p, GREEDY) for p in load]
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        DecodeView.commit = real_commit
+    assert [s.output_token_ids for s in seqs] == refs
+    assert 0 < engine.spec_stats.accepted < engine.spec_stats.drafted
+    assert any(closing), "no rejected draft closed a CSA window"
+    assert (engine.scheduler.num_preemptions > 0) == (memory != 2**22)
+
+
+def test_real_mtp_drafts_keep_the_output(model, load, refs):
+    """The model's own (random) MTP block drafts: whatever it proposes, the output is greedy's."""
+    llm = LLM(model, **engine_kw(speculative=True))
+    assert token_ids(llm.generate(load, GREEDY, use_tqdm=False)) == refs
+    assert llm.engine.spec_stats.drafted > 0
+    assert llm.engine.cache.window[model.config.num_hidden_layers].abs().sum() > 0  # the MTP layer's rows
+
+
+def test_a_compressed_mtp_block_is_not_speculated(model):
+    cfg = model.config
+    compressed = CausalLM(v4_config(max_position_embeddings=512, mtp_layer_type=cfg.layer_types[2])).eval()
+    assert LLMEngine(compressed, None, kv_cache_memory=2**22).speculative is False
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        LLMEngine(compressed, None, kv_cache_memory=2**22, speculative=True)
+    assert LLMEngine(model, None, kv_cache_memory=2**22).speculative is True
 
 
 def test_bf16_engine_follows_bf16_generate(model, load):

@@ -27,7 +27,7 @@ def _ids(text: str, flag: str) -> list[int]:
 # ------------------------------------------------ options generate, serve and chat share
 def speculative_option():
     return typer.Option(None, "--speculative/--no-speculative",
-                        help="MTP speculative decoding [default: on when the checkpoint has MTP layers; off for DeepSeek-V4, which the engine does not speculate for]")
+                        help="MTP speculative decoding [default: on when the checkpoint has MTP layers]")
 
 
 def kv_cache_memory_option():

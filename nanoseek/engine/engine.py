@@ -57,11 +57,13 @@ class LLMEngine:
         has_mtp = len(model.mtp) > 0
         if config.speculative and not has_mtp:
             raise ValueError("speculative=True needs a checkpoint with MTP layers (num_nextn_predict_layers >= 1)")
-        if cfg.is_v4 and config.speculative:  # a ValueError: the CLI's one-line user error
-            raise ValueError("speculative decoding is not served for DeepSeek-V4 yet: a rejected draft would have "
-                             "to roll back the compressors' open windows; leave it off (speculative=False, "
-                             "or --no-speculative on the command line)")
-        self.speculative = (has_mtp and not cfg.is_v4) if config.speculative is None else config.speculative
+        # V4's MTP block is served when its attention is a sliding window (every published V4's):
+        # a compressed one would need its compressors' state rolled back with each rejected draft
+        compressed_mtp = cfg.is_v4 and bool(cfg.compress_rate(cfg.mtp_layer_type))
+        if compressed_mtp and config.speculative:
+            raise ValueError(f"speculative decoding serves a DeepSeek-V4 MTP block with sliding-window attention; "
+                             f"this one's is {cfg.mtp_layer_type!r}: leave speculation off (--no-speculative)")
+        self.speculative = (has_mtp and not compressed_mtp) if config.speculative is None else config.speculative
         num_layers = cfg.num_hidden_layers + (1 if self.speculative else 0)
         dtype = activation_dtype(model)  # the cache follows the model: bf16 halves its bytes per token
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -69,7 +71,7 @@ class LLMEngine:
         enough = config.max_num_seqs * -(-max_len // config.block_size) + 1
         budget = budget_bytes(config.kv_cache_memory or (0.9 if self.device.type == "cuda" else 0.05), self.device)
         if cfg.is_v4:
-            self.cache, self.block_manager = self._v4_cache(cfg, config, budget, dtype, max_len)
+            self.cache, self.block_manager = self._v4_cache(cfg, config, budget, dtype, max_len, num_layers)
         else:
             self.cache = PagedLatentCache.from_budget(cfg, budget, config.block_size, num_layers, dtype, self.device,
                                                       max_blocks=enough)
@@ -82,13 +84,14 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
-    def _v4_cache(self, cfg, config: EngineConfig, budget: int, dtype, max_len: int):
+    def _v4_cache(self, cfg, config: EngineConfig, budget: int, dtype, max_len: int, num_layers: int):
         """DeepSeek-V4's pools and two block spaces (engine/v4_cache.py, v4_blocks.py). The
         block size is raised to a multiple of every compression rate if it is not one."""
         bs = aligned_block_size(cfg, config.block_size)
         windows = window_blocks_needed(cfg.sliding_window, bs, config.max_num_seqs, config.max_num_batched_tokens)
         enough = config.max_num_seqs * -(-max_len // bs) + 1
-        cache = PagedV4Cache.from_budget(cfg, budget, bs, windows, dtype, self.device, max_blocks=enough)
+        cache = PagedV4Cache.from_budget(cfg, budget, bs, windows, dtype, self.device, max_blocks=enough,
+                                         num_layers=num_layers)
         return cache, V4BlockManager(cache.num_blocks, windows, bs, cfg.sliding_window, config.enable_prefix_caching)
 
     # ------------------------------------------------------------------ requests

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 import torch
 
-from nanoseek.engine.cache import BatchView
 from nanoseek.engine.sampler import Sample, sample_batch
 from nanoseek.engine.sequence import Sequence
 from nanoseek.engine.spec_policy import SpecPolicy
@@ -126,11 +125,11 @@ class MTPSpeculator:
         if not rows:
             return drafts, mtp_from
         S = max(len(r) for r in next_ids)
-        h_pad = h.new_zeros(len(rows), S, h.shape[-1])
+        h_pad = h.new_zeros(len(rows), S, *h.shape[2:])
         for i, x in enumerate(h_prev):
             h_pad[i, :len(x)] = x
-        view = BatchView(self.runner.cache, [seqs[b].block_table for b in rows], first,
-                         [len(r) for r in next_ids], absorb=True).keys_from(first)
+        view = self.runner.mtp_view([seqs[b].block_table for b in rows], [seqs[b].window_table for b in rows],
+                                    first, [len(r) for r in next_ids])
         logits = self.runner.mtp(h_pad, [r + [0] * (S - len(r)) for r in next_ids], view,
                                  [len(r) - 1 for r in next_ids])
         for b, lo, d in zip(rows, first, logits.argmax(-1).tolist()):

@@ -35,9 +35,10 @@ from nanoseek.model.v4.cache import CompressorState, V4LayerState
 KINDS = ("window", "compressed", "indexer", "compressor_state")
 
 
-def compress_rates(cfg: ModelConfig) -> list[int]:
-    """The compression rates of the main layers (0 for a sliding layer)."""
-    return [cfg.compress_rate(cfg.layer_type(i)) for i in range(cfg.num_hidden_layers)]
+def compress_rates(cfg: ModelConfig, num_layers: int | None = None) -> list[int]:
+    """The compression rates of the layers the cache serves (0 for a sliding layer): the main
+    layers, and the MTP block's past them (cfg.layer_type)."""
+    return [cfg.compress_rate(cfg.layer_type(i)) for i in range(num_layers or cfg.num_hidden_layers)]
 
 
 def aligned_block_size(cfg: ModelConfig, block_size: int) -> int:
@@ -64,11 +65,11 @@ def _carry_shapes(cfg: ModelConfig, layer_id: int) -> dict[str, dict[str, tuple[
 
 
 class PagedV4Cache:
-    """The pools of every main layer of a V4 model (the MTP block is not served: no
-    speculation for V4 in the engine), by kind; see the module docstring."""
+    """The pools of every layer of a V4 model the engine runs (the main layers, and the MTP
+    block when it speculates: num_layers), by kind; see the module docstring."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, num_window_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", num_layers: int | None = None):
         if not cfg.is_v4:
             raise ValueError(f"PagedV4Cache serves DeepSeek-V4 (arch 'v4'), not arch {cfg.arch!r}")
         if aligned_block_size(cfg, block_size) != block_size:
@@ -78,7 +79,7 @@ class PagedV4Cache:
         self.num_blocks, self.num_window_blocks = num_blocks, num_window_blocks
         z = dict(dtype=dtype, device=device)
         self.window, self.entries, self.index_k, self.carry, self.rates = [], {}, {}, {}, {}
-        for i, m in enumerate(compress_rates(cfg)):
+        for i, m in enumerate(compress_rates(cfg, num_layers)):
             self.window.append(torch.zeros(num_window_blocks, block_size, cfg.head_dim, **z))
             if m:
                 self.rates[i] = m
@@ -91,12 +92,12 @@ class PagedV4Cache:
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
-    def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> dict[str, int]:
+    def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype, num_layers: int | None = None) -> dict[str, int]:
         """Bytes of one block by kind: "compressed" and "indexer" per main block, "window" and
         "compressor_state" per window block."""
         el = torch.empty((), dtype=dtype).element_size()
         out = dict.fromkeys(KINDS, 0)
-        for i, m in enumerate(compress_rates(cfg)):
+        for i, m in enumerate(compress_rates(cfg, num_layers)):
             out["window"] += block_size * cfg.head_dim * el
             if m:
                 out["compressed"] += block_size // m * cfg.head_dim * el
@@ -108,10 +109,11 @@ class PagedV4Cache:
 
     @classmethod
     def from_budget(cls, cfg: ModelConfig, budget: int, block_size: int, num_window_blocks: int,
-                    dtype: torch.dtype, device, max_blocks: int | None = None) -> "PagedV4Cache":
+                    dtype: torch.dtype, device, max_blocks: int | None = None,
+                    num_layers: int | None = None) -> "PagedV4Cache":
         """The window space first (its size is fixed by the schedule's limits), the rest of the
         budget in main blocks."""
-        per = cls.block_bytes(cfg, block_size, dtype)
+        per = cls.block_bytes(cfg, block_size, dtype, num_layers)
         window_bytes = num_window_blocks * (per["window"] + per["compressor_state"])
         main = per["compressed"] + per["indexer"]
         num_blocks = (budget - window_bytes) // main if main else max_blocks or 1
@@ -121,7 +123,7 @@ class PagedV4Cache:
             raise ValueError(f"kv_cache_memory of {budget} bytes holds no block: the window space "
                              f"({num_window_blocks} blocks of {block_size} tokens) takes {window_bytes} bytes "
                              f"and one block of compressed entries {main} more")
-        return cls(cfg, int(num_blocks), num_window_blocks, block_size, dtype, device)
+        return cls(cfg, int(num_blocks), num_window_blocks, block_size, dtype, device, num_layers)
 
     def nbytes_by_kind(self) -> dict[str, int]:
         """Bytes allocated per kind."""

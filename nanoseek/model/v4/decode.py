@@ -1,14 +1,16 @@
-"""One new token for each of B sequences at different lengths: V4 attention for a batched decode step.
+"""A few new tokens for each of B sequences at different lengths: V4 attention for a batched decode step.
 
 `V4Attention.forward` runs a batch whose rows share one length (a V4 layer's state has one
 `length`: model/v4/cache.py). An engine's decode step has B sequences at B different positions,
-each adding one token; this module computes the same function for that case, so the step runs
-as one batched forward instead of B forwards of one token. It reads a *ragged* state (the
-engine's, engine/v4_decode.py) with per-row tensors:
+each adding one token (and, with speculation, the MTP draft after it); this module computes the
+same function for that case, so the step runs as one batched forward instead of B forwards.
+A row's tokens go one after another (`state.at(s)`); below, p_b is the position of row b's
+token being computed. It reads a *ragged* state (the engine's, engine/v4_decode.py) with
+per-row tensors:
 
-    state.positions            [B]            the new token's position p_b
+    state.at(s)                the state for the row's s-th new token (itself, for chaining)
     state.window, .window_valid [B, n_win-1, d], [B, n_win-1]   rows of p_b - n_win + 1 .. p_b - 1
-    state.write_window(kv)      kv [B, 1, d]   this token's K=V row
+    state.write_window(kv)      kv [B, 1, d]   this token's K=V row (the next token's window)
     state.compressor(name) ->   per compressor ("compressor", CSA's "indexer"):
         .pending_kv, .pending_score   [B, m, coff·d] fp32: the open window's rows, row i for
                                       position (p_b - p_b % m) + i, valid for i < p_b % m
@@ -78,16 +80,24 @@ def csa_select(attn, x, q_residual, freqs_cis, pos, state) -> tuple[torch.Tensor
 
 
 def decode_attention(attn, x: torch.Tensor, positions: torch.Tensor, state) -> torch.Tensor:
-    """V4Attention's function for x [B, 1, D] at positions [B, 1] over a ragged state."""
+    """V4Attention's function for x [B, S, D] at positions [B, S] (S small: a token and the
+    drafts that follow it) over a ragged state: the S tokens of a row go one after another,
+    each seeing the window rows and compressor state the ones before it left."""
+    return torch.cat([one_token(attn, x[:, s:s + 1], positions[:, s:s + 1], state.at(s))
+                      for s in range(x.shape[1])], dim=1)
+
+
+def one_token(attn, x: torch.Tensor, positions: torch.Tensor, state) -> torch.Tensor:
+    """x [B, 1, D] at positions [B, 1] -> the layer's output [B, 1, D]."""
     B, H, D = x.shape[0], attn.n_heads, attn.head_dim
     pos = positions[:, 0]
     freqs_cis = attn.rotary(positions)  # [B, 1, r/2]
     q_residual = attn.q_a_norm(attn.q_a_proj(x))
     q = attn_queries(attn, q_residual, freqs_cis)  # [B, H, D]
     kv = rope_tail(attn.kv_norm(attn.kv_proj(x)).unsqueeze(2), freqs_cis).squeeze(2)  # [B, 1, D]
-    state.write_window(kv)
     keys = torch.cat([state.window, kv], dim=1)  # [B, n_win, D]
     valid = torch.cat([state.window_valid, valid_ones(B, x.device)], dim=1)
+    state.write_window(kv)
     if attn.compressor is not None:
         cstate = state.compressor("compressor")
         compress_one(attn.compressor, x, attn.rotary, pos, cstate)
