@@ -39,6 +39,9 @@ GOALS: dict[str, tuple[Goal, ...]] = {
     "bench_train": (Goal("ratio", ">=", 1.5, "full training step tokens/s over transformers' fastest"),),
     "bench_engine": (
         Goal("ratio", ">=", 4.0, "engine output tokens/s over transformers' best `generate`"),
+        Goal("ratio_v32", ">=", 3.0, "V3.2: engine output tokens/s over DeepseekV32ForCausalLM's best `generate`"),
+        Goal("ratio_v4", ">=", 3.0, "V4: engine output tokens/s over DeepseekV4ForCausalLM's best `generate` "
+             "(its left-padded batches change the outputs: `ratio_v4_same_outputs` compares with its unpadded run)"),
         Goal("mtp_speedup", ">=", 1.0, "MTP speculation at 64 concurrent requests costs nothing"),
         Goal("mtp_speedup_one_stream", ">=", 1.3, "MTP speculation speeds up one stream"),
         Goal("mtp_acceptance_always_draft", ">=", 0.8,
