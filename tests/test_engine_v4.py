@@ -268,3 +268,25 @@ def test_a_decode_step_is_one_batched_forward(model, load, refs, monkeypatch):
     layers = model.config.num_hidden_layers
     assert max(len(b) for b in batches) >= 4 and len(batches) % layers == 0
     assert any(len(set(p % 16 for p in b)) >= 4 for b in batches)  # rows at different offsets in their windows
+
+
+@pytest.mark.parametrize("shape, block_size", [
+    (dict(sliding_window=40, compress_rate_csa=4, compress_rate_hca=8), 8),   # window spans 5+ blocks
+    (dict(sliding_window=9, compress_rate_csa=2, compress_rate_hca=8), 4),    # block raised to 8
+    (dict(sliding_window=16, compress_rate_csa=4, compress_rate_hca=16, index_topk=3), 48),  # block > window
+])
+def test_other_windows_rates_and_block_sizes(shape, block_size):
+    """Windows longer and shorter than a block, other compression rates, a block size raised to
+    a window boundary: greedy outputs equal generate, with speculation, and a prefix hit."""
+    torch.manual_seed(0)
+    model = randomize(CausalLM(v4_config(max_position_embeddings=512, **shape))).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 97, (L,), generator=g).tolist() for L in (1, 9, 41, 77, 200)]
+    prompts.append(prompts[-1][:150] + [7, 8, 9])
+    llm = LLM(model, kv_cache_memory=2**22, block_size=block_size, max_num_batched_tokens=20, max_num_seqs=5,
+              speculative=True)
+    outs = llm.generate(prompts[:-1], GREEDY, use_tqdm=False) + llm.generate(prompts[-1:], GREEDY, use_tqdm=False)
+    assert token_ids(outs) == generate_refs(model, prompts)
+    bs = llm.engine.cache.block_size
+    assert outs[-1].num_cached_tokens == 150 // bs * bs > 0
+    llm.engine.block_manager.check()
