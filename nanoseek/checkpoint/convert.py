@@ -1,4 +1,5 @@
-"""BF16 <-> FP8 checkpoints in DeepSeek-V3's layout (`nanoseek convert SRC DST --fp8|--dequant`).
+"""BF16 <-> FP8 checkpoints in DeepSeek-V3's layout (`nanoseek convert SRC DST --fp8|--dequant`),
+and routed experts to V4's FP4 (`--quantization fp4-experts`).
 
 DeepSeek-V3 ships its weights in FP8 (E4M3): every Linear weight of attention and of the
 FFNs/experts is stored as `<name>.weight` in FP8 beside `<name>.weight_scale_inv`, one FP32
@@ -12,7 +13,10 @@ load; transformers, vLLM and SGLang read the same layout.
 `--dequant` also reads DeepSeek-V4's release (E4M3 weights beside `<x>.scale` in UE8M0, routed
 experts in FP4 E2M1 with one UE8M0 scale per 32 inputs: checkpoint/hf.py dequantises them all).
 `--fp8` writes DeepSeek-V3's layout only: a V4 model, whose release uses another one, is
-refused. Whatever `--dtype` says, the tensors the model keeps in FP32 (hf.keep_fp32: the
+refused. `fp4-experts` writes the routed experts (V3 and V4 models alike, main layers and MTP)
+as V4-Flash stores them: packed E2M1 codes (int8, two per byte) beside a UE8M0 `.scale` per 32
+inputs (quant/fp4.py), the other tensors in `--dtype`, config.json with hf.FP4_EXPERTS_CONFIG;
+what an FP4-QAT model (quant/fp4_qat.py) was trained to be. Whatever `--dtype` says, the tensors the model keeps in FP32 (hf.keep_fp32: the
 router and, for V4, the mHC weights, attention sinks and compressor position biases) keep
 their stored dtype: FP32 in DeepSeek's releases.
 
@@ -34,14 +38,17 @@ from safetensors.torch import save_file
 
 from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
 from nanoseek.checkpoint import names as ckpt_names
-from nanoseek.checkpoint.hf import (INDEX_FILE, V3_QUANTIZATION_CONFIG, CheckpointError, checkpoint_files,
-                                    is_scale, keep_fp32, read_config, read_tensors, scale_name)
+from nanoseek.checkpoint.hf import (FP4_EXPERTS_CONFIG, INDEX_FILE, V3_QUANTIZATION_CONFIG, CheckpointError,
+                                    checkpoint_files, is_routed_expert_weight, is_scale, keep_fp32,
+                                    read_config, read_tensors, scale_name)
 from nanoseek.config import ModelConfig
+from nanoseek.quant.fp4 import dequantize_fp4, quantize_fp4
 from nanoseek.quant.fp8 import dequantize_weight, quant_error, quantize_weight
 
 # attention's and the FFNs' projections, and V3.2's indexer wq_b and wk (stored FP8 by DeepSeek)
 QUANTISED = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(.*_proj(_with_mqa)?|indexer\.(wq_b|wk))\.weight$")
 HIGH_PRECISION = re.compile(r"\.indexer\.weights_proj\.weight$")  # V3.2: BF16 in DeepSeek's release
+DIRECTIONS = ("fp8", "dequant", "fp4-experts")
 QUANTIZATION_CONFIG = V3_QUANTIZATION_CONFIG
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Tokenizer (fast and slow formats), chat template and generation files: what transformers'
@@ -59,14 +66,21 @@ def is_quantised(name: str, t: torch.Tensor) -> bool:
             and HIGH_PRECISION.search(name) is None)
 
 
+def is_fp4_expert(name: str, t: torch.Tensor, cfg: ModelConfig) -> bool:
+    """A routed expert's 2-D weight, in any spelling the checkpoint uses (what
+    `fp4-experts` writes in FP4)."""
+    key = ckpt_names.from_disk(name, cfg)
+    return t.ndim == 2 and t.numel() > 0 and key is not None and is_routed_expert_weight(key)
+
+
 @dataclass
 class ConvertReport:
-    direction: str  # "fp8" or "dequant"
+    direction: str  # "fp8", "dequant" or "fp4-experts"
     tensors: int = 0
     quantised: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    rel_error_mean: float = 0.0  # over quantised tensors (FP8 round trip vs the source)
+    rel_error_mean: float = 0.0  # over quantised tensors (FP8 / FP4 round trip vs the source)
     rel_error_max: float = 0.0
     max_abs_error: float = 0.0
     worst_tensor: str | None = None
@@ -75,8 +89,9 @@ class ConvertReport:
 
 def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
             progress: bool = True, overwrite: bool = False) -> ConvertReport:
-    """to="fp8": quantise a checkpoint; to="dequant": FP8 -> `dtype` (bf16 | fp16 | fp32).
-    Tensors left in high precision are written in `dtype`, the router in its own dtype."""
+    """to="fp8": quantise a checkpoint; to="dequant": FP8 -> `dtype` (bf16 | fp16 | fp32);
+    to="fp4-experts": the routed experts to FP4. Tensors left in high precision are written
+    in `dtype`, the router in its own dtype."""
     src, dst = Path(src), Path(dst)
     cfg, weight_map = _check_source(src, to, dtype)
     stored = _stored_bytes(src, weight_map)
@@ -103,8 +118,8 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "bf16",
 
 def _check_source(src: Path, to: str, dtype: str) -> tuple[ModelConfig, dict[str, str]]:
     """The source's config and weight map, after refusing a conversion that makes no sense for it."""
-    if to not in ("fp8", "dequant"):
-        raise ValueError(f"to must be 'fp8' or 'dequant', got {to!r}")
+    if to not in DIRECTIONS:
+        raise ValueError(f"to must be one of {list(DIRECTIONS)}, got {to!r}")
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     cfg = read_config(src)  # a readable, valid config.json, or a clear error
@@ -116,9 +131,23 @@ def _check_source(src: Path, to: str, dtype: str) -> tuple[ModelConfig, dict[str
     if to == "fp8" and cfg.is_v4:
         raise CheckpointError(f"{src}: --fp8 writes DeepSeek-V3's FP8 layout; a DeepSeek-V4 model is "
                               "released in another (UE8M0 .scale, FP4 experts), which convert does not write")
+    if to == "fp4-experts":
+        _check_fp4_source(src, weight_map, has_fp8)
     if to == "dequant" and not has_fp8:
         raise CheckpointError(f"{src}: no FP8 weights (no *_scale_inv or .scale tensors) to dequantise")
     return cfg, weight_map
+
+
+def _check_fp4_source(src: Path, weight_map: dict[str, str], quantised: bool) -> None:
+    """fp4-experts reads high-precision weights with one tensor per expert projection."""
+    if quantised:
+        raise CheckpointError(f"{src}: already quantised (it has *_scale_inv or .scale tensors); "
+                              "--dequant it first, then write its experts in FP4")
+    fused = next((n for n in weight_map if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))),
+                 None)
+    if fused:
+        raise CheckpointError(f"{src}: tensor {fused!r} holds every expert fused; fp4-experts writes "
+                              "one tensor per expert: load and save it with nanoseek first")
 
 
 def _convert_file(src: Path, cfg: ModelConfig, names: list[str], weight_map: dict[str, str],
@@ -132,14 +161,15 @@ def _convert_file(src: Path, cfg: ModelConfig, names: list[str], weight_map: dic
     for name, t, _ in read_tensors(src, wanted):
         report.tensors += 1
         report.bytes_in += stored[name] + stored.get(scale_name(name, weight_map) or "", 0)
-        if to == "fp8" and is_quantised(name, t):
-            q, s = quantize_weight(t)
-            err = quant_error(t, dequantize_weight(q, s))
+        fp4 = to == "fp4-experts" and is_fp4_expert(name, t, cfg)
+        if fp4 or (to == "fp8" and is_quantised(name, t)):
+            q, s = quantize_fp4(t) if fp4 else quantize_weight(t)
+            err = quant_error(t, dequantize_fp4(q, s) if fp4 else dequantize_weight(q, s))
             errors.append(err["rel_error"])
             if err["rel_error"] >= report.rel_error_max:
                 report.rel_error_max, report.worst_tensor = err["rel_error"], name
             report.max_abs_error = max(report.max_abs_error, err["max_abs_error"])
-            out[name], out[name + "_scale_inv"] = q, s
+            out[name], out[name.removesuffix("weight") + "scale" if fp4 else name + "_scale_inv"] = q, s
             report.quantised += 1
         else:
             if to == "dequant" and scale_name(name, weight_map):
@@ -212,8 +242,8 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 def _write_config(src: Path, dst: Path, to: str, dtype: str) -> None:
     raw = json.loads((src / "config.json").read_text())
-    if to == "fp8":
-        raw["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    if to in ("fp8", "fp4-experts"):
+        raw["quantization_config"] = dict(QUANTIZATION_CONFIG if to == "fp8" else FP4_EXPERTS_CONFIG)
         raw["torch_dtype"] = "bfloat16" if dtype == "bf16" else str(DTYPES[dtype]).removeprefix("torch.")
     else:
         for key in ("quantization_config", "expert_dtype", "scale_fmt"):  # the last two: V4's

@@ -17,7 +17,9 @@ Quantised weights are dequantised on load, exactly:
 Any other dtype or scale layout is refused in one line naming the tensor and its format, and
 so is a `quantization_config` that promises another format. A model holding FP8Linear weights
 is saved in V3's layout with V3's `quantization_config` (V4 refuses: its release layout is
-another, which nanoseek does not write).
+another, which nanoseek does not write). `save_pretrained(..., fp4_experts=True)` writes the
+routed experts as V4-Flash stores them (packed E2M1 + UE8M0 `.scale` per 32 inputs, for V3
+and V4 models alike; the other tensors in `dtype`), with `FP4_EXPERTS_CONFIG`.
 
 Every failure names the file and the tensor, and every file is written atomically.
 
@@ -42,7 +44,8 @@ from torch import nn
 from nanoseek.checkpoint import names
 from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.quant.fp4 import FP4_X2, PACKED_DTYPES, dequantize_fp4
+from nanoseek.quant.fp4 import FP4_X2, PACKED_DTYPES, dequantize_fp4, quantize_fp4
+from nanoseek.quant.fp4_qat import ROUTED_EXPERT
 from nanoseek.quant.fp8 import FP8, FP8_DTYPES, dequantize_weight, quantize_weight
 from nanoseek.quant.model import check_quantization, quantize_model_fp8
 
@@ -58,6 +61,12 @@ QUANT_CONFIG = {"quant_method": ("fp8",), "fmt": ("e4m3",), "activation_scheme":
 # What DeepSeek-V3's config.json says of its FP8 weights; written with every FP8 checkpoint.
 V3_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                           "weight_block_size": [128, 128]}
+# What a checkpoint whose routed experts alone are FP4 says: V4-Flash's quantization_config
+# (expert_dtype "fp4": transformers' FineGrainedFP8Config reads the experts' packed codes and
+# `.scale`s), with every other module kept out of its FP8 conversion (a regex of module
+# names: all but the routed experts), since those weights are stored in high precision.
+FP4_EXPERTS_CONFIG = {**V3_QUANTIZATION_CONFIG, "scale_fmt": "ue8m0", "expert_dtype": "fp4",
+                      "modules_to_not_convert": [r"(?!.*\.mlp\.experts$).*"]}
 
 
 class CheckpointError(RuntimeError):
@@ -65,18 +74,24 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------------- save
-def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors under checkpoint names, contiguous and unshared."""
+def hf_state_dict(model: nn.Module, dtype: torch.dtype | None = None,
+                  fp4_experts: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors under checkpoint names, contiguous and unshared; with
+    `fp4_experts` the routed experts' weights as packed FP4 codes beside their `.scale`."""
     cfg = model.config
     out = {}
     for name, t in model.state_dict().items():
         t = t.detach()
-        if dtype is not None and t.is_floating_point() and not keep_fp32(name) and not _is_fp8_part(name, t):
-            t = t.to(dtype)
         try:
-            out[names.to_disk(name, cfg)] = t.contiguous().clone()
+            disk = names.to_disk(name, cfg)
         except names.UnknownTensor as e:
             raise CheckpointError(str(e)) from None
+        if fp4_experts and is_routed_expert_weight(name):
+            out[disk], out[disk.removesuffix("weight") + "scale"] = quantize_fp4(t.float())
+            continue
+        if dtype is not None and t.is_floating_point() and not keep_fp32(name) and not _is_fp8_part(name, t):
+            t = t.to(dtype)
+        out[disk] = t.contiguous().clone()
     if cfg.is_v4:  # DeepSeek's V4 MTP block shares embed and head: no copies in its release
         return out
     for k in range(len(model.mtp)):
@@ -101,6 +116,11 @@ def _empty_shared_experts(model: nn.Module, dtype: torch.dtype) -> dict[str, tor
     return out
 
 
+def is_routed_expert_weight(name: str) -> bool:
+    """A routed expert's gate/up/down weight, by its state-dict name (main layers and MTP)."""
+    return name.endswith(".weight") and ROUTED_EXPERT.search(name.removesuffix(".weight")) is not None
+
+
 def _is_fp8_part(name: str, t: torch.Tensor) -> bool:
     """An FP8Linear's codes or block scales: saved as they are, whatever `dtype` says."""
     return t.dtype in FP8_DTYPES or name.endswith("_scale_inv")
@@ -120,15 +140,22 @@ def keep_fp32(name: str) -> bool:
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    max_shard_bytes: int = 4 << 30) -> None:
+                    max_shard_bytes: int = 4 << 30, fp4_experts: bool = False) -> None:
     """Write config.json and safetensors shards (with an index when there are several):
     `model` is a CausalLM (its `.config`, its state dict under nanoseek's names). FP8Linear
     weights are written as DeepSeek-V3 stores them (E4M3 codes + `weight_scale_inv`) with
-    V3's quantization_config, without which other loaders would read the codes as values."""
+    V3's quantization_config, without which other loaders would read the codes as values.
+    fp4_experts: the routed experts in V4-Flash's FP4 layout (quant/fp4.py), from the fp32
+    weights (the masters of an FP4-QAT model), which loads as that model fake-quantised."""
     path = Path(path)
     fp8 = _holds_fp8(model, path)
+    if fp4_experts and fp8:
+        raise CheckpointError(f"{path}: fp4_experts with FP8 weights in the model: load it without "
+                              "quantization to write its experts in FP4")
+    tensors = hf_state_dict(model, dtype, fp4_experts)
+    if fp4_experts and not any(t.dtype in PACKED_DTYPES for t in tensors.values()):
+        raise CheckpointError(f"{path}: fp4_experts: the model has no routed experts to write in FP4")
     path.mkdir(parents=True, exist_ok=True)
-    tensors = hf_state_dict(model, dtype)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -155,6 +182,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
         cfg_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
     if fp8:
         cfg_dict["quantization_config"] = dict(V3_QUANTIZATION_CONFIG)
+    if fp4_experts:
+        cfg_dict["quantization_config"] = dict(FP4_EXPERTS_CONFIG)
     atomic_write_text(path / "config.json", json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
 
 

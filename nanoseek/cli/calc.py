@@ -337,8 +337,8 @@ def _plan_table(p):
 def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory"),
                 dst: Optional[str] = typer.Argument(None, hidden=True, help="deprecated: use --out"),
                 out: Optional[str] = typer.Option(None, "--out", help="destination directory, new or empty (required)"),
-                quantization: Optional[str] = typer.Option(None, "--quantization", "-q", callback=dtype_callback(("fp8",)),
-                                                           help="fp8: quantise the weights to FP8 (E4M3, 128x128 blocks, weight_scale_inv); V3/V3.2 only, V4 is refused"),
+                quantization: Optional[str] = typer.Option(None, "--quantization", "-q", callback=dtype_callback(("fp8", "fp4-experts")),
+                                                           help="fp8: quantise the weights to FP8 (E4M3, 128x128 blocks, weight_scale_inv); V3/V3.2 only, V4 is refused. fp4-experts: the routed experts to V4's FP4 (E2M1 + a UE8M0 scale per 32 inputs), V3 and V4"),
                 fp8: bool = deprecated_option(False, "--fp8", "--quantization fp8"),
                 dequant: bool = typer.Option(False, "--dequant", help="dequantise an FP8 checkpoint (V3's weight_scale_inv, or V4's .scale: FP8 with UE8M0 scales and FP4 experts)"),
                 dtype: str = typer.Option("bf16", callback=dtype_callback(CHECKPOINT_DTYPES, short=True),
@@ -346,12 +346,18 @@ def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory
                 overwrite: bool = typer.Option(False, help="write into a non-empty DST"),
                 as_json: bool = typer.Option(False, "--json", help="print JSON only")):
     """Convert a checkpoint between BF16 and FP8: `nanoseek convert SRC --out DST
-    --quantization fp8`, or `--dequant` back.
+    --quantization fp8`, or `--dequant` back; `--quantization fp4-experts` writes the routed
+    experts in FP4.
 
     --quantization fp8 writes DeepSeek-V3's layout (E4M3 + weight_scale_inv per 128x128 block)
     for V3 and V3.2: the Linear weights of attention (V3.2's indexer wq_b and wk too) and of
     the FFNs/experts; embeddings, head, norms, router and the indexer's weights_proj stay in
     high precision. It refuses a DeepSeek-V4 model, whose release layout it does not write.
+
+    --quantization fp4-experts writes the routed experts' weights (main layers and MTP, V3 and V4)
+    as DeepSeek-V4-Flash stores them: packed E2M1 codes (int8, two per byte) beside a UE8M0
+    `.scale` per 32 inputs; the rest in --dtype. It is what a model trained with
+    --fp4-experts-from was trained to be; nanoseek and transformers load it.
 
     --dequant reads V3's layout and also DeepSeek-V4's release: E4M3 weights beside a `.scale`
     (UE8M0 or FP32, per 128x128 block) and FP4 (E2M1) routed experts with one UE8M0 scale per
@@ -362,23 +368,27 @@ def convert_cmd(src: str = typer.Argument(..., help="source checkpoint directory
 
     from nanoseek.checkpoint.convert import convert
     fp8 = fp8 or quantization == "fp8"
+    fp4 = quantization == "fp4-experts"
     if dst is not None:
         typer.echo("note: the positional DST is deprecated; use --out DST", err=True)
     dst = pick(out, dst, "--out", "DST")
     if dst is None:
         raise ValueError("--out is required (the directory to write)")
-    if fp8 == dequant:
-        raise typer.BadParameter("give exactly one of --quantization fp8 or --dequant")
-    r = convert(src, dst, "fp8" if fp8 else "dequant", dtype, progress=not as_json, overwrite=overwrite)
-    _emit(as_json, asdict(r), _convert_table(src, dst, fp8, dtype, r))
+    if fp8 + fp4 + dequant != 1:
+        raise typer.BadParameter("give exactly one of --quantization fp4-experts, --quantization fp8 or --dequant")
+    to = "fp8" if fp8 else "fp4-experts" if fp4 else "dequant"
+    r = convert(src, dst, to, dtype, progress=not as_json, overwrite=overwrite)
+    _emit(as_json, asdict(r), _convert_table(src, dst, to, dtype, r))
 
 
-def _convert_table(src, dst, fp8: bool, dtype: str, r):
-    t = _table(f"convert {src} -> {dst} ({'FP8' if fp8 else 'dequantise to ' + dtype})", "quantity", "value")
+def _convert_table(src, dst, to: str, dtype: str, r):
+    what = {"fp8": "FP8", "fp4-experts": "routed experts to FP4"}.get(to, "dequantise to " + dtype)
+    t = _table(f"convert {src} -> {dst} ({what})", "quantity", "value")
     t.add_row("tensors", f"{r.tensors:,}")
-    t.add_row("FP8 weights" + (" written" if fp8 else " dequantised"), f"{r.quantised:,}")
+    t.add_row({"fp8": "FP8 weights written", "fp4-experts": "FP4 expert weights written"}.get(
+        to, "FP8 weights dequantised"), f"{r.quantised:,}")
     t.add_row("bytes in -> out", f"{_bytes(r.bytes_in)} -> {_bytes(r.bytes_out)}")
-    if fp8:
+    if to != "dequant":
         t.add_row("weight rel. error, mean", f"{r.rel_error_mean:.4%}")
         t.add_row("weight rel. error, worst", f"{r.rel_error_max:.4%} ({r.worst_tensor})")
         t.add_row("max abs error", f"{r.max_abs_error:.3g}")

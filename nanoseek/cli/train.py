@@ -106,6 +106,7 @@ def pretrain(
         lr: float = option(TrainConfig, "lr"),
         warmup_steps: int = option(TrainConfig, "warmup_steps", PRETRAIN_DEFAULTS["warmup_steps"]),
         indexer_warmup_steps: int = option(TrainConfig, "indexer_warmup_steps"),
+        fp4_experts_from: Optional[int] = option(TrainConfig, "fp4_experts_from"),
         schedule: str = option(TrainConfig, "schedule"),
         weight_decay: float = option(TrainConfig, "weight_decay"),
         grad_clip: float = option(TrainConfig, "grad_clip"),
@@ -144,7 +145,7 @@ def pretrain(
         train=pretrain_train_config(
             **({} if max_steps is None else {"max_steps": max_steps}), batch_size=batch_size,
             seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
-            indexer_warmup_steps=indexer_warmup_steps,
+            indexer_warmup_steps=indexer_warmup_steps, fp4_experts_from=fp4_experts_from,
             schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
             precision=precision, compile=compile, eval_every=eval_every, eval_tokens=eval_tokens,
             save_every=save_every, sample_every=sample_every, time_limit=time_limit or 0.0, seed=seed),

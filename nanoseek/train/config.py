@@ -37,6 +37,12 @@ class TrainConfig:
     indexer_warmup_steps: int = setting(
         0, help="V3.2/V4: first steps of the indexers' dense warm-up (attention dense, only the "
         "indexers learn their KL, the rest frozen), then sparse training (0 = none)", lo=0, integer=True)
+    # V4's FP4 quantisation-aware training (quant/fp4_qat.py): from this step on the routed
+    # experts' weights are fake-quantised to FP4 in every forward, gradients straight through
+    fp4_experts_from: int | None = setting(
+        None, help="step from which the routed experts train fake-quantised to FP4 (E2M1, a UE8M0 "
+        "scale per 32 inputs; straight-through gradients to fp32 masters); unset = never",
+        lo=0, integer=True, optional=True)
     schedule: str = setting("cosine", help="learning-rate schedule", choices=SCHEDULES)
     decay_frac: float = setting(0.2, help="WSD: fraction of the steps spent decaying", lo=0, hi=1)
     weight_decay: float = setting(0.1, help="AdamW decoupled weight decay (matrices only)", lo=0)

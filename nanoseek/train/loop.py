@@ -35,6 +35,7 @@ from torch import nn
 
 from nanoseek.model.dsa import indexer_parameters, set_indexer_mode
 from nanoseek.parallel.single import SingleProcess
+from nanoseek.quant.fp4_qat import routed_expert_linears, set_fp4_experts
 from nanoseek.train.run import train_state
 from nanoseek.train.numerics.arch_metrics import ArchMetrics, progress_fields
 from nanoseek.train.numerics.bf16_weights import BF16Weights, compute_precision
@@ -130,6 +131,10 @@ class Trainer:
         if cfg.indexer_warmup_steps and not indexer_parameters(model):
             raise ValueError("training option 'indexer_warmup_steps': the model has no lightning "
                              "indexer (V3.2 and V4 have one); set it to 0")
+        if cfg.fp4_experts_from is not None and not routed_expert_linears(model):
+            raise ValueError("training option 'fp4_experts_from': the model has no routed experts "
+                             "to train in FP4; leave it unset")
+        self.fp4_experts = False  # whether the routed experts are fake-quantised (_fp4_experts)
         # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes; on
         # one, a SingleProcess, whose every answer is the process's own (parallel/single.py)
         self.parallel = parallel = parallel or SingleProcess()
@@ -196,6 +201,7 @@ class Trainer:
         model = self.model
         model.train()
         warming = self._indexer_warm_up()
+        self._fp4_experts()
         lr = self.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -244,6 +250,17 @@ class Trainer:
             return False
         set_indexer_mode(self.model, "dense" if self.step < n else "sparse")
         return self.step < n
+
+    def _fp4_experts(self) -> None:
+        """V4's FP4 quantisation-aware training (quant/fp4_qat.py): from step
+        `fp4_experts_from` on, the routed experts' weights are fake-quantised in every forward
+        (evaluations and samples included). Set from the step number, so a resumed run is in
+        the stage it left."""
+        start = self.cfg.fp4_experts_from
+        on = start is not None and self.step >= start
+        if on != self.fp4_experts:
+            set_fp4_experts(self.model, on)
+            self.fp4_experts = on
 
     def _optimizer_step(self) -> torch.Tensor:
         """Unscale, clip, step, zero; returns the gradient norm before clipping (a tensor)."""
