@@ -86,7 +86,7 @@ class PagedLatentCache:
             raise ValueError(f"the paged latent cache needs MLA; this model has attention_type={cfg.attention_type!r}")
         if cfg.is_v4:
             raise ValueError("the paged latent cache holds one row per token; a DeepSeek-V4 model (arch 'v4') "
-                             "keeps sliding windows and compressed entries, which it does not page yet")
+                             "keeps sliding windows and compressed entries: page it with engine/v4_cache.py")
         self.kv_lora_rank, self.rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.latent_dim = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         self.index_dim = self.index_head_dim(cfg)
