@@ -71,6 +71,7 @@ def sft(
         seed: Optional[int] = option(TrainConfig, "seed", None, help="data order and held-out split", default_note="1337"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
+        optimizer: Optional[str] = option(TrainConfig, "optimizer", None, default_note="adamw"),
         nproc: int = parallel.nproc_option("each data-parallel rank trains on its rows of --batch-size"),
         ep: int = parallel.ep_option(),
         tp: int = parallel.tp_option(),
@@ -93,7 +94,8 @@ def sft(
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                                         save_every=save_every, eval_every=eval_every, seed=seed,
-                                        **precision_given(resume, precision=precision, compile=compile))))
+                                        **precision_given(resume, precision=precision, compile=compile,
+                                                          optimizer=optimizer))))
     run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress,
                   parallel=ParallelConfig(ep=ep, tp=tp, pp=pp))
     if launch.is_main():
@@ -133,6 +135,7 @@ def dpo(
         seed: Optional[int] = option(TrainConfig, "seed", None, help="pair order and sampling seed", default_note="1337"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
+        optimizer: Optional[str] = option(TrainConfig, "optimizer", None, default_note="adamw"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Direct Preference Optimization (sigmoid loss against a frozen reference) on
     preference pairs from a file or sampled on a task."""
@@ -149,7 +152,8 @@ def dpo(
         train=dpo_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                                         save_every=save_every, seed=seed,
-                                        **precision_given(resume, precision=precision, compile=compile))))
+                                        **precision_given(resume, precision=precision, compile=compile,
+                                                          optimizer=optimizer))))
     run = run_dpo(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress)
     b, a = run["before"], run["after"]
     typer.echo(f"done: {run['summary']['steps']} steps; reward accuracy {b['reward_accuracy']:.3f} -> "

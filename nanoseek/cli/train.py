@@ -109,6 +109,7 @@ def pretrain(
         fp4_experts_from: Optional[int] = option(TrainConfig, "fp4_experts_from"),
         schedule: str = option(TrainConfig, "schedule"),
         weight_decay: float = option(TrainConfig, "weight_decay"),
+        optimizer: str = option(TrainConfig, "optimizer"),
         grad_clip: float = option(TrainConfig, "grad_clip"),
         precision: str = precision_option("auto"),
         compile: str = compile_option("auto"),
@@ -146,7 +147,7 @@ def pretrain(
             **({} if max_steps is None else {"max_steps": max_steps}), batch_size=batch_size,
             seq_len=seq_len, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
             indexer_warmup_steps=indexer_warmup_steps, fp4_experts_from=fp4_experts_from,
-            schedule=schedule, weight_decay=weight_decay, grad_clip=grad_clip,
+            schedule=schedule, weight_decay=weight_decay, optimizer=optimizer, grad_clip=grad_clip,
             precision=precision, compile=compile, eval_every=eval_every, eval_tokens=eval_tokens,
             save_every=save_every, sample_every=sample_every, time_limit=time_limit or 0.0, seed=seed),
         data=DataConfig(paths=data or [], text_field=text_field, val_fraction=val_fraction,
@@ -254,6 +255,7 @@ def speedrun(
         compare: Optional[Path] = typer.Option(None, "--compare", help="a finished V3 speedrun (directory, run.json or report.md) whose validation bits per byte the report sets beside this run's (default for tiny-v32/tiny-v4: ROOT/speedrun, else the newest V3 speedrun in ROOT)"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
+        optimizer: Optional[str] = option(TrainConfig, "optimizer", None, default_note="adamw; with --resume, the run's own"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
     pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most).
@@ -264,7 +266,7 @@ def speedrun(
     if out is not None:
         root, name = out.parent, out.name
     name = name or default_name(preset)
-    given = precision_given(resume, precision=precision, compile=compile)
+    given = precision_given(resume, precision=precision, compile=compile, optimizer=optimizer)
     try:
         run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads,
                      resume=resume, overwrite=overwrite, preset_name=preset, compare=compare,

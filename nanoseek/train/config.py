@@ -19,6 +19,7 @@ from nanoseek.train.schedule import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", "off", "on")
+OPTIMIZERS = ("adamw", "muon")  # train/numerics/optim.py
 
 
 @dataclass
@@ -45,9 +46,13 @@ class TrainConfig:
         lo=0, integer=True, optional=True)
     schedule: str = setting("cosine", help="learning-rate schedule", choices=SCHEDULES)
     decay_frac: float = setting(0.2, help="WSD: fraction of the steps spent decaying", lo=0, hi=1)
-    weight_decay: float = setting(0.1, help="AdamW decoupled weight decay (matrices only)", lo=0)
+    weight_decay: float = setting(0.1, help="decoupled weight decay, AdamW's and Muon's (matrices only)", lo=0)
     beta1: float = setting(0.9, help="AdamW beta1", lo=0, hi=1, hi_open=True)
     beta2: float = setting(0.95, help="AdamW beta2", lo=0, hi=1, hi_open=True)
+    # V4 report §2.4: Muon (hybrid Newton-Schulz, update RMS 0.18) on the hidden matrices,
+    # AdamW on embeddings, heads, norms and biases, one lr and schedule (train/numerics/optim.py)
+    optimizer: str = setting("adamw", help="optimizer (muon: DeepSeek-V4's Muon on the hidden matrices, "
+                             "AdamW on embeddings, heads, norms and biases)", choices=OPTIMIZERS)
     grad_clip: float = setting(1.0, help="gradient-norm clipping (0 = off)", lo=0)
     # auto: bf16 autocast where bf16 is fast (train/numerics/precision.py), else fp32
     precision: str = setting("auto", help="compute precision", choices=PRECISIONS)

@@ -12,11 +12,13 @@ A stage hands the `Trainer`:
     rule); the loop adds the shares and never averages micro-batch means;
   * optionally `evaluate(model)` -> {name: float} and `sample(model)` -> [str].
 The loop owns the rest: AdamW with decoupled weight decay (none on norms, biases and
-embeddings), warm-up + cosine / WSD, gradient accumulation, clipping, bf16 autocast where
-the device has it (fp16 with a gradient scaler as an option), the MoE's aux-loss-free
-bias update after every optimizer step (loads counted over the whole step, all
-micro-batches, in training mode only), the expert-load metrics and those of V3.2's indexer
-and V4's hash layers and hyper-connections (train/numerics/arch_metrics.py), periodic evaluation and
+embeddings) or V4's Muon on the hidden matrices (train/numerics/optim.py; metrics.jsonl's
+"optimizer" record says who updates what), warm-up + cosine / WSD, gradient
+accumulation, clipping, bf16 autocast where the device has it (fp16 with a gradient
+scaler as an option), the MoE's aux-loss-free bias update after every optimizer step
+(loads counted over the whole step, all micro-batches, in training mode only), the
+expert-load metrics and those of V3.2's indexer and V4's hash layers and
+hyper-connections (train/numerics/arch_metrics.py), periodic evaluation and
 samples, metrics as JSON lines (read from the device once per logging interval), a
 progress bar, and atomic checkpoints that a `kill -9` cannot corrupt.
 """
@@ -41,6 +43,7 @@ from nanoseek.train.numerics.arch_metrics import ArchMetrics, progress_fields
 from nanoseek.train.numerics.bf16_weights import BF16Weights, compute_precision
 from nanoseek.train.config import PRECISIONS, TrainConfig
 from nanoseek.train.numerics.compile import compile_blocks, resolve_compile
+from nanoseek.train.numerics.optim import build_optimizer, param_groups
 from nanoseek.train.run.metrics import (METRICS_FILE, IntervalMeans, append, read_metrics,
                                         truncate_metrics)
 from nanoseek.train.schedule import lr_at
@@ -55,19 +58,6 @@ def resolve_precision(precision: str, device: torch.device, hidden_size: int | N
     """`auto` -> bf16 where the device multiplies bf16 fast (on a CPU, for a model at least
     CPU_BF16_MIN_HIDDEN wide), else fp32: the Trainer's choice (train/numerics/precision.py)."""
     return choose_precision(precision, device, hidden_size)[0]
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the matrices of linear layers; not norms, biases, embeddings or the router
-    (`*.gate.weight`, the MoE's expert-affinity matrix)."""
-    decay, no_decay = [], []
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        router = name == "gate.weight" or name.endswith(".gate.weight")
-        (decay if p.ndim >= 2 and id(p) not in embeddings and not router else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def violations(loads: list[torch.Tensor]) -> torch.Tensor:
@@ -166,8 +156,8 @@ class Trainer:
         self.bf16_copies = (BF16Weights(model) if self.precision == "bf16" and not parallel.distributed
                             else None)
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+        # AdamW, or Muon + AdamW as one optimizer; the report: who updates what (numerics/optim.py)
+        self.optimizer, self.optimizer_report = build_optimizer(model, cfg, fused=fused or None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.stopped_early = False
@@ -461,11 +451,18 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self._is_main():
             truncate_metrics(self.out_dir / METRICS_FILE, self.step)
+            self._log_optimizer()
         if cfg.time_limit > 0 and self.elapsed >= cfg.time_limit and self.step < stop:
             # a resumed run whose time is already spent trains no extra step
             self.stopped_early = self.step < cfg.max_steps
             stop = self.step
         return stop
+
+    def _log_optimizer(self) -> None:
+        """Once per run, at step 0: which parameters each optimizer updates."""
+        path = self.out_dir / METRICS_FILE
+        if self.step == 0 and not any(r.get("kind") == "optimizer" for r in read_metrics(path)):
+            self.log({"kind": "optimizer", "step": 0, **self.optimizer_report})
 
     def _progress_bar(self):
         if not self.progress:
