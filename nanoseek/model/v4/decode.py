@@ -89,7 +89,7 @@ def decode_attention(attn, x: torch.Tensor, positions: torch.Tensor, state) -> t
 
 def one_token(attn, x: torch.Tensor, positions: torch.Tensor, state) -> torch.Tensor:
     """x [B, 1, D] at positions [B, 1] -> the layer's output [B, 1, D]."""
-    B, H, D = x.shape[0], attn.n_heads, attn.head_dim
+    B, H = x.shape[0], attn.n_heads
     pos = positions[:, 0]
     freqs_cis = attn.rotary(positions)  # [B, 1, r/2]
     q_residual = attn.q_a_norm(attn.q_a_proj(x))
