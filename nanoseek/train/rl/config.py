@@ -63,6 +63,9 @@ class RLConfig:
     mask_truncated_completions: bool = setting(
         False, help="completions cut at the length limit (no eos) add nothing to the loss")
     drop_equal_groups: bool = setting(False, help="drop groups whose rewards are all equal")
+    gradient_checkpointing: bool = setting(
+        True, help="GRPO: recompute the policy's block activations in the backward (the same "
+        "numbers, less memory, one more forward of the blocks per update)")
     eval_n: int = setting(200, help="held-out problems per evaluation", lo=1, integer=True)
     gamma: float = setting(1.0, help="PPO: discount", lo=0, hi=1)
     lam: float = setting(0.95, help="PPO: GAE lambda", lo=0, hi=1)

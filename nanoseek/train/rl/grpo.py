@@ -32,26 +32,28 @@ and what stays global.
 
 from __future__ import annotations
 
-import resource
 import time
 
 import torch
 
-from nanoseek.engine import LLM, SamplingParams
+from nanoseek.engine import SamplingParams
 from nanoseek.parallel.rl import gather_scores, max_over, mean_over, share
 from nanoseek.parallel.single import SingleProcess
 from nanoseek.train.loop import StepTargets, Trainer
 from nanoseek.train.rl.config import RLConfig
+from nanoseek.train.rl.memory import peak_rss_mb
 from nanoseek.train.rl.objectives import (clipped_surrogate, equal_reward_groups,
                                           group_advantages, kl_penalty, normalise)
-from nanoseek.train.rl.rollout import (Rollouts, pack, sample_rollouts, spread, stats_of,
-                                       token_logprobs)
+from nanoseek.train.rl.recompute import recompute_blocks
+from nanoseek.train.rl.rollout import (Rollouts, cache_blocks, pack, rollout_engine, sample_rollouts,
+                                       spread, stats_of, token_logprobs)
 from nanoseek.train.rl.shared_prefix import pack_shared_prefix, shared_prefix_logprobs
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (Linux: ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# the held-out problems every evaluation reads (evaluate_task's split and seed)
+EVAL_SPLIT, EVAL_SEED = "test", 0
+
+
 
 
 class RLStage:
@@ -66,17 +68,51 @@ class RLStage:
         self.par = parallel or SingleProcess()
         self.dp, self.dp_rank = self.par.dp, self.par.dp_rank
         n = cfg.train.batch_size // self.dp * cfg.num_generations
-        self.llm = LLM(policy, tokenizer=tokenizer, max_num_seqs=max(n, cfg.eval_n),
-                       max_num_batched_tokens=4096, speculative=False)
+        self.tokenizer, self.max_num_seqs = tokenizer, max(n, cfg.eval_n)
         self.max_len = cfg.max_completion_length or task.max_tokens
+        self.engine_need = self.initial_blocks(tokenizer)  # None: the engine's default cache
+        self.llm = rollout_engine(policy, tokenizer, self.max_num_seqs, self.engine_need)
         self.params = SamplingParams(temperature=cfg.temperature, max_tokens=self.max_len)
         self.pad_id = policy.config.pad_token_id or 0
         self.index, self.micro, self.rollout_s = -1, [], 0.0
+
+    # ------------------------------------------------------------------- engine
+    def initial_blocks(self, tokenizer) -> int | None:
+        """Cache blocks of the first engine: the held-out evaluation's sequences, or the
+        rollout's (max_num_seqs sequences of the evaluation's longest prompt) if more. None
+        (the engine's default) when the task's evaluation runs its own loop (an overridden
+        Task.rollout, e.g. tool use: conversations grow past prompt + max_len)."""
+        from nanoseek.data.tasks.base import Task
+        from nanoseek.data.tasks.prompting import prompt_ids
+        if type(self.task).rollout is not Task.rollout:
+            return None
+        lengths = [len(prompt_ids(tokenizer, self.task.prompt_messages(ex))) for ex in self.eval_examples()]
+        return max(cache_blocks(lengths, self.max_len),
+                   cache_blocks([max(lengths, default=1)], self.max_len, self.max_num_seqs))
+
+    def eval_examples(self) -> list:
+        """This rank's share of the held-out problems, as evaluate_task picks them."""
+        examples = self.task.examples(EVAL_SPLIT, self.cfg.eval_n, EVAL_SEED)
+        return examples[self.dp_rank * len(examples) // self.dp:(self.dp_rank + 1) * len(examples) // self.dp]
+
+    def make_room(self, prompts: list[list[int]], copies: int):
+        """The engine, rebuilt (outside any bf16 context: the cache takes the fp32 policy's
+        dtype, as the first one did) when `copies` sequences of each prompt may need more
+        blocks than its cache holds; the policy keeps its train/eval mode."""
+        need = cache_blocks([len(p) for p in prompts], self.max_len, copies)
+        if self.engine_need is not None and need > self.engine_need:
+            training = self.policy.training
+            self.llm = None  # the old cache goes before the new one is written
+            self.llm = rollout_engine(self.policy, self.tokenizer, self.max_num_seqs, need)
+            self.policy.train(training)
+            self.engine_need = need
+        return self.llm
 
     # ------------------------------------------------------------------ rollouts
     def next_batch(self, step: int, micro: int) -> dict:
         r = step // self.cfg.num_iterations
         if r != self.index:
+            self.micro = []  # the last rollout's batches go before the next is sampled
             self.micro, self.index = self.rollout(r), r
         batch = self.micro[micro]
         batch["pass"] = step % self.cfg.num_iterations
@@ -93,7 +129,8 @@ class RLStage:
         lo, hi = share(len(examples), self.dp_rank, self.dp)
         n = cfg.train.batch_size * G  # completion k of prompt i: seed*n + i*G + k,
         ro = sample_rollouts(self.llm, self.task, examples[lo:hi], G, self.params,
-                             seed * n + lo * G)  # so no two completions of a run share a seed
+                             seed * n + lo * G,  # so no two completions of a run share a seed
+                             make_room=self.make_room)
         self.rollout_s = ro.seconds
         scores, seconds = ro.scores(), ro.seconds
         if self.dp > 1:  # every rank's: the batch std, and statistics over the whole step
@@ -171,7 +208,7 @@ class RLStage:
         from nanoseek.train.eval import evaluate_task
         self.llm.engine.reset_prefix_cache()
         ev = evaluate_task(self.llm, self.task, n=self.cfg.eval_n, k=0, max_tokens=self.max_len,
-                           shard=(self.dp_rank, self.dp))
+                           seed=EVAL_SEED, split=EVAL_SPLIT, shard=(self.dp_rank, self.dp))
         means = {k: ev[k] for k in ("accuracy", "format", "mean_reward")}
         if self.dp > 1:
             means = mean_over(means, ev["n"], self.par.dp_group, self.par.device)
@@ -183,7 +220,9 @@ def grpo_loss(cfg: RLConfig, policy, batch: dict, targets: StepTargets, max_len:
     targets: the step's [tokens, completions] over every micro-batch and rank, and how many
     micro-batches that is (what the `loss_type` normalisations divide by)."""
     mask, count = batch["mask"], targets.count
-    logp = policy_logprobs(policy, batch, cfg.temperature)
+    blocks = policy_blocks(policy) if cfg.gradient_checkpointing else []
+    with recompute_blocks(blocks):  # the update's activations, one block at a time
+        logp = policy_logprobs(policy, batch, cfg.temperature)
     first_pass = batch["old_logp"] is None
     if first_pass:
         batch["old_logp"] = logp.detach()  # the sampling weights' log-probs (see the docstring)
@@ -202,6 +241,11 @@ def grpo_loss(cfg: RLConfig, policy, batch: dict, targets: StepTargets, max_len:
         logs["logp_mismatch"] = ((logp.detach() - batch["engine_logp"]).abs() * m).sum() / tokens
     loss = normalise(per_token, mask, cfg.loss_type, count[0], targets.micro_batches, max_len)
     return loss, {**logs, **batch.get("stats", {})}
+
+
+def policy_blocks(policy) -> list:
+    """The transformer blocks of the policy's trunk (recompute.py recomputes them)."""
+    return list(getattr(getattr(policy, "model", None), "layers", []))
 
 
 def policy_logprobs(model, batch: dict, temperature: float) -> torch.Tensor:

@@ -71,12 +71,16 @@ def stats_of(scores: dict[str, torch.Tensor], seconds: float) -> dict:
     return out
 
 
-def sample_rollouts(llm, task, examples, group_size: int, params, seed: int) -> Rollouts:
+def sample_rollouts(llm, task, examples, group_size: int, params, seed: int, make_room=None) -> Rollouts:
     """`group_size` completions of each example's prompt at `params` (temperature,
-    max_tokens), reproducible from `seed`; the engine's prefix cache is dropped first."""
+    max_tokens), reproducible from `seed`; the engine's prefix cache is dropped first.
+    make_room(prompts, group_size) -> llm: called before sampling, it may return another
+    engine (one with a larger cache: RLStage.make_room)."""
     t0 = time.perf_counter()
-    llm.engine.reset_prefix_cache()
     prompts = [prompt_ids(llm.tokenizer, task.prompt_messages(ex)) for ex in examples]
+    if make_room is not None:
+        llm = make_room(prompts, group_size)
+    llm.engine.reset_prefix_cache()
     base = replace(params, n=group_size, logprobs=0, skip_special_tokens=False)
     plist = [fit_context(llm, ids, replace(base, seed=seed + i * group_size))
              for i, ids in enumerate(prompts)]
@@ -107,6 +111,48 @@ def sample_rollouts(llm, task, examples, group_size: int, params, seed: int) -> 
     r.correct = torch.tensor(correct, dtype=torch.bool)
     r.seconds = time.perf_counter() - t0
     return r
+
+
+# The rollout engine's cache block, in tokens (EngineConfig's default).
+BLOCK_SIZE = 16
+
+
+def cache_blocks(prompt_lengths: list[int], max_tokens: int, copies: int = 1) -> int:
+    """Cache blocks that `copies` sequences of each prompt, each up to max_tokens generated
+    tokens, occupy when none of them shares a block: an upper bound on what one engine call
+    over them ever holds (the prefix cache only lowers it)."""
+    return copies * sum(-(-(p + max_tokens) // BLOCK_SIZE) for p in prompt_lengths)
+
+
+def rollout_engine(policy, tokenizer, max_num_seqs: int, blocks: int | None):
+    """The engine RL samples and evaluates with, over the live policy: its latent cache
+    holds `blocks` blocks (None: the engine's default, a share of free memory capped at
+    max_num_seqs sequences of the whole context), and never less than one sequence of the
+    whole context, so that `max_model_len` (which fit_context reads) is the model's.
+
+    Why sized: the default is max_num_seqs x max_position_embeddings tokens, written as
+    zeros: 335 MB for the RL speedrun's model (256 sequences x 1,024 tokens x 1,280 bytes),
+    where its rollouts hold 256 x (~45 + 64) tokens, 37 MB. A cache that holds every
+    sequence of a call at once never preempts nor evicts a prefix-cache block within it,
+    so what the engine computes is what it computed with the default cache."""
+    from nanoseek.engine import LLM
+    from nanoseek.engine.cache import PagedLatentCache, budget_bytes
+    from nanoseek.engine.dtype import activation_dtype
+    cfg = policy.config
+    kw = dict(tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
+              speculative=False, block_size=BLOCK_SIZE)
+    if blocks is not None and not cfg.is_v4:  # V4's windows and compressed entries: default sizing
+        per_block = PagedLatentCache.bytes_per_token(cfg, cfg.num_hidden_layers, activation_dtype(policy))
+        device = next(policy.parameters()).device
+        default = budget_bytes(0.9 if device.type == "cuda" else 0.05, device)
+        blocks = max(blocks, -(-cfg.max_position_embeddings // BLOCK_SIZE)) + 1
+        kw["kv_cache_memory"] = min(blocks * per_block * BLOCK_SIZE, default)
+    return LLM(policy, **kw)
+
+
+def engine_blocks(llm) -> int:
+    """Blocks the engine's cache holds."""
+    return llm.engine.block_manager.num_blocks
 
 
 def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
@@ -145,12 +191,81 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, temperatu
     return target_logprobs(model, h, targets, temperature)
 
 
-def target_logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def target_logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    chunk_rows: int | None = None) -> torch.Tensor:
     """log π(target) for hidden states h [..., D] and targets [...], of the language-model
-    head's logits divided by the temperature; 0 where the target is IGNORE_INDEX."""
-    logits = model.lm_head(h).float()
+    head's logits divided by the temperature; 0 where the target is IGNORE_INDEX.
+
+    The numbers (and, through `HeadLogprobs`, the gradients) are those of
+    `-cross_entropy(lm_head(h).float() / T)` over all rows at once, bit for bit; what
+    changes is the memory: the fp32 [rows, vocab] tensors exist `chunk_rows` rows at a
+    time (default: LOGITS_CHUNK_BYTES of them), and nothing of vocabulary width is kept
+    between the forward and the backward. At the RL speedrun's update (~9,900 completion
+    tokens x 4,096 ids) the plain expression keeps a 155 MB log-softmax for the backward
+    and peaks near 0.5 GB of such tensors."""
+    head = model.lm_head
+    rows = chunk_rows or max(1, LOGITS_CHUNK_BYTES // (4 * head.out_features))
+    w = getattr(head, "weight", None)
+    plain = (type(head) is torch.nn.Linear and head.bias is None and type(w.data) is torch.Tensor)
+    if not plain:  # an adapter, a quantised or sharded head: autograd's own graph
+        return _logprobs_of(head(h), targets, temperature)
+    if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+        return HeadLogprobs.apply(h, w, targets, temperature, rows)
+    return _chunked_logprobs(torch.nn.functional.linear(h, w), targets, temperature, rows)
+
+
+# fp32 bytes of the [rows, vocab] logits handled at once by target_logprobs
+LOGITS_CHUNK_BYTES = 16 * 2**20
+
+
+def _logprobs_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """-cross_entropy(logits.float() / T) per target: the one expression every path runs."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(),
                                             ignore_index=IGNORE_INDEX, reduction="none")
     return -nll.view(targets.shape)
+
+
+def _chunked_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                      rows: int) -> torch.Tensor:
+    """_logprobs_of over `rows` rows at a time (each row's softmax is its own: same bits)."""
+    flat, tgt = logits.flatten(0, -2), targets.flatten()
+    out = torch.empty(tgt.shape, dtype=torch.float32, device=logits.device)
+    for lo in range(0, len(tgt), rows):
+        out[lo:lo + rows] = _logprobs_of(flat[lo:lo + rows], tgt[lo:lo + rows], temperature)
+    return out.view(targets.shape)
+
+
+class HeadLogprobs(torch.autograd.Function):
+    """log π(target) through the head's weight W, keeping only h, W and the targets for
+    the backward. The backward recomputes the logits with the same call, replaces them
+    chunk by chunk by their gradient, computed with autograd's own formulas (cross-entropy,
+    the division by T, the cast), and hands that to autograd's own linear backward: the
+    gradients of h and W are the plain graph's, bit for bit (tests/test_grpo_memory.py),
+    for one more head matmul per update."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, rows):
+        ctx.save_for_backward(h, weight, targets)
+        ctx.temperature, ctx.rows = temperature, rows
+        return _chunked_logprobs(torch.nn.functional.linear(h, weight), targets, temperature, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, targets = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [h.detach().requires_grad_(ctx.needs_input_grad[0]),
+                      weight.detach().requires_grad_(ctx.needs_input_grad[1])]
+            logits = torch.nn.functional.linear(*leaves)
+            # each chunk's gradient overwrites its logits (the linear's backward reads h and W,
+            # not its output): one [rows, vocab] tensor of the logits' dtype for both
+            flat, tgt, g = logits.detach().flatten(0, -2), targets.flatten(), grad.flatten()
+            for lo in range(0, len(tgt), ctx.rows):
+                x = flat[lo:lo + ctx.rows].clone().requires_grad_()
+                y = _logprobs_of(x, tgt[lo:lo + ctx.rows], ctx.temperature)
+                flat[lo:lo + ctx.rows], = torch.autograd.grad(y, x, g[lo:lo + ctx.rows])
+            wanted = [t for t in leaves if t.requires_grad]
+            found = iter(torch.autograd.grad(logits, wanted, flat.view(logits.shape)))
+        return (*(next(found) if t.requires_grad else None for t in leaves), None, None, None)

@@ -20,6 +20,7 @@ import torch
 from nanoseek.parallel.single import SingleProcess
 from nanoseek.train.config import settings_from_dict, settings_to_dict
 from nanoseek.train.rl.config import RLConfig
+from nanoseek.train.rl.memory import cap_kernel_caches, release_large_allocations, reset_peak
 
 
 def load_policy(init: str | Path, device=None):
@@ -114,6 +115,9 @@ def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_de
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
     cfg.validate()
     out_dir.mkdir(parents=True, exist_ok=True)
+    release_large_allocations()  # process-wide, and the same numbers: memory.py says why
+    cap_kernel_caches()
+    reset_peak()  # metrics' peak_rss_mb: this run's
     trainer, stage = build(out_dir, cfg, progress, rank_device, parallel, adapt_threads)
     run = {"stage": cfg.algo, "settings": settings_to_dict(cfg), "precision": trainer.precision,
            "precision_reason": trainer.precision_reason}
