@@ -370,6 +370,9 @@ def test_speedruns_pass_precision(monkeypatch):
     _capture(monkeypatch, "nanoseek.recipes.speedrun_rl", "speedrun_rl")
     r = invoke("speedrun-rl", "--precision", "fp32")
     assert r.exception.args[1]["precision"] == "fp32" and r.exception.args[1]["compile"] == "auto"
+    assert r.exception.args[1]["optimizer"] == "adamw"
+    assert invoke("speedrun-rl", "--optimizer", "muon").exception.args[1]["optimizer"] == "muon"
+    assert invoke("speedrun-rl", "--optimizer", "sgd").exit_code == 2  # a clear usage error
 
 
 def test_speedrun_resume_keeps_the_runs_precision(monkeypatch):

@@ -103,7 +103,8 @@ def speedrun_rl(
         threads: int = typer.Option(0, min=0, help="torch threads for SFT and GRPO (0 = adaptive: all cores, one when a crowded machine makes that faster)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace the RL speedrun in runs/NAME (deletes only its own files)"),
         precision: str = precision_option("auto"),
-        compile: str = compile_option("auto")):
+        compile: str = compile_option("auto"),
+        optimizer: str = option(TrainConfig, "optimizer")):
     """SFT on 2-digit addition until a held-out accuracy threshold -> GRPO -> held-out
     evaluation of both on the same problems -> report with reward/accuracy curves and a
     before/after table. From --base (e.g. runs/speedrun), or pretraining first."""
@@ -112,7 +113,7 @@ def speedrun_rl(
     if out is not None:
         root, name = out.parent, out.name
     run(name, root, base, pretrain_minutes, sft_minutes, grpo_steps, grpo_minutes, threshold, eval_n,
-        threads, overwrite, log=typer.echo, precision=precision, compile=compile)
+        threads, overwrite, log=typer.echo, precision=precision, compile=compile, optimizer=optimizer)
 
 
 def register(app: typer.Typer) -> None:
