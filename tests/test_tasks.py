@@ -85,7 +85,7 @@ def test_bad_options_and_splits_are_named():
         load_task("arithmetic").examples("val", 3)
     with pytest.raises(TaskError, match="unknown task 'sorting'"):
         load_task("sorting")
-    assert set(TASKS) == {"arithmetic", "countdown", "tool_use"}
+    assert set(TASKS) == {"arithmetic", "countdown", "tool_use", "rendered_arithmetic"}
 
 
 # ----------------------------------------------------------------------------- tool use

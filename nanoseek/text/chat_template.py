@@ -141,6 +141,10 @@ def _content(m: dict, i: int) -> str:
     content = m.get("content")
     if content is None and m["role"] == "assistant":
         return ""
+    if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+        raise ChatFormatError(f"message {i} holds an image (an image_url content part): this text "
+                              "template reads text only; images (the rendered_arithmetic task, image "
+                              "inputs) need a vision-language model")
     if not isinstance(content, str):
         raise ChatFormatError(f"message {i}: content must be a string, got {type(content).__name__}")
     return content

@@ -1,7 +1,8 @@
 """Tasks with verifiable answers for post-training (SFT demonstrations, DPO pairs, GRPO
 rewards) and held-out evaluation:
 
-    task = load_task("arithmetic", digits=3)          # or "countdown", "tool_use", "file.jsonl"
+    task = load_task("arithmetic", digits=3)          # or "countdown", "tool_use", "file.jsonl",
+                                                      # "rendered_arithmetic" (images)
     train = task.examples("train", 1000, seed=0)      # disjoint from task.examples("test", ...)
     task.messages(train[0])                           # chat messages, demonstration included
     task.reward(ex, completion)                       # Reward(total, components, correct)
@@ -18,9 +19,11 @@ from nanoseek.data.tasks.arithmetic import Arithmetic
 from nanoseek.data.tasks.base import Example, Task, TaskError, split_of
 from nanoseek.data.tasks.countdown import Countdown
 from nanoseek.data.tasks.jsonl import JsonlTask
+from nanoseek.data.tasks.rendered_arithmetic import RenderedArithmetic
 from nanoseek.data.tasks.tool_use import ToolUse
 
-TASKS = {"arithmetic": Arithmetic, "countdown": Countdown, "tool_use": ToolUse}
+TASKS = {"arithmetic": Arithmetic, "countdown": Countdown, "tool_use": ToolUse,
+         "rendered_arithmetic": RenderedArithmetic}
 
 
 def load_task(name_or_path: str | Path, **options) -> Task:
@@ -34,4 +37,4 @@ def load_task(name_or_path: str | Path, **options) -> Task:
 
 
 __all__ = ["TASKS", "Example", "Task", "TaskError", "load_task", "split_of",
-           "Arithmetic", "Countdown", "JsonlTask", "ToolUse"]
+           "Arithmetic", "Countdown", "JsonlTask", "RenderedArithmetic", "ToolUse"]

@@ -1,0 +1,130 @@
+"""Rendered arithmetic: seeded pictures of `a op b`, held-out images that share neither a
+problem nor a byte with training, demonstrations that read the picture and earn full reward,
+options checked by name, and a clear refusal from the text-only chat template."""
+
+import pytest
+
+from nanoseek.data.chat import ChatDataError, encode_with_mask
+from nanoseek.data.tasks import TASKS, TaskError, load_task
+from nanoseek.data.tasks.rendered_arithmetic import PIL_DEFAULT, available_fonts, reading_of
+from nanoseek.data.tasks.prompting import prompt_ids
+from nanoseek.text.images import load_image_part
+from nanoseek.text.tokenizer import Tokenizer, train_tokenizer
+
+SMALL = {"digits": 1, "ops": "+-*"}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return load_task("rendered_arithmetic", **SMALL)
+
+
+def test_registered_with_its_name():
+    assert "rendered_arithmetic" in TASKS
+    assert load_task("rendered_arithmetic").name == "rendered_arithmetic"
+
+
+def test_same_seed_same_images_other_seed_others(task):
+    a = task.examples("train", 20, seed=3)
+    b = load_task("rendered_arithmetic", **SMALL).examples("train", 20, seed=3)
+    assert [e.meta["image"] for e in a] == [e.meta["image"] for e in b]
+    other = task.examples("train", 20, seed=4)
+    assert {e.meta["image"] for e in a}.isdisjoint(e.meta["image"] for e in other)
+
+
+def test_train_and_test_share_no_problem_no_image_and_no_rendering_seed(task):
+    train = [e for seed in (0, 1) for e in task.examples("train", 300, seed)]
+    test = [e for seed in (0, 1) for e in task.examples("test", 60, seed)]
+
+    def problem(e):  # 3+5 and 5+3 are one problem
+        a, op, b = e.meta["a"], e.meta["op"], e.meta["b"]
+        return (frozenset((a, b)) if op in "+*" else (a, b)), op
+
+    assert not {problem(e) for e in train} & {problem(e) for e in test}
+    assert not {e.meta["image"] for e in train} & {e.meta["image"] for e in test}
+    assert not {e.meta["image_sha256"] for e in train} & {e.meta["image_sha256"] for e in test}
+    assert {e.meta["render"]["seed"] % 2 for e in train} == {0}
+    assert {e.meta["render"]["seed"] % 2 for e in test} == {1}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_demonstrations_read_the_picture_then_earn_full_reward(task, split):
+    for ex in task.examples(split, 60, seed=0):
+        assert reading_of(ex.response) == (ex.meta["a"], ex.meta["op"], ex.meta["b"])
+        r = task.reward(ex, ex.response)
+        assert r.correct and r.total == pytest.approx(1.0), (ex.response, r)
+        wrong = ex.response.replace(f"<answer>{ex.answer}<", f"<answer>{int(ex.answer) + 1}<")
+        assert not task.reward(ex, wrong).correct
+
+
+def test_prompt_is_an_openai_image_part_then_the_text(task):
+    ex = task.examples("test", 1, seed=0)[0]
+    (user,) = task.prompt_messages(ex)
+    image_part, text_part = user["content"]
+    assert image_part["image_url"]["url"].startswith("data:image/png;base64,")
+    loaded = load_image_part(image_part)  # the untrusted-input door reads it back
+    assert loaded.sha256 == ex.meta["image_sha256"]
+    assert loaded.image.size == (192, 64) == task.image(ex).size
+    assert text_part == {"type": "text", "text": ex.prompt}
+    assert {e.prompt for e in task.examples("test", 20)} == {ex.prompt}  # only the picture tells them apart
+    assert task.messages(ex)[-1] == {"role": "assistant", "content": ex.response}
+
+
+def test_renderings_vary_in_font_size_colour_and_angle():
+    task = load_task("rendered_arithmetic", digits=2, image_size=[160, 48])
+    styles = [e.meta["render"] for e in task.examples("train", 60, seed=0)]
+    for field, at_least in (("font", 5), ("font_px", 4), ("background", 20), ("angle", 20)):
+        assert len({str(s[field]) for s in styles}) >= at_least, field
+    assert {e.meta["image"] for e in task.examples("train", 60, seed=0)}.__len__() == 60
+    assert task.image(task.examples("train", 1)[0]).size == (160, 48)
+
+
+def test_ink_is_drawn_and_stays_inside_the_image():
+    """Without noise and blur, pixels nearer the ink than the background cover part of the
+    picture and none of its border."""
+    task = load_task("rendered_arithmetic", digits=3, noise=0, fonts=[PIL_DEFAULT])
+    for ex in task.examples("train", 10, seed=0):
+        img, style = task.image(ex), ex.meta["render"]
+        if style["blur"]:
+            continue
+        px = img.load()
+        w, h = img.size
+        fg, bg = style["foreground"], style["background"]
+
+        def near(c, ref):
+            return sum((u - v) ** 2 for u, v in zip(c, ref))
+        ink = [(x, y) for x in range(w) for y in range(h) if near(px[x, y], fg) < near(px[x, y], bg)]
+        assert len(ink) > 20
+        assert all(0 < x < w - 1 and 0 < y < h - 1 for x, y in ink)
+
+
+def test_fonts_found_and_the_default_face_always_there():
+    fonts = available_fonts()
+    assert fonts[-1] == PIL_DEFAULT
+    only_default = load_task("rendered_arithmetic", fonts=[PIL_DEFAULT], **SMALL)
+    assert {e.meta["render"]["font"] for e in only_default.examples("train", 10)} == {PIL_DEFAULT}
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"image_size": [8, 8]}, "image_size"),
+    ({"image_size": "big"}, "image_size"),
+    ({"digits": 6, "image_size": [64, 32]}, "cannot hold 6-digit"),
+    ({"noise": 2}, "noise"),
+    ({"fonts": ["/nonexistent/Font.ttf"]}, "does not exist"),
+    ({"fonts": []}, "no face"),
+    ({"digits": 0}, "task rendered_arithmetic: digits"),
+    ({"colour": "red"}, "task rendered_arithmetic: unknown option.*colour"),
+])
+def test_bad_options_are_named(options, message):
+    with pytest.raises(TaskError, match=message):
+        load_task("rendered_arithmetic", **options)
+
+
+def test_a_text_only_model_is_refused_clearly(task):
+    """SFT rendering and engine prompts go through the text chat template, which names the image."""
+    ex = task.examples("train", 1)[0]
+    with pytest.raises(ChatDataError, match="holds an image.*vision-language model"):
+        encode_with_mask(task.messages(ex), tokenizer=None)
+    tok = train_tokenizer(["1 + 2 = 3", "Compute what the image shows."] * 4, vocab_size=300)
+    with pytest.raises(ValueError, match="holds an image.*vision-language model"):
+        prompt_ids(Tokenizer.of(tok), task.prompt_messages(ex))
