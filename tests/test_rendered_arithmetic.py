@@ -128,3 +128,14 @@ def test_a_text_only_model_is_refused_clearly(task):
     tok = train_tokenizer(["1 + 2 = 3", "Compute what the image shows."] * 4, vocab_size=300)
     with pytest.raises(ValueError, match="holds an image.*vision-language model"):
         prompt_ids(Tokenizer.of(tok), task.prompt_messages(ex))
+
+
+def test_sft_of_a_text_only_checkpoint_is_refused_before_training(tmp_path):
+    from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
+    from tests.posttrain_utils import make_init
+    init = make_init(tmp_path / "init")
+    cfg = SFTConfig(init=str(init), task="rendered_arithmetic", task_options=SMALL, task_examples=4,
+                    train=sft_train_config(max_steps=1, batch_size=2, seq_len=128))
+    with pytest.raises(ValueError, match="holds an image.*vision-language model"):
+        sft(tmp_path / "run", cfg, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -148,8 +148,8 @@ def decode_data_url(url: str, limits: ImageLimits) -> tuple[str, bytes]:
 def resolve_file_url(url: str, image_dir: str | Path | None) -> Path:
     """The file a file: URL names, refused unless it lies (symlinks resolved) under `image_dir`."""
     if image_dir is None:
-        raise ImageInputError("file: image URLs are refused: no image directory was allowed "
-                              "(start the server with one to read local images)", "image_dir")
+        raise ImageInputError("file: image URLs are refused: no directory was allowed to read "
+                              "images from", "image_dir")
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise ImageInputError(f"file URL host {parts.netloc!r}: only local files are read", "image_dir")
