@@ -222,3 +222,10 @@ def test_image_url_part_round_trips():
     img = picture()
     part = image_url_part(png_bytes(img))
     assert part["type"] == "image_url" and load_image_part(part).sha256 == content_hash(img)
+
+
+@pytest.mark.parametrize("field", ["max_images", "max_bytes", "max_pixels", "max_side"])
+def test_limits_must_be_positive_integers(field):
+    for bad in (0, -1, 1.5, None, True):
+        with pytest.raises(ValueError, match=f"ImageLimits.{field}"):
+            ImageLimits(**{field: bad})

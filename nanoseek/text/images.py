@@ -52,6 +52,12 @@ class ImageLimits:
     max_pixels: int = 4096 * 4096        # width * height of one image, read from its header
     max_side: int = 8192                 # its longer side (a 1 x 16M strip is no picture)
 
+    def __post_init__(self):
+        for name in ("max_images", "max_bytes", "max_pixels", "max_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ImageLimits.{name}={value!r} must be a positive integer")
+
 
 @dataclass(frozen=True)
 class LoadedImage:

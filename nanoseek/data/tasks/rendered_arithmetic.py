@@ -115,7 +115,7 @@ def render(a: int, op: str, b: int, seed: int, size: tuple[int, int], fonts: tup
     w, h = size
     face = fonts[int(rng.integers(len(fonts)))]
     tokens = [str(a), op, str(b)]
-    top = _largest_size(face, " ".join(tokens), size) or MIN_FONT_PX
+    top = _largest_size(face, f"{'8' * len(tokens[0])} * {'8' * len(tokens[2])}", size) or MIN_FONT_PX
     px = int(rng.integers(MIN_FONT_PX, top + 1))
     font = _font(face, px)
     gaps = [float(rng.uniform(0.15, 0.6)) * px for _ in range(2)]
@@ -161,6 +161,7 @@ def _colours(rng) -> tuple[tuple[int, ...], tuple[int, ...]]:
             return bg, fg
 
 
+@functools.lru_cache(maxsize=4096)
 def _largest_size(face: str, text: str, size: tuple[int, int]) -> int | None:
     """The largest pixel size at which `text` (with its widest gaps) fits `size` with a margin."""
     w, h = size
