@@ -16,6 +16,7 @@ from transformers import AutoImageProcessor, DeepseekOcr2Config, DeepseekOcr2For
 from transformers.models.deepseek_ocr2.processing_deepseek_ocr2 import DeepseekOcr2Processor  # noqa: E402
 
 from nanoseek.config import ConfigError  # noqa: E402
+from nanoseek.model.cache import ContiguousCache  # noqa: E402
 from nanoseek.model.vl import ocr2_weights  # noqa: E402
 from nanoseek.model.vl.ocr2_config import from_hf_json  # noqa: E402
 from nanoseek.model.vl.ocr2_model import DeepseekOCR2  # noqa: E402
@@ -58,6 +59,23 @@ def checkpoint(tmp_path_factory):
     return path, ref
 
 
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """transformers' vision tokens and logits on the test prompt, computed once."""
+    _, ref = checkpoint
+    processor, px, ids = inputs()
+    with torch.no_grad():
+        feats = ref.model.get_image_features(px["pixel_values"], px["pixel_values_local"],
+                                             px["num_local_patches"]).pooler_output
+        logits = ref(input_ids=ids, **px).logits
+    return SimpleNamespace(processor=processor, px=px, ids=ids, image_tokens=feats, logits=logits)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return DeepseekOCR2.from_pretrained(checkpoint[0])
+
+
 def images() -> list[Image.Image]:
     """A wide image (tiled) and a small one (global view only), with some structure in them."""
     wide = Image.new("RGB", (300, 170), (240, 240, 230))
@@ -80,31 +98,24 @@ def inputs():
     return processor, px, prompt(processor, px["num_local_patches"])
 
 
-def test_logits_match_transformers(checkpoint):
-    path, ref = checkpoint
-    processor, px, ids = inputs()
+def test_logits_match_transformers(model, reference):
+    px, ids, processor = reference.px, reference.ids, reference.processor
     assert px["num_local_patches"][0] > 0 and px["num_local_patches"][1] == 0
-    model = DeepseekOCR2.from_pretrained(path)
     with torch.no_grad():
-        want_tokens = ref.model.get_image_features(
-            px["pixel_values"], px["pixel_values_local"], px["num_local_patches"]).pooler_output
-        want = ref(input_ids=ids, **px).logits
         tokens = model.encode_images(px["pixel_values"], px["pixel_values_local"], px["num_local_patches"])
         got = model(ids, tokens)
     assert [t.shape[0] for t in tokens] == [processor.num_image_tokens(n) for n in px["num_local_patches"]]
-    for t, w in zip(tokens, want_tokens):
+    for t, w in zip(tokens, reference.image_tokens):
         assert (t - w).abs().max() <= 1e-5
-    assert (got - want).abs().max() <= 1e-5
+    assert (got - reference.logits).abs().max() <= 1e-5
 
 
-def test_saved_checkpoint_reads_back_in_transformers(checkpoint, tmp_path):
-    path, ref = checkpoint
-    _, px, ids = inputs()
-    model = DeepseekOCR2.from_pretrained(path)
+def test_saved_checkpoint_reads_back_in_transformers(model, reference, tmp_path):
     model.save_pretrained(tmp_path)
     again = DeepseekOcr2ForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert (again(input_ids=ids, **px).logits - ref(input_ids=ids, **px).logits).abs().max() <= 1e-5
+        logits = again(input_ids=reference.ids, **reference.px).logits
+    assert (logits - reference.logits).abs().max() <= 1e-5
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "deepseek_ocr2"
 
 
@@ -125,14 +136,12 @@ def test_pixels_and_placeholders_are_the_processors(tmp_path):
     assert OCR2ImageProcessor().num_image_tokens(6) == 256 + 6 * 144 + 1
 
 
-def test_bad_inputs_get_clear_errors(checkpoint):
-    path, _ = checkpoint
+def test_bad_inputs_get_clear_errors(model):
     processor = OCR2ImageProcessor(size=SIZE, tile_size=TILE, patch_size=PATCH, max_pixels=100 * 100)
     with pytest.raises(ValueError, match="max_pixels"):
         processor([Image.new("RGB", (101, 100))])
     with pytest.raises(ValueError, match="2 image placeholders"):
         processor.expand_placeholders([IMAGE_ID, 3, IMAGE_ID], [0], IMAGE_ID)
-    model = DeepseekOCR2.from_pretrained(path)
     ids = torch.tensor([[1, IMAGE_ID, IMAGE_ID, 2]])
     with pytest.raises(ValueError, match="2 image placeholder tokens but the images give 3"):
         model(ids, [torch.zeros(3, 32)])
@@ -171,3 +180,20 @@ def test_hybrid_mask():
     m = hybrid_mask(2, 3)
     assert m[:2].tolist() == [[True, True, False, False, False]] * 2
     assert m[2:].tolist() == [[True, True, True, False, False], [True, True, True, True, False], [True] * 5]
+
+
+def test_greedy_generation_equals_transformers(checkpoint, model, reference):
+    """Prefill with the images, then decode over the cache: the tokens of transformers' generate,
+    and at every step transformers' logits."""
+    _, ref = checkpoint
+    px, ids = reference.px, reference.ids
+    with torch.no_grad():
+        tokens = model.encode_images(px["pixel_values"], px["pixel_values_local"], px["num_local_patches"])
+        out = ref.generate(input_ids=ids, **px, max_new_tokens=3, do_sample=False,
+                           output_logits=True, return_dict_in_generate=True)
+        cache = ContiguousCache(1, out.sequences.shape[1], absorb=False)
+        steps = [model(ids, tokens, cache=cache)[:, -1]]
+        steps += [model(out.sequences[:, i:i + 1], cache=cache)[:, -1]
+                  for i in range(ids.shape[1], out.sequences.shape[1] - 1)]
+    assert (torch.stack(steps, 1) - torch.stack(out.logits, 1)).abs().max() <= 1e-5
+    assert torch.equal(model.generate(ids, tokens, max_new_tokens=3), out.sequences)
