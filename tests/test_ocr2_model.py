@@ -197,3 +197,10 @@ def test_greedy_generation_equals_transformers(checkpoint, model, reference):
                   for i in range(ids.shape[1], out.sequences.shape[1] - 1)]
     assert (torch.stack(steps, 1) - torch.stack(out.logits, 1)).abs().max() <= 1e-5
     assert torch.equal(model.generate(ids, tokens, max_new_tokens=3), out.sequences)
+
+
+def test_image_token_outside_the_vocabulary_is_refused():
+    raw = tiny_config().to_dict()
+    raw["image_token_id"] = 128
+    with pytest.raises(ConfigError, match="image_token_id"):
+        from_hf_json(raw)

@@ -103,5 +103,8 @@ def from_hf_json(raw: dict) -> OCR2Config:
     channels = (sam.get("downsample_channels") or [512, 896])[-1]
     _refuse(channels != enc["hidden_size"], "vision_config.sam_config.downsample_channels",
             f"last entry {channels} must equal encoder_config.hidden_size {enc['hidden_size']}")
-    return OCR2Config(text=text_config(raw["text_config"]), sam=sam, encoder=enc,
-                      image_token_id=raw.get("image_token_id", 128815), raw=copy.deepcopy(raw))
+    text = text_config(raw["text_config"])
+    image_token_id = raw.get("image_token_id", 128815)
+    _refuse(not 0 <= image_token_id < text.vocab_size, "image_token_id",
+            f"{image_token_id} is outside the vocabulary (vocab_size {text.vocab_size})")
+    return OCR2Config(text=text, sam=sam, encoder=enc, image_token_id=image_token_id, raw=copy.deepcopy(raw))
