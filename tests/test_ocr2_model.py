@@ -204,3 +204,22 @@ def test_image_token_outside_the_vocabulary_is_refused():
     raw["image_token_id"] = 128
     with pytest.raises(ConfigError, match="image_token_id"):
         from_hf_json(raw)
+
+
+def test_published_sizes_build_with_transformers_parameter_count():
+    """DeepSeek-OCR-2's sizes (SAM ViT-B, a Qwen2-0.5B encoder, a 12-layer DeepSeekMoE with 64
+    experts), built on the meta device: as many parameters as transformers' model, 3.39 B."""
+    cfg = DeepseekOcr2Config(
+        vision_config=dict(encoder_config=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                               num_attention_heads=14, num_key_value_heads=2)),
+        text_config=dict(vocab_size=129280, hidden_size=1280, intermediate_size=6848, moe_intermediate_size=896,
+                         num_hidden_layers=12, num_attention_heads=10, n_routed_experts=64, n_shared_experts=2,
+                         num_experts_per_tok=6, mlp_layer_types=["dense"] + ["sparse"] * 11,
+                         max_position_embeddings=8192))
+    with torch.device("meta"):
+        ref = DeepseekOcr2ForConditionalGeneration(cfg)
+        ours = DeepseekOCR2(from_hf_json(cfg.to_dict()))
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in ref.parameters()) == 3_389_119_360
+    names = [ocr2_weights.to_disk(k) for k in ours.state_dict()]
+    assert len(set(names)) == len(names)
