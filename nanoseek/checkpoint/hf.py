@@ -51,6 +51,10 @@ from nanoseek.quant.model import check_quantization, quantize_model_fp8
 
 ARCHITECTURES = {"DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "NanoseekForCausalLM",
                  "DeepseekV32ForCausalLM", "DeepseekV4ForCausalLM"}
+# Vision-language checkpoints: their language model is nanoseek's, the whole is built by
+# nanoseek/model/vl/ (nanoseek.from_pretrained picks it by this name).
+VISION_ARCHITECTURES = {"DeepseekVLForConditionalGeneration": "deepseek_vl",
+                        "DeepseekOcr2ForConditionalGeneration": "deepseek_ocr2"}
 INDEX_FILE = "model.safetensors.index.json"
 # What a config.json's quantization_config may say: DeepSeek's FP8 blocks (V3, V3.2, V4) and
 # V4's FP4 experts. Any other value is a format nanoseek does not read. scale_fmt "float" is
@@ -209,6 +213,9 @@ def read_config(path: Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     archs = raw.get("architectures") or ["DeepseekV3ForCausalLM"]
+    if vision_architecture(raw):
+        raise CheckpointError(f"{cfg_path}: a vision-language checkpoint ({vision_architecture(raw)}); "
+                              "load it with nanoseek.from_pretrained (nanoseek/model/vl/)")
     unknown = [a for a in archs if a not in ARCHITECTURES]
     if unknown:
         raise CheckpointError(f"{cfg_path}: unknown architecture {unknown[0]!r}; nanoseek loads "
@@ -218,6 +225,14 @@ def read_config(path: Path) -> ModelConfig:
         return ModelConfig.from_dict(raw, source=str(cfg_path))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def vision_architecture(raw: dict) -> str | None:
+    """The vision-language class a config.json dict names (by architectures or model_type), or None."""
+    for arch, model_type in VISION_ARCHITECTURES.items():
+        if arch in (raw.get("architectures") or []) or raw.get("model_type") == model_type:
+            return arch
+    return None
 
 
 def check_quantization_config(raw: dict, cfg_path: Path) -> None:
