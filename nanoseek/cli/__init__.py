@@ -9,7 +9,7 @@ common.py (one line `error: ...` and exit code 2 for a user error; `--debug` for
 
 import typer
 
-from nanoseek.cli import agent, calc, engine, model, posttrain, rl, serve, train
+from nanoseek.cli import agent, calc, distill, engine, model, posttrain, rl, serve, train
 from nanoseek.cli.common import CliGroup, set_debug
 
 app = typer.Typer(cls=CliGroup, help="nanoseek: the DeepSeek stack (V2, V3, V3.2, V4) — model, training, engine, calculators.",
@@ -43,7 +43,7 @@ def main(debug: bool = typer.Option(False, "--debug", envvar="NANOSEEK_DEBUG",
     set_debug(debug)
 
 
-for area in (model, train, posttrain, rl, engine, serve, calc, agent):
+for area in (model, train, posttrain, rl, distill, engine, serve, calc, agent):
     area.register(app)
 
 

@@ -47,7 +47,7 @@ def data_parallel(policy, cfg: RLConfig, layout, device):
         raise ValueError(f"RL under torchrun is data parallel only (got ep={layout.ep}, "
                          f"tp={layout.tp}, pp={layout.pp}): every rank's rollout engine runs the "
                          "whole policy by itself")
-    if cfg.algo != "grpo":
+    if cfg.algo == "ppo":
         raise ValueError(f"--algo {cfg.algo} runs on one process (its critic and whitened "
                          "advantages are not split over ranks): drop --nproc, or use --algo grpo")
     return stage_parallel(policy, dataclasses.replace(layout, replicate=True), device,
@@ -90,19 +90,20 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
 
 
 def rl(out_dir: str | Path, cfg: RLConfig, resume: bool = False, progress: bool = True,
-       log=print, parallel=None, adapt_threads: bool = False) -> dict:
+       log=print, parallel=None, adapt_threads: bool = False, build_fn=None) -> dict:
     """Run (or resume) an RL run; returns run.json's content. Under torchrun every rank
     runs it (parallel: a nanoseek.parallel.ParallelConfig, DP only) and rank 0 writes.
-    adapt_threads: switch between all cores and one while training (threads.py)."""
+    adapt_threads: switch between all cores and one while training (threads.py).
+    build_fn: another stage's `build` (distill.py's), same signature."""
     from nanoseek.parallel import launch
     with launch.session(parallel.timeout if parallel else 300.0) as rank_device:
         return _rl(Path(out_dir), cfg, resume, progress,
                    log if launch.is_main() else (lambda *a, **k: None), rank_device, parallel,
-                   adapt_threads)
+                   adapt_threads, build_fn or build)
 
 
 def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_device,
-        parallel, adapt_threads: bool = False) -> dict:
+        parallel, adapt_threads: bool = False, build_fn=None) -> dict:
     from nanoseek.parallel.launch import is_main
     from nanoseek.train.posttrain.stage import holds_run
     from nanoseek.train.pretrain import write_run
@@ -110,7 +111,7 @@ def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_de
     if resume and (out_dir / "run.json").exists():
         saved = json.loads((out_dir / "run.json").read_text())["settings"]
         saved["train"]["max_steps"] = cfg.train.max_steps
-        cfg = settings_from_dict(RLConfig, saved, f"{out_dir}/run.json")
+        cfg = settings_from_dict(type(cfg), saved, f"{out_dir}/run.json")
     elif holds_run(out_dir):
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume or choose another --out")
     cfg.validate()
@@ -118,7 +119,7 @@ def _rl(out_dir: Path, cfg: RLConfig, resume: bool, progress: bool, log, rank_de
     release_large_allocations()  # process-wide, and the same numbers: memory.py says why
     cap_kernel_caches()
     reset_peak()  # metrics' peak_rss_mb: this run's
-    trainer, stage = build(out_dir, cfg, progress, rank_device, parallel, adapt_threads)
+    trainer, stage = (build_fn or build)(out_dir, cfg, progress, rank_device, parallel, adapt_threads)
     run = {"stage": cfg.algo, "settings": settings_to_dict(cfg), "precision": trainer.precision,
            "precision_reason": trainer.precision_reason}
     if stage.par.distributed:
