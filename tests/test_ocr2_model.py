@@ -223,3 +223,15 @@ def test_published_sizes_build_with_transformers_parameter_count():
     assert count == sum(p.numel() for p in ref.parameters()) == 3_389_119_360
     names = [ocr2_weights.to_disk(k) for k in ours.state_dict()]
     assert len(set(names)) == len(names)
+
+
+def test_nanoseek_from_pretrained_builds_ocr2(checkpoint):
+    """nanoseek.from_pretrained picks the class by the config's architecture; the engine's text
+    path gets its language model (model/vl/vl_load.py)."""
+    import nanoseek
+    from nanoseek.model.transformer import CausalLM
+    from nanoseek.model.vl.vl_load import language_model
+
+    model = nanoseek.from_pretrained(checkpoint[0])
+    assert isinstance(model, DeepseekOCR2)
+    assert isinstance(language_model(model), CausalLM)
