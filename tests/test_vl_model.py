@@ -253,3 +253,37 @@ def test_preprocessing_bounds():
         preprocess([Image.new("RGB", (100, 100))], proc, max_pixels=99 * 100)
     with pytest.raises(ImagePreprocessError, match="not a PIL image"):
         preprocess([np.zeros((8, 8, 3))], proc)
+
+
+def test_published_size_names_and_parameter_count():
+    """At DeepSeek-VL 1.3B's shapes (SigLIP-L/16 at 384 px, a 24-layer Llama of width 2048),
+    built on the meta device: one checkpoint name per transformers tensor, the same count."""
+    text = dict(model_type="llama", vocab_size=102400, hidden_size=2048, intermediate_size=5632,
+                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                max_position_embeddings=16384)
+    vision = dict(model_type="siglip_vision_model", hidden_size=1024, intermediate_size=4096,
+                  num_hidden_layers=24, num_attention_heads=16, image_size=384, patch_size=16)
+    d = {"model_type": "deepseek_vl", "text_config": text, "vision_config": vision}
+    with torch.device("meta"):
+        hf = HFVL(DeepseekVLConfig(**d))
+        ns = DeepseekVLForConditionalGeneration(VLConfig.from_dict(d))
+    from nanoseek.model.vl.vl_checkpoint import to_disk
+    cfg = ns.config
+    ours = {to_disk(n, cfg): tuple(p.shape) for n, p in ns.state_dict().items()
+            if not (cfg.tie_word_embeddings and n == "language_model.lm_head.weight")}
+    theirs = {n: tuple(p.shape) for n, p in hf.state_dict().items() if n != "lm_head.weight"}
+    assert ours == theirs
+    assert cfg.image_tokens == 576
+    count = sum(p.numel() for p in ns.parameters())  # tied: lm_head counted once
+    assert count == sum(p.numel() for p in hf.parameters())
+
+
+def test_vision_classes_by_architecture(tmp_path):
+    from nanoseek.model.vl import vision_class
+    from nanoseek.model.vl.ocr2_model import DeepseekOCR2
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekOcr2ForConditionalGeneration"]}))
+    assert vision_class(tmp_path) is DeepseekOCR2
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_vl"}))
+    assert vision_class(tmp_path) is DeepseekVLForConditionalGeneration
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekV3ForCausalLM"]}))
+    assert vision_class(tmp_path) is None
