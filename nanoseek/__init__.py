@@ -18,12 +18,12 @@ def from_pretrained(path, dtype=None, device=None, quantization=None):
     """Load an HF-format DeepSeek checkpoint directory (nanoseek-, transformers- or DeepSeek-written);
     quantization="fp8" keeps attention and FFN/expert weights in FP8 (FP8Linear).
     A vision-language checkpoint (DeepSeek-VL) gives its model (nanoseek/model/vl/)."""
-    from nanoseek.model.vl.vl_load import vision_class
-    vl = vision_class(path)
-    if vl is not None:
+    from nanoseek.checkpoint.hf import vision_checkpoint
+    if vision_checkpoint(path):
         if quantization is not None:
             raise ValueError(f"{path}: quantization={quantization!r} is not supported for vision-language models")
-        return vl.from_pretrained(path, dtype=dtype, device=device)
+        from nanoseek.model.vl.vl_load import vision_class
+        return vision_class(path).from_pretrained(path, dtype=dtype, device=device)
     from nanoseek.model import CausalLM
     return CausalLM.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
 

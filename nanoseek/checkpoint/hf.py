@@ -235,6 +235,17 @@ def vision_architecture(raw: dict) -> str | None:
     return None
 
 
+def vision_checkpoint(path: str | os.PathLike) -> str | None:
+    """The vision-language architecture a checkpoint directory's config.json names, or None
+    (a text model, or no readable config.json): a JSON read, so callers import the vision
+    models, and transformers' towers with them, only for such a checkpoint."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return vision_architecture(raw) if isinstance(raw, dict) else None
+
+
 def check_quantization_config(raw: dict, cfg_path: Path) -> None:
     """Refuse, in one line, a quantization_config (or V4's top-level expert_dtype) that names
     a format nanoseek does not dequantise. The tensors' dtypes and scales are checked again

@@ -19,8 +19,8 @@ from nanoseek.engine.outputs import RequestOutput, request_output
 from nanoseek.engine.dtype import cast_model, resolve_dtype
 from nanoseek.engine.sampler import SamplingParams
 from nanoseek.engine.sequence import Sequence
+from nanoseek.checkpoint.hf import vision_checkpoint
 from nanoseek.model import CausalLM
-from nanoseek.model.vl.vl_load import language_model, vision_class
 from nanoseek.quant.model import check_quantization, log_backend, quantize_model_fp8
 from nanoseek.text.tokenizer import Tokenizer
 
@@ -46,9 +46,9 @@ def load_model(path_or_model, dtype=None, device=None, quantization: str | None 
         check_not_adapter(path)
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
     dtype = resolve_dtype(dtype, path, target or torch.device("cpu"))
-    vl = vision_class(path)
-    if vl is not None and quantization is None:  # vision-language: its language model serves text
-        model = language_model(vl.from_pretrained(path, dtype=dtype, device=device))
+    if quantization is None and vision_checkpoint(path):  # its language model serves text
+        from nanoseek.model.vl.vl_load import language_model, vision_class  # transformers' towers: only here
+        model = language_model(vision_class(path).from_pretrained(path, dtype=dtype, device=device))
     else:
         model = CausalLM.from_pretrained(path, dtype=dtype, device=device, quantization=quantization)
     return model, Tokenizer.from_dir(path)

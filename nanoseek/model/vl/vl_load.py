@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-from nanoseek.checkpoint.hf import vision_architecture
+from nanoseek.checkpoint.hf import vision_checkpoint
 from nanoseek.model.transformer import CausalLM
 from nanoseek.model.vl.deepseek_vl import DeepseekVLForConditionalGeneration
 from nanoseek.model.vl.ocr2_model import DeepseekOCR2
@@ -19,11 +17,7 @@ VISION_CLASSES = {"DeepseekVLForConditionalGeneration": DeepseekVLForConditional
 def vision_class(path: str | os.PathLike):
     """The vision-language class a checkpoint directory's config.json names, or None (a text
     model, or no readable config.json: the text loader then says what is wrong)."""
-    try:
-        raw = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    arch = vision_architecture(raw) if isinstance(raw, dict) else None
+    arch = vision_checkpoint(path)
     if arch is not None and arch not in VISION_CLASSES:
         raise ValueError(f"{path}: {arch} checkpoints are not built by nanoseek")
     return VISION_CLASSES.get(arch)
