@@ -209,8 +209,12 @@ ATTACKS = [
     (CHAT, {"messages": [{"role": "user", "content": [5]}]}, "messages.0.content.0"),
     (CHAT, {"messages": [{"role": "user", "content": [["hi"]]}]}, "messages.0.content.0"),
     (CHAT, {"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages.0.content"),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]},
      "messages.0.content.0.type"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}]},
+     "messages.0.content.0.image_url.url"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content.0"),  # a well-formed part, its URL refused (serve/images.py)
     (CHAT, {"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages.0.name"),
     (CHAT, {"messages": ["hi"]}, "messages.0"),
     (CHAT, {"messages": HI, "tools": [{"type": "function", "function": {"name": 5}}]}, "tools.0.function.name"),

@@ -50,6 +50,16 @@ def serve(
     max_prompt_chars: Optional[int] = typer.Option(None, min=1, help="longest prompt in characters, checked "
                                                    "before tokenising (400) [default: the context length times "
                                                    "the longest token, the most that can fit]"),
+    max_image_bytes: int = typer.Option(2 << 20, min=1, help="encoded bytes of one chat image (a data: URL "
+                                        "carries it as base64, 4/3 larger, inside --max-body-bytes); "
+                                        "larger ones get 400"),
+    max_images_per_request: int = typer.Option(4, min=1, help="image parts one chat request may hold"),
+    max_image_pixels: int = typer.Option(4096 * 4096, min=1, help="width x height of one image, read "
+                                         "from its header before it is decoded"),
+    image_dir: Optional[Path] = typer.Option(None, exists=True, file_okay=False, resolve_path=True,
+                                             help="the only directory file:// image URLs may read "
+                                                  "[default: none, file URLs are refused; network "
+                                                  "URLs are never fetched]"),
     shutdown_timeout: float = typer.Option(10.0, min=0, help="seconds in-flight requests get to finish on "
                                                              "SIGTERM/SIGINT before they are cancelled"),
     max_num_seqs: int = max_num_seqs_option(),
@@ -92,7 +102,10 @@ def serve(
     from nanoseek.engine import AsyncLLM
     from nanoseek.serve.app import create_app
     from nanoseek.serve.cache.urls import redact
+    from nanoseek.text.images import ImageLimits
     check_device(device)
+    image_limits = ImageLimits(max_images=max_images_per_request, max_bytes=max_image_bytes,
+                               max_pixels=max_image_pixels)
     log_level = uvicorn_log_level or log_level
     if threads:
         torch.set_num_threads(threads)
@@ -104,7 +117,8 @@ def serve(
     response_cache = build_cache(cache, semantic_cache, cache_threshold, cache_ttl, cache_size, cache_timeout)
     app = create_app(llm, model_name or Path(path).resolve().name, api_keys=keys, max_queue=max_queue,
                      max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
-                     response_cache=response_cache, cache_scope=cache_scope, checkpoint=path)
+                     response_cache=response_cache, cache_scope=cache_scope, checkpoint=path,
+                     image_limits=image_limits, image_dir=image_dir)
     typer.echo(f"serving {path} as {app.state.model_name!r} on http://{host}:{port}/v1"
                + (" (API key required)" if keys else "")
                + (f"; response cache: {redact(cache)}" + (" + semantic" if semantic_cache else "")

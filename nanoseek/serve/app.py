@@ -4,7 +4,8 @@
 
 A request's path: the door (guards.py: body size, API key) -> pydantic (protocol.py: strict
 types and ranges, 400 naming the field) -> the model name (404) -> prompt and sampling params
-(prompt_limit.py: the prompt's characters, before tokenising; params.py: the chat template,
+(prompt_limit.py: the prompt's characters, before tokenising; images.py: image parts decoded
+within limits, 400 for a text-only model; params.py: the chat template,
 tokenised in a worker thread so the event loop keeps streaming, the context check;
 tools.py: `tools` / `tool_choice`) -> the
 response cache, for deterministic requests only -> admission (admission.py: 429 when the queue is full) -> the engine
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -40,6 +42,7 @@ from nanoseek.serve.cache.seam import CacheSeam
 from nanoseek.serve.errors import APIError, internal_error, sse_error
 from nanoseek.serve.generation import failed, generate
 from nanoseek.serve.guards import ApiKeys, BodyLimit
+from nanoseek.serve.images import SERVER_LIMITS, engine_images, image_locations, request_images
 from nanoseek.serve.metrics import CountRequests, ServerMetrics
 from nanoseek.serve.params import chat_params, chat_prompt, check_context, completion_params, completion_prompts
 from nanoseek.serve.prompt_limit import PromptLimit, chat_chars, completion_chars, prompt_count
@@ -54,13 +57,15 @@ DONE = "data: [DONE]\n\n"
 def create_app(llm, model_name: str, *, api_keys: list[str] | None = None, max_queue: int = 256,
                max_body_bytes: int = 4 << 20, max_prompt_chars: int | None = None, response_cache=None,
                drain_timeout_s: float = 5.0, cache_scope: str = "key", checkpoint=None,
-               cache_timeout_s: float = 10.0) -> FastAPI:
+               cache_timeout_s: float = 10.0, image_limits=SERVER_LIMITS, image_dir=None) -> FastAPI:
     """llm: an `AsyncLLM`. max_queue: completions that may wait beyond the engine's
     max_num_seqs before a request gets 429. max_prompt_chars: None for the most that can
     fit the context (prompt_limit.py). cache_scope "key" (each API key its own cached
     answers) or "shared"; checkpoint: the directory llm was loaded from, fingerprinted
     into every cache key (None: the model's tensors are hashed instead); cache_timeout_s:
-    the most one cache call may take (serve/cache/seam.py)."""
+    the most one cache call may take (serve/cache/seam.py). image_limits: a
+    text.images.ImageLimits for chat image parts; image_dir: the one directory `file:` image
+    URLs may read (None: file URLs are refused)."""
     app = FastAPI(title="nanoseek", lifespan=_lifespan)
     engine = llm.engine
     st = app.state
@@ -71,6 +76,7 @@ def create_app(llm, model_name: str, *, api_keys: list[str] | None = None, max_q
     st.metrics = ServerMetrics(engine)
     st.metrics.in_flight.set_function(lambda: st.admission.in_flight)
     st.response_cache, st.drain_timeout_s = response_cache, drain_timeout_s
+    st.image_limits, st.image_dir = image_limits, _image_dir(image_dir)
     st.cache_seam = CacheSeam(st, api_keys=bool(api_keys), scope=cache_scope, checkpoint=checkpoint,
                               timeout_s=cache_timeout_s)
     errors.install(app)
@@ -122,11 +128,15 @@ def _routes(app: FastAPI) -> None:
         params = chat_params(req)
         st.admission.check_size(params.n, "n")
         st.prompt_limit.check(chat_chars(req), "messages")
+        images = []
+        if image_locations(req.messages):  # decoding blocks: a worker thread
+            images = await run_in_threadpool(request_images, req.messages, st.image_limits, st.image_dir)
+        engine_images(st.llm, st.model_name, images)
         prompt, params, tools = await run_in_threadpool(_chat_prompt, st.llm.tokenizer, req, params)
         check_context(prompt, params, st.max_model_len, "messages")
         fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, len(prompt), *_usage_opts(req),
                             tools=tools)
-        return await respond(request, "chat", req, [prompt], params, fmt)
+        return await respond(request, "chat", req, [prompt], params, fmt, images)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -153,6 +163,15 @@ def _chat_prompt(tokenizer, req: ChatCompletionRequest, params):
     return apply_tools(req, tokenizer, chat_prompt(tokenizer, req), params)
 
 
+def _image_dir(path):
+    if path is None:
+        return None
+    d = Path(path).resolve()
+    if not d.is_dir():
+        raise ValueError(f"image directory {str(path)!r} is not a directory")
+    return d
+
+
 def _checked(request: Request, model: str):
     st = request.app.state
     if model != st.model_name:
@@ -167,9 +186,10 @@ def _usage_opts(req) -> tuple[bool, bool]:
 
 
 # ----------------------------------------------------------------- respond
-async def respond(request: Request, kind: str, req, prompts: list[list[int]], params, fmt: Formatter):
+async def respond(request: Request, kind: str, req, prompts: list[list[int]], params, fmt: Formatter,
+                  images=()):
     st = request.app.state
-    key = await st.cache_seam.key(request, kind, req)
+    key = await st.cache_seam.key(request, kind, req, images)  # images keyed by content hash
     if key is not None:
         hit = await st.cache_seam.lookup(key)  # a failing cache is a miss (seam.py)
         if hit is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from nanoseek.text.chat_template import ChatFormatError
 from nanoseek.engine.sampler import SamplingParams
 from nanoseek.serve.errors import APIError
+from nanoseek.serve.images import keyed_messages
 from nanoseek.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from nanoseek.text.tokenizer import Tokenizer
 
@@ -108,14 +109,17 @@ def check_context(prompt: list[int], params: SamplingParams, max_model_len: int,
 
 
 # -------------------------------------------------------------------- cache
-def cache_key(kind: str, req: SamplingFields, scope: str, checkpoint: str) -> dict | None:
+def cache_key(kind: str, req: SamplingFields, scope: str, checkpoint: str, images=()) -> dict | None:
     """The normalised request, or None when its output is not reproducible (sampled with no
     seed): only deterministic requests may be served from a cache. `scope` names whose
     answers it may get (cache.keys.caller_scope: the API key's hash, or "shared") and
     `checkpoint` which weights answer (cache.fingerprint): both are part of the key, so
-    neither another caller's entry nor an old model's can match."""
+    neither another caller's entry nor an old model's can match. Image parts are keyed by
+    the content hash of `images` (serve/images.py), never by their URL."""
     if req.seed is None and (req.temperature is None or req.temperature > 0):  # default temperature: 1
         return None
     key = req.model_dump(exclude=NOT_IN_KEY)
+    if "messages" in key:
+        key["messages"] = keyed_messages(key["messages"], list(images))
     key.update(endpoint=kind, scope=scope, checkpoint=checkpoint)
     return key

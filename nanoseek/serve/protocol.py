@@ -62,6 +62,17 @@ class TextPart(_Lenient):
     text: str
 
 
+class ImageURL(_Lenient):
+    url: str  # data:image/...;base64,... or file:///... (serve/images.py decodes it within limits)
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class ImagePart(_Lenient):
+    """OpenAI's image content part; decoded, limited and refused in serve/images.py."""
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class CalledFunction(_Lenient):
     name: str = Field(..., min_length=1)
     arguments: Union[str, dict]  # JSON text, as OpenAI sends it; an object is written as JSON
@@ -81,14 +92,14 @@ def _as_dicts(calls: list[ToolCallIn]) -> list[dict]:
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
     tool_calls: Optional[Annotated[list[ToolCallIn], AfterValidator(_as_dicts)]] = None
     name: Optional[str] = None
     tool_call_id: Optional[str] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text for p in self.content if p.type == "text")  # images: serve/images.py
         return self.content or ""
 
 

@@ -49,14 +49,16 @@ class CacheSeam:
             cache.on_error = self.st.metrics.cache_error
         return cache
 
-    async def key(self, request, kind: str, req) -> dict | None:
-        """The cache key of this request (None: no cache, or not deterministic)."""
+    async def key(self, request, kind: str, req, images=()) -> dict | None:
+        """The cache key of this request (None: no cache, or not deterministic); `images`:
+        its decoded images, keyed by content hash in place of their URLs."""
         if self.cache() is None:
             return None
         try:
             if self.fingerprint is None:  # a model given as an object: hash its tensors, once
                 self.fingerprint = await anyio.to_thread.run_sync(serving_fingerprint, self.st.llm)
-            return cache_key(kind, req, caller_scope(bearer(request.scope), self.per_key), self.fingerprint)
+            return cache_key(kind, req, caller_scope(bearer(request.scope), self.per_key), self.fingerprint,
+                             images)
         except Exception as e:
             return self._failed("key", e)
 

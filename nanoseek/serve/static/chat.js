@@ -2,7 +2,8 @@
 // elsewhere. Each turn sends the whole conversation (the server keeps no session) to
 // /v1/chat/completions with stream: true and reads the SSE body itself (fetch +
 // ReadableStream: EventSource cannot POST). Model output only ever goes through
-// textContent, never innerHTML.
+// textContent, never innerHTML. An attached image goes as OpenAI's image_url content part,
+// a data: URL read from the file in this browser (FileReader); the server decides what it takes.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,10 +12,12 @@ const ui = {
   settings: $("settings"), system: $("system"), temperature: $("temperature"),
   temperatureValue: $("temperature-value"), maxTokens: $("max-tokens"), apiKey: $("api-key"),
   messages: $("messages"), empty: $("empty"), error: $("error"), form: $("composer"),
-  input: $("input"), send: $("send"), stop: $("stop"),
+  input: $("input"), send: $("send"), stop: $("stop"), image: $("image"), attachment: $("attachment"),
+  attachmentPreview: $("attachment-preview"), attachmentName: $("attachment-name"),
+  attachmentRemove: $("attachment-remove"),
 };
 const KEY_STORE = "nanoseek.apiKey";
-const state = { history: [], controller: null };
+const state = { history: [], controller: null, image: null };  // image: {name, url} attached
 
 // ------------------------------------------------------------------ requests
 function headers() {
@@ -123,7 +126,7 @@ async function readAnswer(response, bubble) {
 }
 
 // ------------------------------------------------------------------ the page
-function addMessage(role, text) {
+function addMessage(role, text, image) {
   ui.empty.hidden = true;
   const root = document.createElement("div");
   root.className = `msg ${role}`;
@@ -133,6 +136,12 @@ function addMessage(role, text) {
   const body = document.createElement("div");
   body.className = "text";
   body.textContent = text;
+  if (image) {
+    const img = document.createElement("img");
+    img.src = image.url;  // a data: URL read from the user's own file
+    img.alt = image.name;
+    body.append(img);
+  }
   const meta = document.createElement("div");
   meta.className = "meta";
   root.append(who, body, meta);
@@ -171,12 +180,20 @@ function describeAnswer(answer) {
 }
 
 // ------------------------------------------------------------------ one turn
-async function send(text) {
+/** A user turn: plain text, or OpenAI's content parts when an image goes with it. */
+function userTurn(text, image) {
+  if (!image) return { role: "user", content: text };
+  const parts = text ? [{ type: "text", text }] : [];
+  parts.push({ type: "image_url", image_url: { url: image.url } });
+  return { role: "user", content: parts };
+}
+
+async function send(text, image) {
   clearError();
   const system = ui.system.value.trim();
-  const turn = { role: "user", content: text };
+  const turn = userTurn(text, image);
   const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history, turn];
-  const mine = addMessage("user", text);
+  const mine = addMessage("user", text, image);
   const bubble = addMessage("assistant", "");
   bubble.root.classList.add("streaming");
   state.controller = new AbortController();
@@ -197,6 +214,7 @@ async function send(text) {
       bubble.meta.textContent = "stopped";
     } else {
       failTurn(mine, bubble, text, err instanceof TypeError ? networkFailure(err) : err.message);
+      if (image && !state.image) attach(image);  // back in place, with the text, to retry
     }
   } finally {
     bubble.root.classList.remove("streaming");
@@ -215,6 +233,38 @@ function failTurn(mine, bubble, text, message) {
   showError(message);
 }
 
+// ------------------------------------------------------------------ attachments
+function attach(image) {
+  state.image = image;
+  ui.attachmentPreview.src = image ? image.url : "";
+  ui.attachmentPreview.alt = image ? image.name : "";
+  ui.attachmentName.textContent = image ? image.name : "";
+  ui.attachment.hidden = !image;
+}
+
+/** The chosen file as {name, url}: a data: URL, read in this browser. */
+function readImage(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve({ name: file.name, url: reader.result });
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+ui.image.addEventListener("change", async () => {
+  const file = ui.image.files[0];
+  ui.image.value = "";  // choosing the same file again fires change again
+  if (!file) return;
+  try {
+    attach(await readImage(file));
+    clearError();
+  } catch (err) {
+    showError(`Could not read ${file.name}: ${err.message || err}`);
+  }
+});
+ui.attachmentRemove.addEventListener("click", () => attach(null));
+
 function newChat() {
   if (state.controller) state.controller.abort();
   state.history = [];
@@ -228,9 +278,11 @@ function newChat() {
 ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.input.value.trim();
-  if (!text || state.controller) return;
+  const image = state.image;
+  if ((!text && !image) || state.controller) return;
   ui.input.value = "";
-  send(text);
+  attach(null);
+  send(text, image);
 });
 ui.input.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {

@@ -1,0 +1,101 @@
+"""A chat request's images: decoded within the server's limits, keyed by content hash, and
+handed to the model through one seam (`engine_images`).
+
+Every `image_url` part goes through nanoseek/text/images.py, the one door untrusted images
+come in by: `data:` URLs sized before decoding, `file:` URLs only under `nanoseek serve
+--image-dir`, nothing fetched from the network. A refusal is a 400 naming the limit
+(`code` is the limit's name, the message the `nanoseek serve` option that sets it). The
+images are checked before the model is asked, so a client hears of a bad image whatever
+model is served; then a model that reads text only answers 400 saying so, never dropping
+the image in silence.
+
+Cache keys (`keyed_messages`) name each image by the sha256 of its RGB pixels, never by its
+URL: the same picture in two requests (as PNG or WebP, inline or from a file) shares a key,
+two different pictures never do, and no image bytes are kept in a cache key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanoseek.serve.errors import APIError
+from nanoseek.text.images import ImageInputError, ImageLimits, LoadedImage, load_image_part
+
+# nanoseek serve's defaults: an image of 2 MiB is about 2.7 MiB of base64, inside the 4 MiB body
+SERVER_LIMITS = ImageLimits(max_images=4, max_bytes=2 << 20)
+OPTION = {"max_images": "--max-images-per-request", "max_bytes": "--max-image-bytes",
+          "max_pixels": "--max-image-pixels", "image_dir": "--image-dir"}
+MODEL_VISION_ATTRS = ("vision_model", "vision")  # DeepSeek-VL's SigLIP tower, DeepSeek-OCR-2's encoder
+
+
+def image_locations(messages) -> list[tuple[int, int]]:
+    """(message, part) of every image part of a request's `ChatMessage`s, in order."""
+    return [(i, j) for i, m in enumerate(messages) if isinstance(m.content, list)
+            for j, p in enumerate(m.content) if p.type == "image_url"]
+
+
+def request_images(messages, limits: ImageLimits, image_dir: Path | None) -> list[LoadedImage]:
+    """Every image of the request decoded, or a 400 naming the part and the limit it broke.
+    The count is checked before any image is read. Blocks (decoding): run in a worker thread."""
+    where = image_locations(messages)
+    if len(where) > limits.max_images:
+        raise refused(ImageInputError(f"{len(where)} images in one request; the limit is "
+                                      f"{limits.max_images} (max_images)", "max_images"), "messages")
+    images = []
+    for i, j in where:
+        part = messages[i].content[j].model_dump()
+        try:
+            images.append(load_image_part(part, limits, image_dir))
+        except ImageInputError as e:
+            raise refused(e, f"messages.{i}.content.{j}") from None
+    return images
+
+
+def refused(e: ImageInputError, param: str) -> APIError:
+    option = OPTION.get(e.limit)
+    hint = f" (this server's {option})" if option else ""
+    return APIError(400, f"{param}: {e}{hint}", param=param, code=e.limit)
+
+
+def reads_images(model) -> bool:
+    """Whether the served model has a vision side (DeepSeek-VL, DeepSeek-OCR-2)."""
+    return any(getattr(model, a, None) is not None for a in MODEL_VISION_ATTRS)
+
+
+def engine_images(llm, model_name: str, images: list[LoadedImage]) -> None:
+    """The seam where a request's decoded images reach the engine. A text-only model: 400.
+    A vision-language model: 501 until the engine takes images with its prompts."""
+    if not images:
+        return
+    if not reads_images(llm.engine.model):
+        raise APIError(400, f"model {model_name!r} reads text only: it cannot see the {len(images)} "
+                            "image(s) of this request; send text, or serve a vision-language model",
+                       param="messages", code="images_not_supported")
+    raise APIError(501, f"model {model_name!r} is a vision-language model, but this server's engine "
+                        "does not take images with prompts yet", param="messages", code="images_not_served")
+
+
+def keyed_messages(messages: list[dict], images: list[LoadedImage]) -> list[dict]:
+    """`messages` (as dumped for a cache key) with each image part's URL replaced by the
+    content hash of the image decoded from it, in order. A request whose image parts do not
+    match `images` one for one is refused: a URL must never become a key."""
+    hashes = iter(images)
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            m = {**m, "content": [_keyed(p, hashes) for p in content]}
+        out.append(m)
+    if next(hashes, None) is not None:
+        raise ValueError("more decoded images than image parts in the request")
+    return out
+
+
+def _keyed(part: dict, hashes) -> dict:
+    if part.get("type") != "image_url":
+        return part
+    image = next(hashes, None)
+    if image is None:
+        raise ValueError("an image part without its decoded image: it cannot be keyed by content")
+    detail = (part.get("image_url") or {}).get("detail")
+    return {"type": "image_url", "image_url": {"sha256": image.sha256, "detail": detail}}

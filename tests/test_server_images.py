@@ -1,0 +1,236 @@
+"""Chat image parts at the live server (serve/images.py): each refusal a 400 naming its limit
+and the option that sets it, network URLs never fetched, file URLs only under --image-dir,
+a text-only model's 400, a vision-language model's 501 at the engine seam, and the response
+caches keying an image by its content hash (never its URL; L1 and L2)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+
+import httpx2 as httpx
+import pytest
+from PIL import Image
+
+from nanoseek.serve import images as serve_images
+from nanoseek.serve.cache import ResponseCache
+from nanoseek.serve.cache.memory import MemoryStore
+from nanoseek.serve.params import cache_key
+from nanoseek.serve.protocol import ChatCompletionRequest
+from nanoseek.text.images import ImageLimits, decode_image, image_url_part, png_bytes
+from tests.test_server import MODEL, Live, ckpt, make_app  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LIMITS = ImageLimits(max_images=2, max_bytes=6000, max_pixels=48 * 48, max_side=64)
+
+
+def picture(colour=(200, 30, 30), size=(16, 12)) -> Image.Image:
+    img = Image.new("RGB", size, (255, 255, 255))
+    img.paste(colour, (2, 2, 10, 8))
+    return img
+
+
+def png_part(img: Image.Image) -> dict:
+    return image_url_part(png_bytes(img))
+
+
+def webp_part(img: Image.Image) -> dict:
+    out = io.BytesIO()
+    img.save(out, format="WEBP", lossless=True)
+    return {"type": "image_url", "image_url": {"url": "data:image/webp;base64," + base64.b64encode(out.getvalue()).decode()}}
+
+
+def asking(*parts, question="What is in the picture?", **kw) -> dict:
+    content = [{"type": "text", "text": question}, *parts]
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 3,
+            "temperature": 0, **kw}
+
+
+class Recording:
+    """A ResponseCache that keeps every key it is handed (to show what keys hold)."""
+
+    def __init__(self):
+        self.cache, self.keys = ResponseCache(MemoryStore()), []
+
+    def lookup(self, key):
+        self.keys.append(key)
+        return self.cache.lookup(key)
+
+    def store(self, key, response):
+        self.keys.append(key)
+        self.cache.store(key, response)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    picture().save(d / "red.png")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, image_dir):  # noqa: F811
+    recording = Recording()
+    live = Live(make_app(ckpt, image_limits=LIMITS, image_dir=image_dir, response_cache=recording))
+    live.recording = recording
+    yield live
+    live.stop()
+
+
+def post(server, body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def refusal(server, body, status=400) -> dict:
+    r = post(server, body)
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+# ------------------------------------------------------------------ refusals
+def test_a_text_only_model_says_it_reads_text_only(server):
+    err = refusal(server, asking(png_part(picture())))
+    assert err["code"] == "images_not_supported" and "reads text only" in err["message"]
+    assert err["param"] == "messages"
+    # the openai client sees the same 400
+    import openai
+    with pytest.raises(openai.BadRequestError, match="reads text only"):
+        server.client().chat.completions.create(**asking(png_part(picture())))
+    # text parts alone still work
+    ok = post(server, asking())
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+
+
+@pytest.mark.parametrize("part, limit, option", [
+    (png_part(picture(size=(65, 2))), "max_side", None),
+    (png_part(picture(size=(60, 60))), "max_pixels", "--max-image-pixels"),
+    (png_part(Image.effect_noise((60, 60), 80).convert("RGB")), "max_bytes", "--max-image-bytes"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}, "image_data_url", None),
+    ({"type": "image_url", "image_url": {"url": "data:text/html;base64,PGI+"}}, "image_format", None),
+])
+def test_each_limit_is_a_400_naming_it(server, part, limit, option):
+    err = refusal(server, asking(part))
+    assert err["code"] == limit and err["param"] == "messages.0.content.1"
+    assert f"({limit})" in err["message"] or limit.startswith("image_")
+    if option:
+        assert option in err["message"]
+
+
+def test_too_many_images_are_refused_before_any_is_read(server):
+    bad = {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!"}}  # never decoded
+    err = refusal(server, asking(bad, bad, bad))
+    assert err["code"] == "max_images" and "3 images" in err["message"] and "--max-images-per-request" in err["message"]
+
+
+def test_network_urls_are_never_fetched(server):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.3)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/cat.png"
+    err = refusal(server, asking({"type": "image_url", "image_url": {"url": url}}))
+    assert err["code"] == "image_url_scheme" and "never fetched" in err["message"]
+    with pytest.raises(socket.timeout):
+        listener.accept()  # nobody connected
+    listener.close()
+
+
+def test_file_urls_only_under_the_image_dir(server, image_dir, tmp_path):
+    inside = {"type": "image_url", "image_url": {"url": (image_dir / "red.png").as_uri()}}
+    assert refusal(server, asking(inside))["code"] == "images_not_supported"  # read: past the limits
+    picture().save(tmp_path / "outside.png")
+    outside = {"type": "image_url", "image_url": {"url": (tmp_path / "outside.png").as_uri()}}
+    err = refusal(server, asking(outside))
+    assert err["code"] == "image_dir" and "outside the allowed image directory" in err["message"]
+
+
+def test_file_urls_are_refused_without_an_image_dir(ckpt, image_dir):  # noqa: F811
+    live = Live(make_app(ckpt))
+    try:
+        part = {"type": "image_url", "image_url": {"url": (image_dir / "red.png").as_uri()}}
+        err = refusal(live, asking(part))
+        assert err["code"] == "image_dir" and "--image-dir" in err["message"]
+    finally:
+        live.stop()
+
+
+def test_a_malformed_image_part_names_the_field(server):
+    err = refusal(server, asking({"type": "image_url", "image_url": {"href": "x"}}))
+    assert err["param"] == "messages.0.content.1.image_url.url"
+
+
+def test_a_vision_language_model_meets_the_engine_seam(server, monkeypatch):
+    monkeypatch.setattr(serve_images, "reads_images", lambda model: True)
+    err = refusal(server, asking(png_part(picture())), status=501)
+    assert err["code"] == "images_not_served" and "does not take images" in err["message"]
+
+
+def test_reads_images_knows_the_vision_models():
+    class VL:
+        vision_model = object()
+    assert serve_images.reads_images(VL()) and not serve_images.reads_images(object())
+
+
+# ------------------------------------------------------------------ cache keys
+def test_the_response_cache_keys_an_image_by_its_content(server, monkeypatch):
+    """The engine seam let through (as a serving VL engine would): the same picture as PNG,
+    then as WebP, is one L1 entry; another picture is another; no key holds the URL."""
+    import nanoseek.serve.app as app_module
+    monkeypatch.setattr(app_module, "engine_images", lambda llm, name, images: None)
+    hits = lambda: server.metrics().get(("nanoseek_response_cache_hits_total", (("level", "l1"),)), 0)  # noqa: E731
+    before = hits()
+    red, blue = picture(), picture(colour=(20, 40, 220))
+    assert post(server, asking(png_part(red))).status_code == 200
+    assert post(server, asking(webp_part(red))).status_code == 200
+    assert hits() == before + 1  # same pixels, another container: a hit
+    assert post(server, asking(png_part(blue))).status_code == 200
+    assert hits() == before + 1  # another picture: a miss
+    keys = json.dumps(server.recording.keys)
+    assert "base64" not in keys and "data:" not in keys
+    assert decode_image(png_bytes(red)).sha256 in keys and decode_image(png_bytes(blue)).sha256 in keys
+
+
+def key_of(body, images):
+    return cache_key("chat", ChatCompletionRequest(**body), "shared", "ckpt", images)
+
+
+def test_cache_key_needs_every_image_decoded():
+    red = decode_image(png_bytes(picture()))
+    with pytest.raises(ValueError, match="keyed by content"):
+        key_of(asking(png_part(picture())), [])
+    with pytest.raises(ValueError, match="more decoded images"):
+        key_of(asking(), [red])
+
+
+def test_l2_never_matches_across_images():
+    """An image in an earlier turn is part of L2's exact context (by hash); a question
+    whose last message holds an image is never matched by meaning."""
+    import numpy as np
+    pytest.importorskip("faiss")
+    from nanoseek.serve.cache.semantic import SemanticIndex
+    cache = ResponseCache(MemoryStore(), SemanticIndex(4, threshold=0.5), embedder=lambda text: np.ones(4) / 2)
+    red, blue = picture(), picture(colour=(20, 40, 220))
+    loaded = {id(red): decode_image(png_bytes(red)), id(blue): decode_image(png_bytes(blue))}
+
+    def turn(img, question):
+        body = asking(png_part(img), question="Look.")
+        body["messages"] += [{"role": "assistant", "content": "Seen."}, {"role": "user", "content": question}]
+        return key_of(body, [loaded[id(img)]])
+    cache.store(turn(red, "What colour is it?"), {"answer": "red"})
+    assert cache.lookup(turn(red, "Which colour is that?"))["_cache"] == "l2"  # same image, a paraphrase
+    assert cache.lookup(turn(blue, "Which colour is that?")) is None        # another image: another context
+    cache.store(key_of(asking(png_part(red)), [loaded[id(red)]]), {"answer": "a red box"})
+    assert cache.lookup(key_of(asking(png_part(red), question="What does it show?"), [loaded[id(red)]])) is None
+
+
+def test_cli_defaults_are_the_servers():
+    import inspect
+
+    from nanoseek.cli.serve import serve
+    opts = inspect.signature(serve).parameters
+    limits = serve_images.SERVER_LIMITS
+    assert opts["max_image_bytes"].default.default == limits.max_bytes
+    assert opts["max_images_per_request"].default.default == limits.max_images
+    assert opts["max_image_pixels"].default.default == limits.max_pixels
