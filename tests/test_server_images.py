@@ -161,16 +161,33 @@ def test_a_malformed_image_part_names_the_field(server):
     assert err["param"] == "messages.0.content.1.image_url.url"
 
 
-def test_a_vision_language_model_meets_the_engine_seam(server, monkeypatch):
-    monkeypatch.setattr(serve_images, "reads_images", lambda model: True)
-    err = refusal(server, asking(png_part(picture())), status=501)
-    assert err["code"] == "images_not_served" and "does not take images" in err["message"]
+def test_a_vision_language_model_meets_the_engine_seam(server):
+    state = server.app.state
+    assert state.vision is None  # the tiny model reads text only
+    state.vision = "DeepseekVLForConditionalGeneration"
+    try:
+        err = refusal(server, asking(png_part(picture())), status=501)
+    finally:
+        state.vision = None
+    assert err["code"] == "images_not_served" and "does not hand images to its engine" in err["message"]
+    assert "DeepseekVLForConditionalGeneration" in err["message"]
 
 
-def test_reads_images_knows_the_vision_models():
+def test_served_vision_knows_the_vision_models(tmp_path):
+    class Engine:
+        model = object()
+
+    class LLM:
+        engine = Engine()
+    assert serve_images.served_vision(LLM()) is None
+    assert serve_images.served_vision(LLM(), tmp_path) is None  # no config.json: a text model
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["DeepseekVLForConditionalGeneration"]}))
+    assert serve_images.served_vision(LLM(), tmp_path) == "DeepseekVLForConditionalGeneration"
+
     class VL:
         vision_model = object()
-    assert serve_images.reads_images(VL()) and not serve_images.reads_images(object())
+    Engine.model = VL()
+    assert serve_images.served_vision(LLM()) == "VL"
 
 
 # ------------------------------------------------------------------ cache keys
@@ -178,7 +195,7 @@ def test_the_response_cache_keys_an_image_by_its_content(server, monkeypatch):
     """The engine seam let through (as a serving VL engine would): the same picture as PNG,
     then as WebP, is one L1 entry; another picture is another; no key holds the URL."""
     import nanoseek.serve.app as app_module
-    monkeypatch.setattr(app_module, "engine_images", lambda llm, name, images: None)
+    monkeypatch.setattr(app_module, "engine_images", lambda *a: None)
     hits = lambda: server.metrics().get(("nanoseek_response_cache_hits_total", (("level", "l1"),)), 0)  # noqa: E731
     before = hits()
     red, blue = picture(), picture(colour=(20, 40, 220))

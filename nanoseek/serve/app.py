@@ -42,7 +42,7 @@ from nanoseek.serve.cache.seam import CacheSeam
 from nanoseek.serve.errors import APIError, internal_error, sse_error
 from nanoseek.serve.generation import failed, generate
 from nanoseek.serve.guards import ApiKeys, BodyLimit
-from nanoseek.serve.images import SERVER_LIMITS, engine_images, image_locations, request_images
+from nanoseek.serve.images import SERVER_LIMITS, engine_images, image_locations, request_images, served_vision
 from nanoseek.serve.metrics import CountRequests, ServerMetrics
 from nanoseek.serve.params import chat_params, chat_prompt, check_context, completion_params, completion_prompts
 from nanoseek.serve.prompt_limit import PromptLimit, chat_chars, completion_chars, prompt_count
@@ -77,6 +77,7 @@ def create_app(llm, model_name: str, *, api_keys: list[str] | None = None, max_q
     st.metrics.in_flight.set_function(lambda: st.admission.in_flight)
     st.response_cache, st.drain_timeout_s = response_cache, drain_timeout_s
     st.image_limits, st.image_dir = image_limits, _image_dir(image_dir)
+    st.vision = served_vision(llm, checkpoint)  # None: the model reads text only
     st.cache_seam = CacheSeam(st, api_keys=bool(api_keys), scope=cache_scope, checkpoint=checkpoint,
                               timeout_s=cache_timeout_s)
     errors.install(app)
@@ -131,7 +132,7 @@ def _routes(app: FastAPI) -> None:
         images = []
         if image_locations(req.messages):  # decoding blocks: a worker thread
             images = await run_in_threadpool(request_images, req.messages, st.image_limits, st.image_dir)
-        engine_images(st.llm, st.model_name, images)
+        engine_images(st.llm, st.model_name, images, st.vision)
         prompt, params, tools = await run_in_threadpool(_chat_prompt, st.llm.tokenizer, req, params)
         check_context(prompt, params, st.max_model_len, "messages")
         fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, len(prompt), *_usage_opts(req),

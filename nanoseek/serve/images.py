@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nanoseek.checkpoint.hf import vision_checkpoint
 from nanoseek.serve.errors import APIError
 from nanoseek.text.images import ImageInputError, ImageLimits, LoadedImage, load_image_part
 
@@ -58,21 +59,32 @@ def refused(e: ImageInputError, param: str) -> APIError:
 
 
 def reads_images(model) -> bool:
-    """Whether the served model has a vision side (DeepSeek-VL, DeepSeek-OCR-2)."""
+    """Whether a model has a vision side (DeepSeek-VL, DeepSeek-OCR-2)."""
     return any(getattr(model, a, None) is not None for a in MODEL_VISION_ATTRS)
 
 
-def engine_images(llm, model_name: str, images: list[LoadedImage]) -> None:
-    """The seam where a request's decoded images reach the engine. A text-only model: 400.
-    A vision-language model: 501 until the engine takes images with its prompts."""
+def served_vision(llm, checkpoint=None) -> str | None:
+    """The vision-language architecture behind the server, or None for a text model: the
+    engine's model itself, or the checkpoint's config.json (an engine may serve a
+    vision-language checkpoint through its language model alone)."""
+    model = llm.engine.model
+    if reads_images(model):
+        return type(model).__name__
+    return None if checkpoint is None else vision_checkpoint(checkpoint)
+
+
+def engine_images(llm, model_name: str, images: list[LoadedImage], vision: str | None = None) -> None:
+    """The seam where a request's decoded images reach the engine. A text-only model
+    (`vision` None, from `served_vision`): 400. A vision-language model: 501 until the
+    engine takes images with its prompts."""
     if not images:
         return
-    if not reads_images(llm.engine.model):
+    if vision is None:
         raise APIError(400, f"model {model_name!r} reads text only: it cannot see the {len(images)} "
                             "image(s) of this request; send text, or serve a vision-language model",
                        param="messages", code="images_not_supported")
-    raise APIError(501, f"model {model_name!r} is a vision-language model, but this server's engine "
-                        "does not take images with prompts yet", param="messages", code="images_not_served")
+    raise APIError(501, f"model {model_name!r} is a vision-language model ({vision}), but this server "
+                        "does not hand images to its engine yet", param="messages", code="images_not_served")
 
 
 def keyed_messages(messages: list[dict], images: list[LoadedImage]) -> list[dict]:
