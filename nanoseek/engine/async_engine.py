@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from nanoseek.engine.engine import EngineConfig, LLMEngine
-from nanoseek.engine.llm import load_model
+from nanoseek.engine.llm import load_engine_model
 from nanoseek.engine.outputs import RequestOutput, request_output
 from nanoseek.engine.sampler import SamplingParams
 from nanoseek.quant.model import log_backend
@@ -30,8 +30,8 @@ class AsyncLLM:
     def __init__(self, model, tokenizer=None, dtype=None, device=None, quantization: str | None = None,
                  **engine_kw):
         """dtype and quantization as for `LLM`."""
-        model, dir_tok = load_model(model, dtype, device, quantization)
-        self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw))
+        model, dir_tok, processor = load_engine_model(model, dtype, device, quantization)
+        self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw), image_processor=processor)
         self.quantization_backend = log_backend(model, self.engine.device)
         self._ops: list[tuple[Callable[[], None], asyncio.Future | None]] = []
         self._queues: dict[str, asyncio.Queue] = {}

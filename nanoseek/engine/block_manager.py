@@ -7,6 +7,9 @@ leading blocks hash to cached ones shares them (ref count + 1) instead of recomp
 them; a hit is confirmed against the stored token ids, so a hash collision costs a
 recompute, never a wrong answer.
 
+A block that shows (part of) an image keys it by the image's content hash and offset too
+(`block_key`): equal placeholder ids over another picture are another block.
+
 A block whose ref count drops to 0 goes back to the free list *with its hash*: it can
 still be hit until the space is needed. The free list is LRU: reuse takes the block freed
 longest ago, and blocks that hold nothing reusable are handed out first.
@@ -24,12 +27,20 @@ def chain_hash(prev: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((prev, token_ids))
 
 
+def block_key(seq: Sequence, ids: list[int], b: int, block_size: int) -> tuple:
+    """What block b of the sequence holds: its token ids, then (content hash, offset of the
+    image's first token from the block's) for each image whose vision tokens it covers."""
+    lo, hi = b * block_size, (b + 1) * block_size
+    return tuple(ids[lo:hi]) + tuple((im.content_hash, im.start - lo) for im in seq.images
+                                     if im.start < hi and im.end > lo)
+
+
 @dataclass
 class CacheBlock:
     block_id: int
     ref_count: int = 0
     hash: int | None = None
-    token_ids: tuple[int, ...] = field(default_factory=tuple)
+    token_ids: tuple = field(default_factory=tuple)  # its block_key: token ids (+ image hashes)
 
 
 class BlockManager:
@@ -72,7 +83,7 @@ class BlockManager:
             return []
         ids, hits, prev = seq.token_ids, [], None
         for b in range((len(ids) - 1) // self.block_size):
-            chunk = tuple(ids[b * self.block_size:(b + 1) * self.block_size])
+            chunk = block_key(seq, ids, b, self.block_size)
             prev = chain_hash(prev, chunk)
             block_id = self.cached.get(prev)
             if block_id is None or self.blocks[block_id].token_ids != chunk:
@@ -139,7 +150,7 @@ class BlockManager:
         while (seq.num_hashed_blocks + 1) * bs <= seq.num_computed:
             b = seq.num_hashed_blocks
             block = self.blocks[seq.block_table[b]]
-            chunk = tuple(ids[b * bs:(b + 1) * bs])
+            chunk = block_key(seq, ids, b, bs)
             prev = chain_hash(prev, chunk)
             if block.hash is None:
                 block.hash, block.token_ids = prev, chunk

@@ -48,10 +48,42 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
 
 
+def vision_side(model, image_processor=None):
+    """(what handles images: a vision.VisionPrompts, the language model) of the model the
+    engine is given: (None, model) for a CausalLM. A vision-language model's language model
+    must be one the paged latent cache serves (MLA). The vision modules (and transformers'
+    towers) are imported only for such a model."""
+    if isinstance(model, CausalLM):
+        return None, model
+    from nanoseek.engine.vision import VisionPrompts
+    from nanoseek.model.vl.vl_load import language_model
+    lm = language_model(model)
+    if lm.config.attention_type != "mla":
+        raise ValueError(f"the engine pages MLA latents only: {type(model).__name__}'s language model has "
+                         f"attention_type {lm.config.attention_type!r} (no paged K/V cache for MHA/GQA/MQA "
+                         f"exists); run it with the model's own generate")
+    return VisionPrompts(model, image_processor), lm
+
+
+def split_prompt(prompt) -> tuple[str | list[int], list | None]:
+    """A request's prompt -> (text or token ids, its images or None)."""
+    if not isinstance(prompt, dict):
+        return prompt, None
+    unknown = set(prompt) - {"prompt", "prompt_token_ids", "images"}
+    if unknown or ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise ValueError(f"a prompt dict has one of 'prompt' (text) and 'prompt_token_ids', and "
+                         f"optionally 'images'; got keys {sorted(prompt)}")
+    return prompt.get("prompt", prompt.get("prompt_token_ids")), prompt.get("images")
+
+
 class LLMEngine:
-    def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None, **kw):
+    def __init__(self, model: CausalLM, tokenizer=None, config: EngineConfig | None = None,
+                 image_processor=None, **kw):
+        """model: a CausalLM, or a DeepSeek-VL model (its prompts may carry images:
+        engine/vision.py; `image_processor` preprocesses them, default the model's)."""
         self.config = config = config or EngineConfig(**kw)
-        self.model, self.tokenizer = model.eval(), Tokenizer.of(tokenizer)
+        self.vision, model = vision_side(model.eval(), image_processor)
+        self.model, self.tokenizer = model, Tokenizer.of(tokenizer)
         cfg = model.config
         self.device = next(model.parameters()).device
         has_mtp = len(model.mtp) > 0
@@ -80,7 +112,8 @@ class LLMEngine:
                   [] if cfg.eos_token_id is None else [cfg.eos_token_id])
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    min(max_len, self.cache.capacity_tokens), eos)
-        self.runner = ModelRunner(model, self.cache, self.speculative, SpecPolicy(max_batch=config.spec_max_batch))
+        self.runner = ModelRunner(model, self.cache, self.speculative, SpecPolicy(max_batch=config.spec_max_batch),
+                                  self.vision)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -95,9 +128,16 @@ class LLMEngine:
         return cache, V4BlockManager(cache.num_blocks, windows, bs, cfg.sliding_window, config.enable_prefix_caching)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | list[int] | dict, params: SamplingParams | None = None,
                     request_id: str | None = None) -> Sequence:
+        """prompt: text, token ids, or {"prompt" | "prompt_token_ids": ..., "images": [...]}
+        (a vision-language engine's images: PIL images, text/images.LoadedImage or pixel
+        values, one placeholder run, or one placeholder, per image: engine/vision.py)."""
         params = params or SamplingParams()
+        prompt, images = split_prompt(prompt)
+        if images is not None and self.vision is None:
+            raise ValueError("this engine serves a text-only model: a prompt with images needs a "
+                             "vision-language checkpoint (DeepSeek-VL)")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer (tokenizer.json): give prompts as token-id lists")
@@ -113,8 +153,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         detok = IncrementalDetokenizer(self.tokenizer, params) if self.tokenizer is not None else None
+        ids, prompt_images = self.vision.prepare(ids, images) if self.vision is not None else (ids, [])
         seq = Sequence(request_id, ids, params, prompt=prompt_text, generator=make_generator(params, self.device),
-                       detokenizer=detok)
+                       detokenizer=detok, images=prompt_images)
         self.scheduler.add(seq)
         self.requests[request_id] = seq
         return seq

@@ -54,6 +54,45 @@ def load_model(path_or_model, dtype=None, device=None, quantization: str | None 
     return model, Tokenizer.from_dir(path)
 
 
+def load_engine_model(path_or_model, dtype=None, device=None, quantization: str | None = None):
+    """(model, tokenizer, image processor) for an engine: `load_model`'s, except that a
+    DeepSeek-VL checkpoint directory or model is kept whole, so that its prompts may carry
+    images (engine/vision.py); the processor is the directory's, or None (the model's
+    defaults). Other vision-language models go through `load_model` (their language model)."""
+    from nanoseek.checkpoint.hf import vision_architecture
+    path = path_or_model if isinstance(path_or_model, (str, Path)) else None
+    raw = _read_json(Path(path) / "config.json") if path is not None else None
+    is_dir = isinstance(raw, dict) and vision_architecture(raw) == "DeepseekVLForConditionalGeneration"
+    # by name: importing the class imports transformers' towers, which text models never need
+    is_model = type(path_or_model).__name__ == "DeepseekVLForConditionalGeneration"
+    if not (is_dir or is_model):
+        return (*load_model(path_or_model, dtype, device, quantization), None)
+    if quantization is not None:
+        raise ValueError(f"quantization={quantization!r}: not supported for a vision-language model's engine")
+    from nanoseek.model.vl.deepseek_vl import DeepseekVLForConditionalGeneration
+    from nanoseek.model.vl.vl_image import PROCESSOR_FILES, image_processor
+    target = None if device is None else torch.device(device)
+    if is_model:
+        model = path_or_model
+        dtype = resolve_dtype(dtype, None, target or next(model.parameters()).device)
+        if dtype is not None:  # the language model as load_model casts one; the vision side whole
+            cast_model(model.language_model, dtype)
+            model.vision_model.to(dtype)
+            model.aligner.to(dtype)
+        return (model if device is None else model.to(device)), None, None
+    dtype = resolve_dtype(dtype, Path(path), target or torch.device("cpu"))
+    model = DeepseekVLForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device)
+    own = any((Path(path) / f).exists() for f in PROCESSOR_FILES)
+    return model, Tokenizer.from_dir(Path(path)), image_processor(path) if own else None
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def check_not_adapter(path: Path) -> None:
     """A LoRA adapter (adapter_config.json, or a LoRA run directory's adapter/) holds no base
     weights: say in one line how to make a checkpoint of it, rather than "no config.json"."""
@@ -91,8 +130,8 @@ class LLM:
 
     def __init__(self, model, tokenizer=None, dtype=None, device=None, quantization: str | None = None,
                  **engine_kw):
-        model, dir_tok = load_model(model, dtype, device, quantization)
-        self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw))
+        model, dir_tok, processor = load_engine_model(model, dtype, device, quantization)
+        self.engine = LLMEngine(model, tokenizer or dir_tok, EngineConfig(**engine_kw), image_processor=processor)
         self.quantization_backend = log_backend(model, self.engine.device)
 
     @property
@@ -107,7 +146,8 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a list of strings, a token-id list, a list of token-id lists,
-        or dicts {"prompt": ...} / {"prompt_token_ids": [...]}. Outputs in prompt order."""
+        or dicts {"prompt": ...} / {"prompt_token_ids": [...]}, with "images": [...] for a
+        DeepSeek-VL model (LLMEngine.add_request). Outputs in prompt order."""
         prompts = _as_prompt_list(prompts)
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
@@ -168,6 +208,9 @@ def _as_prompt_list(prompts) -> list:
         prompts = [prompts]
     out = []
     for p in prompts:
+        if isinstance(p, dict) and p.get("images") is not None:  # the engine reads it whole
+            out.append(p)
+            continue
         if isinstance(p, dict):
             p = p.get("prompt_token_ids", p.get("prompt"))
         if not isinstance(p, (str, list, tuple)):

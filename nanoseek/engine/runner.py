@@ -14,6 +14,8 @@ what it found goes back as one `SeqOutput` per sequence, which the scheduler's
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
@@ -26,11 +28,14 @@ from nanoseek.engine.v4_cache import PagedV4Cache, SeqView
 from nanoseek.engine.v4_decode import DecodeView
 from nanoseek.model import CausalLM
 
+if TYPE_CHECKING:  # imported only for a vision-language model (transformers' towers)
+    from nanoseek.engine.vision import VisionPrompts
+
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: PagedLatentCache | PagedV4Cache, speculative: bool = False,
-                 spec_policy: SpecPolicy | None = None):
-        self.model, self.cache = model, cache
+                 spec_policy: SpecPolicy | None = None, vision: VisionPrompts | None = None):
+        self.model, self.cache, self.vision = model, cache, vision
         self.device = next(model.parameters()).device
         self.forwards = 0
         self.spec = MTPSpeculator(self, spec_policy) if speculative else None
@@ -51,9 +56,10 @@ class ModelRunner:
     def _prefill(self, items: list[tuple[Sequence, int]]) -> list[SeqOutput]:
         seqs, chunks = [s for s, _ in items], [n for _, n in items]
         starts = [s.num_computed for s in seqs]
+        images = [s.images for s in seqs] if any(s.images for s in seqs) else None
         h, mtp_in, _ = self._forward([s.tokens(st, st + n) for s, st, n in zip(seqs, starts, chunks)], starts,
                                      [s.block_table for s in seqs], absorb=False,
-                                     window_tables=[s.window_table for s in seqs])
+                                     window_tables=[s.window_table for s in seqs], images=images)
         last = [b for b, (s, st, n) in enumerate(zip(seqs, starts, chunks)) if st + n == len(s)]
         samples: list[list[Sample]] = [[] for _ in items]  # a prompt whose last chunk ran samples a token
         if last:
@@ -108,14 +114,20 @@ class ModelRunner:
         return self._forward(inputs, starts, block_tables, absorb, window_tables)[0]
 
     @torch.inference_mode()
-    def _forward(self, inputs, starts, block_tables, absorb, window_tables=None):
+    def _forward(self, inputs, starts, block_tables, absorb, window_tables=None, images=None):
         """forward -> (h [B, S, D], what MTP reads (h for V3; V4: the last block's residual
-        streams), the cache view it ran with (MTP reuses a decode's))."""
+        streams), the cache view it ran with (MTP reuses a decode's)). images[b]: sequence
+        b's PromptImages, whose features replace the embeddings of the positions they cover."""
         if isinstance(self.cache, PagedV4Cache):
             return self._forward_v4(inputs, starts, block_tables, window_tables)
-        view = BatchView(self.cache, block_tables, starts, [len(r) for r in inputs], absorb)
+        lens = [len(r) for r in inputs]
+        view = BatchView(self.cache, block_tables, starts, lens, absorb)
         self.forwards += 1
-        h = self.model.hidden(self._pad(inputs), view.positions, view)
+        if images is not None:
+            embeds = self.vision.embed(self._pad(inputs), starts, lens, images)
+            h = self.vision.hidden(embeds, view.positions, view)
+        else:
+            h = self.model.hidden(self._pad(inputs), view.positions, view)
         return h, h, view
 
     def _forward_v4(self, inputs, starts, block_tables, window_tables):

@@ -70,8 +70,10 @@ class Scheduler:
                          f"{self.bm.block_size})")
                 fix = "shorten the prompt, lower max_tokens or raise kv_cache_memory"
             what = f"max_tokens ({asked})" if asked is not None else "at least 1 new token (max_tokens=None)"
+            images = (f", {sum(im.length for im in seq.images)} of them for its {len(seq.images)} image(s)"
+                      if seq.images else "")
             raise ValueError(
-                f"request {seq.request_id}: prompt ({P} tokens) + {what} = {need} exceeds the longest "
+                f"request {seq.request_id}: prompt ({P} tokens{images}) + {what} = {need} exceeds the longest "
                 f"sequence this engine serves, {limit}, by {need - self.max_model_len} tokens; {fix}")
         self.waiting.append(seq)
 
@@ -96,6 +98,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status, seq.draft = Status.FINISHED, None
+        for im in seq.images:  # the vision features live as long as the request
+            im.features = None
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -4,7 +4,8 @@ its block table and its sampling state; and `SeqOutput`, what one forward produc
 Who writes what: the scheduler (its `postprocess`, `add`, `finish`, `preempt`) owns every
 field of a sequence's state — tokens, num_computed, draft, status, finish — and the block
 manager its blocks (block_table, num_hashed_blocks). The runner only reads sequences and
-returns one `SeqOutput` per sequence (nano-vllm's schedule -> run -> postprocess).
+returns one `SeqOutput` per sequence (nano-vllm's schedule -> run -> postprocess); the
+one thing it stores is an image's vision features, computed once (engine/vision.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Sequence:
     error: str | None = None       # why a request failed (finish_reason "error")
     logprobs: list[dict[int, float]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    images: list = field(default_factory=list)  # vision.PromptImage per image of the prompt, in order;
+    #                                             their features are the one field the runner fills
 
     @property
     def token_ids(self) -> list[int]:
