@@ -122,22 +122,25 @@ class VisionPrompts:
               ) -> torch.Tensor:
         """Padded chunk ids [B, S] at positions starts[b].. (lens[b] real) -> embeddings
         [B, S, D]: text embeddings, and at image positions the rows of each image's features
-        that the chunk covers. An image is encoded the first time a chunk reads it."""
+        that the chunk covers. An image is encoded the first time a chunk reads it (those
+        of the whole batch in one call of the vision tower)."""
         x = self.model.language_model.model.embed_tokens(ids)
-        for b, (st, n, imgs) in enumerate(zip(starts, lens, images)):
-            for im in imgs:
-                lo, hi = max(im.start, st), min(im.end, st + n)
-                if lo >= hi:
-                    continue
-                if im.features is None:
-                    im.features = self._encode(im)
-                x[b, lo - st:hi - st] = im.features[lo - im.start:hi - im.start].to(x.dtype)
+        spans = [(b, st, im, max(im.start, st), min(im.end, st + n))
+                 for b, (st, n, imgs) in enumerate(zip(starts, lens, images)) for im in imgs]
+        spans = [s for s in spans if s[3] < s[4]]  # the images this chunk covers, and where
+        self._encode([im for _, _, im, _, _ in spans if im.features is None])
+        for b, st, im, lo, hi in spans:
+            x[b, lo - st:hi - st] = im.features[lo - im.start:hi - im.start].to(x.dtype)
         return x
 
-    def _encode(self, im: PromptImage) -> torch.Tensor:
+    def _encode(self, todo: list[PromptImage]) -> None:
+        if not todo:
+            return
         device = self.model.aligner.linear1.weight.device
-        self.encoded += 1
-        return self.model.encode_images(im.pixel_values[None].to(device))[0]
+        self.encoded += len(todo)
+        features = self.model.encode_images(torch.stack([im.pixel_values for im in todo]).to(device))
+        for im, f in zip(todo, features):
+            im.features = f.clone()  # its own storage: freed with its request
 
     def hidden(self, embeds: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """The language model's final normed hidden states from embeddings."""

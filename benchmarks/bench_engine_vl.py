@@ -1,0 +1,130 @@
+"""The engine on image+text requests against transformers' `generate`, on the same DeepSeek-VL
+checkpoint (issue 29's goal: throughput ratio >= 2, outputs equal).
+
+The model: a DeepSeek-VL written by transformers with random weights (seed --seed): SigLIP
+(hidden 128, 2 layers, 64-pixel images in 8-pixel patches: 64 vision tokens per image) and a
+DeepSeek-V3 language model (MLA, DeepSeekMoE: hidden 256, 4 layers, 8 routed experts of 128,
+vocabulary 512), fp32. The workload: --requests requests arriving together, each an image
+of its own and text around its placeholder run (all prompts of one length, so transformers
+needs no padding), --max-tokens new tokens each, greedy, eos ignored on both sides.
+
+  * nanoseek: `LLM(dir).generate` on the whole load, the images as pixel values;
+  * transformers: `DeepseekVLForConditionalGeneration.from_pretrained(dir).generate` on the whole
+    load in one batch (pixel_values of every image), with each experts implementation it offers;
+    the fastest is the baseline.
+
+Output tokens/s counts the requested tokens. Each side runs once to warm up, then --repeats
+times; the best time counts. Last line: `ratio=... outputs_equal=... distinct_tokens=...` (the
+different tokens in nanoseek's outputs: equal outputs that are one token repeated would say
+little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+import torch
+
+from common import EXPERTS_IMPLEMENTATIONS, log, machine_info
+
+IMG, T = 5, 64
+VISION = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, image_size=64, patch_size=8)
+TEXT = dict(model_type="deepseek_v3", vocab_size=512, hidden_size=256, intermediate_size=512,
+            moe_intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+            q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+            n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+            n_shared_experts=1, max_position_embeddings=512, eos_token_id=None, bos_token_id=None)
+
+
+def checkpoint(path: str, seed: int) -> None:
+    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = DeepseekVLForConditionalGeneration(DeepseekVLConfig(text_config=TEXT, vision_config=VISION,
+                                                                image_token_id=IMG)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+
+
+def workload(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n prompts [n, 8 + T + 24] (text, the image's run, text) and their pixels [n, 3, 64, 64]."""
+    g = torch.Generator().manual_seed(seed)
+    before, after = torch.randint(10, 512, (n, 8), generator=g), torch.randint(10, 512, (n, 24), generator=g)
+    ids = torch.cat([before, torch.full((n, T), IMG), after], 1)
+    return ids, torch.randn(n, 3, 64, 64, generator=g)
+
+
+def best_time(fn, repeats: int):
+    fn()  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    args = ap.parse_args()
+    from transformers import DeepseekVLForConditionalGeneration as HFVL
+
+    from nanoseek.engine import LLM, SamplingParams
+    ids, px = workload(args.requests, args.seed)
+    new = args.requests * args.max_tokens
+    with tempfile.TemporaryDirectory() as path:
+        checkpoint(path, args.seed)
+        llm = LLM(path, max_num_seqs=args.requests, max_num_batched_tokens=2048)
+        prompts = [{"prompt_token_ids": r.tolist(), "images": [p]} for r, p in zip(ids, px)]
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+
+        def ours():
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+        t_ns, got = best_time(ours, args.repeats)
+        log(f"nanoseek: {new / t_ns:.1f} tok/s ({t_ns:.2f} s)")
+        theirs = {}
+        for impl in EXPERTS_IMPLEMENTATIONS:
+            try:
+                hf = HFVL.from_pretrained(path, experts_implementation=impl).eval()
+            except Exception as e:  # an implementation this build does not offer
+                log(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
+                continue
+
+            def hf_generate(hf=hf):
+                with torch.no_grad():
+                    out = hf.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+                return out[:, ids.shape[1]:].tolist()
+
+            theirs[impl] = best_time(hf_generate, args.repeats)
+            log(f"transformers ({impl}): {new / theirs[impl][0]:.1f} tok/s ({theirs[impl][0]:.2f} s)")
+    impl = min(theirs, key=lambda k: theirs[k][0])
+    t_hf, want = theirs[impl]
+    equal = sum(a == b for a, b in zip(got, want))
+    result = {"nanoseek_tok_s": round(new / t_ns, 1), "transformers_tok_s": round(new / t_hf, 1),
+              "transformers_experts_implementation": impl, "ratio": round(t_hf / t_ns, 2),
+              "outputs_equal": f"{equal}/{len(got)}", "distinct_tokens": len({t for r in got for t in r}),
+              "requests": args.requests, "max_tokens": args.max_tokens,
+              "machine": machine_info()}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"ratio={result['ratio']} outputs_equal={result['outputs_equal']} "
+          f"distinct_tokens={result['distinct_tokens']} "
+          f"nanoseek_tok_s={result['nanoseek_tok_s']} transformers_tok_s={result['transformers_tok_s']}")
+
+
+if __name__ == "__main__":
+    main()
