@@ -6,11 +6,14 @@ The model: a DeepSeek-VL written by transformers with random weights (seed --see
 DeepSeek-V3 language model (MLA, DeepSeekMoE: hidden 256, 4 layers, 8 routed experts of 128,
 vocabulary 512), fp32. The workload: --requests requests arriving together, each an image
 of its own and text around its placeholder run (all prompts of one length, so transformers
-needs no padding), --max-tokens new tokens each, greedy, eos ignored on both sides.
+needs no padding), greedy, eos ignored on both sides; new tokens per request: --max-tokens
+each (--outputs fixed, the default), or as bench_engine.py mixes them (--outputs mixed):
+evenly spread from --max-tokens / 8 to --max-tokens, in a shuffled order.
 
   * nanoseek: `LLM(dir).generate` on the whole load, the images as pixel values;
-  * transformers: `DeepseekVLForConditionalGeneration.from_pretrained(dir).generate` on the whole
-    load in one batch (pixel_values of every image), with each experts implementation it offers;
+  * transformers: `DeepseekVLForConditionalGeneration.from_pretrained(dir).generate`, with each
+    experts implementation it offers and two batching strategies (the whole load in one batch;
+    batches of 4 sorted by output length), each batch generating its longest request's tokens;
     the fastest is the baseline.
 
 Output tokens/s counts the requested tokens. Each side runs once to warm up, then --repeats
@@ -59,6 +62,14 @@ def workload(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.randn(n, 3, 64, 64, generator=g)
 
 
+def output_lengths(n: int, longest: int, mixed: bool, seed: int) -> list[int]:
+    if not mixed:
+        return [longest] * n
+    lengths = [max(1, round(longest / 8 + (longest - longest / 8) * i / max(n - 1, 1))) for i in range(n)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [lengths[i] for i in order]
+
+
 def best_time(fn, repeats: int):
     fn()  # warm-up
     times, out = [], None
@@ -75,18 +86,20 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--outputs", choices=["mixed", "fixed"], default="fixed")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args()
     from transformers import DeepseekVLForConditionalGeneration as HFVL
 
     from nanoseek.engine import LLM, SamplingParams
     ids, px = workload(args.requests, args.seed)
-    new = args.requests * args.max_tokens
+    lengths = output_lengths(args.requests, args.max_tokens, args.outputs == "mixed", args.seed)
+    new = sum(lengths)
     with tempfile.TemporaryDirectory() as path:
         checkpoint(path, args.seed)
         llm = LLM(path, max_num_seqs=args.requests, max_num_batched_tokens=2048)
         prompts = [{"prompt_token_ids": r.tolist(), "images": [p]} for r, p in zip(ids, px)]
-        params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+        params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in lengths]
 
         def ours():
             return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -101,20 +114,29 @@ def main() -> None:
                 log(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
                 continue
 
-            def hf_generate(hf=hf):
-                with torch.no_grad():
-                    out = hf.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids),
-                                      max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0)
-                return out[:, ids.shape[1]:].tolist()
+            def hf_generate(batches, hf=hf):
+                out = [None] * len(lengths)
+                for rows in batches:
+                    k = max(lengths[r] for r in rows)
+                    with torch.no_grad():
+                        gen = hf.generate(input_ids=ids[rows], pixel_values=px[rows],
+                                          attention_mask=torch.ones_like(ids[rows]), max_new_tokens=k,
+                                          min_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=0)
+                    for r, g in zip(rows, gen[:, ids.shape[1]:].tolist()):
+                        out[r] = g[:lengths[r]]
+                return out
 
-            theirs[impl] = best_time(hf_generate, args.repeats)
-            log(f"transformers ({impl}): {new / theirs[impl][0]:.1f} tok/s ({theirs[impl][0]:.2f} s)")
+            by_length = sorted(range(len(lengths)), key=lambda r: lengths[r])
+            strategies = {"one batch": [list(range(len(lengths)))],
+                          "batches of 4 by length": [by_length[i:i + 4] for i in range(0, len(lengths), 4)]}
+            for name, batches in strategies.items():
+                theirs[f"{impl}, {name}"] = t = best_time(lambda b=batches: hf_generate(b), args.repeats)
+                log(f"transformers ({impl}, {name}): {new / t[0]:.1f} tok/s ({t[0]:.2f} s)")
     impl = min(theirs, key=lambda k: theirs[k][0])
     t_hf, want = theirs[impl]
     equal = sum(a == b for a, b in zip(got, want))
     result = {"nanoseek_tok_s": round(new / t_ns, 1), "transformers_tok_s": round(new / t_hf, 1),
-              "transformers_experts_implementation": impl, "ratio": round(t_hf / t_ns, 2),
+              "transformers_run": impl, "outputs": args.outputs, "ratio": round(t_hf / t_ns, 2),
               "outputs_equal": f"{equal}/{len(got)}", "distinct_tokens": len({t for r in got for t in r}),
               "requests": args.requests, "max_tokens": args.max_tokens,
               "machine": machine_info()}
