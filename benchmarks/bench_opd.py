@@ -1,0 +1,152 @@
+"""On-policy distillation (DeepSeek-V4's OPD) against off-policy distillation, at equal
+wall time, from two domain teachers into one student.
+
+Teachers, from the existing pipeline: arithmetic (2-digit addition, the RL speedrun's
+task) trained by SFT then GRPO (`--arith-teacher`, e.g. runs/speedrun-rl/grpo; else built
+here with the RL speedrun's stages), and tool use (calculator calls, 2-digit addition)
+trained by SFT on the task's traces (`--tool-teacher`; else built here, from
+`--tool-init`: from the pretrained checkpoint, 9 minutes of SFT on this loaded machine
+learned the format but not to copy the numbers, 0 % held out). The student
+starts from the pretrained checkpoint the teachers came from (`--pretrained`, default
+runs/speedrun; else a short pretraining here).
+
+Then, for `--minutes` of training each (the loop's time limit; rollouts included):
+  OPD          `nanoseek distill`: the student samples, the prompt's teacher scores
+               every token, full-vocabulary reverse KL (train/rl/opd.py);
+  off-policy   the same loop with `samples_from="teacher"`: each teacher samples its
+               task's prompts, the student is trained by SFT on those samples.
+Held-out greedy accuracy (the same problems for every model) of both teachers, the
+starting student and both students, on both tasks. Last line:
+    student_vs_teacher_min=<min over tasks of OPD student acc / teacher acc>
+    opd_vs_offpolicy=<OPD student's mean accuracy / off-policy student's>
+
+    PYTHONPATH=. python benchmarks/bench_opd.py [--arith-teacher runs/speedrun-rl/grpo]
+        [--tool-teacher DIR] [--pretrained runs/speedrun] [--minutes 6] [--eval-n 100]
+        [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from common import log
+
+ARITH = dict(digits=2, ops="+")  # the RL speedrun's task (recipes/speedrun_rl.RL_TASK)
+TOOL = dict(digits=2, ops="+")
+MAX_LEN = 64                     # tokens per completion (per turn for tool use)
+
+
+def pretrained(args, work: Path) -> Path:
+    if args.pretrained:
+        return Path(args.pretrained)
+    if Path("runs/speedrun/config.json").exists():
+        return Path("runs/speedrun")
+    from nanoseek.recipes.speedrun import speedrun
+    log("pretraining (3 minutes) ...")
+    speedrun("pretrain", work, minutes=3.0, progress=False)
+    return work / "pretrain"
+
+
+def arith_teacher(args, base: Path, work: Path) -> Path:
+    if args.arith_teacher:
+        return Path(args.arith_teacher)
+    from nanoseek.recipes.speedrun_rl import grpo_stage, sft_stage
+    log("arithmetic teacher: SFT to 30 % then GRPO ...")
+    sft_stage(base, work / "arith_sft", 0.3, 8.0, 200, log)
+    grpo_stage(work / "arith_sft", work / "arith_grpo", 60, 6.0, 200)
+    return work / "arith_grpo"
+
+
+def tool_teacher(args, base: Path, work: Path) -> Path:
+    if args.tool_teacher:
+        return Path(args.tool_teacher)
+    from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
+    log("tool-use teacher: SFT on the task's traces ...")
+    init = Path(args.tool_init) if args.tool_init else base
+    cfg = SFTConfig(init=str(init), task="tool_use", task_options=dict(TOOL), task_examples=4000,
+                    epochs=100.0, eval_task_n=50, stop_at_accuracy=0.95,
+                    train=sft_train_config(max_steps=2000, batch_size=16, seq_len=256, lr=2e-3,
+                                           warmup_steps=20, schedule="constant", eval_every=20,
+                                           save_every=0, time_limit=args.tool_minutes * 60))
+    sft(work / "tool_sft", cfg, progress=False, log=lambda *a: None)
+    return work / "tool_sft"
+
+
+def accuracy(model_dir: Path, task: str, options: dict, n: int) -> float:
+    from nanoseek.data.tasks import load_task
+    from nanoseek.train.eval import evaluate_task
+    return evaluate_task(str(model_dir), load_task(task, **options), n=n, k=0, max_tokens=MAX_LEN,
+                         seed=0, split="test")["accuracy"]
+
+
+def distil(student: Path, teachers: list[Path], out: Path, samples_from: str, args) -> dict:
+    from nanoseek.train.rl.config import rl_train_config
+    from nanoseek.train.rl.distill import distill
+    from nanoseek.train.rl.distill_config import DistillConfig
+    cfg = DistillConfig(init=str(student), teachers=[str(t) for t in teachers],
+                        tasks=["arithmetic", "tool_use"], tasks_options=[dict(ARITH), dict(TOOL)],
+                        samples_from=samples_from, num_generations=2, eval_n=args.eval_n,
+                        max_completion_length=MAX_LEN,
+                        train=rl_train_config(max_steps=100_000, batch_size=16, lr=args.lr,
+                                              warmup_steps=5, eval_every=0, save_every=100_000,
+                                              time_limit=args.minutes * 60, seed=args.seed))
+    t0 = time.perf_counter()
+    run = distill(out, cfg, progress=False, log=log)
+    run["wall_s"] = time.perf_counter() - t0
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pretrained")
+    p.add_argument("--arith-teacher")
+    p.add_argument("--tool-teacher")
+    p.add_argument("--tool-minutes", type=float, default=6.0)
+    p.add_argument("--tool-init", help="the tool-use teacher's SFT starts here (default: the "
+                   "pretrained checkpoint; e.g. runs/speedrun-rl/sft, which already reads the numbers)")
+    p.add_argument("--minutes", type=float, default=6.0, help="training time of each student")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", help="keep the runs here (default: a temporary directory)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: a shared machine's spinning OpenMP threads cost more)")
+    args = p.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
+    work = Path(args.out or tempfile.mkdtemp(prefix="bench_opd_"))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"loadavg at start: {open('/proc/loadavg').read().strip()}")
+    base = pretrained(args, work)
+    teachers = [arith_teacher(args, base, work), tool_teacher(args, base, work)]
+    tasks = [("arithmetic", ARITH), ("tool_use", TOOL)]
+    teacher_acc = {t: accuracy(d, t, o, args.eval_n) for d, (t, o) in zip(teachers, tasks)}
+    log(f"teachers' held-out accuracy: {teacher_acc}")
+    opd = distil(base, teachers, work / "opd", "student", args)
+    off = distil(base, teachers, work / "offpolicy", "teacher", args)
+    start = opd["start_eval"]
+    acc = {name: {t: run["final_eval"][f"accuracy_{t}"] for t, _ in tasks}
+           for name, run in (("opd", opd), ("offpolicy", off))}
+    acc["student_start"] = {t: start[f"accuracy_{t}"] for t, _ in tasks}
+    acc["teacher"] = teacher_acc
+    steps = {name: run["summary"]["steps"] for name, run in (("opd", opd), ("offpolicy", off))}
+    log(f"{'held-out greedy accuracy':<26}" + "".join(f"{t:>12}" for t, _ in tasks))
+    for name in ("teacher", "student_start", "opd", "offpolicy"):
+        log(f"{name:<26}" + "".join(f"{acc[name][t]:>12.3f}" for t, _ in tasks))
+    log(f"steps in {args.minutes} min: {steps}; loadavg at end: {open('/proc/loadavg').read().strip()}")
+    ratios = [acc["opd"][t] / teacher_acc[t] for t, _ in tasks if teacher_acc[t] > 0]
+    ratio = min(ratios) if len(ratios) == len(tasks) else float("nan")  # a teacher at 0: undefined
+    mean = {k: sum(acc[k].values()) / len(tasks) for k in ("opd", "offpolicy")}
+    vs = (mean["opd"] / mean["offpolicy"] if mean["offpolicy"]
+          else float("nan") if not mean["opd"] else float("inf"))  # 0 / 0: undefined
+    (work / "bench_opd.json").write_text(json.dumps({"accuracy": acc, "steps": steps,
+                                                     "minutes": args.minutes}, indent=1))
+    print(f"student_vs_teacher_min={ratio:.3f} opd_vs_offpolicy={vs:.3f}")
+
+
+if __name__ == "__main__":
+    main()
