@@ -136,6 +136,23 @@ def test_preempted_request_keeps_its_features(model, monkeypatch):
     assert got == [reference(model, A, [pixels(1)], 20), reference(model, A, [pixels(6)], 20)]
 
 
+def test_features_live_as_long_as_the_request(model):
+    """Held while the request runs, dropped when it finishes or is aborted."""
+    eng = engine(model).engine
+    seq = eng.add_request({"prompt_token_ids": A, "images": [pixels(1)]}, GREEDY)
+    held = False
+    while eng.has_unfinished():
+        eng.step()
+        held |= seq.images[0].features is not None
+    assert held and seq.finished and seq.images[0].features is None
+    seq = eng.add_request({"prompt_token_ids": A, "images": [pixels(2)]}, GREEDY)
+    eng.step()
+    eng.step()
+    assert seq.images[0].features is not None
+    eng.abort(seq.request_id)
+    assert seq.images[0].features is None
+
+
 def test_refusals(model):
     llm = engine(model)
     with pytest.raises(ValueError, match=r"prompt \(22 tokens, 16 of them for its 1 image\(s\)\) .* exceeds"):
