@@ -51,7 +51,7 @@ def sft_case(out: Path, init, data, layout=None) -> dict:
 
 
 # --------------------------------------------------------------------------- GRPO
-def fake_rollouts(llm, task, examples, group_size, params, seed):
+def fake_rollouts(llm, task, examples, group_size, params, seed, make_room=None):
     """Completion k of prompt i is drawn from seed + i*G + k alone: 1-8 tokens, a reward in
     [0, 1); the prompts asked for are recorded."""
     from nanoseek.data.tasks.prompting import prompt_ids
@@ -92,10 +92,10 @@ def sampler(fn):
         del TASKS["vowels"]
 
 
-def recording(llm, task, examples, group_size, params, seed):
+def recording(llm, task, examples, group_size, params, seed, make_room=None):
     from nanoseek.train.rl.rollout import sample_rollouts
     SEEN.extend(ex.prompt for ex in examples)
-    return sample_rollouts(llm, task, examples, group_size, params, seed)
+    return sample_rollouts(llm, task, examples, group_size, params, seed, make_room=make_room)
 
 
 def grpo_config(init, **kw):
