@@ -49,6 +49,26 @@ def sample_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0
     return inverse_cdf(flat, u).view(probs.shape[:-1])
 
 
+def decode(input_ids: torch.Tensor, logits: torch.Tensor, step, max_new_tokens: int,
+           temperature: float = 0.0, top_k: int = 0, eos_token_id: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The token-by-token loop every model's `generate` runs after its prefill: prompts
+    [B, S] and the prefill's last logits [B, V] -> [B, S + new]. step(ids [B, 1]) -> the
+    next logits [B, V] (the model's forward over its cache). Rows that produced eos keep
+    emitting eos; the loop ends early once every row has."""
+    out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        nxt = sample_logits(logits, temperature, top_k or 0, generator=generator)
+        if eos_token_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+            done |= nxt == eos_token_id
+        out.append(nxt[:, None])
+        if eos_token_id is not None and bool(done.all()):
+            break
+        logits = step(nxt[:, None])
+    return torch.cat(out, dim=1)
+
+
 def uniforms(generators: list, device) -> torch.Tensor:
     """One U[0, 1) draw per row, each from its row's generator, so a seeded request's token
     does not depend on the batch it was sampled in."""

@@ -25,7 +25,7 @@ from nanoseek.model.moe import Gate, MoE, hash_table
 from nanoseek.model.mtp import MTPLayer
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
-from nanoseek.model.sampling import sample_logits
+from nanoseek.model.sampling import decode
 from nanoseek.model.v4.hyper_connections import HyperConnection, HyperHead
 from nanoseek.model.v4.mtp import MTPBlock
 from nanoseek.model.v4.transformer import DeepseekV4Model
@@ -259,15 +259,6 @@ class CausalLM(nn.Module):
         cache.absorb = False
         logits = self(input_ids, cache=cache)[:, -1]
         cache.absorb = True
-        out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_logits(logits, temperature, top_k or 0, generator=generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if eos_token_id is not None and bool(done.all()):
-                break
-            logits = self(nxt[:, None], cache=cache)[:, -1]
-        return torch.cat(out, dim=1)
+        return decode(input_ids, logits, lambda ids: self(ids, cache=cache)[:, -1], max_new_tokens,
+                      temperature, top_k or 0, eos_token_id, generator)
 

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModel
 
 from nanoseek.model.cache import Cache, ContiguousCache
-from nanoseek.model.sampling import sample_logits
+from nanoseek.model.sampling import decode
 from nanoseek.model.transformer import CausalLM
 from nanoseek.model.vl.vl_config import VLConfig
 from nanoseek.model.vl.vl_layout import ImageTokenError, image_token_mask, merge_image_features
@@ -142,16 +142,7 @@ class DeepseekVLForConditionalGeneration(nn.Module):
         cache.absorb = False
         logits = self(input_ids, pixel_values=pixel_values, cache=cache)[:, -1]
         cache.absorb = True
-        out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_logits(logits, temperature, 0, generator=generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if eos_token_id is not None and bool(done.all()):
-                break
-            # a sampled placeholder id is text here: no image follows the prompt
-            logits = self(nxt[:, None], image_mask=torch.zeros_like(nxt[:, None], dtype=torch.bool),
-                          cache=cache)[:, -1]
-        return torch.cat(out, dim=1)
+
+        def step(ids):  # a sampled placeholder id is text here: no image follows the prompt
+            return self(ids, image_mask=torch.zeros_like(ids, dtype=torch.bool), cache=cache)[:, -1]
+        return decode(input_ids, logits, step, max_new_tokens, temperature, 0, eos_token_id, generator)

@@ -24,7 +24,7 @@ from torch import nn
 from nanoseek.checkpoint.atomic import atomic_write, atomic_write_text
 from nanoseek.checkpoint.hf import checkpoint_files
 from nanoseek.model.cache import Cache, ContiguousCache
-from nanoseek.model.sampling import sample_logits
+from nanoseek.model.sampling import decode
 from nanoseek.model.transformer import CausalLM
 from nanoseek.model.vl import ocr2_weights
 from nanoseek.model.vl.ocr2_config import ARCHITECTURE, OCR2Config, from_hf_json
@@ -106,17 +106,8 @@ class DeepseekOCR2(nn.Module):
         B, S = input_ids.shape
         cache = ContiguousCache(B, S + max_new_tokens, absorb=False)
         logits = self(input_ids, image_tokens, cache=cache)[:, -1]
-        out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = sample_logits(logits, temperature, 0, generator=generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if eos_token_id is not None and bool(done.all()):
-                break
-            logits = self(nxt[:, None], cache=cache)[:, -1]
-        return torch.cat(out, dim=1)
+        return decode(input_ids, logits, lambda ids: self(ids, cache=cache)[:, -1], max_new_tokens,
+                      temperature, 0, eos_token_id, generator)
 
     # ------------------------------------------------------------- checkpoints
     @classmethod

@@ -290,12 +290,9 @@ def build(out_dir: Path, cfg: DistillConfig, progress: bool = True, rank_device=
           adapt_threads: bool = False):
     """(trainer, stage) of a distillation run: the student from cfg.init, the teachers,
     the tasks, RLStage's engine; the Trainer is GRPO's."""
-    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.data.tasks import load_task
     from nanoseek.parallel.single import SingleProcess
-    from nanoseek.text.tokenizer import copy_tokenizer
-    from nanoseek.train.rl.grpo import RLTrainer
-    from nanoseek.train.rl.run import data_parallel, load_policy
+    from nanoseek.train.rl.run import data_parallel, load_policy, rl_trainer
 
     torch.manual_seed(cfg.train.seed)
     for flag, path in [("--student", cfg.init)] + [("--teacher", t) for t in cfg.teachers]:
@@ -306,17 +303,7 @@ def build(out_dir: Path, cfg: DistillConfig, progress: bool = True, rank_device=
     par = data_parallel(policy, cfg, parallel, rank_device) if rank_device is not None else SingleProcess()
     tasks = [load_task(name, **cfg.options(i)) for i, name in enumerate(cfg.tasks)]
     stage = DistillStage(cfg, policy, tok, tasks, teachers, parallel=par)
-
-    def on_checkpoint(m, step):
-        save_pretrained(policy, out_dir)
-        copy_tokenizer(cfg.init, out_dir)
-
-    trainer = RLTrainer(stage, policy, cfg.train, out_dir, next_batch=stage.next_batch,
-                        loss_fn=stage.loss_fn, count_targets=stage.count_targets,
-                        evaluate=stage.evaluate, on_checkpoint=on_checkpoint,
-                        tokens_in=stage.tokens_in, progress=progress, parallel=par,
-                        adapt_threads=adapt_threads)
-    return trainer, stage
+    return rl_trainer(stage, policy, policy, cfg, out_dir, progress, par, adapt_threads), stage
 
 
 def distill(out_dir: str | Path, cfg: DistillConfig, resume: bool = False, progress: bool = True,

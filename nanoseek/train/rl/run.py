@@ -59,10 +59,8 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
     """(trainer, stage) for `cfg`: the policy from cfg.init, a frozen reference copy when
     beta > 0, a critic for PPO, the engine over the live policy. rank_device: this rank's
     device under torchrun (None: one process); parallel: its ParallelConfig."""
-    from nanoseek.checkpoint.hf import save_pretrained
     from nanoseek.data.tasks import load_task
-    from nanoseek.text.tokenizer import copy_tokenizer
-    from nanoseek.train.rl.grpo import RLStage, RLTrainer
+    from nanoseek.train.rl.grpo import RLStage
 
     torch.manual_seed(cfg.train.seed)
     policy, tok = load_policy(cfg.init, rank_device)
@@ -76,17 +74,26 @@ def build(out_dir: Path, cfg: RLConfig, progress: bool = True, rank_device=None,
         model = ActorCritic(policy)
     task = load_task(cfg.task, **cfg.task_options)
     stage = RLStage(cfg, model, policy, tok, task, ref, parallel=par)
+    return rl_trainer(stage, model, policy, cfg, out_dir, progress, par, adapt_threads), stage
+
+
+def rl_trainer(stage, model, policy, cfg, out_dir: Path, progress: bool, par, adapt_threads: bool):
+    """The training loop over `stage` (GRPO's, PPO's or distillation's), training `model`
+    (the policy, or PPO's actor-critic); every checkpoint saves the policy alone as a
+    Hugging Face checkpoint with cfg.init's tokenizer."""
+    from nanoseek.checkpoint.hf import save_pretrained
+    from nanoseek.text.tokenizer import copy_tokenizer
+    from nanoseek.train.rl.grpo import RLTrainer
 
     def on_checkpoint(m, step):
         save_pretrained(policy, out_dir)
         copy_tokenizer(cfg.init, out_dir)
 
-    trainer = RLTrainer(stage, model, cfg.train, out_dir, next_batch=stage.next_batch,
-                        loss_fn=stage.loss_fn, count_targets=stage.count_targets,
-                        evaluate=stage.evaluate, on_checkpoint=on_checkpoint,
-                        tokens_in=stage.tokens_in, progress=progress, parallel=par,
-                        adapt_threads=adapt_threads)
-    return trainer, stage
+    return RLTrainer(stage, model, cfg.train, out_dir, next_batch=stage.next_batch,
+                     loss_fn=stage.loss_fn, count_targets=stage.count_targets,
+                     evaluate=stage.evaluate, on_checkpoint=on_checkpoint,
+                     tokens_in=stage.tokens_in, progress=progress, parallel=par,
+                     adapt_threads=adapt_threads)
 
 
 def rl(out_dir: str | Path, cfg: RLConfig, resume: bool = False, progress: bool = True,
