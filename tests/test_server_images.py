@@ -1,7 +1,9 @@
 """Chat image parts at the live server (serve/images.py): each refusal a 400 naming its limit
 and the option that sets it, network URLs never fetched, file URLs only under --image-dir,
-a text-only model's 400, a vision-language model's 501 at the engine seam, and the response
-caches keying an image by its content hash (never its URL; L1 and L2)."""
+a text-only model's 400, a vision-language checkpoint whose engine runs its language model
+alone a 501, a tiny DeepSeek-VL (MLA) engine answering as its own generate does for the same
+ids and image, and the response caches keying an image by its content hash (never its URL;
+L1 and L2)."""
 
 from __future__ import annotations
 
@@ -161,7 +163,9 @@ def test_a_malformed_image_part_names_the_field(server):
     assert err["param"] == "messages.0.content.1.image_url.url"
 
 
-def test_a_vision_language_model_meets_the_engine_seam(server):
+def test_a_vision_checkpoint_served_as_text_is_a_501(server):
+    """A DeepSeek-VL checkpoint whose engine runs its language model alone (an MHA/GQA
+    language model: the engine pages MLA latents only) cannot see the image."""
     state = server.app.state
     assert state.vision is None  # the tiny model reads text only
     state.vision = "DeepseekVLForConditionalGeneration"
@@ -169,7 +173,7 @@ def test_a_vision_language_model_meets_the_engine_seam(server):
         err = refusal(server, asking(png_part(picture())), status=501)
     finally:
         state.vision = None
-    assert err["code"] == "images_not_served" and "does not hand images to its engine" in err["message"]
+    assert err["code"] == "images_not_served" and "runs its language model alone" in err["message"]
     assert "DeepseekVLForConditionalGeneration" in err["message"]
 
 
@@ -190,25 +194,79 @@ def test_served_vision_knows_the_vision_models(tmp_path):
     assert serve_images.served_vision(LLM()) == "VL"
 
 
-# ------------------------------------------------------------------ cache keys
-def test_the_response_cache_keys_an_image_by_its_content(server, monkeypatch):
-    """The engine seam let through (as a serving VL engine would): the same picture as PNG,
-    then as WebP, is one L1 entry; another picture is another; no key holds the URL."""
-    import nanoseek.serve.app as app_module
-    monkeypatch.setattr(app_module, "engine_images", lambda *a: None)
-    hits = lambda: server.metrics().get(("nanoseek_response_cache_hits_total", (("level", "l1"),)), 0)  # noqa: E731
-    before = hits()
+# ------------------------------------------------------------------ a DeepSeek-VL engine
+IMG = 310  # the image placeholder: an id the text tokenizer (vocab 300) never writes
+
+
+@pytest.fixture(scope="module")
+def vl(ckpt):  # noqa: F811
+    """A tiny random DeepSeek-VL (MLA/MoE language model, tests/test_engine_vl.py) served with
+    the text checkpoint's tokenizer, and a second engine on the same model for reference."""
+    from nanoseek.engine import LLM, AsyncLLM
+    from nanoseek.serve.app import create_app
+    from nanoseek.text.tokenizer import Tokenizer
+    from tests.test_engine_vl import MLA_MOE, vl_model
+    model = vl_model({**MLA_MOE, "vocab_size": 320, "max_position_embeddings": 256})
+    model.config.image_token_id = IMG
+    tok = Tokenizer.from_dir(ckpt)
+    recording = Recording()
+    live = Live(create_app(AsyncLLM(model, tok, kv_cache_memory=2**22, speculative=False), MODEL,
+                           image_limits=LIMITS, response_cache=recording, cache_scope="shared"))
+    live.recording, live.offline, live.tok = recording, LLM(model, tok, kv_cache_memory=2**22, speculative=False), tok
+    yield live
+    live.stop()
+
+
+def l1_hits(server) -> float:
+    return server.metrics().get(("nanoseek_response_cache_hits_total", (("level", "l1"),)), 0)
+
+
+def test_a_vision_language_engine_answers_as_its_own_generate(vl):
+    """The chat is rendered with one placeholder where the image stood, the image goes to
+    the engine with it, and the greedy answer is the engine's own for those ids and image."""
+    from nanoseek.engine import SamplingParams
+    assert vl.app.state.vision == "DeepseekVLForConditionalGeneration"
     red, blue = picture(), picture(colour=(20, 40, 220))
-    assert post(server, asking(png_part(red))).status_code == 200
-    assert post(server, asking(webp_part(red))).status_code == 200
-    assert hits() == before + 1  # same pixels, another container: a hit
-    assert post(server, asking(png_part(blue))).status_code == 200
-    assert hits() == before + 1  # another picture: a miss
-    keys = json.dumps(server.recording.keys)
+    body = asking(png_part(red), max_tokens=6)
+    r = post(vl, body)
+    assert r.status_code == 200, r.text
+    ids = vl.tok.encode_chat([{"role": "user", "content": body["messages"][0]["content"]}],
+                             add_generation_prompt=True, image_token_id=IMG)
+    text_ids = vl.tok.encode_chat([{"role": "user", "content": "What is in the picture?"}], add_generation_prompt=True)
+    assert ids.count(IMG) == 1 and [t for t in ids if t != IMG] == text_ids  # the image after the text
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    want = [vl.offline.generate({"prompt_token_ids": ids, "images": [decode_image(png_bytes(img))]}, greedy)[0]
+            for img in (red, blue)]
+    answer = r.json()
+    assert answer["choices"][0]["message"]["content"] == want[0].outputs[0].text
+    assert answer["usage"]["prompt_tokens"] == len(want[0].prompt_token_ids) == len(ids) + 15  # 16 per image
+    assert want[0].outputs[0].token_ids != want[1].outputs[0].token_ids  # the answer depends on the image
+    other = post(vl, asking(png_part(blue), max_tokens=6))
+    assert other.json()["choices"][0]["message"]["content"] == want[1].outputs[0].text
+    system = {"role": "system", "content": [{"type": "text", "text": "Look."}, png_part(red)]}
+    err = refusal(vl, {**body, "messages": [system, *body["messages"]]})
+    assert err["code"] == "invalid_value" and "user messages only" in err["message"]
+
+
+def test_the_response_cache_keys_an_image_by_its_content(vl):
+    """The same picture again, as PNG or WebP, is one L1 entry; another picture with the same
+    text is another; no key holds the URL."""
+    before = l1_hits(vl)
+    red, blue = picture(colour=(30, 160, 40)), picture(colour=(240, 200, 10))
+    first = post(vl, asking(png_part(red)))
+    assert first.status_code == 200, first.text
+    again = post(vl, asking(png_part(red)))
+    assert l1_hits(vl) == before + 1 and again.json()["choices"] == first.json()["choices"]  # a hit
+    assert post(vl, asking(webp_part(red))).status_code == 200
+    assert l1_hits(vl) == before + 2  # same pixels, another container: a hit
+    assert post(vl, asking(png_part(blue))).status_code == 200
+    assert l1_hits(vl) == before + 2  # another picture: a miss
+    keys = json.dumps(vl.recording.keys)
     assert "base64" not in keys and "data:" not in keys
     assert decode_image(png_bytes(red)).sha256 in keys and decode_image(png_bytes(blue)).sha256 in keys
 
 
+# ------------------------------------------------------------------ cache keys
 def key_of(body, images):
     return cache_key("chat", ChatCompletionRequest(**body), "shared", "ckpt", images)
 

@@ -42,7 +42,8 @@ from nanoseek.serve.cache.seam import CacheSeam
 from nanoseek.serve.errors import APIError, internal_error, sse_error
 from nanoseek.serve.generation import failed, generate
 from nanoseek.serve.guards import ApiKeys, BodyLimit
-from nanoseek.serve.images import SERVER_LIMITS, engine_images, image_locations, request_images, served_vision
+from nanoseek.serve.images import (SERVER_LIMITS, engine_images, engine_prompt, image_locations, request_images,
+                                   served_vision)
 from nanoseek.serve.metrics import CountRequests, ServerMetrics
 from nanoseek.serve.params import chat_params, chat_prompt, check_context, completion_params, completion_prompts
 from nanoseek.serve.prompt_limit import PromptLimit, chat_chars, completion_chars, prompt_count
@@ -132,10 +133,11 @@ def _routes(app: FastAPI) -> None:
         images = []
         if image_locations(req.messages):  # decoding blocks: a worker thread
             images = await run_in_threadpool(request_images, req.messages, st.image_limits, st.image_dir)
-        engine_images(st.llm, st.model_name, images, st.vision)
-        prompt, params, tools = await run_in_threadpool(_chat_prompt, st.llm.tokenizer, req, params)
-        check_context(prompt, params, st.max_model_len, "messages")
-        fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, len(prompt), *_usage_opts(req),
+        image_token_id = engine_images(st.llm, st.model_name, images, st.vision)
+        prompt, params, tools = await run_in_threadpool(_chat_prompt, st.llm.tokenizer, req, params, image_token_id)
+        prompt, prompt_len = engine_prompt(st.llm, prompt, images)
+        check_context(range(prompt_len), params, st.max_model_len, "messages")
+        fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, prompt_len, *_usage_opts(req),
                             tools=tools)
         return await respond(request, "chat", req, [prompt], params, fmt, images)
 
@@ -158,10 +160,10 @@ def _routes(app: FastAPI) -> None:
     page.install(app)  # last: the chat page at / catches what the API's routes do not
 
 
-def _chat_prompt(tokenizer, req: ChatCompletionRequest, params):
+def _chat_prompt(tokenizer, req: ChatCompletionRequest, params, image_token_id=None):
     """(prompt, params, tool reader): the chat's ids with a forced call's opening. Runs in a
     worker thread: tokenising a long prompt must not hold up every other client's stream."""
-    return apply_tools(req, tokenizer, chat_prompt(tokenizer, req), params)
+    return apply_tools(req, tokenizer, chat_prompt(tokenizer, req, image_token_id), params)
 
 
 def _image_dir(path):

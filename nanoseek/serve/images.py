@@ -67,24 +67,42 @@ def served_vision(llm, checkpoint=None) -> str | None:
     """The vision-language architecture behind the server, or None for a text model: the
     engine's model itself, or the checkpoint's config.json (an engine may serve a
     vision-language checkpoint through its language model alone)."""
+    engine_vision = getattr(llm.engine, "vision", None)  # a DeepSeek-VL engine: engine/vision.py
+    if engine_vision is not None:
+        return type(engine_vision.model).__name__
     model = llm.engine.model
     if reads_images(model):
         return type(model).__name__
     return None if checkpoint is None else vision_checkpoint(checkpoint)
 
 
-def engine_images(llm, model_name: str, images: list[LoadedImage], vision: str | None = None) -> None:
-    """The seam where a request's decoded images reach the engine. A text-only model
-    (`vision` None, from `served_vision`): 400. A vision-language model: 501 until the
-    engine takes images with its prompts."""
+def engine_images(llm, model_name: str, images: list[LoadedImage], vision: str | None = None) -> int | None:
+    """The seam where a request's decoded images reach the engine: the placeholder id the
+    chat template writes for each image (None without images; the images then go with the
+    prompt's ids, `engine_prompt`). A text-only model (`vision` None, from `served_vision`):
+    400. A vision-language checkpoint whose engine serves its language model alone (the
+    engine pages MLA latents only, so an MHA/GQA DeepSeek-VL runs as text): 501."""
     if not images:
-        return
+        return None
     if vision is None:
         raise APIError(400, f"model {model_name!r} reads text only: it cannot see the {len(images)} "
                             "image(s) of this request; send text, or serve a vision-language model",
                        param="messages", code="images_not_supported")
-    raise APIError(501, f"model {model_name!r} is a vision-language model ({vision}), but this server "
-                        "does not hand images to its engine yet", param="messages", code="images_not_served")
+    engine_vision = getattr(llm.engine, "vision", None)
+    if engine_vision is None:
+        raise APIError(501, f"model {model_name!r} is a vision-language model ({vision}), but this server's "
+                            "engine runs its language model alone (it takes images for DeepSeek-VL with an "
+                            "MLA language model only)", param="messages", code="images_not_served")
+    return engine_vision.image_token_id
+
+
+def engine_prompt(llm, ids: list[int], images: list[LoadedImage]):
+    """(what the engine is given, its prompt length once each placeholder is expanded to
+    the image's tokens: what the context holds and usage counts)."""
+    if not images:
+        return ids, len(ids)
+    per_image = llm.engine.vision.tokens_per_image
+    return {"prompt_token_ids": ids, "images": images}, len(ids) + len(images) * (per_image - 1)
 
 
 def keyed_messages(messages: list[dict], images: list[LoadedImage]) -> list[dict]:

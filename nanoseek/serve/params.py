@@ -57,7 +57,9 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
 
 
 # ----------------------------------------------------------------- prompts
-def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt(tokenizer, req: ChatCompletionRequest, image_token_id: int | None = None) -> list[int]:
+    """The chat's ids; with `image_token_id` (a vision-language engine's placeholder), one
+    placeholder id where each image part stood (serve/images.engine_images)."""
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer (tokenizer.json): use /v1/completions with "
                             "token-id prompts", param="messages", code="no_tokenizer")
@@ -67,9 +69,13 @@ def chat_prompt(tokenizer, req: ChatCompletionRequest) -> list[int]:
             raise APIError(400, f"messages[{i}].content: a {m.role} message needs content",
                            param=f"messages.{i}.content", code="invalid_value")
         role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": m.text(), **({"tool_calls": m.tool_calls} if m.tool_calls else {})})
+        content = m.text()
+        if image_token_id is not None and isinstance(m.content, list) and any(p.type == "image_url" for p in m.content):
+            content = [p.model_dump() for p in m.content]  # the template puts a placeholder per image
+        messages.append({"role": role, "content": content, **({"tool_calls": m.tool_calls} if m.tool_calls else {})})
     try:
-        return Tokenizer.of(tokenizer).encode_chat(messages, add_generation_prompt=True)
+        return Tokenizer.of(tokenizer).encode_chat(messages, add_generation_prompt=True,
+                                                   image_token_id=image_token_id)
     except ChatFormatError as e:
         raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
 

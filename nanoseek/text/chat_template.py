@@ -46,6 +46,7 @@ from nanoseek.text.special_tokens import ASSISTANT, BOS, END_THINK, EOS, THINK, 
 (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
  TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END) = TOOL_TOKENS
 ROLES = ("system", "user", "assistant", "tool")
+IMAGE_PLACEHOLDER = "<image_placeholder>"  # DeepSeek-VL's; its id is the model's config.image_token_id
 _THINK_SPLIT = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)})")
 
 
@@ -61,6 +62,7 @@ class Part(NamedTuple):
     text: str
     trained: bool
     marker: bool = False
+    token_id: int | None = None  # a marker whose id is the model's, not the vocabulary's (an image)
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -85,9 +87,13 @@ def chat_segments(messages: list[dict],
     return runs
 
 
-def chat_parts(messages: list[dict], add_generation_prompt: bool = False) -> list[Part]:
+def chat_parts(messages: list[dict], add_generation_prompt: bool = False,
+               image_token_id: int | None = None) -> list[Part]:
     """The rendered conversation as `Part`s, markers apart from content. Content never
-    becomes a marker, whatever it holds: this is what keeps a user from forging turns."""
+    becomes a marker, whatever it holds: this is what keeps a user from forging turns.
+    `image_token_id` (a vision-language model's placeholder id): a user message's content
+    may be a list of text and image_url parts, each image one placeholder where it stood
+    (the engine expands it to the image's tokens: engine/vision.py); None: text only."""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             role = m.get("role") if isinstance(m, dict) else m
@@ -100,7 +106,7 @@ def chat_parts(messages: list[dict], add_generation_prompt: bool = False) -> lis
     for i, m in enumerate(messages):
         role = m["role"]
         if role == "user":
-            parts += [_mark(USER), Part(_content(m, i), False), _mark(ASSISTANT)]
+            parts += [_mark(USER), *_user_content(m, i, image_token_id), _mark(ASSISTANT)]
             outputs_open = False  # as DeepSeek's template: a user turn does not close the block
         elif role == "assistant":
             if outputs_open:
@@ -137,6 +143,24 @@ def _mark(token: str, trained: bool = False) -> Part:
     return Part(token, trained, marker=True)
 
 
+def _user_content(m: dict, i: int, image_token_id: int | None) -> list[Part]:
+    """A user message's content: its text, or with `image_token_id` its text and image parts
+    in order, one `IMAGE_PLACEHOLDER` marker (encoded as that id) per image."""
+    content = m.get("content")
+    if image_token_id is None or not isinstance(content, list):
+        return [Part(_content(m, i), False)]
+    parts = []
+    for j, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text" and isinstance(p.get("text"), str):
+            parts.append(Part(p["text"], False))
+        elif kind == "image_url":
+            parts.append(Part(IMAGE_PLACEHOLDER, False, marker=True, token_id=image_token_id))
+        else:
+            raise ChatFormatError(f"message {i}, content part {j}: expected a text or image_url part, got {p!r:.80}")
+    return parts
+
+
 def _content(m: dict, i: int) -> str:
     content = m.get("content")
     if content is None and m["role"] == "assistant":
@@ -144,7 +168,7 @@ def _content(m: dict, i: int) -> str:
     if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
         raise ChatFormatError(f"message {i} holds an image (an image_url content part): this text "
                               "template reads text only; images (the rendered_arithmetic task, image "
-                              "inputs) need a vision-language model")
+                              "inputs) need a vision-language model, which reads them in user messages only")
     if not isinstance(content, str):
         raise ChatFormatError(f"message {i}: content must be a string, got {type(content).__name__}")
     return content

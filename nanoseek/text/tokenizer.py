@@ -213,7 +213,7 @@ class Tokenizer:
             if part.marker or part.trained != last:
                 flush(last)
             if part.marker:
-                tid = self.tok.token_to_id(part.text)
+                tid = part.token_id if part.token_id is not None else self.tok.token_to_id(part.text)
                 piece = [tid] if tid is not None else self.encode_text(part.text)  # not in this vocab
                 ids.extend(piece)
                 trained.extend([part.trained] * len(piece))
@@ -223,9 +223,11 @@ class Tokenizer:
         flush(last)
         return ids, trained
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        """The conversation in DeepSeek-V3's format, content as text (BOS included once)."""
-        return self.encode_parts(chat_parts(messages, add_generation_prompt))[0]
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    image_token_id: int | None = None) -> list[int]:
+        """The conversation in DeepSeek-V3's format, content as text (BOS included once);
+        with `image_token_id`, a user's image parts as that placeholder id (`chat_parts`)."""
+        return self.encode_parts(chat_parts(messages, add_generation_prompt, image_token_id))[0]
 
 
 _PLAIN: dict[int, tuple[object, int, object]] = {}  # id(tokenizer) -> (it, its size, its copy)
