@@ -52,7 +52,9 @@ def test_an_image_is_sent_and_the_text_only_models_error_shown(live, page, png):
 
 def test_an_image_the_server_takes_stays_in_the_history(live, page, png, monkeypatch):  # noqa: F811
     import nanoseek.serve.app as app_module
-    monkeypatch.setattr(app_module, "engine_images", lambda *a: None)  # as a VL engine would
+    # as a VL engine would take it: a placeholder id in the prompt, the text engine reading the ids alone
+    monkeypatch.setattr(app_module, "engine_images", lambda *a: 5)
+    monkeypatch.setattr(app_module, "engine_prompt", lambda llm, ids, images: (ids, len(ids)))
     sent = open_chat(page, live.url, max_tokens=4)
     attach(page, png)
     page.fill("#input", "")
