@@ -35,20 +35,12 @@ from pathlib import Path
 import torch
 
 from common import emit, json_only_stdout, log
+from nanoseek.train.rl.memory import peak_rss_mb as peak_mb  # VmHWM, which the RL run resets
 
 
 def resident_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
-
-
-def peak_mb() -> float:
-    """VmHWM: the most the process has held resident so far."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class Sampler:
