@@ -245,7 +245,8 @@ def test_a_vision_language_engine_answers_as_its_own_generate(vl):
     assert other.json()["choices"][0]["message"]["content"] == want[1].outputs[0].text
     system = {"role": "system", "content": [{"type": "text", "text": "Look."}, png_part(red)]}
     err = refusal(vl, {**body, "messages": [system, *body["messages"]]})
-    assert err["code"] == "invalid_value" and "user messages only" in err["message"]
+    assert err["code"] == "image_role" and "user messages only" in err["message"]
+    assert err["param"] == "messages.0.content.1"
 
 
 def test_the_response_cache_keys_an_image_by_its_content(vl):

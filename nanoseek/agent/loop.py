@@ -11,19 +11,23 @@ A reply without calls is the answer. In `auto` mode the first request offers nat
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 from nanoseek.agent.budget import ContextBudget
 from nanoseek.agent.guards import Guards
+from nanoseek.agent.images import AgentImage, images_note, pick_image
 from nanoseek.agent.text_protocol import observation_message, parse_text_calls, system_prompt
 from nanoseek.agent.tool_parser import TOOL_CALLS_BEGIN, parse_tool_calls
 from nanoseek.agent.tools.base import Tool, ToolBox
+from nanoseek.agent.tools.vision import LOOK
 from nanoseek.agent.trajectory import Trajectory
 
 MODES = ("auto", "native", "text")
 DEFAULT_SYSTEM = "You are a helpful assistant. Use the tools when they help, then answer concisely."
 MAX_OBSERVATION_CHARS = 20_000
+IMAGE_REFUSALS = ("images_not_supported", "images_not_served")  # nanoseek serve's (serve/images.py)
 
 
 class Agent:
@@ -52,12 +56,22 @@ class Agent:
         self.temperature, self.max_tokens, self.extra_body = temperature, max_tokens, extra_body
 
     # ----------------------------------------------------------------- the loop
-    def run(self, task: str | list[dict]) -> Trajectory:
-        """Work on `task` (text, or OpenAI content parts with images) until an answer or a guard."""
+    def run(self, task: str | list[dict], images: list[AgentImage] = (), images_to_model: bool = True
+            ) -> Trajectory:
+        """Work on `task` (text, or OpenAI content parts) until an answer or a guard.
+        `images` (agent/images.py): sent to the model with the task, or with
+        images_to_model=False only listed in it, for the vision tool (`look`) to see. The
+        trajectory records each image a step saw by content hash, never its bytes."""
         traj = Trajectory(self.trajectory_path, self.echo)
         self.guards.start()
         self._mode = "native" if self.mode == "auto" else self.mode
-        traj.event("task", content=task)
+        self._images = list(images)
+        refs = [im.ref() for im in self._images]
+        traj.event("task", content=_recorded(task), **({"images": refs} if refs else {}))
+        if self._images and not images_to_model:
+            task = _with_text(task, images_note(self._images, LOOK))
+        elif self._images:
+            task = _with_parts(task, [im.part() for im in self._images])
         messages = [{"role": "system", "content": self._system(task, traj)},
                     {"role": "user", "content": task}]
         observation_ids: list[int] = []
@@ -65,10 +79,12 @@ class Agent:
             if self.budget is not None:
                 for note in self.budget.fit(messages, observation_ids):
                     traj.event("note", content=note)
+            if self._images and images_to_model:
+                traj.event("see", step=traj.steps + 1, images=refs, via="model")
             try:
                 content, calls, errors = self._complete(messages, traj)
             except Exception as e:  # noqa: BLE001 - an endpoint failure ends the run, saved
-                reason = f"endpoint error: {type(e).__name__}: {e}"
+                reason = f"endpoint error: {type(e).__name__}: {e}" + _images_hint(e, messages)
                 break
             traj.steps += 1
             if not calls and not errors:
@@ -97,6 +113,8 @@ class Agent:
             traj.event("call", step=traj.steps, id=call["id"], name=name, arguments=args)
             text, ok = self._run_call(name, args)
             traj.event("observation", step=traj.steps, id=call["id"], name=name, content=text, ok=ok)
+            if name == LOOK and ok:
+                traj.event("see", step=traj.steps, id=call["id"], images=[self._looked_at(args).ref()], via=LOOK)
             results.append((name, text, call["id"]))
         if native:
             for e in errors:
@@ -110,6 +128,11 @@ class Agent:
         body = "\n\n".join(observation_message(n, t)["content"] for n, t, _ in results)
         messages.append({"role": "user", "content": body})
         observation_ids.append(len(messages) - 1)
+
+    def _looked_at(self, args) -> AgentImage:
+        """The image a successful `look` call named (the tool resolved it the same way)."""
+        args = json.loads(args or "{}") if isinstance(args, str) else args
+        return pick_image(self._images, args.get("image"))
 
     def _run_call(self, name: str, args: str) -> tuple[str, bool]:
         refusal = self.guards.repeated(name, args)
@@ -136,7 +159,7 @@ class Agent:
                 resp = self.client.chat.completions.create(**kwargs, tools=self.toolbox.specs())
             except Exception as e:  # noqa: BLE001 - only a rejection of `tools` is handled here
                 if self.mode != "auto" or getattr(e, "status_code", None) not in (400, 422) \
-                        or any(m["role"] == "tool" for m in messages):
+                        or any(m["role"] == "tool" for m in messages) or _refused_images(e):
                     raise
                 self._mode = "text"
                 messages[0]["content"] += "\n\n" + system_prompt(self.toolbox.specs())
@@ -177,6 +200,45 @@ class Agent:
     def _remember(self, task, traj: Trajectory) -> None:
         if self.memory is not None and traj.answer:
             self.memory.add(f"Task: {_text_of(task)}\nAnswer: {traj.answer}", stop=traj.stop_reason)
+
+
+def _refused_images(e: Exception) -> bool:
+    """Whether an endpoint's error is its refusal of the request's images (nanoseek serve's
+    codes; other servers' 400s that name an image)."""
+    code = getattr(e, "code", None)
+    return code in IMAGE_REFUSALS or (getattr(e, "status_code", None) in (400, 422, 501)
+                                      and "image" in str(e).lower())
+
+
+def _images_hint(e: Exception, messages: list[dict]) -> str:
+    """What to do when an endpoint refused the images it was sent: a text-only model can
+    read them through the vision tool."""
+    sent = any(isinstance(m.get("content"), list) and any(p.get("type") == "image_url" for p in m["content"])
+               for m in messages)
+    if not (sent and _refused_images(e)):
+        return ""
+    return ("; the model did not take the images: if it reads text only, let it look at them through a "
+            "vision-capable endpoint instead (nanoseek agent --vision-endpoint URL: the look tool)")
+
+
+def _recorded(task):
+    """The task as a trajectory records it: image parts by a note, never their URL or bytes
+    (images given as `images` are recorded by content hash beside it)."""
+    if isinstance(task, str):
+        return task
+    return [p if p.get("type") != "image_url" else {"type": "image_url", "image_url": "(not recorded)"}
+            for p in task]
+
+
+def _with_text(task, text: str):
+    if isinstance(task, str):
+        return f"{task}\n\n{text}"
+    return [*task, {"type": "text", "text": text}]
+
+
+def _with_parts(task, parts: list[dict]) -> list[dict]:
+    head = [{"type": "text", "text": task}] if isinstance(task, str) else list(task)
+    return head + parts
 
 
 def _text_of(task) -> str:

@@ -3,7 +3,9 @@
 Each event is one JSON line: `task`, `thought` (the model's text beside its calls), `call`
 (tool name and arguments), `observation` (what the tool returned), `note` (the loop's own
 remarks: a fallback to the text protocol, observations shortened for the token budget,
-memories recalled), `answer` and `stop`. The file is appended and flushed at every event,
+memories recalled), `see` (the images a step saw, `via` the model's own request or the
+`look` tool: index, name, content hash, size and bytes, never the image itself), `answer`
+and `stop`. The file is appended and flushed at every event,
 so a run that is killed still leaves its trajectory. `messages` keeps the conversation in
 OpenAI's format, ready for `nanoseek.text.chat_template.chat_segments`, which marks the tool
 outputs the loop injected as untrained.
@@ -49,6 +51,11 @@ class Trajectory:
         return [e for e in self.events if e["type"] == kind]
 
 
+def image_label(ref: dict) -> str:
+    """An image as the terminal shows it: index, name, size, the start of its content hash."""
+    return f"{ref['index']} {ref['name']} {ref['width']}x{ref['height']} sha256:{ref['sha256'][:12]}"
+
+
 def _show(ev: dict) -> str:
     """One event as the terminal shows it: `[step] kind: text`, long text cut."""
     kind, step = ev["type"], ev.get("step")
@@ -56,9 +63,13 @@ def _show(ev: dict) -> str:
         text = f"{ev['name']}({ev['arguments']})"
     elif kind == "stop":
         text = ev["reason"]
+    elif kind == "see":
+        text = f"{', '.join(map(image_label, ev['images']))} (via {ev['via']})"
     else:
         content = ev.get("content", "")
         text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+    if kind == "task" and ev.get("images"):
+        text += f" [images: {', '.join(map(image_label, ev['images']))}]"
     if len(text) > SHOW_CHARS:
         text = text[:SHOW_CHARS] + f" [... {len(text) - SHOW_CHARS:,} more characters]"
     return (f"[{step}] " if step is not None else "") + f"{kind}: {text}"

@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 TOOLS = ("calculator", "python")
+IMAGE_BYTES, IMAGE_PIXELS = 10 * 2**20, 4096 * 4096  # text/images.ImageLimits' defaults (PIL not imported here)
 
 
 def agent_cmd(
@@ -27,7 +28,17 @@ def agent_cmd(
     mcp: List[str] = typer.Option([], help="an MCP server command (stdio), e.g. 'python server.py'; repeatable"),
     memory: Optional[str] = typer.Option(None, help="a directory for the persistent vector memory"),
     trajectory: Optional[str] = typer.Option(None, help="save the trajectory as JSONL here"),
-    image: List[str] = typer.Option([], help="an image URL (or data: URL) sent with the task; repeatable"),
+    image: List[str] = typer.Option([], help="an image file (or data: URL) given with the task, read under its "
+                                        "own directory within the limits below; repeatable"),
+    max_image_bytes: int = typer.Option(IMAGE_BYTES, min=1, help="encoded bytes of one image at most"),
+    max_image_pixels: int = typer.Option(IMAGE_PIXELS, min=1, help="width * height of one image at most"),
+    vision_endpoint: Optional[str] = typer.Option(
+        None, help="a vision-capable OpenAI-compatible /v1 URL (loopback unless --vision-remote): the images "
+                   "go to it through the look tool, not to --model (for a model that reads text only)"),
+    vision_model: Optional[str] = typer.Option(None, help="the vision endpoint's model (default: the first it lists)"),
+    vision_max_tokens: int = typer.Option(256, min=1, help="tokens per look reply"),
+    vision_timeout: float = typer.Option(60.0, help="seconds per look request"),
+    vision_remote: bool = typer.Option(False, "--vision-remote", help="allow a --vision-endpoint that is not loopback"),
     max_steps: int = typer.Option(10, min=1, help="model calls at most"),
     max_repeats: int = typer.Option(1, min=1, help="identical calls run before the next is refused"),
     tool_timeout: float = typer.Option(60.0, help="seconds per tool call"),
@@ -49,9 +60,12 @@ def agent_cmd(
     with ExitStack() as stack:
         chosen = _tools(tools, workspace, docs, mcp, tool_timeout, stack, unisolated_python)
         content = check_utf8(task, "task")
-        if image:
-            content = [{"type": "text", "text": content}] + [
-                {"type": "image_url", "image_url": {"url": u}} for u in image]
+        images = _images(image, max_image_bytes, max_image_pixels)
+        if vision_endpoint:
+            from nanoseek.agent.tools.vision import look_tool
+            chosen.append(look_tool(images, vision_endpoint, vision_model, timeout_s=vision_timeout,
+                                    max_tokens=vision_max_tokens, max_image_bytes=max_image_bytes,
+                                    allow_remote=vision_remote))
         mem = None
         if memory:
             from nanoseek.agent.memory import VectorMemory
@@ -61,12 +75,20 @@ def agent_cmd(
                                     total_timeout_s=timeout, tool_timeout_s=tool_timeout),
                       budget=ContextBudget(budget) if budget else None, memory=mem,
                       trajectory_path=trajectory, temperature=temperature, max_tokens=max_tokens)
-        traj = agent.run(content)
+        traj = agent.run(content, images, images_to_model=not vision_endpoint)
     if traj.answer is None:
         typer.echo(f"no answer: {traj.stop_reason}", err=True)
         raise typer.Exit(1)
     if traj.answer == "":
         fail("the model gave an empty answer")
+
+
+def _images(specs: list[str], max_bytes: int, max_pixels: int) -> list:
+    """The --image values read (agent/images.py); a refusal (a ValueError naming the image
+    and the limit) is the CLI's one-line error."""
+    from nanoseek.agent.images import read_images
+    from nanoseek.text.images import ImageLimits
+    return read_images(specs, ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels))
 
 
 def _tools(names: str, workspace, docs, mcp_commands, timeout, stack, unisolated_python=False) -> list:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.engine.chat_images import CHAT_LIMITS, chat_images, expand_prompt, image_locations, image_placeholder
 from nanoseek.engine.engine import EngineConfig, LLMEngine
 from nanoseek.engine.outputs import RequestOutput, request_output
 from nanoseek.engine.dtype import cast_model, resolve_dtype
@@ -22,6 +23,7 @@ from nanoseek.engine.sequence import Sequence
 from nanoseek.checkpoint.hf import vision_checkpoint
 from nanoseek.model import CausalLM
 from nanoseek.quant.model import check_quantization, log_backend, quantize_model_fp8
+from nanoseek.text.images import ImageLimits
 from nanoseek.text.tokenizer import Tokenizer
 
 
@@ -189,18 +191,31 @@ class LLM:
 
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             image_limits: ImageLimits = CHAT_LIMITS, image_dir=None) -> list[RequestOutput]:
         """vLLM's `LLM.chat`: `messages` is one conversation (a list of {"role", "content"}
         dicts, OpenAI's roles and tool calls included) or a list of them; each is rendered in
-        DeepSeek-V3's chat format by `Tokenizer.encode_chat` (content always text, never
-        special tokens: what the server and `nanoseek chat` send) and generated as `generate`
-        does. One RequestOutput per conversation, in order; its text is the assistant's reply."""
+        DeepSeek-V3's chat format by `Tokenizer.encode_chat` (content text, never special
+        tokens: what the server and `nanoseek chat` send) and generated as `generate` does.
+        A user message's content may be OpenAI content parts with `image_url` images
+        (DeepSeek-VL engines): decoded and placed as the server does (engine/chat_images.py:
+        `image_limits`, the server's defaults; `file:` URLs only under `image_dir`; images in
+        user messages only). One RequestOutput per conversation, in order; its text is the
+        assistant's reply."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer (tokenizer.json); this checkpoint has none")
         conversations = [messages] if not messages or isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.encode_chat(list(c), add_generation_prompt=add_generation_prompt)
+        prompts = [self._chat_prompt(list(c), add_generation_prompt, image_limits, image_dir)
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _chat_prompt(self, messages: list[dict], add_generation_prompt: bool, limits, image_dir):
+        """One conversation's ids, or {"prompt_token_ids", "images"} when it holds images."""
+        placeholder = image_placeholder(self.engine, len(image_locations(messages)), "LLM.chat: this model")
+        images = chat_images(messages, limits, image_dir) if placeholder is not None else []
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt,
+                                         image_token_id=placeholder)
+        return expand_prompt(self.engine, ids, images)[0]
 
 
 def _as_prompt_list(prompts) -> list:

@@ -19,37 +19,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from nanoseek.checkpoint.hf import vision_checkpoint
+from nanoseek.engine.chat_images import CHAT_LIMITS, ImagePartError, chat_images, expand_prompt
+from nanoseek.engine.chat_images import image_locations  # noqa: F401 (app.py reads it from here)
 from nanoseek.serve.errors import APIError
-from nanoseek.text.images import ImageInputError, ImageLimits, LoadedImage, load_image_part
+from nanoseek.text.images import ImageInputError, ImageLimits, LoadedImage
 
-# nanoseek serve's defaults: an image of 2 MiB is about 2.7 MiB of base64, inside the 4 MiB body
-SERVER_LIMITS = ImageLimits(max_images=4, max_bytes=2 << 20)
+# nanoseek serve's defaults, shared with LLM.chat (engine/chat_images.py)
+SERVER_LIMITS = CHAT_LIMITS
 OPTION = {"max_images": "--max-images-per-request", "max_bytes": "--max-image-bytes",
           "max_pixels": "--max-image-pixels", "image_dir": "--image-dir"}
 MODEL_VISION_ATTRS = ("vision_model", "vision")  # DeepSeek-VL's SigLIP tower, DeepSeek-OCR-2's encoder
 
 
-def image_locations(messages) -> list[tuple[int, int]]:
-    """(message, part) of every image part of a request's `ChatMessage`s, in order."""
-    return [(i, j) for i, m in enumerate(messages) if isinstance(m.content, list)
-            for j, p in enumerate(m.content) if p.type == "image_url"]
-
-
 def request_images(messages, limits: ImageLimits, image_dir: Path | None) -> list[LoadedImage]:
-    """Every image of the request decoded, or a 400 naming the part and the limit it broke.
-    The count is checked before any image is read. Blocks (decoding): run in a worker thread."""
-    where = image_locations(messages)
-    if len(where) > limits.max_images:
-        raise refused(ImageInputError(f"{len(where)} images in one request; the limit is "
-                                      f"{limits.max_images} (max_images)", "max_images"), "messages")
-    images = []
-    for i, j in where:
-        part = messages[i].content[j].model_dump()
-        try:
-            images.append(load_image_part(part, limits, image_dir))
-        except ImageInputError as e:
-            raise refused(e, f"messages.{i}.content.{j}") from None
-    return images
+    """Every image of the request decoded (engine/chat_images.chat_images: images in user
+    messages only, the count checked before any image is read), or a 400 naming the part
+    and the limit it broke. Blocks (decoding): run in a worker thread."""
+    try:
+        return chat_images(messages, limits, image_dir)
+    except ImagePartError as e:
+        raise refused(e.reason, e.param) from None
 
 
 def refused(e: ImageInputError, param: str) -> APIError:
@@ -99,10 +88,7 @@ def engine_images(llm, model_name: str, images: list[LoadedImage], vision: str |
 def engine_prompt(llm, ids: list[int], images: list[LoadedImage]):
     """(what the engine is given, its prompt length once each placeholder is expanded to
     the image's tokens: what the context holds and usage counts)."""
-    if not images:
-        return ids, len(ids)
-    per_image = llm.engine.vision.tokens_per_image
-    return {"prompt_token_ids": ids, "images": images}, len(ids) + len(images) * (per_image - 1)
+    return expand_prompt(llm.engine, ids, images)
 
 
 def keyed_messages(messages: list[dict], images: list[LoadedImage]) -> list[dict]:
