@@ -120,6 +120,15 @@ class PagedLatentCache:
                              f"{block_size} tokens x {num_layers} layers needs {per_block} bytes")
         return cls(cfg, int(num_blocks), block_size, num_layers, dtype, device)
 
+    def pack(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """c_KV [B, S, r], k_pe [B, S, rope] -> rows [B, S, r + rope] (the K/V cache's
+        `pack` takes an MHA/GQA layer's k and v: engine/kv_cache.py)."""
+        return torch.cat([c_kv, k_pe], dim=-1)
+
+    def unpack(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows [B, T, r + rope] -> c_KV [B, T, r], k_pe [B, T, rope]."""
+        return tuple(rows.split([self.kv_lora_rank, self.rope_dim], dim=-1))
+
     @property
     def nbytes(self) -> int:
         return sum(self.nbytes_by_kind().values())
@@ -184,11 +193,11 @@ class BatchView:
 
     def update(self, layer_id: int, c_kv: torch.Tensor, k_pe: torch.Tensor,
                index_k: torch.Tensor | None = None):
-        """Write the new tokens' latents (and V3.2's indexer keys index_k [B, S, d_I]);
-        return every sequence's cached (c_KV, k_pe[, index_k]) [B, T_max, ...] and the mask."""
+        """Write the new tokens' latents (and V3.2's indexer keys index_k [B, S, d_I]), or an
+        MHA/GQA layer's (k, v) into a PagedKVCache; return every sequence's cached (c_KV,
+        k_pe[, index_k]) or (k, v) [B, T_max, ...] and the mask."""
         self._check_index_k(layer_id, index_k)
-        latents = self._write_and_gather(self.cache.kv[layer_id], torch.cat([c_kv, k_pe], dim=-1))
-        out = latents.split([self.cache.kv_lora_rank, self.cache.rope_dim], dim=-1)
+        out = self.cache.unpack(self._write_and_gather(self.cache.kv[layer_id], self.cache.pack(c_kv, k_pe)))
         if index_k is not None:
             out = (*out, self._write_and_gather(self.cache.index_k[layer_id], index_k))
         return tuple(out), self.mask

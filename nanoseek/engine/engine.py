@@ -15,7 +15,8 @@ import itertools
 from dataclasses import dataclass
 
 from nanoseek.engine.block_manager import BlockManager
-from nanoseek.engine.cache import PagedLatentCache, budget_bytes
+from nanoseek.engine.cache import budget_bytes
+from nanoseek.engine.kv_cache import paged_cache_class
 from nanoseek.engine.outputs import IncrementalDetokenizer
 from nanoseek.engine.dtype import activation_dtype
 from nanoseek.engine.runner import ModelRunner
@@ -105,8 +106,8 @@ class LLMEngine:
         if cfg.is_v4:
             self.cache, self.block_manager = self._v4_cache(cfg, config, budget, dtype, max_len, num_layers)
         else:
-            self.cache = PagedLatentCache.from_budget(cfg, budget, config.block_size, num_layers, dtype, self.device,
-                                                      max_blocks=enough)
+            self.cache = paged_cache_class(cfg).from_budget(cfg, budget, config.block_size, num_layers, dtype,
+                                                            self.device, max_blocks=enough)
             self.block_manager = BlockManager(self.cache.num_blocks, config.block_size, config.enable_prefix_caching)
         eos = set(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else
                   [] if cfg.eos_token_id is None else [cfg.eos_token_id])
