@@ -191,6 +191,7 @@ def test_a_text_only_server_refuses_images_and_the_agent_names_the_vision_tool(f
     assert traj.answer is None and "reads text only" in traj.stop_reason
     assert "--vision-endpoint" in traj.stop_reason and "look" in traj.stop_reason
     assert not any(e["type"] == "note" and "text protocol" in e["content"] for e in traj.events)  # no fallback
+    assert traj.of_type("see") == []  # no step was answered: none saw the image
 
 
 def test_agent_against_a_served_vision_language_model(files, vl):
@@ -304,3 +305,72 @@ def test_cli_image_defaults_are_the_modules():
     opts = inspect.signature(agent_cmd).parameters
     assert opts["max_image_bytes"].default.default == ImageLimits().max_bytes
     assert opts["max_image_pixels"].default.default == ImageLimits().max_pixels
+
+
+# ------------------------------------------------------------------ a real `nanoseek serve`
+@pytest.fixture(scope="module")
+def served_dir(ckpt, tmp_path_factory):  # noqa: F811
+    """`nanoseek serve` of a tiny DeepSeek-VL (MLA) checkpoint directory, in its own process
+    on 127.0.0.1 (the text checkpoint's tokenizer beside it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import httpx2 as httpx
+
+    from tests.agent_mock import free_port
+    from tests.test_engine_vl import MLA_MOE, vl_model
+    from tests.test_server import wait_for
+    d = tmp_path_factory.mktemp("vl")
+    model = vl_model({**MLA_MOE, "vocab_size": 320, "max_position_embeddings": 2048})
+    model.config.image_token_id = IMG
+    model.save_pretrained(d)
+    for f in ckpt.glob("tokenizer*"):
+        shutil.copy(f, d / f.name)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", str(d), "--port", str(port),
+                             "--served-model-name", "tiny-vl"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def up():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+    try:
+        wait_for(up, "nanoseek serve to start", tries=12000)
+        yield d, f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.slow
+def test_nanoseek_serve_of_a_vl_checkpoint_answers_the_agent_and_the_look_tool(files, served_dir, tmp_path):
+    """The agent's task with its image, and a text model's look call, both answered by a
+    real `nanoseek serve` process: each answer is LLM.chat's on the same checkpoint."""
+    from typer.testing import CliRunner
+
+    from nanoseek.cli import app
+    from nanoseek.engine import LLM, SamplingParams
+    d, url = served_dir
+    llm, greedy = LLM(str(d), kv_cache_memory=2**22, speculative=False), SamplingParams(**GREEDY)
+    images = read_images([str(files / "red.png")])
+    traj = Agent(url, "tiny-vl", mode="text", echo=None, max_tokens=GREEDY["max_tokens"],
+                 system="Answer.").run("What colour?", images)
+    assert traj.stop_reason == "answered" and traj.of_type("see")[0]["images"] == [images[0].ref()]
+    assert traj.answer == llm.chat(traj.messages[:2], greedy, use_tqdm=False)[0].outputs[0].text
+
+    def text_model(body):
+        if body["messages"][-1]["role"] == "tool":
+            return {"content": "Done."}
+        return {"content": "", "tool_calls": [call(LOOK, {"image": "red.png", "question": "Colour?"})]}
+    with mock_endpoint(text_model) as (text_url, _):
+        res = CliRunner().invoke(app, ["agent", "--base-url", text_url, "--model", "text", "--image",
+                                       str(files / "red.png"), "--vision-endpoint", url,
+                                       "--vision-max-tokens", "6", "What colour is the box?"])
+    assert res.exit_code == 0, res.output
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Colour?"}, images[0].part()]}]
+    seen = llm.chat(conv, greedy, use_tqdm=False)[0].outputs[0].text
+    assert f"observation: image 0 (red.png): {seen}" in res.output
+    assert f"see: 0 red.png 16x12 sha256:{images[0].sha256[:12]} (via look)" in res.output

@@ -79,13 +79,13 @@ class Agent:
             if self.budget is not None:
                 for note in self.budget.fit(messages, observation_ids):
                     traj.event("note", content=note)
-            if self._images and images_to_model:
-                traj.event("see", step=traj.steps + 1, images=refs, via="model")
             try:
                 content, calls, errors = self._complete(messages, traj)
             except Exception as e:  # noqa: BLE001 - an endpoint failure ends the run, saved
                 reason = f"endpoint error: {type(e).__name__}: {e}" + _images_hint(e, messages)
                 break
+            if self._images and images_to_model:  # the step's request held them, and was answered
+                traj.event("see", step=traj.steps + 1, images=refs, via="model")
             traj.steps += 1
             if not calls and not errors:
                 messages.append({"role": "assistant", "content": content})
