@@ -68,6 +68,8 @@ def sft(
         lora_alpha: float = option(LoraSettings, "alpha", FROM_FIELD, "--lora-alpha"),
         lora_targets: Optional[str] = option(LoraSettings, "targets", None, "--lora-targets", default_note=ALL_TARGETS),
         merge: bool = option(SFTConfig, "merge", FROM_FIELD, "--merge"),
+        vision: Optional[str] = option(SFTConfig, "vision", None, "--vision"),
+        train_vision: bool = option(SFTConfig, "train_vision", FROM_FIELD, "--train-vision"),
         seed: Optional[int] = option(TrainConfig, "seed", None, help="data order and held-out split", default_note="1337"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
@@ -79,7 +81,8 @@ def sft(
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Supervised fine-tuning on chat data: DeepSeek-V3's chat template, loss on the
     assistant's tokens only, packing; full, LoRA or QLoRA; resumable; on several
-    processes with --nproc."""
+    processes with --nproc. Rows with images train a DeepSeek-VL model (--vision tiny-vl
+    adds a vision tower to --model)."""
     parallel.launch("sft", nproc, ep, tp, pp)
     init = _start(model, init)
     from nanoseek.cli.common import task_options
@@ -89,7 +92,7 @@ def sft(
         init=str(init), data=[str(p) for p in data or []], task=task, task_examples=task_examples,
         task_options=task_options(option or []),
         epochs=epochs, packing=not no_packing, val_fraction=val_fraction, merge=merge,
-        eval_task_n=eval_n, stop_at_accuracy=stop_at_accuracy,
+        eval_task_n=eval_n, stop_at_accuracy=stop_at_accuracy, vision=vision, train_vision=train_vision,
         lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,

@@ -1,7 +1,8 @@
 """Rendered arithmetic: two numbers and an operator drawn as an image, the answer in `<answer>`,
 for vision-language models.
 
-`load_task("rendered_arithmetic", digits=2, ops="+", image_size=[192, 64], noise=0.08)`.
+`load_task("rendered_arithmetic", digits=2, ops="+", image_size=[192, 64], noise=0.08,
+target="result")`.
 Each problem of `arithmetic` is drawn with PIL in a face chosen among the fonts this machine
 has (DejaVu and Liberation TTFs from the system and from matplotlib's data, and PIL's default
 face), at a random size, place, slant and colour pair, with faint distracting lines, blur and
@@ -11,6 +12,10 @@ the instruction; the demonstration first reads the picture, then works the colum
 
     [image: 47 + 38]  ->  <think> The image shows 47 + 38. / 7+8=15, carry 1 / 4+3+1=8 </think>
                           <answer>85</answer>
+
+`target="reading"` asks for the transcription alone: the prompt asks what the image shows
+and the demonstration is `<answer>47 + 38</answer>` (scored by exact match, `read_accuracy`):
+the reading half of a picture-to-calculator agent.
 
 Held-out images are never training images, twice over: the split is decided by the problem
 (arithmetic's canonical key, so 3+5 and 5+3 fall on the same side) and every rendering seed
@@ -31,10 +36,12 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from nanoseek.data.tasks.arithmetic import OPS, Arithmetic, add_steps, mul_steps, sub_steps
 from nanoseek.data.tasks.base import FORMAT_HINT, Example, TaskError
-from nanoseek.data.tasks.rewards import r1_response
+from nanoseek.data.tasks.rewards import ANSWER, END_ANSWER, answer_of, r1_response
 from nanoseek.text.images import content_hash, decode_image, image_url_part, png_bytes
 
 PROMPT = "Compute what the image shows. " + FORMAT_HINT.format(what="result")
+READ_PROMPT = "Write the expression the image shows in <answer></answer>."
+TARGETS = ("result", "reading")
 READING = re.compile(r"The image shows (-?\d+) ([-+*]) (-?\d+)\.")
 PIL_DEFAULT = "pil-default"
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
@@ -46,13 +53,21 @@ MIN_FONT_PX = 12
 
 class RenderedArithmetic(Arithmetic):
     def __init__(self, digits: int = 2, ops: str = OPS, image_size=(192, 64), noise: float = 0.08,
-                 fonts: list[str] | None = None, **options):
+                 fonts: list[str] | None = None, target: str = "result", **options):
+        if target not in TARGETS:
+            raise TaskError(f"task rendered_arithmetic: target={target!r} must be one of {TARGETS}")
+        self.target = target
+        if target == "reading":
+            options.setdefault("format_weight", 0.0)  # no <think> block to reward
         try:
             super().__init__(digits=digits, ops=ops, **options)
         except TaskError as e:  # arithmetic's checks, named for this task
             raise TaskError(str(e).replace("task arithmetic", "task rendered_arithmetic", 1)) from None
         self.name = "rendered_arithmetic"
         self.max_tokens += 16  # the reading line
+        if target == "reading":
+            self.max_tokens = 8 + 4 * digits
+            self.rewarder.accuracy = lambda ex, c: read_accuracy(c, ex.answer)
         self.image_size = _image_size(image_size)
         if not isinstance(noise, (int, float)) or not 0 <= noise <= 0.5:
             raise TaskError(f"task rendered_arithmetic: noise={noise!r} must be a number in [0, 0.5]")
@@ -80,9 +95,12 @@ class RenderedArithmetic(Arithmetic):
         """The arithmetic example with its picture and a demonstration that reads it first."""
         a, op, b = ex.meta["a"], ex.meta["op"], ex.meta["b"]
         image, style = render(a, op, b, seed, self.image_size, self.fonts, self.noise)
+        meta = dict(ex.meta, image=png_bytes(image), image_sha256=content_hash(image), render=style)
+        if self.target == "reading":
+            reading = f"{a} {op} {b}"
+            return Example(READ_PROMPT, reading, f"{ANSWER}{reading}{END_ANSWER}", meta)
         steps = {"+": add_steps, "-": sub_steps, "*": mul_steps}[op](a, b)
         response = r1_response("\n".join([f"The image shows {a} {op} {b}."] + steps), ex.answer)
-        meta = dict(ex.meta, image=png_bytes(image), image_sha256=content_hash(image), render=style)
         return Example(PROMPT, ex.answer, response, meta)
 
     def prompt_messages(self, example: Example) -> list[dict]:
@@ -99,6 +117,13 @@ def reading_of(completion: str) -> tuple[int, str, int] | None:
     """(a, op, b) the completion says it read off the picture, or None."""
     m = READING.search(completion)
     return (int(m[1]), m[2], int(m[3])) if m else None
+
+
+def read_accuracy(completion: str, expected: str) -> float:
+    """1.0 when the final answer is the transcription `expected` ("47 + 38"), spacing aside;
+    exact, not mathematical: "38 + 47" is a misreading of 47 + 38."""
+    given = answer_of(completion)
+    return float(given is not None and given.split() == expected.split())
 
 
 def render_seed(name: str, split: str, seed: int, index: int) -> int:

@@ -64,6 +64,10 @@ class DeepseekVLForConditionalGeneration(nn.Module):
         if self.config.tie_word_embeddings:
             self.language_model.lm_head.weight = self.language_model.model.embed_tokens.weight
 
+    def update_router_biases(self, gamma: float | None = None) -> None:
+        """Training: the language model's aux-loss-free MoE bias update (the Trainer calls it)."""
+        self.language_model.update_router_biases(gamma)
+
     # ---------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None):

@@ -71,6 +71,9 @@ class SFTConfig:
         None, help="--task: stop once the held-out accuracy reaches this (needs --eval-n, --eval-every)",
         lo=0, hi=1, lo_open=True, optional=True)
     merge: bool = setting(False, help="LoRA: also write the merged checkpoint into --out")
+    vision: str | None = setting(None, help="add this vision tower (tiny-vl) to --model's language "
+                                 "model: a DeepSeek-VL model trained on rows with images")
+    train_vision: bool = setting(False, help="images: train the vision tower too (frozen by default)")
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=sft_train_config)
 

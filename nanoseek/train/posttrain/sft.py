@@ -7,7 +7,8 @@ plus the MTP heads on the same masked labels and the MoE balance term) divided b
 step's count of assistant tokens, so gradient accumulation weighs every answer token the
 same however the masks spread them. Full fine-tuning or LoRA/QLoRA (`SFTConfig.lora`).
 The run directory resumes (`--resume`) like a pretraining run: train_state.pt, run.json,
-metrics.jsonl.
+metrics.jsonl. Conversations with images (a DeepSeek-VL `--model`, or `--vision tiny-vl`)
+run vision_sft.py's stage.
 
 Under torchrun (`nanoseek sft --nproc N`, or `torchrun ... -m nanoseek.train.posttrain.sft`) the
 run is pretraining's distributed one (nanoseek/parallel/): `batch_size` stays the global
@@ -27,11 +28,12 @@ import torch
 
 from nanoseek.data.chat import ChatWindows, chat_windows, read_conversations
 from nanoseek.parallel.single import SingleProcess
+from nanoseek.text.images import image_parts
 from nanoseek.train.posttrain.settings import SFTConfig, sft_train_config  # noqa: F401 (re-exported)
 from nanoseek.train.loop import Trainer
 from nanoseek.train.posttrain.stage import (base_model, checkpoint_writer, data_parallel,
-                                            load_task_lazily, merge_into, start_stage, with_adapters,
-                                            write_run)
+                                            load_task_lazily, merge_into, stage_settings, start_stage,
+                                            with_adapters, write_run)
 from nanoseek.train.pretrain import pretrain_loss
 
 
@@ -98,10 +100,18 @@ def _check_distributable(config: SFTConfig, parallel) -> None:
 def _sft(out_dir: Path, config: SFTConfig, resume: bool, max_steps: int | None, progress: bool,
          log, rank_device, parallel, adapt_threads: bool = False) -> dict:
     """rank_device: this rank's device under torchrun, None for one process."""
+    from nanoseek.train.posttrain import vision_sft as vision
+    if vision.is_vision_run(stage_settings(out_dir, config, resume, max_steps)):  # images: vision_sft.py
+        return vision.vision_sft(out_dir, config, resume, max_steps, progress, log, rank_device, adapt_threads)
     config, device, model, tok = start_stage(out_dir, config, resume, max_steps, rank_device)
     if rank_device is not None:
         _check_distributable(config, parallel)
-    train_convs, val_convs = split(conversations_of(config), config.val_fraction, config.train.seed)
+    if config.train_vision or config.task == "rendered_arithmetic":
+        vision.refuse_images_for_text_model(config)
+    convs = conversations_of(config)
+    if any(map(image_parts, convs)):
+        vision.refuse_images_for_text_model(config)  # names the first row with an image
+    train_convs, val_convs = split(convs, config.val_fraction, config.train.seed)
     data = chat_windows(train_convs, tok, config.train.seq_len, config.packing)
     val = chat_windows(val_convs, tok, config.train.seq_len, config.packing) if val_convs else None
     if not config.train.max_steps:
