@@ -1,8 +1,8 @@
 """Chat image parts at the live server (serve/images.py): each refusal a 400 naming its limit
 and the option that sets it, network URLs never fetched, file URLs only under --image-dir,
 a text-only model's 400, a vision-language checkpoint whose engine runs its language model
-alone a 501, a tiny DeepSeek-VL (MLA) engine answering as its own generate does for the same
-ids and image, and the response caches keying an image by its content hash (never its URL;
+alone a 501, tiny DeepSeek-VL (MLA; Llama GQA) and DeepSeek-OCR-2 engines answering as their
+own generate does for the same ids and image, and the response caches keying an image by its content hash (never its URL;
 L1 and L2)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import socket
 
 import httpx2 as httpx
 import pytest
+import torch
 from PIL import Image
 
 from nanoseek.serve import images as serve_images
@@ -164,8 +165,8 @@ def test_a_malformed_image_part_names_the_field(server):
 
 
 def test_a_vision_checkpoint_served_as_text_is_a_501(server):
-    """A DeepSeek-VL checkpoint whose engine runs its language model alone (an MHA/GQA
-    language model: the engine pages MLA latents only) cannot see the image."""
+    """A DeepSeek-VL checkpoint whose engine was built on its language model alone cannot
+    see the image."""
     state = server.app.state
     assert state.vision is None  # the tiny model reads text only
     state.vision = "DeepseekVLForConditionalGeneration"
@@ -247,6 +248,54 @@ def test_a_vision_language_engine_answers_as_its_own_generate(vl):
     err = refusal(vl, {**body, "messages": [system, *body["messages"]]})
     assert err["code"] == "image_role" and "user messages only" in err["message"]
     assert err["param"] == "messages.0.content.1"
+
+
+@pytest.fixture(scope="module", params=["llama-gqa", "ocr2"])
+def mha_vl(request, ckpt):  # noqa: F811
+    """A tiny DeepSeek-VL with a Llama (GQA) language model, or a tiny DeepSeek-OCR-2 (MHA
+    DeepSeekMoE; tests/test_engine_vl_mha.py), served with the text checkpoint's tokenizer."""
+    from nanoseek.engine import LLM, AsyncLLM
+    from nanoseek.serve.app import create_app
+    from nanoseek.text.tokenizer import Tokenizer
+    if request.param == "llama-gqa":
+        from tests.test_engine_vl import vl_model
+        from tests.test_engine_vl_mha import LLAMA
+        model = vl_model({**LLAMA, "vocab_size": 320, "max_position_embeddings": 256})
+    else:
+        from nanoseek.model.vl.ocr2_config import from_hf_json
+        from nanoseek.model.vl.ocr2_model import DeepseekOCR2
+        from tests.test_ocr2_model import tiny_config
+        raw = tiny_config().to_dict()
+        raw["text_config"]["vocab_size"] = 320
+        torch.manual_seed(0)
+        model = DeepseekOCR2(from_hf_json(raw)).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.add_(torch.randn_like(p) * (0.3 if name.startswith("language") else 0.05))
+    model.config.image_token_id = IMG
+    tok = Tokenizer.from_dir(ckpt)
+    live = Live(create_app(AsyncLLM(model, tok, kv_cache_memory=2**23, speculative=False), MODEL,
+                           image_limits=LIMITS))
+    live.offline, live.tok = LLM(model, tok, kv_cache_memory=2**23, speculative=False), tok
+    yield live
+    live.stop()
+
+
+def test_mha_vision_language_engines_answer_as_their_own_generate(mha_vl):
+    """No 501 for MHA/GQA language models: the answer and the usage are the engine's own for
+    the chat's ids and the image (OCR-2's image tokens: the global view's 256 + 1 separator)."""
+    from nanoseek.engine import SamplingParams
+    body = asking(png_part(picture()), max_tokens=5)
+    r = post(mha_vl, body)
+    assert r.status_code == 200, r.text
+    ids = mha_vl.tok.encode_chat([{"role": "user", "content": body["messages"][0]["content"]}],
+                                 add_generation_prompt=True, image_token_id=IMG)
+    want = mha_vl.offline.generate({"prompt_token_ids": ids, "images": [decode_image(png_bytes(picture()))]},
+                                   SamplingParams(temperature=0, max_tokens=5))[0]
+    answer = r.json()
+    assert answer["choices"][0]["message"]["content"] == want.outputs[0].text
+    per_image = 16 if mha_vl.app.state.vision == "DeepseekVLForConditionalGeneration" else 257
+    assert answer["usage"]["prompt_tokens"] == len(want.prompt_token_ids) == len(ids) - 1 + per_image
 
 
 def test_the_response_cache_keys_an_image_by_its_content(vl):

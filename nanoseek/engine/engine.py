@@ -52,17 +52,17 @@ class EngineConfig:
 def vision_side(model, image_processor=None):
     """(what handles images: a vision.VisionPrompts, the language model) of the model the
     engine is given: (None, model) for a CausalLM. A vision-language model's language model
-    must be one the paged latent cache serves (MLA). The vision modules (and transformers'
-    towers) are imported only for such a model."""
+    is paged as its attention needs (MLA latents, or MHA/GQA keys and values): DeepSeek-VL
+    (engine/vision.py) and DeepSeek-OCR-2 (engine/vision_ocr2.py). The vision modules (and
+    transformers' towers) are imported only for such a model."""
     if isinstance(model, CausalLM):
         return None, model
-    from nanoseek.engine.vision import VisionPrompts
     from nanoseek.model.vl.vl_load import language_model
     lm = language_model(model)
-    if lm.config.attention_type != "mla":
-        raise ValueError(f"the engine pages MLA latents only: {type(model).__name__}'s language model has "
-                         f"attention_type {lm.config.attention_type!r} (no paged K/V cache for MHA/GQA/MQA "
-                         f"exists); run it with the model's own generate")
+    if type(model).__name__ == "DeepseekOCR2":
+        from nanoseek.engine.vision_ocr2 import OCR2Prompts
+        return OCR2Prompts(model, image_processor), lm
+    from nanoseek.engine.vision import VisionPrompts
     return VisionPrompts(model, image_processor), lm
 
 

@@ -56,21 +56,49 @@ def load_model(path_or_model, dtype=None, device=None, quantization: str | None 
     return model, Tokenizer.from_dir(path)
 
 
+# config.json's architecture -> the class whose whole model an engine keeps (its prompts take images)
+ENGINE_VISION = {"DeepseekVLForConditionalGeneration": "DeepseekVLForConditionalGeneration",
+                 "DeepseekOcr2ForConditionalGeneration": "DeepseekOCR2"}
+
+
+def _load_ocr2(path_or_model, dtype, device):
+    """(model, tokenizer, None) for a DeepSeek-OCR-2 directory or model: the language model cast
+    as load_model casts one, the vision side whole; the processor from its SAM sizes
+    (engine/vision_ocr2.default_processor)."""
+    from nanoseek.model.vl.ocr2_model import DeepseekOCR2
+    target = None if device is None else torch.device(device)
+    if isinstance(path_or_model, DeepseekOCR2):
+        model = path_or_model
+        dtype = resolve_dtype(dtype, None, target or next(model.parameters()).device)
+        if dtype is not None:
+            cast_model(model.language, dtype)
+            for part in (model.vision, model.projector):
+                part.to(dtype)
+            model.view_separator.data = model.view_separator.data.to(dtype)
+        return (model if device is None else model.to(device)), None, None
+    dtype = resolve_dtype(dtype, Path(path_or_model), target or torch.device("cpu"))
+    model = DeepseekOCR2.from_pretrained(path_or_model, dtype=dtype, device=device)
+    return model, Tokenizer.from_dir(Path(path_or_model)), None
+
+
 def load_engine_model(path_or_model, dtype=None, device=None, quantization: str | None = None):
     """(model, tokenizer, image processor) for an engine: `load_model`'s, except that a
     DeepSeek-VL checkpoint directory or model is kept whole, so that its prompts may carry
     images (engine/vision.py); the processor is the directory's, or None (the model's
-    defaults). Other vision-language models go through `load_model` (their language model)."""
+    defaults). A DeepSeek-OCR-2 directory or model is kept whole too (engine/vision_ocr2.py)."""
     from nanoseek.checkpoint.hf import vision_architecture
     path = path_or_model if isinstance(path_or_model, (str, Path)) else None
     raw = _read_json(Path(path) / "config.json") if path is not None else None
-    is_dir = isinstance(raw, dict) and vision_architecture(raw) == "DeepseekVLForConditionalGeneration"
+    is_dir = isinstance(raw, dict) and vision_architecture(raw) in ENGINE_VISION
     # by name: importing the class imports transformers' towers, which text models never need
-    is_model = type(path_or_model).__name__ == "DeepseekVLForConditionalGeneration"
+    is_model = type(path_or_model).__name__ in ENGINE_VISION.values()
     if not (is_dir or is_model):
         return (*load_model(path_or_model, dtype, device, quantization), None)
     if quantization is not None:
         raise ValueError(f"quantization={quantization!r}: not supported for a vision-language model's engine")
+    if ENGINE_VISION.get(vision_architecture(raw) if is_dir else None) == "DeepseekOCR2" or \
+            type(path_or_model).__name__ == "DeepseekOCR2":
+        return _load_ocr2(path_or_model, dtype, device)
     from nanoseek.model.vl.deepseek_vl import DeepseekVLForConditionalGeneration
     from nanoseek.model.vl.vl_image import PROCESSOR_FILES, image_processor
     target = None if device is None else torch.device(device)

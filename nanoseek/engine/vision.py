@@ -38,6 +38,7 @@ class PromptImage:
     start: int                       # prompt position of its first vision token
     length: int                      # its vision tokens
     features: torch.Tensor | None = None  # [length, D]: computed by the first chunk that reads it
+    tiles: torch.Tensor | None = None     # DeepSeek-OCR-2: the image's tiles [n, 3, t, t] (engine/vision_ocr2.py)
 
     @property
     def end(self) -> int:
@@ -124,7 +125,7 @@ class VisionPrompts:
         [B, S, D]: text embeddings, and at image positions the rows of each image's features
         that the chunk covers. An image is encoded the first time a chunk reads it (those
         of the whole batch in one call of the vision tower)."""
-        x = self.model.language_model.model.embed_tokens(ids)
+        x = self.embed_tokens(ids)
         spans = [(b, st, im, max(im.start, st), min(im.end, st + n))
                  for b, (st, n, imgs) in enumerate(zip(starts, lens, images)) for im in imgs]
         spans = [s for s in spans if s[3] < s[4]]  # the images this chunk covers, and where
@@ -132,6 +133,13 @@ class VisionPrompts:
         for b, st, im, lo, hi in spans:
             x[b, lo - st:hi - st] = im.features[lo - im.start:hi - im.start].to(x.dtype)
         return x
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.language_model.model.embed_tokens(ids)
+
+    def image_tokens(self, images) -> list[int]:
+        """Vision tokens of each image: the model's image_tokens, whatever the picture."""
+        return [self.tokens_per_image] * len(images or [])
 
     def _encode(self, todo: list[PromptImage]) -> None:
         if not todo:

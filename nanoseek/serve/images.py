@@ -69,8 +69,8 @@ def engine_images(llm, model_name: str, images: list[LoadedImage], vision: str |
     """The seam where a request's decoded images reach the engine: the placeholder id the
     chat template writes for each image (None without images; the images then go with the
     prompt's ids, `engine_prompt`). A text-only model (`vision` None, from `served_vision`):
-    400. A vision-language checkpoint whose engine serves its language model alone (the
-    engine pages MLA latents only, so an MHA/GQA DeepSeek-VL runs as text): 501."""
+    400. DeepSeek-VL (MLA or MHA/GQA language model) and DeepSeek-OCR-2 engines take the
+    images; an engine built on a vision-language checkpoint's language model alone: 501."""
     if not images:
         return None
     if vision is None:
@@ -80,8 +80,8 @@ def engine_images(llm, model_name: str, images: list[LoadedImage], vision: str |
     engine_vision = getattr(llm.engine, "vision", None)
     if engine_vision is None:
         raise APIError(501, f"model {model_name!r} is a vision-language model ({vision}), but this server's "
-                            "engine runs its language model alone (it takes images for DeepSeek-VL with an "
-                            "MLA language model only)", param="messages", code="images_not_served")
+                            "engine runs its language model alone (serve the whole checkpoint to take images)",
+                       param="messages", code="images_not_served")
     return engine_vision.image_token_id
 
 
