@@ -89,15 +89,26 @@ def distil(student: Path, teachers: list[Path], out: Path, samples_from: str, ar
     from nanoseek.train.rl.distill_config import DistillConfig
     cfg = DistillConfig(init=str(student), teachers=[str(t) for t in teachers],
                         tasks=["arithmetic", "tool_use"], tasks_options=[dict(ARITH), dict(TOOL)],
-                        samples_from=samples_from, num_generations=2, eval_n=args.eval_n,
-                        max_completion_length=MAX_LEN,
-                        train=rl_train_config(max_steps=100_000, batch_size=16, lr=args.lr,
-                                              warmup_steps=5, eval_every=0, save_every=100_000,
-                                              time_limit=args.minutes * 60, seed=args.seed))
+                        samples_from=samples_from, num_generations=args.generations,
+                        eval_n=args.eval_n, max_completion_length=MAX_LEN,
+                        cold_start_steps=args.cold_start_steps if samples_from == "student" else 0,
+                        train=rl_train_config(max_steps=100_000, batch_size=args.batch_size, lr=args.lr,
+                                              warmup_steps=5, eval_every=args.eval_every,
+                                              save_every=100_000, time_limit=args.minutes * 60,
+                                              clock=args.clock, seed=args.seed))
     t0 = time.perf_counter()
     run = distill(out, cfg, progress=False, log=log)
     run["wall_s"] = time.perf_counter() - t0
     return run
+
+
+def _threads(n: int) -> None:
+    import torch
+    torch.set_num_threads(n)
+
+
+def _arm(a: tuple) -> dict:
+    return distil(*a)
 
 
 def main() -> None:
@@ -110,6 +121,16 @@ def main() -> None:
                    "pretrained checkpoint; e.g. runs/speedrun-rl/sft, which already reads the numbers)")
     p.add_argument("--minutes", type=float, default=6.0, help="training time of each student")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per step (half per task)")
+    p.add_argument("--generations", type=int, default=2, help="completions per prompt")
+    p.add_argument("--cold-start-steps", type=int, default=20,
+                   help="OPD's first steps on the teachers' samples (DistillConfig.cold_start_steps)")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="what --minutes counts: each run's own CPU seconds (equal budgets on a "
+                   "shared machine; with --threads 1 the same as wall time when idle) or wall time")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluations every N steps")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="train the two students at once, one process each (same load on both)")
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", help="keep the runs here (default: a temporary directory)")
@@ -126,8 +147,16 @@ def main() -> None:
     tasks = [("arithmetic", ARITH), ("tool_use", TOOL)]
     teacher_acc = {t: accuracy(d, t, o, args.eval_n) for d, (t, o) in zip(teachers, tasks)}
     log(f"teachers' held-out accuracy: {teacher_acc}")
-    opd = distil(base, teachers, work / "opd", "student", args)
-    off = distil(base, teachers, work / "offpolicy", "teacher", args)
+    arms = [(base, teachers, work / "opd", "student", args),
+            (base, teachers, work / "offpolicy", "teacher", args)]
+    if args.side_by_side:  # two processes at once: both arms see the same machine load
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=_threads,
+                                 initargs=(args.threads,)) as pool:
+            opd, off = pool.map(_arm, arms)
+    else:
+        opd, off = (_arm(a) for a in arms)
     start = opd["start_eval"]
     acc = {name: {t: run["final_eval"][f"accuracy_{t}"] for t, _ in tasks}
            for name, run in (("opd", opd), ("offpolicy", off))}

@@ -162,7 +162,25 @@ def test_two_teachers_off_policy_and_resume(models, vowels, tmp_path):
     assert json.loads((out / "run.json").read_text())["settings"]["samples_from"] == "teacher"
 
 
+def test_cold_start_learns_from_the_teachers_samples_then_from_its_own(models, vowels, tmp_path):
+    """cold_start_steps=2: steps 1-2 are off-policy (NLL of the teachers' samples, exactly
+    the off-policy run's first two steps), steps 3-4 on-policy (KL)."""
+    cold = distill(tmp_path / "cold", dcfg(models, cold_start_steps=2, train=dict(max_steps=4, save_every=4)),
+                   progress=False, log=lambda *a: None)
+    recs = records(tmp_path / "cold")
+    assert [("nll" in r, "kl" in r, r["off_policy"]) for r in recs] == \
+        [(True, False, 1.0)] * 2 + [(False, True, 0.0)] * 2
+    distill(tmp_path / "off", dcfg(models, samples_from="teacher", train=dict(max_steps=4, save_every=4)),
+            progress=False, log=lambda *a: None)
+    off = records(tmp_path / "off")
+    assert [r["nll"] for r in recs[:2]] == [r["nll"] for r in off[:2]]
+    assert cold["settings"]["cold_start_steps"] == 2
+
+
 @pytest.mark.parametrize("change,match", [
+    (dict(cold_start_steps=2, samples_from="teacher"), "only for on-policy"),
+    (dict(cold_start_steps=3, num_iterations=2, train=dict(save_every=4)), "multiple of num_iterations"),
+    (dict(cold_start_steps=-1), "cold_start_steps"),
     (dict(teachers=["x"]), "one --teacher per --task"),
     (dict(teacher_weights=[1.0]), "one weight per teacher"),
     (dict(teacher_weights=[1.0, -1.0]), "> 0"),

@@ -131,6 +131,17 @@ def test_time_limit_stops_and_decays(tmp_path):
     assert rec[-1]["lr"] < 0.2 * 1e-2  # the schedule followed the clock to its end
 
 
+@pytest.mark.parametrize("clock,steps", [("wall", 1), ("cpu", 3)])
+def test_the_cpu_clock_does_not_count_time_the_process_waits(tmp_path, clock, steps):
+    """A step that sleeps 1 s (a busy machine's stall) spends a 0.9 s wall budget at once,
+    and next to nothing of a CPU-seconds budget (a step of this model: well under 0.3 CPU s)."""
+    import time
+    tr = _trainer(tmp_path, max_steps=3, time_limit=0.9, warmup_steps=0, clock=clock)
+    step = tr.train_step
+    tr.train_step = lambda: (time.sleep(1.0), step())[1]
+    assert tr.fit()["steps"] == steps
+
+
 def test_time_limit_spent_before_a_resume_trains_no_extra_step(tmp_path):
     tr = _trainer(tmp_path, max_steps=20, time_limit=1.0, save_every=1)
     tr.fit(until=4)

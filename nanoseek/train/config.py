@@ -69,6 +69,10 @@ class TrainConfig:
     # the schedule then follows max(step / max_steps, elapsed / time_limit), so it is not
     # bit-reproducible
     time_limit: float = setting(0.0, help="stop after this many seconds of training (0 = none)", lo=0)
+    clock: str = setting(
+        "wall", help="what time_limit (and the logged step seconds) count: wall seconds, or cpu: "
+        "this process's CPU seconds, every thread's added (equal budgets on a shared machine)",
+        choices=("wall", "cpu"))
 
     def validate(self) -> None:
         """Every field in its range (no value silently stands for another): a ValueError

@@ -164,6 +164,11 @@ class Trainer:
         self.stop_signal: int | None = None  # set by request_stop (train/run/signals.py)
         self.saved_step: int | None = None  # the step of the last save() in this process
 
+    def clock(self) -> float:
+        """Seconds for `elapsed` and the time limit: wall time, or (clock="cpu") this
+        process's CPU time, which a busy neighbour on the machine does not inflate."""
+        return time.process_time() if self.cfg.clock == "cpu" else time.perf_counter()
+
     def request_stop(self, signum: int) -> None:
         """Stop at the next step boundary with a checkpoint (safe to call from a signal
         handler: it only sets a flag that `fit` reads between steps)."""
@@ -404,7 +409,7 @@ class Trainer:
         interval, seconds, tokens = IntervalMeans(), 0.0, 0  # since the last metrics line
         while self.step < stop and self.stop_signal is None and self.target_reached is None:
             threads = self.tuner.before_step(self.step) if self.tuner else None
-            t0 = time.perf_counter()
+            t0 = self.clock()
             m = self.train_step()
             self.stop_signal = self.parallel.agree_stop(self.stop_signal)  # a signal on any rank stops all
             lr, step_tokens = m.pop("lr"), m.pop("step_tokens")
@@ -412,7 +417,7 @@ class Trainer:
             due = (self.step % self.cfg.log_every == 0 or self.step >= stop
                    or self.stop_signal is not None)  # a stop logs the steps it saves
             means = interval.read() if due else None  # the interval's one device sync
-            dt = time.perf_counter() - t0
+            dt = self.clock() - t0
             dt = self.parallel.agree(dt)  # one clock for every rank: they stop together
             if self.tuner:
                 self.tuner.after_step(dt)

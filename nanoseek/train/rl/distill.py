@@ -17,6 +17,10 @@ tokens the student wrote count in the loss (not the tool outputs).
 `samples_from="teacher"` is the off-policy baseline: each task's teacher samples
 (engine over the teacher) and the student is trained by SFT on those samples (negative
 log-likelihood of the teacher's tokens), in the same loop, so both are timed alike.
+`cold_start_steps=N` runs the first N steps of an on-policy run that way (the cold start
+DeepSeek-R1 gives its RL), then the student samples: reverse KL's gradient on a token is
+proportional to the student's own probability of it, so from a pretrained checkpoint that
+never writes the teachers' format (p ≈ 0 for `<think>`) on-policy steps barely teach it.
 
 Under torchrun each rank samples its share of every task's prompts with its own engine
 (nanoseek/parallel/rl.py); the teachers are replicated on every rank.
@@ -53,7 +57,7 @@ class DistillStage(RLStage):
         super().__init__(cfg, policy, policy, tokenizer, tasks[0], None, parallel=parallel)
         self.task, self.max_len = tasks[0], max(self.budget(t) for t in tasks)
         self.teacher_llms = None
-        if cfg.samples_from == "teacher":  # off-policy: each teacher samples with its own engine
+        if cfg.off_policy(0):  # off-policy (or a cold start): each teacher samples with its own engine
             self.teacher_llms = [rollout_engine(t, tokenizer, self.max_num_seqs, self.engine_need)
                                  for t in teachers]
 
@@ -84,6 +88,9 @@ class DistillStage(RLStage):
         policy, by the task's teacher), cut into micro-batches."""
         cfg, G = self.cfg, self.cfg.num_generations
         per_task = cfg.train.batch_size // len(self.tasks)
+        off = cfg.off_policy(r * cfg.num_iterations)
+        if not off and self.teacher_llms is not None:  # the cold start is over: free their caches
+            self.teacher_llms = None
         parts, t0 = [], time.perf_counter()
         for i, task in enumerate(self.tasks):
             seed = (cfg.train.seed * 1_000_003 + r) * 64 + i
@@ -91,8 +98,8 @@ class DistillStage(RLStage):
             lo, hi = share(len(examples), self.dp_rank, self.dp)
             with self.on(task):
                 params = replace(self.params, max_tokens=self.max_len)
-                llm = self.teacher_llms[i] if self.teacher_llms else self.llm
-                room = None if self.teacher_llms else self.make_room
+                llm = self.teacher_llms[i] if off else self.llm
+                room = None if off else self.make_room
                 ro, own = sample(llm, task, examples[lo:hi], G, params, seed * per_task * G + lo * G, room)
             parts.append((i, ro, own))
         seconds = time.perf_counter() - t0
@@ -104,16 +111,16 @@ class DistillStage(RLStage):
         if self.dp > 1:
             scores = gather_scores(scores, self.par.dp_group, self.par.device)
             seconds = max_over(seconds, self.par.dp_group, self.par.device)
-        stats = {**stats_of(scores, seconds), "peak_rss_mb": peak_rss_mb()}
+        stats = {**stats_of(scores, seconds), "peak_rss_mb": peak_rss_mb(), "off_policy": float(off)}
         for i, name in enumerate(self.names):
             stats[f"accuracy_{name}"] = float(scores["correct"][scores["task"] == i].mean())
         chunks = torch.arange(len(rows)).tensor_split(cfg.train.grad_accum)
-        batches = [self.make_micro(rows, idx.tolist()) for idx in chunks]
+        batches = [self.make_micro(rows, idx.tolist(), off) for idx in chunks]
         batches[0]["stats"] = stats
         return batches
 
     @torch.no_grad()
-    def make_micro(self, rows: list, idx: list[int]) -> dict:
+    def make_micro(self, rows: list, idx: list[int], off: bool) -> dict:
         """Padded rows (rollout.pack), the loss mask (the student's own tokens), and for
         OPD each teacher's final hidden states at those tokens (the logits are formed
         chunk by chunk in the loss: opd.py)."""
@@ -124,8 +131,9 @@ class DistillStage(RLStage):
         if self.cfg.mask_truncated_completions:
             mask &= ~torch.tensor([s[4] for s in sel], device=self.device).unsqueeze(1)
         teacher = torch.tensor([s[0] for s in sel], device=self.device)
-        batch = {"inputs": inputs, "targets": targets, "mask": mask, "teacher": teacher, "scored": []}
-        if self.cfg.samples_from == "student":
+        batch = {"inputs": inputs, "targets": targets, "mask": mask, "teacher": teacher, "scored": [],
+                 "off_policy": off}
+        if not off:
             for k, model in enumerate(self.teachers):
                 r = (teacher == k).nonzero().flatten()
                 if len(r):
@@ -159,7 +167,7 @@ def distill_loss(stage: DistillStage, batch: dict, targets):
         h = policy.hidden(batch["inputs"])
     tokens = targets.count[0].clamp(min=1)
     m = mask.float()
-    if cfg.samples_from == "teacher":
+    if batch["off_policy"]:
         per_token = -target_logprobs(policy, h, batch["targets"])
         logs = {"nll": (per_token.detach() * m).sum() / tokens}
     else:

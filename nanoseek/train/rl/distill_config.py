@@ -25,6 +25,11 @@ class DistillConfig(RLConfig):
         "student", help="student: on-policy distillation (reverse KL on the student's samples); "
         "teacher: off-policy distillation (SFT on each teacher's own samples), for comparison",
         choices=SAMPLERS)
+    cold_start_steps: int = setting(
+        0, help="the first N steps learn from the teachers' own samples (SFT, as --samples-from "
+        "teacher) before the student samples: reverse KL barely moves a token the student never "
+        "samples, so a student that does not yet write the teachers' format learns it first", lo=0,
+        integer=True)
     num_generations: int = setting(1, help="completions per prompt", lo=1, integer=True)
     beta: float = setting(0.0, help="unused by distillation (no reference model)", lo=0, hi=0)
 
@@ -57,7 +62,16 @@ class DistillConfig(RLConfig):
              "cannot exceed the completions per step (batch_size x num_generations)")
         need(self.train.save_every % self.num_iterations == 0, "save_every",
              f"must be a multiple of num_iterations={self.num_iterations}")
+        need(self.samples_from == "student" or not self.cold_start_steps, "cold_start_steps",
+             "only for on-policy distillation (--samples-from student): off-policy runs learn "
+             "from the teachers' samples at every step already")
+        need(self.cold_start_steps % self.num_iterations == 0, "cold_start_steps",
+             f"must be a multiple of num_iterations={self.num_iterations} (whole rollouts)")
         self.train.validate()
+
+    def off_policy(self, step: int) -> bool:
+        """Whether optimizer step `step` (0-based) learns from the teachers' samples."""
+        return self.samples_from == "teacher" or step < self.cold_start_steps
 
     def weight(self, i: int) -> float:
         return float(self.teacher_weights[i]) if self.teacher_weights else 1.0
