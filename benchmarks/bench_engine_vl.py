@@ -16,8 +16,15 @@ evenly spread from --max-tokens / 8 to --max-tokens, in a shuffled order.
     batches of 4 sorted by output length), each batch generating its longest request's tokens;
     the fastest is the baseline.
 
+--lm picks the model: `mla` (the above), `llama` (the same SigLIP with a Llama language model,
+GQA 4 query / 2 KV heads, hidden 256, 4 layers: the engine's paged K/V cache) or `ocr2` (a
+DeepSeek-OCR-2 written by transformers: SAM at 256 pixels in 4-pixel patches, DeepEncoder V2
+with 256 global queries, an MHA DeepSeekMoE language model of the same size as `mla`'s; each
+request's picture is small enough to take the global view only: 257 vision tokens).
+
 Output tokens/s counts the requested tokens. Each side runs once to warm up, then --repeats
-times; the best time counts. Last line: `ratio=... outputs_equal=... distinct_tokens=...` (the
+times; the best time counts. nanoseek's prefix cache is emptied before each run (a repeat of
+the same prompts would otherwise skip their prefill and vision tower). Last line: `ratio=... outputs_equal=... distinct_tokens=...` (the
 different tokens in nanoseek's outputs: equal outputs that are one token repeated would say
 little).
 """
@@ -43,23 +50,67 @@ TEXT = dict(model_type="deepseek_v3", vocab_size=512, hidden_size=256, intermedi
             n_shared_experts=1, max_position_embeddings=512, eos_token_id=None, bos_token_id=None)
 
 
-def checkpoint(path: str, seed: int) -> None:
-    from transformers import DeepseekVLConfig, DeepseekVLForConditionalGeneration
+LLAMA = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=None,
+             bos_token_id=None)
+OCR2_SIZE, OCR2_PATCH, OCR2_T = 256, 4, 257  # global view only: 256 queries + the view separator
+
+
+def ocr2_config():
+    from transformers import DeepseekOcr2Config
+    text = {k: v for k, v in TEXT.items() if k not in ("model_type", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                                       "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group",
+                                                       "first_k_dense_replace")}
+    return DeepseekOcr2Config(
+        vision_config=dict(
+            sam_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=OCR2_SIZE,
+                            patch_size=OCR2_PATCH, output_channels=64, downsample_channels=[64, 128], window_size=8,
+                            global_attn_indexes=[1], mlp_dim=128),
+            encoder_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=256, max_position_embeddings=1024, vocab_size=8)),
+        text_config={**text, "mlp_layer_types": ["dense"] + ["sparse"] * (TEXT["num_hidden_layers"] - 1)},
+        image_token_id=IMG)
+
+
+def hf_class(lm: str):
+    import transformers
+    return (transformers.DeepseekOcr2ForConditionalGeneration if lm == "ocr2"
+            else transformers.DeepseekVLForConditionalGeneration)
+
+
+def checkpoint(path: str, seed: int, lm: str = "mla") -> None:
+    from transformers import DeepseekVLConfig
     torch.manual_seed(seed)
-    model = DeepseekVLForConditionalGeneration(DeepseekVLConfig(text_config=TEXT, vision_config=VISION,
-                                                                image_token_id=IMG)).eval()
+    config = (ocr2_config() if lm == "ocr2" else
+              DeepseekVLConfig(text_config=LLAMA if lm == "llama" else TEXT, vision_config=VISION, image_token_id=IMG))
+    model = hf_class(lm)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
     model.save_pretrained(path)
 
 
-def workload(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n prompts [n, 8 + T + 24] (text, the image's run, text) and their pixels [n, 3, 64, 64]."""
+def workload(n: int, seed: int, lm: str = "mla"):
+    """n prompts [n, 8 + T + 24] (text, the image's run, text) and their images: pixels
+    [n, 3, 64, 64], or for OCR-2 pictures of 120x90 (their global view only)."""
     g = torch.Generator().manual_seed(seed)
     before, after = torch.randint(10, 512, (n, 8), generator=g), torch.randint(10, 512, (n, 24), generator=g)
-    ids = torch.cat([before, torch.full((n, T), IMG), after], 1)
-    return ids, torch.randn(n, 3, 64, 64, generator=g)
+    ids = torch.cat([before, torch.full((n, OCR2_T if lm == "ocr2" else T), IMG), after], 1)
+    if lm != "ocr2":
+        return ids, torch.randn(n, 3, 64, 64, generator=g)
+    from PIL import Image
+    return ids, [Image.fromarray((torch.rand(90, 120, 3, generator=g) * 255).to(torch.uint8).numpy())
+                 for _ in range(n)]
+
+
+def hf_inputs(lm: str, images, rows: list[int]) -> dict:
+    """transformers' image inputs for the requests `rows`."""
+    if lm != "ocr2":
+        return {"pixel_values": images[rows]}
+    from nanoseek.model.vl.ocr2_processor import OCR2ImageProcessor
+    out = OCR2ImageProcessor(size=OCR2_SIZE, tile_size=OCR2_SIZE * 3 // 4, patch_size=OCR2_PATCH)(
+        [images[r] for r in rows])
+    return {k: v for k, v in out.items()}
 
 
 def output_lengths(n: int, longest: int, mixed: bool, seed: int) -> list[int]:
@@ -87,29 +138,37 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--outputs", choices=["mixed", "fixed"], default="fixed")
+    ap.add_argument("--lm", choices=["mla", "llama", "ocr2"], default="mla",
+                    help="the language model (and for ocr2 the whole model): see above")
+    ap.add_argument("--experts", nargs="+", default=list(EXPERTS_IMPLEMENTATIONS), choices=EXPERTS_IMPLEMENTATIONS,
+                    help="transformers' experts implementations to time (the fastest is the baseline)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args()
-    from transformers import DeepseekVLForConditionalGeneration as HFVL
+    torch.set_num_threads(args.threads)
+    HFVL = hf_class(args.lm)
 
     from nanoseek.engine import LLM, SamplingParams
-    ids, px = workload(args.requests, args.seed)
+    ids, px = workload(args.requests, args.seed, args.lm)
     lengths = output_lengths(args.requests, args.max_tokens, args.outputs == "mixed", args.seed)
     new = sum(lengths)
     with tempfile.TemporaryDirectory() as path:
-        checkpoint(path, args.seed)
+        checkpoint(path, args.seed, args.lm)
         llm = LLM(path, max_num_seqs=args.requests, max_num_batched_tokens=2048)
         prompts = [{"prompt_token_ids": r.tolist(), "images": [p]} for r, p in zip(ids, px)]
         params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in lengths]
 
-        def ours():
+        def ours():  # each run from an empty prefix cache: transformers has none to reuse
+            llm.engine.reset_prefix_cache()
             return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
         t_ns, got = best_time(ours, args.repeats)
         log(f"nanoseek: {new / t_ns:.1f} tok/s ({t_ns:.2f} s)")
         theirs = {}
-        for impl in EXPERTS_IMPLEMENTATIONS:
+        for impl in (args.experts if args.lm != "llama" else ["dense"]):
             try:
-                hf = HFVL.from_pretrained(path, experts_implementation=impl).eval()
+                kw = {} if impl == "dense" else {"experts_implementation": impl}
+                hf = HFVL.from_pretrained(path, **kw).eval()
             except Exception as e:  # an implementation this build does not offer
                 log(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
                 continue
@@ -119,7 +178,7 @@ def main() -> None:
                 for rows in batches:
                     k = max(lengths[r] for r in rows)
                     with torch.no_grad():
-                        gen = hf.generate(input_ids=ids[rows], pixel_values=px[rows],
+                        gen = hf.generate(input_ids=ids[rows], **hf_inputs(args.lm, px, rows),
                                           attention_mask=torch.ones_like(ids[rows]), max_new_tokens=k,
                                           min_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=0)
                     for r, g in zip(rows, gen[:, ids.shape[1]:].tolist()):
@@ -138,7 +197,7 @@ def main() -> None:
     result = {"nanoseek_tok_s": round(new / t_ns, 1), "transformers_tok_s": round(new / t_hf, 1),
               "transformers_run": impl, "outputs": args.outputs, "ratio": round(t_hf / t_ns, 2),
               "outputs_equal": f"{equal}/{len(got)}", "distinct_tokens": len({t for r in got for t in r}),
-              "requests": args.requests, "max_tokens": args.max_tokens,
+              "requests": args.requests, "max_tokens": args.max_tokens, "lm": args.lm, "threads": args.threads,
               "machine": machine_info()}
     if args.json:
         print(json.dumps(result))
