@@ -87,6 +87,7 @@ def test_loss_falls_vision_frozen_aligner_and_language_learn(tmp_path, init, dat
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert not torch.equal(before["aligner.linear1.weight"], after["aligner.linear1.weight"])
     assert load_tokenizer(tmp_path).convert_tokens_to_ids("<image_placeholder>") == 384
+    assert image_processor(tmp_path).size.height == 96  # preprocessor_config.json beside it
 
 
 def test_train_vision_changes_the_tower(tmp_path, init, data):

@@ -232,8 +232,9 @@ def build_trainer(model, tok, config, data, val, out_dir: Path, progress: bool, 
     def evaluate(m):
         return {"val_loss": masked_loss(model, val, t.batch_size, device)}
 
-    def write(m, step):
+    def write(m, step):  # the checkpoint, and the image processor its pixels came from
         m.save_pretrained(out_dir)
+        data.processor.save_pretrained(out_dir)
 
     return Trainer(model, t, out_dir, next_batch, vl_loss, count_targets=count_targets,
                    evaluate=evaluate if val else None, on_checkpoint=write, progress=progress,
