@@ -15,13 +15,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-def dense_model(attention_type: str, kv_heads: int, moe: bool = False) -> CausalLM:
+def dense_model(attention_type: str, kv_heads: int, moe: bool = False, mtp: int = 0) -> CausalLM:
     """2 layers, 4 query heads, random weights big enough that the greedy tokens vary."""
     torch.manual_seed(0)
     cfg = preset("tiny", vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
                  attention_type=attention_type, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=8,
-                 n_routed_experts=4, n_group=1, topk_group=1, num_nextn_predict_layers=0,
+                 n_routed_experts=4, n_group=1, topk_group=1, num_nextn_predict_layers=mtp,
                  first_k_dense_replace=1 if moe else 2, max_position_embeddings=256, initializer_range=0.2)
     return CausalLM(cfg).eval()
 
@@ -72,3 +72,15 @@ def test_only_kv_heads_are_stored():
     mla = preset("tiny", num_hidden_layers=1)
     with pytest.raises(ValueError, match="per-head keys and values.*attention_type='mla'"):
         PagedKVCache(mla, 1, 4, 1, torch.float32)
+
+
+def test_mtp_speculation_over_the_kv_cache():
+    """A GQA model with an MTP layer: the MTP layer's keys and values get a cache layer of
+    their own; speculative greedy decoding gives generate's tokens."""
+    model = dense_model("gqa", 2, mtp=1)
+    load = prompts(3, seed=6, lo=5, hi=20, vocab=128)
+    llm = LLM(model, kv_cache_memory="1MiB", block_size=4, max_num_seqs=3, max_num_batched_tokens=16,
+              speculative=True)
+    assert len(llm.engine.cache.kv) == 3
+    assert token_ids(llm.generate(load, GREEDY, use_tqdm=False)) == [reference(model, p) for p in load]
+    assert llm.engine.spec_stats.drafted > 0

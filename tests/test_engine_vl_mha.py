@@ -111,3 +111,14 @@ def test_ocr2_refusals(ocr2):
     with pytest.raises(ValueError, match="takes images as pictures"):
         llm.generate([{"prompt_token_ids": [1, OCR_IMG, 2], "images": [torch.zeros(3, 256, 256)]}], use_tqdm=False)
     assert not llm.engine.has_unfinished()
+
+
+def test_ocr2_checkpoint_directory(ocr2, tmp_path):
+    """LLM(dir) of a DeepSeek-OCR-2 checkpoint keeps the vision side (engine/llm.py)."""
+    from nanoseek.engine.vision_ocr2 import OCR2Prompts
+    ocr2.save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), kv_cache_memory="8MiB", block_size=16, max_num_batched_tokens=512)
+    assert isinstance(llm.engine.vision, OCR2Prompts)
+    _, small = pictures()
+    got = run(llm, [{"prompt_token_ids": [1, 5, OCR_IMG, 7], "images": [small]}])
+    assert got == [ocr2_reference(ocr2, llm.engine.vision.processor, [1, 5, OCR_IMG, 7], [small])]
