@@ -5,8 +5,10 @@ the same model answering directly.
     python benchmarks/bench_agent.py                 # ~5-10 minutes on 2 shared CPU cores
     python benchmarks/bench_agent.py --json
 
-1. Traces: `load_task("tool_use", digits=3, ops="*")`'s train split (think, call
-   calculator({"expression": "a * b"}), read its output, answer in <answer></answer>).
+1. Traces: `load_task("tool_use", digits=3, ops="*", pad=True)`'s train split (think, call
+   calculator({"expression": "a * b"}), read its output, answer in <answer></answer> at a
+   fixed width of 6 digits: a 5-digit product as 0ddddd). Without the padding the model
+   learns the 6-digit outputs' copy offset and writes 5-digit ones shifted by a digit.
 2. The start (--init): by default a byte-level BPE (digits one per token) fitted to the traces
    and a randomly initialised small DeepSeek-V3 (MLA; dense MLPs unless --moe-layers), built
    here; or a checkpoint directory with its tokenizer (e.g. runs/speedrun). It is SFT'd on the
@@ -64,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="SFT steps between those reads (default 100)")
     p.add_argument("--eval", type=int, default=100, help="held-out problems scored at the end (default 100)")
     p.add_argument("--digits", type=int, default=3, help="digits per factor (default 3)")
+    p.add_argument("--pad", action=argparse.BooleanOptionalAction, default=True,
+                   help="traces answer at a fixed width, leading zeros (the task's pad option; default on)")
     p.add_argument("--hidden", type=int, default=128, help="random model: width (default 128)")
     p.add_argument("--layers", type=int, default=2, help="random model: layers (default 2)")
     p.add_argument("--moe-layers", type=int, default=0,
@@ -88,10 +92,10 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------- training
 def build_init(init: Path, task, args) -> None:
     """A BPE fitted to the traces and a random model sized for them, as SFT's --init. The
-    attention is wider than the `tiny` preset's shape scaled down (a 64-wide KV latent, 32
-    rotary dimensions per head): copying the operands is done by attention, and at a 32-wide
-    latent with 16 rotary dimensions the model wrote 4 % of held-out products right after 400
-    steps, against 68 % (docs/agent.md)."""
+    attention is wider than the `tiny` preset's shape scaled down (a KV latent as wide as the
+    model, 32 rotary dimensions per head): the operands and the tool's output are copied by
+    attention, and the narrower latents left the model longer on the plateau where it
+    writes the format with made-up numbers (docs/agent.md)."""
     import torch
     from nanoseek.text.chat_template import render_chat
     from nanoseek.checkpoint.hf import save_pretrained
@@ -102,7 +106,7 @@ def build_init(init: Path, task, args) -> None:
     tok = train_tokenizer((render_chat(c) for c in convs), vocab_size=384)
     cfg = preset("tiny", vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                  moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers,
-                 q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden // 2, qk_rope_head_dim=32,
+                 q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden, qk_rope_head_dim=32,
                  n_routed_experts=8,
                  first_k_dense_replace=args.layers - args.moe_layers, num_nextn_predict_layers=0,
                  max_position_embeddings=512)
@@ -116,7 +120,7 @@ def train(run: Path, init: Path, args) -> dict:
     (greedy, through the engine, on the task's test split at seed 0)."""
     from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
     config = SFTConfig(
-        init=str(init), task="tool_use", task_options={"digits": args.digits, "ops": "*"},
+        init=str(init), task="tool_use", task_options={"digits": args.digits, "ops": "*", "pad": args.pad},
         task_examples=args.train_examples, epochs=100.0, val_fraction=0.02, eval_task_n=args.stop_n,
         stop_at_accuracy=args.stop_at, train=sft_train_config(
             max_steps=args.max_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -208,7 +212,7 @@ def main(argv=None) -> dict:
     from benchmarks.machine import load_average
     from nanoseek.data.tasks import load_task
     load_start = load_average()
-    task = load_task("tool_use", digits=args.digits, ops="*")
+    task = load_task("tool_use", digits=args.digits, ops="*", pad=args.pad)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_agent_"))
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

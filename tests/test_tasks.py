@@ -126,6 +126,20 @@ def test_tool_use_reward_needs_the_call_and_the_answer_after_it():
     assert task.reward(ex, broken).components["format"] == 0.0
 
 
+def test_tool_use_pad_writes_the_answer_at_a_fixed_width():
+    plain, padded = load_task("tool_use", digits=3, ops="*"), load_task("tool_use", digits=3, ops="*", pad=True)
+    ex = padded.make_example(123, "*", 456)  # 56088: five digits, the width is six
+    assert padded.messages(ex)[-1]["content"] == "<answer>056088</answer>"
+    assert plain.messages(plain.make_example(123, "*", 456))[-1]["content"] == "<answer>56088</answer>"
+    assert ex.prompt == plain.make_example(123, "*", 456).prompt and ex.answer == "56088"
+    assert padded.reward(ex, ex.response).correct and padded.reward(ex, ex.response).components["format"] == 1.0
+    assert padded.messages(padded.make_example(999, "*", 999))[-1]["content"] == "<answer>998001</answer>"
+    minus = load_task("tool_use", digits=2, ops="-", pad=True).make_example(10, "-", 15)
+    assert minus.meta["turns"][-1]["content"] == "<answer>-05</answer>"
+    with pytest.raises(TaskError, match="pad"):
+        load_task("tool_use", pad="yes")
+
+
 # ----------------------------------------------------------------------------- JSONL
 def _write(tmp_path, rows):
     path = tmp_path / "quiz.jsonl"

@@ -1,6 +1,7 @@
 """Tool-use traces: the assistant calls a `calculator` tool, reads its output, answers.
 
-`load_task("tool_use", digits=5)`. Each example is an OpenAI-style conversation,
+`load_task("tool_use", digits=5)` (`pad=True`: the answer at a fixed width, see
+`ToolUse.answer_text`). Each example is an OpenAI-style conversation,
 
     user       Compute 48213 * 907. Use the calculator, then give the result in <answer></answer>.
     assistant  <think>...</think>  + tool_calls=[calculator({"expression": "48213 * 907"})]
@@ -51,6 +52,9 @@ class ToolUse(Task):
         if not ops or set(ops) - set(OPS):
             raise TaskError(f"task tool_use: ops={ops!r} must be some of {OPS!r}")
         self.digits, self.ops = digits, ops
+        self.pad = options.pop("pad", False)
+        if not isinstance(self.pad, bool):
+            raise TaskError(f"task tool_use: pad={self.pad!r} must be true or false")
         self.test_fraction = options.pop("test_fraction", self.test_fraction)
         self.max_tokens = 256  # per turn
         self.rewarder = make_rewarder(lambda ex, c: tool_accuracy(c, ex.answer), options)
@@ -71,12 +75,24 @@ class ToolUse(Task):
             {"role": "assistant", "content": f"{THINK}\nThe calculator computes {expression} "
                                              f"exactly.\n{END_THINK}", "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "call_0", "content": value},
-            {"role": "assistant", "content": f"{ANSWER}{value}{END_ANSWER}"},
+            {"role": "assistant", "content": f"{ANSWER}{self.answer_text(value)}{END_ANSWER}"},
         ]
         ex = Example(prompt, value, meta={"a": a, "op": op, "b": b, "turns": turns})
         head = render_chat(self.prompt_messages(ex), add_generation_prompt=True)
         ex.response = render_chat(self.prompt_messages(ex) + turns).removeprefix(head)
         return ex
+
+    def answer_text(self, value: str) -> str:
+        """The demonstration's answer: the value, or with `pad` the value written with
+        leading zeros to the width of the longest result the operators give (2 x digits for
+        `*`). The tool's output is then always one fixed offset back from each answer digit
+        (a shorter output is one marker further, written as a 0), so a small model copies
+        it with one positional attention instead of first working out how long the output
+        is; numeric_accuracy reads "091234" as 91234."""
+        if not self.pad:
+            return value
+        width = max({"+": self.digits + 1, "-": self.digits, "*": 2 * self.digits}[op] for op in self.ops)
+        return value.zfill(width + value.startswith("-"))
 
     def messages(self, example: Example) -> list[dict]:
         return self.prompt_messages(example) + example.meta["turns"]
