@@ -244,3 +244,167 @@ def test_fp4_writing_refusals(tmp_path):
     odd.mlp.experts = torch.nn.ModuleList([torch.nn.ModuleDict({"gate_proj": torch.nn.Linear(33, 4)})])
     with pytest.raises(ValueError, match="mlp.experts.0.gate_proj: .* in_features 33 is odd"):
         set_fp4_experts(odd, True)
+
+
+# ------------------------------------------------------------------ the post-training stages
+POST = {  # the command line without the flag, and the function it hands its settings to
+    "sft": (["sft", "--model", "x", "--out", "y", "--task", "arithmetic"], "nanoseek.train.posttrain.sft", "sft"),
+    "dpo": (["dpo", "--model", "x", "--out", "y"], "nanoseek.train.posttrain.dpo", "dpo"),
+    "grpo": (["grpo", "--model", "x", "--out", "y"], "nanoseek.train.rl.run", "rl"),
+    "distill": (["distill", "--student", "x", "--teacher", "t", "--task", "arithmetic", "--out", "y"],
+                "nanoseek.train.rl.distill", "distill"),
+}
+
+
+@pytest.mark.parametrize("stage", list(POST))
+def test_every_post_training_command_takes_the_flag(monkeypatch, stage):
+    import importlib
+
+    from tests.test_cli import assert_user_error, invoke
+    command, module, name = POST[stage]
+
+    def stand_in(*args, **kw):
+        raise RuntimeError(args, kw)
+    monkeypatch.setattr(importlib.import_module(module), name, stand_in)
+    for given, expected in ((["--fp4-experts-from", "3"], 3), ([], None)):
+        args, _ = invoke(*command, *given).exception.args
+        assert next(a for a in args if hasattr(a, "train")).train.fp4_experts_from == expected
+    assert_user_error(invoke(*command, "--fp4-experts-from", "-1"), "--fp4-experts-from", "got -1")
+
+
+@pytest.fixture
+def fp4_spy(monkeypatch):
+    """What each stage's model runs: `states` the Trainer's (step, experts in FP4) at each
+    step; `rollouts` (step, FP4 expert forwards inside the engine's sampling) per rollout;
+    `forwards` every FP4 expert forward (grad on, grad off)."""
+    from nanoseek.train.rl import distill, grpo
+    spy = {"states": [], "rollouts": [], "forwards": [0, 0]}
+    fp4_experts, forward = Trainer._fp4_experts, FP4QATLinear.forward
+
+    def spied_state(self):
+        fp4_experts(self)
+        spy["states"].append((self.step, self.fp4_experts))
+
+    def spied_forward(self, x):
+        spy["forwards"][0 if torch.is_grad_enabled() else 1] += 1
+        return forward(self, x)
+
+    def spied_sampling(real):
+        def sample(*args, **kw):
+            before = sum(spy["forwards"])
+            out = real(*args, **kw)
+            spy["rollouts"].append((spy["states"][-1][0], sum(spy["forwards"]) - before))
+            return out
+        return sample
+    monkeypatch.setattr(Trainer, "_fp4_experts", spied_state)
+    monkeypatch.setattr(FP4QATLinear, "forward", spied_forward)
+    for module in (grpo, distill):
+        monkeypatch.setattr(module, "sample_rollouts", spied_sampling(module.sample_rollouts))
+    return spy
+
+
+@pytest.fixture(scope="module")
+def post_init(tmp_path_factory):
+    from tests.posttrain_utils import make_init
+    return make_init(tmp_path_factory.mktemp("init"))
+
+
+@pytest.fixture(scope="module")
+def post_data(tmp_path_factory):
+    from tests.posttrain_utils import PAIRS, write_jsonl
+    root = tmp_path_factory.mktemp("data")
+    sft = write_jsonl(root / "sft.jsonl", [{"prompt": p, "response": r} for p, r in PAIRS])
+    pairs = write_jsonl(root / "pairs.jsonl", [{"prompt": p, "chosen": r, "rejected": PAIRS[(i + 1) % len(PAIRS)][1]}
+                                               for i, (p, r) in enumerate(PAIRS)])
+    return sft, pairs
+
+
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def test_sft_and_dpo_train_in_fp4_from_the_step(tmp_path, post_init, post_data, fp4_spy, monkeypatch):
+    """Step 0 plain, step 1 on: the experts train fake-quantised (grad on). DPO's frozen
+    reference is a copy of the starting model and keeps its full-precision experts."""
+    from nanoseek.train.posttrain.dpo import DPOConfig, dpo, dpo_train_config
+    from nanoseek.train.posttrain.sft import SFTConfig, sft, sft_train_config
+    short = dict(max_steps=2, batch_size=2, seq_len=64, warmup_steps=0, fp4_experts_from=1)
+    sft(tmp_path / "sft", SFTConfig(init=str(post_init), data=[str(post_data[0])],
+                                    train=sft_train_config(**short)), **QUIET)
+    assert fp4_spy["states"] == [(0, False), (1, True)] and fp4_spy["forwards"][0] > 0
+    fp4_spy["states"].clear()
+    seen = []
+    real = torch.nn.Linear.forward
+    import nanoseek.train.posttrain.dpo as dpo_module
+    frozen_copy = dpo_module.frozen_copy
+
+    def spied_copy(model):  # the reference's expert forwards: which class ran them
+        ref = frozen_copy(model)
+        for _, m in routed_expert_linears(ref):
+            m.forward = lambda x, m=m: (seen.append(type(m)), real(m, x))[1]
+        return ref
+    monkeypatch.setattr(dpo_module, "frozen_copy", spied_copy)
+    dpo(tmp_path / "dpo", DPOConfig(init=str(post_init), data=[str(post_data[1])],
+                                    train=dpo_train_config(**short)), **QUIET)
+    assert fp4_spy["states"] == [(0, False), (1, True)]
+    assert seen and set(seen) == {torch.nn.Linear}
+
+
+def test_lora_and_qlora_are_refused_with_fp4(post_init, post_data):
+    from nanoseek.train.posttrain.settings import DPOConfig, LoraSettings, SFTConfig, dpo_train_config, sft_train_config
+    for qlora in (False, True):
+        lora = LoraSettings(r=4, qlora=qlora)
+        for cfg in (SFTConfig(init=str(post_init), data=[str(post_data[0])], lora=lora,
+                              train=sft_train_config(fp4_experts_from=0)),
+                    DPOConfig(init=str(post_init), data=[str(post_data[1])], lora=lora,
+                              train=dpo_train_config(fp4_experts_from=0))):
+            with pytest.raises(ValueError, match="--fp4-experts-from with --lora/--qlora is not supported"):
+                cfg.validate()
+
+
+@pytest.fixture
+def vowels(monkeypatch):
+    from nanoseek.data.tasks import TASKS
+    from tests.test_grpo import Vowels
+    monkeypatch.setitem(TASKS, "vowels", Vowels)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_rollouts_and_updates_see_fp4_experts(tmp_path, post_init, vowels, fp4_spy, algo):
+    """The engine samples the live policy: from the step on, its rollouts run through the FP4
+    experts (grad off), the update's forward too (grad on), and the two agree on the sampled
+    tokens' log-probs (logp_mismatch) as they do without FP4. PPO's critic, a copy of the
+    policy's trunk inside the trained model, is switched with it."""
+    from nanoseek.train.rl.config import RLConfig, rl_train_config
+    from nanoseek.train.rl.run import rl
+    from nanoseek.train.run.metrics import read_metrics
+    train = rl_train_config(max_steps=2, batch_size=2, lr=3e-3, warmup_steps=0, eval_every=0,
+                            save_every=2, fp4_experts_from=1)
+    cfg = RLConfig(init=str(post_init), task="vowels", algo=algo, train=train, num_generations=2,
+                   eval_n=2, max_completion_length=6, beta=0.0)
+    rl(tmp_path / algo, cfg, **QUIET)
+    assert fp4_spy["states"] == [(0, False), (1, True)]
+    by_step = dict(fp4_spy["rollouts"])
+    assert by_step[0] == 0 and by_step[1] > 0 and fp4_spy["forwards"][0] > 0
+    recs = [r for r in read_metrics(tmp_path / algo) if r["kind"] == "train"]
+    assert len(recs) == 2 and all(r["logp_mismatch"] < 1e-4 for r in recs if algo == "grpo"), recs
+
+
+def test_distill_student_samples_fp4_experts(tmp_path, post_init, vowels, fp4_spy):
+    from nanoseek.train.rl.config import rl_train_config
+    from nanoseek.train.rl.distill import distill
+    from nanoseek.train.rl.distill_config import DistillConfig
+    train = rl_train_config(max_steps=2, batch_size=2, lr=3e-3, warmup_steps=0, eval_every=0,
+                            save_every=2, fp4_experts_from=1)
+    cfg = DistillConfig(init=str(post_init), teachers=[str(post_init)], tasks=["vowels"], train=train,
+                        num_generations=2, eval_n=2, max_completion_length=6)
+    distill(tmp_path / "opd", cfg, **QUIET)
+    assert fp4_spy["states"] == [(0, False), (1, True)]
+    by_step = dict(fp4_spy["rollouts"])
+    assert by_step[0] == 0 and by_step[1] > 0
+
+
+def test_a_model_without_routed_experts_is_refused_naming_the_flag(tmp_path):
+    dense = CausalLM(preset("tiny", vocab_size=384, hidden_size=64, first_k_dense_replace=4,
+                            num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match=r"'fp4_experts_from' \(--fp4-experts-from\): the model has no routed"):
+        _trainer(dense, tmp_path, fp4_experts_from=0)

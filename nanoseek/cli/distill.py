@@ -43,6 +43,7 @@ def distill(
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         optimizer: Optional[str] = option(TrainConfig, "optimizer", None, default_note="adamw"),
+        fp4_experts_from: Optional[int] = option(TrainConfig, "fp4_experts_from"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
         nproc: int = parallel.nproc_option("each rank samples its share of every task's prompts with its own engine; weights and teachers replicated"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
@@ -63,6 +64,7 @@ def distill(
                             warmup_steps=warmup_steps, eval_every=eval_every,
                             save_every=save_every or max_steps, seed=seed,
                             **({"time_limit": time_limit} if time_limit else {}),
+                            fp4_experts_from=fp4_experts_from,
                             **precision_given(resume, precision=precision, compile=compile,
                                               optimizer=optimizer))
     cfg = DistillConfig(init=str(student or ""), teachers=[str(t) for t in teacher or []], tasks=tasks,

@@ -74,6 +74,7 @@ def sft(
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         optimizer: Optional[str] = option(TrainConfig, "optimizer", None, default_note="adamw"),
+        fp4_experts_from: Optional[int] = option(TrainConfig, "fp4_experts_from"),
         nproc: int = parallel.nproc_option("each data-parallel rank trains on its rows of --batch-size"),
         ep: int = parallel.ep_option(),
         tp: int = parallel.tp_option(),
@@ -97,6 +98,7 @@ def sft(
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                                         save_every=save_every, eval_every=eval_every, seed=seed,
+                                        fp4_experts_from=fp4_experts_from,
                                         **precision_given(resume, precision=precision, compile=compile,
                                                           optimizer=optimizer))))
     run = run_sft(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress,
@@ -139,6 +141,7 @@ def dpo(
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         optimizer: Optional[str] = option(TrainConfig, "optimizer", None, default_note="adamw"),
+        fp4_experts_from: Optional[int] = option(TrainConfig, "fp4_experts_from"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """Direct Preference Optimization (sigmoid loss against a frozen reference) on
     preference pairs from a file or sampled on a task."""
@@ -155,6 +158,7 @@ def dpo(
         train=dpo_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
                                         save_every=save_every, seed=seed,
+                                        fp4_experts_from=fp4_experts_from,
                                         **precision_given(resume, precision=precision, compile=compile,
                                                           optimizer=optimizer))))
     run = run_dpo(out, settings, resume=resume, max_steps=max_steps, progress=not no_progress)

@@ -48,6 +48,7 @@ def grpo(
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         optimizer: Optional[str] = option(TrainConfig, "optimizer", None, default_note="adamw"),
+        fp4_experts_from: Optional[int] = option(TrainConfig, "fp4_experts_from"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
         nproc: int = parallel.nproc_option("each rank samples its share of --batch-size prompts; RL runs data parallel, weights replicated"),
         ep: int = parallel.ep_option(),
@@ -67,6 +68,7 @@ def grpo(
     train = rl_train_config(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
                             lr=lr, warmup_steps=warmup_steps, eval_every=eval_every,
                             save_every=save_every or max_steps * num_iterations, seed=seed,
+                            fp4_experts_from=fp4_experts_from,
                             **precision_given(resume, precision=precision, compile=compile,
                                               optimizer=optimizer))
     cfg = RLConfig(init=str(init or ""), task=task, task_options=task_options(option or []),

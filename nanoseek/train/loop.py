@@ -122,8 +122,8 @@ class Trainer:
             raise ValueError("training option 'indexer_warmup_steps': the model has no lightning "
                              "indexer (V3.2 and V4 have one); set it to 0")
         if cfg.fp4_experts_from is not None and not routed_expert_linears(model):
-            raise ValueError("training option 'fp4_experts_from': the model has no routed experts "
-                             "to train in FP4; leave it unset")
+            raise ValueError("training option 'fp4_experts_from' (--fp4-experts-from): the model "
+                             "has no routed experts to train in FP4; leave it unset")
         self.fp4_experts = False  # whether the routed experts are fake-quantised (_fp4_experts)
         # parallel: a nanoseek.parallel.runtime.Parallel when run on several processes; on
         # one, a SingleProcess, whose every answer is the process's own (parallel/single.py)

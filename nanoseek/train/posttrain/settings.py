@@ -45,6 +45,15 @@ class LoraSettings:
                              f"linears are {list(LORA_TARGETS)}")
 
 
+def check_fp4_without_lora(lora: LoraSettings, train: TrainConfig) -> None:
+    """--fp4-experts-from trains the routed experts' fp32 masters through FP4 (quant/fp4_qat.py);
+    LoRA freezes them (QLoRA even stores them in NF4) and puts adapters beside the Linears the
+    switch would change, so the two are refused together rather than half-applied."""
+    if lora.enabled and train.fp4_experts_from is not None:
+        raise ValueError("--fp4-experts-from with --lora/--qlora is not supported: FP4 QAT trains the "
+                         "routed experts' own weights, which LoRA freezes; drop one of them")
+
+
 def sft_train_config(**kw) -> TrainConfig:
     """Small-model SFT defaults: a lower peak rate than pretraining (3e-3) since the model
     already knows the language, short warm-up, no decay on a run this short."""
@@ -83,6 +92,7 @@ class SFTConfig:
             raise ValueError("give exactly one of --data FILE or --task NAME")
         if self.merge and not self.lora.enabled:
             raise ValueError("--merge merges LoRA adapters: give --lora")
+        check_fp4_without_lora(self.lora, self.train)
         if self.eval_task_n and not self.task:
             raise ValueError("--eval-n measures a task's held-out accuracy: give --task")
         if self.stop_at_accuracy is not None and not (self.task and self.eval_task_n and self.train.eval_every):
@@ -130,4 +140,5 @@ class DPOConfig:
             raise ValueError("give exactly one of --data pairs.jsonl or --task NAME --pairs-from-sampling")
         if self.merge and not self.lora.enabled:
             raise ValueError("--merge merges LoRA adapters: give --lora")
+        check_fp4_without_lora(self.lora, self.train)
         self.lora.validate()
