@@ -202,3 +202,33 @@ def test_cli_task_rendered_arithmetic(tmp_path, init):
     assert run["settings"]["train_vision"] and run["trainable_parameters"]["vision"] > 0
     r = runner.invoke(app, common + ["--out", str(tmp_path / "text")])
     assert r.exit_code == 2 and "each prompt holds an image" in r.output and "--vision tiny-vl" in r.output
+
+
+def test_the_engine_reads_the_trained_checkpoint_as_it_was_trained(tmp_path, init, data):
+    """The server's prompt (one placeholder per picture) and the decoded picture, given to
+    nanoseek's engine over the run directory, decode greedily as the model's own generate on
+    the ids and pixels training used."""
+    from nanoseek.data.chat_images import conversation_images, read_image_conversations
+    from nanoseek.engine import LLM, SamplingParams
+    from nanoseek.model.vl.vl_image import preprocess
+    from nanoseek.model.vl.vl_layout import expand_image_placeholders
+    from nanoseek.text.images import ImageLimits
+    sft(tmp_path, config(init, data, train={"max_steps": 2}), **QUIET)
+    conv = read_image_conversations([data])[1]  # the picture given as a path relative to the file
+    prompt = ImageConversation(conv.messages[:1], conv.where, conv.image_dir)
+    tok = load_tokenizer(tmp_path)
+    served = Tokenizer.of(tok).encode_chat(prompt.messages, add_generation_prompt=True, image_token_id=384)
+    ids = encode_conversation(prompt, tok, 384, 36)[0]  # training's ids of the same turn
+    assert ids == expand_image_placeholders(served, 384, 36)
+    picture = conversation_images(prompt, ImageLimits())
+    model = DeepseekVLForConditionalGeneration.from_pretrained(tmp_path)
+    px = preprocess(picture, image_processor(tmp_path))
+    want = model.generate(torch.tensor([ids]), px, max_new_tokens=6)[0, len(ids):].tolist()
+    with torch.no_grad():
+        first = model(torch.tensor([ids]), pixel_values=px)[0, -1].log_softmax(-1)[want[0]]
+    llm = LLM(str(tmp_path), max_num_seqs=1, max_num_batched_tokens=64)
+    out = llm.generate([{"prompt_token_ids": served, "images": picture}],
+                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == want
+    assert abs(out.logprobs[0][want[0]] - float(first)) < 1e-5  # the picture's pixels too

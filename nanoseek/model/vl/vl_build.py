@@ -79,7 +79,6 @@ def vl_from_text(text_model, tokenizer, preset: str = "tiny-vl", seed: int = 0):
     return model.float().eval(), with_placeholder(tokenizer, cfg.image_token_id)
 
 
-
 def with_placeholder(tokenizer, image_token_id: int):
     """A copy of `tokenizer` (transformers') knowing `<image_placeholder>` as `image_token_id`."""
     tok = copy.deepcopy(tokenizer)
