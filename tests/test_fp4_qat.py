@@ -408,3 +408,59 @@ def test_a_model_without_routed_experts_is_refused_naming_the_flag(tmp_path):
                             num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match=r"'fp4_experts_from' \(--fp4-experts-from\): the model has no routed"):
         _trainer(dense, tmp_path, fp4_experts_from=0)
+
+
+# ------------------------------------------------------------------ 2 processes against 1
+def _fp4_case(rank, parallel_kw, steps=3, fp4_from=0):
+    """`steps` steps of the micro model with FP4 experts from `fp4_from` (None: never) on
+    the layout `parallel_kw` (None: one process): the losses, whether the switch happened,
+    and whether any routed expert weight this rank holds is a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    from tests.parallel_utils import make_trainer, train_steps
+    tr = make_trainer(parallel_kw, steps=steps)
+    tr.cfg.fp4_experts_from = fp4_from
+    losses = [m["loss"] for m in train_steps(tr, steps)]
+    experts = routed_expert_linears(tr.model)
+    return {"loss": losses, "on": fp4_experts_on(tr.model), "experts": len(experts),
+            "dtensor": any(isinstance(m.weight, DTensor) for _, m in experts)}
+
+
+def _sharded_expert_refusal(rank) -> str:
+    """An expert Linear put under FSDP2 by hand (nanoseek's FSDP never does): the switch
+    refuses it, naming what is unsupported."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.train_utils import micro_config
+    model = CausalLM(micro_config())
+    fully_shard(routed_expert_linears(model)[0][1], mesh=init_device_mesh("cpu", (2,)))
+    try:
+        set_fp4_experts(model, True)
+    except ValueError as e:
+        return str(e)
+    return "accepted"
+
+
+def _fp4_layouts(rank):
+    return {"fsdp": _fp4_case(rank, {"ep": 1}), "ep": _fp4_case(rank, {"ep": 2}),
+            "tp": _fp4_case(rank, {"tp": 2}), "refusal": _sharded_expert_refusal(rank)}
+
+
+@pytest.mark.slow  # one spawn of 2 gloo processes, three layouts (~15 s on 2 busy cores)
+def test_two_processes_train_the_one_process_fp4_run(tmp_path):
+    """Under FSDP2 (the routed experts stay out of it), EP (each rank its own experts) and TP
+    (experts sharded by EP, not TP) every rank's routed experts are plain tensors, the switch
+    covers them, and the 2-rank FP4 run's losses are the one-process FP4 run's, not the
+    plain run's. A DTensor-sharded expert is refused by name."""
+    from tests.parallel_utils import run_ranks
+    one, plain = _fp4_case(0, None), _fp4_case(0, None, fp4_from=None)
+    assert one["on"] and not plain["on"] and one["loss"][0] != pytest.approx(plain["loss"][0], rel=1e-6)
+    ranks = run_ranks(_fp4_layouts, 2, tmp_path / "ranks", timeout=400)
+    for r in ranks:
+        for layout in ("fsdp", "ep", "tp"):
+            got = r[layout]
+            assert got["on"] and not got["dtensor"], layout
+            assert got["experts"] == one["experts"] // (2 if layout == "ep" else 1), layout
+            assert got["loss"] == pytest.approx(one["loss"], rel=1e-6), (layout, got["loss"], one["loss"])
+        assert "DTensor-sharded expert weight" in r["refusal"] and "not supported" in r["refusal"]

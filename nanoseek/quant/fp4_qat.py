@@ -99,9 +99,13 @@ def set_fp4_experts(model: nn.Module, on: bool) -> int:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no routed experts (modules named "
                          "'...mlp.experts.E.gate_proj|up_proj|down_proj') to quantise to FP4")
+    from torch.distributed.tensor import DTensor
     for name, m in linears:
         if on and m.in_features % 2:
             raise ValueError(f"{name}: FP4 packs two inputs per byte; in_features {m.in_features} is odd")
+        if on and isinstance(m.weight, DTensor):  # nanoseek's FSDP and TP leave routed experts whole
+            raise ValueError(f"{name}: FP4 QAT of a DTensor-sharded expert weight ({m.weight.placements}) "
+                             "is not supported; shard routed experts by EP (each rank its own, whole)")
         m.__class__ = FP4QATLinear if on else nn.Linear
     return len(linears)
 
