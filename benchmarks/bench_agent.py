@@ -16,9 +16,9 @@ the same model answering directly.
    a target), one conversation per window, for a budget of --max-steps optimizer steps,
    capped at --train-seconds of training steps, and stopped early once the greedy accuracy on
    --stop-n held-out problems (the task's rollout with the real calculator, every --eval-every
-   steps) reaches --stop-at. The rate is 3e-3 with 16 conversations a step: at 5e-3 with 8,
-   the model stayed for 750+ steps on the plateau where it writes the format but not the
-   operands (docs/agent.md).
+   steps) reaches --stop-at. The rate is 3e-3 (WSD) with 16 conversations a step: at 5e-3
+   with 8 and a narrower attention the model stayed 750+ steps on the plateau where it
+   writes the format but not the operands (docs/agent.md).
 3. The SFT'd checkpoint is served by nanoseek's OpenAI-compatible server (in this process),
    and --eval other held-out problems (never trained on, not those the stop rule read) are
    asked twice:
