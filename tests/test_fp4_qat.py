@@ -359,6 +359,10 @@ def test_lora_and_qlora_are_refused_with_fp4(post_init, post_data):
                               train=dpo_train_config(fp4_experts_from=0))):
             with pytest.raises(ValueError, match="--fp4-experts-from with --lora/--qlora is not supported"):
                 cfg.validate()
+    from tests.test_cli import assert_user_error, invoke
+    for command in (["sft", "--task", "arithmetic", "--lora"], ["dpo", "--data", post_data[1], "--qlora"]):
+        res = invoke(*command, "--model", post_init, "--out", post_init / "unused", "--fp4-experts-from", "0")
+        assert_user_error(res, "--fp4-experts-from with --lora/--qlora is not supported")
 
 
 @pytest.fixture
@@ -369,20 +373,31 @@ def vowels(monkeypatch):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_rl_rollouts_and_updates_see_fp4_experts(tmp_path, post_init, vowels, fp4_spy, algo):
+def test_rl_rollouts_and_updates_see_fp4_experts(tmp_path, post_init, vowels, fp4_spy, algo, monkeypatch):
     """The engine samples the live policy: from the step on, its rollouts run through the FP4
     experts (grad off), the update's forward too (grad on), and the two agree on the sampled
-    tokens' log-probs (logp_mismatch) as they do without FP4. PPO's critic, a copy of the
-    policy's trunk inside the trained model, is switched with it."""
+    tokens' log-probs (logp_mismatch) as they do without FP4. The KL reference, copied before
+    the switch, keeps full-precision experts; PPO's critic, a copy of the policy's trunk
+    inside the trained model, is switched with it."""
+    from nanoseek.train.rl import grpo
     from nanoseek.train.rl.config import RLConfig, rl_train_config
     from nanoseek.train.rl.run import rl
     from nanoseek.train.run.metrics import read_metrics
+    stages, stage_init = [], grpo.RLStage.__init__
+
+    def spied_init(self, *args, **kw):
+        stage_init(self, *args, **kw)
+        stages.append(self)
+    monkeypatch.setattr(grpo.RLStage, "__init__", spied_init)
     train = rl_train_config(max_steps=2, batch_size=2, lr=3e-3, warmup_steps=0, eval_every=0,
                             save_every=2, fp4_experts_from=1)
     cfg = RLConfig(init=str(post_init), task="vowels", algo=algo, train=train, num_generations=2,
-                   eval_n=2, max_completion_length=6, beta=0.0)
+                   eval_n=2, max_completion_length=6, beta=0.04)
     rl(tmp_path / algo, cfg, **QUIET)
     assert fp4_spy["states"] == [(0, False), (1, True)]
+    (stage,) = stages
+    assert fp4_experts_on(stage.policy) and not fp4_experts_on(stage.ref)
+    assert algo == "grpo" or fp4_experts_on(stage.model.critic)
     by_step = dict(fp4_spy["rollouts"])
     assert by_step[0] == 0 and by_step[1] > 0 and fp4_spy["forwards"][0] > 0
     recs = [r for r in read_metrics(tmp_path / algo) if r["kind"] == "train"]
