@@ -34,6 +34,17 @@ def check_endpoint(url: str, allow_remote: bool = False) -> str:
     return url.rstrip("/")
 
 
+def _client(url: str, timeout_s: float, allow_remote: bool):
+    """An OpenAI client for `url` that goes nowhere else: no retries, no redirects (openai
+    follows them by default, so a loopback server answering 307 would send the image on to
+    any host), and no proxy from the environment (HTTP(S)_PROXY would carry a loopback
+    request off the machine) unless remote endpoints are allowed."""
+    from openai import DefaultHttpxClient, OpenAI
+    http = DefaultHttpxClient(follow_redirects=False, trust_env=allow_remote, timeout=timeout_s)
+    return OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY") or "none", max_retries=0,
+                  timeout=timeout_s, http_client=http)
+
+
 def _loopback(host: str) -> bool:
     if host.lower() in LOOPBACK_NAMES:
         return True
@@ -52,9 +63,7 @@ def look_tool(images: list[AgentImage], endpoint: str, model: str | None = None,
     if not images:
         raise ValueError("the look tool needs images: give them with --image FILE")
     if client is None:
-        from openai import OpenAI
-        client = OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY") or "none",
-                        max_retries=0, timeout=timeout_s)
+        client = _client(url, timeout_s, allow_remote)
     chosen = {"model": model}
 
     def look(image, question: str = "Describe this image.") -> str:
