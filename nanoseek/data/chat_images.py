@@ -64,8 +64,8 @@ def part_with_url(part: dict, image_dir: Path | None) -> dict:
     url = spec.get("url") if isinstance(spec, dict) else None
     if not isinstance(url, str) or not url or ":" in url.split("/", 1)[0] or image_dir is None:
         return part
-    if url.startswith("/"):  # an absolute path: a file URL, checked against the directory
-        return {**part, "image_url": {**spec, "url": "file://" + url}}
+    if url.startswith("/"):  # an absolute path: a file URL (quoted: '#', '?', '%' are a name's), checked against the directory
+        return {**part, "image_url": {**spec, "url": Path(url).as_uri()}}
     return {**part, "image_url": {**spec, "url": (image_dir / url).as_uri()}}
 
 

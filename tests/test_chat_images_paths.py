@@ -1,0 +1,34 @@
+"""Image paths in SFT rows (data/chat_images.py): an absolute path inside the JSONL file's
+directory is read whatever characters its name holds ('#', '?', '%' are not URL syntax
+there), and one outside it is still refused."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from nanoseek.data.chat import ChatDataError
+from nanoseek.data.chat_images import ImageConversation, conversation_images
+from nanoseek.text.images import ImageLimits
+
+
+def row(url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]},
+            {"role": "assistant", "content": "ok"}]
+
+
+@pytest.mark.parametrize("name", ["plain.png", "a#1.png", "what?.png", "100%41.png", "sp ace.png"])
+def test_absolute_and_relative_paths_read_any_file_name(tmp_path, name):
+    Image.new("RGB", (5, 3), (10, 200, 30)).save(tmp_path / name, format="PNG")
+    for url in (str(tmp_path / name), name):
+        conv = ImageConversation(row(url), "rows.jsonl:1", tmp_path)
+        [img] = conversation_images(conv, ImageLimits())
+        assert img.size == (5, 3)
+
+
+def test_an_absolute_path_outside_the_directory_is_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    Image.new("RGB", (5, 3)).save(tmp_path / "out#side.png", format="PNG")
+    conv = ImageConversation(row(str(tmp_path / "out#side.png")), "rows.jsonl:1", tmp_path / "d")
+    with pytest.raises(ChatDataError, match="rows.jsonl:1: image 0: .*outside the allowed image directory"):
+        conversation_images(conv, ImageLimits())
