@@ -60,7 +60,10 @@ def read_image(spec: str, index: int, limits: ImageLimits) -> AgentImage:
     """One `--image` value: a file (read under its own directory) or a data: URL."""
     scheme = spec.split(":", 1)[0].lower() if ":" in spec else ""
     if scheme == "data":
-        mime, data = decode_data_url(spec, limits)
+        try:
+            mime, data = decode_data_url(spec, limits)
+        except ImageInputError as e:  # name which --image it was (a data: URL has no name)
+            raise ImageInputError(f"--image {index} (a data: URL): {e}", e.limit) from None
         loaded = decode_image(data, limits, expect=FORMATS[mime], source=f"image {index} (data:{mime})")
         name = f"image{index}"
     elif scheme in ("http", "https", "ftp", "ws", "wss", "file"):
@@ -68,8 +71,11 @@ def read_image(spec: str, index: int, limits: ImageLimits) -> AgentImage:
                               "are never fetched", "image_url_scheme")
     else:
         path = Path(spec).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise ImageInputError(f"--image {spec!r}: no such file", "image_file")
+        if not path.is_file():  # checked without opening it: a FIFO would block, a device never end
+            raise ImageInputError(f"--image {spec!r}: not a regular file (a directory, FIFO or device "
+                                  "is never read)", "image_file")
         path = path.resolve()
         path = resolve_file_url(path.as_uri(), path.parent)  # the file's directory is the only one read
         data = read_image_file(path, limits)

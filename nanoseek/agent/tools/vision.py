@@ -60,6 +60,8 @@ def look_tool(images: list[AgentImage], endpoint: str, model: str | None = None,
     """The `look` tool over `images`. `model`: the endpoint's model (None: the first it lists);
     `client`: an OpenAI client (tests), else one made for `endpoint` with no retries."""
     url = check_endpoint(endpoint, allow_remote)
+    if not timeout_s > 0:
+        raise ValueError(f"--vision-timeout {timeout_s}: the seconds per look request must be positive")
     if not images:
         raise ValueError("the look tool needs images: give them with --image FILE")
     if client is None:
