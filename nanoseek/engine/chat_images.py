@@ -100,7 +100,7 @@ def image_placeholder(engine, count: int, model_name: str = "this model") -> int
         raise TextOnlyModelError(
             f"{model_name} reads text only ({type(engine.model).__name__}): it cannot see the {count} "
             "image(s) of this conversation; send text, or load a vision-language checkpoint "
-            "(DeepSeek-VL with an MLA language model)")
+            "(DeepSeek-VL or DeepSeek-OCR-2)")
     return vision.image_token_id
 
 
