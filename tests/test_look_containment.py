@@ -90,3 +90,14 @@ def test_look_ignores_a_proxy_from_the_environment(images, monkeypatch):
     finally:
         proxy.stop()
         endpoint.stop()
+
+
+def test_the_agents_openai_key_never_goes_to_the_vision_endpoint(monkeypatch):
+    """The look tool's client carries NANOSEEK_VISION_API_KEY (or none), not OPENAI_API_KEY,
+    which belongs to the agent's own endpoint."""
+    from nanoseek.agent.tools.vision import _client
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-agents-own-key")
+    monkeypatch.delenv("NANOSEEK_VISION_API_KEY", raising=False)
+    assert _client("http://127.0.0.1:9/v1", 1.0, False).api_key == "none"
+    monkeypatch.setenv("NANOSEEK_VISION_API_KEY", "vision-key")
+    assert _client("http://127.0.0.1:9/v1", 1.0, False).api_key == "vision-key"

@@ -70,8 +70,9 @@ class TrainConfig:
     # bit-reproducible
     time_limit: float = setting(0.0, help="stop after this many seconds of training (0 = none)", lo=0)
     clock: str = setting(
-        "wall", help="what time_limit (and the logged step seconds) count: wall seconds, or cpu: "
-        "this process's CPU seconds, every thread's added (equal budgets on a shared machine)",
+        "wall", help="what time_limit and the logged `elapsed` count: wall seconds, or cpu: this "
+        "process's CPU seconds, every thread's added (equal budgets on a shared machine; tok_s "
+        "stays per wall second)",
         choices=("wall", "cpu"))
 
     def validate(self) -> None:

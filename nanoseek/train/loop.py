@@ -166,7 +166,8 @@ class Trainer:
 
     def clock(self) -> float:
         """Seconds for `elapsed` and the time limit: wall time, or (clock="cpu") this
-        process's CPU time, which a busy neighbour on the machine does not inflate."""
+        process's CPU time, which a busy neighbour on the machine does not inflate.
+        Throughput (tok_s) and the thread tuner always read wall time."""
         return time.process_time() if self.cfg.clock == "cpu" else time.perf_counter()
 
     def request_stop(self, signum: int) -> None:
@@ -409,7 +410,7 @@ class Trainer:
         interval, seconds, tokens = IntervalMeans(), 0.0, 0  # since the last metrics line
         while self.step < stop and self.stop_signal is None and self.target_reached is None:
             threads = self.tuner.before_step(self.step) if self.tuner else None
-            t0 = self.clock()
+            t0, wall0 = self.clock(), time.perf_counter()
             m = self.train_step()
             self.stop_signal = self.parallel.agree_stop(self.stop_signal)  # a signal on any rank stops all
             lr, step_tokens = m.pop("lr"), m.pop("step_tokens")
@@ -417,14 +418,15 @@ class Trainer:
             due = (self.step % self.cfg.log_every == 0 or self.step >= stop
                    or self.stop_signal is not None)  # a stop logs the steps it saves
             means = interval.read() if due else None  # the interval's one device sync
-            dt = self.clock() - t0
+            wall = time.perf_counter() - wall0  # what the thread tuner, tok_s and compile report read
+            dt = wall if self.cfg.clock == "wall" else self.clock() - t0
             dt = self.parallel.agree(dt)  # one clock for every rank: they stop together
             if self.tuner:
-                self.tuner.after_step(dt)
+                self.tuner.after_step(wall)
             self.elapsed += dt
             if self.compiled and self.step == 1:
-                self._log_compile(dt, bar)
-            seconds, tokens = seconds + dt, tokens + step_tokens
+                self._log_compile(wall, bar)
+            seconds, tokens = seconds + wall, tokens + step_tokens
             out_of_time = self.cfg.time_limit > 0 and self.elapsed >= self.cfg.time_limit
             if means is None and out_of_time:
                 means = interval.read()

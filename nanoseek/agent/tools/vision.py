@@ -38,10 +38,11 @@ def _client(url: str, timeout_s: float, allow_remote: bool):
     """An OpenAI client for `url` that goes nowhere else: no retries, no redirects (openai
     follows them by default, so a loopback server answering 307 would send the image on to
     any host), and no proxy from the environment (HTTP(S)_PROXY would carry a loopback
-    request off the machine) unless remote endpoints are allowed."""
+    request off the machine) unless remote endpoints are allowed. Its key is
+    NANOSEEK_VISION_API_KEY, never the agent's OPENAI_API_KEY (which belongs to another host)."""
     from openai import DefaultHttpxClient, OpenAI
     http = DefaultHttpxClient(follow_redirects=False, trust_env=allow_remote, timeout=timeout_s)
-    return OpenAI(base_url=url, api_key=os.environ.get("OPENAI_API_KEY") or "none", max_retries=0,
+    return OpenAI(base_url=url, api_key=os.environ.get("NANOSEEK_VISION_API_KEY") or "none", max_retries=0,
                   timeout=timeout_s, http_client=http)
 
 

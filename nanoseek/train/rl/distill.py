@@ -56,10 +56,7 @@ class DistillStage(RLStage):
         self.names = task_keys(tasks)
         super().__init__(cfg, policy, policy, tokenizer, tasks[0], None, parallel=parallel)
         self.task, self.max_len = tasks[0], max(self.budget(t) for t in tasks)
-        self.teacher_llms = None
-        if cfg.off_policy(0):  # off-policy (or a cold start): each teacher samples with its own engine
-            self.teacher_llms = [rollout_engine(t, tokenizer, self.max_num_seqs, self.engine_need)
-                                 for t in teachers]
+        self.teacher_llms = None  # off-policy steps: each teacher's own engine, built when first needed
 
     def budget(self, task) -> int:
         return self.cfg.max_completion_length or task.max_tokens
@@ -89,7 +86,10 @@ class DistillStage(RLStage):
         cfg, G = self.cfg, self.cfg.num_generations
         per_task = cfg.train.batch_size // len(self.tasks)
         off = cfg.off_policy(r * cfg.num_iterations)
-        if not off and self.teacher_llms is not None:  # the cold start is over: free their caches
+        if off and self.teacher_llms is None:
+            self.teacher_llms = [rollout_engine(t, self.tokenizer, self.max_num_seqs, self.engine_need)
+                                 for t in self.teachers]
+        elif not off:  # on-policy (the cold start is over, or a resume after it): no teacher caches
             self.teacher_llms = None
         parts, t0 = [], time.perf_counter()
         for i, task in enumerate(self.tasks):
