@@ -1,5 +1,5 @@
 """On-policy distillation (DeepSeek-V4's OPD) against off-policy distillation, at equal
-wall time, from two domain teachers into one student.
+training time, from two domain teachers into one student.
 
 Teachers, from the existing pipeline: arithmetic (2-digit addition, the RL speedrun's
 task) trained by SFT then GRPO (`--arith-teacher`, e.g. runs/speedrun-rl/grpo; else built
@@ -8,21 +8,26 @@ trained by SFT on the task's traces (`--tool-teacher`; else built here, from
 `--tool-init`: from the pretrained checkpoint, 9 minutes of SFT on this loaded machine
 learned the format but not to copy the numbers, 0 % held out). The student
 starts from the pretrained checkpoint the teachers came from (`--pretrained`, default
-runs/speedrun; else a short pretraining here).
+runs/speedrun; else a short pretraining here; any checkpoint, e.g. an SFT student).
 
-Then, for `--minutes` of training each (the loop's time limit; rollouts included):
-  OPD          `nanoseek distill`: the student samples, the prompt's teacher scores
-               every token, full-vocabulary reverse KL (train/rl/opd.py);
-  off-policy   the same loop with `samples_from="teacher"`: each teacher samples its
-               task's prompts, the student is trained by SFT on those samples.
+Then, for `--minutes` of training each (the loop's time limit, rollouts included; by
+default each run's own CPU seconds, `--clock cpu`, so that a busy machine does not shorten
+one arm; `--side-by-side` trains both at once, one process each):
+  OPD          `nanoseek distill`: the first `--cold-start-steps` steps learn from the
+               teachers' samples (a pretrained student never samples their format, and
+               reverse KL barely moves a token the student does not sample), then the
+               student samples and the prompt's teacher scores every token with the
+               full-vocabulary reverse KL (train/rl/opd.py);
+  off-policy   the same loop with `samples_from="teacher"` at every step: each teacher
+               samples its task's prompts, the student is trained by SFT on those samples.
 Held-out greedy accuracy (the same problems for every model) of both teachers, the
 starting student and both students, on both tasks. Last line:
     student_vs_teacher_min=<min over tasks of OPD student acc / teacher acc>
     opd_vs_offpolicy=<OPD student's mean accuracy / off-policy student's>
 
     PYTHONPATH=. python benchmarks/bench_opd.py [--arith-teacher runs/speedrun-rl/grpo]
-        [--tool-teacher DIR] [--pretrained runs/speedrun] [--minutes 6] [--eval-n 100]
-        [--out DIR]
+        [--tool-teacher DIR] [--pretrained runs/speedrun] [--minutes 40] [--batch-size 64]
+        [--generations 1] [--cold-start-steps 230] [--side-by-side] [--eval-n 100] [--out DIR]
 """
 
 from __future__ import annotations
@@ -119,11 +124,11 @@ def main() -> None:
     p.add_argument("--tool-minutes", type=float, default=6.0)
     p.add_argument("--tool-init", help="the tool-use teacher's SFT starts here (default: the "
                    "pretrained checkpoint; e.g. runs/speedrun-rl/sft, which already reads the numbers)")
-    p.add_argument("--minutes", type=float, default=6.0, help="training time of each student")
+    p.add_argument("--minutes", type=float, default=40.0, help="training time of each student")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per step (half per task)")
-    p.add_argument("--generations", type=int, default=2, help="completions per prompt")
-    p.add_argument("--cold-start-steps", type=int, default=20,
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per step (half per task)")
+    p.add_argument("--generations", type=int, default=1, help="completions per prompt")
+    p.add_argument("--cold-start-steps", type=int, default=230,
                    help="OPD's first steps on the teachers' samples (DistillConfig.cold_start_steps)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="what --minutes counts: each run's own CPU seconds (equal budgets on a "
