@@ -22,8 +22,8 @@ def test_absolute_and_relative_paths_read_any_file_name(tmp_path, name):
     Image.new("RGB", (5, 3), (10, 200, 30)).save(tmp_path / name, format="PNG")
     for url in (str(tmp_path / name), name):
         conv = ImageConversation(row(url), "rows.jsonl:1", tmp_path)
-        [img] = conversation_images(conv, ImageLimits())
-        assert img.size == (5, 3)
+        [src] = conversation_images(conv, ImageLimits())
+        assert src.load(ImageLimits()).size == (5, 3)
 
 
 def test_an_absolute_path_outside_the_directory_is_refused(tmp_path):
@@ -32,3 +32,16 @@ def test_an_absolute_path_outside_the_directory_is_refused(tmp_path):
     conv = ImageConversation(row(str(tmp_path / "out#side.png")), "rows.jsonl:1", tmp_path / "d")
     with pytest.raises(ChatDataError, match="rows.jsonl:1: image 0: .*outside the allowed image directory"):
         conversation_images(conv, ImageLimits())
+
+
+def test_sources_not_pictures_are_kept_and_a_changed_file_is_refused_by_row(tmp_path):
+    """conversation_images checks each image once and keeps where it comes from (a data set
+    of photos is decoded batch by batch); a file replaced afterwards by one over the limits
+    is refused when a batch reads it, naming its row."""
+    Image.new("RGB", (5, 3)).save(tmp_path / "a.png", format="PNG")
+    conv = ImageConversation(row("a.png"), "rows.jsonl:7", tmp_path)
+    [src] = conversation_images(conv, ImageLimits())
+    assert not isinstance(src, Image.Image) and src.where == "rows.jsonl:7"
+    Image.new("RGB", (300, 300)).save(tmp_path / "a.png", format="PNG")
+    with pytest.raises(ChatDataError, match="rows.jsonl:7: image 0: .*"):
+        src.load(ImageLimits(max_pixels=200 * 200))

@@ -220,7 +220,7 @@ def test_the_engine_reads_the_trained_checkpoint_as_it_was_trained(tmp_path, ini
     served = Tokenizer.of(tok).encode_chat(prompt.messages, add_generation_prompt=True, image_token_id=384)
     ids = encode_conversation(prompt, tok, 384, 36)[0]  # training's ids of the same turn
     assert ids == expand_image_placeholders(served, 384, 36)
-    picture = conversation_images(prompt, ImageLimits())
+    picture = [s.load(ImageLimits()) for s in conversation_images(prompt, ImageLimits())]
     model = DeepseekVLForConditionalGeneration.from_pretrained(tmp_path)
     px = preprocess(picture, image_processor(tmp_path))
     want = model.generate(torch.tensor([ids]), px, max_new_tokens=6)[0, len(ids):].tolist()

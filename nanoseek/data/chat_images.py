@@ -69,18 +69,35 @@ def part_with_url(part: dict, image_dir: Path | None) -> dict:
     return {**part, "image_url": {**spec, "url": (image_dir / url).as_uri()}}
 
 
-def conversation_images(conv: ImageConversation, limits: ImageLimits):
-    """The decoded RGB images of a conversation's image parts, in order."""
+@dataclass(frozen=True)
+class ImageSource:
+    """Where one training image comes from: its part (a data: or file: URL), the directory
+    it may be read from, and its conversation's name for errors. Windows keep sources, not
+    pictures: a decoded 4096² photo is 48 MB, so a data set of photos is decoded batch by
+    batch (`load`), each time under the same limits."""
+    part: dict
+    image_dir: Path | None
+    where: str
+    k: int
+
+    def load(self, limits: ImageLimits):
+        try:
+            return load_image_part(self.part, limits, self.image_dir).image
+        except ImageInputError as e:  # e.g. the file changed since it was checked
+            raise ChatDataError(f"{self.where}: image {self.k}: {e}") from None
+
+
+def conversation_images(conv: ImageConversation, limits: ImageLimits) -> list[ImageSource]:
+    """The sources of a conversation's image parts, in order, each read and decoded once
+    here so that a bad image is refused before training (naming its row)."""
     parts = image_parts(conv.messages)
     if len(parts) > limits.max_images:
         raise ChatDataError(f"{conv.where}: {len(parts)} images; the limit is {limits.max_images} "
                             "per conversation (max_images)")
-    out = []
-    for k, part in enumerate(parts):
-        try:
-            out.append(load_image_part(part_with_url(part, conv.image_dir), limits, conv.image_dir).image)
-        except ImageInputError as e:
-            raise ChatDataError(f"{conv.where}: image {k}: {e}") from None
+    out = [ImageSource(part_with_url(part, conv.image_dir), conv.image_dir, conv.where, k)
+           for k, part in enumerate(parts)]
+    for src in out:
+        src.load(limits)
     return out
 
 
@@ -106,13 +123,15 @@ def encode_conversation(conv: ImageConversation, tokenizer, image_token_id: int,
 @dataclass
 class ImageWindows:
     """Packed windows [N, seq_len] and, per window, the indices of its images (in order)
-    into `images` (decoded RGB pictures, preprocessed per batch by `processor`)."""
+    into `images` (ImageSources, decoded under `limits` and preprocessed by `processor`
+    when a batch takes them)."""
     inputs: torch.Tensor
     labels: torch.Tensor
     window_images: list[list[int]]
     images: list
     processor: object
     meta: dict = field(default_factory=dict)
+    limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -128,7 +147,7 @@ class ImageWindows:
     def take(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, labels, pixel_values [K,3,H,W]): the images of the rows, row by row."""
         from nanoseek.model.vl.vl_image import preprocess
-        picked = [self.images[i] for r in rows for i in self.window_images[r]]
+        picked = [self.images[i].load(self.limits) for r in rows for i in self.window_images[r]]
         size = self.meta["image_size"]
         px = (preprocess(picked, self.processor, max_images=len(picked)) if picked
               else torch.zeros(0, 3, size, size))
@@ -164,7 +183,7 @@ def image_windows(conversations: list[ImageConversation], tokenizer, seq_len: in
             "truncated": packed.truncated, "tokens": sum(len(x) for x, _ in examples),
             "packing": packing, "images": len(images), "image_tokens": image_tokens,
             "image_size": image_size}
-    return ImageWindows(packed.inputs, packed.labels, window_images, images, processor, meta)
+    return ImageWindows(packed.inputs, packed.labels, window_images, images, processor, meta, limits)
 
 
 def assign_images(examples, per_conv: list[list[int]], seq_len: int, packing: bool) -> list[list[int]]:
