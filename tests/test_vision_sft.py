@@ -254,3 +254,15 @@ def test_the_model_learns_to_look(tmp_path, init):
         def loss(p):
             return float(F.cross_entropy(model(x, pixel_values=p).flatten(0, 1), y.flatten(), ignore_index=-100))
         assert loss(px) < loss(px.flip(0)) / 3
+
+
+def test_feature_spread_tells_apart_pictures_and_a_collapsed_tower(init):
+    """bench_vision's `feature_spread`: zero when every picture gives the same image rows
+    (a tower trained into one constant prompt), clearly above zero for the random tower on
+    two different pictures."""
+    from benchmarks.bench_vision import feature_spread
+    from nanoseek.model.vl.vl_image import preprocess
+    model = fresh_vl(init)
+    two = preprocess([picture("12 + 34"), picture("56 * 78")], image_processor(None, 96), max_images=2)
+    assert feature_spread(model, two) > 0.02
+    assert feature_spread(model, two[:1].expand(2, -1, -1, -1)) < 1e-6
