@@ -68,6 +68,19 @@ def budget_bytes(kv_cache_memory: str | float | int, device: torch.device) -> in
     return int(value * available_memory(device)) if value <= 1 else int(value)
 
 
+def budget_blocks(budget: int, per_block: int, block_size: int, num_layers: int,
+                  max_blocks: int | None = None) -> int:
+    """How many blocks of `per_block` bytes a budget of `budget` bytes holds (at most
+    max_blocks); a budget that holds none is an error naming what one block needs."""
+    num_blocks = budget // per_block
+    if max_blocks is not None:
+        num_blocks = min(num_blocks, max_blocks)
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory of {budget} bytes holds no block: one block of "
+                         f"{block_size} tokens x {num_layers} layers needs {per_block} bytes")
+    return int(num_blocks)
+
+
 class PagedLatentCache:
     """Per layer, the latents `kv[layer]` [num_blocks, block_size, kv_lora_rank + rope] and,
     for V3.2, the indexer keys `index_k[layer]` [num_blocks, block_size, index_head_dim],
@@ -112,13 +125,8 @@ class PagedLatentCache:
     def from_budget(cls, cfg: ModelConfig, budget: int, block_size: int, num_layers: int,
                     dtype: torch.dtype, device, max_blocks: int | None = None) -> "PagedLatentCache":
         per_block = cls.bytes_per_token(cfg, num_layers, dtype) * block_size
-        num_blocks = budget // per_block
-        if max_blocks is not None:
-            num_blocks = min(num_blocks, max_blocks)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory of {budget} bytes holds no block: one block of "
-                             f"{block_size} tokens x {num_layers} layers needs {per_block} bytes")
-        return cls(cfg, int(num_blocks), block_size, num_layers, dtype, device)
+        return cls(cfg, budget_blocks(budget, per_block, block_size, num_layers, max_blocks),
+                   block_size, num_layers, dtype, device)
 
     def pack(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
         """c_KV [B, S, r], k_pe [B, S, rope] -> rows [B, S, r + rope] (the K/V cache's

@@ -46,14 +46,10 @@ class PagedKVCache:
     @classmethod
     def from_budget(cls, cfg: ModelConfig, budget: int, block_size: int, num_layers: int,
                     dtype: torch.dtype, device, max_blocks: int | None = None) -> "PagedKVCache":
+        from nanoseek.engine.cache import budget_blocks
         per_block = cls.bytes_per_token(cfg, num_layers, dtype) * block_size
-        num_blocks = budget // per_block
-        if max_blocks is not None:
-            num_blocks = min(num_blocks, max_blocks)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory of {budget} bytes holds no block: one block of "
-                             f"{block_size} tokens x {num_layers} layers needs {per_block} bytes")
-        return cls(cfg, int(num_blocks), block_size, num_layers, dtype, device)
+        return cls(cfg, budget_blocks(budget, per_block, block_size, num_layers, max_blocks),
+                   block_size, num_layers, dtype, device)
 
     def pack(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """k [B, S, n_kv, qk_head_dim], v [B, S, n_kv, v_head_dim] -> rows [B, S, row_dim]."""
