@@ -32,7 +32,7 @@ from nanoseek.text.images import image_parts
 from nanoseek.train.posttrain.settings import SFTConfig, sft_train_config  # noqa: F401 (re-exported)
 from nanoseek.train.loop import Trainer
 from nanoseek.train.posttrain.stage import (base_model, checkpoint_writer, data_parallel,
-                                            load_task_lazily, merge_into, stage_settings, start_stage,
+                                            load_task_lazily, merge_into, split, stage_settings, start_stage,
                                             with_adapters, write_run)
 from nanoseek.train.pretrain import pretrain_loss
 
@@ -43,15 +43,6 @@ def conversations_of(config: SFTConfig) -> list[list[dict]]:
     task = load_task_lazily(config.task, **config.task_options)
     examples = task.examples("train", config.task_examples, config.train.seed)
     return [task.messages(ex) for ex in examples]
-
-
-def split(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out); the held-out share is drawn with the run's seed."""
-    n_val = int(len(conversations) * val_fraction)
-    if n_val == 0:
-        return conversations, []
-    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
 
 
 def steps_for(windows: ChatWindows, config: SFTConfig) -> int:

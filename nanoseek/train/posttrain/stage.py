@@ -148,3 +148,13 @@ def load_task_lazily(name: str, **options):
     """`--task T`: the tasks package is imported only when a task is asked for."""
     from nanoseek.data.tasks import load_task
     return load_task(name, **options)
+
+
+def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) of SFT's conversations (text or with images); the held-out share is
+    drawn with the run's seed."""
+    n_val = int(len(items) * val_fraction)
+    if n_val == 0:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from nanoseek.model.transformer import IGNORE_INDEX
 from nanoseek.train.loop import Trainer
-from nanoseek.train.posttrain.stage import load_init, load_task_lazily, stage_settings, write_run
+from nanoseek.train.posttrain.stage import load_init, load_task_lazily, split, stage_settings, write_run
 from nanoseek.train.pretrain import RunError
 
 PARTS = {"vision": "vision_model", "aligner": "aligner", "language": "language_model"}
@@ -127,15 +127,6 @@ def windows_of(convs, model, tok, config):
     return image_windows(convs, tok, config.train.seq_len, cfg.image_token_id, cfg.image_tokens,
                          image_processor(config.init if not config.vision else None, size), size,
                          config.packing)
-
-
-def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out), drawn with the run's seed as sft.py draws them."""
-    n_val = int(len(items) * val_fraction)
-    if n_val == 0:
-        return items, []
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
 # --------------------------------------------------------------------------- the loss
