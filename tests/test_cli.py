@@ -373,6 +373,19 @@ def test_speedruns_pass_precision(monkeypatch):
     assert r.exception.args[1]["optimizer"] == "adamw"
     assert invoke("speedrun-rl", "--optimizer", "muon").exception.args[1]["optimizer"] == "muon"
     assert invoke("speedrun-rl", "--optimizer", "sgd").exit_code == 2  # a clear usage error
+    assert invoke("speedrun-rl", "--fp4-experts-from", "0").exception.args[1]["fp4_experts_from"] == 0
+    assert invoke("speedrun-rl").exception.args[1]["fp4_experts_from"] is None
+    assert invoke("speedrun-rl", "--fp4-experts-from", "-1").exit_code == 2
+
+
+def test_speedrun_passes_fp4_experts_from(monkeypatch):
+    _capture(monkeypatch, "nanoseek.recipes.speedrun", "speedrun")
+    assert invoke("speedrun", "--fp4-experts-from", "228").exception.args[1]["fp4_experts_from"] == 228
+    assert "fp4_experts_from" not in invoke("speedrun").exception.args[1]  # unset: never
+    r = invoke("speedrun", "--fp4-experts-from", "-1")
+    assert r.exit_code == 2 and "fp4-experts-from" in r.output
+    r = invoke("speedrun", "--resume", "--fp4-experts-from", "5")  # a resumed run keeps its own
+    assert "fp4_experts_from" not in r.exception.args[1] and "ignoring --fp4-experts-from" in r.output
 
 
 def test_speedrun_resume_keeps_the_runs_precision(monkeypatch):

@@ -18,7 +18,7 @@ def test_speedrun_rl_runs_every_stage_and_reports_before_and_after(tmp_path):
     base = make_init(tmp_path / "base")
     lines = []
     path = speedrun_rl("rl", tmp_path / "runs", base=base, sft_minutes=0.02, grpo_steps=2,
-                       eval_n=6, stage_eval_n=4, log=lines.append)
+                       eval_n=6, stage_eval_n=4, log=lines.append, fp4_experts_from=1)
     out = tmp_path / "runs" / "rl"
     result = json.loads((out / "result.json").read_text())
     assert result["before"]["n"] == result["after"]["n"] == 6
@@ -28,6 +28,8 @@ def test_speedrun_rl_runs_every_stage_and_reports_before_and_after(tmp_path):
     assert "- torch threads (SFT, GRPO): adaptive" in text
     assert (out / "heldout_accuracy.png").exists() and (out / "grpo" / "model.safetensors").exists()
     assert any("[5/5] report" in line for line in lines)
+    for stage in ("sft", "grpo"):  # every stage's own step 1 on
+        assert json.loads((out / stage / "run.json").read_text())["settings"]["train"]["fp4_experts_from"] == 1
 
 
 def test_the_run_directory_is_replaced_only_when_asked(tmp_path):

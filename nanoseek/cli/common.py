@@ -250,7 +250,7 @@ def precision_given(resume: bool, **options) -> dict:
     given = {k: v for k, v in options.items() if v is not None}
     if resume and given:
         typer.echo(f"note: --resume continues with the run's own settings; ignoring "
-                   f"{', '.join('--' + k for k in given)}", err=True)
+                   f"{', '.join('--' + k.replace('_', '-') for k in given)}", err=True)
         return {}
     return given
 

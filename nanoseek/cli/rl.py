@@ -106,7 +106,12 @@ def speedrun_rl(
         overwrite: bool = typer.Option(False, "--overwrite", help="replace the RL speedrun in runs/NAME (deletes only its own files)"),
         precision: str = precision_option("auto"),
         compile: str = compile_option("auto"),
-        optimizer: str = option(TrainConfig, "optimizer")):
+        optimizer: str = option(TrainConfig, "optimizer"),
+        fp4_experts_from: Optional[int] = option(
+            TrainConfig, "fp4_experts_from",
+            help="every training stage (pretraining without --model, SFT, GRPO) trains its routed "
+            "experts through FP4 from its own step STEP on (0: throughout; the rollouts sample "
+            "the FP4 experts); unset: never")):
     """SFT on 2-digit addition until a held-out accuracy threshold -> GRPO -> held-out
     evaluation of both on the same problems -> report with reward/accuracy curves and a
     before/after table. From --base (e.g. runs/speedrun), or pretraining first."""
@@ -115,7 +120,8 @@ def speedrun_rl(
     if out is not None:
         root, name = out.parent, out.name
     run(name, root, base, pretrain_minutes, sft_minutes, grpo_steps, grpo_minutes, threshold, eval_n,
-        threads, overwrite, log=typer.echo, precision=precision, compile=compile, optimizer=optimizer)
+        threads, overwrite, log=typer.echo, precision=precision, compile=compile, optimizer=optimizer,
+        fp4_experts_from=fp4_experts_from)
 
 
 def register(app: typer.Typer) -> None:

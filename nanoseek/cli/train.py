@@ -256,6 +256,7 @@ def speedrun(
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
         optimizer: Optional[str] = option(TrainConfig, "optimizer", None, default_note="adamw; with --resume, the run's own"),
+        fp4_experts_from: Optional[int] = option(TrainConfig, "fp4_experts_from"),
         no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")):
     """The whole pipeline on the embedded corpus with the tiny preset: tokenizer,
     pretraining, evaluation, report (about 5 minutes on a 2-core CPU, 7 minutes of training at most).
@@ -266,7 +267,8 @@ def speedrun(
     if out is not None:
         root, name = out.parent, out.name
     name = name or default_name(preset)
-    given = precision_given(resume, precision=precision, compile=compile, optimizer=optimizer)
+    given = precision_given(resume, precision=precision, compile=compile, optimizer=optimizer,
+                            fp4_experts_from=fp4_experts_from)
     try:
         run_speedrun(name, root, minutes, max_steps, progress=not no_progress, threads=threads,
                      resume=resume, overwrite=overwrite, preset_name=preset, compare=compare,

@@ -94,14 +94,15 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
                 grpo_minutes: float = 8.0,
                 threshold: float = 0.3, eval_n: int = 400, threads: int = 0, overwrite: bool = False,
                 log=print, stage_eval_n: int = 200, precision: str = "auto", compile: str = "auto",
-                progress: bool = True, optimizer: str = "adamw") -> Path:
+                progress: bool = True, optimizer: str = "adamw", fp4_experts_from: int | None = None) -> Path:
     """Every stage; returns the report's path. `base`: a pretrained checkpoint to start
     from (e.g. runs/speedrun) instead of pretraining here. `threads` for SFT and GRPO: 0 =
     adaptive (all cores, one when that is faster on a crowded machine: train/numerics/threads.py).
     `stage_eval_n`: held-out problems of the evaluations inside SFT and GRPO. `precision`,
     `compile`, `optimizer`: every training stage's (TrainConfig: pretraining when there is no
     `base`, SFT, GRPO's updates; the rollouts run in the engine's fp32). `progress`: every training
-    stage's bar on stderr (the stage lines go to `log`)."""
+    stage's bar on stderr (the stage lines go to `log`). `fp4_experts_from`: every training
+    stage's TrainConfig.fp4_experts_from (each stage counts its own steps)."""
     import torch
     from nanoseek.data.tasks import load_task
     from nanoseek.recipes.speedrun import speedrun
@@ -115,7 +116,7 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
     if base is None:
         log(f"[1/5] tokenizer + pretraining ({pretrain_minutes:g} min)")
         speedrun("pretrain", out, minutes=pretrain_minutes, progress=progress, log=lambda *a: None,
-                 precision=precision, compile=compile, optimizer=optimizer)
+                 precision=precision, compile=compile, optimizer=optimizer, fp4_experts_from=fp4_experts_from)
         base = out / "pretrain"
     else:
         log(f"[1/5] pretrained checkpoint: {base}")
@@ -127,7 +128,8 @@ def speedrun_rl(name: str = "speedrun-rl", root: str | Path = "runs", base: str 
         torch.set_num_threads(threads)
     log(f"[2/5] SFT on {RL_TASK} demonstrations until held-out accuracy >= {threshold:.0%} "
         f"(at most {sft_minutes:g} min)")
-    stage_train = dict(precision=precision, compile=compile, optimizer=optimizer, progress=progress)
+    stage_train = dict(precision=precision, compile=compile, optimizer=optimizer, progress=progress,
+                       fp4_experts_from=fp4_experts_from)
     sft = sft_stage(Path(base), out / "sft", threshold, sft_minutes, stage_eval_n, log, adapt, **stage_train)
     log(f"[3/5] GRPO from the SFT checkpoint: {grpo_steps} steps (at most {grpo_minutes:g} min)")
     grpo = grpo_stage(out / "sft", out / "grpo", grpo_steps, grpo_minutes, stage_eval_n, adapt, **stage_train)
