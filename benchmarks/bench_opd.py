@@ -27,7 +27,12 @@ starting student and both students, on both tasks. Last line:
 
     PYTHONPATH=. python benchmarks/bench_opd.py [--arith-teacher runs/speedrun-rl/grpo]
         [--tool-teacher DIR] [--pretrained runs/speedrun] [--minutes 40] [--batch-size 64]
-        [--generations 1] [--cold-start-steps 230] [--side-by-side] [--eval-n 100] [--out DIR]
+        [--generations 1] [--cold-start-steps 230] [--on-policy-lr 2e-4] [--side-by-side]
+        [--eval-n 100] [--out DIR] [--arms opd|offpolicy|opd,offpolicy]
+
+`--arms opd --out DIR` trains only the OPD student and reads the off-policy one from DIR
+(where an earlier or a concurrent run trains it): another OPD setting against the same
+baseline, without training the baseline again.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ def distil(student: Path, teachers: list[Path], out: Path, samples_from: str, ar
                         samples_from=samples_from, num_generations=args.generations,
                         eval_n=args.eval_n, max_completion_length=MAX_LEN,
                         cold_start_steps=args.cold_start_steps if samples_from == "student" else 0,
+                        on_policy_lr=args.on_policy_lr if samples_from == "student" else None,
                         train=rl_train_config(max_steps=100_000, batch_size=args.batch_size, lr=args.lr,
                                               warmup_steps=5, eval_every=args.eval_every,
                                               save_every=100_000, time_limit=args.minutes * 60,
@@ -116,6 +122,33 @@ def _arm(a: tuple) -> dict:
     return distil(*a)
 
 
+def train_arms(args, base: Path, teachers: list[Path], work: Path) -> tuple[dict, dict]:
+    """run.json of the OPD and the off-policy student: trained here (--arms), else read from
+    an earlier run in --out."""
+    arms = {"opd": (base, teachers, work / "opd", "student", args),
+            "offpolicy": (base, teachers, work / "offpolicy", "teacher", args)}
+    wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not wanted or set(wanted) - set(arms):
+        raise SystemExit(f"--arms {args.arms!r}: name opd and/or offpolicy")
+    todo = [arms[name] for name in wanted]
+    if args.side_by_side and len(todo) == 2:  # two processes at once: both see the same load
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=_threads,
+                                 initargs=(args.threads,)) as pool:
+            done = list(pool.map(_arm, todo))
+    else:
+        done = [_arm(a) for a in todo]
+    runs = dict(zip(wanted, done))
+    for name in set(arms) - set(wanted):  # read after training: another process may write it
+        found = work / name / "run.json"
+        run = json.loads(found.read_text()) if found.is_file() else {}
+        if not run.get("final_eval"):
+            raise SystemExit(f"--arms {args.arms!r} skips {name}, and {found} holds no finished run")
+        runs[name] = run
+    return runs["opd"], runs["offpolicy"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pretrained")
@@ -130,6 +163,11 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=1, help="completions per prompt")
     p.add_argument("--cold-start-steps", type=int, default=230,
                    help="OPD's first steps on the teachers' samples (DistillConfig.cold_start_steps)")
+    p.add_argument("--on-policy-lr", type=float,
+                   help="OPD's rate once the student samples (DistillConfig.on_policy_lr; default --lr)")
+    p.add_argument("--arms", default="opd,offpolicy",
+                   help="which students to train (opd, offpolicy); the other's result is read from "
+                   "--out once these are trained (an earlier or a concurrent run's)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="what --minutes counts: each run's own CPU seconds (equal budgets on a "
                    "shared machine; with --threads 1 the same as wall time when idle) or wall time")
@@ -152,16 +190,7 @@ def main() -> None:
     tasks = [("arithmetic", ARITH), ("tool_use", TOOL)]
     teacher_acc = {t: accuracy(d, t, o, args.eval_n) for d, (t, o) in zip(teachers, tasks)}
     log(f"teachers' held-out accuracy: {teacher_acc}")
-    arms = [(base, teachers, work / "opd", "student", args),
-            (base, teachers, work / "offpolicy", "teacher", args)]
-    if args.side_by_side:  # two processes at once: both arms see the same machine load
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=_threads,
-                                 initargs=(args.threads,)) as pool:
-            opd, off = pool.map(_arm, arms)
-    else:
-        opd, off = (_arm(a) for a in arms)
+    opd, off = train_arms(args, base, teachers, work)
     start = opd["start_eval"]
     acc = {name: {t: run["final_eval"][f"accuracy_{t}"] for t, _ in tasks}
            for name, run in (("opd", opd), ("offpolicy", off))}

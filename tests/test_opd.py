@@ -177,8 +177,24 @@ def test_cold_start_learns_from_the_teachers_samples_then_from_its_own(models, v
     assert cold["settings"]["cold_start_steps"] == 2
 
 
+def test_on_policy_steps_take_their_own_learning_rate(models, vowels, tmp_path):
+    """on_policy_lr: the cold start's steps keep the schedule's rate, the student's own
+    steps take on_policy_lr on the same schedule (here a quarter of --lr)."""
+    def lrs(name, **change):
+        cfg = dcfg(models, cold_start_steps=2, train=dict(max_steps=4, save_every=4), **change)
+        run = distill(tmp_path / name, cfg, progress=False, log=lambda *a: None)
+        return [r["lr"] for r in records(tmp_path / name)], run, cfg
+    plain, _, cfg = lrs("plain")
+    own, run, _ = lrs("own", on_policy_lr=cfg.train.lr / 4)
+    assert own[:2] == plain[:2] and all(p > 0 for p in plain)
+    assert own[2:] == pytest.approx([p / 4 for p in plain[2:]], rel=1e-9)
+    assert run["settings"]["on_policy_lr"] == cfg.train.lr / 4
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(cold_start_steps=2, samples_from="teacher"), "only for on-policy"),
+    (dict(on_policy_lr=1e-4, samples_from="teacher"), "on_policy_lr"),
+    (dict(on_policy_lr=0.0), "on_policy_lr"),
     (dict(cold_start_steps=3, num_iterations=2, train=dict(save_every=4)), "multiple of num_iterations"),
     (dict(cold_start_steps=-1), "cold_start_steps"),
     (dict(teachers=["x"]), "one --teacher per --task"),

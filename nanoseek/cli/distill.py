@@ -25,6 +25,7 @@ def distill(
         teacher_weight: Optional[list[float]] = typer.Option(None, "--teacher-weight", help="weight of teacher i's KL term (repeat, one per --teacher; default 1 each)"),
         samples_from: str = option(DistillConfig, "samples_from"),
         cold_start_steps: int = option(DistillConfig, "cold_start_steps"),
+        on_policy_lr: Optional[float] = option(DistillConfig, "on_policy_lr"),
         max_steps: int = option(TrainConfig, "max_steps", 100),
         batch_size: int = option(TrainConfig, "batch_size", 16, help="prompts per step, split evenly over the tasks"),
         num_generations: int = option(DistillConfig, "num_generations"),
@@ -70,7 +71,7 @@ def distill(
     cfg = DistillConfig(init=str(student or ""), teachers=[str(t) for t in teacher or []], tasks=tasks,
                         tasks_options=per_task_options(tasks, option or []),
                         teacher_weights=list(teacher_weight or []), samples_from=samples_from,
-                        cold_start_steps=cold_start_steps, train=train, num_generations=num_generations, temperature=temperature,
+                        cold_start_steps=cold_start_steps, on_policy_lr=on_policy_lr, train=train, num_generations=num_generations, temperature=temperature,
                         max_completion_length=max_completion_length, loss_type=loss_type,
                         mask_truncated_completions=mask_truncated_completions, eval_n=eval_n)
     run = run_distill(out, cfg, resume=resume, progress=not no_progress, log=typer.echo)

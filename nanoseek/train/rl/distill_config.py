@@ -30,6 +30,10 @@ class DistillConfig(RLConfig):
         "teacher) before the student samples: reverse KL barely moves a token the student never "
         "samples, so a student that does not yet write the teachers' format learns it first", lo=0,
         integer=True)
+    on_policy_lr: float | None = setting(
+        None, help="the learning rate of the steps where the student samples (after the cold "
+        "start), on the same schedule; unset: --lr. The cold start is SFT and takes SFT's rate; "
+        "the reverse-KL steps are RL-like updates on the student's own samples", lo=0, lo_open=True, optional=True)
     num_generations: int = setting(1, help="completions per prompt", lo=1, integer=True)
     beta: float = setting(0.0, help="unused by distillation (no reference model)", lo=0, hi=0)
 
@@ -67,7 +71,16 @@ class DistillConfig(RLConfig):
              "from the teachers' samples at every step already")
         need(self.cold_start_steps % self.num_iterations == 0, "cold_start_steps",
              f"must be a multiple of num_iterations={self.num_iterations} (whole rollouts)")
+        need(self.on_policy_lr is None or self.samples_from == "student", "on_policy_lr",
+             "only for on-policy distillation (--samples-from student): an off-policy run has "
+             "no on-policy steps")
         self.train.validate()
+
+    def lr_factor(self, step: int) -> float:
+        """What the schedule's rate is multiplied by at optimizer step `step` (0-based)."""
+        if self.on_policy_lr is None or self.off_policy(step):
+            return 1.0
+        return self.on_policy_lr / self.train.lr
 
     def off_policy(self, step: int) -> bool:
         """Whether optimizer step `step` (0-based) learns from the teachers' samples."""
