@@ -12,27 +12,30 @@ runs/speedrun; else a short pretraining here; any checkpoint, e.g. an SFT studen
 
 Then, for `--minutes` of training each (the loop's time limit, rollouts included; by
 default each run's own CPU seconds, `--clock cpu`, so that a busy machine does not shorten
-one arm; `--side-by-side` trains both at once, one process each):
+one arm; `--side-by-side` trains the arms at once, one process each):
   OPD          `nanoseek distill`: the first `--cold-start-steps` steps learn from the
                teachers' samples (a pretrained student never samples their format, and
                reverse KL barely moves a token the student does not sample), then the
                student samples and the prompt's teacher scores every token with the
                full-vocabulary reverse KL (train/rl/opd.py);
   off-policy   the same loop with `samples_from="teacher"` at every step: each teacher
-               samples its task's prompts, the student is trained by SFT on those samples.
+               samples its task's prompts, the student is trained by SFT on those samples;
+  off-policy late  the same on OPD's rates (`--lr` for the cold start's steps, then
+               `--on-policy-lr`, from that checkpoint): whether OPD's gain is the objective's
+               or the lower rate's.
 Held-out greedy accuracy (the same problems for every model) of both teachers, the
 starting student and both students, on both tasks. Last line:
     student_vs_teacher_min=<min over tasks of OPD student acc / teacher acc>
-    opd_vs_offpolicy=<OPD student's mean accuracy / off-policy student's>
+    opd_vs_offpolicy=<OPD student's mean accuracy / the better off-policy student's>
 
     PYTHONPATH=. python benchmarks/bench_opd.py [--arith-teacher runs/speedrun-rl/grpo]
         [--tool-teacher DIR] [--pretrained runs/speedrun] [--minutes 40] [--batch-size 64]
         [--generations 1] [--cold-start-steps 230] [--on-policy-lr 2e-4] [--side-by-side]
-        [--eval-n 100] [--out DIR] [--arms opd|offpolicy|opd,offpolicy]
+        [--eval-n 100] [--out DIR] [--arms opd,offpolicy,offpolicy_late]
 
-`--arms opd --out DIR` trains only the OPD student and reads the off-policy one from DIR
-(where an earlier or a concurrent run trains it): another OPD setting against the same
-baseline, without training the baseline again.
+`--arms opd --out DIR` trains only the OPD student and reads the others from DIR (where an
+earlier or a concurrent run trains them): another OPD setting against the same baselines,
+without training them again.
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ def accuracy(model_dir: Path, task: str, options: dict, n: int) -> float:
                          seed=0, split="test")["accuracy"]
 
 
-def distil(student: Path, teachers: list[Path], out: Path, samples_from: str, args) -> dict:
+def distil(student: Path, teachers: list[Path], out: Path, samples_from: str, args,
+           minutes: float | None = None, max_steps: int = 100_000, lr: float | None = None,
+           warmup_steps: int = 5) -> dict:
     from nanoseek.train.rl.config import rl_train_config
     from nanoseek.train.rl.distill import distill
     from nanoseek.train.rl.distill_config import DistillConfig
@@ -103,13 +108,31 @@ def distil(student: Path, teachers: list[Path], out: Path, samples_from: str, ar
                         eval_n=args.eval_n, max_completion_length=MAX_LEN,
                         cold_start_steps=args.cold_start_steps if samples_from == "student" else 0,
                         on_policy_lr=args.on_policy_lr if samples_from == "student" else None,
-                        train=rl_train_config(max_steps=100_000, batch_size=args.batch_size, lr=args.lr,
-                                              warmup_steps=5, eval_every=args.eval_every,
-                                              save_every=100_000, time_limit=args.minutes * 60,
+                        train=rl_train_config(max_steps=max_steps, batch_size=args.batch_size,
+                                              lr=lr or args.lr, warmup_steps=warmup_steps,
+                                              eval_every=args.eval_every, save_every=100_000,
+                                              time_limit=(minutes or args.minutes) * 60,
                                               clock=args.clock, seed=args.seed))
     t0 = time.perf_counter()
     run = distill(out, cfg, progress=False, log=log)
     run["wall_s"] = time.perf_counter() - t0
+    return run
+
+
+def offpolicy_late(student: Path, teachers: list[Path], out: Path, args) -> dict:
+    """The off-policy student on OPD's rates: `--cold-start-steps` steps at --lr (the OPD
+    run's cold start, step for step), then, from that checkpoint, off-policy steps at
+    --on-policy-lr for the rest of the budget (Adam's moments start afresh there, no warm-up).
+    Whether OPD's gain is the objective's or the lower rate's."""
+    if not args.on_policy_lr:
+        raise SystemExit("--arms offpolicy_late needs --on-policy-lr (the rate it drops to)")
+    first = distil(student, teachers, out / "cold", "teacher", args, max_steps=args.cold_start_steps)
+    left = args.minutes - first["summary"]["elapsed"] / 60
+    run = distil(out / "cold", teachers, out / "late", "teacher", args, minutes=max(left, 1 / 60),
+                 lr=args.on_policy_lr, warmup_steps=0)
+    run["summary"]["steps"] += first["summary"]["steps"]
+    run["start_eval"] = first["start_eval"]
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=str))
     return run
 
 
@@ -119,34 +142,38 @@ def _threads(n: int) -> None:
 
 
 def _arm(a: tuple) -> dict:
-    return distil(*a)
+    return offpolicy_late(*a[:3], a[4]) if a[3] == "teacher_late" else distil(*a)
 
 
-def train_arms(args, base: Path, teachers: list[Path], work: Path) -> tuple[dict, dict]:
-    """run.json of the OPD and the off-policy student: trained here (--arms), else read from
-    an earlier run in --out."""
-    arms = {"opd": (base, teachers, work / "opd", "student", args),
-            "offpolicy": (base, teachers, work / "offpolicy", "teacher", args)}
+ARMS = ("opd", "offpolicy", "offpolicy_late")
+
+
+def train_arms(args, base: Path, teachers: list[Path], work: Path) -> dict:
+    """run.json of each student: the arms in --arms trained here, the others read from --out
+    where an earlier (or a concurrent) run finished them; an arm found nowhere is left out,
+    except OPD and the plain off-policy student, which the last line needs."""
+    sampler = {"opd": "student", "offpolicy": "teacher", "offpolicy_late": "teacher_late"}
     wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not wanted or set(wanted) - set(arms):
-        raise SystemExit(f"--arms {args.arms!r}: name opd and/or offpolicy")
-    todo = [arms[name] for name in wanted]
-    if args.side_by_side and len(todo) == 2:  # two processes at once: both see the same load
+    if set(wanted) - set(ARMS):
+        raise SystemExit(f"--arms {args.arms!r}: name some of {', '.join(ARMS)}")
+    todo = [(base, teachers, work / name, sampler[name], args) for name in wanted]
+    if args.side_by_side and len(todo) > 1:  # processes at once: all see the same load
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=_threads,
+        with ProcessPoolExecutor(len(todo), mp_context=mp.get_context("spawn"), initializer=_threads,
                                  initargs=(args.threads,)) as pool:
             done = list(pool.map(_arm, todo))
     else:
         done = [_arm(a) for a in todo]
     runs = dict(zip(wanted, done))
-    for name in set(arms) - set(wanted):  # read after training: another process may write it
+    for name in set(ARMS) - set(wanted):  # read after training: another process may write it
         found = work / name / "run.json"
         run = json.loads(found.read_text()) if found.is_file() else {}
-        if not run.get("final_eval"):
+        if run.get("final_eval"):
+            runs[name] = run
+        elif name != "offpolicy_late":
             raise SystemExit(f"--arms {args.arms!r} skips {name}, and {found} holds no finished run")
-        runs[name] = run
-    return runs["opd"], runs["offpolicy"]
+    return runs
 
 
 def main() -> None:
@@ -163,11 +190,13 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=1, help="completions per prompt")
     p.add_argument("--cold-start-steps", type=int, default=230,
                    help="OPD's first steps on the teachers' samples (DistillConfig.cold_start_steps)")
-    p.add_argument("--on-policy-lr", type=float,
-                   help="OPD's rate once the student samples (DistillConfig.on_policy_lr; default --lr)")
-    p.add_argument("--arms", default="opd,offpolicy",
-                   help="which students to train (opd, offpolicy); the other's result is read from "
-                   "--out once these are trained (an earlier or a concurrent run's)")
+    p.add_argument("--on-policy-lr", type=float, default=2e-4,
+                   help="OPD's rate once the student samples (DistillConfig.on_policy_lr)")
+    p.add_argument("--arms", default="opd,offpolicy,offpolicy_late",
+                   help="which students to train: opd, offpolicy (SFT on the teachers' samples at "
+                   "--lr), offpolicy_late (the same on OPD's rates: --lr for the cold start's "
+                   "steps, then --on-policy-lr); the others' results are read from --out once these "
+                   "are trained (an earlier or a concurrent run's)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                    help="what --minutes counts: each run's own CPU seconds (equal budgets on a "
                    "shared machine; with --threads 1 the same as wall time when idle) or wall time")
@@ -190,21 +219,20 @@ def main() -> None:
     tasks = [("arithmetic", ARITH), ("tool_use", TOOL)]
     teacher_acc = {t: accuracy(d, t, o, args.eval_n) for d, (t, o) in zip(teachers, tasks)}
     log(f"teachers' held-out accuracy: {teacher_acc}")
-    opd, off = train_arms(args, base, teachers, work)
-    start = opd["start_eval"]
-    acc = {name: {t: run["final_eval"][f"accuracy_{t}"] for t, _ in tasks}
-           for name, run in (("opd", opd), ("offpolicy", off))}
-    acc["student_start"] = {t: start[f"accuracy_{t}"] for t, _ in tasks}
+    runs = train_arms(args, base, teachers, work)
+    acc = {name: {t: run["final_eval"][f"accuracy_{t}"] for t, _ in tasks} for name, run in runs.items()}
+    acc["student_start"] = {t: runs["opd"]["start_eval"][f"accuracy_{t}"] for t, _ in tasks}
     acc["teacher"] = teacher_acc
-    steps = {name: run["summary"]["steps"] for name, run in (("opd", opd), ("offpolicy", off))}
+    steps = {name: run["summary"]["steps"] for name, run in runs.items()}
     log(f"{'held-out greedy accuracy':<26}" + "".join(f"{t:>12}" for t, _ in tasks))
-    for name in ("teacher", "student_start", "opd", "offpolicy"):
+    for name in ("teacher", "student_start", *[a for a in ARMS if a in runs]):
         log(f"{name:<26}" + "".join(f"{acc[name][t]:>12.3f}" for t, _ in tasks))
     log(f"steps in {args.minutes} min: {steps}; loadavg at end: {open('/proc/loadavg').read().strip()}")
     ratios = [acc["opd"][t] / teacher_acc[t] for t, _ in tasks if teacher_acc[t] > 0]
     ratio = min(ratios) if len(ratios) == len(tasks) else float("nan")  # a teacher at 0: undefined
-    mean = {k: sum(acc[k].values()) / len(tasks) for k in ("opd", "offpolicy")}
-    vs = (mean["opd"] / mean["offpolicy"] if mean["offpolicy"]
+    mean = {k: sum(acc[k].values()) / len(tasks) for k in runs}
+    best_off = max(mean[k] for k in runs if k != "opd")  # the stronger off-policy student
+    vs = (mean["opd"] / best_off if best_off
           else float("nan") if not mean["opd"] else float("inf"))  # 0 / 0: undefined
     (work / "bench_opd.json").write_text(json.dumps({"accuracy": acc, "steps": steps,
                                                      "minutes": args.minutes}, indent=1))
