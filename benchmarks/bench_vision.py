@@ -20,7 +20,8 @@ scored on held-out pictures by how often it transcribes them exactly.
 3. The agent half (the model reads the picture, then calls its calculator) is a later part:
    `agent_accuracy` and `bare_accuracy` go on the same last line.
 
-The last line: `read_accuracy=… n=… steps=… image_feature_spread=…`.
+The last line: `read_accuracy=… n=… steps=… style=… image_feature_spread=…`. `--style plain`
+draws the pictures black on white near the centre (faces, sizes and noise still vary).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def train_reader(args) -> dict:
         shutil.rmtree(out)
     config = SFTConfig(
         init=str(args.init), task="rendered_arithmetic", task_examples=args.train_examples,
-        task_options=dict(TASK_OPTIONS), vision="tiny-vl", train_vision=args.train_vision,
+        task_options={**TASK_OPTIONS, "style": args.style}, vision="tiny-vl", train_vision=args.train_vision,
         epochs=1000.0,  # the clock ends the run
         train=sft_train_config(max_steps=args.max_steps, batch_size=args.batch_size, seq_len=160,
                                lr=args.lr, warmup_steps=20, time_limit=args.minutes * 60,
@@ -88,14 +89,14 @@ def feature_spread(model, pixel_values) -> float:
     return float((f - f.mean(0)).norm(dim=-1).mean() / f.norm(dim=-1).mean().clamp(min=1e-12))
 
 
-def read_accuracy(run_dir: Path, n: int, seed: int, batch: int = 50) -> dict:
-    """Greedy transcriptions of n held-out pictures, scored by exact match."""
+def read_accuracy(run_dir: Path, n: int, seed: int, batch: int = 50, style: str = "varied") -> dict:
+    """Greedy transcriptions of n held-out pictures (of `style`), scored by exact match."""
 
     from nanoseek.data.tasks import load_task
     from nanoseek.data.tasks.rendered_arithmetic import read_accuracy as score
     from nanoseek.model.vl import DeepseekVLForConditionalGeneration
     from nanoseek.text.tokenizer import load_tokenizer
-    task = load_task("rendered_arithmetic", **TASK_OPTIONS)
+    task = load_task("rendered_arithmetic", **TASK_OPTIONS, style=style)
     model = DeepseekVLForConditionalGeneration.from_pretrained(run_dir).eval()
     tok = load_tokenizer(run_dir)
     examples = task.examples("test", n, seed)
@@ -126,6 +127,10 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--frozen-vision", dest="train_vision", action="store_false",
                    help="keep the SigLIP tower as built (random here: it has never seen an image)")
+    p.add_argument("--style", choices=("varied", "plain"), default="varied",
+                   help="the pictures (rendered_arithmetic's style): varied (faces, sizes, noise, "
+                   "colours, slant, lines, blur, anywhere) or plain (faces, sizes and noise only; "
+                   "black on white near the centre)")
     p.add_argument("--test-n", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
@@ -138,13 +143,13 @@ def main(argv=None) -> dict:
     t0 = time.time()
     run = json.loads((Path(args.out) / "run.json").read_text()) if args.skip_train else train_reader(args)
     t1 = time.time()
-    result = read_accuracy(Path(args.out), args.test_n, args.seed)
+    result = read_accuracy(Path(args.out), args.test_n, args.seed, style=args.style)
     result.update(steps=run["summary"]["steps"], train_seconds=round(t1 - t0, 1),
                   eval_seconds=round(time.time() - t1, 1), threads=torch.get_num_threads(),
                   trainable_parameters=run.get("trainable_parameters"),
                   loss_before=run.get("loss_before"), loss_after=run.get("loss_after"))
     print(json.dumps(result, indent=1))
-    print(f"read_accuracy={result['read_accuracy']:.3f} n={result['n']} steps={result['steps']} "
+    print(f"read_accuracy={result['read_accuracy']:.3f} n={result['n']} steps={result['steps']} style={args.style} "
           f"image_feature_spread={result['image_feature_spread']:.4f}")
     return result
 

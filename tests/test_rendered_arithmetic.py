@@ -105,7 +105,28 @@ def test_fonts_found_and_the_default_face_always_there():
     assert {e.meta["render"]["font"] for e in only_default.examples("train", 10)} == {PIL_DEFAULT}
 
 
+def test_plain_style_is_black_on_white_upright_and_near_the_centre():
+    """style="plain": faces, sizes and noise vary; colours, slant, lines, blur do not, and the
+    ink stays within the middle of the picture. The varied style is unchanged by the option."""
+    import numpy as np
+    plain = load_task("rendered_arithmetic", style="plain", noise=0, image_size=[96, 64])
+    varied = load_task("rendered_arithmetic", image_size=[96, 64])
+    exs = plain.examples("train", 30)
+    styles = [e.meta["render"] for e in exs]
+    assert all(s["background"] == [255, 255, 255] and s["foreground"] == [0, 0, 0] and s["angle"] == 0
+               and s["blur"] == 0 and s["plain"] for s in styles)
+    assert len({s["font"] for s in styles}) > 3 and len({s["font_px"] for s in styles}) > 3
+    for e in exs:
+        ink = np.asarray(plain.image(e).convert("L")) < 128
+        assert ink.any()
+        rows, cols = np.nonzero(ink)
+        assert abs((rows.min() + rows.max()) / 2 - 32) < 12 and abs((cols.min() + cols.max()) / 2 - 48) < 16
+    assert [e.meta["render"]["plain"] for e in varied.examples("train", 3)] == [False] * 3
+    assert varied.examples("train", 3)[0].meta["image"] != plain.examples("train", 3)[0].meta["image"]
+
+
 @pytest.mark.parametrize("options,message", [
+    ({"style": "fancy"}, "style='fancy' must be one of"),
     ({"image_size": [8, 8]}, "image_size"),
     ({"image_size": "big"}, "image_size"),
     ({"digits": 6, "image_size": [64, 32]}, "cannot hold 6-digit"),

@@ -2,7 +2,7 @@
 for vision-language models.
 
 `load_task("rendered_arithmetic", digits=2, ops="+", image_size=[192, 64], noise=0.08,
-target="result")`.
+target="result", style="varied")`.
 Each problem of `arithmetic` is drawn with PIL in a face chosen among the fonts this machine
 has (DejaVu and Liberation TTFs from the system and from matplotlib's data, and PIL's default
 face), at a random size, place, slant and colour pair, with faint distracting lines, blur and
@@ -21,6 +21,11 @@ Held-out images are never training images, twice over: the split is decided by t
 (arithmetic's canonical key, so 3+5 and 5+3 fall on the same side) and every rendering seed
 carries its split in its lowest bit. The pixels depend on the fonts found; `meta["render"]`
 names the face each image was drawn in.
+
+`style="plain"` keeps the face, size and noise varying and drops the rest: black on white,
+no slant, lines or blur, the expression within a fifth of the free room around the centre.
+A vision tower trained from scratch reads these far sooner than the varied ones
+(docs/post-training.md measures both).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from nanoseek.text.images import content_hash, decode_image, image_url_part, png
 PROMPT = "Compute what the image shows. " + FORMAT_HINT.format(what="result")
 READ_PROMPT = "Write the expression the image shows in <answer></answer>."
 TARGETS = ("result", "reading")
+STYLES = ("varied", "plain")
 READING = re.compile(r"The image shows (-?\d+) ([-+*]) (-?\d+)\.")
 PIL_DEFAULT = "pil-default"
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
@@ -53,9 +59,12 @@ MIN_FONT_PX = 12
 
 class RenderedArithmetic(Arithmetic):
     def __init__(self, digits: int = 2, ops: str = OPS, image_size=(192, 64), noise: float = 0.08,
-                 fonts: list[str] | None = None, target: str = "result", **options):
+                 fonts: list[str] | None = None, target: str = "result", style: str = "varied", **options):
         if target not in TARGETS:
             raise TaskError(f"task rendered_arithmetic: target={target!r} must be one of {TARGETS}")
+        if style not in STYLES:
+            raise TaskError(f"task rendered_arithmetic: style={style!r} must be one of {STYLES}")
+        self.style = style
         self.target = target
         if target == "reading":
             options.setdefault("format_weight", 0.0)  # no <think> block to reward
@@ -94,8 +103,9 @@ class RenderedArithmetic(Arithmetic):
     def rendered(self, ex: Example, seed: int) -> Example:
         """The arithmetic example with its picture and a demonstration that reads it first."""
         a, op, b = ex.meta["a"], ex.meta["op"], ex.meta["b"]
-        image, style = render(a, op, b, seed, self.image_size, self.fonts, self.noise)
-        meta = dict(ex.meta, image=png_bytes(image), image_sha256=content_hash(image), render=style)
+        image, drawn = render(a, op, b, seed, self.image_size, self.fonts, self.noise,
+                              plain=self.style == "plain")
+        meta = dict(ex.meta, image=png_bytes(image), image_sha256=content_hash(image), render=drawn)
         if self.target == "reading":
             reading = f"{a} {op} {b}"
             return Example(READ_PROMPT, reading, f"{ANSWER}{reading}{END_ANSWER}", meta)
@@ -134,8 +144,9 @@ def render_seed(name: str, split: str, seed: int, index: int) -> int:
 
 
 def render(a: int, op: str, b: int, seed: int, size: tuple[int, int], fonts: tuple[str, ...],
-           noise: float) -> tuple[Image.Image, dict]:
-    """(RGB image, the style it was drawn in) of `a op b`, all choices from `seed`."""
+           noise: float, plain: bool = False) -> tuple[Image.Image, dict]:
+    """(RGB image, the style it was drawn in) of `a op b`, all choices from `seed`. plain:
+    black on white, upright, no lines or blur, near the centre (face, size, noise still vary)."""
     rng = np.random.default_rng(seed)
     w, h = size
     face = fonts[int(rng.integers(len(fonts)))]
@@ -146,23 +157,25 @@ def render(a: int, op: str, b: int, seed: int, size: tuple[int, int], fonts: tup
     gaps = [float(rng.uniform(0.15, 0.6)) * px for _ in range(2)]
     widths = [font.getlength(t) for t in tokens]
     span = sum(widths) + sum(gaps)
-    x = float(rng.uniform(2, max(2.0, w - span - 2)))
-    y = float(rng.uniform(px / 2 + 2, max(px / 2 + 2, h - px / 2 - 2)))
+    x, y = _place(rng, w, h, span, px, spread=0.2 if plain else 1.0)
+    bob = 0.0 if plain else 0.06
     mask = Image.new("L", size, 0)
     pen = ImageDraw.Draw(mask)
     for t, tw, gap in zip(tokens, widths, gaps + [0.0]):
-        pen.text((x, y + float(rng.uniform(-0.06, 0.06)) * px), t, fill=255, font=font, anchor="lm")
+        pen.text((x, y + float(rng.uniform(-bob, bob)) * px), t, fill=255, font=font, anchor="lm")
         x += tw + gap
-    angle = float(rng.uniform(-5, 5))
-    mask = mask.rotate(angle, resample=Image.BICUBIC, center=(w / 2, h / 2))
-    bg, fg = _colours(rng)
+    angle = 0.0 if plain else float(rng.uniform(-5, 5))
+    if angle:
+        mask = mask.rotate(angle, resample=Image.BICUBIC, center=(w / 2, h / 2))
+    bg, fg = ((255, 255, 255), (0, 0, 0)) if plain else _colours(rng)
     canvas = Image.new("RGB", size, bg)
-    lines = ImageDraw.Draw(canvas)
-    faint = tuple(int(0.75 * c + 0.25 * d) for c, d in zip(bg, fg))
-    for _ in range(int(rng.integers(0, 3))):
-        lines.line([(float(rng.uniform(0, w)), float(rng.uniform(0, h))) for _ in range(2)], fill=faint, width=1)
+    if not plain:
+        lines = ImageDraw.Draw(canvas)
+        faint = tuple(int(0.75 * c + 0.25 * d) for c, d in zip(bg, fg))
+        for _ in range(int(rng.integers(0, 3))):
+            lines.line([(float(rng.uniform(0, w)), float(rng.uniform(0, h))) for _ in range(2)], fill=faint, width=1)
     canvas = Image.composite(Image.new("RGB", size, fg), canvas, mask)
-    blur = float(rng.uniform(0, 0.8)) if rng.random() < 0.5 else 0.0
+    blur = 0.0 if plain else float(rng.uniform(0, 0.8)) if rng.random() < 0.5 else 0.0
     if blur:
         canvas = canvas.filter(ImageFilter.GaussianBlur(blur))
     sigma = float(rng.uniform(0, noise)) * 255
@@ -170,8 +183,18 @@ def render(a: int, op: str, b: int, seed: int, size: tuple[int, int], fonts: tup
     image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
     style = {"seed": seed, "font": Path(face).stem if face != PIL_DEFAULT else face, "font_px": px,
              "angle": round(angle, 2), "background": list(bg), "foreground": list(fg),
-             "blur": round(blur, 2), "noise_sigma": round(sigma, 2)}
+             "blur": round(blur, 2), "noise_sigma": round(sigma, 2), "plain": plain}
     return image, style
+
+
+def _place(rng, w: int, h: int, span: float, px: int, spread: float) -> tuple[float, float]:
+    """Where the expression starts (x) and its middle line (y): anywhere it fits (spread 1)
+    or within `spread` of the free room on either side of the centre."""
+    x_lo, x_hi = 2.0, max(2.0, w - span - 2)
+    y_lo, y_hi = px / 2 + 2, max(px / 2 + 2, h - px / 2 - 2)
+    x_mid, y_mid = (x_lo + x_hi) / 2, (y_lo + y_hi) / 2
+    return (float(rng.uniform(x_mid - spread * (x_mid - x_lo), x_mid + spread * (x_hi - x_mid))),
+            float(rng.uniform(y_mid - spread * (y_mid - y_lo), y_mid + spread * (y_hi - y_mid))))
 
 
 def _colours(rng) -> tuple[tuple[int, ...], tuple[int, ...]]:
