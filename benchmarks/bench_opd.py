@@ -124,8 +124,9 @@ def offpolicy_late(student: Path, teachers: list[Path], out: Path, args) -> dict
     run's cold start, step for step), then, from that checkpoint, off-policy steps at
     --on-policy-lr for the rest of the budget (Adam's moments start afresh there, no warm-up).
     Whether OPD's gain is the objective's or the lower rate's."""
-    if not args.on_policy_lr:
-        raise SystemExit("--arms offpolicy_late needs --on-policy-lr (the rate it drops to)")
+    if not args.on_policy_lr or args.cold_start_steps < 1:
+        raise SystemExit("--arms offpolicy_late needs --on-policy-lr (the rate it drops to) and "
+                         "--cold-start-steps >= 1 (when it drops)")
     first = distil(student, teachers, out / "cold", "teacher", args, max_steps=args.cold_start_steps)
     left = args.minutes - first["summary"]["elapsed"] / 60
     run = distil(out / "cold", teachers, out / "late", "teacher", args, minutes=max(left, 1 / 60),
