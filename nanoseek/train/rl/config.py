@@ -88,6 +88,11 @@ class RLConfig:
              "passes over one rollout would resume with a different rollout)")
         self.train.validate()
 
+    def lr_factor(self, step: int) -> float:
+        """What the schedule's rate is multiplied by at optimizer step `step` (0-based): 1
+        here; distillation's on-policy steps may have a rate of their own (DistillConfig)."""
+        return 1.0
+
     @property
     def eps_high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high

@@ -263,10 +263,8 @@ class RLTrainer(Trainer):
         self.stage = stage
 
     def lr(self, step: int) -> float:
-        """The schedule's rate times the run's factor for this step (distillation's on-policy
-        steps may have a rate of their own: DistillConfig.lr_factor)."""
-        factor = getattr(self.stage.cfg, "lr_factor", None)
-        return super().lr(step) * (factor(step) if factor else 1.0)
+        """The schedule's rate times the run's factor for this step (RLConfig.lr_factor)."""
+        return super().lr(step) * self.stage.cfg.lr_factor(step)
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
