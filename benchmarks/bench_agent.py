@@ -143,11 +143,11 @@ def held_out_accuracies(run: Path) -> list[tuple[int, float]]:
 class Served:
     """nanoseek's server over the checkpoint, on a free local port, in a thread."""
 
-    def __init__(self, run: Path):
+    def __init__(self, run: Path, name: str = MODEL):
         import uvicorn
         from nanoseek.engine import AsyncLLM
         from nanoseek.serve.app import create_app
-        self.app = create_app(AsyncLLM(run, kv_cache_memory=2**26, speculative=False), MODEL)
+        self.app = create_app(AsyncLLM(run, kv_cache_memory=2**26, speculative=False), name)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"

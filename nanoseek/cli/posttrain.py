@@ -70,6 +70,8 @@ def sft(
         merge: bool = option(SFTConfig, "merge", FROM_FIELD, "--merge"),
         vision: Optional[str] = option(SFTConfig, "vision", None, "--vision"),
         train_vision: bool = option(SFTConfig, "train_vision", FROM_FIELD, "--train-vision"),
+        tower_reading_steps: int = option(SFTConfig, "tower_reading_steps", FROM_FIELD, "--tower-reading-steps"),
+        tower_reading_minutes: float = option(SFTConfig, "tower_reading_minutes", FROM_FIELD, "--tower-reading-minutes"),
         seed: Optional[int] = option(TrainConfig, "seed", None, help="data order and held-out split", default_note="1337"),
         precision: Optional[str] = precision_option(),
         compile: Optional[str] = compile_option(),
@@ -83,7 +85,8 @@ def sft(
     """Supervised fine-tuning on chat data: DeepSeek-V3's chat template, loss on the
     assistant's tokens only, packing; full, LoRA or QLoRA; resumable; on several
     processes with --nproc. Rows with images train a DeepSeek-VL model (--vision tiny-vl
-    adds a vision tower to --model)."""
+    adds a vision tower to --model; --tower-reading-minutes first teaches that fresh tower to
+    read a task's pictures)."""
     parallel.launch("sft", nproc, ep, tp, pp)
     init = _start(model, init)
     from nanoseek.cli.common import task_options
@@ -94,6 +97,7 @@ def sft(
         task_options=task_options(option or []),
         epochs=epochs, packing=not no_packing, val_fraction=val_fraction, merge=merge,
         eval_task_n=eval_n, stop_at_accuracy=stop_at_accuracy, vision=vision, train_vision=train_vision,
+        tower_reading_steps=tower_reading_steps, tower_reading_minutes=tower_reading_minutes,
         lora=_lora(lora, qlora, lora_r, lora_alpha, lora_targets),
         train=sft_train_config(**_train(max_steps=max_steps, batch_size=batch_size, seq_len=seq_len,
                                         grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,

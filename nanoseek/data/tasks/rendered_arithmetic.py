@@ -15,7 +15,13 @@ the instruction; the demonstration first reads the picture, then works the colum
 
 `target="reading"` asks for the transcription alone: the prompt asks what the image shows
 and the demonstration is `<answer>47 + 38</answer>` (scored by exact match, `read_accuracy`):
-the reading half of a picture-to-calculator agent.
+the reading half of a picture-to-calculator agent. `target="tool"` is the whole agent, in
+tool_use's format: the system prompt offers the calculator, the user's message is the
+instruction then the picture (as `nanoseek agent --image` sends them), and the demonstration
+reads the picture into a call, takes the tool's output and answers:
+
+    <think> The image shows 47 + 38. </think> calculator({"expression": "47 + 38"})
+    tool: 85    ->    <answer>85</answer>
 
 Held-out images are never training images, twice over: the split is decided by the problem
 (arithmetic's canonical key, so 3+5 and 5+3 fall on the same side) and every rendering seed
@@ -33,20 +39,24 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from nanoseek.data.tasks.arithmetic import OPS, Arithmetic, add_steps, mul_steps, sub_steps
+from nanoseek.data.tasks.arithmetic import OPS, Arithmetic, add_steps, apply, mul_steps, sub_steps
 from nanoseek.data.tasks.base import FORMAT_HINT, Example, TaskError
 from nanoseek.data.tasks.rewards import ANSWER, END_ANSWER, answer_of, r1_response
+from nanoseek.data.tasks.tool_use import SYSTEM as TOOL_SYSTEM, tool_accuracy, tool_format
+from nanoseek.text.special_tokens import END_THINK, THINK
 from nanoseek.text.images import content_hash, decode_image, image_url_part, png_bytes
 
 PROMPT = "Compute what the image shows. " + FORMAT_HINT.format(what="result")
 READ_PROMPT = "Write the expression the image shows in <answer></answer>."
-TARGETS = ("result", "reading")
+TOOL_PROMPT = "Compute what the image shows. Use the calculator, then give the result in <answer></answer>."
+TARGETS = ("result", "reading", "tool")
 STYLES = ("varied", "plain")
 READING = re.compile(r"The image shows (-?\d+) ([-+*]) (-?\d+)\.")
 PIL_DEFAULT = "pil-default"
@@ -68,6 +78,8 @@ class RenderedArithmetic(Arithmetic):
         self.target = target
         if target == "reading":
             options.setdefault("format_weight", 0.0)  # no <think> block to reward
+        if target == "tool":
+            self.system = TOOL_SYSTEM
         try:
             super().__init__(digits=digits, ops=ops, **options)
         except TaskError as e:  # arithmetic's checks, named for this task
@@ -77,6 +89,10 @@ class RenderedArithmetic(Arithmetic):
         if target == "reading":
             self.max_tokens = 8 + 4 * digits
             self.rewarder.accuracy = lambda ex, c: read_accuracy(c, ex.answer)
+        if target == "tool":
+            self.max_tokens = 64  # per turn: the call, then the answer
+            self.rewarder.accuracy = lambda ex, c: tool_accuracy(c, ex.answer)
+            self.rewarder.format = tool_format
         self.image_size = _image_size(image_size)
         if not isinstance(noise, (int, float)) or not 0 <= noise <= 0.5:
             raise TaskError(f"task rendered_arithmetic: noise={noise!r} must be a number in [0, 0.5]")
@@ -100,6 +116,18 @@ class RenderedArithmetic(Arithmetic):
         return [self.rendered(ex, render_seed(self.name, split, seed, i))
                 for i, ex in enumerate(super().examples(split, n, seed))]
 
+    def pictures(self, split: str, n: int, seed: int = 0) -> list[tuple[Image.Image, str]]:
+        """(picture, transcription "47 + 38") of the problems `examples(split, n, seed)` holds,
+        drawn from the same rendering seeds, without the PNG round trip: what the vision
+        tower's reading stage trains on (train/posttrain/tower_reading.py)."""
+        out = []
+        for i, ex in enumerate(super().examples(split, n, seed)):
+            a, op, b = ex.meta["a"], ex.meta["op"], ex.meta["b"]
+            image, _ = render(a, op, b, render_seed(self.name, split, seed, i), self.image_size,
+                              self.fonts, self.noise, plain=self.style == "plain")
+            out.append((image, f"{a} {op} {b}"))
+        return out
+
     def rendered(self, ex: Example, seed: int) -> Example:
         """The arithmetic example with its picture and a demonstration that reads it first."""
         a, op, b = ex.meta["a"], ex.meta["op"], ex.meta["b"]
@@ -109,18 +137,42 @@ class RenderedArithmetic(Arithmetic):
         if self.target == "reading":
             reading = f"{a} {op} {b}"
             return Example(READ_PROMPT, reading, f"{ANSWER}{reading}{END_ANSWER}", meta)
+        if self.target == "tool":
+            value = str(apply(a, op, b))
+            return Example(TOOL_PROMPT, value, None, dict(meta, turns=calculator_turns(f"{a} {op} {b}", value)))
         steps = {"+": add_steps, "-": sub_steps, "*": mul_steps}[op](a, b)
         response = r1_response("\n".join([f"The image shows {a} {op} {b}."] + steps), ex.answer)
         return Example(PROMPT, ex.answer, response, meta)
 
     def prompt_messages(self, example: Example) -> list[dict]:
-        """The picture as an OpenAI image_url part (PNG data: URL), then the instruction."""
-        parts = [image_url_part(example.meta["image"]), {"type": "text", "text": example.prompt}]
-        return [{"role": "user", "content": parts}]
+        """The picture as an OpenAI image_url part (PNG data: URL), then the instruction;
+        target "tool": the system's tool note, the instruction, then the picture, as
+        `nanoseek agent --image` sends them (agent/loop.py)."""
+        picture, text = image_url_part(example.meta["image"]), {"type": "text", "text": example.prompt}
+        if self.target == "tool":
+            return [{"role": "system", "content": self.system}, {"role": "user", "content": [text, picture]}]
+        return [{"role": "user", "content": [picture, text]}]
+
+    def messages(self, example: Example) -> list[dict]:
+        """The conversation with its demonstration (target "tool": the call, the tool's
+        output, the answer)."""
+        if self.target == "tool":
+            return self.prompt_messages(example) + example.meta["turns"]
+        return super().messages(example)
 
     @staticmethod
     def image(example: Example) -> Image.Image:
         return decode_image(example.meta["image"]).image
+
+
+def calculator_turns(expression: str, value: str) -> list[dict]:
+    """The picture read into a calculator call, the tool's output, the answer."""
+    call = {"id": "call_0", "type": "function", "function": {
+        "name": "calculator", "arguments": json.dumps({"expression": expression})}}
+    return [{"role": "assistant", "content": f"{THINK}\nThe image shows {expression}.\n{END_THINK}",
+             "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_0", "content": value},
+            {"role": "assistant", "content": f"{ANSWER}{value}{END_ANSWER}"}]
 
 
 def reading_of(completion: str) -> tuple[int, str, int] | None:

@@ -83,6 +83,12 @@ class SFTConfig:
     vision: str | None = setting(None, help="add this vision tower (tiny-vl) to --model's language "
                                  "model: a DeepSeek-VL model trained on rows with images")
     train_vision: bool = setting(False, help="images: train the vision tower too (frozen by default)")
+    tower_reading_steps: int = setting(
+        0, help="images, --task: first teach the vision tower alone to transcribe the task's pictures "
+        "for this many steps (a reading head on the tower; 0: no such stage unless --tower-reading-minutes)",
+        lo=0, integer=True)
+    tower_reading_minutes: float = setting(
+        0.0, help="images, --task: the tower's reading stage for this many minutes (0: no time limit)", lo=0)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=sft_train_config)
 
@@ -98,6 +104,9 @@ class SFTConfig:
         if self.stop_at_accuracy is not None and not (self.task and self.eval_task_n and self.train.eval_every):
             raise ValueError("--stop-at-accuracy needs --task, --eval-n > 0 and --eval-every > 0 "
                              "(the accuracy it stops on is measured at each evaluation)")
+        if (self.tower_reading_steps or self.tower_reading_minutes) and not self.task:
+            raise ValueError("--tower-reading-steps/--tower-reading-minutes teach the vision tower on a "
+                             "task's pictures and their transcriptions: give --task rendered_arithmetic")
         self.lora.validate()
 
 

@@ -82,6 +82,35 @@ def freeze(model, train_vision: bool) -> dict[str, int]:
     return trainable_counts(model)
 
 
+def tower_reading_stage(model, config, out_dir: Path, resume: bool, log) -> dict | None:
+    """The tower's reading stage (tower_reading.py) when asked for; a resumed run's tower
+    comes from its checkpoint instead. Returns the stage's record, or None."""
+    if not (config.tower_reading_steps or config.tower_reading_minutes):
+        return None
+    from nanoseek.train.run.train_state import STATE_FILE
+    if resume and (out_dir / STATE_FILE).exists():
+        log("tower reading: resumed run, the tower comes from its checkpoint")
+        return earlier_record(out_dir, "tower_reading")
+    from nanoseek.model.vl.vl_image import image_processor
+    from nanoseek.train.posttrain.tower_reading import TowerReadingError, teach_tower_to_read
+    task = load_task_lazily(config.task, **config.task_options)
+    processor = image_processor(config.init if not config.vision else None, model.config.vision.image_size)
+    try:
+        return teach_tower_to_read(model.vision_model, task, processor, steps=config.tower_reading_steps,
+                                   minutes=config.tower_reading_minutes, seed=config.train.seed, log=log)
+    except TowerReadingError as e:
+        raise VisionSFTError(f"--tower-reading: {e}") from None
+
+
+def earlier_record(out_dir: Path, key: str):
+    """`key` of the run.json a resumed run wrote before, or None."""
+    import json
+    try:
+        return json.loads((out_dir / "run.json").read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
 def trainable_counts(model) -> dict[str, int]:
     """Trainable parameters of each part (vision tower, aligner, language model)."""
     return {part: sum(p.numel() for p in getattr(model, attr).parameters() if p.requires_grad)
@@ -104,6 +133,9 @@ def refuse_images_for_text_model(config) -> None:
     """A text-only `--model` given rows with images (or --train-vision): one error naming the
     first such row and what to do instead."""
     from nanoseek.data.chat_images import first_image_row
+    if config.tower_reading_steps or config.tower_reading_minutes:
+        raise VisionSFTError(f"--tower-reading-steps/--tower-reading-minutes: --model {config.init} is a "
+                             "text-only model (no vision tower); add one with --vision tiny-vl")
     if config.train_vision:
         raise VisionSFTError(f"--train-vision: --model {config.init} is a text-only model (no vision "
                              "tower); give a DeepSeek-VL checkpoint or add one with --vision tiny-vl")
@@ -185,10 +217,11 @@ def vision_sft(out_dir: Path, config, resume: bool, max_steps: int | None, progr
     if config.train.seq_len > model.config.text.max_position_embeddings:
         raise RunError(f"--seq-len {config.train.seq_len} exceeds the model's context "
                        f"({model.config.text.max_position_embeddings})")
-    trainable = freeze(model, config.train_vision)
     train_convs, val_convs = split(conversations(config), config.val_fraction, config.train.seed)
-    data = windows_of(train_convs, model, tok, config)
+    data = windows_of(train_convs, model, tok, config)  # bad rows are refused before any training
     val = windows_of(val_convs, model, tok, config) if val_convs else None
+    reading = tower_reading_stage(model, config, out_dir, resume, log)
+    trainable = freeze(model, config.train_vision)
     if not config.train.max_steps:
         t = config.train
         config.train.max_steps = max(1, math.ceil(config.epochs * len(data) / (t.batch_size * t.grad_accum)))
@@ -204,6 +237,7 @@ def vision_sft(out_dir: Path, config, resume: bool, max_steps: int | None, progr
         + ", ".join(f"{k} {v:,}" for k, v in trainable.items())
         + f"; loss on assistant tokens {before:.4f}")
     run = write_run(out_dir, config, data=data.meta, loss_before=before, trainable_parameters=trainable,
+                    **({"tower_reading": reading} if reading else {}),
                     precision=trainer.precision, precision_reason=trainer.precision_reason)
     save_tokenizer(tok, out_dir)
     run["summary"] = trainer.fit()
