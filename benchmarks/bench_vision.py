@@ -49,9 +49,9 @@ BARE_SYSTEM = "Answer with the exact result."
 SEQ_LEN = {"reading": 160, "tool": 176}  # reading: two conversations a window; tool: one
 
 
-def task_of(args, style: str | None = None):
+def task_of(args):
     from nanoseek.data.tasks import load_task
-    return load_task("rendered_arithmetic", **TASK_OPTIONS, target=args.target, style=style or args.style)
+    return load_task("rendered_arithmetic", **TASK_OPTIONS, target=args.target, style=args.style)
 
 
 def train(args) -> dict:
