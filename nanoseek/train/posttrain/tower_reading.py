@@ -6,12 +6,12 @@ tower starts from random weights (no pretrained tower is available offline), and
 signal, through the aligner and the language model, is too weak to teach it to see: a
 tower trained inside SFT stays at chance on the task's pictures (docs/post-training.md).
 This stage is the tower's pretraining, cut down to what the task needs. The tower's last
-hidden states (one row per patch, all patches flattened) go through one linear layer, the
-*reading head*, that names each character of the picture's transcription: slot i holds the
-i-th character of "47 + 38" or the end mark. Cross-entropy over the slots, fresh pictures
-every step from the task's training split (the test split is never drawn), AdamW (64
-pictures a step at 2e-3: measured ahead of 32 at 1e-3 per CPU minute) with a linear
-warm-up and a cosine decay over the stage's steps or minutes, whichever ends first.
+hidden states (one row per patch) go through a *reading head* that names each character of
+the picture's transcription: slot i holds the i-th character of "47 + 38" or the end mark.
+Cross-entropy over the slots, fresh pictures every step from the task's training split (the
+test split is never drawn), AdamW (64 pictures a step at 2e-3: measured ahead of 32 at 1e-3
+in the same minutes on one core) with a linear warm-up and a cosine decay over the stage's
+steps or minutes, whichever ends first.
 Afterwards the head is dropped and the tower goes on to SFT, frozen there unless
 `--train-vision`: the language model learns to read the tower's rows, not a moving target.
 
