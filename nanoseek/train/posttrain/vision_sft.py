@@ -90,7 +90,8 @@ def tower_reading_stage(model, config, out_dir: Path, resume: bool, log) -> dict
     from nanoseek.train.run.train_state import STATE_FILE
     if resume and (out_dir / STATE_FILE).exists():
         log("tower reading: resumed run, the tower comes from its checkpoint")
-        return earlier_record(out_dir, "tower_reading")
+        from nanoseek.train.run.run_dir import read_run_json
+        return (read_run_json(out_dir) or {}).get("tower_reading")
     from nanoseek.model.vl.vl_image import image_processor
     from nanoseek.train.posttrain.tower_reading import TowerReadingError, teach_tower_to_read
     task = load_task_lazily(config.task, **config.task_options)
@@ -100,15 +101,6 @@ def tower_reading_stage(model, config, out_dir: Path, resume: bool, log) -> dict
                                    minutes=config.tower_reading_minutes, seed=config.train.seed, log=log)
     except TowerReadingError as e:
         raise VisionSFTError(f"--tower-reading: {e}") from None
-
-
-def earlier_record(out_dir: Path, key: str):
-    """`key` of the run.json a resumed run wrote before, or None."""
-    import json
-    try:
-        return json.loads((out_dir / "run.json").read_text()).get(key)
-    except (OSError, ValueError):
-        return None
 
 
 def trainable_counts(model) -> dict[str, int]:
