@@ -92,6 +92,11 @@ class SFTConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=sft_train_config)
 
+    @property
+    def tower_reading(self) -> bool:
+        """Whether the run starts with the vision tower's reading stage."""
+        return bool(self.tower_reading_steps or self.tower_reading_minutes)
+
     def validate(self) -> None:
         check_settings(self, "SFT")
         if bool(self.data) == bool(self.task):
@@ -104,7 +109,7 @@ class SFTConfig:
         if self.stop_at_accuracy is not None and not (self.task and self.eval_task_n and self.train.eval_every):
             raise ValueError("--stop-at-accuracy needs --task, --eval-n > 0 and --eval-every > 0 "
                              "(the accuracy it stops on is measured at each evaluation)")
-        if (self.tower_reading_steps or self.tower_reading_minutes) and not self.task:
+        if self.tower_reading and not self.task:
             raise ValueError("--tower-reading-steps/--tower-reading-minutes teach the vision tower on a "
                              "task's pictures and their transcriptions: give --task rendered_arithmetic")
         self.lora.validate()

@@ -97,8 +97,7 @@ def _sft(out_dir: Path, config: SFTConfig, resume: bool, max_steps: int | None, 
     config, device, model, tok = start_stage(out_dir, config, resume, max_steps, rank_device)
     if rank_device is not None:
         _check_distributable(config, parallel)
-    if (config.train_vision or config.task == "rendered_arithmetic" or config.tower_reading_steps
-            or config.tower_reading_minutes):
+    if config.train_vision or config.task == "rendered_arithmetic" or config.tower_reading:
         vision.refuse_images_for_text_model(config)
     convs = conversations_of(config)
     if any(map(image_parts, convs)):

@@ -85,7 +85,7 @@ def freeze(model, train_vision: bool) -> dict[str, int]:
 def tower_reading_stage(model, config, out_dir: Path, resume: bool, log) -> dict | None:
     """The tower's reading stage (tower_reading.py) when asked for; a resumed run's tower
     comes from its checkpoint instead. Returns the stage's record, or None."""
-    if not (config.tower_reading_steps or config.tower_reading_minutes):
+    if not config.tower_reading:
         return None
     from nanoseek.train.run.train_state import STATE_FILE
     if resume and (out_dir / STATE_FILE).exists():
@@ -125,7 +125,7 @@ def refuse_images_for_text_model(config) -> None:
     """A text-only `--model` given rows with images (or --train-vision): one error naming the
     first such row and what to do instead."""
     from nanoseek.data.chat_images import first_image_row
-    if config.tower_reading_steps or config.tower_reading_minutes:
+    if config.tower_reading:
         raise VisionSFTError(f"--tower-reading-steps/--tower-reading-minutes: --model {config.init} is a "
                              "text-only model (no vision tower); add one with --vision tiny-vl")
     if config.train_vision:
