@@ -123,16 +123,17 @@ class RenderedArithmetic(Arithmetic):
         out = []
         for i, ex in enumerate(super().examples(split, n, seed)):
             a, op, b = ex.meta["a"], ex.meta["op"], ex.meta["b"]
-            image, _ = render(a, op, b, render_seed(self.name, split, seed, i), self.image_size,
-                              self.fonts, self.noise, plain=self.style == "plain")
-            out.append((image, f"{a} {op} {b}"))
+            out.append((self.picture_of(a, op, b, render_seed(self.name, split, seed, i))[0], f"{a} {op} {b}"))
         return out
+
+    def picture_of(self, a: int, op: str, b: int, seed: int) -> tuple[Image.Image, dict]:
+        """`render` with this task's size, faces, noise and style."""
+        return render(a, op, b, seed, self.image_size, self.fonts, self.noise, plain=self.style == "plain")
 
     def rendered(self, ex: Example, seed: int) -> Example:
         """The arithmetic example with its picture and a demonstration that reads it first."""
         a, op, b = ex.meta["a"], ex.meta["op"], ex.meta["b"]
-        image, drawn = render(a, op, b, seed, self.image_size, self.fonts, self.noise,
-                              plain=self.style == "plain")
+        image, drawn = self.picture_of(a, op, b, seed)
         meta = dict(ex.meta, image=png_bytes(image), image_sha256=content_hash(image), render=drawn)
         if self.target == "reading":
             reading = f"{a} {op} {b}"

@@ -93,7 +93,7 @@ def batch_of(task, processor, split_seed: int, n: int, slots: int, device=None):
     from nanoseek.model.vl.vl_image import preprocess
     pairs = task.pictures("train", n, split_seed)
     images, texts = [p[0] for p in pairs], [p[1] for p in pairs]
-    pixels = torch.cat([preprocess(images[i:i + 16], processor) for i in range(0, n, 16)])
+    pixels = preprocess(images, processor, max_images=n)
     return pixels.to(device), char_targets(texts, slots).to(device)
 
 
