@@ -2,7 +2,7 @@
 speedrun's MLA language model) trained on rendered arithmetic, then asked held-out pictures'
 results through the agent and its calculator, and bare.
 
-    python benchmarks/bench_vision.py --threads 1 --out runs/bench-vision   # 20 + 20 minutes of training
+    python benchmarks/bench_vision.py --out runs/bench-vision   # 20 + 25 minutes of training
 
 1. `train`: `load_task("rendered_arithmetic", target="tool", ...)`: two 2-digit numbers and
    an operator drawn with PIL (faces, sizes and noise; `--style varied` adds slant, colours,
@@ -11,8 +11,10 @@ results through the agent and its calculator, and bare.
    tool's output, `<answer>85</answer>`). `nanoseek.train.posttrain.sft` with `vision="tiny-vl"`
    builds the VL model on --init; its fresh tower first learns to read the task's training
    pictures alone for --tower-minutes (train/posttrain/tower_reading.py: a transcription head
-   on the tower, the stand-in for DeepSeek-VL's pretrained SigLIP), then the aligner and the
-   language model are SFT'd for --minutes with the tower frozen (--train-vision: trained too).
+   on the tower, the stand-in for DeepSeek-VL's pretrained SigLIP; a worker process draws the
+   pictures on one core, the tower trains on the others), then the aligner and the language
+   model are SFT'd for --minutes on every core with the tower frozen (--train-vision: trained
+   too).
 2. The test split's pictures (problems and renderings never trained on) are asked through
    nanoseek's server and `nanoseek.agent.Agent` with the calculator, the picture sent as
    `nanoseek agent --image` sends it: `agent_accuracy` (the final answer is the result),
@@ -208,9 +210,10 @@ def main(argv=None) -> dict:
                    "(default); reading: the transcription alone")
     p.add_argument("--tower-minutes", type=float, default=20.0,
                    help="the tower's reading stage before SFT (0: none; the tower stays random)")
-    p.add_argument("--minutes", type=float, default=20.0, help="SFT time")
+    p.add_argument("--minutes", type=float, default=25.0, help="SFT time")
     p.add_argument("--max-steps", type=int, default=100000)
-    p.add_argument("--train-examples", type=int, default=6000)
+    p.add_argument("--train-examples", type=int, default=10000,
+                   help="SFT pictures (about three passes over them in the default minutes on 2 cores)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=0,
                    help="SFT window (0: 176 for tool, one conversation with runs/speedrun's tokenizer; 160 "

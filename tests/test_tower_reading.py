@@ -21,8 +21,8 @@ from nanoseek.text.chat_template import chat_parts
 from nanoseek.text.images import decode_image
 from nanoseek.text.tokenizer import load_tokenizer
 from nanoseek.train.posttrain.sft import SFTConfig, sft_train_config
-from nanoseek.train.posttrain.tower_reading import (CHARS, TowerReadingError, char_targets,
-                                                     teach_tower_to_read)
+from nanoseek.train.posttrain.tower_reading import (CHARS, TowerReadingError, batch_of, char_targets,
+                                                     stage_batches, teach_tower_to_read)
 from tests.posttrain_utils import make_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +70,24 @@ def test_the_stage_teaches_the_tower_and_leaves_no_head(init):
     assert any(not torch.equal(before[k], v) for k, v in tower.state_dict().items())
 
 
+def test_a_worker_draws_the_same_batches_and_trains_the_same_tower(init):
+    """Pictures drawn in a DataLoader worker are the in-process ones, batch k from seed
+    * 1_000_003 + k; so the tower after a few steps is the same with and without one."""
+    task, proc = load_task("rendered_arithmetic", **ONE, target="reading"), image_processor(None, 96)
+    drawn = stage_batches(task, proc, 5, 4, 5, workers=1)
+    for k in range(3):
+        pixels, targets = next(drawn)
+        want = batch_of(task, proc, 5 * 1_000_003 + k, 4, 5)
+        assert torch.equal(pixels, want[0]) and torch.equal(targets, want[1])
+    del drawn
+    towers = []
+    for workers in (0, 1):
+        tower = fresh_tower(init)
+        teach_tower_to_read(tower, task, proc, steps=3, batch_size=4, workers=workers, log=lambda *a: None)
+        towers.append(tower.state_dict())
+    assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])
+
+
 def test_the_stage_refuses_what_it_cannot_read(init):
     tower = fresh_tower(init)
     with pytest.raises(TowerReadingError, match="transcribed pictures"):
@@ -81,6 +99,9 @@ def test_the_stage_refuses_what_it_cannot_read(init):
     with pytest.raises(TowerReadingError, match="must be >= 0"):
         teach_tower_to_read(tower, load_task("rendered_arithmetic", **ONE), image_processor(None, 96), steps=1,
                             seed=-1)
+    with pytest.raises(TowerReadingError, match="workers=-1 must be >= 0"):
+        teach_tower_to_read(tower, load_task("rendered_arithmetic", **ONE), image_processor(None, 96), steps=1,
+                            workers=-1)
 
 
 def test_a_text_only_model_is_refused_before_any_training(tmp_path, init):

@@ -25,12 +25,14 @@ split with a seed of their own): per character and whole transcriptions.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 CHARS = "0123456789+-* "  # what the transcriptions hold; index len(CHARS) is the end mark
 WARMUP_STEPS = 100
@@ -97,6 +99,27 @@ def batch_of(task, processor, split_seed: int, n: int, slots: int, device=None):
     return pixels.to(device), char_targets(texts, slots).to(device)
 
 
+class StageBatches(IterableDataset):
+    """The stage's training batches in order, batch k drawn with seed * 1_000_003 + k: the
+    same pixels and targets whether drawn in this process or in a DataLoader worker."""
+
+    def __init__(self, task, processor, seed: int, batch_size: int, slots: int):
+        self.task, self.processor, self.seed = task, processor, seed
+        self.batch_size, self.slots = batch_size, slots
+
+    def __iter__(self):
+        for step in itertools.count():
+            yield batch_of(self.task, self.processor, self.seed * 1_000_003 + step, self.batch_size, self.slots)
+
+
+def stage_batches(task, processor, seed: int, batch_size: int, slots: int, workers: int):
+    """An endless iterator over the stage's batches. With workers >= 1, worker processes
+    render and preprocess the next batches while the tower trains on this one: drawing 64
+    pictures with PIL costs about as much as a step of `tiny-vl`'s tower on one core."""
+    return iter(DataLoader(StageBatches(task, processor, seed, batch_size, slots), batch_size=None,
+                           num_workers=workers, prefetch_factor=4 if workers else None))
+
+
 @torch.no_grad()
 def reading_scores(tower, head, pixels, targets, batch: int = 64) -> dict:
     """Share of characters and of whole transcriptions each reader gets right (flat: all
@@ -124,15 +147,19 @@ def lr_now(step: int, progress: float, lr: float) -> float:
 
 
 def teach_tower_to_read(tower, task, processor, steps: int = 0, minutes: float = 0.0, batch_size: int = 64,
-                        lr: float = 2e-3, seed: int = 0, log=print, log_every: float = 60.0) -> dict:
+                        lr: float = 2e-3, seed: int = 0, workers: int = 1, log=print,
+                        log_every: float = 60.0) -> dict:
     """Train `tower` (transformers' SigLIP vision model, in place) with a reading head on
     `task`'s training pictures for `steps` steps and/or `minutes` (0: no limit of that kind;
-    at least one is needed); returns the stage's record (steps, seconds, held-out scores)."""
+    at least one is needed); `workers` processes draw the pictures (0: this one). Returns
+    the stage's record (steps, seconds, held-out scores)."""
     task = reading_task(task)
     if steps <= 0 and minutes <= 0:
         raise TowerReadingError("the reading stage needs a length: steps > 0 or minutes > 0")
     if seed < 0:  # training pictures are drawn with seeds >= 0, the held-out check below 0
         raise TowerReadingError(f"seed {seed} must be >= 0")
+    if workers < 0:
+        raise TowerReadingError(f"workers={workers} must be >= 0")
     cfg = tower.config
     patches, slots = (cfg.image_size // cfg.patch_size) ** 2, slots_for(task)
     torch.manual_seed(seed)
@@ -143,6 +170,28 @@ def teach_tower_to_read(tower, task, processor, steps: int = 0, minutes: float =
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     tower.train()
     before = reading_scores(tower, head, *check)
+    batches = stage_batches(task, processor, seed, batch_size, slots, workers)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - workers))  # the workers' cores are theirs
+    try:
+        step, seconds = train_stage(tower, head, opt, params, batches, check, steps, minutes, lr, device, log,
+                                    log_every)
+    finally:
+        torch.set_num_threads(threads)
+        del batches  # stops the workers
+    tower.eval()
+    after = reading_scores(tower, head, *check)
+    record = {"steps": step, "seconds": seconds, "batch_size": batch_size,
+              "lr": lr, "held_out_pictures": CHECK_PICTURES, "before": before, "after": after}
+    log(f"tower reading: {step} steps in {seconds:.0f} s; held-out pictures read whole "
+        f"{before['exact']:.3f} -> {after['exact']:.3f} (all rows), {before['row_exact']:.3f} -> "
+        f"{after['row_exact']:.3f} (row by row)")
+    return record
+
+
+def train_stage(tower, head, opt, params, batches, check, steps: int, minutes: float, lr: float, device, log,
+                log_every: float) -> tuple[int, float]:
+    """The stage's loop until `steps` or `minutes` run out; returns (steps, seconds)."""
     t0 = last_log = time.perf_counter()
     step, limit = 0, minutes * 60
     while True:
@@ -152,7 +201,7 @@ def teach_tower_to_read(tower, task, processor, steps: int = 0, minutes: float =
             break
         for group in opt.param_groups:
             group["lr"] = lr_now(step, progress, lr)
-        pixels, targets = batch_of(task, processor, seed * 1_000_003 + step, batch_size, slots, device)
+        pixels, targets = (t.to(device) for t in next(batches))
         flat, row = head(tower(pixel_values=pixels).last_hidden_state)
         loss = (F.cross_entropy(flat.flatten(0, 1), targets.flatten())
                 + F.cross_entropy(row.flatten(0, 1), targets.flatten()))
@@ -166,11 +215,4 @@ def teach_tower_to_read(tower, task, processor, steps: int = 0, minutes: float =
             log(f"tower reading: step {step}, loss {loss.item():.3f}, held-out "
                 + ", ".join(f"{k} {v}" for k, v in reading_scores(tower, head, *check).items())
                 + f", {last_log - t0:.0f} s")
-    tower.eval()
-    after = reading_scores(tower, head, *check)
-    record = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "batch_size": batch_size,
-              "lr": lr, "held_out_pictures": CHECK_PICTURES, "before": before, "after": after}
-    log(f"tower reading: {step} steps in {record['seconds']:.0f} s; held-out pictures read whole "
-        f"{before['exact']:.3f} -> {after['exact']:.3f} (all rows), {before['row_exact']:.3f} -> "
-        f"{after['row_exact']:.3f} (row by row)")
-    return record
+    return step, round(time.perf_counter() - t0, 1)
