@@ -6,7 +6,7 @@ import pytest
 
 from nanoseek.data.chat import ChatDataError, encode_with_mask
 from nanoseek.data.tasks import TASKS, TaskError, load_task
-from nanoseek.data.tasks.rendered_arithmetic import PIL_DEFAULT, available_fonts, reading_of
+from nanoseek.data.tasks.rendered_arithmetic import PIL_DEFAULT, font_set, reading_of
 from nanoseek.data.tasks.prompting import prompt_ids
 from nanoseek.text.images import load_image_part
 from nanoseek.text.tokenizer import Tokenizer, train_tokenizer
@@ -99,10 +99,36 @@ def test_ink_is_drawn_and_stays_inside_the_image():
 
 
 def test_fonts_found_and_the_default_face_always_there():
-    fonts = available_fonts()
+    fonts = font_set("bundled")
     assert fonts[-1] == PIL_DEFAULT
+    assert load_task("rendered_arithmetic", **SMALL).fonts == fonts  # the default set
     only_default = load_task("rendered_arithmetic", fonts=[PIL_DEFAULT], **SMALL)
     assert {e.meta["render"]["font"] for e in only_default.examples("train", 10)} == {PIL_DEFAULT}
+
+
+def test_the_default_faces_are_matplotlibs_whatever_the_system_has(tmp_path, monkeypatch):
+    """The default ("bundled") set is matplotlib's DejaVu and STIX faces and PIL's default, so
+    the same seeds draw the same pictures on every machine; "system" adds the faces under
+    FONT_DIRS (a face installed there changes "system" only)."""
+    from pathlib import Path
+    from nanoseek.data.tasks import rendered_arithmetic as ra
+    bundled = font_set("bundled")
+    names = {Path(f).name for f in bundled[:-1]}
+    assert {"DejaVuSans.ttf", "DejaVuSerif-BoldItalic.ttf", "DejaVuSansMono.ttf", "STIXGeneral.ttf"} <= names
+    assert all("matplotlib" in f for f in bundled[:-1])
+    (tmp_path / "fonts").mkdir()
+    (tmp_path / "fonts" / "LiberationSans-Regular.ttf").write_bytes(Path(bundled[0]).read_bytes())
+    monkeypatch.setattr(ra, "FONT_DIRS", (str(tmp_path / "fonts"),))
+    ra._found_fonts.cache_clear()
+    try:
+        assert font_set("bundled") == bundled
+        assert str(tmp_path / "fonts" / "LiberationSans-Regular.ttf") in font_set("system")
+        picture = load_task("rendered_arithmetic", **SMALL).examples("test", 1, seed=3)[0].meta["image"]
+    finally:
+        ra._found_fonts.cache_clear()
+    assert picture == load_task("rendered_arithmetic", **SMALL).examples("test", 1, seed=3)[0].meta["image"]
+    with pytest.raises(TaskError, match="fonts='DejaVuSans.ttf' must be one of"):
+        load_task("rendered_arithmetic", fonts="DejaVuSans.ttf")
 
 
 def test_plain_style_is_black_on_white_upright_and_near_the_centre():

@@ -2,13 +2,14 @@
 for vision-language models.
 
 `load_task("rendered_arithmetic", digits=2, ops="+", image_size=[192, 64], noise=0.08,
-target="result", style="varied")`.
-Each problem of `arithmetic` is drawn with PIL in a face chosen among the fonts this machine
-has (DejaVu and Liberation TTFs from the system and from matplotlib's data, and PIL's default
-face), at a random size, place, slant and colour pair, with faint distracting lines, blur and
-pixel noise. The user's message is an OpenAI content part with the PNG as a data: URL, then
-the instruction; the demonstration first reads the picture, then works the columns as
-`arithmetic` does:
+target="result", style="varied", fonts="bundled")`.
+Each problem of `arithmetic` is drawn with PIL in a face chosen among `fonts` ("bundled":
+the 16 DejaVu and STIX faces in matplotlib's data and PIL's default, the same on every
+machine with the same matplotlib and Pillow; "system": those and the DejaVu / Liberation
+faces the machine has installed; or a list of TTF paths), at a random size, place, slant and
+colour pair, with faint distracting lines, blur and pixel noise. The user's message is an
+OpenAI content part with the PNG as a data: URL, then the instruction; the demonstration
+first reads the picture, then works the columns as `arithmetic` does:
 
     [image: 47 + 38]  ->  <think> The image shows 47 + 38. / 7+8=15, carry 1 / 4+3+1=8 </think>
                           <answer>85</answer>
@@ -25,8 +26,10 @@ reads the picture into a call, takes the tool's output and answers:
 
 Held-out images are never training images, twice over: the split is decided by the problem
 (arithmetic's canonical key, so 3+5 and 5+3 fall on the same side) and every rendering seed
-carries its split in its lowest bit. The pixels depend on the fonts found; `meta["render"]`
-names the face each image was drawn in.
+carries its split in its lowest bit. `meta["render"]` names the face each image was drawn
+in. The set of faces is part of the task: a model trained on one set reads faces it never
+saw far worse (docs/post-training.md), which is why the default set does not depend on
+the machine's packages.
 
 `style="plain"` keeps the face, size and noise varying and drops the rest: black on white,
 no slant, lines or blur, the expression within a fifth of the free room around the centre.
@@ -63,7 +66,13 @@ PIL_DEFAULT = "pil-default"
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
 # Text faces that draw digits and + - * plainly (no symbol, display or hairline cuts).
 FONT_NAME = re.compile(r"(DejaVu(Sans|Serif)(Mono|Condensed)?|Liberation(Sans|Serif|Mono|SansNarrow))"
-                       r"(-(Bold|Oblique|Italic|BoldOblique|BoldItalic|Regular))?\.ttf")
+                       r"(-(Bold|Oblique|Italic|BoldOblique|BoldItalic|Regular))?\.ttf"
+                       r"|STIXGeneral(Bol|BolIta|Italic)?\.ttf")
+# "bundled": the faces in matplotlib's data (DejaVu Sans, Sans Mono, Serif in four cuts each,
+# STIX General in four) and PIL's default: the same pictures on every machine with the same
+# matplotlib and Pillow. "system": those and every matching face under FONT_DIRS, which
+# depends on the machine's packages (Debian's chromium brings the 16 Liberation faces).
+FONT_SETS = ("bundled", "system")
 MIN_FONT_PX = 12
 
 
@@ -97,7 +106,7 @@ class RenderedArithmetic(Arithmetic):
         if not isinstance(noise, (int, float)) or not 0 <= noise <= 0.5:
             raise TaskError(f"task rendered_arithmetic: noise={noise!r} must be a number in [0, 0.5]")
         self.noise = float(noise)
-        self.fonts = tuple(fonts) if fonts is not None else available_fonts()
+        self.fonts = font_set(fonts)
         for f in self.fonts:
             if f != PIL_DEFAULT and not Path(f).is_file():
                 raise TaskError(f"task rendered_arithmetic: font file {f!r} does not exist")
@@ -279,11 +288,22 @@ def _font(face: str, px: int):
     return ImageFont.load_default(size=px) if face == PIL_DEFAULT else ImageFont.truetype(face, px)
 
 
-@functools.lru_cache(maxsize=1)
-def available_fonts() -> tuple[str, ...]:
-    """The text faces on this machine (system fonts, matplotlib's), one file per name, sorted
-    by name, then PIL's default face (always there)."""
-    dirs = [Path(d) for d in FONT_DIRS]
+def font_set(fonts) -> tuple[str, ...]:
+    """The faces `fonts` names: "bundled" (None too), "system", or a list of TTF paths and
+    PIL_DEFAULT."""
+    if fonts is None or fonts in FONT_SETS:
+        return _found_fonts(fonts == "system")
+    if isinstance(fonts, (list, tuple)) and all(isinstance(f, str) for f in fonts):
+        return tuple(fonts)
+    raise TaskError(f"task rendered_arithmetic: fonts={fonts!r} must be one of {FONT_SETS} or a list of "
+                    f"TTF paths (and {PIL_DEFAULT!r})")
+
+
+@functools.lru_cache(maxsize=2)
+def _found_fonts(system: bool) -> tuple[str, ...]:
+    """The text faces in matplotlib's data (and, with `system`, under FONT_DIRS), one file per
+    name, sorted by name, then PIL's default face (always there)."""
+    dirs = [Path(d) for d in FONT_DIRS] if system else []
     spec = importlib.util.find_spec("matplotlib")  # its data directory, without importing it
     if spec and spec.submodule_search_locations:
         dirs += [Path(p) / "mpl-data" / "fonts" / "ttf" for p in spec.submodule_search_locations]
