@@ -2,7 +2,7 @@
 speedrun's MLA language model) trained on rendered arithmetic, then asked held-out pictures'
 results through the agent and its calculator, and bare.
 
-    python benchmarks/bench_vision.py --out runs/bench-vision   # 20 + 25 minutes of training
+    python benchmarks/bench_vision.py --out runs/bench-vision   # 45 + 25 minutes of training
 
 1. `train`: `load_task("rendered_arithmetic", target="tool", ...)`: two 2-digit numbers and
    an operator drawn with PIL (faces, sizes and noise; `--style varied` adds slant, colours,
@@ -208,12 +208,13 @@ def main(argv=None) -> dict:
     p.add_argument("--target", choices=("tool", "reading"), default="tool",
                    help="tool: read the picture into a calculator call, scored through the agent "
                    "(default); reading: the transcription alone")
-    p.add_argument("--tower-minutes", type=float, default=20.0,
+    p.add_argument("--tower-minutes", type=float, default=45.0,
                    help="the tower's reading stage before SFT (0: none; the tower stays random)")
     p.add_argument("--minutes", type=float, default=25.0, help="SFT time")
     p.add_argument("--max-steps", type=int, default=100000)
-    p.add_argument("--train-examples", type=int, default=10000,
-                   help="SFT pictures (about three passes over them in the default minutes on 2 cores)")
+    p.add_argument("--train-examples", type=int, default=20000,
+                   help="SFT pictures (under two passes over them in the default minutes on 2 cores: a "
+                   "model reads the pictures it trained on better than new ones)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=0,
                    help="SFT window (0: 176 for tool, one conversation with runs/speedrun's tokenizer; 160 "
@@ -225,7 +226,7 @@ def main(argv=None) -> dict:
                    help="the pictures (rendered_arithmetic's style): plain (faces, sizes and noise vary; "
                    "black on white near the centre; the default) or varied (also colours, slant, lines, "
                    "blur, anywhere)")
-    p.add_argument("--test-n", type=int, default=200)
+    p.add_argument("--test-n", type=int, default=400, help="held-out pictures asked")
     p.add_argument("--concurrency", type=int, default=8, help="agents run at once")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)

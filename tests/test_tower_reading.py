@@ -167,7 +167,8 @@ def test_bench_vision_end_to_end(tmp_path, init):
     server with the picture, the bare prompt is answered, the last line has every field."""
     from benchmarks.bench_vision import main
     result = main(["--init", str(init), "--out", str(tmp_path / "vl"), "--tower-minutes", "0.01",
-                   "--minutes", "5", "--max-steps", "2", "--seq-len", "256", "--test-n", "4", "--threads", "1"])
+                   "--minutes", "5", "--max-steps", "2", "--train-examples", "32", "--seq-len", "256", "--test-n", "4",
+                   "--threads", "1"])
     for k in ("read_accuracy", "agent_accuracy", "bare_accuracy"):
         assert 0.0 <= result[k] <= 1.0
     assert result["n"] == 4 and result["saw_image"] == 1.0 and result["tower_reading"]["steps"] > 0
