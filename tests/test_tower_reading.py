@@ -21,8 +21,8 @@ from nanoseek.text.chat_template import chat_parts
 from nanoseek.text.images import decode_image
 from nanoseek.text.tokenizer import load_tokenizer
 from nanoseek.train.posttrain.sft import SFTConfig, sft_train_config
-from nanoseek.train.posttrain.tower_reading import (CHARS, TowerReadingError, batch_of, char_targets,
-                                                     stage_batches, teach_tower_to_read)
+from nanoseek.train.posttrain.tower_reading import (CHARS, ReadingHead, TowerReadingError, batch_of,
+                                                     char_targets, stage_batches, teach_tower_to_read)
 from tests.posttrain_utils import make_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,6 +55,24 @@ def test_char_targets_pad_with_the_end_mark_and_refuse_strangers():
         char_targets(["7 / 3"], 7)
     with pytest.raises(TowerReadingError, match="does not fit"):
         char_targets(["123 + 456"], 7)
+
+
+def test_the_row_reader_reads_every_row_with_one_map():
+    """A row reads the same in any slot (the aligner maps every row alike), and only the
+    first `slots` rows are read; the flat reader sees every row."""
+    torch.manual_seed(0)
+    head = ReadingHead(patches=9, width=8, slots=4)
+    hidden = torch.randn(2, 9, 8)
+    hidden[:, 3] = hidden[:, 0]
+    flat, row = head(hidden)
+    assert flat.shape == row.shape == (2, 4, len(CHARS) + 1)
+    torch.testing.assert_close(row[:, 3], row[:, 0])
+    assert not torch.allclose(row[:, 1], row[:, 0])
+    moved = hidden.clone()
+    moved[:, 4:] += 1.0  # rows past the slots: the row reader ignores them, the flat one does not
+    assert torch.equal(head(moved)[1], row) and not torch.allclose(head(moved)[0], flat)
+    with pytest.raises(TowerReadingError, match="rows"):
+        ReadingHead(patches=3, width=8, slots=4)
 
 
 def test_the_stage_teaches_the_tower_and_leaves_no_head(init):

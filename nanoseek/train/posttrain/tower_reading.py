@@ -16,9 +16,11 @@ Afterwards the head is dropped and the tower goes on to SFT, frozen there unless
 `--train-vision`: the language model learns to read the tower's rows, not a moving target.
 
 The head has two readers, trained together (their cross-entropies summed): one reads all
-rows flattened, the other reads the j-th character off the tower's j-th row alone. The first
-teaches the glyphs; the second makes the tower lay its reading out in order, one character a
-row, which is the form the language model reads best (measured in docs/post-training.md).
+rows flattened, the other reads the j-th character off the tower's j-th row alone, with one
+map shared by every row. The first teaches the glyphs; the second makes the tower lay its
+reading out in order, one character a row and in one code for all rows, which is the form
+the language model reads best (measured in docs/post-training.md): the aligner maps every
+row alike, so a code of its own per row would leave it a different map to learn per row.
 The stage reports how well each reads pictures it never trained on (drawn from the training
 split with a seed of their own): per character and whole transcriptions.
 
@@ -53,9 +55,10 @@ class TowerReadingError(ValueError):
 class ReadingHead(nn.Module):
     """Two linear readers of the tower's rows [N, P, D], each giving logits [N, slots, len(CHARS)+1].
     `flat` reads all rows flattened, so a glyph anywhere can name any slot: the tower learns
-    the glyphs fastest this way. `row` reads slot j off row j alone (a map of its own per
-    slot), so the tower learns to write the j-th character into its j-th row, in reading
-    order, where the language model finds it as it finds text."""
+    the glyphs fastest this way. `row` reads slot j off row j alone, with one map for every
+    row, so the tower learns to write the j-th character into its j-th row, in reading order
+    and in one code for all rows: the form the aligner, which maps every row alike, passes
+    on to the language model as it passes text."""
 
     def __init__(self, patches: int, width: int, slots: int):
         super().__init__()
@@ -63,13 +66,11 @@ class ReadingHead(nn.Module):
             raise TowerReadingError(f"{slots} characters to read but the tower has {patches} rows")
         self.slots, self.chars = slots, len(CHARS) + 1
         self.flat = nn.Linear(patches * width, slots * self.chars)
-        self.row_weight = nn.Parameter(torch.randn(slots, self.chars, width) * width ** -0.5)
-        self.row_bias = nn.Parameter(torch.zeros(slots, self.chars))
+        self.row = nn.Linear(width, self.chars)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = self.flat(hidden.flatten(1)).view(len(hidden), self.slots, self.chars)
-        row = torch.einsum("nsd,scd->nsc", hidden[:, :self.slots], self.row_weight) + self.row_bias
-        return flat, row
+        return flat, self.row(hidden[:, :self.slots])
 
 
 def char_targets(texts: list[str], slots: int) -> torch.Tensor:
