@@ -183,8 +183,10 @@ class BatchView:
         def slots(pos):  # pos [B, X] -> [B, X]; positions past the table are clamped (padding)
             blk = torch.gather(tables, 1, (pos // bs).clamp(max=width - 1))
             return blk * bs + pos % bs
-        self.write_slots = slots(self.positions)[valid_q]           # [N_new]
-        self.valid_q = valid_q
+        # every row real (decode, or chunks of one length): a reshape, not a boolean index
+        # (a nonzero and a gather per layer)
+        self.valid_q = None if min(q_lens) == S else valid_q
+        self.write_slots = slots(self.positions).flatten() if self.valid_q is None else slots(self.positions)[valid_q]
         self.read_slots = torch.where(valid_k, slots(t[None, :].expand(B, T)), 0)  # [B, T]
         self.mask = (t[None, None, :] <= self.positions[:, :, None]) & valid_k[:, None, :]  # [B, S, T]
         self.length = None  # positions are explicit; nothing should infer them from the cache
@@ -240,7 +242,8 @@ class BatchView:
         """new [B, S, d] -> its real rows into their slots of pool [num_blocks, block_size, d];
         returns the pool as rows [num_blocks * block_size, d]."""
         flat = pool.view(-1, pool.shape[-1])
-        flat.index_copy_(0, self.write_slots, new[self.valid_q].to(flat.dtype))
+        rows = new.reshape(-1, new.shape[-1]) if self.valid_q is None else new[self.valid_q]
+        flat.index_copy_(0, self.write_slots, rows.to(flat.dtype))
         return flat
 
     def _write_and_gather(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from nanoseek.engine.spec import SpecStats
 from nanoseek.engine.spec_policy import SpecPolicy
 from nanoseek.engine.v4_blocks import V4BlockManager, window_blocks_needed
 from nanoseek.engine.v4_cache import PagedV4Cache, aligned_block_size
+from nanoseek.engine.weight_layout import LAYOUTS, apply_weight_layout
 from nanoseek.model import CausalLM
 from nanoseek.text.tokenizer import Tokenizer
 
@@ -42,11 +43,14 @@ class EngineConfig:
     speculative: bool | None = None      # None: on when the model has MTP layers
     spec_max_batch: int = 16             # MTP drafts only while the engine holds at most this many requests
     max_model_len: int | None = None     # default: max_position_embeddings
+    weight_layout: str = "auto"          # CPU linear weights: "auto" (timed), "k-major", "as-loaded"
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.weight_layout not in LAYOUTS:
+            raise ValueError(f"EngineConfig.weight_layout={self.weight_layout!r}: expected one of {list(LAYOUTS)}")
 
 
 def vision_side(model, image_processor=None):
@@ -85,6 +89,8 @@ class LLMEngine:
         self.config = config = config or EngineConfig(**kw)
         self.vision, model = vision_side(model.eval(), image_processor)
         self.model, self.tokenizer = model, Tokenizer.of(tokenizer)
+        # CPU decode's few-row GEMMs: the layout of the linear weights (values unchanged)
+        self.weight_layout = apply_weight_layout(model, config.weight_layout)
         cfg = model.config
         self.device = next(model.parameters()).device
         has_mtp = len(model.mtp) > 0

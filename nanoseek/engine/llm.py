@@ -156,7 +156,9 @@ class LLM:
     too. quantization="fp8": attention and FFN/expert weights held in FP8 (128x128 blocks)
     and run through FP8Linear; `quantization_backend` says which GEMM runs.
     Engine options (kv_cache_memory, block_size, max_num_seqs, max_num_batched_tokens,
-    enable_prefix_caching, speculative, max_model_len) are `EngineConfig` fields."""
+    enable_prefix_caching, speculative, max_model_len, weight_layout) are `EngineConfig`
+    fields. On a CPU the engine may store the model's linear weights k-major (the same values;
+    engine/weight_layout.py), a model object included."""
 
     def __init__(self, model, tokenizer=None, dtype=None, device=None, quantization: str | None = None,
                  **engine_kw):

@@ -119,13 +119,19 @@ class MLA(nn.Module):
         return self._softmax(scores, mask, torch.float32)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attention over the latents themselves (decode): per head h,
+            q^C = W_UK,h^T q^nope,  scores_t = q^C·c_t + q^R·k^R_t,  out = W_UV,h Σ_t p_t c_t.
+        Written as bmm's, each the einsum in its comment: on CPU torch.einsum ran the
+        probabilities-times-latents product in a slow operand order (a [16, 4, 128] x
+        [16, 128, 64] product: 250 us against 20 us as a plain bmm, one thread)."""
         w_uk, w_uv = self.absorbed_weights(c_kv.dtype)
-        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # W_UK absorbed into q
-        scores = (torch.einsum("bshc,btc->bsht", q_latent, c_kv)
-                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe)).float() * self.softmax_scale
+        B, S, H, _ = q_nope.shape
+        q_latent = per_head(q_nope, w_uk)  # "bshd,hdc->bshc": W_UK absorbed into q
+        scores = (over_keys(q_latent, c_kv.transpose(1, 2))       # "bshc,btc->bsht"
+                  + over_keys(q_pe, k_pe.transpose(1, 2))).float() * self.softmax_scale  # "bshr,btr->bsht"
         probs = self._softmax(scores, mask, c_kv.dtype)
-        o_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
-        return torch.einsum("bshc,hdc->bshd", o_latent, w_uv)  # W_UV absorbed into the output
+        o_latent = over_keys(probs, c_kv)  # "bsht,btc->bshc"
+        return per_head(o_latent, w_uv.transpose(1, 2))  # "bshc,hdc->bshd": W_UV absorbed into the output
 
     def attend_top_k(self, q_nope, q_pe, c_kv, k_pe, valid):
         """The absorbed path over each query's own gathered keys (V3.2 decode): c_kv
@@ -240,6 +246,19 @@ class MLA(nn.Module):
                 self.indexer.learn(index_scores, probs, self._allowed(mask, S, c_kv.shape[1], x.device),
                                    getattr(cache, "token_mask", None))
         return self.o_proj(out.reshape(B, S, -1))
+
+
+def per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B,S,H,a], w [H,a,c] -> [B,S,H,c]: each head through its own matrix, one bmm."""
+    B, S, H, a = x.shape
+    return torch.bmm(x.permute(2, 0, 1, 3).reshape(H, B * S, a), w).view(H, B, S, -1).permute(1, 2, 0, 3)
+
+
+def over_keys(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [B,S,H,a] (every head's queries of a sequence), y [B,a,c] (the sequence's keys,
+    shared by the heads) -> [B,S,H,c], one bmm over B."""
+    B, S, H, a = x.shape
+    return torch.bmm(x.reshape(B, S * H, a), y).view(B, S, H, -1)
 
 
 def gather_rows(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
