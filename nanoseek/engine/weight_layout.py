@@ -3,7 +3,7 @@
 `nn.Linear` keeps W as [out, in], rows contiguous, and computes x W^T: the GEMM's second
 operand is transposed. At the few rows of a decode step MKL runs that product several times
 slower than the same product with W stored [in, out] (a 16 x 256 by 256 x 128 product took
-50 us against 12 us on a 2-core Xeon, fp32, one thread); at prefill's thousands of rows the
+48 us against 11 us on a 2-core Xeon, fp32, one thread); at prefill's thousands of rows the
 two are within a few percent. `W.t().contiguous().t()` is still an [out, in] tensor holding
 the same numbers, only its strides change, so the model code, its state dict and what a save
 writes stay as they were, and F.linear hands the BLAS an untransposed operand.
@@ -69,8 +69,9 @@ def time_layouts(shapes: dict[tuple[int, int], int], dtype: torch.dtype) -> tupl
 @torch.no_grad()
 def apply_weight_layout(model: nn.Module, layout: str = "auto") -> str:
     """Lay out the model's plain linear weights (`plain_linears`) as `layout` says, in place;
-    returns the layout they now have ("k-major" or "as-loaded"; a model with none on a CPU:
-    "as-loaded"). "auto": k-major where `time_layouts` finds it faster by 1 / GAIN or more."""
+    returns what was chosen: "k-major", or "as-loaded" (the weights left as they are; also for
+    a model with no plain linear on a CPU). "auto": k-major where `time_layouts` finds it
+    faster by 1 / GAIN or more."""
     if layout not in LAYOUTS:
         raise ValueError(f"weight_layout={layout!r}: expected one of {list(LAYOUTS)}")
     linears = plain_linears(model)

@@ -125,7 +125,6 @@ class MLA(nn.Module):
         probabilities-times-latents product in a slow operand order (a [16, 4, 128] x
         [16, 128, 64] product: 250 us against 20 us as a plain bmm, one thread)."""
         w_uk, w_uv = self.absorbed_weights(c_kv.dtype)
-        B, S, H, _ = q_nope.shape
         q_latent = per_head(q_nope, w_uk)  # "bshd,hdc->bshc": W_UK absorbed into q
         scores = (over_keys(q_latent, c_kv.transpose(1, 2))       # "bshc,btc->bsht"
                   + over_keys(q_pe, k_pe.transpose(1, 2))).float() * self.softmax_scale  # "bshr,btr->bsht"
