@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from nanoseek.engine import weight_layout
 
-SHAPES = ["128x256", "192x128", "80x256", "256x64", "256x128", "512x256", "256x512", "8x256"]
+SHAPES = ["128x256", "192x128", "80x256", "256x64", "256x128", "512x256", "256x512"]
 
 
 def best_of(fn, repeats: int) -> float:
