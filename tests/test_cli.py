@@ -114,6 +114,7 @@ def test_generate_truncated_and_corrupt_safetensors(ckpt, broken):
     (["--max-tokens", "0"], ["--max-tokens"]),
     (["--bogus"], ["--bogus"]),
     (["--prompts-file", "/nonexistent/prompts.txt"], ["prompts.txt"]),
+    (["--weight-layout", "fast"], ["--weight-layout", "fast", "k-major"]),
 ])
 def test_generate_bad_flags(ckpt, args, words):
     if args[:2] == ["--device", "cuda"]:
@@ -231,6 +232,17 @@ def test_generate_json_n_logprobs_in_input_order(ckpt):
         assert x["finish_reason"] == "length"
         assert len(x["logprobs"]) == 4 and all(2 <= len(pos) <= 3 for pos in x["logprobs"])
         assert any(d["token_id"] == c.token_ids[0] for d in x["logprobs"][0])
+
+
+@pytest.mark.parametrize("layout", ["as-loaded", "k-major"])
+def test_generate_weight_layout_gives_the_same_tokens(ckpt, layout):
+    from nanoseek.cli.engine import WEIGHT_LAYOUTS
+    from nanoseek.engine.weight_layout import LAYOUTS
+    assert WEIGHT_LAYOUTS == LAYOUTS
+    args = ["generate", ckpt, "--json", "--max-tokens", "6", "--ignore-eos", "-p", "The cache"]
+    default, chosen = invoke(*args), invoke(*args, "--weight-layout", layout)
+    assert default.exit_code == 0 and chosen.exit_code == 0, chosen.output
+    assert json.loads(default.stdout)["token_ids"] == json.loads(chosen.stdout)["token_ids"]
 
 
 def test_generate_prompts_file_stdin_and_text_output(ckpt, tmp_path):

@@ -82,16 +82,19 @@ def test_serve_passes_the_options_on(ckpt, monkeypatch):
     r = CliRunner().invoke(app, ["serve", str(ckpt), "--served-model-name", "my-model", "--dtype", "bfloat16",
                                  "--max-model-len", "64", "--max-num-batched-tokens", "128",
                                  "--no-enable-prefix-caching", "--kv-cache-memory", "4MiB", "--cache", "off",
-                                 "--uvicorn-log-level", "warning"])
+                                 "--uvicorn-log-level", "warning", "--weight-layout", "as-loaded"])
     assert r.exit_code == 0, r.output
     (config,) = seen
     engine = config.app.state.llm.engine
     assert config.app.state.model_name == "my-model" and config.log_level == "warning"
     assert engine.max_model_len == 64 and engine.config.max_num_batched_tokens == 128
     assert not engine.config.enable_prefix_caching
+    assert engine.config.weight_layout == engine.weight_layout == "as-loaded"
     assert next(engine.model.parameters()).dtype == torch.bfloat16
     bad = CliRunner().invoke(app, ["serve", str(ckpt), "--dtype", "float8", "--cache", "off"])
     assert bad.exit_code == 2 and "float8" in bad.output
+    bad = CliRunner().invoke(app, ["serve", str(ckpt), "--weight-layout", "fast", "--cache", "off"])
+    assert bad.exit_code == 2 and "fast" in bad.output
 
 
 # ----------------------------------------------------------- a LoRA adapter

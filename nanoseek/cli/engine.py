@@ -56,12 +56,28 @@ def threads_option():
                                                        "often fastest for tiny models or on a busy machine]")
 
 
+WEIGHT_LAYOUTS = ("auto", "k-major", "as-loaded")  # engine/weight_layout.LAYOUTS (no torch import for --help)
+
+
+def _weight_layout(value: str) -> str:
+    if value not in WEIGHT_LAYOUTS:
+        raise typer.BadParameter(f"{value!r}: expected one of {', '.join(WEIGHT_LAYOUTS)}")
+    return value
+
+
+def weight_layout_option():
+    return typer.Option("auto", "--weight-layout", callback=_weight_layout,
+                        help="linear weights on a CPU: auto (both layouts timed at start, k-major kept where "
+                             "it is faster) | k-major | as-loaded (docs/engine.md)")
+
+
 def engine_kw(kv_cache_memory, block_size: int, max_num_seqs: int, max_model_len, speculative,
-              max_num_batched_tokens: int | None = None) -> dict:
+              max_num_batched_tokens: int | None = None, weight_layout: str = "auto") -> dict:
     """EngineConfig's fields from the shared options; a step's token budget defaults to
     512, or max_num_seqs when larger (every running request decodes in one step)."""
     kw = dict(kv_cache_memory=kv_cache_memory, block_size=block_size, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens or max(512, max_num_seqs), speculative=speculative)
+              max_num_batched_tokens=max_num_batched_tokens or max(512, max_num_seqs), speculative=speculative,
+              weight_layout=weight_layout)
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
     return kw
@@ -100,6 +116,7 @@ def generate(
     dtype: str = dtype_option(),
     quantization: Optional[str] = quantization_option(),
     threads: Optional[int] = threads_option(),
+    weight_layout: str = weight_layout_option(),
 ):
     """Generate from a checkpoint with the paged-latent-cache engine. One prompt streams its
     text as it is produced; several run as one continuously batched load and print in input
@@ -116,7 +133,8 @@ def generate(
                             stop_token_ids=_ids(stop_token_ids, "--stop-token-ids"),
                             ignore_eos=ignore_eos, logprobs=logprobs)
     llm = LLM(path, device=device, dtype=dtype, quantization=quantization,  # a bad value: one ValueError line
-              **engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len, speculative))
+              **engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len, speculative,
+                          weight_layout=weight_layout))
     if llm.quantization_backend is not None:
         from rich.console import Console
         Console(stderr=True).print(f"[dim]FP8 weights, GEMM: {llm.quantization_backend}[/dim]")

@@ -16,7 +16,8 @@ import typer
 
 from nanoseek.cli.common import check_device, check_utf8, dtype_option, quantization_option
 from nanoseek.cli.engine import (block_size_option, device_option, engine_kw, kv_cache_memory_option,
-                                 max_model_len_option, max_num_seqs_option, speculative_option, threads_option)
+                                 max_model_len_option, max_num_seqs_option, speculative_option, threads_option,
+                                 weight_layout_option)
 
 
 def build_cache(url: str, semantic: bool, threshold: float, ttl: float, size: int, timeout: float = 0.5):
@@ -77,6 +78,7 @@ def serve(
     dtype: str = dtype_option(),
     quantization: Optional[str] = quantization_option(),
     threads: Optional[int] = threads_option(),
+    weight_layout: str = weight_layout_option(),
     log_level: str = typer.Option("info", help="uvicorn's log level (warning: no access log)"),
     uvicorn_log_level: Optional[str] = typer.Option(None, hidden=True, help="vLLM's name for --log-level"),
     cache: str = typer.Option("memory", help="L1 exact-match response cache for deterministic requests "
@@ -112,7 +114,7 @@ def serve(
     llm = AsyncLLM(path, device=device, dtype=dtype, quantization=quantization,
                    enable_prefix_caching=enable_prefix_caching,
                    **engine_kw(kv_cache_memory, block_size, max_num_seqs, max_model_len, speculative,
-                               max_num_batched_tokens))
+                               max_num_batched_tokens, weight_layout))
     keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
     response_cache = build_cache(cache, semantic_cache, cache_threshold, cache_ttl, cache_size, cache_timeout)
     app = create_app(llm, model_name or Path(path).resolve().name, api_keys=keys, max_queue=max_queue,
