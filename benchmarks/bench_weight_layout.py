@@ -13,25 +13,12 @@ Rows: a decode step's batch (1 to 64) and a prefill chunk (1536). Last line: `de
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-import torch.nn.functional as F
 
 from nanoseek.engine import weight_layout
 
 SHAPES = ["128x256", "192x128", "80x256", "256x64", "256x128", "512x256", "256x512"]
-
-
-def best_of(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -49,12 +36,8 @@ def main() -> None:
     sums = {"decode": [0.0, 0.0], "prefill": [0.0, 0.0]}
     print(f"{'weight':>9} {'rows':>5} {'as-loaded us':>13} {'k-major us':>11} {'ratio':>6}")
     for out_f, in_f in shapes:
-        w = torch.randn(out_f, in_f, dtype=dtype)
-        wk = w.t().contiguous().t()
         for rows in [*args.rows, args.prefill_rows]:
-            x = torch.randn(rows, in_f, dtype=dtype)
-            reps = max(3, args.repeats * 16 // max(rows, 16))
-            a, b = best_of(lambda: F.linear(x, w), reps), best_of(lambda: F.linear(x, wk), reps)
+            a, b = weight_layout.time_shape((out_f, in_f), rows, dtype, max(3, args.repeats * 16 // max(rows, 16)))
             kind = sums["prefill" if rows == args.prefill_rows else "decode"]
             kind[0] += a
             kind[1] += b

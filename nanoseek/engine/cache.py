@@ -186,7 +186,8 @@ class BatchView:
         # every row real (decode, or chunks of one length): a reshape, not a boolean index
         # (a nonzero and a gather per layer)
         self.valid_q = None if min(q_lens) == S else valid_q
-        self.write_slots = slots(self.positions).flatten() if self.valid_q is None else slots(self.positions)[valid_q]
+        write = slots(self.positions)
+        self.write_slots = write.flatten() if self.valid_q is None else write[valid_q]  # [N_new]
         self.read_slots = torch.where(valid_k, slots(t[None, :].expand(B, T)), 0)  # [B, T]
         self.mask = (t[None, None, :] <= self.positions[:, :, None]) & valid_k[:, None, :]  # [B, S, T]
         self.length = None  # positions are explicit; nothing should infer them from the cache

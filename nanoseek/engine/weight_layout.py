@@ -42,7 +42,8 @@ def is_k_major(w: torch.Tensor) -> bool:
     return w.dim() == 2 and w.stride() == (1, w.shape[0])
 
 
-def _best_time(fn, repeats: int = 5) -> float:
+def best_time(fn, repeats: int = 5) -> float:
+    """The fastest of `repeats` calls of fn, after one to warm up."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -52,17 +53,22 @@ def _best_time(fn, repeats: int = 5) -> float:
     return best
 
 
+def time_shape(shape: tuple[int, int], rows: int, dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
+    """(seconds as loaded, seconds k-major) of one F.linear of `rows` rows by a weight [out, in]."""
+    w = torch.randn(*shape, dtype=dtype)
+    wk = w.t().contiguous().t()
+    x = torch.randn(rows, shape[1], dtype=dtype)
+    return best_time(lambda: F.linear(x, w), repeats), best_time(lambda: F.linear(x, wk), repeats)
+
+
 def time_layouts(shapes: dict[tuple[int, int], int], dtype: torch.dtype) -> tuple[float, float]:
     """(seconds as loaded, seconds k-major) of one F.linear per weight, counted with its
     multiplicity, at each of ROWS rows; shapes {(out, in): count}, capped at CAP a side."""
     loaded = kmajor = 0.0
     for (out_f, in_f), count in shapes.items():
-        w = torch.randn(min(out_f, CAP), min(in_f, CAP), dtype=dtype)
-        wk = w.t().contiguous().t()
         for rows in ROWS:
-            x = torch.randn(rows, w.shape[1], dtype=dtype)
-            loaded += count * _best_time(lambda: F.linear(x, w))
-            kmajor += count * _best_time(lambda: F.linear(x, wk))
+            a, b = time_shape((min(out_f, CAP), min(in_f, CAP)), rows, dtype)
+            loaded, kmajor = loaded + count * a, kmajor + count * b
     return loaded, kmajor
 
 
