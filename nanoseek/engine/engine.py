@@ -29,6 +29,7 @@ from nanoseek.engine.v4_blocks import V4BlockManager, window_blocks_needed
 from nanoseek.engine.v4_cache import PagedV4Cache, aligned_block_size
 from nanoseek.engine.weight_layout import LAYOUTS, apply_weight_layout
 from nanoseek.model import CausalLM
+from nanoseek.model.expert_stack import stack_experts
 from nanoseek.text.tokenizer import Tokenizer
 
 
@@ -91,6 +92,8 @@ class LLMEngine:
         self.model, self.tokenizer = model, Tokenizer.of(tokenizer)
         # CPU decode's few-row GEMMs: the layout of the linear weights (values unchanged)
         self.weight_layout = apply_weight_layout(model, config.weight_layout)
+        # CPU inference: each MoE layer's experts as two grouped GEMMs, not a loop (model/expert_stack.py)
+        self.stacked_moe_layers = stack_experts(model)
         cfg = model.config
         self.device = next(model.parameters()).device
         has_mtp = len(model.mtp) > 0

@@ -39,7 +39,10 @@ def plain_linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def is_k_major(w: torch.Tensor) -> bool:
-    return w.dim() == 2 and w.stride() == (1, w.shape[0])
+    """W [out, in] stored column by column (stride 1 along out), the layout F.linear hands the
+    BLAS untransposed: alone (columns `out` apart) or as a block of a wider tensor (further
+    apart: the experts' views into their stack, model/expert_stack.py)."""
+    return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) >= w.shape[0]
 
 
 def best_time(fn, repeats: int = 5) -> float:

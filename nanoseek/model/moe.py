@@ -21,7 +21,9 @@ clamps the shared expert too (MoE.__init__: Expert(..., swiglu_limit=args.swiglu
 transformers 5.25's DeepseekV4MLP does (earlier transformers did not: its issue #46018).
 
 Dispatch sorts token-slots by expert, runs every expert once on its contiguous slice
-(skipping experts that got no tokens) and scatter-adds the weighted outputs back.
+(skipping experts that got no tokens) and scatter-adds the weighted outputs back. At inference
+on a CPU the engine stacks the experts' weights (expert_stack.py) so that the slices go through
+two grouped GEMMs rather than a Python loop over the experts.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.expert_stack import ExpertStack
 from nanoseek.model.mlp import MLP
 
 
@@ -162,6 +165,7 @@ class MoE(nn.Module):
         # a frozen reference model (eval mode) leave the bias update as training made it.
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        self.expert_stack: ExpertStack | None = None  # the experts as grouped GEMMs (expert_stack.py)
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,7 +199,9 @@ class MoE(nn.Module):
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Sort token-slots by expert, run each expert once on its slice, scatter-add back.
-        On a CPU in bf16 / fp16 each slice is padded to a few fixed lengths (`padded_rows`)."""
+        On a CPU in bf16 / fp16 each slice is padded to a few fixed lengths (`padded_rows`).
+        Without autograd and with the experts stacked (`expert_stack`), the slices go through
+        two grouped GEMMs instead of a loop over the experts: the same products."""
         n_tokens, flat_idx = x.shape[0], indices.flatten()
         order = flat_idx.argsort(stable=True)
         token_of_slot = order // self.top_k
@@ -205,12 +211,15 @@ class MoE(nn.Module):
             token_of_slot, slot_weights, counts = pad_slots(token_of_slot, slot_weights, counts,
                                                             pad_token=n_tokens)
             x = torch.cat([x, x.new_zeros(1, x.shape[1])])  # the padding slots read this row
-        counts = counts.tolist()
-        # split (not slicing) so the backward concatenates instead of zero-filling per expert
-        chunks = x[token_of_slot].split(counts)
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e]]
-        out = torch.cat(outs) * slot_weights.unsqueeze(-1)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, out)[:n_tokens]
+        stack = self.expert_stack
+        if stack is not None and stack.usable():
+            out = stack(x[token_of_slot], counts)
+        else:
+            counts = counts.tolist()
+            # split (not slicing) so the backward concatenates instead of zero-filling per expert
+            chunks = x[token_of_slot].split(counts)
+            out = torch.cat([self.experts[e](chunk) for e, chunk in enumerate(chunks) if counts[e]])
+        return torch.zeros_like(x).index_add_(0, token_of_slot, out * slot_weights.unsqueeze(-1))[:n_tokens]
 
     def _aux_loss(self, scores, indices, logits, batch, real=None) -> torch.Tensor | None:
         cfg, loss = self.cfg, None
