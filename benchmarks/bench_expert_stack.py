@@ -5,6 +5,8 @@ their stacked weights and as the loop over the experts, alternating in one proce
 The model and load are bench_engine_vl.py's (--lm mla: DeepSeek-VL with a 4-layer MLA +
 DeepSeekMoE language model, 8 routed experts of 128; --lm ocr2: DeepSeek-OCR-2, MHA
 DeepSeekMoE): --requests requests with an image each, --max-tokens new tokens each, greedy.
+With --checkpoint DIR, a text model instead (e.g. bench_engine.py --save-checkpoint's): its
+--requests prompts of 16-127 random token ids, each generating 16-127 tokens (seeded).
 Each variant runs once to warm up, then --repeats times, the two in turn (so a slow stretch
 of a shared machine falls on both). Printed per variant: the whole run, the prefill step,
 the median decode step, and one MoE layer's dispatch (routing excluded) at decode. Last line:
@@ -25,6 +27,28 @@ from bench_engine_vl import checkpoint, workload
 from nanoseek.model.moe import MoE
 
 
+def load(args):
+    """(the engine, its prompts, their sampling parameters) for --lm or --checkpoint."""
+    from nanoseek.engine import LLM, SamplingParams
+    if args.checkpoint:
+        engine = LLM(args.checkpoint, max_num_seqs=args.requests).engine
+        g = torch.Generator().manual_seed(args.seed)
+        vocab = engine.model.config.vocab_size
+
+        def draw() -> int:
+            return int(torch.randint(16, 128, (1,), generator=g))
+        prompts = [{"prompt_token_ids": torch.randint(3, vocab, (draw(),), generator=g).tolist()}
+                   for _ in range(args.requests)]
+        return engine, prompts, [SamplingParams(temperature=0, max_tokens=draw(), ignore_eos=True) for _ in prompts]
+    ids, px = workload(args.requests, args.seed, args.lm)
+    with tempfile.TemporaryDirectory() as path:
+        checkpoint(path, args.seed, args.lm)
+        engine = LLM(path, max_num_seqs=args.requests, max_num_batched_tokens=4096).engine
+    prompts = [{"prompt_token_ids": r.tolist(), "images": [p]} for r, p in zip(ids, px)]
+    return engine, prompts, [SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+                             for _ in prompts]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lm", choices=["mla", "ocr2"], default="mla")
@@ -33,20 +57,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoint", help="a text checkpoint directory instead of --lm's image+text model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from nanoseek.engine import LLM, SamplingParams
-    ids, px = workload(args.requests, args.seed, args.lm)
-    with tempfile.TemporaryDirectory() as path:
-        checkpoint(path, args.seed, args.lm)
-        engine = LLM(path, max_num_seqs=args.requests, max_num_batched_tokens=4096).engine
+    engine, prompts, params = load(args)
     layers = [m for m in engine.model.modules() if isinstance(m, MoE)]
     stacks = [m.expert_stack for m in layers]
     if not any(s is not None for s in stacks):
         raise SystemExit("no MoE layer of this model was stacked (model/expert_stack.py: stackable)")
-    prompts = [{"prompt_token_ids": r.tolist(), "images": [p]} for r, p in zip(ids, px)]
-    params = [SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True) for _ in prompts]
 
     dispatch_times: list[float] = []
     dispatch = MoE.dispatch
@@ -54,7 +73,7 @@ def main() -> None:
     def timed_dispatch(self, x, weights, indices):
         t0 = time.perf_counter()
         out = dispatch(self, x, weights, indices)
-        if x.shape[0] <= args.requests:  # a decode step's tokens
+        if x.shape[0] <= 2 * args.requests:  # a decode step's tokens (with MTP: two a sequence)
             dispatch_times.append(time.perf_counter() - t0)
         return out
     MoE.dispatch = timed_dispatch

@@ -208,3 +208,13 @@ def test_a_copied_or_saved_model_holds_no_stack_and_gives_the_same_outputs(tmp_p
         with torch.no_grad():
             torch.testing.assert_close(other(x), want, atol=1e-6, rtol=1e-6)
     assert moe.expert_stack is not None
+
+
+def test_the_benchmark_takes_a_text_checkpoint(tmp_path):
+    model = randomize(CausalLM(tiny_config(max_position_embeddings=512)))
+    model.save_pretrained(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/bench_expert_stack.py", "--checkpoint", str(tmp_path),
+                        "--requests", "2", "--repeats", "1"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].endswith("outputs_equal=True")
