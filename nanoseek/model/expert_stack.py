@@ -43,8 +43,8 @@ class ExpertStack:
         """Copy the experts' weights into W_13 [E, D, 2I] and W_2 [E, I, D] and make each
         weight a view of its block."""
         experts = moe.experts
-        inter, dim = experts[0].gate_proj.weight.shape
         w = experts[0].gate_proj.weight
+        inter, dim = w.shape
         self.w13 = torch.empty(len(experts), dim, 2 * inter, dtype=w.dtype, device=w.device)
         self.w2 = torch.empty(len(experts), inter, dim, dtype=w.dtype, device=w.device)
         self.inter, self.swiglu_limit = inter, experts[0].swiglu_limit
