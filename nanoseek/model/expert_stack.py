@@ -87,9 +87,9 @@ class WeightViews:
     def __init__(self, slots: list[tuple[nn.Module, str]]):
         self.slots = slots
         self.modules = [parent._modules[name] for parent, name in slots]
-        self.weights = [m._parameters["weight"] for m in self.modules if type(m) is nn.Linear]
-        self.weight_ids = [id(w) for w in self.weights]
-        self.ptrs = [w.data_ptr() for w in self.weights]
+        weights = [m._parameters["weight"] for m in self.modules if type(m) is nn.Linear]
+        self.weight_ids = [id(w) for w in weights]
+        self.ptrs = [w.data_ptr() for w in weights]
 
     def current(self) -> bool:
         """The same modules at the same places, holding the same parameters, whose data is still
