@@ -22,6 +22,11 @@ DeepSeek-OCR-2 written by transformers: SAM at 256 pixels in 4-pixel patches, De
 with 256 global queries, an MHA DeepSeekMoE language model of the same size as `mla`'s; each
 request's picture is small enough to take the global view only: 257 vision tokens).
 
+--split also times each side generating one token per request (its prefill, vision tower
+included) and prints where the time goes: prefill, and a decode step as (run - one-token
+run) / (new tokens - 1), for nanoseek and for transformers' fastest variant (needs --outputs
+fixed: with mixed lengths the steps differ in size).
+
 Output tokens/s counts the requested tokens. Each side runs once to warm up, then --repeats
 times; the best time counts. nanoseek's prefix cache is emptied before each run (a repeat of
 the same prompts would otherwise skip their prefill and vision tower). Last line: `ratio=... outputs_equal=... distinct_tokens=...` (the
@@ -131,6 +136,11 @@ def best_time(fn, repeats: int):
     return min(times), out
 
 
+def step_split(t_run: float, t_one: float, max_tokens: int) -> tuple[float, float]:
+    """(prefill, one decode step) in seconds from a run's time and a one-token run's."""
+    return t_one, (t_run - t_one) / (max_tokens - 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=16)
@@ -144,7 +154,13 @@ def main() -> None:
                     help="transformers' experts implementations to time (the fastest is the baseline)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    ap.add_argument("--split", action="store_true",
+                    help="also time one-token runs and print each side's prefill and decode step (see above)")
     args = ap.parse_args()
+    if args.split and (args.outputs != "fixed" or args.max_tokens < 2):
+        ap.error("--split needs --outputs fixed and --max-tokens >= 2: a decode step is "
+                 "(run - one-token run) / (max_tokens - 1)")
+    split: dict[str, tuple[float, float]] = {}
     torch.set_num_threads(args.threads)
     HFVL = hf_class(args.lm)
 
@@ -156,15 +172,18 @@ def main() -> None:
         checkpoint(path, args.seed, args.lm)
         llm = LLM(path, max_num_seqs=args.requests, max_num_batched_tokens=2048)
         prompts = [{"prompt_token_ids": r.tolist(), "images": [p]} for r, p in zip(ids, px)]
-        params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in lengths]
 
-        def ours():  # each run from an empty prefix cache: transformers has none to reuse
+        def ours(lengths=lengths):  # each run from an empty prefix cache: transformers has none to reuse
             llm.engine.reset_prefix_cache()
+            params = [SamplingParams(temperature=0, max_tokens=k, ignore_eos=True) for k in lengths]
             return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
         t_ns, got = best_time(ours, args.repeats)
         log(f"nanoseek: {new / t_ns:.1f} tok/s ({t_ns:.2f} s)")
-        theirs = {}
+        if args.split:
+            split["nanoseek"] = step_split(t_ns, best_time(lambda: ours([1] * len(lengths)), args.repeats)[0],
+                                           args.max_tokens)
+        theirs, runners = {}, {}
         for impl in (args.experts if args.lm != "llama" else ["dense"]):
             try:
                 kw = {} if impl == "dense" else {"experts_implementation": impl}
@@ -173,7 +192,7 @@ def main() -> None:
                 log(f"transformers experts_implementation={impl}: unavailable ({type(e).__name__})")
                 continue
 
-            def hf_generate(batches, hf=hf):
+            def hf_generate(batches, hf=hf, lengths=lengths):
                 out = [None] * len(lengths)
                 for rows in batches:
                     k = max(lengths[r] for r in rows)
@@ -190,15 +209,23 @@ def main() -> None:
                           "batches of 4 by length": [by_length[i:i + 4] for i in range(0, len(lengths), 4)]}
             for name, batches in strategies.items():
                 theirs[f"{impl}, {name}"] = t = best_time(lambda b=batches: hf_generate(b), args.repeats)
+                runners[f"{impl}, {name}"] = lambda b=batches, g=hf_generate: g(b, lengths=[1] * len(lengths))
                 log(f"transformers ({impl}, {name}): {new / t[0]:.1f} tok/s ({t[0]:.2f} s)")
-    impl = min(theirs, key=lambda k: theirs[k][0])
-    t_hf, want = theirs[impl]
+        impl = min(theirs, key=lambda k: theirs[k][0])
+        t_hf, want = theirs[impl]
+        if args.split:
+            split["transformers"] = step_split(t_hf, best_time(runners[impl], args.repeats)[0], args.max_tokens)
+            for side, (prefill, step) in split.items():
+                log(f"{side}: prefill {prefill * 1e3:.1f} ms, decode step {step * 1e3:.2f} ms")
     equal = sum(a == b for a, b in zip(got, want))
     result = {"nanoseek_tok_s": round(new / t_ns, 1), "transformers_tok_s": round(new / t_hf, 1),
               "transformers_run": impl, "outputs": args.outputs, "ratio": round(t_hf / t_ns, 2),
               "outputs_equal": f"{equal}/{len(got)}", "distinct_tokens": len({t for r in got for t in r}),
               "requests": args.requests, "max_tokens": args.max_tokens, "lm": args.lm, "threads": args.threads,
               "machine": machine_info()}
+    if split:
+        result["split_ms"] = {side: {"prefill": round(p * 1e3, 1), "decode_step": round(d * 1e3, 2)}
+                              for side, (p, d) in split.items()}
     if args.json:
         print(json.dumps(result))
         return
