@@ -164,6 +164,10 @@ def test_refusals(model):
         llm.generate([A], use_tqdm=False)
     with pytest.raises(ValueError, match=r"pixel values must be \[3, 32, 32\]"):
         llm.generate([{"prompt_token_ids": A, "images": [torch.zeros(3, 8, 8)]}], use_tqdm=False)
+    nan = pixels(1).clone()
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="pixel values hold NaN or inf"):
+        llm.generate([{"prompt_token_ids": A, "images": [nan]}], use_tqdm=False)
     assert not llm.engine.has_unfinished()
 
 

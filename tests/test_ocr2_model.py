@@ -199,6 +199,32 @@ def test_greedy_generation_equals_transformers(checkpoint, model, reference):
     assert torch.equal(model.generate(ids, tokens, max_new_tokens=3), out.sequences)
 
 
+def test_generate_takes_a_sampled_placeholder_id_as_text(checkpoint, reference):
+    """A decode step that samples the `<image>` id feeds it back as a token, as transformers'
+    generate does (no image follows the prompt), instead of asking for its image."""
+    path, ref = checkpoint
+    model, ref = DeepseekOCR2.from_pretrained(path), copy.deepcopy(ref)
+    px, ids = reference.px, reference.ids
+    with torch.no_grad():
+        tokens = model.encode_images(px["pixel_values"], px["pixel_values_local"], px["num_local_patches"])
+        first = int(model(ids, tokens)[0, -1].argmax())
+        for w in (model.language.lm_head.weight, ref.lm_head.weight):  # the placeholder becomes the argmax
+            w[[first, IMAGE_ID]] = w[[IMAGE_ID, first]]
+        want = ref.generate(input_ids=ids, **px, max_new_tokens=3, do_sample=False)
+    got = model.generate(ids, tokens, max_new_tokens=3)
+    assert got[0, ids.shape[1]].item() == IMAGE_ID
+    assert torch.equal(got, want)
+
+
+def test_bf16_model_encodes_the_processors_fp32_pixels(checkpoint, reference):
+    model = DeepseekOCR2.from_pretrained(checkpoint[0], dtype=torch.bfloat16)
+    px = reference.px
+    with torch.no_grad():
+        tokens = model.encode_images(px["pixel_values"], px["pixel_values_local"], px["num_local_patches"])
+    assert px["pixel_values"].dtype == torch.float32
+    assert all(t.dtype == torch.bfloat16 and bool(t.isfinite().all()) for t in tokens)
+
+
 def test_image_token_outside_the_vocabulary_is_refused():
     raw = tiny_config().to_dict()
     raw["image_token_id"] = 128

@@ -157,6 +157,20 @@ class BlockManager:
                 self.cached.setdefault(prev, block.block_id)
             seq.num_hashed_blocks += 1
 
+    def forget_seq(self, seq: Sequence) -> None:
+        """Un-hash the blocks only this (failed) sequence holds: what it computed may be NaN,
+        and a later request must not hit it. A block another request shares keeps its hash
+        until that request finishes too (if it read NaN, it fails and forgets it then)."""
+        self.forget_blocks(seq.block_table)
+
+    def forget_blocks(self, block_ids) -> None:
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 1 and block.hash is not None:
+                if self.cached.get(block.hash) == block_id:
+                    del self.cached[block.hash]
+                block.hash, block.token_ids = None, ()
+
     def reset_prefix_cache(self) -> None:
         """Drop all hashes (the cached latents are stale, e.g. the weights changed)."""
         self.cached.clear()

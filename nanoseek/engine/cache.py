@@ -188,7 +188,9 @@ class BatchView:
         self.valid_q = None if min(q_lens) == S else valid_q
         write = slots(self.positions)
         self.write_slots = write.flatten() if self.valid_q is None else write[valid_q]  # [N_new]
-        self.read_slots = torch.where(valid_k, slots(t[None, :].expand(B, T)), 0)  # [B, T]
+        # a padded key reads the sequence's own first row, never another request's (a NaN
+        # there would reach this one through attention's masked 0 * NaN)
+        self.read_slots = torch.where(valid_k, slots(t[None, :].expand(B, T)), tables[:, :1] * bs)  # [B, T]
         self.mask = (t[None, None, :] <= self.positions[:, :, None]) & valid_k[:, None, :]  # [B, S, T]
         self.length = None  # positions are explicit; nothing should infer them from the cache
 

@@ -92,8 +92,10 @@ class Scheduler:
             seq.finish_reason, seq.error = reason, error
         if seq in self.running:
             self.running.remove(seq)
-            if seq.error is None:  # what it computed stays reusable (a failed request's may be NaN)
+            if seq.error is None:  # what it computed stays reusable
                 self.bm.register_full_blocks(seq)
+            else:  # a failed request's latents may be NaN: its blocks hashed so far are forgotten
+                self.bm.forget_seq(seq)
             self.bm.free_seq(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)

@@ -138,6 +138,11 @@ class V4BlockManager(BlockManager):
         seq.window_table = []
         super().free_seq(seq)
 
+    def forget_seq(self, seq: Sequence) -> None:
+        """A failed sequence's window blocks are forgotten with its main blocks."""
+        self.window.forget_blocks([wid for wid in seq.window_table if wid is not None])
+        super().forget_seq(seq)
+
     # --------------------------------------------------------------- hashing
     def register_full_blocks(self, seq: Sequence) -> None:
         """Hash the new full main blocks, give their window blocks the same hash (their rows

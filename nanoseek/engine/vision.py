@@ -115,6 +115,8 @@ class VisionPrompts:
                 if t.shape != (3, shape, shape):
                     raise ImageTokenError(f"image {i}: pixel values must be [3, {shape}, {shape}] (the "
                                           f"model's image processor's), got {list(t.shape)}")
+                if not bool(torch.isfinite(t).all()):  # NaN would spread through attention's masked 0 * NaN
+                    raise ImageTokenError(f"image {i}: pixel values hold NaN or inf")
             return [t.float() for t in tensors], hashes
         return list(preprocess(pil, self.processor)) if pil else [], hashes
 

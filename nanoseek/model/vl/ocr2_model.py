@@ -57,17 +57,22 @@ class DeepseekOCR2(nn.Module):
         if sum(counts) != (0 if pixel_values_local is None else pixel_values_local.shape[0]):
             raise ValueError(f"num_local_patches {counts} sums to {sum(counts)} tiles; pixel_values_local "
                              f"holds {0 if pixel_values_local is None else pixel_values_local.shape[0]}")
-        global_views = self.projector(self.vision(pixel_values))
-        tiles = (self.projector(self.vision(pixel_values_local)).split(counts)
+        dtype = next(self.vision.parameters()).dtype  # the processor's pixels are fp32; the tower may be bf16
+        global_views = self.projector(self.vision(pixel_values.to(dtype)))
+        tiles = (self.projector(self.vision(pixel_values_local.to(dtype))).split(counts)
                  if pixel_values_local is not None else [None] * n)
         sep = self.view_separator.to(global_views.dtype).unsqueeze(0)
         return [image_layout(t, g, sep) for t, g in zip(tiles, global_views)]
 
     # ------------------------------------------------------------------ text
-    def embed(self, input_ids: torch.Tensor, image_tokens=None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, image_tokens=None, text_only: bool = False) -> torch.Tensor:
         """Token embeddings with each `<image>` placeholder replaced by the next vision token
-        (images in prompt order, row-major over the batch)."""
+        (images in prompt order, row-major over the batch). text_only: every id is text, the
+        placeholder id too (a decode step: a sampled placeholder id is a token like any other,
+        as transformers' generate and the engine take it)."""
         x = self.language.model.embed_tokens(input_ids)
+        if text_only:
+            return x
         slots = input_ids == self.config.image_token_id
         n_slots = int(slots.sum())
         if image_tokens is None or (isinstance(image_tokens, list) and not image_tokens):
@@ -84,14 +89,14 @@ class DeepseekOCR2(nn.Module):
         return x
 
     def forward(self, input_ids: torch.Tensor, image_tokens=None, positions: torch.Tensor | None = None,
-                cache: Cache | None = None) -> torch.Tensor:
+                cache: Cache | None = None, text_only: bool = False) -> torch.Tensor:
         """Text ids [B, S] (with `<image>` placeholders) and the images' vision tokens
-        (encode_images) -> logits [B, S, V]."""
+        (encode_images) -> logits [B, S, V]. text_only: see `embed`."""
         lm = self.language
         if positions is None:
             positions = lm.positions_for(input_ids, cache)
         freqs_cis = lm.rotary(positions)
-        x = self.embed(input_ids, image_tokens)
+        x = self.embed(input_ids, image_tokens, text_only)
         for layer in lm.model.layers:
             x = layer(x, freqs_cis, cache)
         return lm.lm_head(lm.model.norm(x))
@@ -106,8 +111,8 @@ class DeepseekOCR2(nn.Module):
         B, S = input_ids.shape
         cache = ContiguousCache(B, S + max_new_tokens, absorb=False)
         logits = self(input_ids, image_tokens, cache=cache)[:, -1]
-        return decode(input_ids, logits, lambda ids: self(ids, cache=cache)[:, -1], max_new_tokens,
-                      temperature, 0, eos_token_id, generator)
+        return decode(input_ids, logits, lambda ids: self(ids, cache=cache, text_only=True)[:, -1],
+                      max_new_tokens, temperature, 0, eos_token_id, generator)
 
     # ------------------------------------------------------------- checkpoints
     @classmethod
