@@ -30,7 +30,7 @@ def test_an_absolute_path_outside_the_directory_is_refused(tmp_path):
     (tmp_path / "d").mkdir()
     Image.new("RGB", (5, 3)).save(tmp_path / "out#side.png", format="PNG")
     conv = ImageConversation(row(str(tmp_path / "out#side.png")), "rows.jsonl:1", tmp_path / "d")
-    with pytest.raises(ChatDataError, match="rows.jsonl:1: image 0: .*outside the allowed image directory"):
+    with pytest.raises(ChatDataError, match="rows.jsonl:1: image 0: .*not a file under the allowed image directory"):
         conversation_images(conv, ImageLimits())
 
 

@@ -189,7 +189,7 @@ def test_symlink_escapes_are_refused(dirs):
     root, outside = dirs
     os.symlink(outside / "secret.png", root / "link.png")
     os.symlink(outside, root / "linkdir")
-    assert "outside" in refused("image_dir", load_image_url, f"file://{root}/link.png", image_dir=root)
+    assert "not a file under" in refused("image_dir", load_image_url, f"file://{root}/link.png", image_dir=root)
     refused("image_dir", load_image_url, f"file://{root}/linkdir/secret.png", image_dir=root)
 
 
@@ -208,6 +208,39 @@ def test_outside_relative_missing_remote_and_special_files(dirs):
     os.mkfifo(root / "pipe.png")  # opening must not block on it
     assert "not a regular file" in refused("image_dir", load_image_url, f"file://{root}/pipe.png", image_dir=root)
     refused("image_dir", load_image_url, f"file://{root}", image_dir=root)  # a directory
+
+
+def test_files_outside_get_one_answer_whether_or_not_they_exist(dirs):
+    """No probing the server's disk: an existing file outside the directory and a missing one
+    are refused alike."""
+    root, outside = dirs
+    here = refused("image_dir", load_image_url, f"file://{outside}/secret.png", image_dir=root)
+    absent = refused("image_dir", load_image_url, f"file://{outside}/absent.png", image_dir=root)
+    assert here.replace("secret", "absent") == absent
+
+
+def test_a_huge_url_is_quoted_short_in_the_error():
+    message = refused("image_url_scheme", load_image_url, "x" * 1_000_000 + ":y")
+    assert len(message) < 400 and "1,000,000 characters" in message
+
+
+def test_pictures_decode_as_a_viewer_shows_them():
+    """Transparency composited onto white (transformers' convert_to_rgb), the EXIF orientation
+    applied, 16-bit grey scaled to 8 bits: pictures that look different never share a hash."""
+    from transformers.image_transforms import convert_to_rgb
+    cat, dog = (Image.new("RGBA", (16, 8), (0, 0, 0, 0)) for _ in range(2))
+    cat.putpixel((1, 1), (0, 0, 0, 255))
+    dog.putpixel((5, 5), (0, 0, 0, 255))
+    got = [load_image_url(data_url(encoded(im, "PNG"))) for im in (cat, dog)]
+    assert got[0].sha256 != got[1].sha256
+    assert got[0].image.tobytes() == convert_to_rgb(cat, return_numpy=False).tobytes()
+    upright = picture((12, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: rotated 180 degrees
+    tagged = load_image_url(data_url(encoded(upright, "PNG", exif=exif)))
+    assert tagged.image.tobytes() == upright.rotate(180).tobytes()
+    grey = Image.frombytes("I;16", (4, 1), struct.pack("<4H", 0, 256, 30000, 65535))
+    assert list(load_image_url(data_url(encoded(grey, "PNG"))).image.getchannel(0).tobytes()) == [0, 1, 117, 255]
 
 
 def test_a_file_over_the_byte_limit_is_refused(dirs):

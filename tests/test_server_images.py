@@ -146,7 +146,7 @@ def test_file_urls_only_under_the_image_dir(server, image_dir, tmp_path):
     picture().save(tmp_path / "outside.png")
     outside = {"type": "image_url", "image_url": {"url": (tmp_path / "outside.png").as_uri()}}
     err = refusal(server, asking(outside))
-    assert err["code"] == "image_dir" and "outside the allowed image directory" in err["message"]
+    assert err["code"] == "image_dir" and "not a file under the allowed image directory" in err["message"]
 
 
 def test_file_urls_are_refused_without_an_image_dir(ckpt, image_dir):  # noqa: F811
@@ -296,6 +296,22 @@ def test_mha_vision_language_engines_answer_as_their_own_generate(mha_vl):
     assert answer["choices"][0]["message"]["content"] == want.outputs[0].text
     per_image = 16 if mha_vl.app.state.vision == "DeepseekVLForConditionalGeneration" else 257
     assert answer["usage"]["prompt_tokens"] == len(want.prompt_token_ids) == len(ids) - 1 + per_image
+
+
+def test_a_picture_the_models_preprocessing_refuses_is_a_400(mha_vl):
+    """OCR-2 counts an image's tokens with its processor (the handler's `engine_prompt`): a
+    strip too thin for its global view is refused by name, not a 500."""
+    from nanoseek.serve.errors import APIError
+    from nanoseek.serve.images import engine_prompt
+    strip = decode_image(png_bytes(Image.new("RGB", (2000, 1), (9, 9, 9))))
+    llm = mha_vl.offline
+    ids = [5, llm.engine.vision.image_token_id, 6]
+    if mha_vl.app.state.vision == "DeepseekVLForConditionalGeneration":
+        assert engine_prompt(llm, ids, [strip])[1] == 2 + 16  # SigLIP resizes to its square
+        return
+    with pytest.raises(APIError) as e:
+        engine_prompt(llm, ids, [strip])
+    assert e.value.status == 400 and e.value.code == "image_unsupported" and "too elongated" in str(e.value)
 
 
 def test_the_response_cache_keys_an_image_by_its_content(vl):

@@ -135,7 +135,7 @@ def _routes(app: FastAPI) -> None:
             images = await run_in_threadpool(request_images, req.messages, st.image_limits, st.image_dir)
         image_token_id = engine_images(st.llm, st.model_name, images, st.vision)
         prompt, params, tools = await run_in_threadpool(_chat_prompt, st.llm.tokenizer, req, params, image_token_id)
-        prompt, prompt_len = engine_prompt(st.llm, prompt, images)
+        prompt, prompt_len = await run_in_threadpool(engine_prompt, st.llm, prompt, images)
         check_context(range(prompt_len), params, st.max_model_len, "messages")
         fmt = ChatFormatter(req.model, st.llm.tokenizer, params.logprobs, prompt_len, *_usage_opts(req),
                             tools=tools)

@@ -87,8 +87,13 @@ def engine_images(llm, model_name: str, images: list[LoadedImage], vision: str |
 
 def engine_prompt(llm, ids: list[int], images: list[LoadedImage]):
     """(what the engine is given, its prompt length once each placeholder is expanded to
-    the image's tokens: what the context holds and usage counts)."""
-    return expand_prompt(llm.engine, ids, images)
+    the image's tokens: what the context holds and usage counts). Counting an OCR-2 image's
+    tokens runs its processor (the tiling depends on the picture), which may refuse the
+    image: a 400 naming why. Blocks (preprocessing): run in a worker thread."""
+    try:
+        return expand_prompt(llm.engine, ids, images)
+    except ValueError as e:  # the model's preprocessing or image count (ImageTokenError is one)
+        raise APIError(400, f"messages: {e}", param="messages", code="image_unsupported") from None
 
 
 def keyed_messages(messages: list[dict], images: list[LoadedImage]) -> list[dict]:

@@ -9,9 +9,11 @@ read only under a directory the caller names (symlinks resolved, `..` refused, n
 it), and nothing is ever fetched from the network. Each refusal is an `ImageInputError` that
 names its limit, which a server answers with a 400.
 
-Decoded images are RGB (as the processors convert them) and carry a content hash: sha256 of
-the size and the RGB pixels, so the same picture sent as PNG or as WebP (lossless) keys the
-prefix cache and the response caches alike, and bytes that differ only in metadata do too.
+Decoded images are RGB as a viewer shows them (EXIF orientation applied, transparency
+composited onto white, as transformers' `load_image` and processors do) and carry a content
+hash: sha256 of the size and the RGB pixels, so the same picture sent as PNG or as WebP
+(lossless) keys the prefix cache and the response caches alike, and bytes that differ only in
+other metadata do too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # MIME type of a data: URL -> the PIL format its bytes must be
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
@@ -121,9 +123,14 @@ def load_image_url(url: str, limits: ImageLimits = ImageLimits(),
     if scheme in ("http", "https", "ftp", "ws", "wss"):
         raise ImageInputError(f"image URLs are never fetched from the network ({scheme}:); send "
                               "the image inline as a data:image/...;base64 URL", "image_url_scheme")
-    raise ImageInputError(f"image URL scheme {scheme or '(none)'!r} is not supported: use a "
+    raise ImageInputError(f"image URL scheme {short(scheme) or '(none)'!r} is not supported: use a "
                           "data:image/...;base64 URL (or file: under the allowed image directory)",
                           "image_url_scheme")
+
+
+def short(text: str, n: int = 100) -> str:
+    """A client's text as an error quotes it: at most n characters (a URL may be megabytes)."""
+    return text if len(text) <= n else text[:n] + f"... ({len(text):,} characters)"
 
 
 def decode_data_url(url: str, limits: ImageLimits) -> tuple[str, bytes]:
@@ -135,7 +142,7 @@ def decode_data_url(url: str, limits: ImageLimits) -> tuple[str, bytes]:
         raise ImageInputError("an image data URL must be data:<image type>;base64,<data>",
                               "image_data_url")
     if mime not in FORMATS:
-        raise ImageInputError(f"image type {mime or '(none)'!r} is not accepted; expected one of "
+        raise ImageInputError(f"image type {short(mime) or '(none)'!r} is not accepted; expected one of "
                               f"{sorted(FORMATS)}", "image_format")
     payload = payload.strip()
     if len(payload) // 4 * 3 > limits.max_bytes + 3:  # base64: 4 characters per 3 bytes
@@ -161,17 +168,22 @@ def resolve_file_url(url: str, image_dir: str | Path | None) -> Path:
         raise ImageInputError(f"file URL host {parts.netloc!r}: only local files are read", "image_dir")
     raw = unquote(parts.path)
     if "\x00" in raw or not raw.startswith("/"):
-        raise ImageInputError(f"file URL {url!r} must name an absolute path (file:///dir/image.png)",
+        raise ImageInputError(f"file URL {short(url)!r} must name an absolute path (file:///dir/image.png)",
                               "image_dir")
     if ".." in Path(raw).parts:
-        raise ImageInputError(f"file URL {url!r}: '..' is not allowed in image paths", "image_dir")
+        raise ImageInputError(f"file URL {short(url)!r}: '..' is not allowed in image paths", "image_dir")
     root = Path(image_dir).resolve(strict=True)
+    # containment first, and one answer for "outside" and "absent outside": which files exist
+    # elsewhere on the server is none of the client's business
+    outside = ImageInputError(f"image {short(raw)!r} is not a file under the allowed image directory", "image_dir")
     try:
+        if not Path(raw).resolve(strict=False).is_relative_to(root):
+            raise outside
         path = Path(raw).resolve(strict=True)
     except (OSError, RuntimeError):
-        raise ImageInputError(f"no image file {raw!r}", "image_dir") from None
-    if not path.is_relative_to(root):
-        raise ImageInputError(f"image {raw!r} is outside the allowed image directory", "image_dir")
+        raise ImageInputError(f"no image file {short(raw)!r} in the allowed image directory", "image_dir") from None
+    if not path.is_relative_to(root):  # a link made between the two resolves
+        raise outside
     return path
 
 
@@ -221,11 +233,24 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), expect: str |
         try:
             img.seek(0)
             img.load()
-            rgb = img.convert("RGB")
+            rgb = to_rgb(ImageOps.exif_transpose(img))
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
             raise ImageInputError(f"{source}: the image data is damaged or truncated ({e})",
                                   "image_decode") from None
     return LoadedImage(rgb, content_hash(rgb), source)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as a viewer shows the picture: transparency composited onto white, as transformers'
+    image processors do (`convert_to_rgb`), not dropped (two icons drawn in alpha alone would
+    otherwise both be a black square, and share a content hash); 16-bit grey scaled to 8 bits,
+    not clipped (a converted 16-bit picture is otherwise all but white)."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def check_size(width: int, height: int, limits: ImageLimits, source: str = "image") -> None:

@@ -43,6 +43,10 @@ class OCR2ImageProcessor:
         if w < 1 or h < 1 or w * h > self.max_pixels:
             raise ValueError(f"image of {w}x{h} pixels: must be non-empty and at most {self.max_pixels} "
                              "pixels (max_pixels)")
+        if max(w, h) > min(w, h) * self.size:  # the global view keeps the aspect: a side of 0 pixels
+            raise ValueError(f"image of {w}x{h} pixels: too elongated for the {self.size}-pixel global view "
+                             f"(its shorter side would be under a pixel; the longer side may be at most "
+                             f"{self.size} times the shorter)")
         return image.convert("RGB")
 
     def __call__(self, images: list[Image.Image]) -> dict:
