@@ -90,6 +90,23 @@ def test_whole_prefill_and_one_placeholder_per_image(model):
     assert run(llm, [{"prompt_token_ids": short, "images": [pixels(1)]}]) == [reference(model, A, [pixels(1)])]
 
 
+def test_n_samples_preprocess_and_encode_their_image_once(model, monkeypatch):
+    """One request of n samples: its picture is preprocessed once and, the samples prefilling
+    together, run through the tower once; each sample still has its own PromptImage."""
+    import nanoseek.engine.vision as vision
+    vision_preprocess = vision.preprocess
+    calls = count_encodes(model, monkeypatch)
+    preprocessed = []
+    monkeypatch.setattr(vision, "preprocess", lambda pil, proc: (preprocessed.append(len(pil)),
+                                                                  vision_preprocess(pil, proc))[1])
+    llm = engine(model, max_num_seqs=4, max_num_batched_tokens=256)
+    picture = Image.new("RGB", (40, 30), (200, 30, 60))
+    outs = llm.generate([{"prompt_token_ids": A, "images": [picture]}],
+                        SamplingParams(temperature=1.0, seed=3, max_tokens=4, n=3), use_tqdm=False)
+    assert len(outs[0].outputs) == 3
+    assert preprocessed == [1] and calls == [1] and llm.engine.vision.encoded == 1
+
+
 def test_prefix_hit_with_the_same_image(model, monkeypatch):
     """The same picture in a second request: its blocks hit, and an image wholly inside the
     cached blocks is not encoded again."""

@@ -298,6 +298,16 @@ def test_mha_vision_language_engines_answer_as_their_own_generate(mha_vl):
     assert answer["usage"]["prompt_tokens"] == len(want.prompt_token_ids) == len(ids) - 1 + per_image
 
 
+def test_a_request_of_n_samples_preprocesses_its_picture_once(vl, monkeypatch):
+    """Counted for the context, then n engine requests: one preprocessing (off the event loop)."""
+    import nanoseek.engine.vision as vision
+    calls, preprocess = [], vision.preprocess
+    monkeypatch.setattr(vision, "preprocess", lambda pil, proc: (calls.append(len(pil)), preprocess(pil, proc))[1])
+    r = post(vl, asking(png_part(picture(colour=(3, 140, 250))), n=3, temperature=1.0, seed=5))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 3 and calls == [1]
+
+
 def test_a_picture_the_models_preprocessing_refuses_is_a_400(mha_vl):
     """OCR-2 counts an image's tokens with its processor (the handler's `engine_prompt`): a
     strip too thin for its global view is refused by name, not a 500."""

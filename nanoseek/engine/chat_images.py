@@ -109,5 +109,6 @@ def expand_prompt(engine, ids: list[int], images: list[LoadedImage]):
     the image's tokens: what the context holds and usage counts)."""
     if not images:
         return ids, len(ids)
+    images = engine.vision.images(images)  # preprocessed once: counted here, placed per request
     expanded = sum(n - 1 for n in engine.vision.image_tokens(images))  # OCR-2's count depends on the tiles
     return {"prompt_token_ids": ids, "images": images}, len(ids) + expanded

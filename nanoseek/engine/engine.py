@@ -170,6 +170,15 @@ class LLMEngine:
         self.requests[request_id] = seq
         return seq
 
+    def preprocess_images(self, prompt):
+        """The prompt with its images preprocessed (pixel values, content hashes, OCR-2's tiles)
+        once, for several requests of it: the n samples of one prompt preprocess once, and a
+        server does it in a worker thread. Any other prompt is returned as it is."""
+        _, images = split_prompt(prompt)
+        if images is None or self.vision is None:
+            return prompt
+        return {**prompt, "images": self.vision.images(images)}
+
     def abort(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.finished:

@@ -191,6 +191,8 @@ class LLM:
         try:  # a rejected prompt (or an interrupt) aborts every request this call added
             for p, sp in zip(prompts, params):
                 groups.append([])
+                if sp.n > 1:  # its images preprocessed once for the n samples
+                    p = self.engine.preprocess_images(p)
                 for k in range(sp.n):
                     seq = self.engine.add_request(p, sp.for_sample(k))
                     groups[-1].append(seq)

@@ -19,7 +19,7 @@ behind the same placeholder ids never does.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -43,6 +43,18 @@ class PromptImage:
     @property
     def end(self) -> int:
         return self.start + self.length
+
+
+def prepared(images) -> bool:
+    """Whether `images` are PromptImages already (`VisionPrompts.images`); a mix of those and
+    pictures is refused."""
+    if not isinstance(images, (list, tuple)) or not images:
+        return False
+    kinds = {isinstance(im, PromptImage) for im in images}
+    if kinds == {True, False}:
+        raise ValueError("give a request's images all as pictures or pixel values, or all as the "
+                         "engine's preprocessed PromptImages")
+    return kinds == {True}
 
 
 def image_hash(image) -> str:
@@ -74,12 +86,23 @@ class VisionPrompts:
         self.encoded = 0  # images run through the vision tower (a measure of reuse)
 
     # ------------------------------------------------------------- admission
+    def images(self, images) -> list[PromptImage]:
+        """A request's images preprocessed (pixel values and content hash) as PromptImages not
+        yet placed in a prompt, which `prepare` copies and places: the n samples of one prompt,
+        or the server's count of its tokens and its request, preprocess once. PromptImages
+        given are returned as they are."""
+        if prepared(images):
+            return list(images)
+        pixels, hashes = self._pixels(images)
+        return [PromptImage(px, h, 0, 0) for px, h in zip(pixels, hashes)]
+
     def prepare(self, ids: list[int], images) -> tuple[list[int], list[PromptImage]]:
         """Token ids (a placeholder run per image, or one placeholder per image) and the
-        images (PIL images, text/images.LoadedImage, or pixel values [3, H, W] / [N, 3, H, W])
-        -> the prompt's ids with runs expanded and its PromptImages in order."""
-        pixels, hashes = self._pixels(images)
-        T, n = self.tokens_per_image, len(pixels)
+        images (PIL images, text/images.LoadedImage, pixel values [3, H, W] / [N, 3, H, W], or
+        `images`' PromptImages) -> the prompt's ids with runs expanded and its PromptImages in
+        order (its own: placed, no features yet)."""
+        templates = self.images(images)
+        T, n = self.tokens_per_image, len(templates)
         slots = [p for p, t in enumerate(ids) if t == self.image_token_id]
         if n and len(slots) == n and T > 1:  # one placeholder per image: expand each to its run
             ids = [x for t in ids for x in ([t] * T if t == self.image_token_id else [t])]
@@ -89,12 +112,12 @@ class VisionPrompts:
                                   f"{self.image_token_id}) for {n} image(s); each image takes {T} "
                                   f"(or one placeholder per image, expanded here)")
         out = []
-        for i, (px, h) in enumerate(zip(pixels, hashes)):
+        for i, template in enumerate(templates):
             run = slots[i * T:(i + 1) * T]
             if run[-1] - run[0] != T - 1:
                 raise ImageTokenError(f"image {i}'s {T} placeholder tokens are not one run: they start at "
                                       f"position {run[0]} and end at {run[-1]}")
-            out.append(PromptImage(px, h, run[0], T))
+            out.append(replace(template, start=run[0], length=T, features=None))
         return ids, out
 
     def _pixels(self, images) -> tuple[list[torch.Tensor], list[str]]:
@@ -131,7 +154,7 @@ class VisionPrompts:
         spans = [(b, st, im, max(im.start, st), min(im.end, st + n))
                  for b, (st, n, imgs) in enumerate(zip(starts, lens, images)) for im in imgs]
         spans = [s for s in spans if s[3] < s[4]]  # the images this chunk covers, and where
-        self._encode([im for _, _, im, _, _ in spans if im.features is None])
+        self._encode_once([im for _, _, im, _, _ in spans if im.features is None])
         for b, st, im, lo, hi in spans:
             x[b, lo - st:hi - st] = im.features[lo - im.start:hi - im.start].to(x.dtype)
         return x
@@ -142,6 +165,16 @@ class VisionPrompts:
     def image_tokens(self, images) -> list[int]:
         """Vision tokens of each image: the model's image_tokens, whatever the picture."""
         return [self.tokens_per_image] * len(images or [])
+
+    def _encode_once(self, todo: list[PromptImage]) -> None:
+        """Encode each distinct picture of `todo` once (by content hash: the n samples of one
+        prompt, or one picture in several requests of a batch) and give every copy its features."""
+        first: dict[str, PromptImage] = {}
+        for im in todo:
+            first.setdefault(im.content_hash, im)
+        self._encode(list(first.values()))
+        for im in todo:
+            im.features = first[im.content_hash].features
 
     def _encode(self, todo: list[PromptImage]) -> None:
         if not todo:

@@ -13,9 +13,11 @@ preprocessed; a prompt with one placeholder per image has each expanded to its o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from nanoseek.engine.vision import PromptImage, VisionPrompts, image_hash
+from nanoseek.engine.vision import PromptImage, VisionPrompts, image_hash, prepared
 from nanoseek.model.vl.ocr2_model import DeepseekOCR2
 from nanoseek.model.vl.ocr2_processor import OCR2ImageProcessor
 from nanoseek.model.vl.vl_layout import ImageTokenError
@@ -45,7 +47,11 @@ class OCR2Prompts(VisionPrompts):
 
     def image_tokens(self, images) -> list[int]:
         """Vision tokens of each image (its tiles, global view and separator)."""
-        return [self._tokens(im) for im in self._images(images)]
+        return [self._tokens(im) for im in self.images(images)]
+
+    def images(self, images) -> list[PromptImage]:
+        """The images tiled and preprocessed once, not yet placed (VisionPrompts.images)."""
+        return list(images) if prepared(images) else self._images(images)
 
     def _tokens(self, im: PromptImage) -> int:
         return self.processor.num_image_tokens(0 if im.tiles is None else im.tiles.shape[0])
@@ -54,8 +60,8 @@ class OCR2Prompts(VisionPrompts):
     def prepare(self, ids: list[int], images) -> tuple[list[int], list[PromptImage]]:
         """Token ids (each image's placeholder run, or one placeholder per image) and the
         images (PIL images or text/images.LoadedImage) -> the ids with runs expanded and the
-        PromptImages in order."""
-        out = self._images(images)
+        PromptImages in order (its own copies of `images`' PromptImages, placed)."""
+        out = [replace(im, features=None) for im in self.images(images)]
         lengths = [self._tokens(im) for im in out]
         slots = [p for p, t in enumerate(ids) if t == self.image_token_id]
         if out and len(slots) == len(out) and sum(lengths) != len(out):  # one placeholder each: expand
