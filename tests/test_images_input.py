@@ -90,7 +90,9 @@ def test_huge_dimensions_in_a_tiny_png_are_refused_before_decoding():
     # Past PIL's own MAX_IMAGE_PIXELS (x2): DecompressionBombError, even with our limits raised.
     lax = ImageLimits(max_pixels=10**12, max_side=10**6)
     msg = refused("max_pixels", load_image_url, data_url(png_claiming(100_000, 100_000)), lax)
-    assert "MAX_IMAGE_PIXELS" in msg
+    assert f"the limit is {Image.MAX_IMAGE_PIXELS:,} pixels (PIL's MAX_IMAGE_PIXELS)" in msg
+    msg = refused("max_pixels", load_image_url, data_url(png_claiming(100_000, 100_000)))  # the server's, lower
+    assert f"the limit is {ImageLimits().max_pixels:,} pixels (max_pixels)" in msg
 
 
 def test_pil_bomb_warning_is_an_error(monkeypatch):
@@ -116,6 +118,15 @@ def test_wrong_or_missing_mime_and_bad_base64():
     refused("image_data_url", load_image_url, "data:image/png," + png.hex())  # not base64
     refused("image_data_url", load_image_url, "data:image/png;base64,@@@@")
     refused("image_data_url", load_image_url, "data:image/png;base64")
+
+
+def test_base64_with_line_breaks_or_without_padding_is_read():
+    png = png_bytes(picture())
+    text = base64.b64encode(png).decode()
+    want = load_image_url(data_url(png)).sha256
+    wrapped = "\r\n".join(text[i:i + 76] for i in range(0, len(text), 76))  # MIME's 76-character lines
+    assert load_image_url("data:image/png;base64," + wrapped).sha256 == want
+    assert load_image_url("data:image/png;base64," + text.rstrip("=")).sha256 == want
 
 
 def test_oversized_payload_is_refused_before_base64_decoding(monkeypatch):

@@ -148,6 +148,8 @@ def decode_data_url(url: str, limits: ImageLimits) -> tuple[str, bytes]:
     if len(payload) // 4 * 3 > limits.max_bytes + 3:  # base64: 4 characters per 3 bytes
         raise ImageInputError(f"an image of about {len(payload) // 4 * 3:,} bytes; the limit is "
                               f"{limits.max_bytes:,} bytes (max_bytes)", "max_bytes")
+    payload = "".join(payload.split())  # MIME's line breaks (RFC 2045) are not data
+    payload += "=" * (-len(payload) % 4)  # nor is the padding some encoders leave out
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -219,7 +221,10 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), expect: str |
         try:
             img = Image.open(io.BytesIO(data), formats=allowed)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageInputError(f"{source}: {e} (PIL's MAX_IMAGE_PIXELS)", "max_pixels") from None
+            pil = Image.MAX_IMAGE_PIXELS or limits.max_pixels
+            which = "max_pixels" if limits.max_pixels <= pil else "PIL's MAX_IMAGE_PIXELS"
+            raise ImageInputError(f"{source}: its header claims more pixels than are decoded here ({e}); the "
+                                  f"limit is {min(limits.max_pixels, pil):,} pixels ({which})", "max_pixels") from None
         except UnidentifiedImageError:
             raise ImageInputError(f"{source}: not a readable image; accepted formats are "
                                   f"{allowed}", "image_format") from None
