@@ -251,6 +251,82 @@ def test_look_refusals(files):
         look_tool([], "http://127.0.0.1:9/v1")
 
 
+def test_model_written_arguments_that_python_cannot_read_are_observations(files):
+    from nanoseek.agent.guards import Guards
+    from nanoseek.agent.tools.base import ToolBox
+    box = ToolBox([look_tool(read_images([str(files / "red.png")]), "http://127.0.0.1:9/v1", "m", timeout_s=1)])
+    for args in ('{"image": ' + "1" * 5000 + "}", '{"image": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        assert Guards().repeated(LOOK, args) is None
+        obs = box.call(LOOK, args)
+        assert not obs.ok and "cannot be read" in obs.text
+    assert "no image" in box.call(LOOK, {"image": "\u00b3"}).text  # a digit Python's int() refuses
+    with pytest.raises(ValueError, match="positive and finite"):
+        look_tool(read_images([str(files / "red.png")]), "http://127.0.0.1:9/v1", timeout_s=float("inf"))
+
+
+def test_image_names_are_unique_and_picked_before_indices(tmp_path):
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+    picture().save(tmp_path / "a" / "x.png#2", format="PNG")
+    picture().save(tmp_path / "b" / "x.png", format="PNG")
+    picture().save(tmp_path / "c" / "x.png", format="PNG")
+    picture().save(tmp_path / "a" / "7", format="PNG")
+    (tmp_path / "a" / "latest.png").symlink_to(tmp_path / "b" / "x.png")
+    images = read_images([str(tmp_path / p) for p in ("a/x.png#2", "b/x.png", "c/x.png", "a/7", "a/latest.png")])
+    names = [im.name for im in images]
+    assert len(set(names)) == 5 and names[:2] == ["x.png#2", "x.png"] and names[4] == "latest.png"
+    assert [pick_image(images, n).index for n in names] == [0, 1, 2, 3, 4]
+    assert pick_image(images, "7").index == 3 and pick_image(images, "4").index == 4
+
+
+def test_see_events_name_the_vision_tools_own_image_and_memory_keeps_the_users_task(files):
+    """The look tool picks from its own images: the trajectory records that one, even when the
+    run's images differ; a tool of that name without images (an MCP server's) records nothing.
+    Memory keeps the task as the user wrote it, not the image list the agent added."""
+    from nanoseek.agent.tools.base import Tool
+
+    class Memory(list):  # what the loop asks of a memory
+        def add(self, text, **meta):
+            self.append(text)
+
+        def recall(self, query):
+            return list(self)
+
+    red, blue = read_images([str(files / "red.png")]), read_images([str(files / "blue.jpg")])
+    fake_look = look_tool(red, "http://127.0.0.1:9/v1", "m", timeout_s=1)
+    fake_look.fn = lambda image, question="": "seen"
+
+    def model(body):
+        if body["messages"][-1]["role"] == "tool":
+            return {"content": "done"}
+        return {"content": "", "tool_calls": [call(LOOK, {"image": 0})]}
+
+    memory = Memory()
+    with mock_endpoint(model) as (url, _):
+        traj = Agent(url, "m", [fake_look], echo=None, memory=memory).run("which colour?", blue,
+                                                                          images_to_model=False)
+        assert traj.of_type("see")[0]["images"] == [red[0].ref()]
+        other = Tool(LOOK, "an MCP server's look", {"type": "object", "properties": {}}, lambda **_: "ok")
+        traj = Agent(url, "m", [other], echo=None).run("which colour?", blue, images_to_model=False)
+        assert traj.answer == "done" and traj.of_type("see") == []
+    assert len(memory) == 1 and memory[0].startswith("Task: which colour?\n") and "Images given" not in memory[0]
+
+
+def test_the_text_only_hint_follows_a_text_only_refusal_not_a_limit():
+    from nanoseek.agent.loop import _images_hint
+    sent = [{"role": "user", "content": [image_url_part(png_bytes(picture()))]}]
+
+    class Refusal(Exception):
+        status_code = 400
+
+        def __init__(self, code, message):
+            super().__init__(message)
+            self.code = code
+    limit = Refusal("max_images", "5 images in one request; the limit is 4 (max_images)")
+    blind = Refusal("images_not_supported", "model 'm' reads text only")
+    assert _images_hint(limit, sent) == "" and "--vision-endpoint" in _images_hint(blind, sent)
+
+
 def test_a_text_only_model_looks_through_the_vision_tool(files, vl, tmp_path):
     """The text model gets the image list in its task, not the image; it calls look; the
     trajectory records that step's image (via look) by content hash."""

@@ -53,6 +53,6 @@ def _call_key(name: str, arguments: str) -> str:
     """The same call whatever the JSON's spacing or key order."""
     try:
         arguments = json.dumps(json.loads(arguments), sort_keys=True)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # not JSON, a huge integer, nesting too deep
         pass
     return f"{name}\0{arguments}"

@@ -76,11 +76,11 @@ def read_image(spec: str, index: int, limits: ImageLimits) -> AgentImage:
         if not path.is_file():  # checked without opening it: a FIFO would block, a device never end
             raise ImageInputError(f"--image {spec!r}: not a regular file (a directory, FIFO or device "
                                   "is never read)", "image_file")
+        name = path.name  # as given: a link keeps its own name
         path = path.resolve()
         path = resolve_file_url(path.as_uri(), path.parent)  # the file's directory is the only one read
         data = read_image_file(path, limits)
         loaded = decode_image(data, limits, source=str(path))
-        name = path.name
     fmt = image_format(data)
     return AgentImage(index, name, loaded.sha256, loaded.image.width, loaded.image.height, MIME[fmt], data)
 
@@ -89,29 +89,34 @@ def read_images(specs: list[str], limits: ImageLimits = ImageLimits()) -> list[A
     """All `--image` values, the count checked before any is read; names made unique."""
     if len(specs) > limits.max_images:
         raise ImageInputError(f"{len(specs)} images; the limit is {limits.max_images} (max_images)", "max_images")
+    read = [read_image(spec, i, limits) for i, spec in enumerate(specs)]
     images, seen = [], set()
-    for i, spec in enumerate(specs):
-        im = read_image(spec, i, limits)
-        if im.name in seen:
-            im = AgentImage(im.index, f"{im.name}#{i}", im.sha256, im.width, im.height, im.mime, im.data)
-        seen.add(im.name)
-        images.append(im)
+    names = {im.name for im in read}  # a renamed duplicate must not take another image's name
+    for i, im in enumerate(read):
+        name = im.name
+        while name in seen or (name != im.name and name in names):
+            name = f"{name}#{i}"
+        seen.add(name)
+        images.append(im if name == im.name else
+                      AgentImage(im.index, name, im.sha256, im.width, im.height, im.mime, im.data))
     return images
 
 
 def pick_image(images: list[AgentImage], key) -> AgentImage:
     """The image the model names, by index (0, "0") or name; ValueError lists what exists."""
-    if isinstance(key, bool):
-        key = None
-    if isinstance(key, str) and key.strip().isdigit():
-        key = int(key.strip())
-    if isinstance(key, int) and 0 <= key < len(images):
-        return images[key]
-    for im in images:
-        if isinstance(key, str) and key.strip() == im.name:
-            return im
+    text = key.strip() if isinstance(key, str) else None
+    if text is not None:  # a name first (a file may be called "7"), then an index written as text
+        for im in images:
+            if text == im.name:
+                return im
+    index = key if isinstance(key, int) and not isinstance(key, bool) else None
+    if text is not None and text.isascii() and text.isdigit() and len(text) <= 6:
+        index = int(text)
+    if index is not None and 0 <= index < len(images):
+        return images[index]
     have = "; ".join(im.label() for im in images) or "none"
-    raise ValueError(f"no image {key!r}: name one of the images given with the task by index or name ({have})")
+    raise ValueError(f"no image {str(key)[:100]!r}: name one of the images given with the task by index or "
+                     f"name ({have})")
 
 
 def images_note(images: list[AgentImage], tool: str) -> str:

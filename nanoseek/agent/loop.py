@@ -63,6 +63,7 @@ class Agent:
         images_to_model=False only listed in it, for the vision tool (`look`) to see. The
         trajectory records each image a step saw by content hash, never its bytes."""
         traj = Trajectory(self.trajectory_path, self.echo)
+        asked = task  # what the user asked: memory keeps this, not the images' note added below
         self.guards.start()
         self._mode = "native" if self.mode == "auto" else self.mode
         self._images = list(images)
@@ -72,7 +73,7 @@ class Agent:
             task = _with_text(task, images_note(self._images, LOOK))
         elif self._images:
             task = _with_parts(task, [im.part() for im in self._images])
-        messages = [{"role": "system", "content": self._system(task, traj)},
+        messages = [{"role": "system", "content": self._system(asked, traj)},
                     {"role": "user", "content": task}]
         observation_ids: list[int] = []
         while (reason := self.guards.stop_reason(traj.steps)) is None:
@@ -98,7 +99,7 @@ class Agent:
         traj.stop_reason = reason or "answered"
         traj.event("stop", reason=traj.stop_reason)
         traj.messages = messages
-        self._remember(task, traj)
+        self._remember(asked, traj)
         return traj
 
     def _act(self, messages, content, calls, errors, traj, observation_ids) -> None:
@@ -113,8 +114,9 @@ class Agent:
             traj.event("call", step=traj.steps, id=call["id"], name=name, arguments=args)
             text, ok = self._run_call(name, args)
             traj.event("observation", step=traj.steps, id=call["id"], name=name, content=text, ok=ok)
-            if name == LOOK and ok:
-                traj.event("see", step=traj.steps, id=call["id"], images=[self._looked_at(args).ref()], via=LOOK)
+            seen = self._looked_at(name, args) if ok else None
+            if seen is not None:
+                traj.event("see", step=traj.steps, id=call["id"], images=[seen.ref()], via=name)
             results.append((name, text, call["id"]))
         if native:
             for e in errors:
@@ -129,10 +131,17 @@ class Agent:
         messages.append({"role": "user", "content": body})
         observation_ids.append(len(messages) - 1)
 
-    def _looked_at(self, args) -> AgentImage:
-        """The image a successful `look` call named (the tool resolved it the same way)."""
-        args = json.loads(args or "{}") if isinstance(args, str) else args
-        return pick_image(self._images, args.get("image"))
+    def _looked_at(self, name: str, args) -> AgentImage | None:
+        """The image a successful vision-tool call used, picked from the tool's own images as
+        the tool picked it (None for any other tool, e.g. an MCP server's tool of that name)."""
+        tool = self.toolbox.tools.get(name)
+        if tool is None or tool.sees is None:
+            return None
+        try:
+            args = json.loads(args or "{}") if isinstance(args, str) else args
+            return pick_image(tool.sees, args.get("image"))
+        except (ValueError, RecursionError, AttributeError):
+            return None
 
     def _run_call(self, name: str, args: str) -> tuple[str, bool]:
         refusal = self.guards.repeated(name, args)
@@ -210,12 +219,18 @@ def _refused_images(e: Exception) -> bool:
                                       and "image" in str(e).lower())
 
 
+def _cannot_see(e: Exception) -> bool:
+    """Whether an endpoint said its model takes no images at all (not that these broke a limit)."""
+    return getattr(e, "code", None) in IMAGE_REFUSALS or any(
+        w in str(e).lower() for w in ("reads text only", "text-only", "does not support image", "images_not"))
+
+
 def _images_hint(e: Exception, messages: list[dict]) -> str:
     """What to do when an endpoint refused the images it was sent: a text-only model can
     read them through the vision tool."""
     sent = any(isinstance(m.get("content"), list) and any(p.get("type") == "image_url" for p in m["content"])
                for m in messages)
-    if not (sent and _refused_images(e)):
+    if not (sent and _cannot_see(e)):
         return ""
     return ("; the model did not take the images: if it reads text only, let it look at them through a "
             "vision-capable endpoint instead (nanoseek agent --vision-endpoint URL: the look tool)")

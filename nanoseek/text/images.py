@@ -28,7 +28,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -168,7 +168,7 @@ def resolve_file_url(url: str, image_dir: str | Path | None) -> Path:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise ImageInputError(f"file URL host {parts.netloc!r}: only local files are read", "image_dir")
-    raw = unquote(parts.path)
+    raw = os.fsdecode(unquote_to_bytes(parts.path))  # a file name need not be UTF-8
     if "\x00" in raw or not raw.startswith("/"):
         raise ImageInputError(f"file URL {short(url)!r} must name an absolute path (file:///dir/image.png)",
                               "image_dir")

@@ -37,6 +37,7 @@ class Tool:
     fn: Callable[..., str]                # called with the arguments as keywords
     timeout_s: float | None = None        # this tool's own limit (else the toolbox's)
     isolate: bool = False                 # run fn in a child process killed at the timeout
+    sees: list | None = None              # a vision tool's images (agent/images.AgentImage), which it picks from
 
     def spec(self) -> dict:
         """OpenAI's `tools` entry."""
@@ -74,8 +75,12 @@ class ToolBox:
         except json.JSONDecodeError as e:
             return Observation(f"error: the arguments of {name} are not JSON ({e.msg} at "
                                f"character {e.pos}): {str(arguments)[:200]}", False)
+        except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting too deep
+            return Observation(f"error: the arguments of {name} cannot be read ({type(e).__name__}: "
+                               f"{str(e)[:200]})", False)
         if not isinstance(args, dict):
-            return Observation(f"error: the arguments of {name} must be a JSON object, got {args!r}"[:300], False)
+            return Observation(f"error: the arguments of {name} must be a JSON object, got "
+                               f"{type(args).__name__}: {str(arguments)[:200]}", False)
         timeout_s = tool.timeout_s or self.timeout_s
         run = _run_isolated if tool.isolate else _run_in_thread
         return run(tool, args, timeout_s)

@@ -61,8 +61,8 @@ def look_tool(images: list[AgentImage], endpoint: str, model: str | None = None,
     """The `look` tool over `images`. `model`: the endpoint's model (None: the first it lists);
     `client`: an OpenAI client (tests), else one made for `endpoint` with no retries."""
     url = check_endpoint(endpoint, allow_remote)
-    if not timeout_s > 0:
-        raise ValueError(f"--vision-timeout {timeout_s}: the seconds per look request must be positive")
+    if not 0 < timeout_s < float("inf"):
+        raise ValueError(f"--vision-timeout {timeout_s}: the seconds per look request must be positive and finite")
     if not images:
         raise ValueError("the look tool needs images: give them with --image FILE")
     if client is None:
@@ -98,4 +98,4 @@ def look_tool(images: list[AgentImage], endpoint: str, model: str | None = None,
                 {"type": "object", "properties": {
                     "image": {"type": ["integer", "string"], "description": "the image's index or name"},
                     "question": {"type": "string", "description": "what to find out, e.g. 'Read the text.'"}},
-                 "required": ["image"]}, look, timeout_s=timeout_s + 5)
+                 "required": ["image"]}, look, timeout_s=timeout_s + 5, sees=images)
