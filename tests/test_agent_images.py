@@ -381,6 +381,7 @@ def test_cli_image_defaults_are_the_modules():
     opts = inspect.signature(agent_cmd).parameters
     assert opts["max_image_bytes"].default.default == ImageLimits().max_bytes
     assert opts["max_image_pixels"].default.default == ImageLimits().max_pixels
+    assert f"longest side of {ImageLimits().max_side} pixels" in opts["image"].default.help
 
 
 # ------------------------------------------------------------------ a real `nanoseek serve`

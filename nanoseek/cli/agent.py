@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 TOOLS = ("calculator", "python")
-IMAGE_BYTES, IMAGE_PIXELS = 10 * 2**20, 4096 * 4096  # text/images.ImageLimits' defaults (PIL not imported here)
+IMAGE_BYTES, IMAGE_PIXELS, IMAGE_SIDE = 10 * 2**20, 4096 * 4096, 8192  # text/images.ImageLimits' defaults (PIL not imported here)
 
 
 def agent_cmd(
@@ -29,7 +29,8 @@ def agent_cmd(
     memory: Optional[str] = typer.Option(None, help="a directory for the persistent vector memory"),
     trajectory: Optional[str] = typer.Option(None, help="save the trajectory as JSONL here"),
     image: List[str] = typer.Option([], help="an image file (or data: URL) given with the task, read under its "
-                                        "own directory within the limits below; repeatable"),
+                                        f"own directory within the limits below (and a longest side of "
+                                        f"{IMAGE_SIDE} pixels); repeatable"),
     max_image_bytes: int = typer.Option(IMAGE_BYTES, min=1, help="encoded bytes of one image at most"),
     max_image_pixels: int = typer.Option(IMAGE_PIXELS, min=1, help="width * height of one image at most"),
     vision_endpoint: Optional[str] = typer.Option(
