@@ -96,6 +96,17 @@ def test_rows_prompt_response_and_errors_name_the_line(tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
     with pytest.raises(ChatDataError, match=r"b\.jsonl:1: no assistant message"):
         read_conversations(bad)
+    bad.write_bytes(b'{"prompt": "x", "response": "y"}\n{"prompt": "caf\xe9", "response": "y"}\n')
+    with pytest.raises(ChatDataError, match=r"b\.jsonl:2: not UTF-8 text"):
+        read_conversations(bad)
+    bad.write_text('{"prompt": "hi \\ud800", "response": "y"}\n')
+    with pytest.raises(ChatDataError, match=r"b\.jsonl:1: holds '\\ud800', a lone surrogate"):
+        read_conversations(bad)
+    bad.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ChatDataError, match=r"b\.jsonl:1: JSON nested too deep"):
+        read_conversations(bad)
+    bad.write_bytes(b'\xef\xbb\xbf{"prompt": "x", "response": "y"}\n')  # a BOM
+    assert read_conversations(bad)[0][0] == {"role": "user", "content": "x"}
 
 
 def test_preference_pairs_label_only_the_completions(tmp_path, tok):

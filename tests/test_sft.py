@@ -71,6 +71,22 @@ def test_sft_resumes_to_the_same_weights(tmp_path, init, data):
     assert [r["step"] for r in read_metrics(parts) if r["kind"] == "train"] == list(range(1, 7))
 
 
+def test_sft_never_writes_over_a_saved_model(tmp_path, init, data):
+    """Not the --model directory, nor a directory of files no nanoseek run wrote, resumed or not."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    before = {p.name: p.read_bytes() for p in init.iterdir() if p.is_file()}
+    with pytest.raises(RuntimeError, match="is the --model directory"):
+        sft(init, config(init, data, max_steps=1), **quiet)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"my weights")
+    for resume in (False, True):
+        with pytest.raises(RuntimeError, match="is not empty and holds no nanoseek run"):
+            sft(mine, config(init, data, max_steps=1), resume=resume, **quiet)
+    assert (mine / "model.safetensors").read_bytes() == b"my weights"
+    assert {p.name: p.read_bytes() for p in init.iterdir() if p.is_file()} == before
+
+
 def test_sft_cli(tmp_path, init, data):
     runner = CliRunner()
     out = tmp_path / "run"

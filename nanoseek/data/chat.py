@@ -66,14 +66,25 @@ def read_jsonl(path: str | Path) -> list[tuple[dict, str]]:
     if not path.is_file():
         raise ChatDataError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a leading BOM is no data
+            except UnicodeDecodeError as e:
+                raise ChatDataError(f"{path}:{n}: not UTF-8 text ({e})") from None
             if not line.strip():
                 continue
             try:
-                rows.append((json.loads(line), f"{path}:{n}"))
+                row = json.loads(line)
+                json.dumps(row, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) is no text
             except json.JSONDecodeError as e:
                 raise ChatDataError(f"{path}:{n}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise ChatDataError(f"{path}:{n}: JSON nested too deep to be a row") from None
+            except UnicodeEncodeError as e:
+                raise ChatDataError(f"{path}:{n}: holds {e.object[e.start:e.end]!r}, a lone surrogate, "
+                                    "not text") from None
+            rows.append((row, f"{path}:{n}"))
     if not rows:
         raise ChatDataError(f"{path}: no rows")
     return rows

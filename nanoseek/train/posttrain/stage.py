@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.train.run.run_dir import entries, listing
 from nanoseek.train.run.train_state import STATE_FILE
 from nanoseek.train.config import settings_from_dict, settings_to_dict
 from nanoseek.train.posttrain.lora import ADAPTER_DIR, LoraSettings, add_lora, save_adapter
@@ -91,11 +92,21 @@ def holds_run(out_dir: Path) -> bool:
 
 def stage_settings(out_dir: Path, config, resume: bool, max_steps: int | None):
     """A new run's settings are `config`; a resumed run's are those saved in its run.json
-    (with max_steps replaced when given)."""
+    (with max_steps replaced when given). Nothing a user saved is written over: not the
+    --model directory, not a directory holding files of no nanoseek run."""
+    init = getattr(config, "init", None)
+    if init is not None and Path(init).exists() and Path(out_dir).resolve() == Path(init).resolve():
+        raise RunError(f"--out {out_dir} is the --model directory: the run would write over the model it "
+                       "starts from; choose another --out")
     if holds_run(out_dir) and not resume:
         raise RunError(f"{out_dir} already holds a run; pass --resume to continue it or choose "
                        "another --out")
     run_file = out_dir / "run.json"
+    names = entries(out_dir)
+    if names and not holds_run(out_dir) and not run_file.exists():  # e.g. a saved model: never written over
+        raise RunError(f"--out {out_dir} is not empty and holds no nanoseek run{' to resume' if resume else ''} "
+                       f"(it holds {listing(names)}); the run's checkpoint would overwrite these files: "
+                       "choose another --out")
     if not resume or not run_file.exists():
         return config
     saved = settings_from_dict(type(config), json.loads(run_file.read_text())["settings"], str(run_file))
