@@ -169,7 +169,9 @@ def resolve_file_url(url: str, image_dir: str | Path | None) -> Path:
     if parts.netloc not in ("", "localhost"):
         raise ImageInputError(f"file URL host {parts.netloc!r}: only local files are read", "image_dir")
     raw = os.fsdecode(unquote_to_bytes(parts.path))  # a file name need not be UTF-8
-    if "\x00" in raw or not raw.startswith("/"):
+    if "\x00" in raw:
+        raise ImageInputError(f"file URL {short(url)!r}: a path holds no NUL character", "image_dir")
+    if not raw.startswith("/"):
         raise ImageInputError(f"file URL {short(url)!r} must name an absolute path (file:///dir/image.png)",
                               "image_dir")
     if ".." in Path(raw).parts:
