@@ -96,6 +96,10 @@ def test_train_vision_changes_the_tower(tmp_path, init, data):
     before, after = fresh_vl(init).state_dict(), DeepseekVLForConditionalGeneration.from_pretrained(tmp_path).state_dict()
     changed = [k for k in before if k.startswith("vision_model.") and not torch.equal(before[k], after[k])]
     assert "vision_model.embeddings.patch_embedding.weight" in changed
+    pooling = {k: v for k, v in before.items() if k.startswith("vision_model.head.")}
+    tower = sum(v.numel() for k, v in before.items() if k.startswith("vision_model.") and k not in pooling)
+    assert pooling and run["trainable_parameters"]["vision"] == tower  # the unused pooling head is not counted
+    assert not any(k in changed for k in pooling)
 
 
 def test_checkpoint_reads_in_transformers_with_the_same_logits(tmp_path, init, data):

@@ -77,8 +77,13 @@ def load_vision_model(config, device):
 
 
 def freeze(model, train_vision: bool) -> dict[str, int]:
-    """The vision tower trains only with `train_vision`; returns trainable parameters per part."""
+    """The vision tower trains only with `train_vision`; returns trainable parameters per part.
+    SigLIP's pooling head stays frozen either way: DeepSeek-VL reads the patch features, never
+    the pooled output, so no gradient reaches it (it is kept for the checkpoint's sake)."""
     model.vision_model.requires_grad_(train_vision)
+    pooling_head = getattr(model.vision_model, "head", None)  # SiglipVisionModel's, when vision_use_head
+    if pooling_head is not None:
+        pooling_head.requires_grad_(False)
     return trainable_counts(model)
 
 
