@@ -66,3 +66,24 @@ def test_padded_reads_never_touch_another_requests_rows(model, prefix_caching):
     assert [o.outputs[0].token_ids for o in outs[1:]] == [reference_greedy(model, p, 4) for p in (long, short)]
     outs = llm.generate([long, short], GREEDY, use_tqdm=False)  # and after it failed
     assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(model, p, 4) for p in (long, short)]
+
+
+def test_v4s_windows_and_compressed_entries_keep_a_failed_requests_rows_too():
+    """V4's decode reads its windows and compressed entries through block tables of its own
+    (engine/v4_decode.py): a short request batched beside the poisoned one is unharmed. (V3.2
+    reads through BatchView, as the MLA tests above.)"""
+    from nanoseek.model import CausalLM
+    from tests.test_v4_model import v4_config
+    torch.manual_seed(0)
+    model = CausalLM(v4_config(max_position_embeddings=512)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.05)
+        model.model.embed_tokens.weight[POISON] = float("nan")
+    llm = LLM(model, kv_cache_memory="4MiB", block_size=16, max_num_seqs=4, max_num_batched_tokens=48)
+    poisoned = list(range(20, 52)) + [30, POISON] + list(range(40, 80))
+    long, short = list(range(10, 60)), [4, 5]
+    outs = llm.generate([poisoned, long, short], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outs] == ["error", "length", "length"]
+    assert [o.outputs[0].token_ids for o in outs[1:]] == [reference_greedy(model, p, 4) for p in (long, short)]

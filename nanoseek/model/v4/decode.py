@@ -106,6 +106,9 @@ def one_token(attn, x: torch.Tensor, positions: torch.Tensor, state) -> torch.Te
         else:
             idx, visible = csa_select(attn, x, q_residual, freqs_cis, pos, state)
             entries = cstate.gather_entries(idx[:, None])[:, 0]  # [B, k, D]
+            # an index past a row's entries may read another request's rows: zeroed, since the
+            # masked probability 0 times a NaN there is NaN
+            entries = entries.masked_fill(~visible[..., None], 0)
         keys, valid = torch.cat([keys, entries], dim=1), torch.cat([valid, visible], dim=1)
     z = torch.einsum("bhd,bkd->bhk", q, keys).float().masked_fill(~valid[:, None], float("-inf"))
     z = z * attn.softmax_scale
