@@ -245,6 +245,7 @@ def test_pictures_decode_as_a_viewer_shows_them():
     got = [load_image_url(data_url(encoded(im, "PNG"))) for im in (cat, dog)]
     assert got[0].sha256 != got[1].sha256
     assert got[0].image.tobytes() == convert_to_rgb(cat, return_numpy=False).tobytes()
+    assert [content_hash(im) for im in (cat, dog)] == [g.sha256 for g in got]  # a picture given as PIL keys alike
     upright = picture((12, 8))
     exif = Image.Exif()
     exif[0x0112] = 3  # orientation: rotated 180 degrees

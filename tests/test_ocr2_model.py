@@ -134,6 +134,10 @@ def test_pixels_and_placeholders_are_the_processors(tmp_path):
         for n in got["num_local_patches"]:
             assert ours.num_image_tokens(n) == DeepseekOcr2Processor._get_num_image_tokens(oracle, n)
     assert OCR2ImageProcessor().num_image_tokens(6) == 256 + 6 * 144 + 1
+    clear = Image.new("RGBA", (40, 30), (0, 0, 0, 0))  # transparency: composited onto white, as transformers does
+    clear.putpixel((3, 3), (0, 0, 0, 255))
+    ours = OCR2ImageProcessor(size=SIZE, tile_size=TILE, patch_size=PATCH)
+    assert torch.equal(ours([clear])["pixel_values"], ours.image_processor([clear], return_tensors="pt")["pixel_values"])
 
 
 def test_bad_inputs_get_clear_errors(model):

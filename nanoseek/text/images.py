@@ -71,8 +71,9 @@ class LoadedImage:
 
 
 def content_hash(image: Image.Image) -> str:
-    """sha256 of the RGB pixels and the size: equal for the same picture in any container."""
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    """sha256 of the RGB pixels (`to_rgb`, as the processors see them) and the size: equal for
+    the same picture in any container."""
+    rgb = to_rgb(image)
     h = hashlib.sha256(f"RGB {rgb.width}x{rgb.height}\n".encode())
     h.update(rgb.tobytes())
     return h.hexdigest()
@@ -252,6 +253,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image processors do (`convert_to_rgb`), not dropped (two icons drawn in alpha alone would
     otherwise both be a black square, and share a content hash); 16-bit grey scaled to 8 bits,
     not clipped (a converted 16-bit picture is otherwise all but white)."""
+    if image.mode == "RGB":
+        return image
     if image.mode == "I" or image.mode.startswith("I;16"):
         image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:

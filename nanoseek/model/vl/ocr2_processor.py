@@ -19,6 +19,8 @@ import math
 from PIL import Image
 from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
 
+from nanoseek.text.images import to_rgb
+
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded width x height an image may have
 
 
@@ -47,7 +49,7 @@ class OCR2ImageProcessor:
             raise ValueError(f"image of {w}x{h} pixels: too elongated for the {self.size}-pixel global view "
                              f"(its shorter side would be under a pixel; the longer side may be at most "
                              f"{self.size} times the shorter)")
-        return image.convert("RGB")
+        return to_rgb(image)  # transparency onto white, as the processor's convert_rgb does
 
     def __call__(self, images: list[Image.Image]) -> dict:
         """PIL images -> pixel_values [N, 3, size, size], pixel_values_local [T, 3, tile, tile]

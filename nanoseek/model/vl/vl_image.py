@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, DeepseekVLImageProcessorPil
 
+from nanoseek.text.images import to_rgb
+
 # where a checkpoint keeps its image processor: alone, or inside the processor's config
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 MAX_IMAGES = 16  # per call: each is image_tokens tokens (576 at 384 px)
@@ -56,5 +58,5 @@ def preprocess(images: list[Image.Image], processor, max_images: int = MAX_IMAGE
         if w < 1 or h < 1 or w * h > max_pixels:
             raise ImagePreprocessError(f"image {i} is {w}x{h} pixels; the limit is {max_pixels:,} "
                                        "pixels (max_pixels)")
-        rgb.append(im if im.mode == "RGB" else im.convert("RGB"))
+        rgb.append(to_rgb(im))  # the conversion the content hash keys (text/images.py)
     return processor(images=rgb, return_tensors="pt")["pixel_values"].float()
