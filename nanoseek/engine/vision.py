@@ -91,8 +91,9 @@ class VisionPrompts:
         yet placed in a prompt, which `prepare` copies and places: the n samples of one prompt,
         or the server's count of its tokens and its request, preprocess once. PromptImages
         given are returned as they are."""
-        if prepared(images):
-            return list(images)
+        return list(images) if prepared(images) else self._preprocess(images)
+
+    def _preprocess(self, images) -> list[PromptImage]:
         pixels, hashes = self._pixels(images)
         return [PromptImage(px, h, 0, 0) for px, h in zip(pixels, hashes)]
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from nanoseek.engine.vision import PromptImage, VisionPrompts, image_hash, prepared
+from nanoseek.engine.vision import PromptImage, VisionPrompts, image_hash
 from nanoseek.model.vl.ocr2_model import DeepseekOCR2
 from nanoseek.model.vl.ocr2_processor import OCR2ImageProcessor
 from nanoseek.model.vl.vl_layout import ImageTokenError
@@ -49,10 +49,6 @@ class OCR2Prompts(VisionPrompts):
         """Vision tokens of each image (its tiles, global view and separator)."""
         return [self._tokens(im) for im in self.images(images)]
 
-    def images(self, images) -> list[PromptImage]:
-        """The images tiled and preprocessed once, not yet placed (VisionPrompts.images)."""
-        return list(images) if prepared(images) else self._images(images)
-
     def _tokens(self, im: PromptImage) -> int:
         return self.processor.num_image_tokens(0 if im.tiles is None else im.tiles.shape[0])
 
@@ -81,7 +77,7 @@ class OCR2Prompts(VisionPrompts):
             im.start, im.length, at = run[0], n, at + n
         return ids, out
 
-    def _images(self, images) -> list[PromptImage]:
+    def _preprocess(self, images) -> list[PromptImage]:
         """PromptImages (start and length not yet placed) of PIL images or LoadedImages."""
         if images is None:
             return []
