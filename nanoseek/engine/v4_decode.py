@@ -46,13 +46,6 @@ def _flat(pool: torch.Tensor) -> torch.Tensor:
     return pool.view(-1, pool.shape[-1])
 
 
-def zero_hidden(rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """rows [B, N, d] gathered with their padding pointed at slot 0 -> the padding zeroed: slot 0
-    may hold another request's rows, and a NaN there would reach this one through attention's
-    masked 0 * NaN."""
-    return rows.masked_fill(~real.unsqueeze(-1), 0)
-
-
 class RaggedCompressor:
     """One compressor's ragged state (see model/v4/decode.py for the interface): the carry in
     memory, advanced token by token, and its value after each token for `commit`."""
@@ -101,8 +94,7 @@ class RaggedCompressor:
         index = torch.arange(N, device=self.pool.device).expand(len(self.n), N)
         visible = index < self.n[:, None]
         slots = torch.where(visible, _slots(self.layer.view.tables, index, self.pool.shape[1]), 0)
-        rows = _flat(self.pool).index_select(0, slots.flatten()).view(*index.shape, self.pool.shape[-1])
-        return zero_hidden(rows, visible), visible
+        return _flat(self.pool).index_select(0, slots.flatten()).view(*index.shape, self.pool.shape[-1]), visible
 
     def gather_entries(self, idx: torch.Tensor) -> torch.Tensor:
         B, S, k = idx.shape
@@ -121,8 +113,7 @@ class RaggedLayer:
         self.window_valid = back >= (0 if first is None else first[:, None])
         slots = torch.where(self.window_valid, _slots(view.windows, back.clamp(min=0), bs), 0)
         pool = view.cache.window[layer_id]
-        self.window = zero_hidden(_flat(pool).index_select(0, slots.flatten()).view(*back.shape, -1),
-                                  self.window_valid)
+        self.window = _flat(pool).index_select(0, slots.flatten()).view(*back.shape, -1)
         self.compressors: dict[str, RaggedCompressor] = {}
         self.s = -1
 

@@ -106,10 +106,10 @@ def one_token(attn, x: torch.Tensor, positions: torch.Tensor, state) -> torch.Te
         else:
             idx, visible = csa_select(attn, x, q_residual, freqs_cis, pos, state)
             entries = cstate.gather_entries(idx[:, None])[:, 0]  # [B, k, D]
-            # an index past a row's entries may read another request's rows: zeroed, since the
-            # masked probability 0 times a NaN there is NaN
-            entries = entries.masked_fill(~visible[..., None], 0)
         keys, valid = torch.cat([keys, entries], dim=1), torch.cat([valid, visible], dim=1)
+    # a key past a row's own (window padding, an index past its entries) may be another request's
+    # row read through the block tables: zeroed, since a masked probability 0 times a NaN is NaN
+    keys = keys.masked_fill(~valid[..., None], 0)
     z = torch.einsum("bhd,bkd->bhk", q, keys).float().masked_fill(~valid[:, None], float("-inf"))
     z = z * attn.softmax_scale
     sink = attn.sinks.float().view(1, H, 1).expand(B, H, 1)
